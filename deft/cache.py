@@ -1,0 +1,395 @@
+"""Paged KV cache and the tree cache that maps decoding-tree nodes onto its pages.
+
+`PagedKVCache` owns the K and V pools ``[num_pages, page_size, kv_heads, head_dim]`` and a free
+list. `TreeCache` keeps, for every node id, the list of pages holding its tokens:
+
+- every node starts on a fresh page, so a page never holds two nodes' tokens (DESIGN.md, "Bytes");
+- a node is *live* from `add_node` until `prune`; a pruned node keeps its pages while a live
+  descendant needs them (its tokens are their prefix) and frees them with the last one;
+- an operation that needs more pages than are free raises `OutOfPagesError` and changes nothing.
+
+A whole run replays with ``for tree in run: new_slots = cache.apply(tree)``; planners read the
+pages through `TreeCache.node_pages` and `TreeCache.token_slots`::
+
+    pool = PagedKVCache(num_pages=1024, page_size=16, kv_heads=8, head_dim=128)
+    cache = TreeCache(pool)
+    slots = cache.apply(tree)         # new tokens' slots, [new tokens]
+    pool.write(slots, k_new, v_new)   # k_new, v_new [new tokens, kv_heads, head_dim]
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+from deft.tree import Tree
+
+
+class OutOfPagesError(RuntimeError):
+    """The pool has fewer free pages than an operation needs; nothing was allocated."""
+
+
+class CacheError(ValueError):
+    """A request the tree cache cannot satisfy: unknown or duplicate node, shrinking node, ..."""
+
+
+class PagedKVCache:
+    """K and V page pools and their free list.
+
+    Parameters
+    ----------
+    num_pages, page_size, kv_heads, head_dim : int
+        Pool shape: ``k`` and ``v`` are ``[num_pages, page_size, kv_heads, head_dim]``.
+    dtype : torch.dtype
+    device : str or torch.device
+
+    A token's *slot* is ``page * page_size + offset``: its row in ``k.view(-1, kv_heads,
+    head_dim)``.
+    """
+
+    def __init__(self, num_pages, page_size, kv_heads, head_dim, dtype=torch.float16,
+                 device="cpu"):
+        for name, value in dict(num_pages=num_pages, page_size=page_size, kv_heads=kv_heads,
+                                head_dim=head_dim).items():
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ValueError(f"{name} must be a positive integer, got {value!r}")
+        shape = (num_pages, page_size, kv_heads, head_dim)
+        self.k = torch.zeros(shape, dtype=dtype, device=device)
+        self.v = torch.zeros(shape, dtype=dtype, device=device)
+        self.num_pages, self.page_size = num_pages, page_size
+        self.kv_heads, self.head_dim = kv_heads, head_dim
+        self._free = list(range(num_pages - 1, -1, -1))  # a stack: page 0 is handed out first
+        self._is_free = np.ones(num_pages, dtype=bool)
+
+    @property
+    def device(self) -> torch.device:
+        return self.k.device
+
+    @property
+    def num_free(self) -> int:
+        return len(self._free)
+
+    def free_pages(self) -> list:
+        """Ids of the free pages (a copy of the free list)."""
+        return list(self._free)
+
+    def allocate(self, n: int) -> list:
+        """Take ``n`` free pages; raise OutOfPagesError (taking none) when fewer are free."""
+        if n > len(self._free):
+            raise OutOfPagesError(
+                f"needs {n} pages but only {len(self._free)} of {self.num_pages} are free "
+                f"(pages of {self.page_size} tokens)"
+            )
+        pages = [self._free.pop() for _ in range(n)]
+        self._is_free[pages] = False
+        return pages
+
+    def free(self, pages) -> None:
+        """Give pages back to the free list; freeing a free page is an error."""
+        pages = list(pages)
+        if len(set(pages)) != len(pages) or self._is_free[pages].any():
+            raise CacheError(f"double free among pages {pages}")
+        self._is_free[pages] = True
+        self._free.extend(reversed(pages))
+
+    def write(self, slots: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
+        """Store tokens' K and V at their slots.
+
+        slots : int64 [n]; k, v : [n, kv_heads, head_dim] (cast to the pool's dtype).
+        """
+        shape = (len(slots), self.kv_heads, self.head_dim)
+        for name, x in (("k", k), ("v", v)):
+            if tuple(x.shape) != shape:
+                raise ValueError(f"{name} must have shape {list(shape)}, got {list(x.shape)}")
+            if x.device != self.device:
+                raise ValueError(f"{name} is on {x.device}, the pool on {self.device}")
+        slots = torch.as_tensor(slots, dtype=torch.int64, device=self.device)
+        self.k.view(-1, self.kv_heads, self.head_dim)[slots] = k.to(self.k.dtype)
+        self.v.view(-1, self.kv_heads, self.head_dim)[slots] = v.to(self.v.dtype)
+
+    def gather(self, slots: torch.Tensor) -> tuple:
+        """K and V of tokens by slot: two ``[n, kv_heads, head_dim]`` tensors (copies)."""
+        slots = torch.as_tensor(slots, dtype=torch.int64, device=self.device)
+        return (self.k.view(-1, self.kv_heads, self.head_dim)[slots],
+                self.v.view(-1, self.kv_heads, self.head_dim)[slots])
+
+
+class TreeCache:
+    """Decoding-tree nodes (by id) mapped onto the pages of a `PagedKVCache`.
+
+    Parameters
+    ----------
+    pool : PagedKVCache
+    """
+
+    def __init__(self, pool: PagedKVCache):
+        self.pool = pool
+        self._parent = {}  # id -> parent id or None, every node held (live or needed)
+        self._children = {}  # id -> set of held child ids
+        self._tokens = {}  # id -> tokens held
+        self._pages = {}  # id -> list of page ids
+        self._live = set()
+        self._tree = None  # the tree of the last apply(), while nothing else changed the cache
+
+    # ------------------------------------------------------------------ queries
+    def __contains__(self, node_id) -> bool:
+        return node_id in self._parent
+
+    def __len__(self) -> int:
+        """Nodes held, live or kept for a live descendant."""
+        return len(self._parent)
+
+    def __iter__(self):
+        """Ids of the nodes held."""
+        return iter(list(self._parent))
+
+    def is_live(self, node_id) -> bool:
+        return node_id in self._live
+
+    def tokens(self, node_id) -> int:
+        return self._tokens[self._held(node_id)]
+
+    def page_table(self, node_id) -> torch.Tensor:
+        """Pages of a node, in token order. int32 [ceil(tokens / page_size)]"""
+        pages = self._pages[self._held(node_id)]
+        return torch.tensor(pages, dtype=torch.int32, device=self.pool.device)
+
+    def slots(self, node_id, positions) -> torch.Tensor:
+        """Slots of tokens of one node by position. positions [n] -> int64 [n]"""
+        tokens = self._tokens[self._held(node_id)]
+        positions = np.asarray(positions, dtype=np.int64)
+        if positions.size and (positions.min() < 0 or positions.max() >= tokens):
+            raise CacheError(f"node {node_id}: positions must lie in 0..{tokens - 1}")
+        page_size = self.pool.page_size
+        pages = np.asarray(self._pages[node_id], dtype=np.int64)
+        slots = pages[positions // page_size] * page_size + positions % page_size
+        return torch.from_numpy(slots).to(self.pool.device)
+
+    def tree(self) -> Tree:
+        """The held nodes as a `Tree` (ids as given to the cache).
+
+        Queries are those of the last `apply` tree while the cache has not changed since;
+        otherwise the Tree default (one query per leaf).
+        """
+        if self._tree is not None:
+            return self._tree
+        if not self._parent:
+            raise CacheError("the cache holds no node")
+        empty = [i for i, t in self._tokens.items() if t == 0]
+        if empty:
+            raise CacheError(f"node {empty[0]} holds no token yet: grow it before tree()")
+        ids = list(self._parent)
+        return Tree(ids, [self._parent[i] for i in ids], [self._tokens[i] for i in ids])
+
+    # ------------------------------------------------------------------ planner views
+    def node_pages(self, tree: Tree) -> tuple:
+        """Pages of every node of ``tree``, CSR in the tree's node-index order.
+
+        Returns
+        -------
+        page_ptr : int32 [nodes + 1]
+            Node ``v``'s pages are ``pages[page_ptr[v]:page_ptr[v + 1]]``.
+        pages : int32 [sum over nodes of ceil(tokens / page_size)]
+        """
+        page_ptr, pages = self._node_pages(tree)
+        device = self.pool.device
+        return (torch.from_numpy(page_ptr.astype(np.int32)).to(device),
+                torch.from_numpy(pages.astype(np.int32)).to(device))
+
+    def token_slots(self, tree: Tree) -> torch.Tensor:
+        """Slot of every test-layout token of ``tree`` (by node index, then position).
+
+        Returns int64 [tree.num_tokens]: ``page * page_size + offset``.
+        """
+        return torch.from_numpy(self._token_slots(tree)).to(self.pool.device)
+
+    # ------------------------------------------------------------------ changes
+    def add_node(self, node_id, parent=None, tokens=0) -> None:
+        """Add a live node under ``parent`` (a held node, or None for a root), holding ``tokens``."""
+        if node_id in self._parent:
+            raise CacheError(f"node {node_id} is already in the cache")
+        if parent is not None:
+            self._held(parent)
+        self._check_space(self._pages_for(tokens))
+        self._parent[node_id] = parent
+        self._children[node_id] = set()
+        self._tokens[node_id] = 0
+        self._pages[node_id] = []
+        self._live.add(node_id)
+        if parent is not None:
+            self._children[parent].add(node_id)
+        self._grow(node_id, tokens)
+        self._tree = None
+
+    def grow(self, node_id, n) -> None:
+        """Append ``n`` tokens to a live node, allocating pages as needed (all or none)."""
+        if node_id not in self._live:
+            raise CacheError(f"node {node_id} is not a live node of the cache")
+        if n < 0:
+            raise CacheError(f"node {node_id}: cannot grow by {n} tokens")
+        self._check_space(self._pages_for(self._tokens[node_id] + n) - len(self._pages[node_id]))
+        self._grow(node_id, n)
+        self._tree = None
+
+    def prune(self, node_id) -> None:
+        """End a live node; its pages are freed once no live descendant needs them."""
+        if node_id not in self._live:
+            raise CacheError(f"node {node_id} is not a live node of the cache")
+        self._live.discard(node_id)
+        self._release(node_id)
+        self._tree = None
+
+    def write(self, node_id, positions, k, v) -> None:
+        """Store K and V of tokens of one node. positions [n]; k, v [n, kv_heads, head_dim]"""
+        self.pool.write(self.slots(node_id, positions), k, v)
+
+    def apply(self, tree: Tree) -> torch.Tensor:
+        """Sync the cache to a step's tree, matching nodes by id.
+
+        Nodes of the cache missing from ``tree`` are pruned, new ones added, and every node grown
+        to its token count in ``tree``. All or nothing: on an error (a node that changes parent
+        or shrinks, too few pages) the cache is left as it was.
+
+        Returns
+        -------
+        slots : int64 [new tokens]
+            Slots of the tokens the step added, by node index then position in ``tree``: write
+            their K and V with ``pool.write(slots, k, v)``.
+        """
+        ids = tree.node_ids.tolist()
+        parents = [None if p < 0 else ids[p] for p in tree.parent.tolist()]
+        tokens = tree.tokens.tolist()
+        before = np.zeros(tree.num_nodes, dtype=np.int64)
+        for v, (node, parent) in enumerate(zip(ids, parents)):
+            if node in self._parent:
+                if self._parent[node] != parent:
+                    raise CacheError(
+                        f"node {node}: parent is {parent} in the tree but {self._parent[node]} "
+                        "in the cache"
+                    )
+                before[v] = self._tokens[node]
+                if tokens[v] < before[v]:
+                    raise CacheError(
+                        f"node {node}: the tree holds {tokens[v]} tokens, fewer than the "
+                        f"{before[v]} cached; a cache never drops a node's tokens"
+                    )
+        gone = set(self._parent).difference(ids)  # whole subtrees: a tree holds its ancestors
+        needed = sum(self._pages_for(t) for t in tokens) - sum(
+            len(self._pages[i]) for i in ids if i in self._parent)
+        freed = sum(len(self._pages[i]) for i in gone)
+        if needed > self.pool.num_free + freed:
+            raise OutOfPagesError(
+                f"the step needs {needed} more pages but only {self.pool.num_free + freed} of "
+                f"{self.pool.num_pages} are free (pages of {self.pool.page_size} tokens)"
+            )
+        # Revive held nodes of the tree first, so that no release below frees one of them.
+        self._live.update(i for i in ids if i in self._parent)
+        self._live.difference_update(gone)
+        for node in gone:
+            if node in self._parent:
+                self._release(node)
+        for v in tree.preorder.tolist():
+            node = ids[v]
+            if node not in self._parent:
+                self.add_node(node, parents[v])
+            self._grow(node, tokens[v] - self._tokens[node])
+        self._tree = tree
+        new = tree.token_position >= before[tree.token_node]
+        return torch.from_numpy(self._token_slots(tree)[new]).to(self.pool.device)
+
+    # ------------------------------------------------------------------ invariants
+    def check(self) -> None:
+        """Raise AssertionError unless the cache is consistent.
+
+        No page is leaked (free + owned == all) or owned twice; every node holds exactly the
+        pages its tokens need; every held node is live or has a held child; parent and children
+        links agree.
+        """
+        owned = [p for pages in self._pages.values() for p in pages]
+        free = self.pool.free_pages()
+        if len(set(owned)) != len(owned):
+            raise AssertionError("a page is owned by two nodes")
+        if set(owned) & set(free) or len(set(free)) != len(free):
+            raise AssertionError("a page is both owned and free, or free twice")
+        if len(owned) + len(free) != self.pool.num_pages:
+            raise AssertionError(
+                f"{self.pool.num_pages - len(owned) - len(free)} pages leaked "
+                f"({len(owned)} owned, {len(free)} free of {self.pool.num_pages})"
+            )
+        if not (self.pool._is_free[free].all() and not self.pool._is_free[owned].any()):
+            raise AssertionError("the pool's free marks disagree with its free list")
+        for node, parent in self._parent.items():
+            if len(self._pages[node]) != self._pages_for(self._tokens[node]):
+                raise AssertionError(
+                    f"node {node}: {self._tokens[node]} tokens on {len(self._pages[node])} pages"
+                )
+            if node not in self._live and not self._children[node]:
+                raise AssertionError(f"node {node} is pruned but still holds pages")
+            if parent is not None and node not in self._children.get(parent, ()):
+                raise AssertionError(f"node {node}: missing from its parent {parent}'s children")
+            if any(self._parent.get(c, object()) != node for c in self._children[node]):
+                raise AssertionError(f"node {node}: a child does not name it as parent")
+        if not self._live <= set(self._parent):
+            raise AssertionError("a live node is not held")
+
+    # ------------------------------------------------------------------ internals
+    def _held(self, node_id):
+        if node_id not in self._parent:
+            raise CacheError(f"node {node_id} is not in the cache")
+        return node_id
+
+    def _pages_for(self, tokens: int) -> int:
+        return _ceil_div(tokens, self.pool.page_size)
+
+    def _check_space(self, pages: int) -> None:
+        if pages > self.pool.num_free:
+            raise OutOfPagesError(
+                f"needs {pages} more pages but only {self.pool.num_free} of "
+                f"{self.pool.num_pages} are free (pages of {self.pool.page_size} tokens)"
+            )
+
+    def _grow(self, node_id, n) -> None:
+        tokens = self._tokens[node_id] + n
+        pages = self._pages[node_id]
+        pages += self.pool.allocate(self._pages_for(tokens) - len(pages))
+        self._tokens[node_id] = tokens
+
+    def _release(self, node_id) -> None:
+        """Free a pruned node without held children, then each ancestor it was keeping."""
+        while node_id is not None and node_id not in self._live and not self._children[node_id]:
+            self.pool.free(self._pages.pop(node_id))
+            parent = self._parent.pop(node_id)
+            del self._children[node_id], self._tokens[node_id]
+            if parent is not None:
+                self._children[parent].discard(node_id)
+            node_id = parent
+
+    def _node_pages(self, tree: Tree) -> tuple:
+        """int64 numpy ``(page_ptr [nodes + 1], pages)`` of the tree's nodes."""
+        counts = _ceil_div(tree.tokens, self.pool.page_size)
+        page_ptr = np.concatenate([[0], np.cumsum(counts)])
+        pages = np.empty(page_ptr[-1], dtype=np.int64)
+        for v, node in enumerate(tree.node_ids.tolist()):
+            if node not in self._parent or self._tokens[node] < tree.tokens[v]:
+                raise CacheError(
+                    f"node {node}: the tree holds {tree.tokens[v]} tokens, the cache "
+                    f"{self._tokens.get(node, 0)}; apply the tree first"
+                )
+            pages[page_ptr[v]:page_ptr[v + 1]] = self._pages[node][: counts[v]]
+        return page_ptr, pages
+
+    def _token_slots(self, tree: Tree) -> np.ndarray:
+        page_ptr, pages = self._node_pages(tree)
+        page_size = self.pool.page_size
+        position = tree.token_position
+        page = pages[page_ptr[tree.token_node] + position // page_size]
+        return page * page_size + position % page_size
+
+
+def pages_for(tree: Tree, page_size: int) -> int:
+    """Pages a tree needs: each node starts on a fresh page. sum over nodes of ceil(tokens / page_size)"""
+    return int(_ceil_div(tree.tokens, page_size).sum())
+
+
+def _ceil_div(a, b):
+    return -(-a // b)
