@@ -113,7 +113,16 @@ class Plan:
 
     @cached_property
     def work(self) -> np.ndarray:
-        """Visible (query, token) pairs inside each partition. [P]"""
+        """Visible (query, token) pairs inside each partition. [P]
+
+        Query-guided path chunks hold only visible pairs and dense-mask partitions hold whole
+        trees with all their queries, so their work is read off directly; the other strategies
+        count every (query, segment) pair.
+        """
+        if self.strategy in ("flash_attention", "flash_decoding", "radix"):
+            return self.tokens  # one query and a chunk of its own path: all visible
+        if self.strategy in DENSE_MASK:  # whole trees with all their queries
+            return _segment_sum(self.tree.visible_tokens[self.query_index], self.query_ptr)
         pair_query, pair_segment, pair_partition = self._pairs()
         counts = visible_in_segments(self.tree, pair_query, pair_segment, self)
         return np.bincount(pair_partition, weights=counts, minlength=self.num_partitions).astype(
@@ -311,17 +320,24 @@ def _assemble(tree, chunks, chunk_of, query_ptr, query_index, **params) -> Plan:
 
 
 def _query_paths(tree: Tree) -> _Sequences:
-    """Each query's visible tokens, root first, as one sequence per query."""
-    node, pos, length, ptr = [], [], [], [0]
-    for q in range(tree.num_queries):
-        path = tree.path(tree.query_node[q])
-        lengths = tree.tokens[path].copy()
-        lengths[-1] = tree.query_position[q] + 1
-        node.append(path)
-        length.append(lengths)
-        ptr.append(ptr[-1] + len(path))
-    node = np.concatenate(node)
-    return _Sequences(np.array(ptr), node, np.zeros_like(node), np.concatenate(length))
+    """Each query's visible tokens, root first, as one sequence per query.
+
+    Vectorised over queries: one step up the tree per level of the deepest query.
+    """
+    v = tree.query_node.copy()
+    count = tree.depth[v] + 1
+    ptr = np.concatenate([[0], np.cumsum(count)])
+    node = np.empty(ptr[-1], dtype=np.int64)
+    at = ptr[1:] - 1  # fill each path from its own node up to the root
+    active = np.arange(len(v))
+    while len(active):
+        node[at[active]] = v[active]
+        v[active] = tree.parent[v[active]]
+        at[active] -= 1
+        active = active[v[active] >= 0]
+    length = tree.tokens[node]
+    length[ptr[1:] - 1] = tree.query_position + 1
+    return _Sequences(ptr, node, np.zeros_like(node), length)
 
 
 def _flattened(tree: Tree, nodes: np.ndarray) -> _Sequences:
@@ -350,13 +366,14 @@ def build_plan(strategy: str, tree: Tree, chunk_size=None, group_size=None, page
         chunks = _cut(_query_paths(tree), chunk)
         return _query_guided(tree, chunks, chunks.source, **params)
     if strategy == "tree_attention_s":
+        # every query takes every chunk of its own tree; a tree's chunks are consecutive
         per_tree = _cut(_trees_flattened(tree), chunk)
-        # every query takes every chunk of its own tree
+        first = np.searchsorted(per_tree.source, np.arange(len(tree.roots) + 1))
         tree_of_query = tree.tree_of[tree.query_node]
-        chunk_ids = [np.flatnonzero(per_tree.source == tree_of_query[q]) for q in range(tree.num_queries)]
-        counts = np.array([len(c) for c in chunk_ids])
-        chunks = _select(per_tree, np.concatenate(chunk_ids))
-        return _query_guided(tree, chunks, np.repeat(np.arange(tree.num_queries), counts), **params)
+        start, count = first[tree_of_query], np.diff(first)[tree_of_query]
+        chosen = np.repeat(start, count) + (np.arange(count.sum()) - np.repeat(_exclusive_cumsum(count), count))
+        chunks = _select(per_tree, chosen)
+        return _query_guided(tree, chunks, np.repeat(np.arange(tree.num_queries), count), **params)
     if strategy == "tree_attention_m":
         return _kv_guided(tree, _trees_flattened(tree), None, **params)
     if strategy == "vanilla_tree":
