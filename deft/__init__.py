@@ -12,3 +12,24 @@ __all__ = [
     "tree_from_dict",
     "tree_to_dict",
 ]
+
+# The GPU API loads Triton on first use, so `import deft` stays light on a CPU-only machine.
+_LAZY = {
+    "TreeAttention": ("deft.tree_attention", "TreeAttention"),
+    "attention": ("deft.tree_attention", "attention"),
+    "merge_states": ("deft.kernels.reduction", "merge_states"),
+    "PageTable": ("deft.planner", "PageTable"),
+    "paged_cache": ("deft.planner", "paged_cache"),
+}
+__all__ += list(_LAZY)
+
+
+def __getattr__(name):
+    if name not in _LAZY:
+        raise AttributeError(f"module 'deft' has no attribute {name!r}")
+    import importlib
+
+    module, attribute = _LAZY[name]
+    value = getattr(importlib.import_module(module), attribute)
+    globals()[name] = value
+    return value

@@ -1,0 +1,293 @@
+"""The GPU planner: a strategy's partitions as the int32 buffers the Triton kernels read.
+
+`plan_arrays` encodes a `reference.plan.Plan` (the normative partitions, built on the host with
+vectorised numpy) and a page table into flat int32 arrays, with no Python loop over tokens or
+partitions. `PlanBuffers` owns fixed-capacity device tensors that `fill` refills in place (pinned
+staging, non-blocking copies), so kernels captured in a CUDA graph keep reading the right
+addresses after every re-plan. The fields (one int32 tensor each, views of one allocation):
+
+====================  ==================  ====================================================
+field                 size (capacity)     meaning
+====================  ==================  ====================================================
+counts                2                   partitions P, queries Q (read by the kernels)
+part_start            entries             first token of partition p in `token_slot`
+part_tokens           entries             tokens of partition p
+part_entry            entries + 1         entries of p are part_entry[p]:part_entry[p+1]
+entry_query           entries             query (test layout) of each entry
+entry_row             entries             partial-result row of each entry (see below)
+query_row_ptr         queries + 1         query n's partial rows are query_row_ptr[n]:[n+1]
+query_flat            queries             flattened position of each query's token
+token_slot            slots               cache slot (page * page_size + offset) of a token
+subtree_end           slots (flat only)   flattened end of the subtree of a token's node
+====================  ==================  ====================================================
+
+An *entry* is one (partition, query) pair: one row of partial results per query head. Every
+partition holds at least one query, so partitions never outnumber entries. Partial rows are
+numbered query by query (a query's entries in partition order), so the reduction reads each
+query's rows as one contiguous run, always in the same order.
+
+Token addressing (see `deft.kernels.partials`): KV-guided strategies and tree_attention_s index
+`token_slot` and `subtree_end` by flattened position (``part_start`` = the partition's first
+flattened position; their partitions are runs of the flattened tree); flash_decoding and radix
+list each partition's slots one after the other.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+from deft.tree import INDEX_LIMIT, Tree
+from reference.plan import Plan
+
+FIELDS = (
+    "counts",
+    "part_start",
+    "part_tokens",
+    "part_entry",
+    "entry_query",
+    "entry_row",
+    "query_row_ptr",
+    "query_flat",
+    "token_slot",
+    "subtree_end",
+)
+"""The plan buffers, in their order inside the one allocation."""
+
+QUERY_FIELDS = {"query_row_ptr", "query_flat"}
+ENTRY_FIELDS = {"part_start", "part_tokens", "part_entry", "entry_query", "entry_row"}
+SLOT_FIELDS = {"token_slot", "subtree_end"}
+
+
+class CapacityError(ValueError):
+    """A plan that does not fit the buffers a `TreeAttention` was built with."""
+
+
+class PageTable:
+    """A page table as plain tensors (the planner's view of any paged cache).
+
+    Parameters
+    ----------
+    page_ptr : int [nodes + 1]
+        Node index v's pages are ``pages[page_ptr[v]:page_ptr[v + 1]]``, in token order.
+    pages : int [sum over nodes of ceil(tokens / page_size)]
+    page_size : int
+
+    Anything with ``node_pages(tree) -> (page_ptr, pages)`` and ``page_size`` (or
+    ``pool.page_size``, like `deft.cache.TreeCache`) can be planned over.
+    """
+
+    def __init__(self, page_ptr, pages, page_size: int):
+        self.page_ptr = torch.as_tensor(page_ptr, dtype=torch.int32)
+        self.pages = torch.as_tensor(pages, dtype=torch.int32)
+        self.page_size = int(page_size)
+
+    def node_pages(self, tree: Tree):
+        """(page_ptr [nodes + 1], pages) in the tree's node-index order."""
+        if len(self.page_ptr) != tree.num_nodes + 1:
+            raise ValueError(
+                f"the page table has {len(self.page_ptr) - 1} nodes, the tree {tree.num_nodes}"
+            )
+        return self.page_ptr, self.pages
+
+
+def cache_page_size(cache) -> int:
+    """The page size of a page table or of a `deft.cache.TreeCache`."""
+    size = getattr(cache, "page_size", None)
+    return int(size if size is not None else cache.pool.page_size)
+
+
+def paged_cache(tree: Tree, k: torch.Tensor, v: torch.Tensor, page_size: int = 1, seed=None):
+    """A paged KV cache holding test-layout K and V, each node starting on a fresh page.
+
+    Parameters
+    ----------
+    tree : Tree
+    k, v : [tokens, kv_heads, head_dim]
+        Test layout (tokens by node index, then position).
+    page_size : int
+    seed : int, optional
+        Shuffle the pages with this seed (default: nodes' pages in node order).
+
+    Returns
+    -------
+    k_cache, v_cache : [num_pages, page_size, kv_heads, head_dim]
+        Unused slots (page padding) are zero.
+    table : PageTable
+    """
+    if k.shape != v.shape or k.dim() != 3 or k.shape[0] != tree.num_tokens:
+        raise ValueError(
+            f"k and v must be [tokens={tree.num_tokens}, kv_heads, head_dim], got "
+            f"{list(k.shape)} and {list(v.shape)}"
+        )
+    counts = -(-tree.tokens // page_size)
+    page_ptr = np.concatenate([[0], np.cumsum(counts)])
+    num_pages = int(page_ptr[-1])
+    if seed is None:
+        pages = np.arange(num_pages)
+    else:
+        pages = np.random.default_rng(seed).permutation(num_pages)
+    table = PageTable(page_ptr, pages, page_size)
+    slots = torch.from_numpy(token_slots(tree, page_ptr, pages, page_size)).to(k.device)
+    shape = (num_pages, page_size, *k.shape[1:])
+    k_cache = torch.zeros(shape, dtype=k.dtype, device=k.device)
+    v_cache = torch.zeros(shape, dtype=v.dtype, device=v.device)
+    k_cache.view(-1, *k.shape[1:])[slots] = k
+    v_cache.view(-1, *v.shape[1:])[slots] = v
+    return k_cache, v_cache, table
+
+
+def token_slots(tree: Tree, page_ptr, pages, page_size: int) -> np.ndarray:
+    """Cache slot of every test-layout token. int64 [tokens]"""
+    page_ptr = _host(page_ptr)
+    pages = _host(pages)
+    if len(page_ptr) != tree.num_nodes + 1:
+        raise ValueError(f"page_ptr must have nodes + 1 = {tree.num_nodes + 1} entries, "
+                         f"got {len(page_ptr)}")
+    short = np.flatnonzero(np.diff(page_ptr) * page_size < tree.tokens)
+    if len(short):
+        v = short[0]
+        raise ValueError(
+            f"node {tree.node_ids[v]} holds {tree.tokens[v]} tokens but the page table gives it "
+            f"{page_ptr[v + 1] - page_ptr[v]} pages of {page_size}"
+        )
+    position = tree.token_position
+    page = pages[page_ptr[tree.token_node] + position // page_size]
+    return page * page_size + position % page_size
+
+
+def plan_arrays(plan: Plan, page_ptr, pages, flat: bool) -> dict:
+    """The plan buffers' contents (see the module docstring), as int64 numpy arrays.
+
+    Parameters
+    ----------
+    plan : reference.plan.Plan
+    page_ptr, pages : int, the page table (`PageTable`), in the tree's node-index order
+    flat : bool
+        Flattened-tree addressing (KV-guided kernels) or listed slots (query-guided).
+
+    Returns
+    -------
+    dict of field name to array; plus ``"max_slot"``, the largest slot read (an int).
+    """
+    tree = plan.tree
+    slots = token_slots(tree, page_ptr, pages, plan.page_size)
+    query_flat = tree.flat_offset[tree.query_node] + tree.query_position
+    if flat:
+        segment_flat = tree.flat_offset[plan.segment_node] + plan.segment_pos
+        follows = segment_flat[1:] == segment_flat[:-1] + plan.segment_len[:-1]
+        inner = np.ones(len(plan.segment_node), dtype=bool)
+        inner[plan.segment_ptr[:-1]] = False  # a partition's first segment starts anywhere
+        if not follows[inner[1:]].all():
+            raise ValueError(f"{plan.strategy}: a partition is not one run of the flattened tree")
+        order = tree.preorder
+        last = order[tree.tout]  # the last node, in preorder, of each node's subtree
+        node_end = tree.flat_offset[last] + tree.tokens[last]
+        part_start = segment_flat[plan.segment_ptr[:-1]]
+        token_slot = slots[tree.flat_tokens]
+        subtree_end = np.repeat(node_end[order], tree.tokens[order])
+    else:
+        token_slot = slots[plan.segment_tokens()]
+        part_start = np.cumsum(plan.tokens) - plan.tokens
+        subtree_end = np.zeros(0, dtype=np.int64)
+    entry_row = np.empty(len(plan.query_index), dtype=np.int64)
+    entry_row[np.argsort(plan.query_index, kind="stable")] = np.arange(len(plan.query_index))
+    per_query = np.bincount(plan.query_index, minlength=tree.num_queries)
+    arrays = dict(
+        counts=np.array([plan.num_partitions, tree.num_queries]),
+        part_start=part_start,
+        part_tokens=plan.tokens,
+        part_entry=plan.query_ptr,
+        entry_query=plan.query_index,
+        entry_row=entry_row,
+        query_row_ptr=np.concatenate([[0], np.cumsum(per_query)]),
+        query_flat=query_flat,
+        token_slot=token_slot,
+        subtree_end=subtree_end,
+    )
+    arrays["max_slot"] = int(slots.max())
+    if arrays["max_slot"] > INDEX_LIMIT:
+        raise ValueError(f"cache slot {arrays['max_slot']} is beyond the int32 limit")
+    return arrays
+
+
+class PlanBuffers:
+    """Fixed-capacity int32 plan buffers on a device, refilled in place by `fill`.
+
+    Parameters
+    ----------
+    max_queries, max_entries, max_slots : int
+        Capacities (see the module docstring for which field takes which).
+    flat : bool
+        Whether `subtree_end` is needed (flattened addressing).
+    device : torch.device
+    slot_name : str
+        The constructor argument that sets max_slots (named by capacity errors).
+    """
+
+    def __init__(self, max_queries, max_entries, max_slots, flat, device, slot_name="max_tokens"):
+        self.capacity = {}
+        for name in FIELDS:
+            if name == "counts":
+                size = 2
+            elif name in QUERY_FIELDS:
+                size = max_queries + (name == "query_row_ptr")
+            elif name in ENTRY_FIELDS:
+                size = max_entries + (name == "part_entry")
+            else:
+                size = max_slots if (flat or name == "token_slot") else 1
+            self.capacity[name] = size
+        self._limits = dict(max_queries=max_queries, max_entries=max_entries)
+        self._limits[slot_name] = max_slots
+        self._slot_name = slot_name
+        self.device = torch.device(device)
+        offsets = np.concatenate([[0], np.cumsum([self.capacity[n] for n in FIELDS])])
+        self.offsets = [int(o) for o in offsets[:-1]]
+        self.data = torch.zeros(int(offsets[-1]), dtype=torch.int32, device=self.device)
+        self.views = {n: self.data[o: o + self.capacity[n]] for n, o in zip(FIELDS, self.offsets)}
+        pinned = self.device.type == "cuda"
+        self._staging = torch.zeros(len(self.data), dtype=torch.int32, pin_memory=pinned)
+        self._copied = None  # event after the last staging -> device copies
+
+    def fill(self, arrays: dict) -> None:
+        """Copy a plan's arrays (`plan_arrays`) into the buffers; raise CapacityError if too big."""
+        queries, entries = int(arrays["counts"][1]), len(arrays["entry_query"])
+        slots = len(arrays["token_slot"])
+        for name, need in (("max_queries", queries), ("max_entries", entries),
+                           (self._slot_name, slots)):
+            if need > self._limits[name]:
+                raise CapacityError(
+                    f"the plan needs {name} >= {need} but this TreeAttention was built with "
+                    f"{name}={self._limits[name]}"
+                )
+        if self._copied is not None:
+            self._copied.synchronize()  # the previous plan's copies have left the staging area
+        for name, offset in zip(FIELDS, self.offsets):
+            values = arrays[name]
+            self._staging[offset: offset + len(values)] = torch.from_numpy(
+                np.ascontiguousarray(values, dtype=np.int32))
+            if len(values):
+                self.views[name][: len(values)].copy_(
+                    self._staging[offset: offset + len(values)], non_blocking=True)
+        if self.device.type == "cuda":
+            self._copied = torch.cuda.Event()
+            self._copied.record()
+
+    def layout(self) -> list:
+        """Offsets of the fields inside `data`, in `FIELDS` order (what the custom op takes)."""
+        return list(self.offsets)
+
+    def read(self, name: str) -> np.ndarray:
+        """A field's contents on the host (a synchronising copy; for tests and debugging)."""
+        return self.views[name].cpu().numpy().astype(np.int64)
+
+
+def views_of(data: torch.Tensor, layout: list) -> dict:
+    """The field views of a plan buffer allocation from its `PlanBuffers.layout`."""
+    return {name: data[offset:] for name, offset in zip(FIELDS, layout)}
+
+
+def _host(x) -> np.ndarray:
+    if isinstance(x, torch.Tensor):
+        x = x.cpu().numpy()
+    return np.asarray(x, dtype=np.int64)
