@@ -1,0 +1,70 @@
+#!/usr/bin/env bash
+# The GPU run of docs/benchmarks.md: every strategy and peer over the six anchors, against the
+# floor measured in the same run. Run from the repository root on the GPU machine:
+#
+#   OUT=/some/dir scripts/bench_gpu.sh [MODE ...] [-- extra deft-cli bench options]
+#
+# MODE is graph and/or eager (default: both, graph first) and calibrate (fit the IO model to
+# the graph JSON; done after graph by default). One mode fits a 10-minute call: on a machine
+# with such a limit run `scripts/bench_gpu.sh graph`, then `eager`, as separate calls (FlashInfer's
+# JIT cache and Inductor's cache make the second faster).
+#
+# Peers come from .peer-wheels (scripts/peer-wheels.sh fetches them): installed with
+# pip --no-index --no-deps into /tmp/peers and put on PYTHONPATH; without them FlashInfer and
+# SGLang show as skipped. The spec anchors read
+# .workloads/deft-dataset/speculative/APPS_tree_size{64,256}.json (or $DEFT_WORKLOADS).
+# Writes under $OUT (default bench-out/): bench-MODE$TAG.{txt,json,png},
+# calibration-graph$TAG.{txt,json}, env.txt. Set TAG (e.g. TAG=-part1) when splitting the
+# workloads over several calls (-- --workloads a,b,c), so that the files do not collide.
+set -uo pipefail
+
+out=${OUT:-bench-out}
+tag=${TAG:-}
+mkdir -p "$out"
+modes=()
+extra=()
+while [ $# -gt 0 ]; do
+  case $1 in
+    --) shift; extra=("$@"); break ;;
+    graph|eager|calibrate) modes+=("$1"); shift ;;
+    *) echo "usage: $0 [graph] [eager] [calibrate] [-- deft-cli bench options]" >&2; exit 2 ;;
+  esac
+done
+[ ${#modes[@]} -eq 0 ] && modes=(graph calibrate eager)
+
+if compgen -G ".peer-wheels/*.whl" > /dev/null; then
+  python3 -m pip install -q --no-index --no-deps --target /tmp/peers .peer-wheels/*.whl \
+    && export PYTHONPATH=/tmp/peers${PYTHONPATH:+:$PYTHONPATH}
+else
+  echo "no .peer-wheels/*.whl: FlashInfer and SGLang will be reported as skipped" >&2
+fi
+if ! python3 -c "import click, rich" 2> /dev/null; then
+  echo "deft-cli needs click and rich: python3 -m pip install click rich" >&2
+  exit 2
+fi
+
+{
+  date -u
+  nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.max.sm --format=csv 2>&1
+  python3 -c "import torch, triton; print('torch', torch.__version__, 'cuda', torch.version.cuda, 'triton', triton.__version__)"
+} | tee "$out/env.txt"
+
+export COLUMNS=${COLUMNS:-180}  # rich wraps tables at 80 columns when not on a terminal
+status=0
+for mode in "${modes[@]}"; do
+  start=$(date +%s)
+  if [ "$mode" = calibrate ]; then
+    if [ ! -f "$out/bench-graph$tag.json" ]; then
+      echo "calibrate: no $out/bench-graph$tag.json yet (run graph first)" >&2
+      continue
+    fi
+    python3 cli.py bench --calibrate "$out/bench-graph$tag.json" \
+      --json "$out/calibration-graph$tag.json" | tee "$out/calibration-graph$tag.txt" || status=1
+  else
+    echo "== bench, $mode timing" >&2
+    python3 cli.py bench --timing "$mode" --json "$out/bench-$mode$tag.json" \
+      --plot "$out/bench-$mode$tag.png" ${extra[@]+"${extra[@]}"} | tee "$out/bench-$mode$tag.txt" || status=1
+  fi
+  echo "== $mode took $(( $(date +%s) - start )) s" >&2
+done
+exit $status
