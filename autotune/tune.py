@@ -1,0 +1,290 @@
+"""The search behind ``deft-cli autotune``: one tuned (or predicted) table for one card.
+
+For every strategy and workload (each workload stands for its tree's bucket; a second workload
+of a bucket already tuned is skipped), measured:
+
+1. sizes: the strategy's sizes ranked by the IO model (`autotune.space.rank_sizes`); the
+   `TOP_K` best predicted, and the defaults, are measured with the kernel's tile;
+2. tiles: at the fastest size, a coordinate descent from the kernel's tile: for each knob of
+   `DESCENT` in turn, the tiles that fit the card and differ in that knob alone are measured
+   together and the fastest kept (stages and programs per SM move together: they share the
+   SM's shared memory);
+3. leaders: the `LEADERS` fastest so far and the defaults are re-timed together
+   (`autotune.measure.LEADER_ROUNDS` interleaved rounds); the fastest re-timed is chosen, and its
+   speedup over the defaults comes from those same rounds.
+
+``exhaustive`` measures every size in step 1 and every fitting tile at the fastest size in
+step 2. The time budget is shared evenly by the (strategy, workload) jobs still to run; a job
+past its share skips the rest of step 2 (steps 1 and 3 always run, so the budget is soft).
+
+``predict`` ranks the sizes with the IO model only, on the card's spec, and keeps the kernel's
+tile: a table marked ``"source": "predicted"``.
+"""
+
+from __future__ import annotations
+
+import statistics
+import time
+
+import torch
+
+from autotune.buckets import bucket_of
+from autotune.measure import LEADER_ROUNDS, PAGE_SIZE, ROUNDS, Measurement
+from autotune.space import (
+    Candidate,
+    default_candidate,
+    default_sizes,
+    neighbours,
+    rank_sizes,
+    tile_space,
+)
+from autotune.lookup import card_spec
+from autotune.store import CAPABILITIES, Table, current_versions, detect_device
+from deft.bench.inputs import TREE_DTYPE, with_dtype
+from iomodel.gpus import BUILTIN, GpuSpec
+
+TOP_K = 8
+"""Sizes measured per bucket (the IO model's best predicted)."""
+
+LEADERS = 3
+"""Candidates re-timed at the end of a bucket, besides the defaults."""
+
+DESCENT = (("block_m",), ("block_n",), ("num_warps",), ("num_stages", "programs_per_sm"))
+"""The knobs of the tile descent, in order (`autotune.space.TILE_KNOBS` fields)."""
+
+class Reporter:
+    """Progress hooks of a tuning run; this base class ignores them (the CLI draws a bar)."""
+
+    def expect(self, count: int) -> None:
+        """`count` more candidates are about to be prepared."""
+
+    def advance(self, text: str) -> None:
+        """One candidate was prepared (planned, compiled, checked, captured)."""
+
+    def log(self, line: str) -> None:
+        """One line of news (a job starts, ends, or fails)."""
+
+
+def resolve_card(gpu: str, predict: bool = False) -> tuple:
+    """The spec and the table's ``device`` of the card to tune.
+
+    Parameters
+    ----------
+    gpu : str
+        ``a100``, ``h100``, ``h200`` or ``auto`` (the card present).
+    predict : bool
+        Whether the IO model ranks instead of the card measuring: then the named card need not
+        be present.
+
+    Returns
+    -------
+    (GpuSpec, dict)
+
+    Raises
+    ------
+    ValueError
+        Saying what was found, when the card asked for is not the one present (or none is)
+        and `predict` is off, or when ``auto`` finds no GPU or one without a built-in spec.
+    """
+    found = detect_device()
+    if gpu == "auto":
+        if found is None:
+            raise ValueError("--gpu auto found no CUDA GPU (torch sees none); name the card "
+                             "(a100, h100, h200) to rank for it with --predict")
+        spec = card_spec(found["name"])
+        if spec is None:
+            raise ValueError(f"found {found['name']!r}, which has no built-in spec "
+                             f"({', '.join(BUILTIN)}): the IO model cannot rank for it")
+        return spec, found
+    spec = BUILTIN[gpu]
+    if found is not None and card_spec(found["name"]) == spec:
+        return spec, found
+    if predict:
+        return spec, {"name": spec.name, "capability": list(CAPABILITIES[spec.name]),
+                      "sm_count": spec.sm_count}
+    what = "no CUDA GPU (torch sees none)" if found is None else repr(found["name"])
+    raise ValueError(f"--gpu {gpu} asks for {spec.name!r} but this machine has {what}: run on "
+                     f"that card, use --gpu auto, or add --predict to rank with the IO model")
+
+
+def autotune(workloads, strategies, gpu: GpuSpec, device: dict, make_bench, *,
+             budget_s: float = 150.0, exhaustive: bool = False, top_k: int = TOP_K,
+             dtype=torch.float16, reporter: Reporter | None = None) -> Table:
+    """Measure and choose a config per strategy and bucket.
+
+    Parameters
+    ----------
+    workloads : list of (str, Tree)
+        Named trees; each stands for its bucket.
+    strategies : list of str
+        Strategies of `deft.kernels.KERNELS`.
+    gpu : GpuSpec
+        The card's spec (IO-model ranking and the shared-memory filter).
+    device : dict
+        The table's ``device`` (`autotune.store.detect_device`).
+    make_bench : callable
+        ``make_bench(strategy, tree, reference) -> autotune.measure.Workbench`` (or anything
+        with its ``measure`` and ``close``).
+    budget_s : float
+        Soft time budget of the whole run, seconds.
+    exhaustive : bool
+    top_k : int
+    dtype : torch.float16 or torch.bfloat16
+        Of the measured inputs (and of the trees' buckets).
+    reporter : Reporter, optional
+
+    Returns
+    -------
+    Table
+        ``source`` ``measured``, ``tuning_s`` the run's wall time.
+    """
+    reporter = reporter or Reporter()
+    start = time.perf_counter()
+    jobs = _jobs(workloads, strategies, dtype, reporter)
+    table = Table("measured", device, current_versions(), settings=_settings(
+        workloads, strategies, dtype, budget_s=budget_s, exhaustive=exhaustive, top_k=top_k,
+        rounds=ROUNDS, leader_rounds=LEADER_ROUNDS, leaders=LEADERS))
+    for done, (strategy, name, tree) in enumerate(jobs):
+        left = budget_s - (time.perf_counter() - start)
+        deadline = time.perf_counter() + max(0.0, left) / (len(jobs) - done)
+        reporter.log(f"{strategy} on {name} ({bucket_of(tree).key})")
+        try:
+            entry = tune_workload(strategy, name, tree, gpu, make_bench, top_k=top_k,
+                                  exhaustive=exhaustive, deadline=deadline, reporter=reporter)
+        except Exception as error:  # noqa: BLE001 - one failing job never stops the run
+            reporter.log(f"  failed: {type(error).__name__}: {error}")
+            continue
+        table.strategies.setdefault(strategy, {})[bucket_of(tree).key] = entry
+        reporter.log(f"  chosen {entry['chosen_label']}: {entry['chosen']['us']:.1f} µs, "
+                     f"{entry['speedup']:.2f}x the defaults")
+    table.tuning_s = time.perf_counter() - start
+    return table
+
+
+def tune_workload(strategy, name, tree, gpu, make_bench, *, top_k=TOP_K, exhaustive=False,
+                  deadline=float("inf"), reporter=None) -> dict:
+    """Steps 1-3 (module docstring) on one tree: the bucket's table entry."""
+    reporter = reporter or Reporter()
+    start = time.perf_counter()
+    ranked = rank_sizes(strategy, tree, gpu, PAGE_SIZE)
+    prediction = {r.sizes: r for r in ranked}
+    default = default_candidate(strategy, tree)
+    records = {}
+
+    def run(candidates, stage, rounds=ROUNDS):
+        reporter.expect(len([c for c in dict.fromkeys(candidates) if c not in records]))
+        measured = bench.measure(candidates, rounds, lambda c: reporter.advance(c.label()))
+        for candidate, measurement in measured.items():
+            record = records.setdefault(candidate, {"stage": stage, "rounds_us": [],
+                                                    "measurement": measurement})
+            record["rounds_us"] += measurement.rounds_us
+        return {c: m.us for c, m in measured.items() if m.status == "ok"}
+
+    bench = make_bench(strategy, tree, default)
+    try:
+        sizes = ranked if exhaustive else ranked[:top_k]
+        run([default] + [Candidate(*r.sizes, default.tile) for r in sizes], "sizes")
+        best = _fastest(records)
+        space = tile_space(tree, gpu)
+        if exhaustive:
+            run([Candidate(*best.sizes, tile) for tile in space], "tiles")
+        else:
+            current = best.tile
+            for knobs in DESCENT:
+                if time.perf_counter() > deadline:
+                    break
+                times = run([Candidate(*best.sizes, t) for t in neighbours(current, knobs, space)],
+                            "tiles")
+                if times:
+                    current = min(times, key=times.get).tile
+        ok = sorted((c for c in records if records[c]["measurement"].status == "ok"),
+                    key=lambda c: statistics.median(records[c]["rounds_us"]))
+        retimed = run([default] + ok[:LEADERS], "leaders", LEADER_ROUNDS)
+    finally:
+        bench.close()
+    chosen = min(retimed, key=retimed.get)
+
+    def config(candidate, us=None):
+        sizes = prediction.get(candidate.sizes)
+        return {**candidate.to_dict(), "us": us,
+                "predicted_us": sizes.predicted_us if sizes else None}
+
+    candidates = []
+    for candidate, record in records.items():
+        measurement: Measurement = record["measurement"]
+        sizes = prediction.get(candidate.sizes)
+        candidates.append({
+            **candidate.to_dict(), "stage": record["stage"],
+            "predicted_us": sizes.predicted_us if sizes else None,
+            "predicted_rank": sizes.rank if sizes else None,
+            "status": measurement.status,
+            "us": statistics.median(record["rounds_us"]) if record["rounds_us"] else None,
+            "rounds_us": record["rounds_us"], "retimed_us": retimed.get(candidate),
+            "rel_err": measurement.rel_err, "reason": measurement.reason,
+        })
+    return {
+        "workload": name,
+        "stats": {k: tree.stats()[k] for k in ("queries", "unique_tokens", "sharing_ratio")},
+        "chosen": config(chosen, retimed[chosen]),
+        "chosen_label": chosen.label(),
+        "default": config(default, retimed.get(default)),
+        "speedup": retimed[default] / retimed[chosen] if default in retimed else None,
+        "seconds": time.perf_counter() - start,
+        "candidates": candidates,
+    }
+
+
+def predict(workloads, strategies, gpu: GpuSpec, device: dict, *,
+            dtype=torch.float16) -> Table:
+    """The IO model's ranking of every strategy's sizes per bucket: a predicted table.
+
+    The chosen config of a bucket is the fastest predicted; its ``tile`` is null (the kernel's
+    own), and every ranked size is listed with its prediction.
+    """
+    jobs = _jobs(workloads, strategies, dtype, Reporter())
+    table = Table("predicted", device, current_versions(),
+                  settings=_settings(workloads, strategies, dtype))
+    for strategy, name, tree in jobs:
+        ranked = rank_sizes(strategy, tree, gpu, PAGE_SIZE)
+        by_sizes = {r.sizes: r for r in ranked}
+        default = by_sizes.get(default_sizes(strategy))
+
+        def config(r):
+            return {"chunk_size": r.chunk_size, "group_size": r.group_size, "tile": None,
+                    "predicted_us": r.predicted_us}
+
+        table.strategies.setdefault(strategy, {})[bucket_of(tree).key] = {
+            "workload": name,
+            "stats": {k: tree.stats()[k] for k in ("queries", "unique_tokens", "sharing_ratio")},
+            "chosen": config(ranked[0]),
+            "chosen_label": f"c{ranked[0].chunk_size or '-'} g{ranked[0].group_size or '-'}",
+            "default": config(default),
+            "speedup": default.predicted_us / ranked[0].predicted_us,
+            "candidates": [{**config(r), "predicted_rank": r.rank} for r in ranked],
+        }
+    return table
+
+
+def _jobs(workloads, strategies, dtype, reporter) -> list:
+    """(strategy, name, tree) per strategy and workload, one workload per bucket."""
+    trees = [(name, with_dtype(tree, dtype)) for name, tree in workloads]
+    jobs, seen = [], {}
+    for strategy in strategies:
+        for name, tree in trees:
+            key = (strategy, bucket_of(tree).key)
+            if key in seen:
+                reporter.log(f"{strategy} on {name}: skipped (bucket {key[1]} is {seen[key]}'s)")
+                continue
+            seen[key] = name
+            jobs.append((strategy, name, tree))
+    return jobs
+
+
+def _settings(workloads, strategies, dtype, **extra) -> dict:
+    return {"workloads": [name for name, _ in workloads], "strategies": list(strategies),
+            "dtype": TREE_DTYPE[dtype], "page_size": PAGE_SIZE, **extra}
+
+
+def _fastest(records) -> Candidate:
+    ok = [c for c, r in records.items() if r["measurement"].status == "ok"]
+    return min(ok, key=lambda c: statistics.median(records[c]["rounds_us"]))

@@ -1,0 +1,419 @@
+"""autotune on a CPU: buckets, the search space, the table files, the lookup rungs, the search
+with a fake bench, the CLI (GPU detection faked), and one real measurement under the Triton
+interpreter.
+
+Timings, the tuned tables and the quality numbers need the GPU run (scripts/autotune_gpu.sh).
+"""
+
+import json
+import os
+import warnings
+
+import torch
+
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")  # before any Triton kernel module loads
+
+import pytest  # noqa: E402
+from click.testing import CliRunner  # noqa: E402
+
+import autotune.lookup as lookup_module  # noqa: E402
+from autotune import store, tune  # noqa: E402
+from autotune.buckets import MAX_DISTANCE, Bucket, bucket_of, nearest  # noqa: E402
+from autotune.lookup import lookup, tuned_plan  # noqa: E402
+from autotune.measure import Measurement, Workbench  # noqa: E402
+from autotune.space import (  # noqa: E402
+    Candidate,
+    default_candidate,
+    fits,
+    neighbours,
+    rank_sizes,
+    size_space,
+    smem_bytes,
+    tile_space,
+)
+from autotune.store import AutotuneWarning, Table, read_table, write_table  # noqa: E402
+from cli import main  # noqa: E402
+from deft.bench.timing import WallTimer  # noqa: E402
+from deft.kernels.partials import TileConfig  # noqa: E402
+from deft.tree import AttentionShape  # noqa: E402
+from deft.workloads import ANCHORS, anchor, star  # noqa: E402
+from iomodel.gpus import BUILTIN  # noqa: E402
+
+H100, H200, A100 = BUILTIN["h100"], BUILTIN["h200"], BUILTIN["a100"]
+TREE = star(20, 4000, 200)  # fewshot_b20_P4000_L200
+KEY = "q32-n8192-s16-g4-d128-float16"
+TILE = TileConfig(32, 64, 8, 3, 1)
+
+
+@pytest.fixture(autouse=True)
+def isolated_tables(tmp_path, monkeypatch):
+    """Lookups see only the tables a test writes (tmp_path/configs), and no cached state."""
+    configs = tmp_path / "configs"
+    configs.mkdir()
+    monkeypatch.setattr(store, "CONFIG_DIR", configs)
+    monkeypatch.delenv(store.CONFIG_ENV, raising=False)
+    lookup_module._read.cache_clear()
+    lookup_module._HEURISTIC.clear()
+    yield configs
+
+
+def device(spec, capability=(9, 0)):
+    return {"name": spec.name, "capability": list(capability), "sm_count": spec.sm_count}
+
+
+def table(spec=H100, source="measured", chunk=1024, group=None, tile=TILE, key=KEY,
+          versions=None, capability=(9, 0)) -> Table:
+    chosen = {"chunk_size": chunk, "group_size": group,
+              "tile": None if tile is None else vars(tile).copy(), "us": 10.0}
+    return Table(source, device(spec, capability), versions or store.current_versions(),
+                 {"deft_flatten": {key: {"workload": "w", "chosen": chosen, "candidates": []}}})
+
+
+# ---------------------------------------------------------------------------- buckets
+def test_anchor_buckets_are_distinct_and_round_trip():
+    keys = [bucket_of(anchor(name)).key for name in ANCHORS]
+    assert len(set(keys)) == len(ANCHORS)
+    assert bucket_of(TREE).key == KEY
+    assert all(Bucket.parse(key).key == key for key in keys)
+
+
+def test_bucket_rounding_distance_and_nearest():
+    b = bucket_of(star(20, 4000, 200))
+    assert (b.queries, b.tokens, b.sharing, b.gqa, b.head_dim, b.dtype) == (
+        32, 8192, 16, 4, 128, "float16")
+    assert bucket_of(star(17, 3000, 200)).queries == 32  # 17..32 queries share a bucket
+    other = Bucket(64, 16384, 16, 4, 128, "float16")
+    assert b.distance(other) == 2
+    assert b.distance(Bucket(32, 8192, 16, 8, 128, "float16")) is None  # GQA differs
+    assert nearest(b, [other.key, "garbage"]) == (other.key, 2)
+    far = Bucket(256, 8192, 16, 4, 128, "float16")
+    assert b.distance(far) > MAX_DISTANCE and nearest(b, [far.key]) is None
+    for bad in ("q3-n8-s1-g4-d128-float16", "q32-n8192"):
+        with pytest.raises(ValueError):
+            Bucket.parse(bad)
+
+
+# ---------------------------------------------------------------------------- space
+def test_shared_memory_filter():
+    big = TileConfig(128, 128, 8, 3, 1)
+    assert smem_bytes(big, 128, 2) == (3 * 2 * 128 + 128) * 128 * 2  # 224 KiB
+    assert fits(big, H100, 128, 2) and not fits(big, H100, 256, 2)  # 227 KiB a block
+    assert not fits(TileConfig(128, 128, 8, 3, 2), H100, 128, 2)  # two overflow an SM
+    assert fits(TileConfig(64, 64, 4, 2, 2), H100, 128, 2)
+    assert not fits(TileConfig(64, 64, 4, 2, 4), H100, 128, 2)
+    space = tile_space(TREE, H100)
+    assert space and all(fits(t, H100, 128, 2) for t in space)
+    assert big in space and len(set(space)) == len(space)
+    assert len(tile_space(star(2, 40, 8, attention=AttentionShape(32, 8, 256)), H100)) < len(space)
+    wide = tile_space(star(2, 40, 8, attention=AttentionShape(32, 1, 128)), H100)
+    assert min(t.block_m for t in wide) == 32  # raised to hold one query's 32 heads
+
+
+def test_rank_sizes_dedupes_identical_plans_and_keeps_defaults():
+    assert size_space("deft_flatten")[0] == (128, None)
+    assert size_space("deft_node") == [(None, None), (None, 8), (None, 16), (None, 32),
+                                       (None, 64)]
+    ranked = rank_sizes("deft_flatten", TREE, H100, 16)
+    sizes = [r.sizes for r in ranked]
+    assert (128, None) in sizes and len(set(sizes)) == len(sizes)
+    assert all(group in (None, 8, 16) for _, group in sizes)  # caps >= 20 queries: no cap
+    assert [r.rank for r in ranked] == list(range(1, len(ranked) + 1))
+    assert all(a.predicted_us <= b.predicted_us for a, b in zip(ranked, ranked[1:]))
+
+
+def test_neighbours_change_one_knob():
+    space = tile_space(TREE, H100)
+    start = default_candidate("deft_flatten", TREE).tile
+    options = neighbours(start, ("num_stages", "programs_per_sm"), space)
+    assert start in options and {t.num_stages for t in options} == {2, 3, 5}
+    assert {t.programs_per_sm for t in options} == {1, 2, 4}
+    assert (2, 4) in {(t.num_stages, t.programs_per_sm) for t in options}  # 4 x 48 KiB
+    assert (3, 4) not in {(t.num_stages, t.programs_per_sm) for t in options}  # 4 x 64 KiB
+    assert (5, 4) not in {(t.num_stages, t.programs_per_sm) for t in options}  # 4 x 96 KiB
+    assert all(t.block_m == start.block_m and t.block_n == start.block_n for t in options)
+
+
+# ---------------------------------------------------------------------------- store
+def test_table_round_trip_and_atomic_write(tmp_path, monkeypatch):
+    tmp_path = tmp_path / "out"
+    path = write_table(table(), tmp_path / "t.json")
+    data = json.loads(path.read_text())
+    assert data["format"] == store.FORMAT and data["source"] == "measured"
+    assert data["device"] == {"name": H100.name, "capability": [9, 0], "sm_count": 132}
+    assert set(data["versions"]) == {"torch", "triton", "cuda"} and data["date"]
+    assert read_table(path).strategies == table().strategies
+    assert [p.name for p in tmp_path.iterdir()] == ["t.json"]  # no temporary left
+
+    def broken(src, dst):
+        raise OSError("disk full")
+
+    monkeypatch.setattr(store.os, "replace", broken)
+    with pytest.raises(OSError):
+        write_table(table(chunk=64), path)
+    assert read_table(path).strategies == table().strategies  # the old file is intact
+    assert [p.name for p in tmp_path.iterdir()] == ["t.json"]
+
+
+def test_tables_merge_by_source_and_never_mix(tmp_path):
+    path = tmp_path / "t.json"
+    write_table(table(), path)
+    write_table(table(key="q64-n4096-s64-g4-d128-float16"), path)
+    assert len(read_table(path).strategies["deft_flatten"]) == 2  # same source: merged
+    write_table(table(source="predicted", tile=None), path)
+    replaced = read_table(path)
+    assert replaced.source == "predicted" and list(replaced.strategies["deft_flatten"]) == [KEY]
+
+
+@pytest.mark.parametrize("content", [
+    "{not json", '{"format": "deft-autotune/0"}',
+    json.dumps({**table().to_dict(), "source": "mixed"}),
+    json.dumps({**table().to_dict(), "strategies": {"deft_flatten": {"bad-key": {}}}}),
+    json.dumps({**table().to_dict(), "strategies": {"flash_decoding": {
+        KEY: {"chosen": {"chunk_size": 64, "group_size": 8, "tile": None}}}}}),
+], ids=["json", "format", "source", "bucket", "size"])
+def test_corrupted_tables_warn_and_read_as_none(tmp_path, content):
+    path = tmp_path / "t.json"
+    path.write_text(content)
+    with pytest.warns(AutotuneWarning, match="ignored, falling back"):
+        assert read_table(path) is None
+
+
+def test_measured_tables_of_other_versions_are_refused(tmp_path):
+    old = {"torch": "1.13.0", "triton": "2.0.0", "cuda": "11.8"}
+    write_table(table(versions=old), tmp_path / "m.json")
+    with pytest.warns(AutotuneWarning, match="measured with torch 1.13 / triton 2.0"):
+        assert read_table(tmp_path / "m.json") is None
+    write_table(table(source="predicted", tile=None, versions=old), tmp_path / "p.json")
+    assert read_table(tmp_path / "p.json") is not None  # predictions hold across versions
+
+
+# ---------------------------------------------------------------------------- lookup
+def test_lookup_exact_then_sibling_then_heuristic_then_default(isolated_tables):
+    write_table(table(H200, chunk=512), store.table_path(H200.name))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        exact = lookup("deft_flatten", TREE, H200.name, (9, 0))
+    assert (exact.rung, exact.chunk_size, exact.config, exact.source) == (
+        "exact", 512, TILE, "measured")
+    with pytest.warns(AutotuneWarning, match="using NVIDIA H200's"):
+        sibling = lookup("deft_flatten", TREE, H100.name, (9, 0))
+    assert (sibling.rung, sibling.chunk_size) == ("sibling", 512)
+    heuristic = lookup("deft_flatten", TREE, A100.name, (8, 0))
+    best = rank_sizes("deft_flatten", TREE, A100, 16)[0]
+    assert (heuristic.rung, heuristic.source, heuristic.config) == ("heuristic", "io-model", None)
+    assert (heuristic.chunk_size, heuristic.group_size) == best.sizes
+    default = lookup("deft_flatten", TREE, "NVIDIA L4", (8, 9))
+    assert (default.rung, default.chunk_size, default.group_size, default.config) == (
+        "default", 128, None, None)
+
+
+def test_lookup_uses_the_nearest_bucket_and_the_env_directory(tmp_path, monkeypatch):
+    extra = tmp_path / "mine"
+    monkeypatch.setenv(store.CONFIG_ENV, str(extra))
+    write_table(table(chunk=256, key="q64-n8192-s16-g4-d128-float16"), store.table_path(
+        H100.name, extra))
+    found = lookup("deft_flatten", TREE, H100.name, (9, 0))
+    assert (found.rung, found.chunk_size, found.matched, found.bucket) == (
+        "exact", 256, "q64-n8192-s16-g4-d128-float16", KEY)
+    assert found.table == str(store.table_path(H100.name, extra))
+
+
+def test_corrupted_exact_table_falls_back_with_a_warning(isolated_tables):
+    store.table_path(H100.name).write_text("{broken")
+    with pytest.warns(AutotuneWarning, match="ignored"):
+        assert lookup("deft_flatten", TREE, H100.name, (9, 0)).rung == "heuristic"
+
+
+def test_tuned_plan_respects_capacity(monkeypatch, isolated_tables):
+    write_table(table(chunk=32), store.table_path(H100.name))
+    monkeypatch.setattr(lookup_module, "_identity", lambda index: (H100.name, (9, 0)))
+    cuda = torch.device("cuda", 0)
+    plan, tuned = tuned_plan("deft_flatten", TREE, 16, cuda, max_entries=10**6)
+    assert (tuned.rung, plan.chunk_size, tuned.config) == ("exact", 32, TILE)
+    with pytest.warns(AutotuneWarning, match="planning with the defaults"):
+        plan, tuned = tuned_plan("deft_flatten", TREE, 16, cuda, max_entries=1000)
+    assert (tuned.rung, plan.chunk_size, tuned.config) == ("default", 128, None)
+    plan, tuned = tuned_plan("deft_flatten", TREE, 16, torch.device("cpu"), 10**6)
+    assert tuned.rung == "default" and plan.chunk_size == 128
+
+
+# ---------------------------------------------------------------------------- the search
+class FakeBench:
+    """Time = a function of the candidate; one size fails to compile."""
+
+    made = []
+
+    def __init__(self, strategy, tree, reference):
+        self.reference, self.calls = reference, []
+        FakeBench.made.append(self)
+
+    @staticmethod
+    def us(c):
+        return abs((c.chunk_size or 128) - 512) / 64 + c.tile.num_stages + c.tile.block_n / 64
+
+    def measure(self, candidates, rounds, progress=None):
+        self.calls.append((list(candidates), rounds))
+        out = {}
+        for c in candidates:
+            if progress:
+                progress(c)
+            if c.chunk_size == 2048:
+                out[c] = Measurement("error", reason="OutOfResources")
+            else:
+                out[c] = Measurement("ok", self.us(c), [self.us(c)] * rounds, 0.0)
+        return out
+
+    def close(self):
+        pass
+
+
+def test_search_measures_top_k_then_tiles_then_leaders():
+    FakeBench.made.clear()
+    t = tune.autotune([("w", TREE)], ["deft_flatten"], H100, device(H100), FakeBench, top_k=4)
+    entry = t.strategies["deft_flatten"][KEY]
+    bench = FakeBench.made[0]
+    assert bench.reference == default_candidate("deft_flatten", TREE)
+    sizes, rounds = bench.calls[0]
+    assert sizes[0] == bench.reference and len(sizes) <= 5 and rounds == 3
+    ranked = rank_sizes("deft_flatten", TREE, H100, 16)
+    assert {c.sizes for c in sizes[1:]} == {r.sizes for r in ranked[:4]}
+    leaders, rounds = bench.calls[-1]
+    assert leaders[0] == bench.reference and len(leaders) == 4 and rounds == 5
+    chosen = Candidate.from_dict(entry["chosen"])
+    assert chosen.tile.num_stages == 2 and chosen.tile.block_n == 32  # the tile descent
+    assert entry["chosen"]["us"] == min(c["retimed_us"] for c in entry["candidates"]
+                                        if c["retimed_us"] is not None)
+    assert entry["speedup"] == pytest.approx(entry["default"]["us"] / entry["chosen"]["us"])
+    assert {c["stage"] for c in entry["candidates"]} == {"sizes", "tiles"}
+    assert t.source == "measured" and t.tuning_s > 0 and t.settings["top_k"] == 4
+
+
+def test_exhaustive_measures_everything_and_budget_skips_tiles():
+    FakeBench.made.clear()
+    t = tune.autotune([("w", TREE)], ["deft_flatten"], H100, device(H100), FakeBench,
+                      exhaustive=True)
+    entry = t.strategies["deft_flatten"][KEY]
+    ranked = rank_sizes("deft_flatten", TREE, H100, 16)
+    assert len(set(FakeBench.made[0].calls[0][0])) == len(ranked)
+    assert len(FakeBench.made[0].calls[1][0]) == len(tile_space(TREE, H100))
+    failed = [c for c in entry["candidates"] if c["status"] == "error"]
+    assert failed and failed[0]["reason"] == "OutOfResources" and failed[0]["us"] is None
+    FakeBench.made.clear()
+    tune.autotune([("w", TREE)], ["deft_flatten"], H100, device(H100), FakeBench, budget_s=0)
+    assert len(FakeBench.made[0].calls) == 2  # sizes, then straight to the leaders
+
+
+def test_one_bucket_per_workload_and_predicted_tables():
+    FakeBench.made.clear()
+    t = tune.autotune([("a", TREE), ("b", star(20, 4000, 200))], ["deft_flatten"], H100,
+                      device(H100), FakeBench)
+    assert len(FakeBench.made) == 1 and t.strategies["deft_flatten"][KEY]["workload"] == "a"
+    p = tune.predict([("a", TREE)], ["deft_flatten", "flash_decoding"], H100, device(H100))
+    entry = p.strategies["deft_flatten"][KEY]
+    assert p.source == "predicted" and entry["chosen"]["tile"] is None
+    assert entry["candidates"][0]["predicted_rank"] == 1
+    assert Table.from_dict(json.loads(json.dumps(p.to_dict()))).source == "predicted"
+
+
+def test_quality_study_compares_tuned_with_every_size():
+    from autotune.quality import study
+
+    FakeBench.made.clear()
+    tuned = tune.autotune([("w", TREE)], ["deft_flatten"], H100, device(H100), FakeBench)
+    result = study([("w", TREE), ("other", star(3, 100, 10))], "deft_flatten", H100, tuned,
+                   FakeBench, dtype=torch.float16, page_size=16)
+    row, untuned = result["workloads"]
+    assert len(row["sizes"]) == len(rank_sizes("deft_flatten", TREE, H100, 16))
+    assert row["tuned_us"] == FakeBench.us(Candidate.from_dict(row["tuned"]))
+    assert row["tuned_over_best"] <= 1 and -1 <= row["spearman"] <= 1
+    assert untuned["tuned"] is None and untuned["tuned_over_best"] is None
+    assert result["summary"]["compared"] == 1 and result["tuning_s"] == tuned.tuning_s
+
+
+# ---------------------------------------------------------------------------- the CLI
+def fake_gpu(monkeypatch, spec):
+    monkeypatch.setattr(tune, "detect_device", lambda: None if spec is None else device(spec))
+
+
+@pytest.mark.parametrize("found, asked, message", [
+    (H100, "a100", "asks for 'NVIDIA A100-SXM4-80GB' but this machine has 'NVIDIA H100 80GB HBM3'"),
+    (None, "h100", "has no CUDA GPU"),
+    (None, "auto", "found no CUDA GPU"),
+])
+def test_cli_wrong_or_missing_gpu_exits_2(monkeypatch, tmp_path, found, asked, message):
+    fake_gpu(monkeypatch, found)
+    result = CliRunner().invoke(main, ["autotune", "--gpu", asked, "--output", str(tmp_path)])
+    assert result.exit_code == 2 and message in " ".join(result.output.split())
+    assert not list(tmp_path.glob("*.json"))
+
+
+def test_cards_match_their_alias_by_name(monkeypatch):
+    pcie = {"name": "NVIDIA H100 PCIe", "capability": [9, 0], "sm_count": 114}
+    monkeypatch.setattr(tune, "detect_device", lambda: pcie)
+    assert tune.resolve_card("h100") == (H100, pcie) == tune.resolve_card("auto")
+    with pytest.raises(ValueError, match="has 'NVIDIA H100 PCIe'"):
+        tune.resolve_card("h200")
+    assert tune.resolve_card("h200", predict=True)[1]["name"] == H200.name
+    assert lookup("deft_flatten", TREE, pcie["name"], (9, 0)).rung == "heuristic"
+
+
+def test_cli_predict_writes_a_labelled_predicted_table(monkeypatch, tmp_path):
+    fake_gpu(monkeypatch, None)
+    result = CliRunner().invoke(main, ["autotune", "--gpu", "a100", "--predict", "--workloads",
+                                       "fewshot_b20_P4000_L200", "--output", str(tmp_path),
+                                       "--json"])
+    assert result.exit_code == 0, result.output
+    data = json.loads((tmp_path / "nvidia-a100-sxm4-80gb.json").read_text())
+    assert data["source"] == "predicted" and data["device"]["capability"] == [8, 0]
+    assert data["strategies"]["deft_flatten"][KEY]["chosen"]["tile"] is None
+    assert '"source": "predicted"' in result.output
+
+
+def test_cli_measures_on_the_card_asked_for(monkeypatch, tmp_path):
+    fake_gpu(monkeypatch, H200)
+    monkeypatch.setattr("autotune.measure.workbenches", lambda dtype: FakeBench)
+    out = tmp_path / "h200.json"
+    result = CliRunner().invoke(main, ["autotune", "--gpu", "h200", "--workloads",
+                                       "fewshot_b20_P4000_L200", "--output", str(out)])
+    assert result.exit_code == 0, result.output
+    assert read_table(out).source == "measured" and "speedup" in result.output
+
+
+def test_cli_rejects_unknown_strategies(monkeypatch):
+    fake_gpu(monkeypatch, H100)
+    result = CliRunner().invoke(main, ["autotune", "--gpu", "h100", "--strategies", "vanilla_tree"])
+    assert result.exit_code == 2 and "unknown strategy" in result.output
+
+
+# ---------------------------------------------------------------------------- measuring
+def test_workbench_measures_and_checks_candidates_on_the_cpu():
+    tree = star(2, 40, 8, attention=AttentionShape(4, 2, 16))
+    reference = default_candidate("deft_flatten", tree)
+    bench = Workbench("deft_flatten", tree, reference, device="cpu", timer=WallTimer(2))
+    other = Candidate(16, 8, TileConfig(16, 32, 4, 1, 1))
+    broken = Candidate(16, 0, reference.tile)  # build_plan refuses group_size 0
+    seen = []
+    results = bench.measure([reference, other, broken], rounds=2, progress=seen.append)
+    assert seen == [reference, other, broken]
+    for candidate in (reference, other):
+        measured = results[candidate]
+        assert measured.status == "ok" and len(measured.rounds_us) == 2 and measured.us > 0
+    assert results[reference].rel_err == 0 and results[other].rel_err < 2e-3
+    assert results[broken].status == "error" and "group_size" in results[broken].reason
+    bench.close()
+
+
+def test_tree_attention_consults_tables_only_when_nothing_is_fixed():
+    from deft import TreeAttention
+    from deft.planner import paged_cache
+
+    tree = star(2, 40, 8, attention=AttentionShape(4, 2, 16))
+    kv = torch.zeros(tree.num_tokens, 2, 16)
+    _, _, table = paged_cache(tree, kv, kv, 16)
+    free = TreeAttention("deft_flatten", max_queries=2, max_tokens=56, device="cpu")
+    assert free.tuned_from is None
+    free.plan(tree, table)
+    assert free.tuned_from == "default"  # no CUDA device: DESIGN's defaults
+    fixed = TreeAttention("deft_flatten", 64, max_queries=2, max_tokens=56, device="cpu")
+    assert fixed.plan(tree, table).reference.chunk_size == 64 and fixed.tuned_from is None
