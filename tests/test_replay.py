@@ -1,0 +1,216 @@
+"""Whole-run replay (`deft.replay`) and the decoder (`deft.decoder`) on the CPU.
+
+Short replays with the PyTorch reference strategies through a tiny attention shape: outputs
+equal the oracle at the checked steps, the cache ends empty, sampling and extrapolation add up,
+the decoder's attention plugs in, and `deft-cli replay` writes its JSON.
+"""
+
+import os
+import json
+
+import pytest
+import torch
+from click.testing import CliRunner
+
+from cli import main
+from deft import workloads as w
+from deft.cache import PagedKVCache, TreeCache
+from deft.decoder import LLAMA3_8B, Decoder, DecoderConfig, LayerCaches
+from deft.replay import (
+    Capacity,
+    ReferenceMethod,
+    markdown_tables,
+    parse_methods,
+    render,
+    replay,
+    sample_steps,
+)
+from reference import oracle_attention
+
+TINY = DecoderConfig(layers=2, hidden=32, intermediate=64, q_heads=4, kv_heads=2, head_dim=16,
+                     vocab=50)
+SHAPE = TINY.attention()
+TOLERANCE = 2e-3  # fp16 inputs, as the bench's
+
+RUNS = {
+    "fewshot": lambda: w.fewshot(prompt_tokens=37, width=3, iterations=5, attention=SHAPE),
+    "tot": lambda: w.tot_run(3, depth=2, branching=3, prompt_tokens=21, min_tokens=2,
+                             max_tokens=6, attention=SHAPE),
+    "token_tree": lambda: w.token_tree_run(1, size=7, depth=3, prompt_tokens=18, steps=4,
+                                           attention=SHAPE),
+}
+
+
+def tiny_replay(run, methods="ref:deft_flatten,ref:radix", **options):
+    options = {"model": TINY, "device": "cpu", "page_size": 4, **options}
+    return replay(run, parse_methods(methods), **options)
+
+
+def test_sample_steps_are_even_and_keep_the_ends():
+    assert sample_steps(5) == sample_steps(5, 9) == [0, 1, 2, 3, 4]
+    assert sample_steps(10, 4) == [0, 3, 6, 9]
+    assert sample_steps(3708, 100)[::99] == [0, 3707] and len(sample_steps(3708, 100)) == 100
+
+
+@pytest.mark.parametrize("kind", sorted(RUNS))
+def test_replay_equals_the_oracle_and_empties_the_cache(kind):
+    run = RUNS[kind]()
+    result = tiny_replay(run, check_steps=len(run))
+    for entry in result["methods"]:
+        assert entry["status"] == "ok", entry["reason"]
+        assert entry["rel_err"] < TOLERANCE
+        per_step = entry["per_step_ms"]
+        assert len(per_step["attention"]) == len(per_step["plan"]) == len(run)
+        assert entry["traffic"]["kv_bytes"] > 0
+    assert result["cache"] == {"pages": result["workload"]["capacity"]["pages"],
+                               "pages_in_use_at_end": 0, "nodes_at_end": 0}
+    by_name = {e["method"]: e for e in result["methods"]}
+    # KV-guided grouping reads a shared prefix once; query-guided once per query.
+    kv_bytes = {name: e["traffic"]["kv_bytes"] for name, e in by_name.items()}
+    assert kv_bytes["ref:deft_flatten"] < kv_bytes["ref:radix"]
+
+
+def test_sampled_steps_extrapolate_to_the_run():
+    run = RUNS["tot"]()
+    result = tiny_replay(run, methods="ref:deft_node", max_steps=4, check_steps=2)
+    workload, entry = result["workload"], result["methods"][0]
+    assert workload["replayed"] == 4 and workload["step_indices"] == sample_steps(len(run), 4)
+    assert entry["rel_err"] < TOLERANCE
+    mean = entry["attention_s"] / 4
+    assert entry["attention_s_run"] == pytest.approx(mean * len(run))
+    assert entry["kv_bytes_run"] == pytest.approx(entry["traffic"]["kv_bytes"] * len(run) / 4)
+
+
+def test_progress_reports_every_step():
+    calls = []
+    tiny_replay(RUNS["fewshot"](), methods="ref:deft_node", check_steps=0,
+                progress=lambda done, total: calls.append((done, total)))
+    assert calls == [(i, 5) for i in range(1, 6)]
+
+
+class Renamed(ReferenceMethod):
+    """A custom method: a reference strategy under another name."""
+
+    def __init__(self, strategy, name):
+        super().__init__(strategy)
+        self.name = name
+
+
+def test_e2e_rows_upper_bound_and_speedups():
+    run = RUNS["token_tree"]()
+    methods = [Renamed("radix", "radix"), Renamed("deft_flatten", "deft_flatten"),
+               *parse_methods("deft_node")]
+    result = replay(run, methods, model=TINY, e2e=True, e2e_steps=2, device="cpu", page_size=4)
+    by_name = {e["method"]: e for e in result["methods"]}
+    interpreted = os.environ.get("TRITON_INTERPRET") == "1"  # then the kernel runs on the CPU
+    if interpreted:
+        assert by_name["deft_node"]["status"] == "ok"
+    else:
+        assert by_name["deft_node"]["status"] == "skipped" and "CUDA" in by_name["deft_node"]["reason"]
+    assert result["workload"]["e2e_steps"] == [0, len(run) - 1]
+    for name in ("radix", "deft_flatten"):
+        assert len(by_name[name]["per_step_ms"]["e2e"]) == 2 and by_name[name]["e2e_s_run"] > 0
+    assert len(result["upper_bound"]["per_step_ms"]) == 2
+    assert result["baseline"] == "radix"
+    speed = result["speedups"]["deft_flatten"]
+    assert speed["attention"] == pytest.approx(
+        by_name["radix"]["attention_s_run"] / by_name["deft_flatten"]["attention_s_run"])
+    assert speed["e2e"] > 0 and result["speedups"]["radix"]["attention"] == 1.0
+    tables = markdown_tables([result])
+    assert "| upper bound (no attention) |" in tables
+    assert f"{speed['e2e']:.2f}x over radix" in tables
+    assert ("deft_node" in tables) == interpreted  # a skipped method gets no column
+    assert render(result).row_count == 4
+
+
+def test_graphs_are_captured_once_and_failures_fall_back(monkeypatch):
+    import deft.replay as r
+
+    captured, calls = [], []
+
+    class Graph:
+        def __init__(self, step):
+            self.replay = step
+
+    def fake_capture(steps):
+        captured.append(steps)
+        if len(captured) == 2:
+            raise r.GraphCaptureError("no capture")
+        return Graph(steps[0]), []
+
+    monkeypatch.setattr(r, "capture", fake_capture)
+    entry = r._Measured("m", "deft", "deft_flatten", timing="graph", e2e_timing="graph")
+    for _ in range(3):
+        r._time_step(entry, "", lambda: calls.append("attention"), torch.device("cpu"))
+    assert len(captured) == 1 and calls == ["attention"] * 3 and entry.timing == "graph"
+    for _ in range(2):
+        r._time_step(entry, "e2e_", lambda: calls.append("e2e"), torch.device("cpu"))
+    assert len(captured) == 2 and entry.e2e_timing == "eager-fallback"
+    assert entry.timing == "graph" and entry.capture_error == "no capture"
+    assert calls[3:] == ["e2e", "e2e"]
+
+
+def test_decoder_attention_plugs_in():
+    """Through the decoder, the reference method equals dense oracle attention over the same
+    caches (each layer writes the step's K and V before attending)."""
+    tree = RUNS["tot"]().tree(6)
+    cache = TreeCache(PagedKVCache(Capacity.of([tree], 4).pages, 4, 1, 1))
+    slots = cache.apply(tree)
+    caches = LayerCaches(TINY.layers, cache.pool.num_pages, 4, TINY.kv_heads, TINY.head_dim,
+                         torch.float32)
+    caches.fill_random(slots, torch.Generator().manual_seed(0))
+    model = Decoder(TINY, torch.float32, "cpu")
+    n = tree.num_queries
+    tokens = torch.arange(n) % TINY.vocab
+    positions = torch.from_numpy(tree.visible_tokens - 1)
+    query_slots = cache.token_slots(tree)[tree.query_token]
+    method = ReferenceMethod("deft_node_chunk")
+    method.setup(None, SHAPE, torch.device("cpu"), caches.scratch_slot)
+
+    def oracle(q, k_cache, v_cache, plan, out):
+        test_layout = cache.token_slots(tree)
+        k, v = k_cache.flatten(0, 1)[test_layout], v_cache.flatten(0, 1)[test_layout]
+        return out.copy_(oracle_attention(tree, q, k, v))
+
+    logits = [model.forward(tokens, positions, query_slots, caches, attention, plan)
+              for attention, plan in ((method.run, method.plan(tree, cache)), (oracle, None),
+                                      (None, None))]
+    assert logits[0].shape == (n, TINY.vocab)
+    torch.testing.assert_close(logits[0], logits[1], rtol=1e-4, atol=1e-4)
+    assert not torch.allclose(logits[0], logits[2])
+
+
+def test_llama3_8b_shape():
+    assert LLAMA3_8B.parameters == 8_030_261_248
+    assert LLAMA3_8B.attention() == w.fewshot().tree(0).attention
+
+
+def test_trees_must_fit_the_model():
+    with pytest.raises(ValueError, match="heads"):
+        tiny_replay(w.fewshot(prompt_tokens=8, width=2, iterations=2))
+
+
+def test_cli_replay_writes_json(monkeypatch, tmp_path):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    out = tmp_path / "replay.json"
+    result = CliRunner().invoke(main, [
+        "replay", "--workload", "fewshot", "--prompt-tokens", "40", "--width", "2",
+        "--iterations", "3", "--methods", "ref:deft_flatten,sglang", "--layers", "1",
+        "--json", str(out)])
+    assert result.exit_code == 0, result.output
+    saved = json.loads(out.read_text())
+    assert saved["format"] == "deft-replay/1" and saved["workload"]["steps"] == 3
+    assert saved["methods"][0]["rel_err"] < TOLERANCE
+    assert saved["methods"][1]["status"] == "skipped"
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--methods", "nope"], "unknown method"),
+    (["--json", "/no/such/dir/out.json"], "directory does not exist"),
+    (["--e2e"], "needs a CUDA GPU"),
+])
+def test_cli_replay_bad_input_exits_2(monkeypatch, args, message):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    result = CliRunner().invoke(main, ["replay", "--workload", "fewshot", *args])
+    assert result.exit_code == 2
+    assert message in " ".join(result.output.split())
