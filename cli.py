@@ -7,6 +7,7 @@ is honoured (rich reads it). Each command is a thin shell over a library functio
 from __future__ import annotations
 
 import json
+import os
 import sys
 
 import click
@@ -74,6 +75,566 @@ def tree_view(tree: deft.Tree, max_nodes: int) -> RichTree:
     if hidden:
         view.add(f"[dim]... {hidden} more nodes (raise --max-nodes to see them)[/]")
     return view
+
+
+# ---------------------------------------------------------------------------- workloads
+@main.group()
+def workloads():
+    """Decoding runs and synthetic trees: list them, export one step as tree.json."""
+
+
+@workloads.command("list")
+@click.option("--json", "as_json", is_flag=True, help="Print the listing as JSON.")
+def workloads_list(as_json):
+    """Each run kind and tree kind with its options, the anchors, and the real files found."""
+    from deft import workloads as w
+
+    kinds = {
+        name: {
+            "kind": "run" if name in w.RUN_KINDS else "tree",
+            "options": workload_options(builder),
+            "description": first_sentence(builder.__doc__ or ""),
+        }
+        for name, builder in {**w.RUN_KINDS, **w.TREE_KINDS}.items()
+    }
+    files = {name: str(path) for name, path in w.found_workload_files().items()}
+    if as_json:
+        click.echo(json.dumps({"kinds": kinds, "anchors": list(w.ANCHORS), "files": files}, indent=1))
+        return
+    table = Table(title="workload kinds (export KIND key=value ...)")
+    for column in ("kind", "type", "options (default)", "description"):
+        table.add_column(column)
+    for name, kind in kinds.items():
+        options = ", ".join(f"{k}={'required' if v == 'required' else v}" for k, v in kind["options"].items())
+        table.add_row(name, kind["kind"], options, kind["description"])
+    stdout.print(table)
+    stdout.print("anchors: " + ", ".join(w.ANCHORS), highlight=False)
+    if files:
+        stdout.print("real files found:\n  " + "\n  ".join(f"{k}: {v}" for k, v in files.items()),
+                     highlight=False)
+    else:
+        stdout.print("real files found: none (set DEFT_WORKLOADS to the workloads directory)")
+
+
+@workloads.command("export", context_settings={"ignore_unknown_options": True})
+@click.argument("kind")
+@click.argument("options", nargs=-1)
+@click.option("--step", default=0, show_default=True, help="Step of a run (negative: from the end).")
+@click.option("-o", "--output", default="-", show_default=True, help="tree.json path ('-': stdout).")
+def workloads_export(kind, options, step, output):
+    """Write one step of a run (or a single tree) as tree.json.
+
+    OPTIONS are KEY=VALUE pairs of the kind's options (see `workloads list`), e.g.
+    `deft-cli workloads export fewshot width=50 --step 199 -o tree.json`.
+    """
+    from deft import workloads as w
+
+    kind = kind.replace("-", "_")
+    builders = {**w.RUN_KINDS, **w.TREE_KINDS}
+    if kind not in builders:
+        fail(f"unknown workload kind {kind!r}; kinds: {', '.join(builders)}")
+    accepted = workload_options(builders[kind])
+    values = {}
+    for option in options:
+        key, eq, value = option.partition("=")
+        key = key.lstrip("-").replace("-", "_")
+        if not eq or key not in accepted:
+            fail(f"{kind}: bad option {option!r}; options: "
+                 + ", ".join(f"{k}=..." for k in accepted))
+        values[key] = parse_option(value)
+    missing = [k for k, v in accepted.items() if v == "required" and k not in values]
+    if missing:
+        fail(f"{kind}: missing option(s) " + ", ".join(f"{k}=..." for k in missing))
+    if kind in w.TREE_KINDS and step != 0:
+        fail(f"{kind} is a single tree: --step does not apply")
+    try:
+        built = builders[kind](**values)
+        tree = built.tree(step) if kind in w.RUN_KINDS else built
+    except (ValueError, TypeError, IndexError, OSError) as error:
+        fail(str(error))
+    if output == "-":
+        click.echo(json.dumps(tree.to_dict(), indent=1))
+    else:
+        deft.save_tree(tree, output)
+        stderr.print(f"wrote {output}: {tree!r}", highlight=False)
+
+
+def workload_options(builder) -> dict:
+    """The options of a workload builder: {name: default, or 'required'} (attention left out)."""
+    import inspect
+
+    return {
+        name: "required" if p.default is inspect.Parameter.empty else p.default
+        for name, p in inspect.signature(builder).parameters.items()
+        if name != "attention"
+    }
+
+
+def first_sentence(doc: str) -> str:
+    """The first sentence of a docstring, on one line, without reST backquotes."""
+    paragraph = " ".join(doc.strip().split("\n\n")[0].split()).replace("`", "")
+    return paragraph.split(". ")[0].rstrip(".") + "."
+
+
+def parse_option(text: str):
+    """A KEY=VALUE value: an int, a float, none, true/false, or else the text."""
+    lowered = text.lower()
+    if lowered in ("none", "null"):
+        return None
+    if lowered in ("true", "false"):
+        return lowered == "true"
+    for kind in (int, float):
+        try:
+            return kind(text)
+        except ValueError:
+            pass
+    return text
+
+
+# ---------------------------------------------------------------------------- estimate-io
+@main.command("estimate-io")
+@click.argument("tree_path", metavar="[TREE]", required=False)
+@click.option("--gpu", default="h100", show_default=True,
+              help="a100, h100, h200, auto (detect this machine's) or a GPU spec file (.json).")
+@click.option("--strategies", help="Comma-separated strategies (default: all nine).")
+@click.option("--chunk-size", type=click.IntRange(min=1),
+              help="KV tokens per chunk, for the strategies that take one (default 128).")
+@click.option("--group-size", type=click.IntRange(min=1),
+              help="Most queries per group, for the DeFT strategies (default: no cap).")
+@click.option("--page-size", type=click.IntRange(min=1), default=1, show_default=True,
+              help="KV tokens per page (index bytes of the paged strategies).")
+@click.option("--workload", type=click.Choice(["fewshot", "reasoning", "speculative"]),
+              help="Sum over every step of a run instead of reading TREE.")
+@click.option("--prompt-tokens", type=click.IntRange(min=1), help="Run: prompt tokens.")
+@click.option("--width", type=click.IntRange(min=1), help="fewshot: samples (default 20).")
+@click.option("--iterations", type=click.IntRange(min=1), help="fewshot: steps (default 400).")
+@click.option("--path", "workload_path",
+              help="reasoning: file or name (default sorting128ToT); speculative: file or tree "
+                   "size (default 64).")
+@click.option("--tree-index", type=int,
+              help="reasoning: tree of the file (default: the first complete one).")
+@click.option("--record", type=click.IntRange(min=0), help="speculative: record (default 0).")
+@click.option("--steps", type=click.IntRange(min=1), help="speculative: steps (default: all).")
+@click.option("--json", "as_json", is_flag=True, help="Print the estimate as JSON.")
+def estimate_io(tree_path, gpu, strategies, chunk_size, group_size, page_size, workload,
+                as_json, **run_options):
+    """Predict every strategy's HBM traffic, load balance and latency for TREE (a tree.json),
+    or, with --workload, the traffic summed over every decode step of a run.
+
+    Sizes apply only to the strategies that take them. Latencies come from an uncalibrated
+    roofline model (docs/iomodel.md) until the GPU spec carries fitted constants.
+    """
+    from rich.progress import Progress
+
+    import iomodel
+    from reference.plan import STRATEGIES
+
+    names = STRATEGIES if strategies is None else [s.strip() for s in strategies.split(",")]
+    unknown = [s for s in names if s not in STRATEGIES]
+    if unknown or not names:
+        fail(f"unknown strategy {', '.join(unknown)!r}; choose from {', '.join(STRATEGIES)}")
+    try:
+        spec = iomodel.resolve_gpu(gpu)
+    except iomodel.GpuSpecError as error:
+        fail(str(error))
+    sizes = dict(chunk_size=chunk_size, group_size=group_size, page_size=page_size)
+    given = [name for name, value in run_options.items() if value is not None]
+    if workload is None:
+        if tree_path is None:
+            fail("give a TREE file or --workload fewshot|reasoning|speculative")
+        if given:
+            fail(f"--{given[0].replace('_', '-')} applies only with --workload")
+        tree = read_tree(tree_path)
+        result = iomodel.estimate(tree, spec, names, **sizes)
+        if as_json:
+            click.echo(json.dumps(result, indent=1))
+        else:
+            stdout.print(estimate_table(result, iomodel.floor(tree, spec)))
+        return
+    if tree_path is not None:
+        fail("give either a TREE file or --workload, not both")
+    run = build_run(workload, run_options)
+    with Progress(console=stderr, transient=True, disable=as_json) as progress:
+        task = progress.add_task(f"{run.name}", total=len(run))
+        totals = iomodel.run_totals(
+            run, spec, names, **sizes, progress=lambda done: progress.update(task, completed=done)
+        )
+    result = {"format": "deft-estimate-run/1", "workload": run.name, "gpu": spec.name,
+              "calibrated": spec.calibrated, **totals}
+    if as_json:
+        click.echo(json.dumps(result, indent=1))
+    else:
+        stdout.print(run_table(result))
+
+
+def build_run(kind: str, options: dict):
+    """The deft.workloads run of `kind` with the --workload options given (None: default)."""
+    from deft import workloads as w
+
+    accepted = {
+        "fewshot": ("prompt_tokens", "width", "iterations"),
+        "reasoning": ("workload_path", "tree_index", "prompt_tokens"),
+        "speculative": ("workload_path", "prompt_tokens", "record", "steps"),
+    }[kind]
+    extra = [k for k, v in options.items() if v is not None and k not in accepted]
+    if extra:
+        fail(f"--{extra[0].replace('_', '-')} does not apply to --workload {kind}")
+    values = {k: v for k, v in options.items() if v is not None}
+    path = values.pop("workload_path", None)
+    try:
+        if kind == "fewshot":
+            return w.fewshot(**values)
+        if kind == "speculative":
+            return w.speculative(64 if path is None else path, **values)
+        path = "sorting128ToT" if path is None else path
+        if "tree_index" in values:
+            return w.reasoning(path, **values)
+        return first_complete_reasoning(path, **values)
+    except (ValueError, OSError) as error:
+        fail(str(error))
+
+
+def first_complete_reasoning(path, **options):
+    """The reasoning run of the file's first complete tree (incomplete trees are refused)."""
+    from deft import workloads as w
+
+    index = 0
+    while True:
+        try:
+            return w.reasoning(path, tree_index=index, **options)
+        except ValueError as error:
+            if "incomplete" not in str(error):
+                raise
+        index += 1
+
+
+def megabytes(nbytes) -> str:
+    """Bytes as decimal MB, in at most 5 characters where below 100 GB."""
+    value = nbytes / 1e6
+    if value == 0:
+        return "0"
+    if value < 0.01:
+        return "<0.01"
+    return f"{value:.0f}" if value >= 100 else f"{value:.1f}" if value >= 10 else f"{value:.2f}"
+
+
+def estimate_table(result: dict, limit: dict) -> Table:
+    """The estimate-io table: a row a strategy, the floor last, the fastest marked."""
+    from rich import box
+
+    from iomodel.latency import best_strategy
+    from iomodel.traffic import total_bytes
+
+    state = "calibrated" if result["calibrated"] else "uncalibrated"
+    table = Table(
+        title=f"HBM traffic (MB) and predicted latency on {result['gpu']} ({state})",
+        caption="* fastest predicted; sizes: chunk/group; x floor: total / floor bytes; "
+                "balance: max / mean partition work",
+        box=box.SIMPLE_HEAD, pad_edge=False, padding=(0, 1, 0, 0),
+    )
+    for column in ("strategy", "sizes", "KV", "Q", "mask", "partial", "score", "out", "total",
+                   "x floor", "parts", "waves", "balance", "µs", "bound"):
+        table.add_column(column, justify="left" if column in ("strategy", "bound") else "right",
+                         no_wrap=column in ("strategy", "sizes"))
+    best = best_strategy(result)
+    for name, row in result["strategies"].items():
+        sizes = f"{row['chunk_size'] or '-'}/{row['group_size'] or '-'}"
+        total = total_bytes(row)
+        table.add_row(
+            f"{name}*" if name == best else name, sizes,
+            *(megabytes(row[key]) for key in ("kv_bytes", "q_bytes", "mask_bytes",
+                                              "partial_bytes", "score_bytes", "output_bytes")),
+            megabytes(total), f"{total / result['floor_bytes']:.1f}", str(row["partitions"]),
+            str(row["waves"]), f"{row['balance']:.2f}", f"{row['predicted_us']:.1f}",
+            row["bound"], style="bold green" if name == best else None,
+        )
+    table.add_row(
+        "floor", "", megabytes(limit["kv_bytes"]), megabytes(limit["q_bytes"]), "0", "0", "0",
+        megabytes(limit["output_bytes"]), megabytes(limit["floor_bytes"]), "1.0", "", "", "",
+        f"{limit['floor_us']:.1f}", limit["bound"], style="dim", end_section=True,
+    )
+    return table
+
+
+def run_table(result: dict) -> Table:
+    """The whole-run table: each strategy's traffic summed over the steps, KV against radix."""
+    from rich import box
+
+    from iomodel.traffic import total_bytes
+
+    state = "calibrated" if result["calibrated"] else "uncalibrated"
+    table = Table(
+        title=f"{result['workload']}: {result['steps']} steps summed on {result['gpu']} ({state})",
+        caption="KV IO reduction = 1 - KV bytes / radix's KV bytes (the paper's 73-99% claim)",
+        box=box.SIMPLE_HEAD, pad_edge=False, padding=(0, 1),
+    )
+    for column in ("strategy", "sizes", "KV GB", "total GB", "KV vs radix", "KV IO reduction",
+                   "partitions", "predicted ms"):
+        table.add_column(column, justify="left" if column == "strategy" else "right")
+    for name, row in result["strategies"].items():
+        ratio = row.get("kv_vs_radix")
+        table.add_row(
+            name, f"{row['chunk_size'] or '-'}/{row['group_size'] or '-'}",
+            f"{row['kv_bytes'] / 1e9:.2f}", f"{total_bytes(row) / 1e9:.2f}",
+            "" if ratio is None else f"{ratio:.3f}",
+            "" if ratio is None else f"{100 * (1 - ratio):.1f}%",
+            str(row["partitions"]), f"{row['predicted_us'] / 1e3:.2f}",
+        )
+    table.add_row("floor", "", "", f"{result['floor_bytes'] / 1e9:.2f}", "", "", "",
+                  f"{result['floor_us'] / 1e3:.2f}", style="dim")
+    return table
+
+# ---------------------------------------------------------------------------- bench
+@main.command()
+@click.option("--workloads", "workload_list", default="all", show_default=True,
+              help="Anchor names, tree.json paths, run steps KIND:key=value:step=N and trees "
+                   "KIND:key=value, comma-separated; all = the six anchors (docs/benchmarks.md).")
+@click.option("--methods", "method_list", default="all", show_default=True,
+              help="Strategies and peers, comma-separated; groups: all, strategies, peers.")
+@click.option("--dtype", type=click.Choice(["fp16", "bf16"]), default="fp16", show_default=True)
+@click.option("--timing", type=click.Choice(["graph", "eager"]), default="graph", show_default=True,
+              help="graph: one CUDA graph over 4 KV copies, replayed; eager: do_bench, L2 flushed.")
+@click.option("--json", "json_path", metavar="OUT", help="Write every number as JSON.")
+@click.option("--plot", "plot_path", metavar="OUT.png", help="Plot time / floor (needs matplotlib).")
+@click.option("--page-size", default=16, show_default=True, type=click.IntRange(min=1),
+              help="Tokens per page of this project's paged cache (the peers use 1).")
+@click.option("--seed", default=0, show_default=True, help="Seed of the random Q, K, V.")
+@click.option("--calibrate", "calibrate_path", metavar="BENCH.json",
+              help="Instead of running: fit the IO model's latency constants to a saved bench "
+                   "JSON (no GPU needed); --json writes the fit and a GPU spec.")
+def bench(workload_list, method_list, dtype, timing, json_path, plot_path, page_size, seed,
+          calibrate_path):
+    """Time every strategy and peer on each workload, against a floor measured in the same run.
+
+    Measures the floor first (a large copy and a large GEMM), then, per workload and method,
+    checks the output against the float64 oracle before timing it. Progress goes to stderr,
+    the table to stdout. Needs a CUDA GPU, except with --calibrate.
+    """
+    from deft import bench as b
+
+    for path in (json_path, plot_path):
+        if path and not os.path.isdir(os.path.dirname(os.path.abspath(path))):
+            fail(f"{path}: its directory does not exist")
+    if calibrate_path:
+        try:
+            with open(calibrate_path) as file:
+                fit = b.calibrate(json.load(file))
+        except (OSError, ValueError, KeyError) as error:
+            fail(f"{calibrate_path}: {error}")
+        stdout.print(b.render_calibration(fit))
+        if json_path:
+            b.write_json(fit, json_path)
+            stderr.print(f"wrote {json_path}", highlight=False)
+        return
+    try:
+        specs = b.parse_workloads(workload_list)
+        methods = b.parse_methods(method_list)
+    except ValueError as error:
+        fail(str(error))
+    import torch
+
+    if not torch.cuda.is_available():
+        fail(f"bench needs a CUDA GPU, and torch {torch.__version__} sees none: run it on a GPU "
+             "machine (scripts/bench_gpu.sh), or fit a saved result with --calibrate BENCH.json")
+    result = b.run_bench(specs, methods, dtype=b.DTYPES[dtype], timing=timing,
+                         page_size=page_size, seed=seed,
+                         log=lambda line: stderr.print(line, markup=False, highlight=False))
+    stdout.print(b.render(result))
+    if json_path:
+        b.write_json(result, json_path)
+        stderr.print(f"wrote {json_path}", highlight=False)
+    if plot_path:
+        try:
+            b.plot_result(result, plot_path)
+            stderr.print(f"wrote {plot_path}", highlight=False)
+        except ImportError:
+            stderr.print("--plot needs matplotlib (pip install matplotlib): no plot written",
+                         highlight=False)
+
+
+# ---------------------------------------------------------------------------- replay
+@main.command("replay")
+@click.option("--workload", type=click.Choice(["fewshot", "reasoning", "speculative"]),
+              required=True, help="The decoding run to replay.")
+@click.option("--prompt-tokens", type=click.IntRange(min=1), help="Run: prompt tokens.")
+@click.option("--width", type=click.IntRange(min=1), help="fewshot: samples (default 20).")
+@click.option("--iterations", type=click.IntRange(min=1), help="fewshot: steps (default 400).")
+@click.option("--path", "workload_path",
+              help="reasoning: file or name (default sorting128ToT); speculative: file or tree "
+                   "size (default 64).")
+@click.option("--tree-index", type=int,
+              help="reasoning: tree of the file (default: the first complete one).")
+@click.option("--record", type=click.IntRange(min=0), help="speculative: record (default 0).")
+@click.option("--steps", type=click.IntRange(min=1), help="speculative: steps (default: all).")
+@click.option("--methods", "method_list", default="all", show_default=True,
+              help="Comma-separated: deft_flatten, deft_node_chunk, deft_node, radix, "
+                   "flash_decoding, tree_attention_s, sglang, ref:<strategy> (PyTorch); groups "
+                   "all, strategies.")
+@click.option("--max-steps", type=click.IntRange(min=1),
+              help="Replay this many steps, evenly spaced; totals are extrapolated to the run.")
+@click.option("--layers", default=32, show_default=True, type=click.IntRange(min=1),
+              help="Attention layers, each with its own KV cache (and decoder layers).")
+@click.option("--e2e", is_flag=True,
+              help="Also time whole decoding steps of a Llama-3-8B-shaped model (random "
+                   "weights), per method and without attention.")
+@click.option("--e2e-steps", type=click.IntRange(min=1),
+              help="Of the replayed steps, run this many through the model (default: all).")
+@click.option("--dtype", type=click.Choice(["fp16", "bf16"]), default="fp16", show_default=True)
+@click.option("--page-size", default=16, show_default=True, type=click.IntRange(min=1),
+              help="Tokens per page of the paged cache.")
+@click.option("--timing", type=click.Choice(["graph", "eager"]), default="graph",
+              show_default=True, help="graph: a CUDA graph per method, replayed every step.")
+@click.option("--check-steps", default=1, show_default=True, type=click.IntRange(min=0),
+              help="Steps (the last first) whose outputs are checked against the oracle.")
+@click.option("--seed", default=0, show_default=True)
+@click.option("--json", "json_path", metavar="OUT", help="Write every number as JSON.")
+def replay_command(workload, method_list, max_steps, layers, e2e, e2e_steps, dtype, page_size,
+                   timing, check_steps, seed, json_path, **run_options):
+    """Replay a whole decoding run step by step and time each method's attention over it.
+
+    The paged tree cache grows, branches and prunes as the run did; each step every method plans
+    once (timed apart) and runs attention in every layer (CUDA events around the step's layers).
+    With --e2e the step also goes through a Llama-3-8B-shaped decoder (the paper's Table 3).
+    Progress goes to stderr, the table to stdout; docs/reproduction.md explains the numbers.
+    """
+    from dataclasses import replace
+
+    import torch
+    from rich.progress import Progress
+
+    from deft import bench, replay as r
+    from deft.decoder import LLAMA3_8B
+
+    if json_path and not os.path.isdir(os.path.dirname(os.path.abspath(json_path))):
+        fail(f"{json_path}: its directory does not exist")
+    try:
+        methods = r.parse_methods(method_list)
+    except ValueError as error:
+        fail(str(error))
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    if e2e and device == "cpu":
+        fail("--e2e runs a Llama-3-8B-shaped model (16 GB of weights): it needs a CUDA GPU")
+    run = build_run(workload, run_options)
+    with Progress(console=stderr, transient=True) as progress:
+        task = progress.add_task(run.name, total=None)
+        result = r.replay(
+            run, methods, model=replace(LLAMA3_8B, layers=layers), e2e=e2e, max_steps=max_steps,
+            e2e_steps=e2e_steps, dtype=bench.DTYPES[dtype], page_size=page_size, timing=timing,
+            check_steps=check_steps, seed=seed, device=device,
+            progress=lambda done, total: progress.update(task, completed=done, total=total))
+    stdout.print(r.render(result))
+    if json_path:
+        bench.write_json(result, json_path)
+        stderr.print(f"wrote {json_path}", highlight=False)
+
+
+# ---------------------------------------------------------------------------- autotune
+@main.command("autotune")
+@click.option("--gpu", required=True, type=click.Choice(["a100", "h100", "h200", "auto"]),
+              help="The card to tune; it must be the one present (auto: whichever is), "
+                   "unless --predict.")
+@click.option("--workloads", "workload_list", default="all", show_default=True,
+              help="As for bench: anchors, tree.json paths, run steps, trees, comma-separated; "
+                   "all = the six anchors. Each stands for its tree's bucket.")
+@click.option("--strategies", default="deft_flatten", show_default=True,
+              help="Kernel strategies, comma-separated; all = every one with a kernel.")
+@click.option("--budget-s", type=click.FloatRange(min=0), default=150, show_default=True,
+              help="Soft time budget of the measurements, seconds, shared by the buckets.")
+@click.option("--exhaustive", is_flag=True,
+              help="Measure every size and every tile that fits at the best size (slow), "
+                   "instead of the IO model's top 8 sizes and a tile descent.")
+@click.option("--dtype", type=click.Choice(["fp16", "bf16"]), default="fp16", show_default=True)
+@click.option("--output", metavar="PATH",
+              help="Table file, or a directory for <device>.json "
+                   "(default: autotune/configs/<device>.json).")
+@click.option("--predict", is_flag=True,
+              help="Rank with the IO model on the card's spec instead of measuring (no GPU "
+                   "needed): a table marked predicted.")
+@click.option("--json", "as_json", is_flag=True, help="Print the table as JSON.")
+def autotune_command(gpu, workload_list, strategies, budget_s, exhaustive, dtype, output,
+                     predict, as_json):
+    """Tune chunk size, group size and tiles per tree bucket on this GPU, and write the table
+    deft.TreeAttention reads (docs/autotune.md).
+
+    Sizes are ranked by the IO model and the best measured (CUDA graphs over rotating KV
+    copies, interleaved rounds), then tiles, then the leaders re-timed against the defaults.
+    Progress goes to stderr, the chosen configs to stdout. Exits 2 when the GPU present is
+    not the one asked for, unless --predict.
+    """
+    from pathlib import Path
+
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+    from autotune import store, tune
+    from autotune.measure import workbenches
+    from deft.bench import DTYPES, parse_workloads
+    from deft.kernels import KERNELS
+
+    names = list(KERNELS) if strategies.strip() == "all" else [
+        s.strip() for s in strategies.split(",") if s.strip()]
+    unknown = [s for s in names if s not in KERNELS]
+    if unknown or not names:
+        fail(f"unknown strategy {', '.join(unknown)!r}; choose from {', '.join(KERNELS)} or all")
+    try:
+        spec, device = tune.resolve_card(gpu, predict)
+        workloads = [(w.text, w.tree()) for w in parse_workloads(workload_list)]
+    except (ValueError, OSError) as error:
+        fail(str(error))
+    path = Path(output) if output else store.table_path(device["name"])
+    if path.is_dir() or output and output.endswith(("/", os.sep)):
+        path = store.table_path(device["name"], path)
+    if predict:
+        table = tune.predict(workloads, names, spec, device, dtype=DTYPES[dtype])
+    else:
+        with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
+                      TimeElapsedColumn(), console=stderr) as progress:
+            task = progress.add_task("autotune", total=0)
+
+            class Bar(tune.Reporter):
+                def expect(self, count):
+                    progress.update(task, total=progress.tasks[task].total + count)
+
+                def advance(self, text):
+                    progress.update(task, advance=1, description=text)
+
+                def log(self, line):
+                    progress.console.print(line, markup=False, highlight=False)
+
+            table = tune.autotune(workloads, names, spec, device, workbenches(DTYPES[dtype]),
+                                  budget_s=budget_s, exhaustive=exhaustive,
+                                  dtype=DTYPES[dtype], reporter=Bar())
+    store.write_table(table, path)
+    stderr.print(f"wrote {path} ({table.source})", highlight=False)
+    if as_json:
+        click.echo(json.dumps(table.to_dict(), indent=1))
+    else:
+        stdout.print(autotune_table(table))
+
+
+def autotune_table(table) -> Table:
+    """The chosen config of every strategy and bucket, and its speedup over the defaults."""
+    from rich import box
+
+    measured = table.source == "measured"
+    title = f"{table.source} configs for {table.device['name']}"
+    if table.tuning_s is not None:
+        title += f" (tuned in {table.tuning_s:.0f} s)"
+    result = Table(title=title, box=box.SIMPLE_HEAD,
+                   caption="chosen: c chunk, g group, m/n block_m/block_n, w warps, s stages, "
+                           "p programs per SM; speedup over the defaults (chunk 128, no group "
+                           "cap, the kernel's tile)" + ("" if measured else ", predicted"))
+    unit = "µs" if measured else "predicted µs"
+    for column in ("strategy", "workload", "bucket", "chosen", unit, f"default {unit}",
+                   "speedup", "candidates"):
+        result.add_column(column, justify="right" if "µs" in column or column in (
+            "speedup", "candidates") else "left", no_wrap=column in ("bucket", "chosen"))
+    key = "us" if measured else "predicted_us"
+    for strategy, buckets in table.strategies.items():
+        for bucket, entry in buckets.items():
+            result.add_row(strategy, entry["workload"], bucket, entry["chosen_label"],
+                           f"{entry['chosen'][key]:.1f}", f"{entry['default'][key]:.1f}",
+                           f"{entry['speedup']:.2f}x", str(len(entry["candidates"])))
+    return result
 
 
 if __name__ == "__main__":
