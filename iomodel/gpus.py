@@ -124,6 +124,15 @@ BUILTIN = {
         l2_mb=50.0,
         tensor_tflops=989.4,
         fp32_tflops=66.9,
+        # Fitted by `deft-cli bench --calibrate` to the graph-mode bench of 2026-11-26 on an H200
+        # (six anchors x six kernel strategies, 36 points; docs/iomodel.md, "Calibration").
+        calibration={
+            "launch_us": 11.32,
+            "program_us": 1.98,
+            "memory_efficiency": 1.0,
+            "compute_efficiency": 0.1427,
+            "sm_bandwidth_fraction": 0.01212,
+        },
     ),
 }
 """Built-in specs by alias."""

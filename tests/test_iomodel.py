@@ -120,7 +120,7 @@ def test_builtin_specs_and_aliases():
     ):
         spec = iomodel.resolve_gpu(alias)
         assert spec.name == name and spec.hbm_bandwidth_gb_s == bandwidth
-        assert spec.sm_count == sms and not spec.calibrated
+        assert spec.sm_count == sms and spec.calibrated == (alias == "h200")  # fitted there
         assert iomodel.resolve_gpu(name) is spec and iomodel.resolve_gpu(alias.upper()) is spec
     assert iomodel.resolve_gpu(None).name == "NVIDIA H100 80GB HBM3"
     assert BUILTIN["h100"].matmul_rate("float16") == pytest.approx(989.4e12)
@@ -255,11 +255,12 @@ def invoke(*args):
 
 @pytest.mark.parametrize("path", EXAMPLES, ids=lambda p: p.stem)
 def test_cli_examples(path):
-    result = invoke(path, "--gpu", "h200")
+    result = invoke(path, "--gpu", "h100")
     assert result.exit_code == 0, result.output
     for strategy in STRATEGIES:
         assert strategy in result.output
     assert "floor" in result.output and "uncalibrated" in result.output
+    assert "(calibrated)" in invoke(path, "--gpu", "h200").output  # constants fitted there
 
 
 def test_cli_json_schema(tmp_path):
