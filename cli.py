@@ -19,7 +19,8 @@ from rich.tree import Tree as RichTree
 import deft
 from deft.tree import TreeError
 
-stdout = Console()
+# Tables are wide: when stdout is no terminal and COLUMNS is unset, rich would fold them at 80.
+stdout = Console(width=None if sys.stdout.isatty() or "COLUMNS" in os.environ else 160)
 stderr = Console(stderr=True)
 
 
