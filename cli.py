@@ -18,6 +18,7 @@ from rich.tree import Tree as RichTree
 
 import deft
 from deft.tree import TreeError
+from deft.workloads import parse_option_value
 
 # Tables are wide: when stdout is no terminal and COLUMNS is unset, rich would fold them at 80.
 stdout = Console(width=None if sys.stdout.isatty() or "COLUMNS" in os.environ else 160)
@@ -142,7 +143,7 @@ def workloads_export(kind, options, step, output):
         if not eq or key not in accepted:
             fail(f"{kind}: bad option {option!r}; options: "
                  + ", ".join(f"{k}=..." for k in accepted))
-        values[key] = parse_option(value)
+        values[key] = parse_option_value(value)
     missing = [k for k, v in accepted.items() if v == "required" and k not in values]
     if missing:
         fail(f"{kind}: missing option(s) " + ", ".join(f"{k}=..." for k in missing))
@@ -177,22 +178,29 @@ def first_sentence(doc: str) -> str:
     return paragraph.split(". ")[0].rstrip(".") + "."
 
 
-def parse_option(text: str):
-    """A KEY=VALUE value: an int, a float, none, true/false, or else the text."""
-    lowered = text.lower()
-    if lowered in ("none", "null"):
-        return None
-    if lowered in ("true", "false"):
-        return lowered == "true"
-    for kind in (int, float):
-        try:
-            return kind(text)
-        except ValueError:
-            pass
-    return text
-
-
 # ---------------------------------------------------------------------------- estimate-io
+def run_options(command):
+    """Add the options that pick a decoding run (estimate-io --workload, replay)."""
+    options = [
+        click.option("--prompt-tokens", type=click.IntRange(min=1), help="Run: prompt tokens."),
+        click.option("--width", type=click.IntRange(min=1), help="fewshot: samples (default 20)."),
+        click.option("--iterations", type=click.IntRange(min=1),
+                     help="fewshot: steps (default 400)."),
+        click.option("--path", "workload_path",
+                     help="reasoning: file or name (default sorting128ToT); speculative: file or "
+                          "tree size (default 64)."),
+        click.option("--tree-index", type=int,
+                     help="reasoning: tree of the file (default: the first complete one)."),
+        click.option("--record", type=click.IntRange(min=0),
+                     help="speculative: record (default 0)."),
+        click.option("--steps", type=click.IntRange(min=1),
+                     help="speculative: steps (default: all)."),
+    ]
+    for option in reversed(options):
+        command = option(command)
+    return command
+
+
 @main.command("estimate-io")
 @click.argument("tree_path", metavar="[TREE]", required=False)
 @click.option("--gpu", default="h100", show_default=True,
@@ -206,16 +214,7 @@ def parse_option(text: str):
               help="KV tokens per page (index bytes of the paged strategies).")
 @click.option("--workload", type=click.Choice(["fewshot", "reasoning", "speculative"]),
               help="Sum over every step of a run instead of reading TREE.")
-@click.option("--prompt-tokens", type=click.IntRange(min=1), help="Run: prompt tokens.")
-@click.option("--width", type=click.IntRange(min=1), help="fewshot: samples (default 20).")
-@click.option("--iterations", type=click.IntRange(min=1), help="fewshot: steps (default 400).")
-@click.option("--path", "workload_path",
-              help="reasoning: file or name (default sorting128ToT); speculative: file or tree "
-                   "size (default 64).")
-@click.option("--tree-index", type=int,
-              help="reasoning: tree of the file (default: the first complete one).")
-@click.option("--record", type=click.IntRange(min=0), help="speculative: record (default 0).")
-@click.option("--steps", type=click.IntRange(min=1), help="speculative: steps (default: all).")
+@run_options
 @click.option("--json", "as_json", is_flag=True, help="Print the estimate as JSON.")
 def estimate_io(tree_path, gpu, strategies, chunk_size, group_size, page_size, workload,
                 as_json, **run_options):
@@ -457,16 +456,7 @@ def bench(workload_list, method_list, dtype, timing, json_path, plot_path, page_
 @main.command("replay")
 @click.option("--workload", type=click.Choice(["fewshot", "reasoning", "speculative"]),
               required=True, help="The decoding run to replay.")
-@click.option("--prompt-tokens", type=click.IntRange(min=1), help="Run: prompt tokens.")
-@click.option("--width", type=click.IntRange(min=1), help="fewshot: samples (default 20).")
-@click.option("--iterations", type=click.IntRange(min=1), help="fewshot: steps (default 400).")
-@click.option("--path", "workload_path",
-              help="reasoning: file or name (default sorting128ToT); speculative: file or tree "
-                   "size (default 64).")
-@click.option("--tree-index", type=int,
-              help="reasoning: tree of the file (default: the first complete one).")
-@click.option("--record", type=click.IntRange(min=0), help="speculative: record (default 0).")
-@click.option("--steps", type=click.IntRange(min=1), help="speculative: steps (default: all).")
+@run_options
 @click.option("--methods", "method_list", default="all", show_default=True,
               help="Comma-separated: deft_flatten, deft_node_chunk, deft_node, radix, "
                    "flash_decoding, tree_attention_s, sglang, ref:<strategy> (PyTorch); groups "

@@ -22,6 +22,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from deft.tree import Tree
+from deft.workloads import parse_option_value
 
 DEFAULT_STEP = -1
 
@@ -94,7 +95,7 @@ def parse_workload(item: str) -> WorkloadSpec:
         key, eq, value = pair.partition("=")
         key = key.strip().replace("-", "_")
         if key == "step" and eq and kind in RUN_KINDS:
-            step = _value(value)
+            step = parse_option_value(value)
             if not isinstance(step, int):
                 raise ValueError(f"{item}: step must be an integer, got {value!r}")
             continue
@@ -102,7 +103,7 @@ def parse_workload(item: str) -> WorkloadSpec:
             allowed = [*accepted, *(["step"] if kind in RUN_KINDS else [])]
             raise ValueError(f"{item}: bad option {pair!r}; {kind} takes "
                              + ", ".join(f"{k}=..." for k in allowed))
-        options[key] = _value(value)
+        options[key] = parse_option_value(value)
     missing = [k for k, required in accepted.items() if required and k not in options]
     if missing:
         raise ValueError(f"{item}: missing option(s) " + ", ".join(f"{k}=..." for k in missing))
@@ -118,18 +119,3 @@ def _options(builder) -> dict:
         for name, p in inspect.signature(builder).parameters.items()
         if name != "attention"
     }
-
-
-def _value(text: str):
-    """An option value: int, float, None, bool, or else the text."""
-    lowered = text.strip().lower()
-    if lowered in ("none", "null"):
-        return None
-    if lowered in ("true", "false"):
-        return lowered == "true"
-    for kind in (int, float):
-        try:
-            return kind(text)
-        except ValueError:
-            pass
-    return text
