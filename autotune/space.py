@@ -42,6 +42,8 @@ TILE_KNOBS = {
     "num_warps": (4, 8),
     "num_stages": (2, 3, 5),
     "programs_per_sm": (1, 2, 4),
+    "prefetch": (False, True),
+    "lean": (False, True),
 }
 """Values tried for each `TileConfig` field."""
 
@@ -70,7 +72,8 @@ class Candidate:
         """Short text, e.g. ``c1024 g- m64 n64 w4 s2 p2``."""
         t = self.tile
         return (f"c{self.chunk_size or '-'} g{self.group_size or '-'} m{t.block_m} n{t.block_n} "
-                f"w{t.num_warps} s{t.num_stages} p{t.programs_per_sm}")
+                f"w{t.num_warps} s{t.num_stages} p{t.programs_per_sm}"
+                + (" pf" if t.prefetch else "") + (" lean" if t.lean else ""))
 
     def to_dict(self) -> dict:
         return {"chunk_size": self.chunk_size, "group_size": self.group_size,

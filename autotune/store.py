@@ -58,6 +58,8 @@ CAPABILITIES = {
 written without the card."""
 
 _TILE_FIELDS = tuple(f.name for f in dataclasses.fields(TileConfig))
+_TILE_FLAGS = tuple(f.name for f in dataclasses.fields(TileConfig) if f.type in (bool, "bool"))
+"""Boolean tile fields: optional in a stored tile (tables written before them: off)."""
 
 
 class AutotuneWarning(UserWarning):
@@ -276,8 +278,11 @@ def _check_config(config, where: str) -> None:
                                       and value > 0):
             raise TableError(f"{where}.{key} must be a positive integer or null, got {value!r}")
     tile = config.get("tile")
-    if tile is not None and not (isinstance(tile, dict) and set(tile) == set(_TILE_FIELDS)
-                                 and all(isinstance(v, int) and not isinstance(v, bool) and v > 0
-                                         for v in tile.values())):
-        raise TableError(f"{where}.tile must be null or {{{', '.join(_TILE_FIELDS)}}} as "
-                         "positive integers")
+    ints = [f for f in _TILE_FIELDS if f not in _TILE_FLAGS]
+    if tile is not None and not (
+            isinstance(tile, dict) and set(ints) <= set(tile) <= set(_TILE_FIELDS)
+            and all(isinstance(tile[f], int) and not isinstance(tile[f], bool) and tile[f] > 0
+                    for f in ints)
+            and all(isinstance(tile[f], bool) for f in _TILE_FLAGS if f in tile)):
+        raise TableError(f"{where}.tile must be null or {{{', '.join(ints)}}} as positive "
+                         f"integers, optionally with {', '.join(_TILE_FLAGS)} as booleans")

@@ -49,8 +49,10 @@ TOP_K = 8
 LEADERS = 3
 """Candidates re-timed at the end of a bucket, besides the defaults."""
 
-DESCENT = (("block_m",), ("block_n",), ("num_warps",), ("num_stages", "programs_per_sm"))
-"""The knobs of the tile descent, in order (`autotune.space.TILE_KNOBS` fields)."""
+DESCENT = (("block_m",), ("block_n",), ("num_warps",),
+           ("num_stages", "programs_per_sm", "prefetch"))
+"""The knobs of the tile descent, in order (`autotune.space.TILE_KNOBS` fields; the slot
+prefetch moves with the stages: it pays at 3 stages, not at 5; ``lean`` keeps the default's)."""
 
 class Reporter:
     """Progress hooks of a tuning run; this base class ignores them (the CLI draws a bar)."""

@@ -278,6 +278,7 @@ class TreeAttention:
             q, k_cache, v_cache, self.buffers.data, self.buffers.layout(), o_part, lse_part,
             out, lse, self.kernel.FLAT, sm_scale, config.block_m, config.block_n,
             config.num_warps, config.num_stages, self._num_programs(kv_heads, config),
+            config.prefetch, config.lean,
         )
         return (out, lse) if return_lse else out
 
@@ -351,11 +352,13 @@ def _tree_attention_op(
     q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, plan_data: torch.Tensor,
     plan_layout: list[int], o_part: torch.Tensor, lse_part: torch.Tensor, out: torch.Tensor,
     lse: torch.Tensor | None, flat: bool, sm_scale: float, block_m: int, block_n: int,
-    num_warps: int, num_stages: int, num_programs: int,
+    num_warps: int, num_stages: int, num_programs: int, prefetch: bool = False,
+    lean: bool = False,
 ) -> None:
     """The two kernels of one `TreeAttention.run`: partial results, then the merge."""
     buffers = views_of(plan_data, plan_layout)
-    config = TileConfig(block_m, block_n, num_warps, num_stages)
+    config = TileConfig(block_m, block_n, num_warps, num_stages, prefetch=prefetch,
+                        lean=lean)
     with torch.cuda.device(q.device) if q.is_cuda else contextlib.nullcontext():
         partials(q, k_cache, v_cache, o_part, lse_part, buffers, flat=flat, sm_scale=sm_scale,
                  config=config, num_programs=num_programs)
@@ -364,7 +367,8 @@ def _tree_attention_op(
 
 @_tree_attention_op.register_fake
 def _(q, k_cache, v_cache, plan_data, plan_layout, o_part, lse_part, out, lse, flat, sm_scale,
-      block_m, block_n, num_warps, num_stages, num_programs) -> None:
+      block_m, block_n, num_warps, num_stages, num_programs, prefetch=False,
+      lean=False) -> None:
     return None
 
 

@@ -308,7 +308,7 @@ for dtype, flat, head_dim in (("fp16", True, 128), ("bf16", False, 64)):
         ["stride_qn", "stride_qh", "stride_kt", "stride_kh", "stride_vt", "stride_vh"],
         ["qk_scale"],
         dict(KV_HEADS=8, GROUP=4, HEAD_DIM=head_dim, BLOCK_M=64, BLOCK_N=64, FLAT=flat,
-             DOT_PRECISION="tf32"),
+             DOT_PRECISION="tf32", PREFETCH=flat, LEAN=flat, NARROW=flat, SAME_KV_STRIDE=flat),
         num_warps=4,
     )
 compile_for_sm90(

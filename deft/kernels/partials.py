@@ -26,6 +26,9 @@ during the current tile's math only from num_stages=5 up (with fewer stages it i
 the math and waits at once: one memory latency per tile), so the tile tables use 5 stages.
 Measured on an H200 (scripts/gpu_check.py), 7 or 9 stages are no faster: one tile iteration
 costs about 1 us per SM whatever the depth, so larger work per iteration is what pays.
+With ``TileConfig.prefetch`` the slots come one iteration ahead (loop-carried), which lets 3
+stages do what 5 did; with ``lean`` the tile body runs fewer instructions (docs/performance.md:
+together 2-5% faster on five of the six anchors, H200; the head-dim-128 default of deft_flatten).
 
 Token addressing, chosen by the constexpr FLAT:
 - FLAT (KV-guided: deft_node, deft_node_chunk, deft_flatten; and tree_attention_s): a partition's
@@ -62,6 +65,11 @@ class TileConfig:
     block_n : KV tokens per tile, a power of two >= 16.
     num_warps, num_stages : Triton launch options (num_stages pipelines the KV-tile loop).
     programs_per_sm : persistent programs per streaming multiprocessor.
+    prefetch : load the next tile's cache slots one iteration ahead (loop-carried), so the
+        K/V gather of a tile does not wait on a slot load of the same iteration.
+    lean : fewer instructions per tile: 32-bit K/V row offsets (where both caches hold
+        < 2**31 elements) shared by K and V where their strides agree, and the softmax scale
+        folded into the exponent's FMA.
     """
 
     block_m: int = 64
@@ -69,12 +77,14 @@ class TileConfig:
     num_warps: int = 4
     num_stages: int = 5
     programs_per_sm: int = 2
+    prefetch: bool = False
+    lean: bool = False
 
     def for_group(self, group: int) -> "TileConfig":
         """This config with block_m raised to hold at least one query's packed heads."""
         block_m = max(self.block_m, 16, triton.next_power_of_2(group))
         return TileConfig(block_m, self.block_n, self.num_warps, self.num_stages,
-                          self.programs_per_sm)
+                          self.programs_per_sm, self.prefetch, self.lean)
 
 
 def pick_config(configs: dict, head_dim: int, group: int) -> TileConfig:
@@ -92,7 +102,9 @@ def _partials_kernel(
     qk_scale,
     KV_HEADS: tl.constexpr, GROUP: tl.constexpr, HEAD_DIM: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-    FLAT: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    FLAT: tl.constexpr, DOT_PRECISION: tl.constexpr, PREFETCH: tl.constexpr = False,
+    LEAN: tl.constexpr = False, NARROW: tl.constexpr = False,
+    SAME_KV_STRIDE: tl.constexpr = False,
 ):
     QUERIES_PER_TILE: tl.constexpr = BLOCK_M // GROUP
     Q_HEADS: tl.constexpr = KV_HEADS * GROUP
@@ -126,13 +138,34 @@ def _partials_kernel(
             m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
             l_i = tl.zeros([BLOCK_M], tl.float32)
             acc = tl.zeros([BLOCK_M, HEAD_DIM], tl.float32)
+            if PREFETCH:
+                slot_next = tl.load(token_slot_ptr + token_start + cols, mask=cols < num_tokens,
+                                    other=first_slot)
             for n0 in range(0, num_tokens, BLOCK_N):
                 col = n0 + cols
                 col_ok = col < num_tokens
-                slot = tl.load(token_slot_ptr + token_start + col, mask=col_ok, other=first_slot)
-                kv_rows = slot.to(tl.int64)[:, None]
-                k = tl.load(k_head + kv_rows * stride_kt + dims[None, :])
-                s = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * qk_scale
+                if PREFETCH:  # this tile's slots came one iteration ahead; fetch the next's
+                    slot = slot_next
+                    col_next = col + BLOCK_N
+                    slot_next = tl.load(token_slot_ptr + token_start + col_next,
+                                        mask=col_next < num_tokens, other=first_slot)
+                else:
+                    slot = tl.load(token_slot_ptr + token_start + col, mask=col_ok,
+                                   other=first_slot)
+                if NARROW:  # 32-bit offsets (the caches hold < 2**31 elements)
+                    k_off = slot[:, None] * stride_kt + dims[None, :]
+                else:
+                    k_off = slot.to(tl.int64)[:, None] * stride_kt + dims[None, :]
+                if SAME_KV_STRIDE:
+                    v_off = k_off
+                elif NARROW:
+                    v_off = slot[:, None] * stride_vt + dims[None, :]
+                else:
+                    v_off = slot.to(tl.int64)[:, None] * stride_vt + dims[None, :]
+                k = tl.load(k_head + k_off)
+                s = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION)
+                if not LEAN:
+                    s = s * qk_scale
                 if FLAT:
                     flat = token_start + col
                     end = tl.load(subtree_end_ptr + flat, mask=col_ok, other=0)
@@ -143,15 +176,21 @@ def _partials_kernel(
                 s = tl.where(visible, s, float("-inf"))
                 m_new = tl.maximum(m_i, tl.max(s, 1))
                 m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)  # a row that saw nothing
-                p = tl.exp2(s - m_safe[:, None])
-                alpha = tl.exp2(m_i - m_safe)
+                if LEAN:  # s and m unscaled: the scale rides in the exponent's FMA
+                    p = tl.exp2(s * qk_scale - (m_safe * qk_scale)[:, None])
+                    alpha = tl.exp2((m_i - m_safe) * qk_scale)
+                else:
+                    p = tl.exp2(s - m_safe[:, None])
+                    alpha = tl.exp2(m_i - m_safe)
                 l_i = l_i * alpha + tl.sum(p, 1)
-                v = tl.load(v_head + kv_rows * stride_vt + dims[None, :])
+                v = tl.load(v_head + v_off)
                 acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v,
                                                     input_precision=DOT_PRECISION)
                 m_i = m_new
             seen = l_i > 0
             l_safe = tl.where(seen, l_i, 1.0)
+            if LEAN:
+                m_i = m_i * qk_scale
             lse = tl.where(seen, (m_i + tl.log2(l_safe)) * LN2, float("-inf"))
             part_row = tl.load(entry_row_ptr + entry, mask=row_ok, other=0)
             part_rows = part_row.to(tl.int64) * Q_HEADS + heads
@@ -183,6 +222,7 @@ def partials(q, k_cache, v_cache, o_part, lse_part, buffers, *, flat: bool, sm_s
     kv_heads, head_dim = k_cache.shape[2], k_cache.shape[3]
     group = q.shape[1] // kv_heads
     precision = "ieee" if q.dtype == torch.float32 else "tf32"  # tf32: ignored for 16-bit
+    narrow = config.lean and max(k_cache.numel(), v_cache.numel()) < 2**31
     _partials_kernel[(num_programs,)](
         q, k_cache, v_cache, o_part, lse_part,
         buffers["counts"], buffers["part_start"], buffers["part_tokens"], buffers["part_entry"],
@@ -193,6 +233,8 @@ def partials(q, k_cache, v_cache, o_part, lse_part, buffers, *, flat: bool, sm_s
         sm_scale * LOG2E,
         KV_HEADS=kv_heads, GROUP=group, HEAD_DIM=head_dim,
         BLOCK_M=config.block_m, BLOCK_N=config.block_n,
-        FLAT=flat, DOT_PRECISION=precision,
+        FLAT=flat, DOT_PRECISION=precision, PREFETCH=config.prefetch,
+        LEAN=config.lean, NARROW=narrow,
+        SAME_KV_STRIDE=narrow and k_cache.stride(1) == v_cache.stride(1),
         num_warps=config.num_warps, num_stages=config.num_stages,
     )
