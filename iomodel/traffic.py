@@ -23,18 +23,7 @@ from __future__ import annotations
 import numpy as np
 
 from deft.tree import Tree
-from reference.plan import PAGED, Plan, build_plan
-
-BYTE_KEYS = (
-    "kv_bytes",
-    "q_bytes",
-    "mask_bytes",
-    "partial_bytes",
-    "score_bytes",
-    "output_bytes",
-    "index_bytes",
-)
-"""Traffic keys counted in bytes."""
+from reference.plan import BYTE_KEYS, PAGED, Plan, build_plan
 
 TRAFFIC_KEYS = BYTE_KEYS + ("partitions", "max_partition_work", "mean_partition_work")
 """Every key `reference.attention` counts; all integers but ``mean_partition_work`` (float)."""

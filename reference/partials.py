@@ -26,12 +26,9 @@ import numpy as np
 import torch
 
 from reference import tiles
-from reference.plan import Plan
+from reference.plan import BYTE_KEYS, Plan
 from reference.tiles import KVBlocks, compute_dtype, load_tiles, tile_rows
 
-BYTE_KEYS = ("kv_bytes", "q_bytes", "mask_bytes", "partial_bytes", "score_bytes", "output_bytes",
-             "index_bytes")
-"""The byte counts of a traffic dict (DESIGN.md, "Bytes")."""
 PARTIAL_BYTES = 4
 """Partials (row and log-sum-exp) are fp32 in a kernel whatever the input dtype."""
 

@@ -34,6 +34,11 @@ STRATEGIES = (
 
 DEFAULT_CHUNK_SIZE = 128
 
+BYTE_KEYS = ("kv_bytes", "q_bytes", "mask_bytes", "partial_bytes", "score_bytes", "output_bytes",
+             "index_bytes")
+"""The byte counts of a traffic dict (DESIGN.md, "Bytes"): counted by the reference, predicted
+by the IO model."""
+
 USES_CHUNK_SIZE = {"flash_decoding", "radix", "tree_attention_s", "deft_node_chunk", "deft_flatten"}
 USES_GROUP_SIZE = {"deft_node", "deft_node_chunk", "deft_flatten"}
 PAGED = {"radix", "deft_node", "deft_node_chunk", "deft_flatten"}
