@@ -140,7 +140,7 @@ class Plan:
         s_count = np.diff(self.segment_ptr)
         pairs_per = q_count * s_count
         partition = np.repeat(np.arange(self.num_partitions), pairs_per)
-        rank = np.arange(pairs_per.sum()) - np.repeat(np.cumsum(pairs_per) - pairs_per, pairs_per)
+        rank = ranks(pairs_per)
         s_of = rank % np.repeat(s_count, pairs_per)
         q_of = rank // np.repeat(s_count, pairs_per)
         query = self.query_index[self.query_ptr[partition] + q_of]
@@ -153,8 +153,7 @@ class Plan:
         node = self.segment_node[segments]
         length = self.segment_len[segments]
         start = self.tree.token_offset[node] + self.segment_pos[segments]
-        rank = np.arange(length.sum()) - np.repeat(np.cumsum(length) - length, length)
-        return np.repeat(start, length) + rank
+        return ranges(start, length)
 
     def partition_tokens(self, p: int) -> np.ndarray:
         """Test-layout token indices of partition p, in load order. [t(p)]"""
@@ -236,9 +235,7 @@ def _cut(seq: _Sequences, chunk: int | None) -> _Sequences:
     last_chunk = (end - 1) // chunk
     pieces = last_chunk - first_chunk + 1
     segment = np.repeat(np.arange(len(start)), pieces)
-    chunk_id = np.repeat(first_chunk, pieces) + (
-        np.arange(pieces.sum()) - np.repeat(_exclusive_cumsum(pieces), pieces)
-    )
+    chunk_id = ranges(first_chunk, pieces)
     lo = np.maximum(start[segment], chunk_id * chunk)
     hi = np.minimum(end[segment], (chunk_id + 1) * chunk)
     piece_seq = seq_of[segment]
@@ -287,8 +284,7 @@ def _split_groups(query_ptr: np.ndarray, group: int | None):
         return np.append(query_ptr[:-1][keep], query_ptr[-1]), np.flatnonzero(keep)
     groups = -(-count // group)
     run = np.repeat(np.arange(len(count)), groups)
-    rank = np.arange(groups.sum()) - np.repeat(_exclusive_cumsum(groups), groups)
-    return np.append(query_ptr[run] + rank * group, query_ptr[-1]), run
+    return np.append(query_ptr[run] + ranks(groups) * group, query_ptr[-1]), run
 
 
 def _kv_guided(tree: Tree, chunks: _Sequences, group: int | None, **params) -> Plan:
@@ -309,9 +305,7 @@ def _query_guided(tree: Tree, chunks: _Sequences, query_of_chunk: np.ndarray, **
 def _assemble(tree, chunks, chunk_of, query_ptr, query_index, **params) -> Plan:
     """A Plan whose partition k has the queries query_ptr[k]:.. and the segments of chunk chunk_of[k]."""
     seg_count = np.diff(chunks.ptr)[chunk_of]
-    segment = np.repeat(chunks.ptr[:-1][chunk_of], seg_count) + (
-        np.arange(seg_count.sum()) - np.repeat(_exclusive_cumsum(seg_count), seg_count)
-    )
+    segment = ranges(chunks.ptr[:-1][chunk_of], seg_count)
     return Plan(
         tree=tree,
         query_ptr=np.asarray(query_ptr, dtype=np.int64),
@@ -376,8 +370,7 @@ def build_plan(strategy: str, tree: Tree, chunk_size=None, group_size=None, page
         first = np.searchsorted(per_tree.source, np.arange(len(tree.roots) + 1))
         tree_of_query = tree.tree_of[tree.query_node]
         start, count = first[tree_of_query], np.diff(first)[tree_of_query]
-        chosen = np.repeat(start, count) + (np.arange(count.sum()) - np.repeat(_exclusive_cumsum(count), count))
-        chunks = _select(per_tree, chosen)
+        chunks = _select(per_tree, ranges(start, count))
         return _query_guided(tree, chunks, np.repeat(np.arange(tree.num_queries), count), **params)
     if strategy == "tree_attention_m":
         return _kv_guided(tree, _trees_flattened(tree), None, **params)
@@ -394,12 +387,21 @@ def build_plan(strategy: str, tree: Tree, chunk_size=None, group_size=None, page
 def _select(seq: _Sequences, chosen: np.ndarray) -> _Sequences:
     """The sequences `chosen` (with repeats), in that order."""
     count = np.diff(seq.ptr)[chosen]
-    segment = np.repeat(seq.ptr[:-1][chosen], count) + (
-        np.arange(count.sum()) - np.repeat(_exclusive_cumsum(count), count)
-    )
+    segment = ranges(seq.ptr[:-1][chosen], count)
     return _Sequences(
         np.concatenate([[0], np.cumsum(count)]), seq.node[segment], seq.pos[segment], seq.length[segment]
     )
+
+
+def ranks(counts: np.ndarray) -> np.ndarray:
+    """0..count-1 for each count, concatenated. [sum(counts)]"""
+    ends = np.cumsum(counts)
+    return np.arange(ends[-1] if len(ends) else 0) - np.repeat(ends - counts, counts)
+
+
+def ranges(starts: np.ndarray, counts: np.ndarray) -> np.ndarray:
+    """start..start+count-1 for each pair, concatenated. [sum(counts)]"""
+    return np.repeat(starts, counts) + ranks(counts)
 
 
 def _exclusive_cumsum(x: np.ndarray) -> np.ndarray:

@@ -21,7 +21,7 @@ import numpy as np
 import torch
 
 from deft.tree import Tree
-from reference.plan import Plan, _cut, _segment_sum, _Sequences
+from reference.plan import Plan, _cut, _segment_sum, _Sequences, ranges
 
 BLOCK_TOKENS = 256
 """Tokens per KV block (rounded up to a multiple of the page size)."""
@@ -41,17 +41,6 @@ MASK_WORD_BITS = 64
 def compute_dtype(x: torch.Tensor) -> torch.dtype:
     """float64 for float64 inputs, float32 for every narrower float (DESIGN.md, "Numerics")."""
     return torch.float64 if x.dtype == torch.float64 else torch.float32
-
-
-def ranks(counts: np.ndarray) -> np.ndarray:
-    """0..count-1 for each count, concatenated. [sum(counts)]"""
-    ends = np.cumsum(counts)
-    return np.arange(ends[-1] if len(ends) else 0) - np.repeat(ends - counts, counts)
-
-
-def ranges(starts: np.ndarray, counts: np.ndarray) -> np.ndarray:
-    """start..start+count-1 for each pair, concatenated. [sum(counts)]"""
-    return np.repeat(starts, counts) + ranks(counts)
 
 
 @dataclass

@@ -23,7 +23,8 @@ from deft import bench
 from deft.bench import peers
 from deft.bench.base import Variant
 from deft.bench.floor import FloorRates, measure_rates, workload_floor
-from deft.bench.inputs import Inputs, dense_mask, make_inputs, query_paths, ranges, with_dtype
+from deft.bench.inputs import Inputs, dense_mask, make_inputs, query_paths, with_dtype
+from reference.plan import ranges
 from deft.bench.methods import GPU_STRATEGIES, GROUPS, METHODS, PYTORCH_STRATEGIES
 from deft.bench.runner import finish
 from deft.bench.select import parse_workload

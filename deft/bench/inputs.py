@@ -13,6 +13,7 @@ import numpy as np
 import torch
 
 from deft.tree import AttentionShape, Tree
+from reference.plan import ranges
 
 DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16}
 """The ``--dtype`` choices."""
@@ -110,12 +111,6 @@ def query_paths(tree: Tree) -> tuple[np.ndarray, np.ndarray]:
     start = np.concatenate(starts)
     length = np.concatenate(lengths)
     return np.concatenate([[0], np.cumsum(tree.visible_tokens)]), ranges(start, length)
-
-
-def ranges(start: np.ndarray, length: np.ndarray) -> np.ndarray:
-    """``concatenate([arange(s, s + n) for s, n in zip(start, length)])``, vectorised."""
-    before = np.cumsum(length) - length
-    return np.repeat(start - before, length) + np.arange(int(length.sum()))
 
 
 def dense_mask(tree: Tree) -> np.ndarray:
