@@ -164,6 +164,7 @@ class TreeAttention:
                                    self.device, "max_tokens" if flat else "max_kv_slots")
         self._generation = 0
         self._workspace = None
+        self._launch_cache = None
 
     # ------------------------------------------------------------------ plan
     @classmethod
@@ -270,16 +271,15 @@ class TreeAttention:
         lse = torch.empty(rows, q_heads, dtype=torch.float32, device=q.device) if return_lse \
             else None
         o_part, lse_part = self._partials_workspace(q_heads, head_dim)
-        config = self.config or self._tuned_config or self.kernel.config(head_dim,
-                                                                          q_heads // kv_heads)
-        config = config.for_group(q_heads // kv_heads)
+        config, num_programs = self._launch_config(head_dim, q_heads, kv_heads)
         sm_scale = 1.0 / math.sqrt(head_dim) if sm_scale is None else float(sm_scale)
-        torch.ops.deft.tree_attention(
-            q, k_cache, v_cache, self.buffers.data, self.buffers.layout(), o_part, lse_part,
-            out, lse, self.kernel.FLAT, sm_scale, config.block_m, config.block_n,
-            config.num_warps, config.num_stages, self._num_programs(kv_heads, config),
-            config.prefetch, config.lean,
-        )
+        if torch.compiler.is_compiling():  # traced: the custom op keeps the graph opaque
+            torch.ops.deft.tree_attention(
+                q, k_cache, v_cache, self.buffers.data, self.buffers.layout(), o_part,
+                lse_part, out, lse, self.kernel.FLAT, sm_scale, config.as_ints(), num_programs)
+        else:  # eager: the same launches without the custom op's dispatch (host time)
+            _launch(q, k_cache, v_cache, self.buffers.views, o_part, lse_part, out, lse,
+                    self.kernel.FLAT, sm_scale, config, num_programs)
         return (out, lse) if return_lse else out
 
     def _partials_workspace(self, q_heads: int, head_dim: int):
@@ -291,6 +291,20 @@ class TreeAttention:
                 torch.empty(shape[:2], dtype=torch.float32, device=self.device),
             )
         return self._workspace
+
+    def _launch_config(self, head_dim: int, q_heads: int, kv_heads: int):
+        """(TileConfig, persistent grid size) for a head shape, resolved once per shape and
+        config (run's host time matters: a decode step calls it once per layer)."""
+        cached, shape = self._launch_cache, (head_dim, q_heads, kv_heads)
+        if (cached is None or cached[0] is not self.config
+                or cached[1] is not self._tuned_config or cached[2] != shape):
+            config = self.config or self._tuned_config or self.kernel.config(
+                head_dim, q_heads // kv_heads)
+            config = config.for_group(q_heads // kv_heads)
+            cached = (self.config, self._tuned_config, shape, config,
+                      self._num_programs(kv_heads, config))
+            self._launch_cache = cached
+        return cached[3], cached[4]
 
     def _num_programs(self, kv_heads: int, config: TileConfig) -> int:
         """Persistent grid: enough programs to fill the device, never more than work items."""
@@ -346,29 +360,33 @@ class TreeAttention:
                 fail("out must have a contiguous last (head_dim) dimension")
 
 
-# ---------------------------------------------------------------------------- the custom op
-@torch.library.custom_op("deft::tree_attention", mutates_args=("o_part", "lse_part", "out", "lse"))
-def _tree_attention_op(
-    q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, plan_data: torch.Tensor,
-    plan_layout: list[int], o_part: torch.Tensor, lse_part: torch.Tensor, out: torch.Tensor,
-    lse: torch.Tensor | None, flat: bool, sm_scale: float, block_m: int, block_n: int,
-    num_warps: int, num_stages: int, num_programs: int, prefetch: bool = False,
-    lean: bool = False,
-) -> None:
-    """The two kernels of one `TreeAttention.run`: partial results, then the merge."""
-    buffers = views_of(plan_data, plan_layout)
-    config = TileConfig(block_m, block_n, num_warps, num_stages, prefetch=prefetch,
-                        lean=lean)
-    with torch.cuda.device(q.device) if q.is_cuda else contextlib.nullcontext():
+# ---------------------------------------------------------------------------- the launches
+def _launch(q, k_cache, v_cache, buffers, o_part, lse_part, out, lse, flat, sm_scale, config,
+            num_programs) -> None:
+    """Partial results, then the merge, on q's device."""
+    other_device = q.is_cuda and q.device.index != torch.cuda.current_device()
+    with torch.cuda.device(q.device) if other_device else contextlib.nullcontext():
         partials(q, k_cache, v_cache, o_part, lse_part, buffers, flat=flat, sm_scale=sm_scale,
                  config=config, num_programs=num_programs)
         merge(o_part, lse_part, buffers, out, lse)
 
 
+# ---------------------------------------------------------------------------- the custom op
+@torch.library.custom_op("deft::tree_attention", mutates_args=("o_part", "lse_part", "out", "lse"))
+def _tree_attention_op(
+    q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, plan_data: torch.Tensor,
+    plan_layout: list[int], o_part: torch.Tensor, lse_part: torch.Tensor, out: torch.Tensor,
+    lse: torch.Tensor | None, flat: bool, sm_scale: float, tile: list[int],
+    num_programs: int,
+) -> None:
+    """The two kernels of one `TreeAttention.run`, as an opaque op for torch.compile."""
+    _launch(q, k_cache, v_cache, views_of(plan_data, plan_layout), o_part, lse_part, out, lse,
+            flat, sm_scale, TileConfig.from_ints(tile), num_programs)
+
+
 @_tree_attention_op.register_fake
 def _(q, k_cache, v_cache, plan_data, plan_layout, o_part, lse_part, out, lse, flat, sm_scale,
-      block_m, block_n, num_warps, num_stages, num_programs, prefetch=False,
-      lean=False) -> None:
+      tile, num_programs) -> None:
     return None
 
 

@@ -47,11 +47,14 @@ Token addressing, chosen by the constexpr FLAT:
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 
 import torch
 import triton
 import triton.language as tl
+
+from deft.kernels.launch import Launcher
 
 LN2 = tl.constexpr(0.6931471805599453)
 LOG2E = 1.4426950408889634
@@ -70,6 +73,9 @@ class TileConfig:
     lean : fewer instructions per tile: 32-bit K/V row offsets (where both caches hold
         < 2**31 elements) shared by K and V where their strides agree, and the softmax scale
         folded into the exponent's FMA.
+    max_registers : registers per thread the compiler may use (0: its own choice, about 250
+        at head dim 128). At 128, four programs of 4 warps fit an SM where the registers
+        otherwise allow two: more warps per scheduler to hide the tile loop's latency.
     """
 
     block_m: int = 64
@@ -79,12 +85,23 @@ class TileConfig:
     programs_per_sm: int = 2
     prefetch: bool = False
     lean: bool = False
+    max_registers: int = 0
 
     def for_group(self, group: int) -> "TileConfig":
         """This config with block_m raised to hold at least one query's packed heads."""
-        block_m = max(self.block_m, 16, triton.next_power_of_2(group))
-        return TileConfig(block_m, self.block_n, self.num_warps, self.num_stages,
-                          self.programs_per_sm, self.prefetch, self.lean)
+        return dataclasses.replace(self, block_m=max(self.block_m, 16,
+                                                     triton.next_power_of_2(group)))
+
+    def as_ints(self) -> list[int]:
+        """Every field as an int, in field order (how the custom op carries a config)."""
+        return [int(getattr(self, f.name)) for f in dataclasses.fields(self)]
+
+    @classmethod
+    def from_ints(cls, values) -> "TileConfig":
+        """The inverse of `as_ints`."""
+        fields = dataclasses.fields(cls)
+        return cls(*(bool(v) if f.type in (bool, "bool") else int(v)
+                     for f, v in zip(fields, values)))
 
 
 def pick_config(configs: dict, head_dim: int, group: int) -> TileConfig:
@@ -199,6 +216,9 @@ def _partials_kernel(
             tl.store(lse_part_ptr + part_rows, lse, mask=row_ok)
 
 
+_LAUNCH_PARTIALS = Launcher(_partials_kernel)
+
+
 def partials(q, k_cache, v_cache, o_part, lse_part, buffers, *, flat: bool, sm_scale: float,
              config: TileConfig, num_programs: int) -> None:
     """Launch `_partials_kernel`: the partial results of every (partition, query) entry.
@@ -223,7 +243,7 @@ def partials(q, k_cache, v_cache, o_part, lse_part, buffers, *, flat: bool, sm_s
     group = q.shape[1] // kv_heads
     precision = "ieee" if q.dtype == torch.float32 else "tf32"  # tf32: ignored for 16-bit
     narrow = config.lean and max(k_cache.numel(), v_cache.numel()) < 2**31
-    _partials_kernel[(num_programs,)](
+    _LAUNCH_PARTIALS((num_programs,),
         q, k_cache, v_cache, o_part, lse_part,
         buffers["counts"], buffers["part_start"], buffers["part_tokens"], buffers["part_entry"],
         buffers["entry_query"], buffers["entry_row"], buffers["query_flat"], buffers["token_slot"],
@@ -237,4 +257,5 @@ def partials(q, k_cache, v_cache, o_part, lse_part, buffers, *, flat: bool, sm_s
         LEAN=config.lean, NARROW=narrow,
         SAME_KV_STRIDE=narrow and k_cache.stride(1) == v_cache.stride(1),
         num_warps=config.num_warps, num_stages=config.num_stages,
+        maxnreg=config.max_registers or None,
     )

@@ -20,6 +20,8 @@ import torch
 import triton
 import triton.language as tl
 
+from deft.kernels.launch import Launcher
+
 BLOCK_E = 16
 """Partial rows merged per loop step."""
 
@@ -64,6 +66,9 @@ def _merge_kernel(
         tl.store(lse_ptr + query.to(tl.int64) * stride_ln + head * stride_lh, lse_out)
 
 
+_LAUNCH_MERGE = Launcher(_merge_kernel)
+
+
 def merge(o_part, lse_part, buffers, out, lse=None) -> None:
     """Launch `_merge_kernel`: write every row of `out` (and `lse`) from the partials.
 
@@ -78,7 +83,7 @@ def merge(o_part, lse_part, buffers, out, lse=None) -> None:
         Natural-log log-sum-exp of each output row.
     """
     rows, q_heads, head_dim = out.shape
-    _merge_kernel[(rows, q_heads)](
+    _LAUNCH_MERGE((rows, q_heads),
         o_part, lse_part, out, out if lse is None else lse,
         buffers["counts"], buffers["query_row_ptr"],
         out.stride(0), out.stride(1),
