@@ -139,6 +139,19 @@ def tuned_plan(strategy: str, tree: Tree, page_size: int, device, max_entries: i
     return plan, tuned
 
 
+def stored_configs(strategy: str, tree: Tree) -> list:
+    """The chosen (chunk_size, group_size, TileConfig or None) of the tree's bucket in every
+    readable table, any card (tuning starts from them: a card's best is often its sibling's)."""
+    bucket = bucket_of(tree)
+    found = []
+    for path in _table_paths():
+        table = _read(path, *_stamp(path))
+        match = table.entry(strategy, bucket) if table is not None else None
+        if match is not None:
+            found.append(chosen_config(match[1]))
+    return list(dict.fromkeys(found))
+
+
 # ---------------------------------------------------------------------------- caches
 def _table_paths() -> list[Path]:
     return [path for directory in config_dirs() for path in sorted(directory.glob("*.json"))]

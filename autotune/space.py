@@ -41,9 +41,10 @@ TILE_KNOBS = {
     "block_n": (32, 64, 128),
     "num_warps": (4, 8),
     "num_stages": (2, 3, 5),
-    "programs_per_sm": (1, 2, 4),
+    "programs_per_sm": (1, 2, 3, 4),
     "prefetch": (False, True),
     "lean": (False, True),
+    "max_registers": (0, 128, 168),
 }
 """Values tried for each `TileConfig` field."""
 
@@ -73,7 +74,8 @@ class Candidate:
         t = self.tile
         return (f"c{self.chunk_size or '-'} g{self.group_size or '-'} m{t.block_m} n{t.block_n} "
                 f"w{t.num_warps} s{t.num_stages} p{t.programs_per_sm}"
-                + (" pf" if t.prefetch else "") + (" lean" if t.lean else ""))
+                + (" pf" if t.prefetch else "") + (" lean" if t.lean else "")
+                + (f" r{t.max_registers}" if t.max_registers else ""))
 
     def to_dict(self) -> dict:
         return {"chunk_size": self.chunk_size, "group_size": self.group_size,
@@ -163,11 +165,22 @@ def smem_bytes(tile: TileConfig, head_dim: int, element_bytes: int) -> int:
     return (max(1, tile.num_stages) * 2 * tile.block_n + tile.block_m) * d * element_bytes
 
 
+REGISTERS_PER_SM = 65536
+"""32-bit registers of one SM (A100, H100 and H200 alike)."""
+UNCAPPED_REGISTERS = 255
+"""Registers per thread to assume where the tile leaves the compiler free (``max_registers``
+0): the partials kernel takes 240 to 255 at head dim 128 on sm_90."""
+
+
 def fits(tile: TileConfig, gpu: GpuSpec, head_dim: int, element_bytes: int) -> bool:
-    """Whether one program fits a block's shared memory and ``programs_per_sm`` fit one SM."""
+    """Whether one program fits a block's shared memory and ``programs_per_sm`` programs fit
+    one SM's shared memory and registers (a program that does not fit would wait for a later
+    wave of the persistent grid)."""
     need = smem_bytes(tile, head_dim, element_bytes)
+    registers = (tile.max_registers or UNCAPPED_REGISTERS) * tile.num_warps * 32
     return (need <= gpu.smem_per_block_kb * 1024
-            and need * tile.programs_per_sm <= gpu.smem_per_sm_kb * 1024)
+            and need * tile.programs_per_sm <= gpu.smem_per_sm_kb * 1024
+            and registers * tile.programs_per_sm <= REGISTERS_PER_SM)
 
 
 def tile_space(tree: Tree, gpu: GpuSpec) -> list[TileConfig]:

@@ -58,8 +58,10 @@ CAPABILITIES = {
 written without the card."""
 
 _TILE_FIELDS = tuple(f.name for f in dataclasses.fields(TileConfig))
+_TILE_REQUIRED = ("block_m", "block_n", "num_warps", "num_stages", "programs_per_sm")
+"""Tile fields every stored tile holds, positive integers; the others (booleans, and
+``max_registers``, an integer >= 0) are optional: tables written before them mean the default."""
 _TILE_FLAGS = tuple(f.name for f in dataclasses.fields(TileConfig) if f.type in (bool, "bool"))
-"""Boolean tile fields: optional in a stored tile (tables written before them: off)."""
 
 
 class AutotuneWarning(UserWarning):
@@ -278,11 +280,16 @@ def _check_config(config, where: str) -> None:
                                       and value > 0):
             raise TableError(f"{where}.{key} must be a positive integer or null, got {value!r}")
     tile = config.get("tile")
-    ints = [f for f in _TILE_FIELDS if f not in _TILE_FLAGS]
+    counts = [f for f in _TILE_FIELDS if f not in _TILE_REQUIRED + _TILE_FLAGS]
+
+    def is_int(value, least):
+        return isinstance(value, int) and not isinstance(value, bool) and value >= least
+
     if tile is not None and not (
-            isinstance(tile, dict) and set(ints) <= set(tile) <= set(_TILE_FIELDS)
-            and all(isinstance(tile[f], int) and not isinstance(tile[f], bool) and tile[f] > 0
-                    for f in ints)
+            isinstance(tile, dict) and set(_TILE_REQUIRED) <= set(tile) <= set(_TILE_FIELDS)
+            and all(is_int(tile[f], 1) for f in _TILE_REQUIRED)
+            and all(is_int(tile[f], 0) for f in counts if f in tile)
             and all(isinstance(tile[f], bool) for f in _TILE_FLAGS if f in tile)):
-        raise TableError(f"{where}.tile must be null or {{{', '.join(ints)}}} as positive "
-                         f"integers, optionally with {', '.join(_TILE_FLAGS)} as booleans")
+        raise TableError(f"{where}.tile must be null or {{{', '.join(_TILE_REQUIRED)}}} as "
+                         f"positive integers, optionally with {', '.join(counts)} as integers "
+                         f">= 0 and {', '.join(_TILE_FLAGS)} as booleans")

@@ -34,11 +34,12 @@ from autotune.space import (
     Candidate,
     default_candidate,
     default_sizes,
+    fits,
     neighbours,
     rank_sizes,
     tile_space,
 )
-from autotune.lookup import card_spec
+from autotune.lookup import card_spec, stored_configs
 from autotune.store import CAPABILITIES, Table, current_versions, detect_device
 from deft.bench.inputs import TREE_DTYPE, with_dtype
 from iomodel.gpus import BUILTIN, GpuSpec
@@ -49,10 +50,11 @@ TOP_K = 8
 LEADERS = 3
 """Candidates re-timed at the end of a bucket, besides the defaults."""
 
-DESCENT = (("block_m",), ("block_n",), ("num_warps",),
-           ("num_stages", "programs_per_sm", "prefetch"))
+DESCENT = (("block_m",), ("block_n",), ("num_warps",), ("num_stages", "prefetch"),
+           ("programs_per_sm", "max_registers"))
 """The knobs of the tile descent, in order (`autotune.space.TILE_KNOBS` fields; the slot
-prefetch moves with the stages: it pays at 3 stages, not at 5; ``lean`` keeps the default's)."""
+prefetch moves with the stages: it pays at 3 stages, not at 5; programs per SM with the
+register cap that lets them fit; ``lean`` keeps the default's)."""
 
 class Reporter:
     """Progress hooks of a tuning run; this base class ignores them (the CLI draws a bar)."""
@@ -150,9 +152,13 @@ def autotune(workloads, strategies, gpu: GpuSpec, device: dict, make_bench, *,
         left = budget_s - (time.perf_counter() - start)
         deadline = time.perf_counter() + max(0.0, left) / (len(jobs) - done)
         reporter.log(f"{strategy} on {name} ({bucket_of(tree).key})")
+        seeds = [Candidate(c, g, t) for c, g, t in stored_configs(strategy, tree)
+                 if t is not None and fits(t, gpu, tree.attention.head_dim,
+                                           tree.attention.element_bytes)]
         try:
             entry = tune_workload(strategy, name, tree, gpu, make_bench, top_k=top_k,
-                                  exhaustive=exhaustive, deadline=deadline, reporter=reporter)
+                                  exhaustive=exhaustive, deadline=deadline, reporter=reporter,
+                                  seeds=seeds)
         except Exception as error:  # noqa: BLE001 - one failing job never stops the run
             reporter.log(f"  failed: {type(error).__name__}: {error}")
             continue
@@ -164,8 +170,10 @@ def autotune(workloads, strategies, gpu: GpuSpec, device: dict, make_bench, *,
 
 
 def tune_workload(strategy, name, tree, gpu, make_bench, *, top_k=TOP_K, exhaustive=False,
-                  deadline=float("inf"), reporter=None) -> dict:
-    """Steps 1-3 (module docstring) on one tree: the bucket's table entry."""
+                  deadline=float("inf"), reporter=None, seeds=()) -> dict:
+    """Steps 1-3 (module docstring) on one tree: the bucket's table entry. `seeds` (configs
+    stored for the bucket, e.g. a sibling card's) are measured with the sizes, so the tile
+    descent starts from the best of both."""
     reporter = reporter or Reporter()
     start = time.perf_counter()
     ranked = rank_sizes(strategy, tree, gpu, PAGE_SIZE)
@@ -185,7 +193,7 @@ def tune_workload(strategy, name, tree, gpu, make_bench, *, top_k=TOP_K, exhaust
     bench = make_bench(strategy, tree, default)
     try:
         sizes = ranked if exhaustive else ranked[:top_k]
-        run([default] + [Candidate(*r.sizes, default.tile) for r in sizes], "sizes")
+        run([default, *seeds] + [Candidate(*r.sizes, default.tile) for r in sizes], "sizes")
         best = _fastest(records)
         space = tile_space(tree, gpu)
         if exhaustive:
