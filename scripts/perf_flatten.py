@@ -2,9 +2,10 @@
 """DeFT-Flatten kernel variants against the current kernel on the six anchors, same process.
 
     python scripts/perf_flatten.py [--workloads DIR] [--variants a,b,...] [--sizes] [--cpu]
+                                   [--anchors a,b,...] [--no-timing]
 
-Per anchor (ANCHORS.md, fp16, Llama-3-8B shape, page size 1): the plan and tile of the H200
-tuned table (``TUNED``; ``--sizes`` also tries two other chunk/group sizes), then every variant of
+Per anchor (ANCHORS.md, fp16, Llama-3-8B shape, page size 1): the plan and tile of the shipped
+H200 table (`tuned`; ``--sizes`` also tries `extra_sizes`), then every variant of
 ``VARIANTS`` (a `TileConfig` derived from the tuned tile: kernel switches are config fields):
 - correctness: output NaN-poisoned, run once, compared with the current kernel's output on the
   same inputs (rel diff <= 2e-3; the current kernel itself against a float64 oracle on the first
@@ -49,16 +50,24 @@ TOLERANCE = 2e-3
 COPIES = 4
 DEVICE = torch.device("cpu" if "--cpu" in sys.argv else "cuda")
 
-TUNED = {  # autotune/configs/nvidia-h200.json (chosen): chunk, group, tile
-    "fewshot_b20_P4000_L200": (512, 16, TileConfig(64, 32, 4, 5, 2)),
-    "fewshot_b50_P4000_L200": (256, 32, TileConfig(64, 32, 4, 5, 2)),
-    "reason_10x500_P1104": (256, 8, TileConfig(64, 32, 4, 5, 2)),
-    "spec_t64_P4000": (512, 16, TileConfig(64, 32, 4, 5, 2)),
-    "spec_t256_P4000": (1024, 32, TileConfig(128, 32, 4, 3, 2)),
-    "long_P20000_q64_L100": (512, 32, TileConfig(128, 32, 4, 3, 2)),
-}
-EXTRA_SIZES = [(512, 16)]
-"""Other (chunk, group) sizes tried with --sizes."""
+TABLE = Path(__file__).resolve().parents[1] / "autotune/configs/nvidia-h200.json"
+ANCHORS = ("fewshot_b20_P4000_L200", "fewshot_b50_P4000_L200", "reason_10x500_P1104",
+           "spec_t64_P4000", "spec_t256_P4000", "long_P20000_q64_L100")
+
+
+def tuned(anchor: str):
+    """(chunk, group, TileConfig) the shipped H200 table chose for an anchor, fp16."""
+    buckets = json.loads(TABLE.read_text())["strategies"]["deft_flatten"]
+    chosen = next(e["chosen"] for key, e in buckets.items()
+                  if e["workload"] == anchor and key.endswith("-float16"))
+    return chosen["chunk_size"], chosen["group_size"], TileConfig(**chosen["tile"])
+
+
+def extra_sizes(chunk, group):
+    """Other (chunk, group) sizes tried with --sizes: a half and a quarter of the chunk (more
+    work items, for more programs per SM), and twice the group (fewer re-reads of shared
+    blocks)."""
+    return [(chunk // 2, group), (chunk // 4, group), (chunk, 2 * group)]
 
 
 def _with(**changes):
@@ -67,19 +76,12 @@ def _with(**changes):
 
 VARIANTS = {
     "current": _with(),
-    "pf": _with(prefetch=True),
-    "pf_s3": _with(prefetch=True, num_stages=3),
-    "pf_s3_p3": _with(prefetch=True, num_stages=3, programs_per_sm=3),
-    "pf_s4": _with(prefetch=True, num_stages=4),
-    "n64_s3": _with(block_n=64, num_stages=3),
-    "n64_s3_pf": _with(block_n=64, num_stages=3, prefetch=True),
-    "n64_s2_p3": _with(block_n=64, num_stages=2, programs_per_sm=3),
-    "n16_s5_pf": _with(block_n=16, prefetch=True),
-    "lean": _with(lean=True),
-    "pf_s3_lean": _with(prefetch=True, num_stages=3, lean=True),
-    "pf_s4_lean": _with(prefetch=True, num_stages=4, lean=True),
-    "pf_s3_lean_p3": _with(prefetch=True, num_stages=3, programs_per_sm=3, lean=True),
-    "pf_s3_lean_w8": _with(prefetch=True, num_stages=3, num_warps=8, lean=True),
+    "n32_s2_r128_p4": _with(block_n=32, num_stages=2, max_registers=128, programs_per_sm=4),
+    "n32_s2_r128_p4_nopf": _with(block_n=32, num_stages=2, max_registers=128,
+                                 programs_per_sm=4, prefetch=False),
+    "n32_s3_r168_p3": _with(block_n=32, num_stages=3, max_registers=168, programs_per_sm=3),
+    "n32_s3_r128_p3": _with(block_n=32, num_stages=3, max_registers=128, programs_per_sm=3),
+    "n64_s2_r128_p2": _with(block_n=64, num_stages=2, max_registers=128, programs_per_sm=2),
 }
 """Kernel variants, each a change of the tuned tile."""
 
@@ -121,7 +123,8 @@ def inputs(tree: Tree, copies: int):
 
 def label(t: TileConfig) -> str:
     return (f"m{t.block_m} n{t.block_n} w{t.num_warps} s{t.num_stages} p{t.programs_per_sm}"
-            + (" pf" if t.prefetch else "") + (" lean" if t.lean else ""))
+            + (" pf" if t.prefetch else "") + (" lean" if t.lean else "")
+            + (f" r{t.max_registers}" if t.max_registers else ""))
 
 
 def run_anchor(name, tree, sizes, variants, timer, records):
@@ -174,9 +177,11 @@ def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--workloads", default=None)
     parser.add_argument("--variants", default=",".join(VARIANTS))
-    parser.add_argument("--anchors", default=",".join(TUNED))
-    parser.add_argument("--sizes", action="store_true", help="also EXTRA_SIZES chunk/group")
+    parser.add_argument("--anchors", default=",".join(ANCHORS))
+    parser.add_argument("--sizes", action="store_true", help="also extra_sizes()")
     parser.add_argument("--cpu", action="store_true", help="tiny tree, interpreter, no timing")
+    parser.add_argument("--no-timing", action="store_true",
+                        help="correctness runs only (one launch per variant: for ncu)")
     args = parser.parse_args()
     variants = ["current"] + [v for v in args.variants.split(",") if v and v != "current"]
     records, info = [], {}
@@ -194,12 +199,12 @@ def main():
         info = dict(device=props.name, sms=props.multi_processor_count, torch=torch.__version__,
                     triton=triton.__version__)
         print(info, flush=True)
-        timer = CudaTimer(warmup_ms=10, rep_ms=60)
+        timer = None if args.no_timing else CudaTimer(warmup_ms=10, rep_ms=60)
         for name in args.anchors.split(","):
-            chunk, group, tile = TUNED[name]
+            chunk, group, tile = tuned(name)
             sizes = [(chunk, group, tile)]
             if args.sizes:
-                sizes += [(c, g, tile) for c, g in EXTRA_SIZES if (c, g) != (chunk, group)]
+                sizes += [(c, g, tile) for c, g in extra_sizes(chunk, group)]
             tree = wl.anchor(name, args.workloads, LLAMA)
             run_anchor(name, tree, sizes, variants, timer, records)
             save(info, records, start)
