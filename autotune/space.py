@@ -30,8 +30,12 @@ from iomodel.gpus import GpuSpec
 from iomodel.latency import predict_latency
 from reference.plan import DEFAULT_CHUNK_SIZE, USES_CHUNK_SIZE, USES_GROUP_SIZE, build_plan
 
-CHUNK_SIZES = (32, 64, 128, 256, 512, 1024, 2048, 4096)
-"""Chunk sizes tried (KV tokens per chunk or block)."""
+CHUNK_SIZES = (32, 64, 128, 256, 384, 512, 768, 1024, 1536, 2048, 3072, 4096)
+"""Chunk sizes tried (KV tokens per chunk or block). The 1.5x steps balance the persistent
+grid where a power of two leaves it uneven: on an H100, fewshot_b20 at chunk 384 makes 256
+work items for 264 programs (one round of 6 tiles) where 512 makes 192 items of 8 tiles
+(27.98 vs 30.42 us), long_P20000 runs 123.8 us at 1536 against 133.2 at 1024
+(scripts/perf_flatten.py --chunks)."""
 
 GROUP_SIZES = (None, 8, 16, 32, 64)
 """Group sizes tried (most queries per group; None: no cap)."""

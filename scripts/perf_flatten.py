@@ -64,10 +64,9 @@ def tuned(anchor: str):
 
 
 def extra_sizes(chunk, group):
-    """Other (chunk, group) sizes tried with --sizes: a half and a quarter of the chunk (more
-    work items, for more programs per SM), and twice the group (fewer re-reads of shared
-    blocks)."""
-    return [(chunk // 2, group), (chunk // 4, group), (chunk, 2 * group)]
+    """Other (chunk, group) sizes tried with --sizes: half the chunk (more work items, for more
+    programs per SM), twice the group (fewer re-reads of shared blocks), and both."""
+    return [(chunk // 2, group), (chunk, 2 * group), (chunk // 2, 2 * group)]
 
 
 def _with(**changes):
@@ -76,12 +75,9 @@ def _with(**changes):
 
 VARIANTS = {
     "current": _with(),
+    "m128_w8": _with(block_m=128, num_warps=8),
+    "n32_r168_p3": _with(block_n=32, num_stages=3, max_registers=168, programs_per_sm=3),
     "n32_s2_r128_p4": _with(block_n=32, num_stages=2, max_registers=128, programs_per_sm=4),
-    "n32_s2_r128_p4_nopf": _with(block_n=32, num_stages=2, max_registers=128,
-                                 programs_per_sm=4, prefetch=False),
-    "n32_s3_r168_p3": _with(block_n=32, num_stages=3, max_registers=168, programs_per_sm=3),
-    "n32_s3_r128_p3": _with(block_n=32, num_stages=3, max_registers=128, programs_per_sm=3),
-    "n64_s2_r128_p2": _with(block_n=64, num_stages=2, max_registers=128, programs_per_sm=2),
 }
 """Kernel variants, each a change of the tuned tile."""
 
@@ -179,6 +175,8 @@ def main():
     parser.add_argument("--variants", default=",".join(VARIANTS))
     parser.add_argument("--anchors", default=",".join(ANCHORS))
     parser.add_argument("--sizes", action="store_true", help="also extra_sizes()")
+    parser.add_argument("--chunks", default="",
+                        help="comma-separated chunk sizes to try too, at the tuned group")
     parser.add_argument("--cpu", action="store_true", help="tiny tree, interpreter, no timing")
     parser.add_argument("--no-timing", action="store_true",
                         help="correctness runs only (one launch per variant: for ncu)")
@@ -205,6 +203,8 @@ def main():
             sizes = [(chunk, group, tile)]
             if args.sizes:
                 sizes += [(c, g, tile) for c, g in extra_sizes(chunk, group)]
+            sizes += [(int(c), group, tile) for c in args.chunks.split(",")
+                      if c and int(c) != chunk]
             tree = wl.anchor(name, args.workloads, LLAMA)
             run_anchor(name, tree, sizes, variants, timer, records)
             save(info, records, start)
