@@ -31,6 +31,7 @@ import torch
 from autotune.buckets import bucket_of
 from autotune.measure import LEADER_ROUNDS, PAGE_SIZE, ROUNDS, Measurement
 from autotune.space import (
+    CHUNK_SIZES,
     Candidate,
     default_candidate,
     default_sizes,
@@ -43,9 +44,15 @@ from autotune.lookup import card_spec, stored_configs
 from autotune.store import CAPABILITIES, Table, current_versions, detect_device
 from deft.bench.inputs import TREE_DTYPE, with_dtype
 from iomodel.gpus import BUILTIN, GpuSpec
+from reference.plan import USES_CHUNK_SIZE
 
 TOP_K = 8
 """Sizes measured per bucket (the IO model's best predicted)."""
+
+CHUNK_STEPS = 2
+"""After the tile descent, chunk sizes this many places either side of the best are measured
+at the best group and tile (the IO model's top sizes can miss the size that balances the
+persistent grid, e.g. 384 or 1536)."""
 
 LEADERS = 3
 """Candidates re-timed at the end of a bucket, besides the defaults."""
@@ -169,6 +176,14 @@ def autotune(workloads, strategies, gpu: GpuSpec, device: dict, make_bench, *,
     return table
 
 
+def neighbour_chunks(chunk: int, steps: int = CHUNK_STEPS) -> list[int]:
+    """The chunk sizes of `CHUNK_SIZES` up to `steps` places either side of `chunk`."""
+    if chunk not in CHUNK_SIZES:
+        return []
+    at = CHUNK_SIZES.index(chunk)
+    return [c for c in CHUNK_SIZES[max(0, at - steps): at + steps + 1] if c != chunk]
+
+
 def tune_workload(strategy, name, tree, gpu, make_bench, *, top_k=TOP_K, exhaustive=False,
                   deadline=float("inf"), reporter=None, seeds=()) -> dict:
     """Steps 1-3 (module docstring) on one tree: the bucket's table entry. `seeds` (configs
@@ -207,6 +222,9 @@ def tune_workload(strategy, name, tree, gpu, make_bench, *, top_k=TOP_K, exhaust
                             "tiles")
                 if times:
                     current = min(times, key=times.get).tile
+            if strategy in USES_CHUNK_SIZE and time.perf_counter() <= deadline:
+                run([Candidate(c, best.group_size, current)
+                     for c in neighbour_chunks(best.chunk_size)], "chunks")
         ok = sorted((c for c in records if records[c]["measurement"].status == "ok"),
                     key=lambda c: statistics.median(records[c]["rounds_us"]))
         retimed = run([default] + ok[:LEADERS], "leaders", LEADER_ROUNDS)

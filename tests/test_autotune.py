@@ -144,6 +144,18 @@ def test_neighbours_change_one_knob():
 
 
 
+def test_neighbour_chunks_and_the_chunk_stage():
+    assert tune.neighbour_chunks(512) == [256, 384, 768, 1024]
+    assert tune.neighbour_chunks(32) == [64, 128] and tune.neighbour_chunks(100) == []
+    FakeBench.made.clear()
+    t = tune.autotune([("w", TREE)], ["deft_flatten"], H100, device(H100), FakeBench, top_k=1)
+    entry = t.strategies["deft_flatten"][KEY]
+    sizes, _ = FakeBench.made[0].calls[0]
+    best = min(sizes, key=FakeBench.us)  # the default included
+    chunks = {c["chunk_size"] for c in entry["candidates"] if c["stage"] == "chunks"}
+    assert chunks == set(tune.neighbour_chunks(best.chunk_size))
+
+
 def test_search_starts_from_the_stored_configs_of_the_bucket(isolated_tables):
     """A sibling card's choice is measured with the sizes: here (chunk 512, 2 stages) it is
     the fake bench's optimum and wins, though the IO model's top sizes may not hold it."""
@@ -307,7 +319,7 @@ def test_search_measures_top_k_then_tiles_then_leaders():
     assert entry["chosen"]["us"] == min(c["retimed_us"] for c in entry["candidates"]
                                         if c["retimed_us"] is not None)
     assert entry["speedup"] == pytest.approx(entry["default"]["us"] / entry["chosen"]["us"])
-    assert {c["stage"] for c in entry["candidates"]} == {"sizes", "tiles"}
+    assert {c["stage"] for c in entry["candidates"]} == {"sizes", "tiles", "chunks"}
     assert t.source == "measured" and t.tuning_s > 0 and t.settings["top_k"] == 4
 
 
