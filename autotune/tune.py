@@ -4,18 +4,22 @@ For every strategy and workload (each workload stands for its tree's bucket; a s
 of a bucket already tuned is skipped), measured:
 
 1. sizes: the strategy's sizes ranked by the IO model (`autotune.space.rank_sizes`); the
-   `TOP_K` best predicted, and the defaults, are measured with the kernel's tile;
-2. tiles: at the fastest size, a coordinate descent from the kernel's tile: for each knob of
-   `DESCENT` in turn, the tiles that fit the card and differ in that knob alone are measured
-   together and the fastest kept (stages and programs per SM move together: they share the
-   SM's shared memory);
-3. leaders: the `LEADERS` fastest so far and the defaults are re-timed together
+   `TOP_K` best predicted and the defaults, measured with the kernel's tile, and the configs
+   stored for the bucket in every readable table (`autotune.lookup.stored_configs`), with
+   their own tiles;
+2. tiles: at the fastest, a coordinate descent from its tile: for each knob group of
+   `DESCENT` in turn, the tiles that fit the card and differ in those knobs alone are measured
+   together and the fastest kept;
+3. chunks: the chunk sizes `CHUNK_STEPS` places either side of the fastest, at its group and
+   the descent's tile;
+4. leaders: the `LEADERS` fastest so far and the defaults are re-timed together
    (`autotune.measure.LEADER_ROUNDS` interleaved rounds); the fastest re-timed is chosen, and its
    speedup over the defaults comes from those same rounds.
 
 ``exhaustive`` measures every size in step 1 and every fitting tile at the fastest size in
 step 2. The time budget is shared evenly by the (strategy, workload) jobs still to run; a job
-past its share skips the rest of step 2 (steps 1 and 3 always run, so the budget is soft).
+past its share skips the rest of steps 2 and 3 (steps 1 and 4 always run, so the budget is
+soft).
 
 ``predict`` ranks the sizes with the IO model only, on the card's spec, and keeps the kernel's
 tile: a table marked ``"source": "predicted"``.
