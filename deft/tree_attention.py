@@ -21,7 +21,7 @@ import torch
 
 from deft.kernels import KERNELS
 from deft.kernels.partials import TileConfig, partials
-from deft.kernels.reduction import merge
+from deft.kernels.reduction import merge, per_query_merge
 from deft.planner import (
     PlanBuffers,
     cache_page_size,
@@ -74,6 +74,7 @@ class TreePlan:
     num_queries: int
     num_partitions: int
     num_entries: int
+    per_query_merge: bool
     max_slot: int
     slots: np.ndarray
     generation: int
@@ -224,7 +225,10 @@ class TreeAttention:
         return TreePlan(
             strategy=self.strategy, tree=tree, reference=reference, page_size=page_size,
             num_queries=tree.num_queries, num_partitions=reference.num_partitions,
-            num_entries=len(reference.query_index), max_slot=arrays["max_slot"],
+            num_entries=len(reference.query_index),
+            per_query_merge=per_query_merge(tree.num_queries, len(reference.query_index),
+                                            self._sm_count()),
+            max_slot=arrays["max_slot"],
             slots=token_slots(tree, page_ptr, pages, page_size),
             generation=self._generation, owner=self,
         )
@@ -276,10 +280,11 @@ class TreeAttention:
         if torch.compiler.is_compiling():  # traced: the custom op keeps the graph opaque
             torch.ops.deft.tree_attention(
                 q, k_cache, v_cache, self.buffers.data, self.buffers.layout(), o_part,
-                lse_part, out, lse, self.kernel.FLAT, sm_scale, config.as_ints(), num_programs)
+                lse_part, out, lse, self.kernel.FLAT, sm_scale, config.as_ints(), num_programs,
+                plan.per_query_merge)
         else:  # eager: the same launches without the custom op's dispatch (host time)
             _launch(q, k_cache, v_cache, self.buffers.views, o_part, lse_part, out, lse,
-                    self.kernel.FLAT, sm_scale, config, num_programs)
+                    self.kernel.FLAT, sm_scale, config, num_programs, plan.per_query_merge)
         return (out, lse) if return_lse else out
 
     def _partials_workspace(self, q_heads: int, head_dim: int):
@@ -310,9 +315,14 @@ class TreeAttention:
         """Persistent grid: enough programs to fill the device, never more than work items."""
         items = self.max_entries * kv_heads  # partitions <= entries
         if self.device.type == "cuda":
-            sms = torch.cuda.get_device_properties(self.device).multi_processor_count
-            return min(items, sms * config.programs_per_sm)
+            return min(items, self._sm_count() * config.programs_per_sm)
         return min(items, CPU_PROGRAMS)
+
+    def _sm_count(self) -> int:
+        """Multiprocessors of the device (`CPU_PROGRAMS` under the interpreter)."""
+        if self.device.type == "cuda":
+            return torch.cuda.get_device_properties(self.device).multi_processor_count
+        return CPU_PROGRAMS
 
     def _check_inputs(self, q, k_cache, v_cache, plan, out) -> None:
         def fail(message):
@@ -362,13 +372,13 @@ class TreeAttention:
 
 # ---------------------------------------------------------------------------- the launches
 def _launch(q, k_cache, v_cache, buffers, o_part, lse_part, out, lse, flat, sm_scale, config,
-            num_programs) -> None:
+            num_programs, per_query_merge) -> None:
     """Partial results, then the merge, on q's device."""
     other_device = q.is_cuda and q.device.index != torch.cuda.current_device()
     with torch.cuda.device(q.device) if other_device else contextlib.nullcontext():
         partials(q, k_cache, v_cache, o_part, lse_part, buffers, flat=flat, sm_scale=sm_scale,
                  config=config, num_programs=num_programs)
-        merge(o_part, lse_part, buffers, out, lse)
+        merge(o_part, lse_part, buffers, out, lse, per_query=per_query_merge)
 
 
 # ---------------------------------------------------------------------------- the custom op
@@ -377,16 +387,16 @@ def _tree_attention_op(
     q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, plan_data: torch.Tensor,
     plan_layout: list[int], o_part: torch.Tensor, lse_part: torch.Tensor, out: torch.Tensor,
     lse: torch.Tensor | None, flat: bool, sm_scale: float, tile: list[int],
-    num_programs: int,
+    num_programs: int, per_query_merge: bool,
 ) -> None:
     """The two kernels of one `TreeAttention.run`, as an opaque op for torch.compile."""
     _launch(q, k_cache, v_cache, views_of(plan_data, plan_layout), o_part, lse_part, out, lse,
-            flat, sm_scale, TileConfig.from_ints(tile), num_programs)
+            flat, sm_scale, TileConfig.from_ints(tile), num_programs, per_query_merge)
 
 
 @_tree_attention_op.register_fake
 def _(q, k_cache, v_cache, plan_data, plan_layout, o_part, lse_part, out, lse, flat, sm_scale,
-      tile, num_programs) -> None:
+      tile, num_programs, per_query_merge) -> None:
     return None
 
 

@@ -182,6 +182,7 @@ def main():
                         help="correctness runs only (one launch per variant: for ncu)")
     args = parser.parse_args()
     variants = ["current"] + [v for v in args.variants.split(",") if v and v != "current"]
+
     records, info = [], {}
     start = time.time()
     if args.cpu:

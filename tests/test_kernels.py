@@ -195,6 +195,37 @@ def test_tree_cache_replan_padding_and_lse():
         attn.run(q.to(DEVICE), pool.k, pool.v, stale, out=out)
 
 
+def test_merge_per_query_and_per_head_agree():
+    """Both merge kernels give the same rows (padding rows zero, lse -inf) from one set of
+    partials; a plan picks per query where many queries have few partial rows each."""
+    from deft.kernels.reduction import merge, per_query_merge
+
+    tree = Tree([0, 1, 2, 3, 4], [None, 0, 0, 1, 1], [40, 5, 9, 4, 6], [0, 2, 1, 1, 1],
+                AttentionShape(12, 2, 32, "float16"))
+    q, k, v = inputs(tree)
+    k_cache, v_cache, table = paged_cache(tree, k.to(DEVICE), v.to(DEVICE), 4)
+    attn = TreeAttention("deft_flatten", chunk_size=16, max_queries=8, max_tokens=64,
+                         device=DEVICE)
+    plan = attn.plan(tree, table)
+    padded = torch.zeros(8, 12, 32, dtype=torch.float16, device=DEVICE)
+    padded[: tree.num_queries] = q.to(DEVICE)
+    attn.run(padded, k_cache, v_cache, plan)  # fills the partials
+    o_part, lse_part = attn._partials_workspace(12, 32)
+    results = []
+    for per_query in (False, True):
+        out = torch.full((8, 12, 32), float("nan"), dtype=torch.float16, device=DEVICE)
+        lse = torch.full((8, 12), float("nan"), device=DEVICE)
+        merge(o_part, lse_part, attn.buffers.views, out, lse, per_query=per_query)
+        results.append((out.cpu(), lse.cpu()))
+    n = tree.num_queries
+    assert torch.equal(results[0][0], results[1][0])
+    assert torch.allclose(results[0][1][:n], results[1][1][:n], rtol=0, atol=1e-6)
+    assert torch.isneginf(results[1][1][n:]).all() and (results[1][0][n:] == 0).all()
+    assert rel_err(results[1][0][:n], oracle_attention(tree, q, k, v)) <= TOLERANCE[torch.float16]
+    assert per_query_merge(255, 765, 132) and not per_query_merge(64, 1344, 132)
+    assert not per_query_merge(63, 126, 132)  # too few programs to fill the SMs
+
+
 def test_lse_and_merge_states():
     """return_lse is the log-sum-exp of the scores; merge_states composes two KV sets."""
     shape = AttentionShape(4, 1, 32, "float32")
@@ -282,7 +313,7 @@ import triton
 from triton.backends.compiler import GPUTarget
 
 from deft.kernels.partials import _partials_kernel
-from deft.kernels.reduction import _merge_kernel
+from deft.kernels.reduction import _merge_kernel, _merge_query_kernel
 
 
 def compile_for_sm90(fn, pointers, ints, floats, constexprs, num_warps):
@@ -318,6 +349,14 @@ compile_for_sm90(
     ["stride_on", "stride_oh", "stride_ln", "stride_lh"], [],
     dict(Q_HEADS=32, HEAD_DIM=128, BLOCK_E=16, STORE_LSE=True),
     num_warps=2,
+)
+compile_for_sm90(
+    _merge_query_kernel,
+    {"o_part_ptr": "*fp32", "lse_part_ptr": "*fp32", "out_ptr": "*fp16", "lse_ptr": "*fp32",
+     "counts_ptr": "*i32", "query_row_ptr": "*i32"},
+    ["stride_on", "stride_oh", "stride_ln", "stride_lh"], [],
+    dict(Q_HEADS=12, HEADS=16, HEAD_DIM=128, STORE_LSE=True),
+    num_warps=4,
 )
 """
 

@@ -8,7 +8,9 @@ run; no atomics):
 
 One program per (query row, query head) loops over the query's entries BLOCK_E at a time,
 keeping a running max, so a query with thousands of entries (a chain thousands of nodes deep
-under deft_node) costs no more registers than one with two. Rows past the plan's query count (a
+under deft_node) costs no more registers than one with two. Where many queries have few rows
+each, `_merge_query_kernel` (one program per query, all heads, row by row) moves the same bytes
+in far fewer, larger loads (`per_query_merge` decides, per plan). Rows past the plan's query count (a
 padded `q` under a CUDA graph) get out = 0 and lse = -inf, so every output element is written.
 
 `merge_states` is the same merge for two states in PyTorch (cascade-style composition).
@@ -66,11 +68,65 @@ def _merge_kernel(
         tl.store(lse_ptr + query.to(tl.int64) * stride_ln + head * stride_lh, lse_out)
 
 
+@triton.jit
+def _merge_query_kernel(
+    o_part_ptr, lse_part_ptr, out_ptr, lse_ptr,
+    counts_ptr, query_row_ptr,
+    stride_on, stride_oh, stride_ln, stride_lh,
+    Q_HEADS: tl.constexpr, HEADS: tl.constexpr, HEAD_DIM: tl.constexpr,
+    STORE_LSE: tl.constexpr,
+):
+    """One program per query, all its heads at once ([HEADS, HEAD_DIM] per partial row,
+    HEADS = Q_HEADS padded to a power of two): fewer, larger loads than one program per head."""
+    query = tl.program_id(0)
+    heads = tl.arange(0, HEADS)
+    head_ok = heads < Q_HEADS
+    dims = tl.arange(0, HEAD_DIM)
+    real = query < tl.load(counts_ptr + 1)
+    lo = tl.load(query_row_ptr + query, mask=real, other=0)
+    hi = tl.load(query_row_ptr + query + 1, mask=real, other=0)
+    m = tl.full([HEADS], float("-inf"), tl.float32)
+    total = tl.zeros([HEADS], tl.float32)
+    acc = tl.zeros([HEADS, HEAD_DIM], tl.float32)
+    for row in range(lo, hi):
+        rows = tl.cast(row, tl.int64) * Q_HEADS + heads
+        lse = tl.load(lse_part_ptr + rows, mask=head_ok, other=float("-inf"))
+        o = tl.load(o_part_ptr + rows[:, None] * HEAD_DIM + dims[None, :],
+                    mask=head_ok[:, None], other=0.0)
+        m_new = tl.maximum(m, lse)
+        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)  # nothing seen yet
+        weight = tl.exp(lse - m_safe)
+        scale = tl.exp(m - m_safe)
+        acc = acc * scale[:, None] + weight[:, None] * o
+        total = total * scale + weight
+        m = m_new
+    seen = total > 0
+    total_safe = tl.where(seen, total, 1.0)
+    out_rows = query.to(tl.int64) * stride_on + heads * stride_oh
+    tl.store(out_ptr + out_rows[:, None] + dims[None, :],
+             (acc / total_safe[:, None]).to(out_ptr.dtype.element_ty), mask=head_ok[:, None])
+    if STORE_LSE:
+        tl.store(lse_ptr + query.to(tl.int64) * stride_ln + heads * stride_lh,
+                 tl.where(seen, m + tl.log(total_safe), float("-inf")), mask=head_ok)
+
+
 _LAUNCH_MERGE = Launcher(_merge_kernel)
+_LAUNCH_MERGE_QUERY = Launcher(_merge_query_kernel)
+PER_QUERY_MAX_ROWS = 4
+"""`per_query_merge` takes `_merge_query_kernel` where queries have at most this many partial
+rows on average (and fill the SMs): measured on an H100 (scripts/perf_flatten.py
+--merge-per-query), spec_t256 (255 queries, 3 rows each) merged in 5.0 us instead of 11.9, while
+queries with 9 to 20 rows (fewshot, long) merged 3 to 3.5x slower one query per program."""
 
 
-def merge(o_part, lse_part, buffers, out, lse=None) -> None:
-    """Launch `_merge_kernel`: write every row of `out` (and `lse`) from the partials.
+def per_query_merge(num_queries: int, num_rows: int, sm_count: int) -> bool:
+    """Whether a plan's merge runs one program per query (else one per query head)."""
+    return num_queries >= sm_count and num_rows <= PER_QUERY_MAX_ROWS * num_queries
+
+
+def merge(o_part, lse_part, buffers, out, lse=None, per_query=False) -> None:
+    """Launch `_merge_kernel` (or, with `per_query`, `_merge_query_kernel`): write every row of
+    `out` (and `lse`) from the partials.
 
     Parameters
     ----------
@@ -81,8 +137,20 @@ def merge(o_part, lse_part, buffers, out, lse=None) -> None:
     out : [rows, q_heads, head_dim] (head_dim contiguous; rows >= the plan's queries)
     lse : fp32 [rows, q_heads], optional
         Natural-log log-sum-exp of each output row.
+    per_query : bool
+        One program per query, all heads (`per_query_merge`), else one per (query, head).
     """
     rows, q_heads, head_dim = out.shape
+    if per_query:
+        _LAUNCH_MERGE_QUERY((rows,),
+            o_part, lse_part, out, out if lse is None else lse,
+            buffers["counts"], buffers["query_row_ptr"],
+            out.stride(0), out.stride(1),
+            0 if lse is None else lse.stride(0), 0 if lse is None else lse.stride(1),
+            Q_HEADS=q_heads, HEADS=triton.next_power_of_2(q_heads), HEAD_DIM=head_dim,
+            STORE_LSE=lse is not None, num_warps=4, num_stages=3,
+        )
+        return
     _LAUNCH_MERGE((rows, q_heads),
         o_part, lse_part, out, out if lse is None else lse,
         buffers["counts"], buffers["query_row_ptr"],
