@@ -16,6 +16,8 @@ compiled kernels) it simply calls ``kernel[grid](...)``.
 from __future__ import annotations
 
 import inspect
+import itertools
+import operator
 
 import torch
 
@@ -37,6 +39,7 @@ class Launcher:
         self.constexpr = set() if self.interpreted else {
             p.name for p in kernel.params if p.is_constexpr}
         self.compiled = {}
+        self._last = ((), ())  # the previous call's arguments and their key parts
 
     def __call__(self, grid, *args, **kwargs):
         if self.interpreted:
@@ -55,16 +58,28 @@ class Launcher:
             compiled[(tuple(grid) + (1, 1))[:3]](*values)
 
     def specialization(self, values, kwargs) -> tuple:
-        """What the compiled kernel depends on, for one call's arguments in parameter order."""
-        key = []
-        for name, value in zip(self.names, values):
-            if name in self.constexpr:
-                key.append(value)
+        """What the compiled kernel depends on, for one call's arguments in parameter order.
+
+        An argument that is the very object of the previous call keeps that call's part of the
+        key (a decode step passes the same plan buffers and workspaces every layer): a tensor
+        passed again is taken to keep its storage, dtype and device.
+        """
+        last_values, last_parts = self._last
+        if len(last_values) == len(values):
+            parts = list(last_parts)
+            changed = itertools.compress(range(len(values)),
+                                         map(operator.is_not, values, last_values))
+        else:
+            parts, changed = [None] * len(values), range(len(values))
+        for index in changed:
+            value = values[index]
+            if self.names[index] in self.constexpr:
+                parts[index] = value
             elif isinstance(value, torch.Tensor):
-                key.append((value.dtype, value.get_device(), value.data_ptr() % 16 == 0))
+                parts[index] = (value.dtype, value.get_device(), value.data_ptr() % 16 == 0)
             elif isinstance(value, bool) or not isinstance(value, int):
-                key.append(type(value))
+                parts[index] = type(value)
             else:
-                key.append((value == 1, value % 16 == 0, -2**31 <= value < 2**31))
-        key.extend(kwargs.get(option) for option in _OPTIONS)
-        return tuple(key)
+                parts[index] = (value == 1, value % 16 == 0, -2**31 <= value < 2**31)
+        self._last = (values, parts)
+        return (*parts, *(kwargs.get(option) for option in _OPTIONS))
