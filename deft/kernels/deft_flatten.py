@@ -4,7 +4,7 @@ Partition (`reference.plan.build_plan`): one block of ``chunk_size`` tokens of t
 (DFS preorder, so a block may span several nodes) x one group of the queries that see any of
 its tokens. Kernel: `deft.kernels.partials._partials_kernel` in FLAT mode; visibility per
 (query, token) from the Euler-tour test on flattened positions (one int32 per token and per
-query, no bit mask), then the reduction `deft.kernels.reduction._merge_kernel`.
+query, no bit mask), then the reduction `deft.kernels.reduction.merge`.
 """
 
 from deft.kernels.partials import TileConfig, pick_config

@@ -2,7 +2,7 @@
 
 Partition (`reference.plan.build_plan`): one chunk of ``chunk_size`` tokens of one node x one
 group of the queries that see it. Kernel: `deft.kernels.partials._partials_kernel` in FLAT mode
-(a chunk is one run of the flattened tree), then `deft.kernels.reduction._merge_kernel`.
+(a chunk is one run of the flattened tree), then `deft.kernels.reduction.merge`.
 """
 
 from deft.kernels.deft_flatten import CONFIGS  # noqa: F401  (the same tiles)

@@ -4,7 +4,7 @@ Partition (`reference.plan.build_plan`): one query x one chunk of ``chunk_size``
 path (root first). The plan lists every chunk's cache slots (for flash_decoding the slots of a
 trivially paged cache, for radix those of the real page table: the same kernel, reading the
 prefix once per query). Kernel: `deft.kernels.partials._partials_kernel` in list mode (every
-listed token is visible), then `deft.kernels.reduction._merge_kernel`.
+listed token is visible), then `deft.kernels.reduction.merge`.
 """
 
 from deft.kernels.tree_attention_s import CONFIGS  # noqa: F401  (the same tiles)

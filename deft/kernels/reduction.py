@@ -10,8 +10,9 @@ One program per (query row, query head) loops over the query's entries BLOCK_E a
 keeping a running max, so a query with thousands of entries (a chain thousands of nodes deep
 under deft_node) costs no more registers than one with two. Where many queries have few rows
 each, `_merge_query_kernel` (one program per query, all heads, row by row) moves the same bytes
-in far fewer, larger loads (`per_query_merge` decides, per plan). Rows past the plan's query count (a
-padded `q` under a CUDA graph) get out = 0 and lse = -inf, so every output element is written.
+in far fewer, larger loads (`per_query_merge` decides, per plan). Rows past the plan's query
+count (a padded `q` under a CUDA graph) get out = 0 and lse = -inf, so every output element is
+written.
 
 `merge_states` is the same merge for two states in PyTorch (cascade-style composition).
 """

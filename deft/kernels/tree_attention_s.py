@@ -3,7 +3,7 @@
 Partition (`reference.plan.build_plan`): one query x one chunk of its tree's flattened order,
 whatever part of it the query sees. Kernel: `deft.kernels.partials._partials_kernel` in FLAT
 mode with one query per partition (the reference counts a bit mask; the kernel tests visibility
-by the Euler-tour rule instead), then `deft.kernels.reduction._merge_kernel`.
+by the Euler-tour rule instead), then `deft.kernels.reduction.merge`.
 """
 
 from deft.kernels.partials import TileConfig, pick_config
