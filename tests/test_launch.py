@@ -94,17 +94,3 @@ def test_interpreted_kernels_always_go_through_triton():
     for _ in range(3):
         launch((2,), torch.zeros(4), N=8)
     assert launch.interpreted and len(kernel.calls) == 3
-
-
-def test_arguments_passed_again_keep_their_key_part():
-    """The key of a call that repeats the previous call's objects equals a fresh computation."""
-    kernel = FakeJit()
-    x, y = torch.zeros(64), torch.zeros(64, dtype=torch.float64)
-    repeated = Launcher(kernel)
-    repeated.specialization([x, 32, 0.5, 16, False], {"num_warps": 4})
-    again = repeated.specialization([x, 48, 0.5, 16, False], {"num_warps": 4})
-    changed = repeated.specialization([y, 48, 0.5, 16, False], {"num_warps": 4})
-    fresh = Launcher(kernel)
-    assert again == fresh.specialization([x, 48, 0.5, 16, False], {"num_warps": 4})
-    assert changed == Launcher(kernel).specialization([y, 48, 0.5, 16, False], {"num_warps": 4})
-    assert changed != again

@@ -11,15 +11,14 @@ divisibility by 16 and width; the constexpr values and launch options) and then 
 compiled kernel directly, through the public ``CompiledKernel[grid](*args)`` runner (the same
 call ``JITFunction.run`` ends with, in triton 3.6 and 3.9 alike). Under the interpreter (no
 compiled kernels) it simply calls ``kernel[grid](...)``. Measured the same way with it: 26 to 28
-us and 16 to 17 us (before the key reused the parts of repeated arguments, which this CPU
-measures at 14 -> 8-9 us of the partials launch's key).
+us and 16 to 17 us; about half of that is this key (14 us for the partials kernel's 32
+arguments on a 2-core CPU). Reusing the key parts of arguments passed again would halve it but
+means holding the previous call's tensors (a whole KV cache) alive; not done.
 """
 
 from __future__ import annotations
 
 import inspect
-import itertools
-import operator
 
 import torch
 
@@ -41,7 +40,6 @@ class Launcher:
         self.constexpr = set() if self.interpreted else {
             p.name for p in kernel.params if p.is_constexpr}
         self.compiled = {}
-        self._last = ((), ())  # the previous call's arguments and their key parts
 
     def __call__(self, grid, *args, **kwargs):
         if self.interpreted:
@@ -60,28 +58,16 @@ class Launcher:
             compiled[(tuple(grid) + (1, 1))[:3]](*values)
 
     def specialization(self, values, kwargs) -> tuple:
-        """What the compiled kernel depends on, for one call's arguments in parameter order.
-
-        An argument that is the very object of the previous call keeps that call's part of the
-        key (a decode step passes the same plan buffers and workspaces every layer): a tensor
-        passed again is taken to keep its storage, dtype and device.
-        """
-        last_values, last_parts = self._last
-        if len(last_values) == len(values):
-            parts = list(last_parts)
-            changed = itertools.compress(range(len(values)),
-                                         map(operator.is_not, values, last_values))
-        else:
-            parts, changed = [None] * len(values), range(len(values))
-        for index in changed:
-            value = values[index]
-            if self.names[index] in self.constexpr:
-                parts[index] = value
+        """What the compiled kernel depends on, for one call's arguments in parameter order."""
+        key = []
+        for name, value in zip(self.names, values):
+            if name in self.constexpr:
+                key.append(value)
             elif isinstance(value, torch.Tensor):
-                parts[index] = (value.dtype, value.get_device(), value.data_ptr() % 16 == 0)
+                key.append((value.dtype, value.get_device(), value.data_ptr() % 16 == 0))
             elif isinstance(value, bool) or not isinstance(value, int):
-                parts[index] = type(value)
+                key.append(type(value))
             else:
-                parts[index] = (value == 1, value % 16 == 0, -2**31 <= value < 2**31)
-        self._last = (values, parts)
-        return (*parts, *(kwargs.get(option) for option in _OPTIONS))
+                key.append((value == 1, value % 16 == 0, -2**31 <= value < 2**31))
+        key.extend(kwargs.get(option) for option in _OPTIONS)
+        return tuple(key)
