@@ -80,8 +80,7 @@ def lookup(strategy: str, tree: Tree, device_name: str, capability, page_size: i
         Page size the heuristic plans with.
     """
     bucket = bucket_of(tree)
-    tables = [(path, table) for path in _table_paths()
-              if (table := _read(path, *_stamp(path))) is not None]
+    tables = _readable_tables()
     exact = [(p, t) for p, t in tables if t.device["name"] == device_name]
     siblings = sorted(((p, t) for p, t in tables if t.device["name"] != device_name
                        and tuple(t.device["capability"]) == tuple(capability)),
@@ -144,15 +143,20 @@ def stored_configs(strategy: str, tree: Tree) -> list:
     readable table, any card (tuning starts from them: a card's best is often its sibling's)."""
     bucket = bucket_of(tree)
     found = []
-    for path in _table_paths():
-        table = _read(path, *_stamp(path))
-        match = table.entry(strategy, bucket) if table is not None else None
+    for _, table in _readable_tables():
+        match = table.entry(strategy, bucket)
         if match is not None:
             found.append(chosen_config(match[1]))
     return list(dict.fromkeys(found))
 
 
 # ---------------------------------------------------------------------------- caches
+def _readable_tables() -> list:
+    """(path, Table) of every table lookups may use (unreadable or mismatched ones skipped)."""
+    return [(path, table) for path in _table_paths()
+            if (table := _read(path, *_stamp(path))) is not None]
+
+
 def _table_paths() -> list[Path]:
     return [path for directory in config_dirs() for path in sorted(directory.glob("*.json"))]
 

@@ -114,10 +114,11 @@ def _merge_query_kernel(
 _LAUNCH_MERGE = Launcher(_merge_kernel)
 _LAUNCH_MERGE_QUERY = Launcher(_merge_query_kernel)
 PER_QUERY_MAX_ROWS = 4
-"""`per_query_merge` takes `_merge_query_kernel` where queries have at most this many partial
-rows on average (and fill the SMs): measured on an H100 (scripts/perf_flatten.py
---merge-per-query), spec_t256 (255 queries, 3 rows each) merged in 5.0 us instead of 11.9, while
-queries with 9 to 20 rows (fewshot, long) merged 3 to 3.5x slower one query per program."""
+"""`per_query_merge` takes `_merge_query_kernel` where queries have at most this many partial rows
+on average (and fill the SMs): measured on an H100 (scripts/perf_flatten.py, with a temporary
+switch forcing one merge kernel or the other), spec_t256 (255 queries, 3 rows each) merged in
+5.0 us instead of 11.9, while queries with 9 to 20 rows (fewshot, long) merged 3 to 3.5x slower
+one query per program."""
 
 
 def per_query_merge(num_queries: int, num_rows: int, sm_count: int) -> bool:
@@ -142,24 +143,18 @@ def merge(o_part, lse_part, buffers, out, lse=None, per_query=False) -> None:
         One program per query, all heads (`per_query_merge`), else one per (query, head).
     """
     rows, q_heads, head_dim = out.shape
-    if per_query:
-        _LAUNCH_MERGE_QUERY((rows,),
-            o_part, lse_part, out, out if lse is None else lse,
+    args = (o_part, lse_part, out, out if lse is None else lse,
             buffers["counts"], buffers["query_row_ptr"],
             out.stride(0), out.stride(1),
-            0 if lse is None else lse.stride(0), 0 if lse is None else lse.stride(1),
-            Q_HEADS=q_heads, HEADS=triton.next_power_of_2(q_heads), HEAD_DIM=head_dim,
-            STORE_LSE=lse is not None, num_warps=4, num_stages=3,
-        )
-        return
-    _LAUNCH_MERGE((rows, q_heads),
-        o_part, lse_part, out, out if lse is None else lse,
-        buffers["counts"], buffers["query_row_ptr"],
-        out.stride(0), out.stride(1),
-        0 if lse is None else lse.stride(0), 0 if lse is None else lse.stride(1),
-        Q_HEADS=q_heads, HEAD_DIM=head_dim, BLOCK_E=BLOCK_E, STORE_LSE=lse is not None,
-        num_warps=1 if head_dim <= 64 else 2,
-    )
+            0 if lse is None else lse.stride(0), 0 if lse is None else lse.stride(1))
+    if per_query:
+        _LAUNCH_MERGE_QUERY((rows,), *args, Q_HEADS=q_heads,
+                            HEADS=triton.next_power_of_2(q_heads), HEAD_DIM=head_dim,
+                            STORE_LSE=lse is not None, num_warps=4, num_stages=3)
+    else:
+        _LAUNCH_MERGE((rows, q_heads), *args, Q_HEADS=q_heads, HEAD_DIM=head_dim,
+                      BLOCK_E=BLOCK_E, STORE_LSE=lse is not None,
+                      num_warps=1 if head_dim <= 64 else 2)
 
 
 def merge_states(o_a, lse_a, o_b, lse_b):
