@@ -18,6 +18,7 @@ from rich.tree import Tree as RichTree
 
 import deft
 from deft.tree import TreeError
+from deft.tree_format import tree_to_dict
 from deft.workloads import parse_option_value
 
 # Tables are wide: when stdout is no terminal and COLUMNS is unset, rich would fold them at 80.
@@ -155,7 +156,7 @@ def workloads_export(kind, options, step, output):
     except (ValueError, TypeError, IndexError, OSError) as error:
         fail(str(error))
     if output == "-":
-        click.echo(json.dumps(tree.to_dict(), indent=1))
+        click.echo(json.dumps(tree_to_dict(tree), indent=1))
     else:
         deft.save_tree(tree, output)
         stderr.print(f"wrote {output}: {tree!r}", highlight=False)
@@ -227,7 +228,7 @@ def estimate_io(tree_path, gpu, strategies, chunk_size, group_size, page_size, w
     from rich.progress import Progress
 
     import iomodel
-    from reference.plan import STRATEGIES
+    from deft.strategies import STRATEGIES
 
     names = STRATEGIES if strategies is None else [s.strip() for s in strategies.split(",")]
     unknown = [s for s in names if s not in STRATEGIES]
@@ -559,7 +560,7 @@ def autotune_command(gpu, workload_list, strategies, budget_s, exhaustive, dtype
     from autotune import store, tune
     from autotune.measure import workbenches
     from deft.bench import DTYPES, parse_workloads
-    from deft.kernels import KERNELS
+    from deft.strategies import KERNEL_STRATEGIES as KERNELS
 
     names = list(KERNELS) if strategies.strip() == "all" else [
         s.strip() for s in strategies.split(",") if s.strip()]

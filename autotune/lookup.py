@@ -28,7 +28,7 @@ from autotune.store import AutotuneWarning, chosen_config, config_dirs, read_tab
 from deft.kernels.partials import TileConfig
 from deft.tree import Tree
 from iomodel.gpus import BUILTIN, builtin_gpu
-from reference.plan import build_plan
+from deft.plan import build_plan
 
 RUNGS = ("exact", "sibling", "heuristic", "default")
 
@@ -121,7 +121,7 @@ def tuned_plan(strategy: str, tree: Tree, page_size: int, device, max_entries: i
 
     Returns
     -------
-    plan : reference.plan.Plan
+    plan : deft.plan.Plan
     tuned : Tuned
     """
     if getattr(device, "type", None) == "cuda":

@@ -1,7 +1,7 @@
 """Measuring candidates on one workload, with the bench's timing discipline.
 
 A `Workbench` holds one workload on the GPU: random inputs and `GRAPH_COPIES` different KV
-copies in paged caches (`deft.bench.inputs.make_inputs`, `deft.planner.paged_cache`), shared by
+copies in paged caches (`deft.bench.inputs.make_inputs`, `deft.plan_buffers.paged_cache`), shared by
 every candidate. Each candidate gets its own `deft.TreeAttention` sized to its plan
 (`TreeAttention.for_plan`; sizes and tile fixed, so no table is consulted), planned once; its first call (which pays Triton's compilation) is
 checked against the default config's output, then one call per KV copy is captured in a CUDA
@@ -26,10 +26,10 @@ from deft.tree_attention import TreeAttention
 from deft.bench.inputs import make_inputs
 from deft.bench.runner import GRAPH_COPIES, TOLERANCE
 from deft.bench.timing import CudaTimer, WallTimer, capture, one_line
-from deft.planner import paged_cache
+from deft.plan_buffers import paged_cache
 from deft.tree import Tree
 from reference.oracle import rel_err
-from reference.plan import build_plan
+from deft.plan import build_plan
 
 ROUNDS = 3
 """Interleaved rounds of a first measurement."""

@@ -5,7 +5,7 @@ num_warps, num_stages and programs_per_sm). The two halves are searched differen
 
 - sizes (chunk x group, each only where the strategy takes it, DESIGN.md's partition table)
   change the plan, so the IO model can rank them: each size's plan is built
-  (`reference.plan.build_plan`), sizes whose plans are identical are kept once (a group cap
+  (`deft.plan.build_plan`), sizes whose plans are identical are kept once (a group cap
   above every partition's queries is no cap), and the rest are ordered by
   `iomodel.predict_latency` on the card's spec;
 - tiles leave the plan alone and the IO model cannot see them, so they are only filtered: a
@@ -23,12 +23,13 @@ from dataclasses import dataclass
 import numpy as np
 import triton
 
-from deft.kernels import KERNELS
+from deft.kernels import tile_config
 from deft.kernels.partials import TileConfig
 from deft.tree import Tree
 from iomodel.gpus import GpuSpec
 from iomodel.latency import predict_latency
-from reference.plan import DEFAULT_CHUNK_SIZE, USES_CHUNK_SIZE, USES_GROUP_SIZE, build_plan
+from deft.plan import build_plan
+from deft.strategies import DEFAULT_CHUNK_SIZE, USES_CHUNK_SIZE, USES_GROUP_SIZE
 
 CHUNK_SIZES = (32, 64, 128, 256, 384, 512, 768, 1024, 1536, 2048, 3072, 4096)
 """Chunk sizes tried (KV tokens per chunk or block). The 1.5x steps balance the persistent
@@ -120,7 +121,7 @@ def default_sizes(strategy: str) -> tuple:
 def default_tile(strategy: str, tree: Tree) -> TileConfig:
     """The kernel's own tile for the tree's head dim and GQA ratio."""
     shape = tree.attention
-    return KERNELS[strategy].config(shape.head_dim, shape.q_heads // shape.kv_heads)
+    return tile_config(strategy, shape.head_dim, shape.q_heads // shape.kv_heads)
 
 
 def default_candidate(strategy: str, tree: Tree) -> Candidate:

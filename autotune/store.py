@@ -37,7 +37,7 @@ from pathlib import Path
 
 from autotune.buckets import Bucket, nearest
 from deft.kernels.partials import TileConfig
-from reference.plan import STRATEGIES, USES_CHUNK_SIZE, USES_GROUP_SIZE
+from deft.strategies import STRATEGIES, USES_CHUNK_SIZE, USES_GROUP_SIZE
 
 FORMAT = "deft-autotune/1"
 SOURCES = ("measured", "predicted")

@@ -48,7 +48,7 @@ from autotune.lookup import card_spec, stored_configs
 from autotune.store import CAPABILITIES, Table, current_versions, detect_device
 from deft.bench.inputs import TREE_DTYPE, with_dtype
 from iomodel.gpus import BUILTIN, GpuSpec
-from reference.plan import USES_CHUNK_SIZE
+from deft.strategies import USES_CHUNK_SIZE
 
 TOP_K = 8
 """Sizes measured per bucket (the IO model's best predicted)."""

@@ -18,8 +18,8 @@ _LAZY = {
     "TreeAttention": ("deft.tree_attention", "TreeAttention"),
     "attention": ("deft.tree_attention", "attention"),
     "merge_states": ("deft.kernels.reduction", "merge_states"),
-    "PageTable": ("deft.planner", "PageTable"),
-    "paged_cache": ("deft.planner", "paged_cache"),
+    "PageTable": ("deft.plan_buffers", "PageTable"),
+    "paged_cache": ("deft.plan_buffers", "paged_cache"),
 }
 __all__ += list(_LAZY)
 

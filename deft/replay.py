@@ -55,7 +55,8 @@ from deft.cache import PagedKVCache, TreeCache, pages_for
 from deft.decoder import LLAMA3_8B, Decoder, DecoderConfig, LayerCaches
 from iomodel.traffic import BYTE_KEYS, output_bytes, partition_bytes
 from reference import MODULES, oracle_attention, rel_err
-from reference.plan import STRATEGIES, build_plan
+from deft.plan import build_plan
+from deft.strategies import STRATEGIES
 
 FORMAT = "deft-replay/1"
 
@@ -194,7 +195,7 @@ class KernelMethod(ReplayMethod):
         self.version += 1
 
     def plan(self, tree, cache):
-        from deft.planner import CapacityError
+        from deft.plan_buffers import CapacityError
 
         for _ in range(GROWTHS):
             try:
@@ -216,7 +217,7 @@ class KernelMethod(ReplayMethod):
 @dataclass(frozen=True)
 class _ReferencePlan:
     tree: object
-    plan: object  # reference.plan.Plan
+    plan: object  # deft.plan.Plan
     slots: torch.Tensor  # int64 [tokens], test layout
 
 
@@ -311,7 +312,7 @@ class SGLangMethod(ReplayMethod):
 
 
 def plan_traffic(plan) -> dict:
-    """The IO model's bytes of a `reference.plan.Plan` (DESIGN.md "Bytes"), by `BYTE_KEYS`.
+    """The IO model's bytes of a `deft.plan.Plan` (DESIGN.md "Bytes"), by `BYTE_KEYS`.
 
     `iomodel.traffic_of_plan` without the load-balance statistics (which walk every visible
     pair and would dominate a replay's host time).

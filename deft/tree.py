@@ -380,12 +380,6 @@ class Tree:
             "dtype": self.attention.dtype,
         }
 
-    def to_dict(self) -> dict:
-        """The tree.json dict of this tree (`deft.tree_format`)."""
-        from deft.tree_format import tree_to_dict
-
-        return tree_to_dict(self)
-
     def __repr__(self):
         return (
             f"Tree(nodes={self.num_nodes}, roots={len(self.roots)}, tokens={self.num_tokens}, "

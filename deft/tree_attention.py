@@ -19,10 +19,10 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from deft.kernels import KERNELS
+from deft.kernels import KERNELS, flat as flat_addressing, tile_config
 from deft.kernels.partials import TileConfig, partials
 from deft.kernels.reduction import merge, per_query_merge
-from deft.planner import (
+from deft.plan_buffers import (
     PlanBuffers,
     cache_page_size,
     paged_cache,
@@ -31,10 +31,9 @@ from deft.planner import (
     views_of,
 )
 from deft.tree import Tree
-from reference.plan import DEFAULT_CHUNK_SIZE, Plan, build_plan, check_parameters
+from deft.plan import Plan, build_plan, check_parameters
+from deft.strategies import DEFAULT_CHUNK_SIZE, KERNEL_STRATEGIES
 
-KERNEL_STRATEGIES = tuple(KERNELS)
-"""Strategies with a Triton kernel (`TreeAttention` runs these)."""
 
 DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 HEAD_DIMS = (16, 32, 64, 128, 256)
@@ -54,7 +53,7 @@ class TreePlan:
     ----------
     strategy : str
     tree : Tree
-    reference : reference.plan.Plan
+    reference : deft.plan.Plan
         The normative partitions the buffers encode.
     page_size : int
     num_queries, num_partitions, num_entries : int
@@ -83,7 +82,7 @@ class TreePlan:
     def partition_sets(self) -> list:
         """Every partition as (queries, test-layout tokens), decoded from the device buffers.
 
-        The form `reference.plan.Plan.partition_sets` returns, for plan-equality tests.
+        The form `deft.plan.Plan.partition_sets` returns, for plan-equality tests.
         """
         self.owner._check_current(self)
         read = self.owner.buffers.read
@@ -107,7 +106,7 @@ class TreeAttention:
         One of `KERNEL_STRATEGIES` (flash_attention, tree_attention_m and vanilla_tree run as
         their PyTorch reference through `deft.attention`).
     chunk_size, group_size : int, optional
-        As for `reference.plan.build_plan` (None: the strategy's default; refused where the
+        As for `deft.plan.build_plan` (None: the strategy's default; refused where the
         strategy takes none). When chunk_size, group_size and config are all None, each
         `plan` takes them from the tuned table of this GPU for the tree's bucket
         (`autotune.lookup`: exact card, same-architecture sibling, IO-model heuristic, else
@@ -141,8 +140,7 @@ class TreeAttention:
             )
         self.strategy = strategy
         self.chunk_size, self.group_size, _ = check_parameters(strategy, chunk_size, group_size, 1)
-        self.kernel = KERNELS[strategy]
-        flat = self.kernel.FLAT
+        self.flat = flat = flat_addressing(strategy)
         if max_entries is None:
             max_entries = max_queries * -(-max_tokens // (self.chunk_size or DEFAULT_CHUNK_SIZE))
         if max_kv_slots is None:
@@ -172,8 +170,7 @@ class TreeAttention:
     def for_plan(cls, reference: Plan, *, config: TileConfig | None = None,
                  device="cuda") -> "TreeAttention":
         """A TreeAttention whose capacities fit one reference plan exactly (one-off calls)."""
-        kernel = KERNELS.get(reference.strategy)  # None: the constructor says why
-        flat = kernel is None or kernel.FLAT
+        flat = reference.strategy not in KERNELS or flat_addressing(reference.strategy)
         return cls(
             reference.strategy, reference.chunk_size, reference.group_size,
             max_queries=reference.tree.num_queries, max_tokens=reference.tree.num_tokens,
@@ -191,9 +188,9 @@ class TreeAttention:
             The step's tree (test layout: queries by node index, then position).
         cache : page table
             Anything with ``node_pages(tree) -> (page_ptr [nodes + 1], pages)`` and
-            ``page_size`` (`deft.planner.PageTable`, `deft.cache.TreeCache`).
-        reference : reference.plan.Plan, optional
-            This step's partitions if already built (`reference.plan.build_plan` with this
+            ``page_size`` (`deft.plan_buffers.PageTable`, `deft.cache.TreeCache`).
+        reference : deft.plan.Plan, optional
+            This step's partitions if already built (`deft.plan.build_plan` with this
             TreeAttention's strategy, chunk and group sizes and the cache's page size).
 
         Returns
@@ -219,7 +216,7 @@ class TreeAttention:
               or reference.group_size != self.group_size or reference.page_size != page_size):
             raise ValueError("reference is not this TreeAttention's plan of this tree and cache")
         page_ptr, pages = cache.node_pages(tree)
-        arrays = plan_arrays(reference, page_ptr, pages, self.kernel.FLAT)
+        arrays = plan_arrays(reference, page_ptr, pages, self.flat)
         self.buffers.fill(arrays)
         self._generation += 1
         return TreePlan(
@@ -280,11 +277,11 @@ class TreeAttention:
         if torch.compiler.is_compiling():  # traced: the custom op keeps the graph opaque
             torch.ops.deft.tree_attention(
                 q, k_cache, v_cache, self.buffers.data, self.buffers.layout(), o_part,
-                lse_part, out, lse, self.kernel.FLAT, sm_scale, config.as_ints(), num_programs,
+                lse_part, out, lse, self.flat, sm_scale, config.as_ints(), num_programs,
                 plan.per_query_merge)
         else:  # eager: the same launches without the custom op's dispatch (host time)
             _launch(q, k_cache, v_cache, self.buffers.views, o_part, lse_part, out, lse,
-                    self.kernel.FLAT, sm_scale, config, num_programs, plan.per_query_merge)
+                    self.flat, sm_scale, config, num_programs, plan.per_query_merge)
         return (out, lse) if return_lse else out
 
     def _partials_workspace(self, q_heads: int, head_dim: int):
@@ -303,8 +300,8 @@ class TreeAttention:
         cached, shape = self._launch_cache, (head_dim, q_heads, kv_heads)
         if (cached is None or cached[0] is not self.config
                 or cached[1] is not self._tuned_config or cached[2] != shape):
-            config = self.config or self._tuned_config or self.kernel.config(
-                head_dim, q_heads // kv_heads)
+            config = self.config or self._tuned_config or tile_config(
+                self.strategy, head_dim, q_heads // kv_heads)
             config = config.for_group(q_heads // kv_heads)
             cached = (self.config, self._tuned_config, shape, config,
                       self._num_programs(kv_heads, config))
@@ -419,7 +416,7 @@ def attention(strategy, tree: Tree, q, k, v, *, chunk_size=None, group_size=None
     k, v : [tokens, kv_heads, head_dim]
         KV tokens by node index, then position.
     chunk_size, group_size : int, optional
-        As for `reference.plan.build_plan`.
+        As for `deft.plan.build_plan`.
     page_size : int
     sm_scale : float, optional
         Default 1 / sqrt(head_dim).

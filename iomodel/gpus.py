@@ -8,7 +8,7 @@ and the dense fp16/bf16 tensor-core and fp32 rates. Built-in cards are keyed by 
      "smem_per_sm_kb": 100, "smem_per_block_kb": 99, "l2_mb": 96, "tensor_tflops": 362,
      "fp32_tflops": 91.6, "calibration": {"launch_us": 2.5}}
 
-``calibration`` (optional) overrides constants of the latency model (`iomodel.latency.Constants`)
+``calibration`` (optional) overrides constants of the latency model (`iomodel.constants.Constants`)
 with values fitted on that card; a spec without it is *uncalibrated*.
 Units: GB/s and TFLOP/s are decimal (1e9, 1e12); KB and MB of on-chip memory are binary.
 """
@@ -21,6 +21,8 @@ import math
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
+
+from iomodel.constants import Constants
 
 SPEC_FORMAT = "deft-gpu/1"
 
@@ -50,7 +52,7 @@ class GpuSpec:
     fp32_tflops : float
         Non-tensor fp32 rate, TFLOP/s.
     calibration : dict
-        Latency-model constants fitted on this card (`iomodel.latency.Constants` field names).
+        Latency-model constants fitted on this card (`iomodel.constants.Constants` field names).
     """
 
     name: str
@@ -194,8 +196,6 @@ def load_gpu_spec(source) -> GpuSpec:
 
 def gpu_from_dict(data) -> GpuSpec:
     """Build a GpuSpec from a spec-file dict."""
-    from iomodel.latency import Constants
-
     if not isinstance(data, dict):
         raise GpuSpecError(f"a GPU spec must be a JSON object, got {type(data).__name__}")
     if data.get("format") != SPEC_FORMAT:

@@ -32,38 +32,11 @@ from dataclasses import dataclass
 import numpy as np
 
 from deft.tree import Tree
+from iomodel.constants import Constants
 from iomodel.gpus import GpuSpec
 from iomodel.traffic import partition_bytes, traffic_of_plan
-from reference.plan import STRATEGIES, USES_CHUNK_SIZE, USES_GROUP_SIZE, Plan, build_plan
-
-
-@dataclass(frozen=True)
-class Constants:
-    """The latency model's named constants (a GPU spec's ``calibration`` overrides them).
-
-    Attributes
-    ----------
-    launch_us : float
-        Cost of one kernel launch, µs (graph replay: the gap between dependent kernels).
-    program_us : float
-        Cost of one program not hidden by other resident programs (setup, the first load's
-        latency, the epilogue), µs.
-    memory_efficiency : float
-        Fraction of peak HBM bandwidth a streaming kernel reaches (a large device copy on an
-        H200 measured 4245 of 4800 GB/s, ANCHORS.md).
-    compute_efficiency : float
-        Fraction of the peak matmul rate reached (a large fp16 GEMM measured 678 of 989
-        TFLOP/s on the same H200).
-    sm_bandwidth_fraction : float
-        Fraction of the HBM bandwidth one SM can draw on its own (about 3x its fair share on
-        an H100; bounds programs that run while other SMs idle).
-    """
-
-    launch_us: float = 2.0
-    program_us: float = 0.2
-    memory_efficiency: float = 0.88
-    compute_efficiency: float = 0.69
-    sm_bandwidth_fraction: float = 0.025
+from deft.plan import Plan, build_plan
+from deft.strategies import STRATEGIES, USES_CHUNK_SIZE, USES_GROUP_SIZE
 
 
 LAUNCHES = {
@@ -100,7 +73,7 @@ def predict_latency(plan: Plan, gpu: GpuSpec, traffic: dict | None = None) -> di
 
     Parameters
     ----------
-    plan : reference.plan.Plan
+    plan : deft.plan.Plan
     gpu : GpuSpec
     traffic : dict, optional
         `traffic_of_plan(plan)`, when already computed.

@@ -12,7 +12,8 @@ from deft.tree import Tree
 from iomodel.gpus import GpuSpec
 from iomodel.latency import floor, floor_traffic, predict_latency, strategy_sizes
 from iomodel.traffic import BYTE_KEYS, traffic_of_plan
-from reference.plan import STRATEGIES, build_plan, check_parameters
+from deft.plan import build_plan, check_parameters
+from deft.strategies import STRATEGIES
 
 BASELINE = "radix"
 """The strategy whose KV traffic the paper's "KV cache IO reduction" is measured against."""

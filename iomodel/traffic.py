@@ -23,13 +23,11 @@ from __future__ import annotations
 import numpy as np
 
 from deft.tree import Tree
-from reference.plan import BYTE_KEYS, PAGED, Plan, build_plan
+from deft.plan import BYTE_KEYS, Plan, build_plan
+from deft.strategies import MATERIALISED_SCORES, PAGED
 
 TRAFFIC_KEYS = BYTE_KEYS + ("partitions", "max_partition_work", "mean_partition_work")
 """Every key `reference.attention` counts; all integers but ``mean_partition_work`` (float)."""
-
-MATERIALISED_SCORES = {"tree_attention_m", "vanilla_tree"}
-"""Strategies that write scores and probabilities to HBM and read them back."""
 
 BIT_MASK_WORD = 64
 """Queries covered by one 8-byte word of a bit mask."""
@@ -43,7 +41,7 @@ def partition_bytes(plan: Plan) -> dict[str, np.ndarray]:
 
     Parameters
     ----------
-    plan : reference.plan.Plan
+    plan : deft.plan.Plan
         The partitions of one strategy over one tree.
 
     Returns

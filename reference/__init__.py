@@ -23,7 +23,8 @@ from reference import (
     vanilla_tree,
 )
 from reference.oracle import oracle_attention, rel_err
-from reference.plan import STRATEGIES, Plan, build_plan
+from deft.plan import Plan, build_plan
+from deft.strategies import STRATEGIES
 
 MODULES = {
     module.NAME: module

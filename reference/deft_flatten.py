@@ -14,7 +14,7 @@ table.
 from __future__ import annotations
 
 from reference.partials import split_kv_attention
-from reference.plan import Plan, build_plan
+from deft.plan import Plan, build_plan
 from reference.tiles import PagedKV, bit_mask
 
 NAME = "deft_flatten"

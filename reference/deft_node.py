@@ -13,7 +13,7 @@ Node sizes differ, so the work per partition is unbalanced (a 4000-token root vs
 from __future__ import annotations
 
 from reference.partials import split_kv_attention
-from reference.plan import Plan, build_plan
+from deft.plan import Plan, build_plan
 from reference.tiles import PagedKV, causal_mask
 
 NAME = "deft_node"

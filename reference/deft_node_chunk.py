@@ -12,7 +12,7 @@ make short partitions (a 1-token node is a 1-token partition).
 from __future__ import annotations
 
 from reference.partials import split_kv_attention
-from reference.plan import Plan, build_plan
+from deft.plan import Plan, build_plan
 from reference.tiles import PagedKV, causal_mask
 
 NAME = "deft_node_chunk"

@@ -15,7 +15,7 @@ from __future__ import annotations
 import torch
 
 from reference.partials import Traffic, partition_partials
-from reference.plan import Plan, build_plan
+from deft.plan import Plan, build_plan
 from reference.tiles import ContiguousKV, causal_mask
 
 NAME = "flash_attention"

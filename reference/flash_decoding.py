@@ -12,7 +12,7 @@ and chunk.
 from __future__ import annotations
 
 from reference.partials import split_kv_attention
-from reference.plan import Plan, build_plan
+from deft.plan import Plan, build_plan
 from reference.tiles import ContiguousKV, causal_mask
 
 NAME = "flash_decoding"

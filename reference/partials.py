@@ -26,7 +26,7 @@ import numpy as np
 import torch
 
 from reference import tiles
-from reference.plan import BYTE_KEYS, Plan
+from deft.plan import BYTE_KEYS, Plan
 from reference.tiles import KVBlocks, compute_dtype, load_tiles, tile_rows
 
 PARTIAL_BYTES = 4

@@ -11,7 +11,7 @@ pages(p) x H_kv x 4 per partition; with page size 1, one entry per token read.
 from __future__ import annotations
 
 from reference.partials import split_kv_attention
-from reference.plan import Plan, build_plan
+from deft.plan import Plan, build_plan
 from reference.tiles import PagedKV, causal_mask
 
 NAME = "radix"

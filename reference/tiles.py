@@ -21,7 +21,7 @@ import numpy as np
 import torch
 
 from deft.tree import Tree
-from reference.plan import Plan, _cut, _segment_sum, _Sequences, ranges
+from deft.plan import Plan, _cut, _segment_sum, _Sequences, ranges
 
 BLOCK_TOKENS = 256
 """Tokens per KV block (rounded up to a multiple of the page size)."""

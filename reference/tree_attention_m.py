@@ -15,7 +15,7 @@ from __future__ import annotations
 import torch
 
 from reference.partials import Traffic, softmax_scale
-from reference.plan import Plan, build_plan
+from deft.plan import Plan, build_plan
 from reference.tiles import ContiguousKV, compute_dtype, dense_mask, load_tiles, partition_batches, tile_rows
 
 NAME = "tree_attention_m"

@@ -13,7 +13,7 @@ Flash-Decoding), plus ``t(p) x 8`` mask bytes and the partials of every chunk.
 from __future__ import annotations
 
 from reference.partials import split_kv_attention
-from reference.plan import Plan, build_plan
+from deft.plan import Plan, build_plan
 from reference.tiles import ContiguousKV, bit_mask
 
 NAME = "tree_attention_s"

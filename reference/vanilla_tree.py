@@ -11,7 +11,7 @@ of one tree against tokens of another included), and all the work is one program
 from __future__ import annotations
 
 from reference import tree_attention_m
-from reference.plan import Plan, build_plan
+from deft.plan import Plan, build_plan
 
 NAME = "vanilla_tree"
 

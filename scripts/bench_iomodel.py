@@ -16,7 +16,8 @@ import numpy as np
 
 from deft.tree import Tree
 from iomodel import predict_latency, resolve_gpu, traffic_of_plan
-from reference.plan import STRATEGIES, build_plan
+from deft.plan import build_plan
+from deft.strategies import STRATEGIES
 
 
 def bench_tree(nodes: int, queries: int, seed: int = 0) -> Tree:

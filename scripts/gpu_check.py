@@ -43,17 +43,17 @@ if "--cpu" in sys.argv:
 
 import deft  # noqa: E402
 from deft import workloads as wl  # noqa: E402
-from deft.tree_attention import KERNEL_STRATEGIES, TreeAttention  # noqa: E402
+from deft.strategies import KERNEL_STRATEGIES  # noqa: E402
+from deft.tree_attention import TreeAttention  # noqa: E402
 from deft.kernels.partials import TileConfig  # noqa: E402
 from deft.kernels.reduction import merge  # noqa: E402
-from deft.planner import PageTable, paged_cache, token_slots  # noqa: E402
+from deft.plan_buffers import PageTable, paged_cache, token_slots  # noqa: E402
 from deft.tree import AttentionShape, Tree  # noqa: E402
 from reference import STRATEGIES, build_plan, rel_err  # noqa: E402
 from reference.oracle import visible_by_parents  # noqa: E402
 
 TOLERANCE = {torch.float16: 2e-3, torch.bfloat16: 1.6e-2}
 LLAMA = AttentionShape(32, 8, 128, "float16")
-REFERENCE_ONLY = [s for s in STRATEGIES if s not in KERNEL_STRATEGIES]
 TILES = {
     "64x32w4s5": TileConfig(64, 32, num_warps=4, num_stages=5, programs_per_sm=2),
     "64x32w4s7": TileConfig(64, 32, num_warps=4, num_stages=7, programs_per_sm=2),

@@ -30,7 +30,7 @@ from deft import workloads as wl  # noqa: E402
 from deft.bench.timing import CudaTimer  # noqa: E402
 from deft.kernels.partials import partials  # noqa: E402
 from deft.kernels.reduction import merge  # noqa: E402
-from deft.planner import paged_cache  # noqa: E402
+from deft.plan_buffers import paged_cache  # noqa: E402
 from deft.tree import AttentionShape  # noqa: E402
 from deft.tree_attention import TreeAttention  # noqa: E402
 

@@ -39,7 +39,7 @@ if "--cpu" in sys.argv:
 
 from deft import workloads as wl  # noqa: E402
 from deft.kernels.partials import TileConfig, partials  # noqa: E402
-from deft.planner import paged_cache  # noqa: E402
+from deft.plan_buffers import paged_cache  # noqa: E402
 from deft.tree import AttentionShape, Tree  # noqa: E402
 from deft.tree_attention import TreeAttention  # noqa: E402
 from reference import build_plan, rel_err  # noqa: E402

@@ -440,7 +440,7 @@ def test_workbench_measures_and_checks_candidates_on_the_cpu():
 
 def test_tree_attention_consults_tables_only_when_nothing_is_fixed():
     from deft import TreeAttention
-    from deft.planner import paged_cache
+    from deft.plan_buffers import paged_cache
 
     tree = star(2, 40, 8, attention=AttentionShape(4, 2, 16))
     kv = torch.zeros(tree.num_tokens, 2, 16)

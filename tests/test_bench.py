@@ -24,12 +24,13 @@ from deft.bench import peers
 from deft.bench.base import Variant
 from deft.bench.floor import FloorRates, measure_rates, workload_floor
 from deft.bench.inputs import Inputs, dense_mask, make_inputs, query_paths, with_dtype
-from reference.plan import ranges
+from deft.plan import ranges
 from deft.bench.methods import GPU_STRATEGIES, GROUPS, METHODS, PYTORCH_STRATEGIES
 from deft.bench.runner import finish
 from deft.bench.select import parse_workload
 from deft.bench.timing import Timing, WallTimer
 from deft.tree import AttentionShape, Tree
+from deft.tree_format import tree_to_dict
 from deft.workloads import ANCHORS, anchor, random_tree, star
 
 pytestmark = pytest.mark.filterwarnings("ignore:flex_attention called without torch.compile")
@@ -44,7 +45,7 @@ def small_tree_file(tmp_path) -> Path:
     """A three-level tree.json with a small head shape (fast on the CPU)."""
     tree = Tree([0, 1, 2, 3, 4], [None, 0, 0, 1, 1], [50, 9, 5, 3, 4], [0, 0, 2, 1, 2], SMALL)
     path = tmp_path / "small.json"
-    path.write_text(json.dumps(tree.to_dict()))
+    path.write_text(json.dumps(tree_to_dict(tree)))
     return path
 
 
@@ -391,14 +392,14 @@ def synthetic_bench(true_constants: dict) -> dict:
 
     from iomodel import predict_latency
     from iomodel.gpus import builtin_gpu
-    from reference.plan import build_plan
+    from deft.plan import build_plan
 
     gpu = replace(builtin_gpu("h100"), calibration=true_constants)
     trees = {"star": star(8, 3000, 100), "wide": star(40, 500, 50),
              "deep": Tree([0, 1, 2, 3], [None, 0, 1, 1], [2000, 300, 40, 40])}
     workloads, results = [], []
     for name, tree in trees.items():
-        workloads.append({"name": name, "tree": tree.to_dict()})
+        workloads.append({"name": name, "tree": tree_to_dict(tree)})
         for strategy in ("deft_flatten", "deft_node", "flash_decoding"):
             plan = build_plan(strategy, tree, page_size=16)
             results.append({"workload": name, "method": strategy, "kind": "deft", "status": "ok",

@@ -14,10 +14,12 @@ from hypothesis import strategies as st
 import iomodel
 from cli import main
 from deft.tree import AttentionShape, Tree
+from deft.tree_format import tree_to_dict
 from iomodel.gpus import BUILTIN, GpuSpecError, load_gpu_spec
 from iomodel.latency import floor_traffic, predict_latency, strategy_sizes
 from iomodel.traffic import TRAFFIC_KEYS
-from reference.plan import STRATEGIES, build_plan
+from deft.plan import build_plan
+from deft.strategies import STRATEGIES
 from tests.trees import trees
 
 EXAMPLES = sorted((Path(__file__).parent.parent / "examples").glob("*.json"))
@@ -265,7 +267,7 @@ def test_cli_examples(path):
 
 def test_cli_json_schema(tmp_path):
     path = tmp_path / "tree.json"
-    path.write_text(json.dumps(TWO_NODES.to_dict()))
+    path.write_text(json.dumps(tree_to_dict(TWO_NODES)))
     result = invoke(path, "--json", "--chunk-size", 4, "--group-size", 1, "--page-size", 2,
                     "--strategies", "flash_attention,deft_flatten")
     assert result.exit_code == 0, result.output

@@ -42,10 +42,11 @@ from hypothesis import given, settings  # noqa: E402
 from hypothesis import strategies as st  # noqa: E402
 
 import deft  # noqa: E402
-from deft.tree_attention import KERNEL_STRATEGIES, TreeAttention  # noqa: E402
+from deft.strategies import KERNEL_STRATEGIES  # noqa: E402
+from deft.tree_attention import TreeAttention  # noqa: E402
 from deft.cache import PagedKVCache, TreeCache  # noqa: E402
 from deft.kernels.partials import TileConfig  # noqa: E402
-from deft.planner import CapacityError, paged_cache  # noqa: E402
+from deft.plan_buffers import CapacityError, paged_cache  # noqa: E402
 from deft.tree import AttentionShape, Tree  # noqa: E402
 from reference import build_plan, oracle_attention, rel_err  # noqa: E402
 from tests.trees import trees  # noqa: E402
@@ -218,8 +219,10 @@ def test_merge_per_query_and_per_head_agree():
         merge(o_part, lse_part, attn.buffers.views, out, lse, per_query=per_query)
         results.append((out.cpu(), lse.cpu()))
     n = tree.num_queries
-    assert torch.equal(results[0][0], results[1][0])
-    assert torch.allclose(results[0][1][:n], results[1][1][:n], rtol=0, atol=1e-6)
+    # The two kernels sum the same rows in different vector shapes (and the interpreter's
+    # numpy may take a SIMD path): equal to rounding, far below what a wrong merge changes.
+    torch.testing.assert_close(results[0][0][:n], results[1][0][:n], rtol=0, atol=2e-3)
+    torch.testing.assert_close(results[0][1][:n], results[1][1][:n], rtol=1e-6, atol=1e-5)
     assert torch.isneginf(results[1][1][n:]).all() and (results[1][0][n:] == 0).all()
     assert rel_err(results[1][0][:n], oracle_attention(tree, q, k, v)) <= TOLERANCE[torch.float16]
     assert per_query_merge(255, 765, 132) and not per_query_merge(64, 1344, 132)

@@ -15,7 +15,7 @@ import reference
 from deft.tree import AttentionShape, Tree
 from reference import tiles
 from reference.oracle import visible_by_parents
-from reference.plan import BIT_MASK, DENSE_MASK, PAGED, USES_CHUNK_SIZE, USES_GROUP_SIZE
+from deft.strategies import BIT_MASK, DENSE_MASK, PAGED, USES_CHUNK_SIZE, USES_GROUP_SIZE
 from tests.trees import trees
 
 HEADS = [  # (q_heads, kv_heads, head_dim): GQA ratios 1, 4, 8; head dims 64, 128

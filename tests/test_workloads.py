@@ -13,6 +13,7 @@ from hypothesis import strategies as st
 import deft
 from cli import main
 from deft import workloads as w
+from deft.tree_format import tree_to_dict
 
 REAL = w.found_workload_files()
 
@@ -26,7 +27,7 @@ def real_file(relative):
 
 def nodes_of(tree):
     """{id: (parent id, tokens, queries)} of a tree."""
-    return {n["id"]: (n["parent"], n["tokens"], n["queries"]) for n in tree.to_dict()["nodes"]}
+    return {n["id"]: (n["parent"], n["tokens"], n["queries"]) for n in tree_to_dict(tree)["nodes"]}
 
 
 def reference_reasoning_tree(record, iteration, prompt):
@@ -240,7 +241,7 @@ def test_anchors(name):
 
 
 def test_anchor_is_a_run_step():
-    assert w.fewshot(4000, 50, 200).tree(-1).to_dict() == w.anchor("fewshot_b50_P4000_L200").to_dict()
+    assert tree_to_dict(w.fewshot(4000, 50, 200).tree(-1)) == tree_to_dict(w.anchor("fewshot_b50_P4000_L200"))
 
 
 def test_anchor_lookup(tmp_path, monkeypatch, speculative_file):
@@ -280,7 +281,7 @@ def test_random_tree(seed, nodes, max_tokens, roots, max_queries):
     assert tree.num_nodes == nodes and len(tree.roots) == roots
     assert tree.tokens.max() <= max_tokens and tree.queries.max() <= max_queries
     assert ((tree.queries > 0) == (tree.child_count == 0)).all()
-    assert w.random_tree(seed, nodes, max_tokens, roots, max_queries).to_dict() == tree.to_dict()
+    assert tree_to_dict(w.random_tree(seed, nodes, max_tokens, roots, max_queries)) == tree_to_dict(tree)
 
 
 @given(st.integers(0, 2**32), st.integers(2, 80), st.integers(1, 5))
@@ -351,7 +352,7 @@ def test_cli_export(tmp_path, reasoning_file):
     args = ["workloads", "export", "fewshot", "width=3", "prompt-tokens=10", "--step", "4", "-o", str(out)]
     result = CliRunner().invoke(main, args)
     assert result.exit_code == 0, result.output
-    assert deft.load_tree(out).to_dict() == w.fewshot(10, 3).tree(4).to_dict()
+    assert tree_to_dict(deft.load_tree(out)) == tree_to_dict(w.fewshot(10, 3).tree(4))
     args = ["workloads", "export", "reasoning", f"path={reasoning_file}", "tree_index=1", "--step", "3"]
     result = CliRunner().invoke(main, args)
     assert result.exit_code == 0, result.output

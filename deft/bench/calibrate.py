@@ -24,7 +24,8 @@ from deft.tree_format import tree_from_dict
 from iomodel.gpus import GpuSpec, builtin_gpu
 from iomodel.latency import Constants, constants_for, predict_latency
 from iomodel.traffic import traffic_of_plan
-from reference.plan import STRATEGIES, build_plan
+from deft.plan import build_plan
+from deft.strategies import STRATEGIES
 
 FORMAT = "deft-calibration/1"
 

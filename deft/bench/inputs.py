@@ -13,7 +13,7 @@ import numpy as np
 import torch
 
 from deft.tree import AttentionShape, Tree
-from reference.plan import ranges
+from deft.plan import ranges
 
 DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16}
 """The ``--dtype`` choices."""

@@ -15,15 +15,15 @@ import torch
 
 from deft.bench.base import Method, Variant, need_cuda, time_plan
 from deft.bench.peers import PEERS
+from deft.strategies import KERNEL_STRATEGIES, LISTS_SLOTS, REFERENCE_ONLY
 
-GPU_STRATEGIES = ("deft_flatten", "deft_node_chunk", "deft_node", "flash_decoding", "radix",
-                  "tree_attention_s")
-"""This project's Triton strategies, in the table's order."""
+GPU_STRATEGIES = tuple(reversed(KERNEL_STRATEGIES))
+"""This project's Triton strategies, in the table's order (DeFT-Flatten first)."""
 
-PYTORCH_STRATEGIES = ("flash_attention", "tree_attention_m", "vanilla_tree")
+PYTORCH_STRATEGIES = REFERENCE_ONLY
 """Strategies that run in PyTorch: benchmarked only when named in ``--methods``."""
 
-KV_SLOT_STRATEGIES = ("flash_decoding", "radix")
+KV_SLOT_STRATEGIES = LISTS_SLOTS
 """Strategies whose TreeAttention takes ``max_kv_slots`` (one listed slot per visible token)."""
 
 
@@ -69,7 +69,7 @@ class DeftStrategy(Method):
     def _kernel(self, inputs) -> Variant:
         from deft import TreeAttention
         from deft.cache import PagedKVCache, TreeCache, pages_for
-        from reference.plan import build_plan
+        from deft.plan import build_plan
 
         tree = inputs.tree
         shape = tree.attention

@@ -23,7 +23,7 @@ import torch
 
 from deft.bench.base import Method, Variant, need_cuda, need_module, time_plan
 from deft.bench.inputs import dense_mask, query_paths
-from reference.plan import ranges
+from deft.plan import ranges
 
 WORKSPACE_BYTES = 128 * 1024 * 1024
 """FlashInfer's float workspace (its documented recommendation), zeroed before first use."""

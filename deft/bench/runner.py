@@ -28,6 +28,7 @@ import torch
 from deft.bench.floor import measure_rates, workload_floor
 from deft.bench.inputs import make_inputs
 from deft.bench.timing import CudaTimer, GraphCaptureError, one_line
+from deft.tree_format import tree_to_dict
 
 FORMAT = "deft-bench/1"
 
@@ -108,7 +109,7 @@ def run_bench(workloads, methods, *, dtype=torch.float16, timing="graph", device
         try:
             inputs = make_inputs(spec.tree(), dtype, copies, device, seed, page_size)
             tree = inputs.tree
-            entry.update(stats=tree.stats(), tree=tree.to_dict())
+            entry.update(stats=tree.stats(), tree=tree_to_dict(tree))
             if rates is not None:
                 entry["floor"] = workload_floor(tree, rates.copy_bandwidth, rates.matmul_rate)
             start = time.perf_counter()

@@ -1,16 +1,13 @@
 """DeFT-Flatten: KV-guided partitions over the flattened tree, cut into even blocks.
 
-Partition (`reference.plan.build_plan`): one block of ``chunk_size`` tokens of the flattened tree
+Partition (`deft.plan.build_plan`): one block of ``chunk_size`` tokens of the flattened tree
 (DFS preorder, so a block may span several nodes) x one group of the queries that see any of
 its tokens. Kernel: `deft.kernels.partials._partials_kernel` in FLAT mode; visibility per
 (query, token) from the Euler-tour test on flattened positions (one int32 per token and per
 query, no bit mask), then the reduction `deft.kernels.reduction.merge`.
 """
 
-from deft.kernels.partials import TileConfig, pick_config
-
-FLAT = True
-"""Flattened-run addressing with Euler-tour visibility (else listed slots)."""
+from deft.kernels.partials import TileConfig
 
 CONFIGS = {
     64: TileConfig(block_m=64, block_n=64, num_warps=4, num_stages=5, programs_per_sm=2),
@@ -23,8 +20,3 @@ For sm_90 (H100/H200): 5 stages keep the next K/V tile in flight behind the slot
 `deft.kernels.partials`), two programs per SM where registers and shared memory allow. Head dim
 128: slots prefetched a tile ahead and the lean tile body, which need only 3 stages and beat the
 5-stage tile by 2-5% on five of the six anchors (docs/performance.md, H200)."""
-
-
-def config(head_dim: int, group: int):
-    """The `TileConfig` for a head dim and GQA ratio (query heads per KV head)."""
-    return pick_config(CONFIGS, head_dim, group)

@@ -1,6 +1,6 @@
 """The split-KV attention kernel behind every GPU strategy: partial results of partitions.
 
-A plan (`deft.planner`) cuts one attention call into *partitions*: a set of queries and a run of
+A plan (`deft.plan_buffers`) cuts one attention call into *partitions*: a set of queries and a run of
 KV tokens. For each (partition, query) *entry* this kernel writes a partial result, the fp32 pair
 
     o   = sum_j exp(s_j - m) v_j / sum_j exp(s_j - m)     [entries, q_heads, head_dim]
@@ -231,7 +231,7 @@ def partials(q, k_cache, v_cache, o_part, lse_part, buffers, *, flat: bool, sm_s
     o_part : fp32 [max_entries, q_heads, head_dim], contiguous (written)
     lse_part : fp32 [max_entries, q_heads], contiguous (written)
     buffers : dict of str to int32 tensors
-        The plan's device buffers (`deft.planner.PlanBuffers.views`).
+        The plan's device buffers (`deft.plan_buffers.PlanBuffers.views`).
     flat : bool
         Flattened-tree addressing with Euler-tour visibility (KV-guided), else listed slots.
     sm_scale : float

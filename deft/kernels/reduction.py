@@ -135,7 +135,7 @@ def merge(o_part, lse_part, buffers, out, lse=None, per_query=False) -> None:
     o_part : fp32 [max_entries, q_heads, head_dim], contiguous
     lse_part : fp32 [max_entries, q_heads], contiguous
     buffers : dict of str to int32 tensors
-        The plan's device buffers (`deft.planner.PlanBuffers.views`).
+        The plan's device buffers (`deft.plan_buffers.PlanBuffers.views`).
     out : [rows, q_heads, head_dim] (head_dim contiguous; rows >= the plan's queries)
     lse : fp32 [rows, q_heads], optional
         Natural-log log-sum-exp of each output row.

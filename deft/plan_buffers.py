@@ -1,6 +1,6 @@
 """The GPU planner: a strategy's partitions as the int32 buffers the Triton kernels read.
 
-`plan_arrays` encodes a `reference.plan.Plan` (the normative partitions, built on the host with
+`plan_arrays` encodes a `deft.plan.Plan` (the normative partitions, built on the host with
 vectorised numpy) and a page table into flat int32 arrays, with no Python loop over tokens or
 partitions. `PlanBuffers` owns fixed-capacity device tensors that `fill` refills in place (pinned
 staging, non-blocking copies), so kernels captured in a CUDA graph keep reading the right
@@ -38,7 +38,7 @@ import numpy as np
 import torch
 
 from deft.tree import INDEX_LIMIT, Tree
-from reference.plan import Plan
+from deft.plan import Plan
 
 FIELDS = (
     "counts",
@@ -161,7 +161,7 @@ def plan_arrays(plan: Plan, page_ptr, pages, flat: bool) -> dict:
 
     Parameters
     ----------
-    plan : reference.plan.Plan
+    plan : deft.plan.Plan
     page_ptr, pages : int, the page table (`PageTable`), in the tree's node-index order
     flat : bool
         Flattened-tree addressing (KV-guided kernels) or listed slots (query-guided).

@@ -17,34 +17,14 @@ from functools import cached_property
 
 import numpy as np
 
+from deft.strategies import DEFAULT_CHUNK_SIZE, DENSE_MASK
+from deft.strategies import strategy as strategy_record
 from deft.tree import Tree
-
-STRATEGIES = (
-    "flash_attention",
-    "flash_decoding",
-    "radix",
-    "tree_attention_s",
-    "tree_attention_m",
-    "vanilla_tree",
-    "deft_node",
-    "deft_node_chunk",
-    "deft_flatten",
-)
-"""The canonical strategy names, in Table 1 order."""
-
-DEFAULT_CHUNK_SIZE = 128
 
 BYTE_KEYS = ("kv_bytes", "q_bytes", "mask_bytes", "partial_bytes", "score_bytes", "output_bytes",
              "index_bytes")
 """The byte counts of a traffic dict (DESIGN.md, "Bytes"): counted by the reference, predicted
 by the IO model."""
-
-USES_CHUNK_SIZE = {"flash_decoding", "radix", "tree_attention_s", "deft_node_chunk", "deft_flatten"}
-USES_GROUP_SIZE = {"deft_node", "deft_node_chunk", "deft_flatten"}
-PAGED = {"radix", "deft_node", "deft_node_chunk", "deft_flatten"}
-BIT_MASK = {"tree_attention_s", "deft_flatten"}
-DENSE_MASK = {"tree_attention_m", "vanilla_tree"}
-NO_REDUCTION = {"flash_attention", "tree_attention_m", "vanilla_tree"}
 
 
 @dataclass(frozen=True)
@@ -82,16 +62,12 @@ class Plan:
     @property
     def mask(self) -> str:
         """How the kernel gets visibility: 'causal' (position arithmetic, no bytes), 'bit' or 'dense'."""
-        if self.strategy in BIT_MASK:
-            return "bit"
-        if self.strategy in DENSE_MASK:
-            return "dense"
-        return "causal"
+        return strategy_record(self.strategy).mask
 
     @property
     def has_reduction(self) -> bool:
         """Whether partial results are written and merged by a global reduction."""
-        return self.strategy not in NO_REDUCTION
+        return strategy_record(self.strategy).reduction
 
     # ------------------------------------------------------------------ per-partition aggregates
     @cached_property
@@ -186,18 +162,17 @@ def visible_in_segments(tree: Tree, query: np.ndarray, segment: np.ndarray, plan
 # ---------------------------------------------------------------------------- parameters
 def check_parameters(strategy: str, chunk_size, group_size, page_size):
     """Resolve defaults and refuse parameters the strategy does not take (ValueError)."""
-    if strategy not in STRATEGIES:
-        raise ValueError(f"unknown strategy {strategy!r}; choose one of {', '.join(STRATEGIES)}")
+    record = strategy_record(strategy)
     for name, value in (("chunk_size", chunk_size), ("group_size", group_size)):
         if value is not None and (isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 1):
             raise ValueError(f"{name} must be a positive integer or None, got {value!r}")
     if isinstance(page_size, bool) or not isinstance(page_size, (int, np.integer)) or page_size < 1:
         raise ValueError(f"page_size must be a positive integer, got {page_size!r}")
-    if chunk_size is not None and strategy not in USES_CHUNK_SIZE:
+    if chunk_size is not None and not record.takes_chunk_size:
         raise ValueError(f"{strategy} takes no chunk_size (it does not split KV into chunks)")
-    if group_size is not None and strategy not in USES_GROUP_SIZE:
+    if group_size is not None and not record.takes_group_size:
         raise ValueError(f"{strategy} takes no group_size (only the DeFT strategies group queries)")
-    if strategy in USES_CHUNK_SIZE and chunk_size is None:
+    if record.takes_chunk_size and chunk_size is None:
         chunk_size = DEFAULT_CHUNK_SIZE
     return (
         None if chunk_size is None else int(chunk_size),
