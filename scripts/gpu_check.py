@@ -373,8 +373,7 @@ def main():
                    strategies=STRATEGIES if args.cpu else KERNEL_STRATEGIES, chunk=16, group=2)
         if not args.cpu:
             check_graph_replan(report)
-        summarize(report)
-        return
+        sys.exit(1 if summarize(report) else 0)
 
     device_info = measure_device(report)
     check_tree(report, "random", "4 nodes", small, chunk=16, group=2,
@@ -418,10 +417,11 @@ def main():
         for strategy in TIMED:  # every anchor gets each strategy before the budget runs out
             for name, tree in anchors.items():
                 time_anchor(report, name, tree, device_info, strategy)
-    summarize(report)
+    sys.exit(1 if summarize(report) else 0)
 
 
-def summarize(report) -> None:
+def summarize(report) -> int:
+    """Print the summary; the number of failed records."""
     report.save()
     correctness = [r for r in report.records if r["section"] != "timing" and "strategy" in r]
     failed = [r for r in report.records if not r.get("ok")]
@@ -458,6 +458,7 @@ def summarize(report) -> None:
           f"{report.info.get('gemm_TFLOPs', 0):.0f} TFLOP/s; skipped {len(report.skipped)} "
           f"items; {len(report.records) - len(failed)}/{len(report.records)} records ok; "
           f"{time.time() - report.start:.0f} s")
+    return len(failed)
 
 
 if __name__ == "__main__":
