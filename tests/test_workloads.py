@@ -199,8 +199,9 @@ def test_real_reasoning_files_load(name):
                 w.reasoning(path, k)
 
 
-@pytest.mark.parametrize("name, first", [("sorting128ToT", 1), ("docmergeToT", 0), ("keywordToT", 0),
-                                         ("set128ToT", 0)])
+@pytest.mark.parametrize(
+    "name, first", [("sorting128ToT", 1), ("docmergeToT", 0), ("keywordToT", 0), ("set128ToT", 0)]
+)
 def test_real_reasoning_default_tree(name, first):
     trees = json.loads(real_file(f"reasoning/{name}.json").read_text())
     assert [k for k, t in enumerate(trees) if not t["incompleted"]][0] == first
@@ -294,7 +295,7 @@ def test_anchor_lookup(tmp_path, monkeypatch, speculative_file):
     assert w.anchor("spec_t64_P4000").num_queries == 5
     found = w.found_workload_files()
     assert found["speculative/APPS_tree_size64.json"] == (folder / "APPS_tree_size64.json").resolve()
-    assert found["reasoning/docmergeToT.json"].is_relative_to(w.PACKAGE_DATA)  # the package data next
+    assert found["reasoning/docmergeToT.json"].is_relative_to(w.PACKAGE_DATA)  # then the package
     assert len(w.speculative(64, steps=2)) == 2  # by tree size, through the same lookup
     with pytest.raises(FileNotFoundError, match="no such file"):
         w.reasoning(tmp_path / "missing.json")

@@ -12,7 +12,9 @@ import inspect
 
 from deft.workloads.anchors import anchor
 from deft.workloads.runs import fewshot
-from deft.workloads.synthetic import chain, random_tree, star, token_tree, token_tree_run, tot, tot_run
+from deft.workloads.synthetic import (
+    chain, random_tree, star, token_tree, token_tree_run, tot, tot_run,
+)
 from deft.workloads.traces import reasoning, speculative
 
 RUN_KINDS = {

@@ -21,7 +21,6 @@ import numpy as np
 from deft.tree import Tree
 
 
-# ---------------------------------------------------------------------------- runs
 @dataclass(frozen=True)
 class StepEvents:
     """What changed between two consecutive steps of a run.
@@ -246,7 +245,6 @@ class SpeculativeRun(Run):
     def _tree(self, i):
         first_id = 1 + i * len(self.parent_index)
         return candidate_tree(self.parent_index, int(self.root_tokens[i]), 1, first_id, self.attention)
-
 
 
 def fewshot(prompt_tokens=4000, width=20, iterations=400, attention=None) -> FewshotRun:

@@ -19,7 +19,7 @@ import numpy as np
 from deft.workloads.runs import ReasoningRun, SpeculativeRun
 
 PACKAGE_DATA = Path(__file__).resolve().parent / "data"
-"""The shipped copy of the DeFT dataset (``deft-dataset/reasoning``, ``deft-dataset/speculative``)."""
+"""The shipped copy of the DeFT dataset (``deft-dataset/{reasoning,speculative}/``)."""
 
 FIRST_COMPLETE = "first_complete"
 """`reasoning`'s default ``tree_index``: the file's first complete tree."""
