@@ -6,8 +6,8 @@
 #   OUT=/some/dir scripts/autotune_gpu.sh [tune] [quality] [-- extra deft-cli autotune options]
 #
 # Default: both, tune first (about 3 + 2 minutes on an H100 with a cold Triton cache; one
-# 10-minute call). The spec anchors read .workloads/deft-dataset/speculative/ (carry .workloads,
-# or set DEFT_WORKLOADS). Writes under $OUT (default autotune-out/):
+# 10-minute call). The spec anchors read the token trees shipped in deft/workloads/data/.
+# Writes under $OUT (default autotune-out/):
 #   env.txt                     the card and versions
 #   <device>.json               the measured table: copy it to autotune/configs/ and commit it
 #   autotune.txt, autotune.log  the chosen configs and the progress log

@@ -11,8 +11,8 @@
 #
 # Peers come from .peer-wheels (scripts/peer-wheels.sh fetches them): installed with
 # pip --no-index --no-deps into /tmp/peers and put on PYTHONPATH; without them FlashInfer and
-# SGLang show as skipped. The spec anchors read
-# .workloads/deft-dataset/speculative/APPS_tree_size{64,256}.json (or $DEFT_WORKLOADS).
+# SGLang show as skipped. The spec anchors read the token trees shipped in
+# deft/workloads/data/ (APPS_tree_size{64,256}.json).
 # Writes under $OUT (default bench-out/): bench-MODE$TAG.{txt,json,png},
 # calibration-graph$TAG.{txt,json}, env.txt. Set TAG (e.g. TAG=-part1) when splitting the
 # workloads over several calls (-- --workloads a,b,c), so that the files do not collide.

@@ -17,7 +17,7 @@ anchors=${1:-fewshot_b20_P4000_L200}
 variants=${2:-current}
 ncu --clock-control none --set full --import-source no -k regex:_partials_kernel \
   -o "$out/prof" -f \
-  python3 scripts/perf_flatten.py --workloads .workloads --anchors "$anchors" \
+  python3 scripts/perf_flatten.py --anchors "$anchors" \
   --variants "$variants" --no-timing > "$out/perf_flatten.log" 2>&1
 echo "ncu exit $?"
 tail -5 "$out/perf_flatten.log"

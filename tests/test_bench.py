@@ -129,10 +129,7 @@ ANCHOR_FLOORS = {
 
 @pytest.mark.parametrize("name", ANCHORS)
 def test_floor_matches_anchors_table(name):
-    try:
-        tree = anchor(name)
-    except FileNotFoundError:
-        pytest.skip("the speculative workload files are not here")
+    tree = anchor(name)
     floor = workload_floor(tree, H200_RATES.copy_bandwidth, H200_RATES.matmul_rate)
     memory, compute = ANCHOR_FLOORS[name]
     assert floor["memory_us"] == pytest.approx(memory, abs=0.051)

@@ -193,9 +193,7 @@ def test_replay_synthetic_runs():
 
 
 def test_replay_real_reasoning():
-    path = w.found_workload_files().get("reasoning/docmergeToT.json")
-    if path is None:
-        pytest.skip("reasoning/docmergeToT.json not found (set DEFT_WORKLOADS)")
+    path = w.found_workload_files()["reasoning/docmergeToT.json"]
     run = w.reasoning(path, 0)
     cache, written = replay(run, page_size=16, check_every=200)
     values = [n["value"] for n in json.loads(path.read_text())[0]["data"].values()]
@@ -204,9 +202,7 @@ def test_replay_real_reasoning():
 
 
 def test_replay_real_speculative():
-    path = w.found_workload_files().get("speculative/APPS_tree_size64.json")
-    if path is None:
-        pytest.skip("speculative/APPS_tree_size64.json not found (set DEFT_WORKLOADS)")
+    path = w.found_workload_files()["speculative/APPS_tree_size64.json"]
     run = w.speculative(path, prompt_tokens=100, steps=12)
     _, written = replay(run, page_size=16)
     assert written == run.tree(-1).tokens[0] + 63 * 12

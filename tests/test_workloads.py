@@ -1,5 +1,6 @@
-"""deft.workloads: the real runs (on the shipped files when present, and on small files written
-here), the synthetic generators, the anchors, step events, and `deft-cli workloads`."""
+"""deft.workloads: the real runs (on the files shipped in the package, and on small files written
+here), the synthetic generators, the anchors, step events, the option parser and
+`deft-cli workloads`."""
 
 import json
 import time
@@ -19,9 +20,7 @@ REAL = w.found_workload_files()
 
 
 def real_file(relative):
-    """The path of a shipped workload file, or skip the test."""
-    if relative not in REAL:
-        pytest.skip(f"{relative} not found (set DEFT_WORKLOADS to the shared workloads directory)")
+    """The path of a workload file (they ship with the package: never missing)."""
     return REAL[relative]
 
 
@@ -100,6 +99,23 @@ def test_reasoning_prompt_tokens_and_refusals(reasoning_file):
         w.reasoning(reasoning_file, 3)
 
 
+def test_reasoning_default_is_the_first_complete_tree(tmp_path, reasoning_file):
+    first = tree_to_dict(w.reasoning(reasoning_file, 1).tree(-1))
+    for run in (w.reasoning(reasoning_file), w.reasoning(reasoning_file, w.FIRST_COMPLETE)):
+        assert run.name == "reasoning_small_1_P5" and tree_to_dict(run.tree(-1)) == first
+    assert w.reasoning(reasoning_file, -2).name == "reasoning_small_1_P5"
+    with pytest.raises(ValueError, match=r"tree 2 is incomplete.*index 1 \(the default\)"):
+        w.reasoning(reasoning_file, -1)
+    with pytest.raises(ValueError, match="tree_index must be an integer or 'first_complete'"):
+        w.reasoning(reasoning_file, "last")
+    with pytest.raises(ValueError, match="tree_index must be an integer"):
+        w.reasoning(reasoning_file, True)
+    none_complete = tmp_path / "none.json"
+    none_complete.write_text(json.dumps([INCOMPLETE]))
+    with pytest.raises(ValueError, match="none.json: the file has no complete tree"):
+        w.reasoning(none_complete)
+
+
 @pytest.mark.parametrize(
     "node, field, value, message",
     [
@@ -168,7 +184,7 @@ def test_speculative_bad_paths():
 
 
 # ---------------------------------------------------------------------------- real files
-@pytest.mark.parametrize("name", ["sorting128ToT", "docmergeToT"])
+@pytest.mark.parametrize("name", ["sorting128ToT", "docmergeToT", "keywordToT", "set128ToT"])
 def test_real_reasoning_files_load(name):
     path = real_file(f"reasoning/{name}.json")
     trees = json.loads(path.read_text())
@@ -181,6 +197,30 @@ def test_real_reasoning_files_load(name):
         else:
             with pytest.raises(ValueError, match=f"index {complete[0]}"):
                 w.reasoning(path, k)
+
+
+@pytest.mark.parametrize(
+    "name, first", [("sorting128ToT", 1), ("docmergeToT", 0), ("keywordToT", 0), ("set128ToT", 0)]
+)
+def test_real_reasoning_default_tree(name, first):
+    trees = json.loads(real_file(f"reasoning/{name}.json").read_text())
+    assert [k for k, t in enumerate(trees) if not t["incompleted"]][0] == first
+    default = w.reasoning(name)
+    assert default.name.startswith(f"reasoning_{name}_{first}_P")
+    assert tree_to_dict(default.tree(-1)) == tree_to_dict(w.reasoning(name, first).tree(-1))
+
+
+def test_traces_ship_in_the_package(monkeypatch):
+    monkeypatch.delenv("DEFT_WORKLOADS", raising=False)
+    found = w.found_workload_files()
+    assert sorted(found) == sorted(
+        [f"reasoning/{n}ToT.json" for n in ("sorting128", "docmerge", "keyword", "set128")]
+        + [f"speculative/APPS_tree_size{t}.json" for t in (32, 64, 128, 256)]
+    )
+    dataset = w.PACKAGE_DATA / "deft-dataset"
+    assert all(path.parent.parent == dataset for path in found.values())
+    assert "MIT License" in (dataset / "LICENSE").read_text()
+    assert "LICENSE" in (dataset / "README.md").read_text()
 
 
 def test_real_reasoning_matches_reference_reading():
@@ -233,8 +273,6 @@ ANCHOR_SIZES = {  # (unique KV tokens, queries), from ANCHORS.md
 
 @pytest.mark.parametrize("name", w.ANCHORS)
 def test_anchors(name):
-    if name.startswith("spec"):
-        real_file(f"speculative/APPS_tree_size{name[6:].split('_')[0]}.json")
     tree = w.anchor(name)
     assert (tree.num_tokens, tree.num_queries) == ANCHOR_SIZES[name]
     assert tree.queries[0] == 0 and len(tree.roots) == 1
@@ -255,7 +293,9 @@ def test_anchor_lookup(tmp_path, monkeypatch, speculative_file):
     assert w.anchor("spec_t64_P4000", workload_dir=tmp_path / "mine").num_queries == 5
     monkeypatch.setenv("DEFT_WORKLOADS", str(tmp_path / "mine"))
     assert w.anchor("spec_t64_P4000").num_queries == 5
-    assert "speculative/APPS_tree_size64.json" in w.found_workload_files()
+    found = w.found_workload_files()
+    assert found["speculative/APPS_tree_size64.json"] == (folder / "APPS_tree_size64.json").resolve()
+    assert found["reasoning/docmergeToT.json"].is_relative_to(w.PACKAGE_DATA)  # then the package
     assert len(w.speculative(64, steps=2)) == 2  # by tree size, through the same lookup
     with pytest.raises(FileNotFoundError, match="no such file"):
         w.reasoning(tmp_path / "missing.json")
@@ -336,6 +376,44 @@ def test_events_rebuild_the_next_tree(seed):
         previous = current
 
 
+# ---------------------------------------------------------------------------- options
+def test_kind_options():
+    assert w.kind_options("fewshot") == {"prompt_tokens": 4000, "width": 20, "iterations": 400}
+    assert w.kind_options("reasoning")["path"] == w.REQUIRED
+    assert w.kind_options("reasoning")["tree_index"] == w.FIRST_COMPLETE
+    assert set(w.kind_options("random")) == {"seed", "nodes", "max_tokens", "roots", "max_queries"}
+    with pytest.raises(ValueError, match="unknown workload kind 'nope'; kinds: fewshot, "):
+        w.kind_options("nope")
+
+
+@pytest.mark.parametrize("text, value", [
+    ("3", 3), ("-2", -2), ("0.5", 0.5), ("1e3", 1000.0), ("none", None), ("Null", None),
+    ("true", True), ("FALSE", False), ("sorting128ToT", "sorting128ToT"), ("", ""),
+])
+def test_parse_option_value(text, value):
+    parsed = w.parse_option_value(text)
+    assert parsed == value and type(parsed) is type(value)
+
+
+def test_parse_options():
+    assert w.parse_options("fewshot", ["width=3", "--prompt-tokens=10", " iterations =none"]) == {
+        "width": 3, "prompt_tokens": 10, "iterations": None}
+    assert w.parse_options("fewshot", []) == {}
+    assert w.parse_options("reasoning", ["path=x", "step=-1"], extra=("step",)) == {"path": "x", "step": -1}
+    with pytest.raises(ValueError, match=r"^fewshot: bad option 'widht=3'; fewshot takes "
+                                         r"prompt_tokens=\.\.\., width=\.\.\., iterations=\.\.\.$"):
+        w.parse_options("fewshot", ["widht=3"])
+    with pytest.raises(ValueError, match=r"^fewshot:width: bad option 'width'; .* iterations=\.\.\., "
+                                         r"step=\.\.\.$"):
+        w.parse_options("fewshot", ["width"], where="fewshot:width", extra=("step",))
+    with pytest.raises(ValueError, match="bad option 'step=2'"):
+        w.parse_options("star", ["step=2"])
+    with pytest.raises(ValueError, match=r"^reasoning: missing option\(s\) path=\.\.\.$"):
+        w.parse_options("reasoning", ["tree_index=1"])
+    with pytest.raises(ValueError, match="unknown workload kind"):
+        w.parse_options("nope", [])
+
+
 # ---------------------------------------------------------------------------- CLI
 def test_cli_list():
     result = CliRunner().invoke(main, ["workloads", "list", "--json"])
@@ -344,7 +422,26 @@ def test_cli_list():
     assert listing["anchors"] == list(w.ANCHORS)
     assert listing["kinds"]["fewshot"]["options"] == {"prompt_tokens": 4000, "width": 20, "iterations": 400}
     assert listing["kinds"]["reasoning"]["options"]["path"] == "required"
+    assert listing["kinds"]["reasoning"]["options"]["tree_index"] == "first_complete"
     assert CliRunner().invoke(main, ["workloads", "list"]).exit_code == 0
+
+
+def test_cli_reasoning_default_is_one_rule(reasoning_file):
+    """export and estimate-io take the same tree when tree_index is not given; an incomplete
+    index is refused by both, naming the first complete tree."""
+    expected = w.reasoning(reasoning_file)
+    result = CliRunner().invoke(main, ["workloads", "export", "reasoning", f"path={reasoning_file}"])
+    assert result.exit_code == 0, result.output
+    assert deft.tree_from_dict(json.loads(result.output)).num_nodes == expected.tree(0).num_nodes
+    args = ["estimate-io", "--workload", "reasoning", "--path", str(reasoning_file), "--json"]
+    result = CliRunner().invoke(main, args)
+    assert result.exit_code == 0, result.output
+    assert json.loads(result.output)["workload"] == expected.name
+    for args in (["workloads", "export", "reasoning", f"path={reasoning_file}", "tree_index=0"],
+                 ["estimate-io", "--workload", "reasoning", "--path", str(reasoning_file),
+                  "--tree-index", "0"]):
+        result = CliRunner().invoke(main, args)
+        assert result.exit_code == 2 and "first complete tree is index 1" in result.output
 
 
 def test_cli_export(tmp_path, reasoning_file):
