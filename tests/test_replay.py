@@ -1,4 +1,4 @@
-"""Whole-run replay (`deft.replay`) and the decoder (`deft.decoder`) on the CPU.
+"""Whole-run replay (`harness.replay`) and the decoder (`harness.decoder`) on the CPU.
 
 Short replays with the PyTorch reference strategies through a tiny attention shape: outputs
 equal the oracle at the checked steps, the cache ends empty, sampling and extrapolation add up,
@@ -15,16 +15,11 @@ from click.testing import CliRunner
 from cli import main
 from deft import workloads as w
 from deft.cache import PagedKVCache, TreeCache
-from deft.decoder import LLAMA3_8B, Decoder, DecoderConfig, LayerCaches
-from deft.replay import (
-    Capacity,
-    ReferenceMethod,
-    markdown_tables,
-    parse_methods,
-    render,
-    replay,
-    sample_steps,
-)
+from harness.decoder import LLAMA3_8B, Decoder, DecoderConfig, LayerCaches
+from harness.deft_methods import ReferenceMethod
+from harness.methods import Capacity
+from harness.registry import parse_methods
+from harness.replay import markdown_tables, render, replay, sample_steps
 from reference import oracle_attention
 
 TINY = DecoderConfig(layers=2, hidden=32, intermediate=64, q_heads=4, kv_heads=2, head_dim=16,
@@ -43,7 +38,7 @@ RUNS = {
 
 def tiny_replay(run, methods="ref:deft_flatten,ref:radix", **options):
     options = {"model": TINY, "device": "cpu", "page_size": 4, **options}
-    return replay(run, parse_methods(methods), **options)
+    return replay(run, parse_methods(methods, steps=True), **options)
 
 
 def test_sample_steps_are_even_and_keep_the_ends():
@@ -99,7 +94,7 @@ class Renamed(ReferenceMethod):
 def test_e2e_rows_upper_bound_and_speedups():
     run = RUNS["token_tree"]()
     methods = [Renamed("radix", "radix"), Renamed("deft_flatten", "deft_flatten"),
-               *parse_methods("deft_node")]
+               *parse_methods("deft_node", steps=True)]
     result = replay(run, methods, model=TINY, e2e=True, e2e_steps=2, device="cpu", page_size=4)
     by_name = {e["method"]: e for e in result["methods"]}
     interpreted = os.environ.get("TRITON_INTERPRET") == "1"  # then the kernel runs on the CPU
@@ -124,7 +119,7 @@ def test_e2e_rows_upper_bound_and_speedups():
 
 
 def test_graphs_are_captured_once_and_failures_fall_back(monkeypatch):
-    import deft.replay as r
+    import harness.replay.loop as r
 
     captured, calls = [], []
 
