@@ -515,11 +515,9 @@ def autotune_command(gpu, workload_list, strategies, budget_s, exhaustive, dtype
     """
     from pathlib import Path
 
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
-
     from autotune import store, tune
     from autotune.measure import workbenches
-    from autotune.report import autotune_table
+    from autotune.report import ProgressBar, autotune_table
     from harness.bench import DTYPES, parse_workloads
     from deft.strategies import KERNEL_STRATEGIES as KERNELS
 
@@ -539,23 +537,10 @@ def autotune_command(gpu, workload_list, strategies, budget_s, exhaustive, dtype
     if predict:
         table = tune.predict(workloads, names, spec, device, dtype=DTYPES[dtype])
     else:
-        with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
-                      TimeElapsedColumn(), console=stderr) as progress:
-            task = progress.add_task("autotune", total=0)
-
-            class Bar(tune.Reporter):
-                def expect(self, count):
-                    progress.update(task, total=progress.tasks[task].total + count)
-
-                def advance(self, text):
-                    progress.update(task, advance=1, description=text)
-
-                def log(self, line):
-                    progress.console.print(line, markup=False, highlight=False)
-
+        with ProgressBar(stderr) as reporter:
             table = tune.autotune(workloads, names, spec, device, workbenches(DTYPES[dtype]),
                                   budget_s=budget_s, exhaustive=exhaustive,
-                                  dtype=DTYPES[dtype], reporter=Bar())
+                                  dtype=DTYPES[dtype], reporter=reporter)
     store.write_table(table, path)
     stderr.print(f"wrote {path} ({table.source})", highlight=False)
     if as_json:

@@ -1,9 +1,45 @@
-"""The autotune table: the chosen config of every strategy and bucket (`deft-cli autotune`)."""
+"""What `deft-cli autotune` shows: a progress bar while it tunes, then the chosen config of
+every strategy and bucket."""
 
 from __future__ import annotations
 
 from rich import box
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
+
+from autotune.tune import Reporter
+
+
+class ProgressBar(Reporter):
+    """A rich progress bar of the candidates prepared, news printed above it; a context manager.
+
+    Parameters
+    ----------
+    console : rich.console.Console
+        Where the bar is drawn (the CLI: stderr).
+    """
+
+    def __init__(self, console: Console):
+        self.progress = Progress(TextColumn("{task.description}"), BarColumn(),
+                                 MofNCompleteColumn(), TimeElapsedColumn(), console=console)
+        self.task = self.progress.add_task("autotune", total=0)
+
+    def __enter__(self) -> "ProgressBar":
+        self.progress.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.progress.stop()
+
+    def expect(self, count):
+        self.progress.update(self.task, total=self.progress.tasks[self.task].total + count)
+
+    def advance(self, text):
+        self.progress.update(self.task, advance=1, description=text)
+
+    def log(self, line):
+        self.progress.console.print(line, markup=False, highlight=False)
 
 
 def autotune_table(table) -> Table:
