@@ -130,7 +130,8 @@ class _ReferencePlan:
 
 
 class ReferenceMethod(Method):
-    """The PyTorch reference of a strategy (`reference`): any device, slow, eager only.
+    """The PyTorch reference of a strategy (`reference`): K and V of any device, computed on
+    the host (slow, eager only).
 
     Parameters
     ----------
@@ -176,11 +177,12 @@ class ReferenceMethod(Method):
 
     def run(self, q, k_cache, v_cache, plan, out=None):
         n = plan.tree.num_queries
-        k = k_cache.flatten(0, 1)[plan.slots]
-        v = v_cache.flatten(0, 1)[plan.slots]
-        rows, _ = self._module.attention(plan.tree, q[:n], k, v, plan.plan)
+        k = k_cache.flatten(0, 1)[plan.slots].cpu()
+        v = v_cache.flatten(0, 1)[plan.slots].cpu()
+        # The reference indexes with host tensors: it computes on the host, as deft.attention.
+        rows, _ = self._module.attention(plan.tree, q[:n].cpu(), k, v, plan.plan)
         out = torch.empty_like(q) if out is None else out
-        out[:n] = rows.to(out.dtype)
+        out[:n] = rows.to(device=out.device, dtype=out.dtype)
         out[n:] = 0
         return out
 
