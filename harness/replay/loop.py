@@ -1,11 +1,12 @@
 """Whole-run replay: a decoding run step by step through the paged tree cache, timed per method.
 
 This reproduces the paper's Table 4 (attention latency of a whole run) and, with ``e2e``, its
-Table 3 (decoding latency of a Llama-3-8B-shaped model, `harness.decoder`). For every replayed step:
+Table 3 (decoding latency of a Llama-3-8B-shaped model, `harness.decoder`). For every replayed
+step:
 
 1. the tree cache follows the run (`deft.cache.TreeCache.apply`: grow, branch, prune) and the
-   step's new tokens get random K and V in every layer (`harness.decoder.LayerCaches`: each layer
-   has its own cache, so no layer finds another's KV in L2);
+   step's new tokens get random K and V in every layer (`harness.decoder.LayerCaches`: each
+   layer has its own cache, so no layer finds another's KV in L2);
 2. every method plans the step once (host time, reported apart as the paper leaves it out);
 3. every method runs attention once per layer, ``layers`` layers, timed with CUDA events around
    the step's layer loop — in ``"graph"`` timing one CUDA graph of that loop per method,
@@ -17,9 +18,8 @@ Table 3 (decoding latency of a Llama-3-8B-shaped model, `harness.decoder`). For 
 Every method implements the IO model's view of one Table 1 strategy; the bytes its plan moves
 (`iomodel.traffic`, one layer) times ``layers`` are summed over the run, and for this project's
 kernels also the bytes they really read (`harness.kernel_traffic`: no bit mask, no page table,
-int32 slots and Euler intervals instead). At ``check_steps``
-steps (the last first) each method's output of the last layer is compared with the float64
-oracle.
+int32 slots and Euler intervals instead). At ``check_steps`` steps (the last first) each
+method's output of the last layer is compared with the float64 oracle.
 
 Sampling. ``max_steps`` replays that many steps evenly spaced over the run (first and last
 included); ``e2e_steps`` runs the decoder on that many of them, evenly spaced. Totals over the
