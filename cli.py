@@ -1,7 +1,9 @@
 """`deft-cli`: the command line of the DeFT toolkit.
 
 Data goes to stdout, messages to stderr; bad input exits 2 with a one-line message; `NO_COLOR`
-is honoured (rich reads it). Each command is a thin shell over a library function.
+is honoured (rich reads it). Each command parses its options and dispatches to a library
+function; the tables are rendered beside the reports (`iomodel.report`, `harness.bench.report`,
+`harness.replay.report`, `autotune.report`).
 """
 
 from __future__ import annotations
@@ -150,6 +152,8 @@ def workloads_export(kind, options, step, output):
         fail(f"{kind}: missing option(s) " + ", ".join(f"{k}=..." for k in missing))
     if kind in w.TREE_KINDS and step != 0:
         fail(f"{kind} is a single tree: --step does not apply")
+    if output != "-":
+        check_output(output)
     try:
         built = builders[kind](**values)
         tree = built.tree(step) if kind in w.RUN_KINDS else built
@@ -158,8 +162,27 @@ def workloads_export(kind, options, step, output):
     if output == "-":
         click.echo(json.dumps(tree_to_dict(tree), indent=1))
     else:
-        deft.save_tree(tree, output)
+        try:
+            deft.save_tree(tree, output)
+        except OSError as error:
+            fail(f"{output}: {error.strerror or error}")
         stderr.print(f"wrote {output}: {tree!r}", highlight=False)
+
+
+def check_output(path: str) -> None:
+    """Refuse (exit 2) an output path that is a directory or lies in no existing directory."""
+    if os.path.isdir(path):
+        fail(f"{path}: is a directory; give a file path")
+    if not os.path.isdir(os.path.dirname(os.path.abspath(path))):
+        fail(f"{path}: its directory does not exist")
+
+
+def option_name(key: str) -> str:
+    """The command-line spelling of the current command's parameter `key` (e.g. ``--path``)."""
+    for param in click.get_current_context().command.params:
+        if param.name == key:
+            return param.opts[0]
+    return key
 
 
 def workload_options(builder) -> dict:
@@ -229,6 +252,7 @@ def estimate_io(tree_path, gpu, strategies, chunk_size, group_size, page_size, w
 
     import iomodel
     from deft.strategies import STRATEGIES
+    from iomodel.report import estimate_table, run_table
 
     names = STRATEGIES if strategies is None else [s.strip() for s in strategies.split(",")]
     unknown = [s for s in names if s not in STRATEGIES]
@@ -244,9 +268,12 @@ def estimate_io(tree_path, gpu, strategies, chunk_size, group_size, page_size, w
         if tree_path is None:
             fail("give a TREE file or --workload fewshot|reasoning|speculative")
         if given:
-            fail(f"--{given[0].replace('_', '-')} applies only with --workload")
+            fail(f"{option_name(given[0])} applies only with --workload")
         tree = read_tree(tree_path)
-        result = iomodel.estimate(tree, spec, names, **sizes)
+        try:
+            result = iomodel.estimate(tree, spec, names, **sizes)
+        except ValueError as error:  # TreeError too
+            fail(str(error))
         if as_json:
             click.echo(json.dumps(result, indent=1))
         else:
@@ -257,9 +284,12 @@ def estimate_io(tree_path, gpu, strategies, chunk_size, group_size, page_size, w
     run = build_run(workload, run_options)
     with Progress(console=stderr, transient=True, disable=as_json) as progress:
         task = progress.add_task(f"{run.name}", total=len(run))
-        totals = iomodel.run_totals(
-            run, spec, names, **sizes, progress=lambda done: progress.update(task, completed=done)
-        )
+        try:
+            totals = iomodel.run_totals(
+                run, spec, names, **sizes,
+                progress=lambda done: progress.update(task, completed=done))
+        except ValueError as error:  # TreeError too: a step's tree beyond the limits
+            fail(f"{run.name}: {error}")
     result = {"format": "deft-estimate-run/1", "workload": run.name, "gpu": spec.name,
               "calibrated": spec.calibrated, **totals}
     if as_json:
@@ -279,7 +309,7 @@ def build_run(kind: str, options: dict):
     }[kind]
     extra = [k for k, v in options.items() if v is not None and k not in accepted]
     if extra:
-        fail(f"--{extra[0].replace('_', '-')} does not apply to --workload {kind}")
+        fail(f"{option_name(extra[0])} does not apply to --workload {kind}")
     values = {k: v for k, v in options.items() if v is not None}
     path = values.pop("workload_path", None)
     try:
@@ -309,82 +339,6 @@ def first_complete_reasoning(path, **options):
         index += 1
 
 
-def megabytes(nbytes) -> str:
-    """Bytes as decimal MB, in at most 5 characters where below 100 GB."""
-    value = nbytes / 1e6
-    if value == 0:
-        return "0"
-    if value < 0.01:
-        return "<0.01"
-    return f"{value:.0f}" if value >= 100 else f"{value:.1f}" if value >= 10 else f"{value:.2f}"
-
-
-def estimate_table(result: dict, limit: dict) -> Table:
-    """The estimate-io table: a row a strategy, the floor last, the fastest marked."""
-    from rich import box
-
-    from iomodel.latency import best_strategy
-    from iomodel.traffic import total_bytes
-
-    state = "calibrated" if result["calibrated"] else "uncalibrated"
-    table = Table(
-        title=f"HBM traffic (MB) and predicted latency on {result['gpu']} ({state})",
-        caption="* fastest predicted; sizes: chunk/group; x floor: total / floor bytes; "
-                "balance: max / mean partition work",
-        box=box.SIMPLE_HEAD, pad_edge=False, padding=(0, 1, 0, 0),
-    )
-    for column in ("strategy", "sizes", "KV", "Q", "mask", "partial", "score", "out", "total",
-                   "x floor", "parts", "waves", "balance", "µs", "bound"):
-        table.add_column(column, justify="left" if column in ("strategy", "bound") else "right",
-                         no_wrap=column in ("strategy", "sizes"))
-    best = best_strategy(result)
-    for name, row in result["strategies"].items():
-        sizes = f"{row['chunk_size'] or '-'}/{row['group_size'] or '-'}"
-        total = total_bytes(row)
-        table.add_row(
-            f"{name}*" if name == best else name, sizes,
-            *(megabytes(row[key]) for key in ("kv_bytes", "q_bytes", "mask_bytes",
-                                              "partial_bytes", "score_bytes", "output_bytes")),
-            megabytes(total), f"{total / result['floor_bytes']:.1f}", str(row["partitions"]),
-            str(row["waves"]), f"{row['balance']:.2f}", f"{row['predicted_us']:.1f}",
-            row["bound"], style="bold green" if name == best else None,
-        )
-    table.add_row(
-        "floor", "", megabytes(limit["kv_bytes"]), megabytes(limit["q_bytes"]), "0", "0", "0",
-        megabytes(limit["output_bytes"]), megabytes(limit["floor_bytes"]), "1.0", "", "", "",
-        f"{limit['floor_us']:.1f}", limit["bound"], style="dim", end_section=True,
-    )
-    return table
-
-
-def run_table(result: dict) -> Table:
-    """The whole-run table: each strategy's traffic summed over the steps, KV against radix."""
-    from rich import box
-
-    from iomodel.traffic import total_bytes
-
-    state = "calibrated" if result["calibrated"] else "uncalibrated"
-    table = Table(
-        title=f"{result['workload']}: {result['steps']} steps summed on {result['gpu']} ({state})",
-        caption="KV IO reduction = 1 - KV bytes / radix's KV bytes (the paper's 73-99% claim)",
-        box=box.SIMPLE_HEAD, pad_edge=False, padding=(0, 1),
-    )
-    for column in ("strategy", "sizes", "KV GB", "total GB", "KV vs radix", "KV IO reduction",
-                   "partitions", "predicted ms"):
-        table.add_column(column, justify="left" if column == "strategy" else "right")
-    for name, row in result["strategies"].items():
-        ratio = row.get("kv_vs_radix")
-        table.add_row(
-            name, f"{row['chunk_size'] or '-'}/{row['group_size'] or '-'}",
-            f"{row['kv_bytes'] / 1e9:.2f}", f"{total_bytes(row) / 1e9:.2f}",
-            "" if ratio is None else f"{ratio:.3f}",
-            "" if ratio is None else f"{100 * (1 - ratio):.1f}%",
-            str(row["partitions"]), f"{row['predicted_us'] / 1e3:.2f}",
-        )
-    table.add_row("floor", "", "", f"{result['floor_bytes'] / 1e9:.2f}", "", "", "",
-                  f"{result['floor_us'] / 1e3:.2f}", style="dim")
-    return table
-
 # ---------------------------------------------------------------------------- bench
 @main.command()
 @click.option("--workloads", "workload_list", default="all", show_default=True,
@@ -411,7 +365,7 @@ def bench(workload_list, method_list, dtype, timing, json_path, plot_path, page_
     checks the output against the float64 oracle before timing it. Progress goes to stderr,
     the table to stdout. Needs a CUDA GPU, except with --calibrate.
     """
-    from deft import bench as b
+    from harness import bench as b
 
     for path in (json_path, plot_path):
         if path and not os.path.isdir(os.path.dirname(os.path.abspath(path))):
@@ -494,29 +448,35 @@ def replay_command(workload, method_list, max_steps, layers, e2e, e2e_steps, dty
     import torch
     from rich.progress import Progress
 
-    from deft import bench, replay as r
-    from deft.decoder import LLAMA3_8B
+    from harness import replay as r
+    from harness.bench import DTYPES, write_json
+    from harness.decoder import LLAMA3_8B
+    from harness.registry import parse_methods
 
     if json_path and not os.path.isdir(os.path.dirname(os.path.abspath(json_path))):
         fail(f"{json_path}: its directory does not exist")
     try:
-        methods = r.parse_methods(method_list)
+        methods = parse_methods(method_list, steps=True)
     except ValueError as error:
         fail(str(error))
     device = "cuda" if torch.cuda.is_available() else "cpu"
     if e2e and device == "cpu":
         fail("--e2e runs a Llama-3-8B-shaped model (16 GB of weights): it needs a CUDA GPU")
+    if all(m.unavailable(torch.device(device)) for m in methods):
+        fail(f"replay needs a CUDA GPU for these methods, and torch {torch.__version__} sees "
+             "none: run it on a GPU machine (scripts/replay_gpu.sh), or replay the PyTorch "
+             "references on the CPU with --methods ref:<strategy>")
     run = build_run(workload, run_options)
     with Progress(console=stderr, transient=True) as progress:
         task = progress.add_task(run.name, total=None)
         result = r.replay(
             run, methods, model=replace(LLAMA3_8B, layers=layers), e2e=e2e, max_steps=max_steps,
-            e2e_steps=e2e_steps, dtype=bench.DTYPES[dtype], page_size=page_size, timing=timing,
+            e2e_steps=e2e_steps, dtype=DTYPES[dtype], page_size=page_size, timing=timing,
             check_steps=check_steps, seed=seed, device=device,
             progress=lambda done, total: progress.update(task, completed=done, total=total))
     stdout.print(r.render(result))
     if json_path:
-        bench.write_json(result, json_path)
+        write_json(result, json_path)
         stderr.print(f"wrote {json_path}", highlight=False)
 
 
@@ -555,11 +515,10 @@ def autotune_command(gpu, workload_list, strategies, budget_s, exhaustive, dtype
     """
     from pathlib import Path
 
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
-
     from autotune import store, tune
     from autotune.measure import workbenches
-    from deft.bench import DTYPES, parse_workloads
+    from autotune.report import ProgressBar, autotune_table
+    from harness.bench import DTYPES, parse_workloads
     from deft.strategies import KERNEL_STRATEGIES as KERNELS
 
     names = list(KERNELS) if strategies.strip() == "all" else [
@@ -578,55 +537,16 @@ def autotune_command(gpu, workload_list, strategies, budget_s, exhaustive, dtype
     if predict:
         table = tune.predict(workloads, names, spec, device, dtype=DTYPES[dtype])
     else:
-        with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
-                      TimeElapsedColumn(), console=stderr) as progress:
-            task = progress.add_task("autotune", total=0)
-
-            class Bar(tune.Reporter):
-                def expect(self, count):
-                    progress.update(task, total=progress.tasks[task].total + count)
-
-                def advance(self, text):
-                    progress.update(task, advance=1, description=text)
-
-                def log(self, line):
-                    progress.console.print(line, markup=False, highlight=False)
-
+        with ProgressBar(stderr) as reporter:
             table = tune.autotune(workloads, names, spec, device, workbenches(DTYPES[dtype]),
                                   budget_s=budget_s, exhaustive=exhaustive,
-                                  dtype=DTYPES[dtype], reporter=Bar())
+                                  dtype=DTYPES[dtype], reporter=reporter)
     store.write_table(table, path)
     stderr.print(f"wrote {path} ({table.source})", highlight=False)
     if as_json:
         click.echo(json.dumps(table.to_dict(), indent=1))
     else:
         stdout.print(autotune_table(table))
-
-
-def autotune_table(table) -> Table:
-    """The chosen config of every strategy and bucket, and its speedup over the defaults."""
-    from rich import box
-
-    measured = table.source == "measured"
-    title = f"{table.source} configs for {table.device['name']}"
-    if table.tuning_s is not None:
-        title += f" (tuned in {table.tuning_s:.0f} s)"
-    result = Table(title=title, box=box.SIMPLE_HEAD,
-                   caption="chosen: c chunk, g group, m/n block_m/block_n, w warps, s stages, "
-                           "p programs per SM; speedup over the defaults (chunk 128, no group "
-                           "cap, the kernel's tile)" + ("" if measured else ", predicted"))
-    unit = "µs" if measured else "predicted µs"
-    for column in ("strategy", "workload", "bucket", "chosen", unit, f"default {unit}",
-                   "speedup", "candidates"):
-        result.add_column(column, justify="right" if "µs" in column or column in (
-            "speedup", "candidates") else "left", no_wrap=column in ("bucket", "chosen"))
-    key = "us" if measured else "predicted_us"
-    for strategy, buckets in table.strategies.items():
-        for bucket, entry in buckets.items():
-            result.add_row(strategy, entry["workload"], bucket, entry["chosen_label"],
-                           f"{entry['chosen'][key]:.1f}", f"{entry['default'][key]:.1f}",
-                           f"{entry['speedup']:.2f}x", str(len(entry["candidates"])))
-    return result
 
 
 if __name__ == "__main__":

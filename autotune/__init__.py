@@ -3,7 +3,7 @@
 - `autotune.space`: the candidates of a strategy on a tree, sizes ranked by the IO model,
   tiles filtered by shared memory;
 - `autotune.buckets`: the key a tree's tuned config is stored under;
-- `autotune.measure`: timing candidates on the GPU (`deft.bench.timing`'s discipline);
+- `autotune.measure`: timing candidates on the GPU (`harness.timing`'s discipline);
 - `autotune.tune`: the search and the predicted ranking (``deft-cli autotune``);
 - `autotune.store`: the tables, ``autotune/configs/<device>.json``;
 - `autotune.lookup`: what `deft.TreeAttention` runs when its sizes and tile are left None

@@ -1,11 +1,11 @@
 """Measuring candidates on one workload, with the bench's timing discipline.
 
 A `Workbench` holds one workload on the GPU: random inputs and `GRAPH_COPIES` different KV
-copies in paged caches (`deft.bench.inputs.make_inputs`, `deft.plan_buffers.paged_cache`), shared by
-every candidate. Each candidate gets its own `deft.TreeAttention` sized to its plan
-(`TreeAttention.for_plan`; sizes and tile fixed, so no table is consulted), planned once; its first call (which pays Triton's compilation) is
-checked against the default config's output, then one call per KV copy is captured in a CUDA
-graph (`deft.bench.timing.capture`): replaying it never finds the KV in L2. Timing interleaves
+copies in paged caches (`harness.inputs.make_inputs`, `deft.plan_buffers.paged_cache`), shared by
+every candidate. Each candidate is the harness's method of its strategy with the candidate's
+sizes and tile fixed (`harness.deft_methods.KernelMethod`, ``tuned=False``: sized to its plan,
+no table consulted), planned once; its first call (which pays Triton's compilation) is checked against the default config's output, then one call per KV copy is captured in a CUDA
+graph (`harness.timing.capture`): replaying it never finds the KV in L2. Timing interleaves
 the candidates: each round times every candidate once (`do_bench` median of the replay, L2
 flushed, divided by the copies), in an order rotated per round, and a candidate's time is the
 median over rounds, so drift of clocks or temperature spreads over all of them alike.
@@ -22,14 +22,13 @@ from dataclasses import dataclass, field
 import torch
 
 from autotune.space import Candidate
-from deft.tree_attention import TreeAttention
-from deft.bench.inputs import make_inputs
-from deft.bench.runner import GRAPH_COPIES, TOLERANCE
-from deft.bench.timing import CudaTimer, WallTimer, capture, one_line
 from deft.plan_buffers import paged_cache
 from deft.tree import Tree
+from harness.bench.runner import GRAPH_COPIES, TOLERANCE
+from harness.deft_methods import KernelMethod
+from harness.inputs import make_inputs
+from harness.timing import CudaTimer, WallTimer, capture, one_line
 from reference.oracle import rel_err
-from deft.plan import build_plan
 
 ROUNDS = 3
 """Interleaved rounds of a first measurement."""
@@ -99,7 +98,7 @@ class Workbench:
         KV copies rotated in one graph.
     seed : int
     timer : optional
-        Default: `deft.bench.timing.CudaTimer` (`WARMUP_MS`, `REP_MS`) on CUDA, else a
+        Default: `harness.timing.CudaTimer` (`WARMUP_MS`, `REP_MS`) on CUDA, else a
         `WallTimer` (CPU dry runs under ``TRITON_INTERPRET=1``; never for reported numbers).
     """
 
@@ -175,17 +174,13 @@ class Workbench:
         """Plan, run once, check, capture: a `_Ready`, or a failed `Measurement` (kept, so a
         failing candidate is not retried)."""
         try:
-            reference = build_plan(self.strategy, self.tree, candidate.chunk_size,
-                                   candidate.group_size, self.page_size)
-            attention = TreeAttention.for_plan(reference, config=candidate.tile,
-                                               device=self.device)
-            plan = attention.plan(self.tree, self.table, reference)
+            method = KernelMethod(self.strategy, candidate.chunk_size, candidate.group_size,
+                                  candidate.tile, tuned=False)
+            method.setup_for(self.tree, self.page_size, self.device)
+            plan = method.plan(self.tree, self.table)
             outs = [torch.empty_like(self.q) for _ in self.caches]
-            calls = [
-                lambda kv=kv, out=out: attention.run(self.q, *kv, plan, out=out,
-                                                     sm_scale=self.sm_scale)
-                for kv, out in zip(self.caches, outs)
-            ]
+            calls = [lambda kv=kv, out=out: method.run(self.q, *kv, plan, out=out)
+                     for kv, out in zip(self.caches, outs)]
             outs[0].fill_(float("nan"))
             first = calls[0]()
             if self.expected is None:
@@ -198,9 +193,9 @@ class Workbench:
                 return failed
             if self.device.type == "cuda":
                 graph, _ = capture(calls)
-                ready = _Ready(graph.replay, len(calls), error, (attention, plan, outs, graph))
+                ready = _Ready(graph.replay, len(calls), error, (method, plan, outs, graph))
             else:
-                ready = _Ready(calls[0], 1, error, (attention, plan, outs))
+                ready = _Ready(calls[0], 1, error, (method, plan, outs))
         except Exception as error:  # noqa: BLE001 - a failing candidate never stops tuning
             failed = Measurement("error", reason=one_line(error))
             self._prepared[candidate] = failed

@@ -26,7 +26,7 @@ from autotune.measure import LEADER_ROUNDS
 from autotune.space import Candidate, default_candidate, default_tile, rank_sizes
 from autotune.store import Table, chosen_config
 from autotune.tune import Reporter
-from deft.bench.inputs import with_dtype
+from harness.inputs import with_dtype
 from iomodel.gpus import GpuSpec
 
 FORMAT = "deft-autotune-quality/1"
@@ -137,7 +137,7 @@ def main(argv=None) -> None:
     from autotune.measure import PAGE_SIZE, workbenches
     from autotune.store import read_table
     from autotune.tune import resolve_card
-    from deft.bench import DTYPES, parse_workloads
+    from harness.bench import DTYPES, parse_workloads
 
     @click.command()
     @click.option("--table", "table_path", required=True, help="The tuned table to judge.")

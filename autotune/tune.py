@@ -46,7 +46,7 @@ from autotune.space import (
 )
 from autotune.lookup import card_spec, stored_configs
 from autotune.store import CAPABILITIES, Table, current_versions, detect_device
-from deft.bench.inputs import TREE_DTYPE, with_dtype
+from harness.inputs import TREE_DTYPE, with_dtype
 from iomodel.gpus import BUILTIN, GpuSpec
 from deft.strategies import USES_CHUNK_SIZE
 

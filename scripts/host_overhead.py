@@ -27,7 +27,7 @@ import triton.language as tl
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from deft import workloads as wl  # noqa: E402
-from deft.bench.timing import CudaTimer  # noqa: E402
+from harness.timing import CudaTimer  # noqa: E402
 from deft.kernels.partials import partials  # noqa: E402
 from deft.kernels.reduction import merge  # noqa: E402
 from deft.plan_buffers import paged_cache  # noqa: E402

@@ -11,7 +11,7 @@ H200 table (`tuned`; ``--sizes`` also tries `extra_sizes`), then every variant o
   same inputs (rel diff <= 2e-3; the current kernel itself against a float64 oracle on the first
   KV copy);
 - timing: one CUDA graph of 4 calls on 4 different KV copies (more than L2 holds), replayed
-  under do_bench (`deft.bench.timing.CudaTimer`); per call = median / 4. Timed twice: the whole
+  under do_bench (`harness.timing.CudaTimer`); per call = median / 4. Timed twice: the whole
   `TreeAttention.run` (partials + merge) and the partials kernel alone.
 
 The last lines of stdout are a table (us per call, and the speedup over "current");
@@ -192,7 +192,7 @@ def main():
     else:
         import triton
 
-        from deft.bench.timing import CudaTimer
+        from harness.timing import CudaTimer
 
         props = torch.cuda.get_device_properties(DEVICE)
         info = dict(device=props.name, sms=props.multi_processor_count, torch=torch.__version__,

@@ -18,7 +18,7 @@
 # call; run single `python3 cli.py replay` commands then).
 #
 # Writes $OUT/replay_<run>.json (format deft-replay/1), $OUT/tables.md (Tables 3 and 4 in
-# Markdown, `python -m deft.replay`) and $OUT/replay.log.
+# Markdown, `python -m harness.replay`) and $OUT/replay.log.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 : "${OUT:?set OUT to the output directory}"
@@ -53,5 +53,5 @@ done
 for size in 32 64 128 256; do
     replay "speculative_t$size" --workload speculative --path "$size" --prompt-tokens 4000
 done
-python3 -m deft.replay "${results[@]}" | tee "$OUT/tables.md"
+python3 -m harness.replay "${results[@]}" | tee "$OUT/tables.md"
 echo "== total: $SECONDS s" | tee -a "$OUT/replay.log"

@@ -34,7 +34,7 @@ from autotune.space import (  # noqa: E402
 )
 from autotune.store import AutotuneWarning, Table, read_table, write_table  # noqa: E402
 from cli import main  # noqa: E402
-from deft.bench.timing import WallTimer  # noqa: E402
+from harness.timing import WallTimer  # noqa: E402
 from deft.kernels.partials import TileConfig  # noqa: E402
 from deft.tree import AttentionShape  # noqa: E402
 from deft.workloads import ANCHORS, anchor, star  # noqa: E402

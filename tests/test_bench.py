@@ -19,16 +19,15 @@ import torch
 from click.testing import CliRunner
 
 from cli import main
-from deft import bench
-from deft.bench import peers
-from deft.bench.base import Variant
-from deft.bench.floor import FloorRates, measure_rates, workload_floor
-from deft.bench.inputs import Inputs, dense_mask, make_inputs, query_paths, with_dtype
+from harness import bench, peers
+from harness.methods import Variant
+from harness.bench.floor import FloorRates, measure_rates, workload_floor
+from harness.inputs import Inputs, dense_mask, make_inputs, query_paths, with_dtype
 from deft.plan import ranges
-from deft.bench.methods import GPU_STRATEGIES, GROUPS, METHODS, PYTORCH_STRATEGIES
-from deft.bench.runner import finish
-from deft.bench.select import parse_workload
-from deft.bench.timing import Timing, WallTimer
+from harness.registry import GPU_STRATEGIES, GROUPS, METHODS, PYTORCH_STRATEGIES
+from harness.bench.runner import finish
+from harness.bench.select import parse_workload
+from harness.timing import Timing, WallTimer
 from deft.tree import AttentionShape, Tree
 from deft.tree_format import tree_to_dict
 from deft.workloads import ANCHORS, anchor, random_tree, star
@@ -197,9 +196,9 @@ def test_gpu_methods_are_skipped_on_cpu():
     for name in ("fi_cascade", "fi_decode", "fi_mask", "sglang", *GPU_STRATEGIES):
         if name in GPU_STRATEGIES and os.environ.get("TRITON_INTERPRET") == "1":
             continue
-        assert "CUDA" in METHODS[name].unavailable(inputs)
+        assert "CUDA" in METHODS[name].unavailable(inputs.device, inputs.tree)
     for name in ("sdpa", "flex", *PYTORCH_STRATEGIES):
-        assert METHODS[name].unavailable(inputs) is None
+        assert METHODS[name].unavailable(inputs.device, inputs.tree) is None
 
 
 def test_missing_peers_are_skipped_with_the_reason(monkeypatch):
@@ -210,8 +209,8 @@ def test_missing_peers_are_skipped_with_the_reason(monkeypatch):
     inputs = Inputs(tree, torch.empty(0), [], [], 1.0, 16)
     monkeypatch.setattr(Inputs, "device", property(lambda self: torch.device("cuda")))
     for name in ("fi_cascade", "fi_decode", "fi_mask"):
-        assert "flashinfer is not installed" in METHODS[name].unavailable(inputs)
-    assert "sglang is not installed" in METHODS["sglang"].unavailable(inputs)
+        assert "flashinfer is not installed" in METHODS[name].unavailable(inputs.device, inputs.tree)
+    assert "sglang is not installed" in METHODS["sglang"].unavailable(inputs.device, inputs.tree)
 
 
 def test_cascade_needs_a_prefix_with_branches():
@@ -446,10 +445,10 @@ def test_cli_calibrate(tmp_path):
 # ---------------------------------------------------------------------------- Triton on the CPU
 INTERPRETED = """
 import sys, torch
-from deft.bench.inputs import make_inputs
-from deft.bench.methods import METHODS
-from deft.bench.runner import bench_method
-from deft.bench.timing import WallTimer
+from harness.inputs import make_inputs
+from harness.registry import METHODS
+from harness.bench.runner import bench_method
+from harness.timing import WallTimer
 from deft.tree import AttentionShape, Tree
 from reference import oracle_attention, rel_err
 tree = Tree([0, 1, 2, 3, 4], [None, 0, 0, 1, 1], [40, 9, 5, 3, 4], [0, 0, 2, 1, 2],

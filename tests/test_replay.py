@@ -1,4 +1,4 @@
-"""Whole-run replay (`deft.replay`) and the decoder (`deft.decoder`) on the CPU.
+"""Whole-run replay (`harness.replay`) and the decoder (`harness.decoder`) on the CPU.
 
 Short replays with the PyTorch reference strategies through a tiny attention shape: outputs
 equal the oracle at the checked steps, the cache ends empty, sampling and extrapolation add up,
@@ -15,16 +15,13 @@ from click.testing import CliRunner
 from cli import main
 from deft import workloads as w
 from deft.cache import PagedKVCache, TreeCache
-from deft.decoder import LLAMA3_8B, Decoder, DecoderConfig, LayerCaches
-from deft.replay import (
-    Capacity,
-    ReferenceMethod,
-    markdown_tables,
-    parse_methods,
-    render,
-    replay,
-    sample_steps,
-)
+from harness.decoder import LLAMA3_8B, Decoder, DecoderConfig, LayerCaches
+from deft.plan import build_plan
+from harness.deft_methods import ReferenceMethod
+from harness.kernel_traffic import kernel_traffic, plan_traffic
+from harness.methods import Capacity
+from harness.registry import parse_methods
+from harness.replay import markdown_tables, render, replay, sample_steps
 from reference import oracle_attention
 
 TINY = DecoderConfig(layers=2, hidden=32, intermediate=64, q_heads=4, kv_heads=2, head_dim=16,
@@ -43,7 +40,7 @@ RUNS = {
 
 def tiny_replay(run, methods="ref:deft_flatten,ref:radix", **options):
     options = {"model": TINY, "device": "cpu", "page_size": 4, **options}
-    return replay(run, parse_methods(methods), **options)
+    return replay(run, parse_methods(methods, steps=True), **options)
 
 
 def test_sample_steps_are_even_and_keep_the_ends():
@@ -99,7 +96,7 @@ class Renamed(ReferenceMethod):
 def test_e2e_rows_upper_bound_and_speedups():
     run = RUNS["token_tree"]()
     methods = [Renamed("radix", "radix"), Renamed("deft_flatten", "deft_flatten"),
-               *parse_methods("deft_node")]
+               *parse_methods("deft_node", steps=True)]
     result = replay(run, methods, model=TINY, e2e=True, e2e_steps=2, device="cpu", page_size=4)
     by_name = {e["method"]: e for e in result["methods"]}
     interpreted = os.environ.get("TRITON_INTERPRET") == "1"  # then the kernel runs on the CPU
@@ -124,7 +121,7 @@ def test_e2e_rows_upper_bound_and_speedups():
 
 
 def test_graphs_are_captured_once_and_failures_fall_back(monkeypatch):
-    import deft.replay as r
+    import harness.replay.loop as r
 
     captured, calls = [], []
 
@@ -214,3 +211,48 @@ def test_cli_replay_bad_input_exits_2(monkeypatch, args, message):
     result = CliRunner().invoke(main, ["replay", "--workload", "fewshot", *args])
     assert result.exit_code == 2
     assert message in " ".join(result.output.split())
+
+
+def test_replay_takes_only_methods_that_step():
+    names = [m.name for m in parse_methods("all", steps=True)]
+    assert names[-1] == "sglang" and "sdpa" not in names and "fi_decode" not in names
+    assert all(m.steps for m in parse_methods("all,ref:radix", steps=True))
+    with pytest.raises(ValueError, match="cannot be replayed"):
+        parse_methods("sdpa", steps=True)
+    with pytest.raises(ValueError, match="unknown method 'ref:nope'"):
+        parse_methods("ref:nope", steps=True)
+
+
+@pytest.mark.parametrize("strategy", ["deft_flatten", "tree_attention_s", "radix", "deft_node"])
+def test_kernel_traffic_reads_slots_and_intervals_not_masks_or_page_tables(strategy):
+    tree = RUNS["tot"]().tree(6)
+    plan = build_plan(strategy, tree, page_size=4)
+    paper, kernels = plan_traffic(plan), kernel_traffic(plan)
+    assert kernels["mask_bytes"] == kernels["index_bytes"] == 0
+    assert paper["mask_bytes"] + paper["index_bytes"] > 0
+    for key in ("kv_bytes", "q_bytes", "partial_bytes", "score_bytes", "output_bytes"):
+        assert kernels[key] == paper[key]
+    per_token = 1 if strategy == "radix" else 2  # slots, and subtree ends where flattened
+    per_query = 0 if strategy == "radix" else 1
+    expected = (per_token * plan.tokens.sum() + per_query * plan.queries.sum()) \
+        * SHAPE.kv_heads * 4
+    assert kernels["addressing_bytes"] == expected
+
+
+def test_replay_reports_kernel_reads_beside_the_strategy_accounting():
+    """A kernel method's replay entry sums `kernel_traffic` per layer; others report None."""
+
+    class KernelReads(ReferenceMethod):
+        def kernel_traffic(self, plan):
+            return kernel_traffic(plan.plan)
+
+    run = RUNS["fewshot"]()
+    result = replay(run, [KernelReads("deft_flatten", "deft_flatten"), ReferenceMethod("radix")],
+                    model=TINY, device="cpu", page_size=4, check_steps=0)
+    flatten, radix = result["methods"]
+    assert radix["kernel_traffic"] is None and radix["kernel_bytes_run"] is None
+    expected = sum(kernel_traffic(build_plan("deft_flatten", run.tree(i), page_size=4))
+                   ["addressing_bytes"] for i in range(len(run))) * TINY.layers
+    assert flatten["kernel_traffic"]["addressing_bytes"] == expected
+    assert flatten["kernel_traffic"]["mask_bytes"] == 0 < flatten["traffic"]["mask_bytes"]
+    assert flatten["kernel_bytes_run"] == sum(flatten["kernel_traffic"].values())

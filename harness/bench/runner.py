@@ -1,6 +1,6 @@
 """The bench loop: the floor first, then every workload x method, checked before it is timed.
 
-For each workload: random inputs (`deft.bench.inputs`), the float64 oracle on copy 0. For each
+For each workload: random inputs (`harness.inputs`), the float64 oracle on copy 0. For each
 method: skip it with the reason when it cannot run; else prepare it (plans, outside timing),
 make its first call on output buffers filled with NaN and compare to the oracle (`rel_err`;
 this call also pays JIT compilation), and time only a correct method. In graph mode the
@@ -25,9 +25,9 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from deft.bench.floor import measure_rates, workload_floor
-from deft.bench.inputs import make_inputs
-from deft.bench.timing import CudaTimer, GraphCaptureError, one_line
+from harness.bench.floor import measure_rates, workload_floor
+from harness.inputs import make_inputs
+from harness.timing import CudaTimer, GraphCaptureError, one_line
 from deft.tree_format import tree_to_dict
 
 FORMAT = "deft-bench/1"
@@ -59,7 +59,7 @@ def run_bench(workloads, methods, *, dtype=torch.float16, timing="graph", device
     tolerance : float, optional
         Largest accepted rel_err (default `TOLERANCE` of the dtype).
     timer : optional
-        `deft.bench.timing.CudaTimer` by default; tests pass a `WallTimer`.
+        `harness.timing.CudaTimer` by default; tests pass a `WallTimer`.
     rates : FloorRates, optional
         Use these instead of measuring (tests).
     log : callable, optional
@@ -142,7 +142,7 @@ def bench_method(method, inputs, check, timer, timing: str, tolerance: float, lo
     start = time.perf_counter()
     variants = []
     try:
-        reason = method.unavailable(inputs)
+        reason = method.unavailable(inputs.device, inputs.tree)
         if reason:
             row.update(status="skipped", reason=reason)
             log(f"  {method.name}: skipped ({reason})")

@@ -50,7 +50,7 @@ class FloorRates:
 
 def measure_rates(timer, device="cuda", dtype=torch.float16, copy_bytes: int = COPY_BYTES,
                   gemm_size: int = GEMM_SIZE) -> FloorRates:
-    """Measure the copy bandwidth and the GEMM rate with `timer` (`deft.bench.timing`)."""
+    """Measure the copy bandwidth and the GEMM rate with `timer` (`harness.timing`)."""
     device = torch.device(device)
     element_bytes = torch.finfo(dtype).bits // 8
     elements = copy_bytes // element_bytes

@@ -1,10 +1,11 @@
-"""Adapters for the peers of ANCHORS.md: FlashInfer, SGLang's Triton decode kernel, SDPA, FlexAttention.
+"""The one-shot peers of the bench: FlashInfer, SDPA, FlexAttention (SGLang: `harness.sglang`).
 
-Each adapter calls the installed package (never a copy of its code) the way ANCHORS.md
+Each adapter calls the installed package (never a copy of its code) the way docs/benchmarks.md
 describes, with everything a serving engine would do once per decode step — page tables,
 masks, plans, the KV layout the peer takes — done in `prepare`, outside timing. The KV is the
 bench's test layout; with page size 1 the test layout *is* a paged cache whose slot of a token
-is its test-layout index, so the page-table peers read the bench's KV copies in place.
+is its test-layout index, so the page-table peers read the bench's KV copies in place. These
+peers do not step (`harness.methods.Method.steps`): the replay runs SGLang as its peer.
 
 FlashInfer JIT-compiles its kernels with nvcc on first use (about 75 s for the decode,
 prefill and cascade modules); the runner's first call, the correctness check, pays it, before
@@ -13,29 +14,18 @@ any timing.
 
 from __future__ import annotations
 
-import importlib.util
-import sys
-import types
-from pathlib import Path
-
 import numpy as np
 import torch
 
-from deft.bench.base import Method, Variant, need_cuda, need_module, time_plan
-from deft.bench.inputs import dense_mask, query_paths
 from deft.plan import ranges
+from harness.inputs import dense_mask, query_paths
+from harness.methods import Method, Variant, need_cuda, need_module, time_plan
+from harness.sglang import WHEELS_HINT, SGLangMethod
 
 WORKSPACE_BYTES = 128 * 1024 * 1024
 """FlashInfer's float workspace (its documented recommendation), zeroed before first use."""
 
 FLASHINFER_JIT = "FlashInfer JIT-compiles its kernels with nvcc on first use, about 75 s"
-
-WHEELS_HINT = "install the wheels of .peer-wheels, see docs/benchmarks.md"
-
-SGLANG_SPLITS = (4, 8, 16)
-"""KV splits tried for SGLang's decode kernel; the fastest correct one is reported."""
-
-SGLANG_MODULE = "sglang/srt/layers/attention/triton_ops/decode_attention.py"
 
 FLEX_BLOCK = 128
 """FlexAttention's block size; queries are padded to a multiple of it."""
@@ -48,9 +38,9 @@ class FlashInferCascade(Method):
                    "page size 1")
     first_call = FLASHINFER_JIT
 
-    def unavailable(self, inputs):
-        return (need_cuda(inputs.device) or need_module("flashinfer", WHEELS_HINT)
-                or two_level_reason(inputs.tree))
+    def unavailable(self, device, tree=None):
+        return (need_cuda(device) or need_module("flashinfer", WHEELS_HINT)
+                or (None if tree is None else two_level_reason(tree)))
 
     def prepare(self, inputs):
         import flashinfer
@@ -89,8 +79,8 @@ class FlashInferDecode(Method):
                    "per query, page size 1")
     first_call = FLASHINFER_JIT
 
-    def unavailable(self, inputs):
-        return need_cuda(inputs.device) or need_module("flashinfer", WHEELS_HINT)
+    def unavailable(self, device, tree=None):
+        return need_cuda(device) or need_module("flashinfer", WHEELS_HINT)
 
     def prepare(self, inputs):
         import flashinfer
@@ -121,8 +111,8 @@ class FlashInferMask(Method):
     description = "FlashInfer single_prefill_with_kv_cache, the tree as a custom mask (packed once)"
     first_call = FLASHINFER_JIT
 
-    def unavailable(self, inputs):
-        return need_cuda(inputs.device) or need_module("flashinfer", WHEELS_HINT)
+    def unavailable(self, device, tree=None):
+        return need_cuda(device) or need_module("flashinfer", WHEELS_HINT)
 
     def prepare(self, inputs):
         import flashinfer
@@ -160,89 +150,6 @@ def _pages_of_one(inputs) -> list[tuple]:
     return [(k.unsqueeze(1), v.unsqueeze(1)) for k, v in zip(inputs.k, inputs.v)]
 
 
-# ---------------------------------------------------------------------------- SGLang
-class SGLangDecode(Method):
-    name = "sglang"
-    description = ("SGLang's Triton decode_attention_fwd (radix attention), each query a request "
-                   "whose page table lists its path; best of 4/8/16 KV splits")
-
-    def unavailable(self, inputs):
-        return need_cuda(inputs.device) or sglang_reason()
-
-    def prepare(self, inputs):
-        kernel = load_sglang_decode()
-        tree = inputs.tree
-        shape = tree.attention
-        device = inputs.device
-        indptr, indices = query_paths(tree)
-        indptr = torch.tensor(indptr, dtype=torch.int32, device=device)
-        indices = torch.tensor(indices, dtype=torch.int64, device=device)
-        variants = []
-        for splits in SGLANG_SPLITS:
-            logits = torch.empty((tree.num_queries, shape.q_heads, splits, shape.head_dim),
-                                 dtype=torch.float32, device=device)
-            lse = torch.empty((tree.num_queries, shape.q_heads, splits), dtype=torch.float32,
-                              device=device)
-            num_splits = torch.full((tree.num_queries,), splits, dtype=torch.int32, device=device)
-            outs = [torch.empty_like(inputs.q) for _ in range(inputs.copies)]
-
-            def call(k, v, out, logits=logits, lse=lse, num_splits=num_splits, splits=splits):
-                kernel.decode_attention_fwd(inputs.q, k, v, out, indptr, indices, logits, lse,
-                                            num_splits, splits, inputs.sm_scale, 1.0, 1.0)
-                return out
-
-            calls = [lambda k=k, v=v, out=out: call(k, v, out)
-                     for k, v, out in zip(inputs.k, inputs.v, outs)]
-            variants.append(Variant(calls, label=f"splits={splits}", poison=outs[:1],
-                                    params={"page_size": 1, "kv_splits": splits}))
-        return variants
-
-
-def sglang_reason() -> str | None:
-    """Why SGLang's decode kernel module cannot be loaded, or None."""
-    reason = need_module("sglang", WHEELS_HINT)
-    if reason is None and not _sglang_module_path().is_file():
-        reason = f"the installed sglang has no {SGLANG_MODULE}"
-    return reason
-
-
-def load_sglang_decode() -> types.ModuleType:
-    """SGLang's ``decode_attention.py``, loaded from the installed wheel's file.
-
-    The module imports only triton and ``sglang.srt.utils.is_hip``; a stub for that one
-    function (returning False: this is a CUDA machine) stands in for the rest of SGLang
-    while the module loads, and is removed again afterwards.
-    """
-    name = "_deft_bench_sglang_decode_attention"
-    if name in sys.modules:
-        return sys.modules[name]
-    stub_names = ("sglang", "sglang.srt", "sglang.srt.utils")
-    saved = {key: sys.modules.get(key) for key in stub_names}
-    stubs = {key: types.ModuleType(key) for key in stub_names}
-    stubs["sglang.srt.utils"].is_hip = lambda: False
-    spec = importlib.util.spec_from_file_location(name, _sglang_module_path())
-    module = importlib.util.module_from_spec(spec)
-    sys.modules.update(stubs)
-    try:
-        sys.modules[name] = module
-        spec.loader.exec_module(module)
-    except BaseException:
-        sys.modules.pop(name, None)
-        raise
-    finally:
-        for key, value in saved.items():
-            if value is None:
-                sys.modules.pop(key, None)
-            else:
-                sys.modules[key] = value
-    return module
-
-
-def _sglang_module_path() -> Path:
-    spec = importlib.util.find_spec("sglang")
-    return Path(list(spec.submodule_search_locations)[0]).parent / SGLANG_MODULE
-
-
 # ---------------------------------------------------------------------------- PyTorch
 class TorchSDPA(Method):
     name = "sdpa"
@@ -250,7 +157,7 @@ class TorchSDPA(Method):
                    "(KV as [1, heads, tokens, head_dim])")
     first_call = "no compilation"
 
-    def unavailable(self, inputs):
+    def unavailable(self, device, tree=None):
         return None
 
     def prepare(self, inputs):
@@ -274,7 +181,7 @@ class FlexAttention(Method):
                    f"mask_mod), queries padded to {FLEX_BLOCK}")
     first_call = "torch.compile builds the kernel (on CUDA)"
 
-    def unavailable(self, inputs):
+    def unavailable(self, device, tree=None):
         try:
             import torch.nn.attention.flex_attention  # noqa: F401
         except ImportError as error:
@@ -365,5 +272,5 @@ def _heads_first(x: torch.Tensor) -> torch.Tensor:
     return x.transpose(0, 1).unsqueeze(0).contiguous()
 
 
-PEERS = (FlashInferCascade, FlashInferDecode, FlashInferMask, SGLangDecode, TorchSDPA, FlexAttention)
+PEERS = (FlashInferCascade, FlashInferDecode, FlashInferMask, SGLangMethod, TorchSDPA, FlexAttention)
 """Every peer adapter, in the table's order."""

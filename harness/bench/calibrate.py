@@ -45,7 +45,7 @@ def calibrate(bench: dict, gpu: GpuSpec | None = None, max_evaluations: int = 20
     Parameters
     ----------
     bench : dict
-        A ``deft-bench/1`` result (`deft.bench.run_bench`, or its JSON file loaded).
+        A ``deft-bench/1`` result (`harness.bench.run_bench`, or its JSON file loaded).
     gpu : GpuSpec, optional
         The card's spec (default: the built-in spec named like ``bench["env"]["card"]``).
     max_evaluations : int
@@ -71,7 +71,7 @@ def calibrate(bench: dict, gpu: GpuSpec | None = None, max_evaluations: int = 20
     card = bench["env"].get("card")
     gpu = gpu or (builtin_gpu(card) if card else None)
     if gpu is None:
-        raise ValueError(f"no built-in GPU spec for card {card!r}: call deft.bench.calibrate "
+        raise ValueError(f"no built-in GPU spec for card {card!r}: call harness.bench.calibrate "
                          "with gpu=iomodel.load_gpu_spec(path)")
     points = measured_points(bench)
     if not points:

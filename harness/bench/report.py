@@ -168,7 +168,7 @@ def _deft_methods(result: dict) -> set:
 
 
 def render_calibration(fit: dict) -> Group:
-    """The report of a `deft.bench.calibrate` result: fitted constants and errors per strategy."""
+    """The report of a `harness.bench.calibrate` result: fitted constants and errors per strategy."""
     constants = Table(title=f"latency constants fitted on {fit['card']} "
                             f"({fit['timing']} timing, {fit['points']} points)")
     for column in ("constant", "before", "fitted"):

@@ -1,0 +1,66 @@
+"""What `deft-cli autotune` shows: a progress bar while it tunes, then the chosen config of
+every strategy and bucket."""
+
+from __future__ import annotations
+
+from rich import box
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+from rich.table import Table
+
+from autotune.tune import Reporter
+
+
+class ProgressBar(Reporter):
+    """A rich progress bar of the candidates prepared, news printed above it; a context manager.
+
+    Parameters
+    ----------
+    console : rich.console.Console
+        Where the bar is drawn (the CLI: stderr).
+    """
+
+    def __init__(self, console: Console):
+        self.progress = Progress(TextColumn("{task.description}"), BarColumn(),
+                                 MofNCompleteColumn(), TimeElapsedColumn(), console=console)
+        self.task = self.progress.add_task("autotune", total=0)
+
+    def __enter__(self) -> "ProgressBar":
+        self.progress.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.progress.stop()
+
+    def expect(self, count):
+        self.progress.update(self.task, total=self.progress.tasks[self.task].total + count)
+
+    def advance(self, text):
+        self.progress.update(self.task, advance=1, description=text)
+
+    def log(self, line):
+        self.progress.console.print(line, markup=False, highlight=False)
+
+
+def autotune_table(table) -> Table:
+    """The chosen config of every strategy and bucket, and its speedup over the defaults."""
+    measured = table.source == "measured"
+    title = f"{table.source} configs for {table.device['name']}"
+    if table.tuning_s is not None:
+        title += f" (tuned in {table.tuning_s:.0f} s)"
+    result = Table(title=title, box=box.SIMPLE_HEAD,
+                   caption="chosen: c chunk, g group, m/n block_m/block_n, w warps, s stages, "
+                           "p programs per SM; speedup over the defaults (chunk 128, no group "
+                           "cap, the kernel's tile)" + ("" if measured else ", predicted"))
+    unit = "µs" if measured else "predicted µs"
+    for column in ("strategy", "workload", "bucket", "chosen", unit, f"default {unit}",
+                   "speedup", "candidates"):
+        result.add_column(column, justify="right" if "µs" in column or column in (
+            "speedup", "candidates") else "left", no_wrap=column in ("bucket", "chosen"))
+    key = "us" if measured else "predicted_us"
+    for strategy, buckets in table.strategies.items():
+        for bucket, entry in buckets.items():
+            result.add_row(strategy, entry["workload"], bucket, entry["chosen_label"],
+                           f"{entry['chosen'][key]:.1f}", f"{entry['default'][key]:.1f}",
+                           f"{entry['speedup']:.2f}x", str(len(entry["candidates"])))
+    return result
