@@ -21,7 +21,6 @@ from rich.tree import Tree as RichTree
 import deft
 from deft.tree import TreeError
 from deft.tree_format import tree_to_dict
-from deft.workloads import parse_option_value
 
 # Tables are wide: when stdout is no terminal and COLUMNS is unset, rich would fold them at 80.
 stdout = Console(width=None if sys.stdout.isatty() or "COLUMNS" in os.environ else 160)
@@ -97,7 +96,7 @@ def workloads_list(as_json):
     kinds = {
         name: {
             "kind": "run" if name in w.RUN_KINDS else "tree",
-            "options": workload_options(builder),
+            "options": w.kind_options(name),
             "description": first_sentence(builder.__doc__ or ""),
         }
         for name, builder in {**w.RUN_KINDS, **w.TREE_KINDS}.items()
@@ -135,21 +134,11 @@ def workloads_export(kind, options, step, output):
     from deft import workloads as w
 
     kind = kind.replace("-", "_")
+    try:
+        values = w.parse_options(kind, options)
+    except ValueError as error:
+        fail(str(error))
     builders = {**w.RUN_KINDS, **w.TREE_KINDS}
-    if kind not in builders:
-        fail(f"unknown workload kind {kind!r}; kinds: {', '.join(builders)}")
-    accepted = workload_options(builders[kind])
-    values = {}
-    for option in options:
-        key, eq, value = option.partition("=")
-        key = key.lstrip("-").replace("-", "_")
-        if not eq or key not in accepted:
-            fail(f"{kind}: bad option {option!r}; options: "
-                 + ", ".join(f"{k}=..." for k in accepted))
-        values[key] = parse_option_value(value)
-    missing = [k for k, v in accepted.items() if v == "required" and k not in values]
-    if missing:
-        fail(f"{kind}: missing option(s) " + ", ".join(f"{k}=..." for k in missing))
     if kind in w.TREE_KINDS and step != 0:
         fail(f"{kind} is a single tree: --step does not apply")
     if output != "-":
@@ -183,17 +172,6 @@ def option_name(key: str) -> str:
         if param.name == key:
             return param.opts[0]
     return key
-
-
-def workload_options(builder) -> dict:
-    """The options of a workload builder: {name: default, or 'required'} (attention left out)."""
-    import inspect
-
-    return {
-        name: "required" if p.default is inspect.Parameter.empty else p.default
-        for name, p in inspect.signature(builder).parameters.items()
-        if name != "attention"
-    }
 
 
 def first_sentence(doc: str) -> str:
@@ -317,26 +295,9 @@ def build_run(kind: str, options: dict):
             return w.fewshot(**values)
         if kind == "speculative":
             return w.speculative(64 if path is None else path, **values)
-        path = "sorting128ToT" if path is None else path
-        if "tree_index" in values:
-            return w.reasoning(path, **values)
-        return first_complete_reasoning(path, **values)
+        return w.reasoning("sorting128ToT" if path is None else path, **values)
     except (ValueError, OSError) as error:
         fail(str(error))
-
-
-def first_complete_reasoning(path, **options):
-    """The reasoning run of the file's first complete tree (incomplete trees are refused)."""
-    from deft import workloads as w
-
-    index = 0
-    while True:
-        try:
-            return w.reasoning(path, tree_index=index, **options)
-        except ValueError as error:
-            if "incomplete" not in str(error):
-                raise
-        index += 1
 
 
 # ---------------------------------------------------------------------------- bench

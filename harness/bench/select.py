@@ -17,12 +17,11 @@ when the bench reaches the workload, so a missing file fails that workload only.
 
 from __future__ import annotations
 
-import inspect
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from deft.tree import Tree
-from deft.workloads import parse_option_value
+from deft.workloads import parse_options
 
 DEFAULT_STEP = -1
 
@@ -89,33 +88,11 @@ def parse_workload(item: str) -> WorkloadSpec:
             f"unknown workload {item!r}: not an anchor ({', '.join(ANCHORS)}), not a .json file, "
             f"and {kind!r} is not a workload kind ({', '.join(builders)})"
         )
-    accepted = _options(builders[kind])
-    options, step = {}, None
-    for pair in pairs:
-        key, eq, value = pair.partition("=")
-        key = key.strip().replace("-", "_")
-        if key == "step" and eq and kind in RUN_KINDS:
-            step = parse_option_value(value)
-            if not isinstance(step, int):
-                raise ValueError(f"{item}: step must be an integer, got {value!r}")
-            continue
-        if not eq or key not in accepted:
-            allowed = [*accepted, *(["step"] if kind in RUN_KINDS else [])]
-            raise ValueError(f"{item}: bad option {pair!r}; {kind} takes "
-                             + ", ".join(f"{k}=..." for k in allowed))
-        options[key] = parse_option_value(value)
-    missing = [k for k, required in accepted.items() if required and k not in options]
-    if missing:
-        raise ValueError(f"{item}: missing option(s) " + ", ".join(f"{k}=..." for k in missing))
-    if kind in RUN_KINDS and step is None:
-        step = DEFAULT_STEP
+    if kind not in RUN_KINDS:
+        return WorkloadSpec(item, kind, parse_options(kind, pairs, where=item))
+    options = parse_options(kind, pairs, where=item, extra=("step",))
+    step = options.pop("step", DEFAULT_STEP)
+    if not isinstance(step, int):
+        raise ValueError(f"{item}: step must be an integer, got {step!r}")
     return WorkloadSpec(item, kind, options, step)
 
-
-def _options(builder) -> dict:
-    """{option name: whether it is required} of a workload builder (``attention`` left out)."""
-    return {
-        name: p.default is inspect.Parameter.empty
-        for name, p in inspect.signature(builder).parameters.items()
-        if name != "attention"
-    }
