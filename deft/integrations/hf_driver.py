@@ -1,0 +1,504 @@
+"""Tree decoding drivers over a transformers model: `TreeDecoder` (nodes, steps, pruning),
+`sample_tree`, `expand`/`prune` and `verify_token_tree`.
+
+The tree: node 0 is the prompt (a root); every other node holds a run of tokens under its parent
+(a branch of sampling, a thought, a draft token). A token's position is the number of tokens on
+its path before it. Each `TreeDecoder` step feeds the new tokens of the touched nodes through the
+model in one forward whose attention is DeFT over the paged tree cache.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+
+import deft
+from deft.integrations.hf_attention import (
+    ATTENTION_NAME,
+    DeftCache,
+    DeftStep,
+    check_model,
+    visible_tokens_limit,
+)
+from deft.tree import AttentionShape, Tree
+
+TREE_DTYPES = {torch.float16: "float16", torch.bfloat16: "bfloat16", torch.float32: "float32"}
+
+
+class TreeDecoder:
+    """Decode a tree of token runs over one prompt with a transformers model and DeFT.
+
+    Parameters
+    ----------
+    model : LlamaForCausalLM, Qwen2ForCausalLM or MistralForCausalLM (in eval mode)
+    max_tokens : int
+        Most KV tokens the tree holds at once (prompt included).
+    max_queries : int
+        Most new tokens of one step (queries of one DeFT plan).
+    page_size : int
+        Tokens per page; every node starts on a fresh page.
+    num_pages : int, optional
+        Pages of the pools (default: enough for ``max_tokens`` plus a partial page for
+        ``2 x max_queries`` nodes).
+    strategy : str
+        A `deft.TreeAttention` kernel strategy (default ``deft_flatten``).
+    chunk_size, group_size : int, optional
+        As for `deft.TreeAttention` (None on a GPU: the tuned table; on the CPU: 64 and the
+        default group).
+    """
+
+    def __init__(self, model, *, max_tokens: int, max_queries: int = 64, page_size: int = 16,
+                 num_pages: int | None = None, strategy: str = "deft_flatten",
+                 chunk_size: int | None = None, group_size: int | None = None):
+        self.spec = check_model(model)
+        if model.training:
+            raise ValueError("TreeDecoder decodes: put the model in eval mode (model.eval())")
+        from deft.tree_attention import TreeAttention
+
+        self.model = model
+        self.device = next(model.parameters()).device
+        self.dtype = next(model.parameters()).dtype
+        if num_pages is None:
+            num_pages = -(-max_tokens // page_size) + 2 * max_queries
+        self.cache = DeftCache(self.spec.layers, num_pages, page_size)
+        if chunk_size is None and group_size is None and self.device.type != "cuda":
+            chunk_size = 64  # no tuned table for the interpreter
+        self.attention = TreeAttention(strategy, chunk_size, group_size, max_queries=max_queries,
+                                       max_tokens=max_tokens, device=self.device)
+        self.max_queries, self.max_tokens = max_queries, max_tokens
+        self.parent = {}  # node id -> parent id (None for the root), held nodes
+        self.tokens = {}  # node id -> list of token ids on the node (fed through the model)
+        self.logits = {}  # node id -> logits after the node's last token [vocab]
+        self.live = set()
+        self.trees = []  # the Tree of every DeFT step, in order
+        self._next_id = 0
+
+    # ------------------------------------------------------------------ structure
+    @property
+    def root(self) -> int:
+        return 0
+
+    def children(self, node) -> list:
+        return sorted(c for c, p in self.parent.items() if p == node)
+
+    def path(self, node) -> list:
+        """Node ids from the root down to ``node``."""
+        nodes = []
+        while node is not None:
+            nodes.append(node)
+            node = self.parent[node]
+        return nodes[::-1]
+
+    def sequence(self, node) -> list:
+        """Token ids on the path from the root through ``node`` (prompt included)."""
+        return [t for v in self.path(node) for t in self.tokens[v]]
+
+    def leaves(self) -> list:
+        """Live nodes without a live child, ascending."""
+        return sorted(v for v in self.live if not any(
+            p == v and c in self.live for c, p in self.parent.items()))
+
+    def tree(self, queries=None) -> Tree:
+        """The held nodes as a `deft.Tree` (default queries: one on each live leaf)."""
+        ids = sorted(self.parent)
+        leaves = set(self.leaves())
+        if queries is None:
+            queries = {v: 1 for v in leaves}
+        return Tree(ids, [self.parent[v] for v in ids], [len(self.tokens[v]) for v in ids],
+                    [queries.get(v, 0) for v in ids], self.attention_shape)
+
+    @property
+    def attention_shape(self) -> AttentionShape:
+        s = self.spec
+        return AttentionShape(s.q_heads, s.kv_heads, s.head_dim, TREE_DTYPES[self.dtype])
+
+    def kv_bytes(self) -> int:
+        """Bytes of K and V the tree holds on this rank (pages in use, every layer)."""
+        return self.cache.kv_bytes()
+
+    # ------------------------------------------------------------------ changes
+    def prefill(self, input_ids) -> int:
+        """Feed the prompt ``[1, P]`` or ``[P]`` (node 0, the root); its K/V go to the pages."""
+        if self.parent:
+            raise ValueError("this TreeDecoder already holds a prompt")
+        ids = _token_list(input_ids)
+        self._add_node(None)
+        self._feed({0: ids})
+        return 0
+
+    def expand(self, parent, continuations) -> list:
+        """New children of ``parent``, one per token run of ``continuations``, fed in one step.
+
+        Returns the new node ids; each child's next-token logits are ``self.logits[child]``.
+        """
+        if parent not in self.live:
+            raise ValueError(f"node {parent} is not a live node")
+        runs = [_token_list(c) for c in continuations]
+        if any(not r for r in runs):
+            raise ValueError("every continuation needs at least one token")
+        children = [self._add_node(parent) for _ in runs]
+        self._feed(dict(zip(children, runs)))
+        return children
+
+    def extend(self, runs: dict) -> None:
+        """Append token runs to live leaves ``{node: tokens}``, all fed in one step."""
+        runs = {v: _token_list(r) for v, r in runs.items()}
+        for v in runs:
+            if v not in self.live or self.children(v):
+                raise ValueError(f"node {v} is not a live leaf: only leaves grow")
+        self._feed({v: r for v, r in runs.items() if r})
+
+    def prune(self, node) -> None:
+        """End ``node`` and its whole subtree; pages no live node needs go back to the pool."""
+        if node not in self.parent:
+            raise ValueError(f"node {node} is not in the tree")
+        stack = [node]
+        doomed = []
+        while stack:
+            v = stack.pop()
+            doomed.append(v)
+            stack.extend(self.children(v))
+        for v in reversed(doomed):  # leaves first
+            if v in self.live:
+                self.live.discard(v)
+                self.cache.tree_cache.prune(v)
+            self.logits.pop(v, None)
+        for v in doomed:
+            if v not in self.cache.tree_cache:
+                del self.parent[v], self.tokens[v]
+
+    # ------------------------------------------------------------------ the step
+    def _add_node(self, parent) -> int:
+        node = self._next_id
+        self._next_id += 1
+        self.cache.tree_cache.add_node(node, parent, 0)
+        self.parent[node], self.tokens[node] = parent, []
+        self.live.add(node)
+        return node
+
+    def _feed(self, runs: dict) -> None:
+        """One forward over the new tokens of ``runs`` ``{node: tokens}``; DeFT attention unless
+        the step is the prompt's prefill."""
+        if not runs:
+            return
+        nodes = sorted(runs)
+        n = sum(len(runs[v]) for v in nodes)
+        prefill = nodes == [0] and not self.tokens[0]
+        if not prefill and n > self.max_queries:
+            raise ValueError(f"the step feeds {n} tokens but this TreeDecoder was built with "
+                             f"max_queries={self.max_queries}")
+        held = sum(len(t) for t in self.tokens.values())
+        if held + n > self.max_tokens:
+            raise ValueError(f"the tree would hold {held + n} tokens, beyond max_tokens="
+                             f"{self.max_tokens}")
+        tree_cache = self.cache.tree_cache
+        for v in nodes:
+            tree_cache.grow(v, len(runs[v]))  # all or nothing per node: OutOfPagesError
+        slots, positions, ids = [], [], []
+        for v in nodes:
+            before = len(self.tokens[v])
+            start = sum(len(self.tokens[u]) for u in self.path(v)[:-1]) + before
+            local = np.arange(before, before + len(runs[v]))
+            slots.append(tree_cache.slots(v, local))
+            positions.extend(range(start, start + len(runs[v])))
+            ids.extend(runs[v])
+            self.tokens[v].extend(runs[v])
+        if prefill:
+            plan = None
+        else:
+            tree = self._step_tree({v: len(runs[v]) for v in nodes})
+            visible_tokens_limit(self.spec, tree.path_tokens)
+            plan = self.attention.plan(tree, tree_cache)
+            self.trees.append(tree)
+        self.cache.slots = torch.cat(slots).to(self.device)
+        step = DeftStep(self.cache, self.attention, plan)
+        input_ids = torch.tensor([ids], dtype=torch.long, device=self.device)
+        position_ids = torch.tensor([positions], dtype=torch.long, device=self.device)
+        try:
+            with torch.no_grad(), _attention_implementation(self.model, ATTENTION_NAME):
+                out = self.model(input_ids=input_ids, position_ids=position_ids,
+                                 use_cache=True, logits_to_keep=1 if prefill else 0,
+                                 deft_step=step, **{self.spec.cache_keyword: self.cache})
+        finally:
+            self.cache.slots = None
+        logits = out.logits[0]
+        if prefill:
+            self.logits[0] = logits[-1]
+            self.last_step_logits = {0: logits}
+            return
+        # Keep every new token's logits of this step (verification reads them all).
+        offset, self.last_step_logits = 0, {}
+        for v in nodes:
+            k = len(runs[v])
+            self.last_step_logits[v] = logits[offset: offset + k]
+            self.logits[v] = logits[offset + k - 1]
+            offset += k
+
+    def _step_tree(self, queries: dict) -> Tree:
+        """The nodes on the paths of the queried nodes, with queries on their new tokens."""
+        needed = set()
+        for v in queries:
+            needed.update(self.path(v))
+        ids = sorted(needed)
+        return Tree(ids, [self.parent[v] for v in ids], [len(self.tokens[v]) for v in ids],
+                    [queries.get(v, 0) for v in ids], self.attention_shape)
+
+
+@contextlib.contextmanager
+def _attention_implementation(model, name):
+    """The model's (and its sub-configs') attention implementation set to ``name`` meanwhile."""
+    config = model.config
+    before = config._attn_implementation
+    config._attn_implementation = name
+    try:
+        yield
+    finally:
+        config._attn_implementation = before
+
+
+def _token_list(ids) -> list:
+    if isinstance(ids, torch.Tensor):
+        if ids.dim() == 2:
+            if ids.shape[0] != 1:
+                raise ValueError(f"input_ids must be one sequence [1, P], got {list(ids.shape)}")
+            ids = ids[0]
+        return [int(t) for t in ids.tolist()]
+    if isinstance(ids, (int, np.integer)):
+        return [int(ids)]
+    return [int(t) for t in ids]
+
+
+# ---------------------------------------------------------------------------- sampling
+def sample_logits(logits, *, temperature: float = 1.0, top_p: float = 1.0,
+                  generator: torch.Generator | None = None):
+    """Token ids sampled from rows of logits ``[n, vocab]`` -> int64 ``[n]``.
+
+    ``temperature == 0`` is greedy (argmax); otherwise softmax(logits / temperature), restricted
+    to the smallest set of tokens whose probability reaches ``top_p``, sampled with
+    ``generator``.
+    """
+    logits = logits.float()
+    if temperature == 0:
+        return logits.argmax(-1)
+    if temperature < 0 or not 0 < top_p <= 1:
+        raise ValueError(f"temperature must be >= 0 and top_p in (0, 1], got {temperature}, "
+                         f"{top_p}")
+    probs = torch.softmax(logits / temperature, -1)
+    if top_p < 1:
+        sorted_probs, order = probs.sort(-1, descending=True)
+        before = sorted_probs.cumsum(-1) - sorted_probs  # mass of the tokens ranked above
+        sorted_probs[before >= top_p] = 0
+        probs = torch.zeros_like(probs).scatter_(-1, order, sorted_probs)
+    return torch.multinomial(probs, 1, generator=generator)[:, 0]
+
+
+@dataclass
+class TreeSample:
+    """The result of `sample_tree`.
+
+    Attributes
+    ----------
+    sequences : list of list of int
+        The generated token ids of each branch (prompt excluded), ``max_new_tokens`` each
+        unless the branch met ``eos_token_id``.
+    nodes : list of int
+        The tree node of each branch.
+    tree : deft.Tree
+        The tree of the last DeFT step (``deft.save_tree`` writes it for ``deft-cli``).
+    trees : list of deft.Tree
+        The tree of every DeFT step.
+    step_logits : list of dict
+        With ``return_logits``: per step, ``{branch: logits [vocab]}`` the token was sampled from
+        (step 0 is the prompt's).
+    kv_bytes : int
+        Peak bytes of K and V the tree held (this rank).
+    decoder : TreeDecoder
+    """
+
+    sequences: list
+    nodes: list
+    tree: Tree | None
+    trees: list
+    step_logits: list = field(default_factory=list)
+    kv_bytes: int = 0
+    decoder: TreeDecoder | None = None
+
+
+def sample_tree(model, input_ids, width: int, max_new_tokens: int, *, temperature: float = 1.0,
+                top_p: float = 1.0, seed: int = 0, eos_token_id=None, return_logits=False,
+                decoder: TreeDecoder | None = None, **decoder_options) -> TreeSample:
+    """Sample ``width`` continuations of one prompt, decoded together over the shared prompt.
+
+    Each branch draws its first token from the prompt's logits and every next one from its own
+    logits (``temperature``/``top_p``, ``temperature=0`` greedy), with one seeded generator.
+    A branch that samples ``eos_token_id`` (an int or a list) stops.
+    Options for the `TreeDecoder` (``page_size``, ``strategy``, ...) pass through.
+    """
+    prompt = _token_list(input_ids)
+    if width < 1 or max_new_tokens < 1:
+        raise ValueError("width and max_new_tokens must be positive")
+    if decoder is None:
+        decoder_options.setdefault("max_tokens", len(prompt) + width * max_new_tokens)
+        decoder_options.setdefault("max_queries", width)
+        decoder = TreeDecoder(model, **decoder_options)
+    eos = set() if eos_token_id is None else set(np.atleast_1d(eos_token_id).tolist())
+    device = decoder.device
+    generator = torch.Generator(device).manual_seed(seed)
+    decoder.prefill(prompt)
+    first = sample_logits(decoder.logits[0].expand(width, -1), temperature=temperature,
+                          top_p=top_p, generator=generator)
+    steps = [{b: decoder.logits[0] for b in range(width)}] if return_logits else []
+    sequences = [[int(t)] for t in first.tolist()]
+    active = [b for b in range(width) if sequences[b][-1] not in eos]
+    nodes = [None] * width
+    peak = 0
+    if max_new_tokens > 1 and active:
+        children = decoder.expand(0, [[sequences[b][0]] for b in active])
+        for b, v in zip(active, children):
+            nodes[b] = v
+    for step in range(1, max_new_tokens):
+        if not active:
+            break
+        peak = max(peak, decoder.kv_bytes())
+        rows = torch.stack([decoder.logits[nodes[b]] for b in active])
+        new = sample_logits(rows, temperature=temperature, top_p=top_p,
+                            generator=generator).tolist()
+        if return_logits:
+            steps.append({b: decoder.logits[nodes[b]] for b in active})
+        for b, t in zip(active, new):
+            sequences[b].append(int(t))
+        active = [b for b in active if sequences[b][-1] not in eos]
+        if step + 1 < max_new_tokens and active:
+            decoder.extend({nodes[b]: [sequences[b][-1]] for b in active})
+    peak = max(peak, decoder.kv_bytes())
+    tree = decoder.trees[-1] if decoder.trees else None
+    return TreeSample(sequences, nodes, tree, list(decoder.trees), steps, peak, decoder)
+
+
+# ---------------------------------------------------------------------------- tree of thought
+def expand(decoder: TreeDecoder, parent, continuations) -> list:
+    """`TreeDecoder.expand`: children of ``parent`` holding ``continuations``, fed in one step."""
+    return decoder.expand(parent, continuations)
+
+
+def prune(decoder: TreeDecoder, node) -> None:
+    """`TreeDecoder.prune`: end ``node``'s subtree and free the pages no live node needs."""
+    decoder.prune(node)
+
+
+# ---------------------------------------------------------------------------- speculative
+@dataclass
+class Verification:
+    """The result of `verify_token_tree`.
+
+    Attributes
+    ----------
+    accepted : list of int
+        Indices into ``tree_paths`` of the accepted draft tokens, from depth 1 down.
+    accepted_path : list of int
+        ``tree_paths[accepted[-1]]`` (empty when no draft token was accepted).
+    tokens : list of int
+        The accepted draft tokens, then the model's next token after them (the bonus token).
+    logits : tensor [len(tree_paths), vocab]
+        The model's logits after each draft token (``tree_paths`` order).
+    root_logits : tensor [vocab]
+        The logits after the prompt (what the depth-1 draft tokens are checked against).
+    tree : deft.Tree
+        The verification step's tree (prompt node, one node per draft token).
+    nodes : list of int
+        The tree node of each draft token.
+    """
+
+    accepted: list
+    accepted_path: list
+    tokens: list
+    logits: torch.Tensor
+    root_logits: torch.Tensor
+    tree: Tree
+    nodes: list
+
+
+def draft_token_list(tree_paths, draft_tokens) -> list:
+    """One token per path: ``draft_tokens`` is either that list, or per-depth candidates
+    ``[depth][choice]`` (Medusa heads' top-k) read as ``draft_tokens[len(p) - 1][p[-1]]``."""
+    draft = list(draft_tokens)
+    if draft and isinstance(draft[0], (list, tuple)) or (
+            isinstance(draft_tokens, torch.Tensor) and draft_tokens.dim() == 2):
+        return [int(draft[len(p) - 1][p[-1]]) for p in tree_paths]
+    if len(draft) != len(tree_paths):
+        raise ValueError(f"draft_tokens has {len(draft)} tokens for {len(tree_paths)} paths")
+    return [int(t) for t in draft]
+
+
+def verify_token_tree(model, input_ids, tree_paths, draft_tokens, *,
+                      decoder: TreeDecoder | None = None, prune_rejected=True,
+                      **decoder_options) -> Verification:
+    """One speculative verification of a token tree (greedy acceptance).
+
+    ``tree_paths`` names the draft tree's nodes Medusa-style (``[[0], [1], [0, 0], ...]``: a
+    node's path of choice indices; every prefix of a path is a path). The prompt is prefilled,
+    then every draft token is fed in one DeFT step, each on its own node under its parent's.
+    Starting after the prompt, a draft child is accepted while it is the model's argmax; the
+    model's argmax after the last accepted token is the bonus token.
+
+    With ``decoder`` (a `TreeDecoder` that already holds the prompt and one live leaf, as in a
+    verification loop) the draft tree goes under that leaf and ``input_ids`` is ignored;
+    ``prune_rejected`` frees the rejected drafts' pages, leaving the accepted ones as a chain.
+    """
+    paths = [tuple(int(i) for i in p) for p in tree_paths]
+    if len(set(paths)) != len(paths) or any(not p for p in paths):
+        raise ValueError("tree_paths must be distinct non-empty paths")
+    known = set(paths)
+    for p in paths:
+        if len(p) > 1 and p[:-1] not in known:
+            raise ValueError(f"tree path {list(p)}: its parent path {list(p[:-1])} is missing")
+    tokens = draft_token_list(paths, draft_tokens)
+    if decoder is None:
+        prompt = _token_list(input_ids)
+        decoder_options.setdefault("max_tokens", len(prompt) + len(paths))
+        decoder_options.setdefault("max_queries", len(paths))
+        decoder = TreeDecoder(model, **decoder_options)
+        decoder.prefill(prompt)
+        base = 0
+    else:
+        leaves = decoder.leaves()
+        if len(leaves) != 1:
+            raise ValueError("decoder must hold one live leaf to verify a draft tree under")
+        base = leaves[0]
+    root_logits = decoder.logits[base]
+    order = sorted(range(len(paths)), key=lambda i: (len(paths[i]), paths[i]))
+    node_of = {(): base}
+    for i in order:  # parents get their node ids before their children
+        node_of[paths[i]] = decoder._add_node(node_of[paths[i][:-1]])
+    nodes = [node_of[p] for p in paths]
+    decoder._feed({nodes[i]: [tokens[i]] for i in range(len(paths))})
+    logits = torch.stack([decoder.logits[v] for v in nodes])
+    child = {}
+    for i, p in enumerate(paths):
+        child.setdefault(p[:-1], []).append(i)
+    accepted, current, prediction = [], (), int(root_logits.argmax())
+    while True:
+        match = [i for i in child.get(current, []) if tokens[i] == prediction]
+        if not match:
+            break
+        i = min(match, key=lambda j: paths[j])
+        accepted.append(i)
+        current = paths[i]
+        prediction = int(logits[i].argmax())
+    tree = decoder.trees[-1]
+    if prune_rejected:
+        keep = {nodes[i] for i in accepted}
+        for i in order[::-1]:
+            if nodes[i] not in keep and nodes[i] in decoder.parent:
+                decoder.prune(nodes[i])
+    return Verification(accepted, list(paths[accepted[-1]]) if accepted else [],
+                        [tokens[i] for i in accepted] + [prediction], logits, root_logits,
+                        tree, nodes)
+
+
+def save_tree(result, path) -> None:
+    """Write the tree of a `TreeSample` or `Verification` (``deft-cli estimate-io`` reads it)."""
+    deft.save_tree(result.tree, path)
