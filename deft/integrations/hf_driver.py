@@ -295,6 +295,19 @@ def sample_logits(logits, *, temperature: float = 1.0, top_p: float = 1.0,
     return torch.multinomial(probs, 1, generator=generator)[:, 0]
 
 
+def _agree(tokens: torch.Tensor, group) -> torch.Tensor:
+    """Under torch.distributed, every rank takes the first rank's sampled tokens (the ranks of a
+    tensor-parallel model decode one tree and must sample alike)."""
+    import torch.distributed as dist
+
+    if group is False or not (dist.is_available() and dist.is_initialized()):
+        return tokens
+    if dist.get_world_size(group) > 1:
+        dist.broadcast(tokens, dist.get_global_rank(group, 0) if group is not None else 0,
+                       group=group)
+    return tokens
+
+
 @dataclass
 class TreeSample:
     """The result of `sample_tree`.
@@ -303,18 +316,19 @@ class TreeSample:
     ----------
     sequences : list of list of int
         The generated token ids of each branch (prompt excluded), ``max_new_tokens`` each
-        unless the branch met ``eos_token_id``.
+        unless the branch met ``eos_token_id`` (kept as its last token).
     nodes : list of int
-        The tree node of each branch.
+        The tree node of each branch (it holds all of the branch's tokens).
     tree : deft.Tree
-        The tree of the last DeFT step (``deft.save_tree`` writes it for ``deft-cli``).
+        The tree after the run: the prompt and every branch's tokens, a query on each branch's
+        last token (``deft.save_tree`` writes it for ``deft-cli estimate-io``).
     trees : list of deft.Tree
         The tree of every DeFT step.
     step_logits : list of dict
-        With ``return_logits``: per step, ``{branch: logits [vocab]}`` the token was sampled from
-        (step 0 is the prompt's).
+        With ``return_logits``: per generated token ``i``, ``{branch: logits [vocab]}`` that
+        token ``i`` was sampled from (``i == 0``: the prompt's logits).
     kv_bytes : int
-        Peak bytes of K and V the tree held (this rank).
+        Bytes of K and V the tree holds at the end (this rank; the most it held).
     decoder : TreeDecoder
     """
 
@@ -327,15 +341,49 @@ class TreeSample:
     decoder: TreeDecoder | None = None
 
 
+def generate(decoder: TreeDecoder, nodes, max_new_tokens: int, *, temperature: float = 1.0,
+             top_p: float = 1.0, generator: torch.Generator | None = None, eos_token_id=None,
+             group=None, step_logits: list | None = None) -> dict:
+    """Continue live leaves ``nodes`` by up to ``max_new_tokens`` tokens each, together.
+
+    Every step samples one token per active node from its logits (`sample_logits`) and feeds
+    them all in one DeFT step, so afterwards each node's logits follow its last token. A node
+    that samples ``eos_token_id`` (int or list) stops after feeding it. With ``step_logits`` (a
+    list), each step appends ``{node: logits it sampled from}``.
+
+    Returns ``{node: new token ids}``.
+    """
+    eos = set() if eos_token_id is None else set(np.atleast_1d(eos_token_id).tolist())
+    new = {v: [] for v in nodes}
+    active = list(nodes)
+    for _ in range(max_new_tokens):
+        if not active:
+            break
+        rows = torch.stack([decoder.logits[v] for v in active])
+        tokens = _agree(sample_logits(rows, temperature=temperature, top_p=top_p,
+                                      generator=generator), group).tolist()
+        if step_logits is not None:
+            step_logits.append({v: decoder.logits[v] for v in active})
+        for v, t in zip(active, tokens):
+            new[v].append(int(t))
+        decoder.extend({v: [int(t)] for v, t in zip(active, tokens)})
+        active = [v for v in active if new[v][-1] not in eos]
+    return new
+
+
 def sample_tree(model, input_ids, width: int, max_new_tokens: int, *, temperature: float = 1.0,
                 top_p: float = 1.0, seed: int = 0, eos_token_id=None, return_logits=False,
-                decoder: TreeDecoder | None = None, **decoder_options) -> TreeSample:
+                group=None, decoder: TreeDecoder | None = None,
+                **decoder_options) -> TreeSample:
     """Sample ``width`` continuations of one prompt, decoded together over the shared prompt.
 
-    Each branch draws its first token from the prompt's logits and every next one from its own
-    logits (``temperature``/``top_p``, ``temperature=0`` greedy), with one seeded generator.
-    A branch that samples ``eos_token_id`` (an int or a list) stops.
-    Options for the `TreeDecoder` (``page_size``, ``strategy``, ...) pass through.
+    The prompt is prefilled once (node 0); each branch draws its first token from the prompt's
+    logits and every next one from its own (``temperature``/``top_p``, ``temperature=0``
+    greedy), all from one generator seeded with ``seed``; every step after the prefill is one
+    DeFT step over all active branches. A branch that samples ``eos_token_id`` stops. Under
+    torch.distributed (tensor parallel) the tokens of ``group``'s first rank are taken
+    (``group=False``: no exchange). Options for the `TreeDecoder` (``page_size``,
+    ``strategy``, ...) pass through.
     """
     prompt = _token_list(input_ids)
     if width < 1 or max_new_tokens < 1:
@@ -345,37 +393,27 @@ def sample_tree(model, input_ids, width: int, max_new_tokens: int, *, temperatur
         decoder_options.setdefault("max_queries", width)
         decoder = TreeDecoder(model, **decoder_options)
     eos = set() if eos_token_id is None else set(np.atleast_1d(eos_token_id).tolist())
-    device = decoder.device
-    generator = torch.Generator(device).manual_seed(seed)
+    generator = torch.Generator(decoder.device).manual_seed(seed)
     decoder.prefill(prompt)
-    first = sample_logits(decoder.logits[0].expand(width, -1), temperature=temperature,
-                          top_p=top_p, generator=generator)
-    steps = [{b: decoder.logits[0] for b in range(width)}] if return_logits else []
-    sequences = [[int(t)] for t in first.tolist()]
-    active = [b for b in range(width) if sequences[b][-1] not in eos]
-    nodes = [None] * width
-    peak = 0
+    first = _agree(sample_logits(decoder.logits[0].expand(width, -1), temperature=temperature,
+                                 top_p=top_p, generator=generator), group).tolist()
+    steps = [{b: decoder.logits[0] for b in range(width)}] if return_logits else None
+    sequences = [[int(t)] for t in first]
+    nodes = decoder.expand(0, [[t] for t in first])
+    active = [b for b in range(width) if first[b] not in eos]
     if max_new_tokens > 1 and active:
-        children = decoder.expand(0, [[sequences[b][0]] for b in active])
-        for b, v in zip(active, children):
-            nodes[b] = v
-    for step in range(1, max_new_tokens):
-        if not active:
-            break
-        peak = max(peak, decoder.kv_bytes())
-        rows = torch.stack([decoder.logits[nodes[b]] for b in active])
-        new = sample_logits(rows, temperature=temperature, top_p=top_p,
-                            generator=generator).tolist()
+        logged = [] if return_logits else None
+        branch = {nodes[b]: b for b in active}
+        new = generate(decoder, [nodes[b] for b in active], max_new_tokens - 1,
+                       temperature=temperature, top_p=top_p, generator=generator,
+                       eos_token_id=eos_token_id, group=group, step_logits=logged)
+        for v, tokens in new.items():
+            sequences[branch[v]].extend(tokens)
         if return_logits:
-            steps.append({b: decoder.logits[nodes[b]] for b in active})
-        for b, t in zip(active, new):
-            sequences[b].append(int(t))
-        active = [b for b in active if sequences[b][-1] not in eos]
-        if step + 1 < max_new_tokens and active:
-            decoder.extend({nodes[b]: [sequences[b][-1]] for b in active})
-    peak = max(peak, decoder.kv_bytes())
-    tree = decoder.trees[-1] if decoder.trees else None
-    return TreeSample(sequences, nodes, tree, list(decoder.trees), steps, peak, decoder)
+            steps.extend({branch[v]: row for v, row in s.items()} for s in logged)
+    tree = decoder.tree()
+    peak = decoder.kv_bytes()
+    return TreeSample(sequences, nodes, tree, list(decoder.trees), steps or [], peak, decoder)
 
 
 # ---------------------------------------------------------------------------- tree of thought
