@@ -186,6 +186,29 @@ def test_verify_token_tree_equals_tree_mask(kind):
     assert verify_token_tree(model, ids, paths, tokens).accepted == v.accepted  # flat drafts
 
 
+def test_verification_loop_on_one_decoder():
+    """Two verification rounds on one TreeDecoder: rejected drafts are pruned, the bonus token is
+    fed, the second draft tree hangs under the accepted chain; logits equal eager."""
+    model = tiny_model("llama", seed=10)
+    ids = prompt(8, seed=11)
+    dec = TreeDecoder(model, max_tokens=64, max_queries=8, page_size=4)
+    dec.prefill(ids)
+    greedy, _ = eager_decode(model, ids, steps=5)
+    paths = [[0], [1], [0, 0]]
+    first = verify_token_tree(model, None, paths, [greedy[0], (greedy[0] + 1) % VOCAB,
+                                                   greedy[1]], decoder=dec)
+    assert first.accepted == [0, 2] and first.tokens == greedy[:3]
+    leaf, = dec.leaves()
+    assert dec.sequence(leaf) == ids[0].tolist() + greedy[:2]
+    dec.cache.tree_cache.check()
+    dec.extend({leaf: [first.tokens[-1]]})  # the bonus token
+    second = verify_token_tree(model, None, [[0], [0, 0]], [greedy[3], 1], decoder=dec)
+    assert second.accepted == [0] and second.tokens[0] == greedy[3]
+    sequence = ids[0].tolist() + greedy[:4]
+    assert close(second.logits[0], eager_logits(model, sequence)[-1])
+    assert dec.sequence(dec.leaves()[0]) == sequence
+
+
 # ---------------------------------------------------------------------------- tree of thought
 def test_expand_prune_frees_pages_and_keeps_logits():
     """Thoughts of several tokens in one step, a pruned thought's pages back in the pool, a new
