@@ -130,16 +130,16 @@ def test_greedy_branches_equal_eager_greedy(kind):
     dec.prefill(ids)
     firsts = [3, 17, 40]
     children = dec.expand(0, [[t] for t in firsts])
-    new = generate(dec, children, 6, temperature=0)
+    new = generate(dec, children, 4, temperature=0)
     for first, child in zip(firsts, children):
         tokens, _ = eager_decode(model, torch.cat([ids, torch.tensor([[first]], device=DEVICE)],
-                                                  1), steps=6)
+                                                  1), steps=4)
         assert new[child] == tokens, kind
         assert dec.sequence(child) == ids[0].tolist() + [first] + tokens
     if kind == "llama":  # and transformers' own greedy generate agrees
-        greedy = sample_tree(model, ids, width=2, max_new_tokens=4, temperature=0)
+        greedy = sample_tree(model, ids, width=2, max_new_tokens=3, temperature=0)
         reference = model.generate(ids, attention_mask=torch.ones_like(ids), do_sample=False,
-                                   max_new_tokens=4, min_new_tokens=4, pad_token_id=0)
+                                   max_new_tokens=3, min_new_tokens=3, pad_token_id=0)
         assert greedy.sequences == [reference[0, ids.shape[1]:].tolist()] * 2
 
 
