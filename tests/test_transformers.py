@@ -289,6 +289,7 @@ def _tp_worker(rank, world, port, path, result):
         out = sample_tree(model.eval(), prompt(), width=3, max_new_tokens=4, temperature=0.9,
                           seed=3, return_logits=True, page_size=8)
         keys, _ = out.decoder.cache.layer(0)
+        assert out.decoder.tp_group is not None  # the ranks agree on the sampled tokens
         torch.save(dict(sequences=out.sequences, logits=out.step_logits, kv_bytes=out.kv_bytes,
                         kv_heads=keys.shape[2]), f"{result}.{rank}")
     finally:

@@ -25,6 +25,8 @@ from deft.integrations.hf_attention import (
 )
 from deft.tree import AttentionShape, Tree
 
+CHUNKED = ("flash_decoding", "radix", "tree_attention_s", "deft_node_chunk", "deft_flatten")
+"""Strategies that take a chunk size."""
 TREE_DTYPES = {torch.float16: "float16", torch.bfloat16: "bfloat16", torch.float32: "float32"}
 
 
@@ -64,11 +66,13 @@ class TreeDecoder:
         if num_pages is None:
             num_pages = -(-max_tokens // page_size) + 2 * max_queries
         self.cache = DeftCache(self.spec.layers, num_pages, page_size)
-        if chunk_size is None and group_size is None and self.device.type != "cuda":
+        if chunk_size is None and group_size is None and self.device.type != "cuda" and \
+                strategy in CHUNKED:
             chunk_size = 64  # no tuned table for the interpreter
         self.attention = TreeAttention(strategy, chunk_size, group_size, max_queries=max_queries,
                                        max_tokens=max_tokens, device=self.device)
         self.max_queries, self.max_tokens = max_queries, max_tokens
+        self.tp_group = tensor_parallel_group(model)
         self.parent = {}  # node id -> parent id (None for the root), held nodes
         self.tokens = {}  # node id -> list of token ids on the node (fed through the model)
         self.logits = {}  # node id -> logits after the node's last token [vocab]
@@ -295,16 +299,28 @@ def sample_logits(logits, *, temperature: float = 1.0, top_p: float = 1.0,
     return torch.multinomial(probs, 1, generator=generator)[:, 0]
 
 
-def _agree(tokens: torch.Tensor, group) -> torch.Tensor:
-    """Under torch.distributed, every rank takes the first rank's sampled tokens (the ranks of a
-    tensor-parallel model decode one tree and must sample alike)."""
+def tensor_parallel_group(model):
+    """The process group of a tensor-parallel model (its DTensor weights' 1-D mesh), else None."""
+    for parameter in model.parameters():
+        mesh = getattr(parameter, "device_mesh", None)
+        if mesh is not None and mesh.ndim == 1 and mesh.size() > 1:
+            return mesh.get_group()
+    return None
+
+
+def _agree(tokens: torch.Tensor, decoder: "TreeDecoder", group="auto") -> torch.Tensor:
+    """The ranks of a tensor-parallel model decode one tree, so they must sample alike: every
+    rank takes the group's first rank's tokens. ``group``: "auto" (the model's tensor-parallel
+    group, none for a model that is not), a process group, None (the default group) or False."""
     import torch.distributed as dist
 
+    if group == "auto":
+        group = decoder.tp_group if decoder.tp_group is not None else False
     if group is False or not (dist.is_available() and dist.is_initialized()):
         return tokens
     if dist.get_world_size(group) > 1:
-        dist.broadcast(tokens, dist.get_global_rank(group, 0) if group is not None else 0,
-                       group=group)
+        source = dist.get_global_rank(group, 0) if group is not None else 0
+        dist.broadcast(tokens, source, group=group)
     return tokens
 
 
@@ -343,7 +359,7 @@ class TreeSample:
 
 def generate(decoder: TreeDecoder, nodes, max_new_tokens: int, *, temperature: float = 1.0,
              top_p: float = 1.0, generator: torch.Generator | None = None, eos_token_id=None,
-             group=None, step_logits: list | None = None) -> dict:
+             group="auto", step_logits: list | None = None) -> dict:
     """Continue live leaves ``nodes`` by up to ``max_new_tokens`` tokens each, together.
 
     Every step samples one token per active node from its logits (`sample_logits`) and feeds
@@ -361,7 +377,7 @@ def generate(decoder: TreeDecoder, nodes, max_new_tokens: int, *, temperature: f
             break
         rows = torch.stack([decoder.logits[v] for v in active])
         tokens = _agree(sample_logits(rows, temperature=temperature, top_p=top_p,
-                                      generator=generator), group).tolist()
+                                      generator=generator), decoder, group).tolist()
         if step_logits is not None:
             step_logits.append({v: decoder.logits[v] for v in active})
         for v, t in zip(active, tokens):
@@ -373,17 +389,16 @@ def generate(decoder: TreeDecoder, nodes, max_new_tokens: int, *, temperature: f
 
 def sample_tree(model, input_ids, width: int, max_new_tokens: int, *, temperature: float = 1.0,
                 top_p: float = 1.0, seed: int = 0, eos_token_id=None, return_logits=False,
-                group=None, decoder: TreeDecoder | None = None,
+                group="auto", decoder: TreeDecoder | None = None,
                 **decoder_options) -> TreeSample:
     """Sample ``width`` continuations of one prompt, decoded together over the shared prompt.
 
     The prompt is prefilled once (node 0); each branch draws its first token from the prompt's
     logits and every next one from its own (``temperature``/``top_p``, ``temperature=0``
     greedy), all from one generator seeded with ``seed``; every step after the prefill is one
-    DeFT step over all active branches. A branch that samples ``eos_token_id`` stops. Under
-    torch.distributed (tensor parallel) the tokens of ``group``'s first rank are taken
-    (``group=False``: no exchange). Options for the `TreeDecoder` (``page_size``,
-    ``strategy``, ...) pass through.
+    DeFT step over all active branches. A branch that samples ``eos_token_id`` stops. A
+    tensor-parallel model's ranks all take the tokens of its group's first rank (``group``: see
+    `_agree`). Options for the `TreeDecoder` (``page_size``, ``strategy``, ...) pass through.
     """
     prompt = _token_list(input_ids)
     if width < 1 or max_new_tokens < 1:
@@ -396,7 +411,7 @@ def sample_tree(model, input_ids, width: int, max_new_tokens: int, *, temperatur
     generator = torch.Generator(decoder.device).manual_seed(seed)
     decoder.prefill(prompt)
     first = _agree(sample_logits(decoder.logits[0].expand(width, -1), temperature=temperature,
-                                 top_p=top_p, generator=generator), group).tolist()
+                                 top_p=top_p, generator=generator), decoder, group).tolist()
     steps = [{b: decoder.logits[0] for b in range(width)}] if return_logits else None
     sequences = [[int(t)] for t in first]
     nodes = decoder.expand(0, [[t] for t in first])
