@@ -101,9 +101,9 @@ class TreeDecoder:
         return [t for v in self.path(node) for t in self.tokens[v]]
 
     def leaves(self) -> list:
-        """Live nodes without a live child, ascending."""
-        return sorted(v for v in self.live if not any(
-            p == v and c in self.live for c, p in self.parent.items()))
+        """Live nodes without a child, ascending."""
+        inner = set(self.parent.values())
+        return sorted(self.live - inner)
 
     def tree(self, queries=None) -> Tree:
         """The held nodes as a `deft.Tree` (default queries: one on each live leaf)."""
@@ -170,9 +170,10 @@ class TreeDecoder:
                 self.live.discard(v)
                 self.cache.tree_cache.prune(v)
             self.logits.pop(v, None)
-        for v in doomed:
+        for v in list(self.parent):  # the subtree, and ancestors kept only for it
             if v not in self.cache.tree_cache:
                 del self.parent[v], self.tokens[v]
+                self.logits.pop(v, None)
 
     # ------------------------------------------------------------------ the step
     def _add_node(self, parent) -> int:
