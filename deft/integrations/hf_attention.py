@@ -263,7 +263,8 @@ register()
 
 
 def visible_tokens_limit(spec: ModelSpec, path_tokens: np.ndarray) -> None:
-    """Refuse a step whose longest path exceeds the model's sliding window (DeFT sees it all)."""
+    """Refuse a step whose longest path (prefill included) exceeds the model's sliding window:
+    DeFT attends every token of a path, the model only its last ``sliding_window``."""
     if spec.sliding_window is not None and len(path_tokens) and \
             int(path_tokens.max()) > spec.sliding_window:
         raise ValueError(

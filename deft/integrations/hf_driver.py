@@ -23,6 +23,7 @@ from deft.integrations.hf_attention import (
     check_model,
     visible_tokens_limit,
 )
+from deft.cache import OutOfPagesError
 from deft.tree import AttentionShape, Tree
 
 CHUNKED = ("flash_decoding", "radix", "tree_attention_s", "deft_node_chunk", "deft_flatten")
@@ -199,23 +200,31 @@ class TreeDecoder:
         if held + n > self.max_tokens:
             raise ValueError(f"the tree would hold {held + n} tokens, beyond max_tokens="
                              f"{self.max_tokens}")
-        tree_cache = self.cache.tree_cache
-        for v in nodes:
-            tree_cache.grow(v, len(runs[v]))  # all or nothing per node: OutOfPagesError
+        # Check everything before changing anything: the window, then the pages.
+        # A token's position: the tokens on its path before it, an ancestor's new ones included.
+        starts = {v: sum(len(self.tokens[u]) + len(runs.get(u, ())) for u in self.path(v))
+                  - len(runs[v]) for v in nodes}
+        visible_tokens_limit(self.spec, np.array([starts[v] + len(runs[v]) for v in nodes]))
+        page_size, tree_cache = self.cache.page_size, self.cache.tree_cache
+        needed = sum(-(-(len(self.tokens[v]) + len(runs[v])) // page_size)
+                     - -(-len(self.tokens[v]) // page_size) for v in nodes)
+        if needed > self.cache.allocator.num_free:
+            raise OutOfPagesError(
+                f"the step needs {needed} more pages but only {self.cache.allocator.num_free} "
+                f"of {self.cache.num_pages} are free (pages of {page_size} tokens): prune "
+                "branches or build the TreeDecoder with more num_pages")
         slots, positions, ids = [], [], []
         for v in nodes:
             before = len(self.tokens[v])
-            start = sum(len(self.tokens[u]) for u in self.path(v)[:-1]) + before
-            local = np.arange(before, before + len(runs[v]))
-            slots.append(tree_cache.slots(v, local))
-            positions.extend(range(start, start + len(runs[v])))
+            tree_cache.grow(v, len(runs[v]))
+            slots.append(tree_cache.slots(v, np.arange(before, before + len(runs[v]))))
+            positions.extend(range(starts[v], starts[v] + len(runs[v])))
             ids.extend(runs[v])
             self.tokens[v].extend(runs[v])
         if prefill:
             plan = None
         else:
             tree = self._step_tree({v: len(runs[v]) for v in nodes})
-            visible_tokens_limit(self.spec, tree.path_tokens)
             plan = self.attention.plan(tree, tree_cache)
             self.trees.append(tree)
         self.cache.slots = torch.cat(slots).to(self.device)
