@@ -18,7 +18,7 @@ if not torch.cuda.is_available():
 
 import pytest  # noqa: E402
 
-transformers = pytest.importorskip("transformers")
+transformers = pytest.importorskip("transformers")  # the test extra installs it (CI)
 
 import deft  # noqa: E402
 from deft.integrations.transformers import (  # noqa: E402

@@ -32,8 +32,8 @@ from deft.integrations.hf_attention import (
     deft_attention,
     register,
 )
+from deft.integrations.hf_decoder import TreeDecoder, tensor_parallel_group
 from deft.integrations.hf_driver import (
-    TreeDecoder,
     TreeSample,
     Verification,
     draft_token_list,
@@ -66,5 +66,6 @@ __all__ = [
     "sample_logits",
     "sample_tree",
     "save_tree",
+    "tensor_parallel_group",
     "verify_token_tree",
 ]
