@@ -139,6 +139,8 @@ def check_case(section, name, tree, page_sizes, dtypes, chunk=None, seed=0):
                               trace=traceback.format_exc()[-1500:])
             RECORDS.append(record)
             print(json.dumps({k: v for k, v in record.items() if k != "trace"}), flush=True)
+            if "trace" in record and section == "smoke":
+                print(record["trace"], flush=True)
     save()
 
 
