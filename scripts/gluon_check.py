@@ -46,6 +46,35 @@ SHAPES = {"32/8/128": (32, 8, 128), "16/2/128": (16, 2, 128), "8/1/128": (8, 1, 
           "4/1/128": (4, 1, 128)}
 RECORDS: list = []
 START = time.time()
+VARIANTS = {
+    # kernel configurations timed beside the default (module attributes of deft_flatten_sm90)
+    "n32s4": dict(BLOCK_N=32, NUM_STAGES=4),
+    "1cta_s5": dict(NUM_STAGES=5, CTAS_PER_SM=1, MAX_REGS=168),
+}
+
+
+class variant:
+    """Run the Gluon kernel with some module-level parameters changed (restored on exit)."""
+
+    def __init__(self, name):
+        self.name, self.overrides = name, VARIANTS.get(name, {})
+
+    def __enter__(self):
+        self.saved = {k: getattr(sm90, k) for k in self.overrides}
+        for k, v in self.overrides.items():
+            setattr(sm90, k, v)
+
+    def __exit__(self, *exc):
+        for k, v in self.saved.items():
+            setattr(sm90, k, v)
+
+
+def filling_chunk(tree, kv_heads, ctas) -> int:
+    """The largest power-of-two chunk (2048..64) whose plan has >= ctas work items."""
+    for chunk in (2048, 1024, 512, 256, 128, 64):
+        if build_plan("deft_flatten", tree, chunk, None, 16).num_partitions * kv_heads >= ctas:
+            return chunk
+    return 64
 
 
 def save(info=None):
@@ -107,12 +136,13 @@ def run_poisoned(attn, handle, q, k_cache, v_cache):
     return outs[0], written, torch.equal(outs[0], outs[1])
 
 
-def check_case(section, name, tree, page_sizes, dtypes, chunk=None, seed=0):
+def check_case(section, name, tree, page_sizes, dtypes, chunk=None, seed=0, kernel="default"):
     for dtype in dtypes:
         q, k, v = random_inputs(tree, dtype, seed)
         ref = oracle(tree, q, k, v)
         for page_size in page_sizes:
-            record = dict(section=section, case=name, dtype=str(dtype).split(".")[-1],
+            record = dict(section=section, case=name, kernel=kernel,
+                          dtype=str(dtype).split(".")[-1],
                           page_size=page_size, tokens=tree.num_tokens, queries=tree.num_queries,
                           shape="/".join(map(str, (tree.attention.q_heads, tree.attention.kv_heads,
                                                    tree.attention.head_dim))))
@@ -123,7 +153,8 @@ def check_case(section, name, tree, page_sizes, dtypes, chunk=None, seed=0):
                 for backend in ("gluon", "triton"):
                     attn = attention_for(plan, tree, backend)
                     handle = attn.plan(tree, table, plan)
-                    out, written, same = run_poisoned(attn, handle, q, k_cache, v_cache)
+                    with variant(kernel):
+                        out, written, same = run_poisoned(attn, handle, q, k_cache, v_cache)
                     outs[backend] = out
                     record[f"{backend}_rel_err"] = float(f"{rel_err(out, ref):.3g}")
                     record[f"{backend}_written"] = written
@@ -219,7 +250,7 @@ def replay_time(fn, replays=20) -> float:
     return float(np.median(times))
 
 
-def time_anchor(name, shape_name, page_size=16, copies=4):
+def time_anchor(name, shape_name, page_size=16, copies=4, timing_variants=False):
     qh, kvh, d = SHAPES[shape_name]
     tree = wl.anchor(name, attention=AttentionShape(qh, kvh, d, "float16"))
     q, _, _ = random_inputs(tree, torch.float16, 0)
@@ -229,14 +260,20 @@ def time_anchor(name, shape_name, page_size=16, copies=4):
         caches.append(paged_cache(tree, k, v, page_size, c))
     ref = oracle(tree, q, k, v)  # the last copy's: what `out` holds after the replays
     record = dict(section="timing", case=name, shape=shape_name, page_size=page_size)
-    for backend in ("gluon", "triton"):
+    fill = filling_chunk(tree, kvh, sm90.CTAS_PER_SM * torch.cuda.get_device_properties(0)
+                         .multi_processor_count)
+    runs = [("gluon", "gluon", "default", None), ("triton", "triton", "default", None)]
+    if timing_variants:
+        runs += [(f"gluon_{v}", "gluon", v, None) for v in VARIANTS]
+        runs += [("gluon_fill", "gluon", "default", fill), ("triton_fill", "triton", "default", fill)]
+    for key, backend, kernel, chunk in runs:
         try:
-            # the tuned plan (autotune table: chunk and group per tree), the same for both
-            # backends; one TreeAttention per KV copy (the copies' page orders differ)
+            # chunk None: the tuned plan (autotune table: chunk and group per tree), the same
+            # for both backends; one TreeAttention per KV copy (the copies' page orders differ)
             outs = [torch.empty_like(q) for _ in caches]
             plans = []
             for i, (kc, vc, table) in enumerate(caches):
-                a = TreeAttention("deft_flatten", max_queries=tree.num_queries,
+                a = TreeAttention("deft_flatten", chunk, max_queries=tree.num_queries,
                                   max_tokens=tree.num_tokens, device=DEVICE, backend=backend)
                 plans.append((a, a.plan(tree, table), kc, vc, outs[i]))
 
@@ -244,18 +281,19 @@ def time_anchor(name, shape_name, page_size=16, copies=4):
                 for a, h, kc, vc, o in plans:
                     a.run(q, kc, vc, h, out=o)
 
-            per_call = replay_time(calls) / copies * 1e6
+            with variant(kernel):
+                per_call = replay_time(calls) / copies * 1e6
             err = rel_err(outs[-1], ref)
-            record[f"{backend}_us"] = round(per_call, 2)
-            record[f"{backend}_rel_err"] = float(f"{err:.3g}")
-            record["chunk"] = plans[0][1].reference.chunk_size
-            record["partitions"] = plans[0][1].num_partitions
+            record[f"{key}_us"] = round(per_call, 2)
+            record[f"{key}_rel_err"] = float(f"{err:.3g}")
+            record[f"{key}_chunk"] = plans[0][1].reference.chunk_size
+            record[f"{key}_partitions"] = plans[0][1].num_partitions
         except Exception as error:
-            record[f"{backend}_error"] = f"{type(error).__name__}: {error}"[:300]
-            record[f"{backend}_trace"] = traceback.format_exc()[-1200:]
+            record[f"{key}_error"] = f"{type(error).__name__}: {error}"[:300]
+            record[f"{key}_trace"] = traceback.format_exc()[-1200:]
     if "gluon_us" in record and "triton_us" in record:
         record["speedup"] = round(record["triton_us"] / record["gluon_us"], 3)
-    record["ok"] = record.get("gluon_rel_err", 1) <= 2e-3
+    record["ok"] = all(v <= 2e-3 for k, v in record.items() if k.endswith("_rel_err"))
     RECORDS.append(record)
     print(json.dumps({k: v for k, v in record.items() if not k.endswith("trace")}), flush=True)
     save()
@@ -266,6 +304,8 @@ def main():
     parser.add_argument("--smoke", action="store_true")
     parser.add_argument("--no-timing", action="store_true")
     parser.add_argument("--budget", type=float, default=200.0)
+    parser.add_argument("--variants", action="store_true",
+                        help="also check and time the VARIANTS and a chunk that fills the SMs")
     args = parser.parse_args()
     ok, why = sm90.gluon_supported()
     info = dict(device=torch.cuda.get_device_name(), triton=__import__("triton").__version__,
@@ -304,6 +344,13 @@ def main():
             continue
         check_case("random", name, tree, pages, dtypes, chunk)
     check_graph()
+    if args.variants:
+        for v in VARIANTS:
+            check_case("random", "random40_q2", cases[0][1], (16,), (f16, b16), kernel=v)
+            check_case("random", "random_4_1", cases[3][1], (1,), (f16,), kernel=v)
+            check_case("random", "fewshot_b20", wl.anchor("fewshot_b20_P4000_L200",
+                                                          attention=llama), (16,), (f16,),
+                       chunk=64, kernel=v)
     for name in wl.ANCHORS:
         if time.time() - START > args.budget * 0.6:
             RECORDS.append(dict(section="anchor", case=name, skipped="budget"))
@@ -322,7 +369,7 @@ def main():
                                         skipped="budget"))
                     continue
                 try:
-                    time_anchor(name, shape)
+                    time_anchor(name, shape, timing_variants=args.variants)
                 except Exception as error:
                     RECORDS.append(dict(section="timing", case=name, shape=shape, ok=False,
                                         error=str(error)[:300]))
@@ -345,11 +392,17 @@ def summarize(info):
             worst[key] = max(worst.get(key, 0), r["gluon_rel_err"])
     print("max gluon rel_err by (dtype, page size):",
           ", ".join(f"{d}/p{p}: {e:.2e}" for (d, p), e in sorted(worst.items())))
-    print(f"{'anchor':24} {'shape':9} {'gluon us':>9} {'triton us':>9} {'speedup':>8}")
+    keys = []
+    for r in RECORDS:
+        if r.get("section") == "timing":
+            keys += [k[:-3] for k in r if k.endswith("_us") and k[:-3] not in keys]
+    print("timing, graph mode, us per call (4 KV copies), page size 16:")
+    print(f"{'anchor':24} {'shape':9}" + "".join(f"{k:>13}" for k in keys) + f"{'speedup':>8}")
     for r in RECORDS:
         if r.get("section") == "timing" and "gluon_us" in r:
-            print(f"{r['case']:24} {r['shape']:9} {r['gluon_us']:9.2f} "
-                  f"{r.get('triton_us', float('nan')):9.2f} {r.get('speedup', float('nan')):8.3f}")
+            print(f"{r['case']:24} {r['shape']:9}"
+                  + "".join(f"{r.get(k + '_us', float('nan')):13.2f}" for k in keys)
+                  + f"{r.get('speedup', float('nan')):8.3f}")
 
 
 if __name__ == "__main__":

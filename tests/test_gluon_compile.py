@@ -30,6 +30,13 @@ VARIANTS = [
 ]
 
 
+CONFIGS = {
+    # kernel configurations besides the default that scripts/gluon_check.py times
+    "n32s4": (dict(BLOCK_N=32, NUM_STAGES=4), 128, 2),
+    "1cta_s5": (dict(NUM_STAGES=5), 168, 1),
+}
+
+
 def _ptxas_ok(compiled) -> str:
     report = sm90.ptxas_report(compiled)
     assert "error" not in report.lower(), report
@@ -52,6 +59,16 @@ def test_gluon_kernel_compiles_without_spills(dtype, kv_heads, group, head_dim):
     _ptxas_ok(compiled)
     # both CTAs of an SM fit its shared memory (227 KB, 1 KB reserved per CTA)
     assert 2 * (compiled.metadata.shared + 1024) <= 233472, compiled.metadata.shared
+
+
+@pytest.mark.parametrize("name", sorted(CONFIGS))
+def test_gluon_kernel_configs_compile_without_spills(name, monkeypatch):
+    overrides, max_regs, ctas = CONFIGS[name]
+    monkeypatch.setattr(sm90, "MAX_REGS", max_regs)
+    for kv_heads, group in ((8, 4), (1, 8)):
+        compiled = sm90.compile_for_sm90("fp16", kv_heads, group, 128, **overrides)
+        _ptxas_ok(compiled)
+        assert ctas * (compiled.metadata.shared + 1024) <= 233472, compiled.metadata.shared
 
 
 def test_backend_resolution_without_a_gpu():

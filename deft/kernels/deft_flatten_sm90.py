@@ -10,14 +10,15 @@ online softmax in fp32, and the partial rows (normalised o, natural-log lse) wri
 Structure (one CTA = 8 warps; persistent over work items like the Triton kernel):
 
 - a producer partition (a warpgroup of 4 warps, few registers) walks the same item / query-tile
-  / KV-tile loops as the consumer and does all the address work: per KV tile of BLOCK_N tokens
-  it reads the tokens' cache slots and gathers the K rows, then the V rows, with cp.async
+  / KV-tile loops as the consumer and does all the address work and every load. Per query tile
+  it gathers the Q rows (query slot x GROUP + head) and the rows' ``query_flat`` and
+  ``entry_row`` into one of Q_STAGES shared buffers; per KV tile of BLOCK_N tokens it reads the
+  tokens' cache slots one tile ahead and gathers the K rows, then the V rows, with cp.async
   (16-byte copies) into a ring of NUM_STAGES shared-memory stages, plus the tile's
   ``subtree_end`` values (the mask's only per-token input). Columns past the partition are
-  zero-filled (finite K/V; ``subtree_end`` 0 hides them). Each stage has a K-ready and a
-  V-ready mbarrier (arrived by every producer thread when its copies land:
-  ``cp.async.mbarrier.arrive.noinc``) and an empty mbarrier (arrived by the consumer when the
-  stage's last wgmma has read it).
+  zero-filled (finite K/V; ``subtree_end`` 0 hides them). Each stage has ready mbarriers
+  (arrived by every producer thread when its copies land: ``cp.async.mbarrier.arrive.noinc``)
+  and an empty mbarrier (arrived by the consumer when the stage's last wgmma has read it).
 - the consumer (the default partition, one warpgroup) only waits, fences (cp.async writes are
   generic-proxy, wgmma reads async-proxy), and computes: S = Q K^T with wgmma (Q from shared
   memory, K^T a transposed view of the K stage), the mask from the Euler tour, the online
@@ -53,23 +54,21 @@ BLOCK_M = 64
 BLOCK_N = 64
 """KV tokens per tile (stage)."""
 NUM_STAGES = 2
-"""Shared-memory ring depth per CTA (K, V and subtree_end per stage): 2 stages of 64 tokens x
-128 dims (64 KB) + the Q tile (16 KB), so two CTAs fit an SM (4 tiles in flight per SM); 3 stages
-(112 KB) would leave one CTA per SM."""
+"""K/V ring depth per CTA (K, V and subtree_end per stage): 2 stages of 64 tokens x 128 dims
+(64 KB) + 2 Q tiles (32 KB), so two CTAs fit an SM (4 KV tiles in flight per SM)."""
+Q_STAGES = 2
+"""Query tiles in flight (the producer gathers the next one while the consumer finishes one)."""
+CTAS_PER_SM = 2
+"""Resident CTAs per SM the grid is capped at (shared memory and registers allow 2)."""
 CONSUMER_WARPS = 4
 PRODUCER_WARPS = 4
-PRODUCER_REGS = 72
-"""Registers per producer thread (setmaxnreg; 56 spills); the consumer gets the rest of
-MAX_REGS x 8 warps (184)."""
+PRODUCER_REGS = 96
+"""Registers per producer thread (setmaxnreg; 88 spills at GROUP 64); the consumer gets the rest of
+MAX_REGS x 8 warps (160)."""
 MAX_REGS = 128
 """Registers per thread of the kernel (two CTAs of 8 warps per SM)."""
 RESCALE_THRESHOLD = 8.0
 """Move a row's running max only when it grows by more than this (log2 units, exact)."""
-Q_IN_REGS = False
-"""Q as wgmma's register operand instead of a shared tile. Off: at 128 registers it spills (88 B),
-and its layout conversion takes as much scratch shared memory as the tile it saves."""
-ROWS_PER_COPY = 16
-"""Rows of a K/V tile one cp.async batch covers (the producer walks the tile in these)."""
 
 BACKENDS = ("gluon", "triton")
 
@@ -125,23 +124,30 @@ if HAS_GLUON:
     async_load, cta_barrier = gc.async_load, gc.cta_barrier
 
     @gluon.jit
-    def _producer(k_ptr, v_ptr, counts_ptr, part_start_ptr, part_tokens_ptr, part_entry_ptr,
-                  token_slot_ptr, subtree_end_ptr, stride_kt, stride_kh, stride_vt, stride_vh,
-                  k_smem, v_smem, end_smem, k_ready, v_ready, empty,
-                  KV_HEADS: gl.constexpr, GROUP: gl.constexpr, HEAD_DIM: gl.constexpr,
+    def _producer(q_ptr, k_ptr, v_ptr, counts_ptr, part_start_ptr, part_tokens_ptr,
+                  part_entry_ptr, entry_query_ptr, entry_row_ptr, query_flat_ptr,
+                  token_slot_ptr, subtree_end_ptr,
+                  stride_qn, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh,
+                  q_smem, qf_smem, row_smem, k_smem, v_smem, end_smem,
+                  q_ready, q_empty, k_ready, v_ready, empty,
+                  KV_HEADS: gl.constexpr, GROUP: gl.constexpr, GROUP_PAD: gl.constexpr,
+                  HEAD_DIM: gl.constexpr,
                   BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr, NUM_STAGES: gl.constexpr,
-                  ROWS: gl.constexpr, WARPS: gl.constexpr):
-        QUERIES_PER_TILE: gl.constexpr = BLOCK_M // GROUP
+                  Q_STAGES: gl.constexpr, WARPS: gl.constexpr):
+        QUERIES_PER_TILE: gl.constexpr = BLOCK_M // GROUP_PAD
         VEC: gl.constexpr = 8  # 16-byte copies of 16-bit elements
         TPR: gl.constexpr = HEAD_DIM // VEC  # threads along a row
         copy_layout: gl.constexpr = gl.BlockedLayout([1, VEC], [32 // TPR, TPR], [WARPS, 1],
                                                      [1, 0])
-        end_layout: gl.constexpr = gl.BlockedLayout([1], [32], [WARPS], [0])
-        rows = gl.arange(0, ROWS, layout=gl.SliceLayout(1, copy_layout))
+        vec_layout: gl.constexpr = gl.BlockedLayout([1], [32], [WARPS], [0])
+        tile_rows = gl.arange(0, BLOCK_N, layout=gl.SliceLayout(1, copy_layout))
+        q_rows = gl.arange(0, BLOCK_M, layout=gl.SliceLayout(1, copy_layout))
         dims = gl.arange(0, HEAD_DIM, layout=gl.SliceLayout(0, copy_layout))
-        cols = gl.arange(0, BLOCK_N, layout=end_layout)
+        cols = gl.arange(0, BLOCK_N, layout=vec_layout)
+        m_rows = gl.arange(0, BLOCK_M, layout=vec_layout)
         num_items = gl.load(counts_ptr) * KV_HEADS
         it = 0
+        qt = 0
         for item in range(gl.program_id(0), num_items, gl.num_programs(0)):
             part = item // KV_HEADS
             kv_head = item % KV_HEADS
@@ -154,39 +160,58 @@ if HAS_GLUON:
             slot_base = token_slot_ptr + token_start
             end_base = subtree_end_ptr + token_start
             for entry0 in range(entry_lo, entry_hi, QUERIES_PER_TILE):
+                # the query tile (rows = query slot x GROUP_PAD + head) and its rows' plan data
+                q_slot = q_rows // GROUP_PAD
+                q_entry = entry0 + q_slot
+                q_ok = ((q_slot < QUERIES_PER_TILE) & (q_entry < entry_hi)
+                        & (q_rows % GROUP_PAD < GROUP))
+                query = gl.load(entry_query_ptr + q_entry, mask=q_ok, other=0)
+                q_off = (query.to(gl.int64) * stride_qn
+                         + (kv_head * GROUP + q_rows % GROUP_PAD) * stride_qh)
+                m_slot = m_rows // GROUP_PAD
+                m_entry = entry0 + m_slot
+                m_ok = ((m_slot < QUERIES_PER_TILE) & (m_entry < entry_hi)
+                        & (m_rows % GROUP_PAD < GROUP))
+                m_query = gl.load(entry_query_ptr + m_entry, mask=m_ok, other=0)
+                # the first KV tile's slots, loaded before waiting for a free stage
+                row = tile_rows
+                slot = gl.load(slot_base + row, mask=row < num_tokens, other=0)
+                qs = qt % Q_STAGES
+                mbarrier.wait(q_empty.index(qs), ((qt // Q_STAGES) & 1) ^ 1)
+                async_load(q_smem.index(qs), q_ptr + q_off[:, None] + dims[None, :],
+                           mask=q_ok[:, None])
+                async_load(qf_smem.index(qs), query_flat_ptr + m_query, mask=m_ok)
+                async_load(row_smem.index(qs), entry_row_ptr + m_entry, mask=m_ok)
+                async_copy.mbarrier_arrive(q_ready.index(qs), increment_count=False)
+                qt += 1
                 for n0 in range(0, num_tokens, BLOCK_N):
+                    ok = row < num_tokens
+                    k_ptrs = k_head + (slot.to(gl.int64)[:, None] * stride_kt + dims[None, :])
+                    v_ptrs = v_head + (slot.to(gl.int64)[:, None] * stride_vt + dims[None, :])
+                    # the next tile's slots, one iteration ahead (hidden behind this tile)
+                    row = row + BLOCK_N
+                    slot = gl.load(slot_base + row, mask=row < num_tokens, other=0)
                     stage = it % NUM_STAGES
-                    phase = (it // NUM_STAGES) & 1
-                    mbarrier.wait(empty.index(stage), phase ^ 1)
-                    k_stage = k_smem.index(stage)
-                    v_stage = v_smem.index(stage)
+                    mbarrier.wait(empty.index(stage), ((it // NUM_STAGES) & 1) ^ 1)
                     col = n0 + cols
                     async_load(end_smem.index(stage), end_base + col, mask=col < num_tokens)
-                    for r in gl.static_range(0, BLOCK_N, ROWS):
-                        row = n0 + r + rows
-                        ok = row < num_tokens
-                        slot = gl.load(slot_base + row, mask=ok, other=0)
-                        offs = slot.to(gl.int64)[:, None] * stride_kt + dims[None, :]
-                        async_load(k_stage.slice(r, ROWS), k_head + offs, mask=ok[:, None])
+                    async_load(k_smem.index(stage), k_ptrs, mask=ok[:, None])
                     async_copy.mbarrier_arrive(k_ready.index(stage), increment_count=False)
-                    for r in gl.static_range(0, BLOCK_N, ROWS):
-                        row = n0 + r + rows
-                        ok = row < num_tokens
-                        slot = gl.load(slot_base + row, mask=ok, other=0)
-                        offs = slot.to(gl.int64)[:, None] * stride_vt + dims[None, :]
-                        async_load(v_stage.slice(r, ROWS), v_head + offs, mask=ok[:, None])
+                    async_load(v_smem.index(stage), v_ptrs, mask=ok[:, None])
                     async_copy.mbarrier_arrive(v_ready.index(stage), increment_count=False)
                     it += 1
 
     @gluon.jit
-    def _consumer(q_ptr, o_part_ptr, lse_part_ptr, counts_ptr, part_start_ptr, part_tokens_ptr,
-                  part_entry_ptr, entry_query_ptr, entry_row_ptr, query_flat_ptr,
-                  stride_qn, stride_qh, qk_scale,
-                  q_smem, k_smem, v_smem, end_smem, k_ready, v_ready, empty,
-                  KV_HEADS: gl.constexpr, GROUP: gl.constexpr, HEAD_DIM: gl.constexpr,
+    def _consumer(o_part_ptr, lse_part_ptr, counts_ptr, part_start_ptr, part_tokens_ptr,
+                  part_entry_ptr, qk_scale,
+                  q_smem, qf_smem, row_smem, k_smem, v_smem, end_smem,
+                  q_ready, q_empty, k_ready, v_ready, empty,
+                  KV_HEADS: gl.constexpr, GROUP: gl.constexpr, GROUP_PAD: gl.constexpr,
+                  HEAD_DIM: gl.constexpr,
                   BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr, NUM_STAGES: gl.constexpr,
-                  THRESHOLD: gl.constexpr, Q_IN_REGS: gl.constexpr, WARPS: gl.constexpr):
-        QUERIES_PER_TILE: gl.constexpr = BLOCK_M // GROUP
+                  Q_STAGES: gl.constexpr, THRESHOLD: gl.constexpr, DTYPE: gl.constexpr,
+                  WARPS: gl.constexpr):
+        QUERIES_PER_TILE: gl.constexpr = BLOCK_M // GROUP_PAD
         Q_HEADS: gl.constexpr = KV_HEADS * GROUP
         s_layout: gl.constexpr = gl.NVMMADistributedLayout(
             version=[3, 0], warps_per_cta=[WARPS, 1], instr_shape=[16, BLOCK_N, 16])
@@ -194,16 +219,9 @@ if HAS_GLUON:
             version=[3, 0], warps_per_cta=[WARPS, 1], instr_shape=[16, HEAD_DIM, 16])
         p_layout: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=o_layout,
                                                      k_width=2)
-        q_op_layout: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=s_layout,
-                                                        k_width=2)
-        q_layout: gl.constexpr = gl.BlockedLayout([1, 8], [32 // (HEAD_DIM // 8), HEAD_DIM // 8],
-                                                  [WARPS, 1], [1, 0])
         s_rows_layout: gl.constexpr = gl.SliceLayout(1, s_layout)
         o_rows_layout: gl.constexpr = gl.SliceLayout(1, o_layout)
-        dtype: gl.constexpr = q_ptr.dtype.element_ty
 
-        q_rows = gl.arange(0, BLOCK_M, layout=gl.SliceLayout(1, q_layout))
-        q_dims = gl.arange(0, HEAD_DIM, layout=gl.SliceLayout(0, q_layout))
         s_rows = gl.arange(0, BLOCK_M, layout=s_rows_layout)
         s_cols = gl.arange(0, BLOCK_N, layout=gl.SliceLayout(0, s_layout))
         o_rows = gl.arange(0, BLOCK_M, layout=o_rows_layout)
@@ -211,6 +229,7 @@ if HAS_GLUON:
 
         num_items = gl.load(counts_ptr) * KV_HEADS
         it = 0
+        qt = 0
         for item in range(gl.program_id(0), num_items, gl.num_programs(0)):
             part = item // KV_HEADS
             kv_head = item % KV_HEADS
@@ -219,29 +238,15 @@ if HAS_GLUON:
             entry_lo = gl.load(part_entry_ptr + part)
             entry_hi = gl.load(part_entry_ptr + part + 1)
             for entry0 in range(entry_lo, entry_hi, QUERIES_PER_TILE):
-                # the query tile: rows = query slot x GROUP + head in group
-                q_slot = q_rows // GROUP
-                q_entry = entry0 + q_slot
-                q_ok = (q_slot < QUERIES_PER_TILE) & (q_entry < entry_hi)
-                query = gl.load(entry_query_ptr + q_entry, mask=q_ok, other=0)
-                q_off = (query.to(gl.int64) * stride_qn
-                         + (kv_head * GROUP + q_rows % GROUP) * stride_qh)
-                q = gl.load(q_ptr + q_off[:, None] + q_dims[None, :], mask=q_ok[:, None],
-                            other=0.0)
-                if Q_IN_REGS:  # wgmma's A operand from registers (no Q tile in shared memory)
-                    q_op = gl.convert_layout(q, q_op_layout)
-                else:
-                    cta_barrier()  # every warp is done with the previous tile's Q
-                    q_smem.store(q)
-                    fence_async_shared()
-                    cta_barrier()  # the whole Q tile is written before any wgmma reads it
-                    q_op = q_smem
-
-                s_slot = s_rows // GROUP
-                s_entry = entry0 + s_slot
-                s_ok = (s_slot < QUERIES_PER_TILE) & (s_entry < entry_hi)
-                s_query = gl.load(entry_query_ptr + s_entry, mask=s_ok, other=0)
-                query_flat = gl.load(query_flat_ptr + s_query, mask=s_ok, other=-1)
+                s_slot = s_rows // GROUP_PAD
+                s_ok = ((s_slot < QUERIES_PER_TILE) & (entry0 + s_slot < entry_hi)
+                        & (s_rows % GROUP_PAD < GROUP))
+                qs = qt % Q_STAGES
+                mbarrier.wait(q_ready.index(qs), (qt // Q_STAGES) & 1)
+                fence_async_shared()  # cp.async (generic proxy) -> wgmma (async proxy)
+                q_tile = q_smem.index(qs)
+                # -1: a padding row sees nothing (f <= -1 never holds)
+                query_flat = gl.where(s_ok, qf_smem.index(qs).load(s_rows_layout), -1)
                 # raw (unscaled) scores; a row that has seen nothing keeps m = -inf
                 m_i = gl.full([BLOCK_M], float("-inf"), gl.float32, layout=s_rows_layout)
                 l_i = gl.zeros([BLOCK_M], gl.float32, layout=s_rows_layout)
@@ -250,8 +255,8 @@ if HAS_GLUON:
                     stage = it % NUM_STAGES
                     phase = (it // NUM_STAGES) & 1
                     mbarrier.wait(k_ready.index(stage), phase)
-                    fence_async_shared()  # cp.async (generic proxy) -> wgmma (async proxy)
-                    s = warpgroup_mma(q_op, k_smem.index(stage).permute((1, 0)),
+                    fence_async_shared()
+                    s = warpgroup_mma(q_tile, k_smem.index(stage).permute((1, 0)),
                                       gl.zeros([BLOCK_M, BLOCK_N], gl.float32, layout=s_layout),
                                       use_acc=False, is_async=True)
                     end = end_smem.index(stage).load(gl.SliceLayout(0, s_layout))
@@ -273,7 +278,7 @@ if HAS_GLUON:
                     l_i = l_i * alpha + gl.sum(p, 1)
                     m_i = m_new
                     acc = acc * gl.convert_layout(alpha, o_rows_layout)[:, None]
-                    p16 = gl.convert_layout(p.to(dtype), p_layout)
+                    p16 = gl.convert_layout(p.to(DTYPE), p_layout)
                     mbarrier.wait(v_ready.index(stage), phase)
                     fence_async_shared()
                     acc = warpgroup_mma(p16, v_smem.index(stage), acc, is_async=True)
@@ -284,14 +289,17 @@ if HAS_GLUON:
                 l_safe = gl.where(seen, l_i, 1.0)
                 lse = gl.where(seen, (m_i * qk_scale + gl.log2(l_safe)) * 0.6931471805599453,
                                float("-inf"))
-                row = gl.load(entry_row_ptr + s_entry, mask=s_ok, other=0)
-                lse_rows = row.to(gl.int64) * Q_HEADS + kv_head * GROUP + s_rows % GROUP
+                row = row_smem.index(qs).load(s_rows_layout)
+                o_row = row_smem.index(qs).load(o_rows_layout)
+                mbarrier.arrive(q_empty.index(qs), count=1)  # Q tile and row data consumed
+                qt += 1
+                lse_rows = row.to(gl.int64) * Q_HEADS + kv_head * GROUP + s_rows % GROUP_PAD
                 gl.store(lse_part_ptr + lse_rows, lse, mask=s_ok)
-                o_slot = o_rows // GROUP
-                o_entry = entry0 + o_slot
-                o_ok = (o_slot < QUERIES_PER_TILE) & (o_entry < entry_hi)
-                o_row = gl.load(entry_row_ptr + o_entry, mask=o_ok, other=0)
-                o_off = (o_row.to(gl.int64) * Q_HEADS + kv_head * GROUP + o_rows % GROUP) * HEAD_DIM
+                o_slot = o_rows // GROUP_PAD
+                o_ok = ((o_slot < QUERIES_PER_TILE) & (entry0 + o_slot < entry_hi)
+                        & (o_rows % GROUP_PAD < GROUP))
+                o_off = (o_row.to(gl.int64) * Q_HEADS + kv_head * GROUP
+                         + o_rows % GROUP_PAD) * HEAD_DIM
                 o = acc / gl.convert_layout(l_safe, o_rows_layout)[:, None]
                 gl.store(o_part_ptr + o_off[:, None] + o_dims[None, :], o, mask=o_ok[:, None])
 
@@ -302,42 +310,49 @@ if HAS_GLUON:
         entry_row_ptr, query_flat_ptr, token_slot_ptr, subtree_end_ptr,
         stride_qn, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh,
         qk_scale,
-        KV_HEADS: gl.constexpr, GROUP: gl.constexpr, HEAD_DIM: gl.constexpr,
+        KV_HEADS: gl.constexpr, GROUP: gl.constexpr, GROUP_PAD: gl.constexpr,
+                  HEAD_DIM: gl.constexpr,
         BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr, NUM_STAGES: gl.constexpr,
-        ROWS: gl.constexpr, THRESHOLD: gl.constexpr, PRODUCER_WARPS: gl.constexpr,
-        PRODUCER_REGS: gl.constexpr, END_ROWS: gl.constexpr, Q_IN_REGS: gl.constexpr,
-        num_warps: gl.constexpr,
+        Q_STAGES: gl.constexpr, THRESHOLD: gl.constexpr, PRODUCER_WARPS: gl.constexpr,
+        PRODUCER_REGS: gl.constexpr, num_warps: gl.constexpr,
     ):
         dtype: gl.constexpr = k_ptr.dtype.element_ty
         kv_layout: gl.constexpr = gl.NVMMASharedLayout.get_default_for([BLOCK_N, HEAD_DIM], dtype)
-        q_smem_layout: gl.constexpr = gl.NVMMASharedLayout.get_default_for([BLOCK_M, HEAD_DIM],
-                                                                           dtype)
-        end_layout: gl.constexpr = gl.SwizzledSharedLayout(1, 1, 1, [0])
-        q_smem = gl.allocate_shared_memory(dtype, [1 if Q_IN_REGS else BLOCK_M, HEAD_DIM],
-                                           q_smem_layout)
+        q_layout: gl.constexpr = gl.NVMMASharedLayout.get_default_for([BLOCK_M, HEAD_DIM], dtype)
+        vec_layout: gl.constexpr = gl.SwizzledSharedLayout(1, 1, 1, [0])
+        bar_layout: gl.constexpr = mbarrier.MBarrierLayout()
+        q_smem = gl.allocate_shared_memory(dtype, [Q_STAGES, BLOCK_M, HEAD_DIM], q_layout)
+        qf_smem = gl.allocate_shared_memory(gl.int32, [Q_STAGES, BLOCK_M], vec_layout)
+        row_smem = gl.allocate_shared_memory(gl.int32, [Q_STAGES, BLOCK_M], vec_layout)
         k_smem = gl.allocate_shared_memory(dtype, [NUM_STAGES, BLOCK_N, HEAD_DIM], kv_layout)
         v_smem = gl.allocate_shared_memory(dtype, [NUM_STAGES, BLOCK_N, HEAD_DIM], kv_layout)
-        # a power-of-two number of rows (swizzled shared allocations need it); NUM_STAGES used
-        end_smem = gl.allocate_shared_memory(gl.int32, [END_ROWS, BLOCK_N], end_layout)
-        k_ready = gl.allocate_shared_memory(gl.int64, [NUM_STAGES, 1], mbarrier.MBarrierLayout())
-        v_ready = gl.allocate_shared_memory(gl.int64, [NUM_STAGES, 1], mbarrier.MBarrierLayout())
-        empty = gl.allocate_shared_memory(gl.int64, [NUM_STAGES, 1], mbarrier.MBarrierLayout())
+        end_smem = gl.allocate_shared_memory(gl.int32, [NUM_STAGES, BLOCK_N], vec_layout)
+        q_ready = gl.allocate_shared_memory(gl.int64, [Q_STAGES, 1], bar_layout)
+        q_empty = gl.allocate_shared_memory(gl.int64, [Q_STAGES, 1], bar_layout)
+        k_ready = gl.allocate_shared_memory(gl.int64, [NUM_STAGES, 1], bar_layout)
+        v_ready = gl.allocate_shared_memory(gl.int64, [NUM_STAGES, 1], bar_layout)
+        empty = gl.allocate_shared_memory(gl.int64, [NUM_STAGES, 1], bar_layout)
+        for i in gl.static_range(Q_STAGES):
+            mbarrier.init(q_ready.index(i), count=PRODUCER_WARPS * 32)
+            mbarrier.init(q_empty.index(i), count=1)
         for i in gl.static_range(NUM_STAGES):
             mbarrier.init(k_ready.index(i), count=PRODUCER_WARPS * 32)
             mbarrier.init(v_ready.index(i), count=PRODUCER_WARPS * 32)
             mbarrier.init(empty.index(i), count=1)
         gl.warp_specialize([
-            (_consumer, (q_ptr, o_part_ptr, lse_part_ptr, counts_ptr, part_start_ptr,
-                         part_tokens_ptr, part_entry_ptr, entry_query_ptr, entry_row_ptr,
-                         query_flat_ptr, stride_qn, stride_qh, qk_scale,
-                         q_smem, k_smem, v_smem, end_smem, k_ready, v_ready, empty,
-                         KV_HEADS, GROUP, HEAD_DIM, BLOCK_M, BLOCK_N, NUM_STAGES, THRESHOLD,
-                         Q_IN_REGS, num_warps)),
-            (_producer, (k_ptr, v_ptr, counts_ptr, part_start_ptr, part_tokens_ptr,
-                         part_entry_ptr, token_slot_ptr, subtree_end_ptr,
-                         stride_kt, stride_kh, stride_vt, stride_vh,
-                         k_smem, v_smem, end_smem, k_ready, v_ready, empty,
-                         KV_HEADS, GROUP, HEAD_DIM, BLOCK_M, BLOCK_N, NUM_STAGES, ROWS,
+            (_consumer, (o_part_ptr, lse_part_ptr, counts_ptr, part_start_ptr, part_tokens_ptr,
+                         part_entry_ptr, qk_scale,
+                         q_smem, qf_smem, row_smem, k_smem, v_smem, end_smem,
+                         q_ready, q_empty, k_ready, v_ready, empty,
+                         KV_HEADS, GROUP, GROUP_PAD, HEAD_DIM, BLOCK_M, BLOCK_N, NUM_STAGES, Q_STAGES,
+                         THRESHOLD, dtype, num_warps)),
+            (_producer, (q_ptr, k_ptr, v_ptr, counts_ptr, part_start_ptr, part_tokens_ptr,
+                         part_entry_ptr, entry_query_ptr, entry_row_ptr, query_flat_ptr,
+                         token_slot_ptr, subtree_end_ptr,
+                         stride_qn, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh,
+                         q_smem, qf_smem, row_smem, k_smem, v_smem, end_smem,
+                         q_ready, q_empty, k_ready, v_ready, empty,
+                         KV_HEADS, GROUP, GROUP_PAD, HEAD_DIM, BLOCK_M, BLOCK_N, NUM_STAGES, Q_STAGES,
                          PRODUCER_WARPS)),
         ], [PRODUCER_WARPS], [PRODUCER_REGS])
 else:  # pragma: no cover - no Gluon in this triton
@@ -346,13 +361,23 @@ else:  # pragma: no cover - no Gluon in this triton
 
 def constexprs(kv_heads: int, group: int, head_dim: int, **overrides) -> dict:
     """The compile-time parameters of `_partials_sm90_kernel` for a head shape."""
-    values = dict(KV_HEADS=kv_heads, GROUP=group, HEAD_DIM=head_dim, BLOCK_M=BLOCK_M,
-                  BLOCK_N=BLOCK_N, NUM_STAGES=NUM_STAGES, ROWS=ROWS_PER_COPY,
+    values = dict(KV_HEADS=kv_heads, GROUP=group, GROUP_PAD=1 << (group - 1).bit_length(),
+                  HEAD_DIM=head_dim, BLOCK_M=BLOCK_M,
+                  BLOCK_N=BLOCK_N, NUM_STAGES=NUM_STAGES, Q_STAGES=Q_STAGES,
                   THRESHOLD=RESCALE_THRESHOLD, PRODUCER_WARPS=PRODUCER_WARPS,
-                  PRODUCER_REGS=PRODUCER_REGS, Q_IN_REGS=Q_IN_REGS)
+                  PRODUCER_REGS=PRODUCER_REGS)
     values.update(overrides)
-    values["END_ROWS"] = 1 << (values["NUM_STAGES"] - 1).bit_length()
     return values
+
+
+_SM_COUNT = {}
+
+
+def _sm_count(device) -> int:
+    index = device.index if device.index is not None else torch.cuda.current_device()
+    if index not in _SM_COUNT:
+        _SM_COUNT[index] = torch.cuda.get_device_properties(index).multi_processor_count
+    return _SM_COUNT[index]
 
 
 def partials(q, k_cache, v_cache, o_part, lse_part, buffers, *, flat: bool, sm_scale: float,
@@ -369,6 +394,7 @@ def partials(q, k_cache, v_cache, o_part, lse_part, buffers, *, flat: bool, sm_s
         return
     kv_heads, head_dim = k_cache.shape[2], k_cache.shape[3]
     group = q.shape[1] // kv_heads
+    num_programs = min(num_programs, CTAS_PER_SM * _sm_count(q.device))
     _partials_sm90_kernel[(num_programs,)](
         q, k_cache, v_cache, o_part, lse_part,
         buffers["counts"], buffers["part_start"], buffers["part_tokens"], buffers["part_entry"],
