@@ -47,9 +47,11 @@ SHAPES = {"32/8/128": (32, 8, 128), "16/2/128": (16, 2, 128), "8/1/128": (8, 1, 
 RECORDS: list = []
 START = time.time()
 VARIANTS = {
-    # kernel configurations timed beside the default (module attributes of deft_flatten_sm90)
-    "n32s4": dict(BLOCK_N=32, NUM_STAGES=4),
-    "1cta_s5": dict(NUM_STAGES=5, CTAS_PER_SM=1, MAX_REGS=168),
+    # kernel configurations timed beside the default (module attributes of deft_flatten_sm90);
+    # measured earlier (H200, one run each): "n32s4" = BLOCK_N 32 x 4 stages, slower on all 22
+    # cells measured; "1cta_s5" = 5 stages, one CTA per SM, faster on some 16/2 and 8/1 cells,
+    # slower at 32/8 and on long_P20000
+    "eager_rescale": dict(LAZY_RESCALE=False),
 }
 
 
@@ -250,7 +252,8 @@ def replay_time(fn, replays=20) -> float:
     return float(np.median(times))
 
 
-def time_anchor(name, shape_name, page_size=16, copies=4, timing_variants=False):
+def time_anchor(name, shape_name, page_size=16, copies=4, timing_variants=False,
+                fill_chunks=False):
     qh, kvh, d = SHAPES[shape_name]
     tree = wl.anchor(name, attention=AttentionShape(qh, kvh, d, "float16"))
     q, _, _ = random_inputs(tree, torch.float16, 0)
@@ -260,11 +263,12 @@ def time_anchor(name, shape_name, page_size=16, copies=4, timing_variants=False)
         caches.append(paged_cache(tree, k, v, page_size, c))
     ref = oracle(tree, q, k, v)  # the last copy's: what `out` holds after the replays
     record = dict(section="timing", case=name, shape=shape_name, page_size=page_size)
-    fill = filling_chunk(tree, kvh, sm90.CTAS_PER_SM * torch.cuda.get_device_properties(0)
-                         .multi_processor_count)
     runs = [("gluon", "gluon", "default", None), ("triton", "triton", "default", None)]
     if timing_variants:
         runs += [(f"gluon_{v}", "gluon", v, None) for v in VARIANTS]
+    if fill_chunks:
+        fill = filling_chunk(tree, kvh, sm90.CTAS_PER_SM
+                             * torch.cuda.get_device_properties(0).multi_processor_count)
         runs += [("gluon_fill", "gluon", "default", fill), ("triton_fill", "triton", "default", fill)]
     for key, backend, kernel, chunk in runs:
         try:
@@ -305,7 +309,9 @@ def main():
     parser.add_argument("--no-timing", action="store_true")
     parser.add_argument("--budget", type=float, default=200.0)
     parser.add_argument("--variants", action="store_true",
-                        help="also check and time the VARIANTS and a chunk that fills the SMs")
+                        help="also check and time the VARIANTS")
+    parser.add_argument("--fill", action="store_true",
+                        help="also time both kernels with the chunk that fills the SMs")
     args = parser.parse_args()
     ok, why = sm90.gluon_supported()
     info = dict(device=torch.cuda.get_device_name(), triton=__import__("triton").__version__,
@@ -369,7 +375,8 @@ def main():
                                         skipped="budget"))
                     continue
                 try:
-                    time_anchor(name, shape, timing_variants=args.variants)
+                    time_anchor(name, shape, timing_variants=args.variants,
+                                fill_chunks=args.fill)
                 except Exception as error:
                     RECORDS.append(dict(section="timing", case=name, shape=shape, ok=False,
                                         error=str(error)[:300]))

@@ -31,9 +31,10 @@ VARIANTS = [
 
 
 CONFIGS = {
-    # kernel configurations besides the default that scripts/gluon_check.py times
+    # kernel configurations besides the default that scripts/gluon_check.py has timed
     "n32s4": (dict(BLOCK_N=32, NUM_STAGES=4), 128, 2),
     "1cta_s5": (dict(NUM_STAGES=5), 168, 1),
+    "eager_rescale": (dict(LAZY=False), 128, 2),
 }
 
 

@@ -69,6 +69,9 @@ MAX_REGS = 128
 """Registers per thread of the kernel (two CTAs of 8 warps per SM)."""
 RESCALE_THRESHOLD = 8.0
 """Move a row's running max only when it grows by more than this (log2 units, exact)."""
+LAZY_RESCALE = True
+"""Skip the O and l rescale (a branch, uniform over the consumer warpgroup) on tiles where no
+row's max moves; False: rescale every tile (alpha = 1 where the max stays)."""
 
 BACKENDS = ("gluon", "triton")
 
@@ -209,8 +212,8 @@ if HAS_GLUON:
                   KV_HEADS: gl.constexpr, GROUP: gl.constexpr, GROUP_PAD: gl.constexpr,
                   HEAD_DIM: gl.constexpr,
                   BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr, NUM_STAGES: gl.constexpr,
-                  Q_STAGES: gl.constexpr, THRESHOLD: gl.constexpr, DTYPE: gl.constexpr,
-                  WARPS: gl.constexpr):
+                  Q_STAGES: gl.constexpr, THRESHOLD: gl.constexpr, LAZY: gl.constexpr,
+                  DTYPE: gl.constexpr, WARPS: gl.constexpr):
         QUERIES_PER_TILE: gl.constexpr = BLOCK_M // GROUP_PAD
         Q_HEADS: gl.constexpr = KV_HEADS * GROUP
         s_layout: gl.constexpr = gl.NVMMADistributedLayout(
@@ -249,6 +252,7 @@ if HAS_GLUON:
                 query_flat = gl.where(s_ok, qf_smem.index(qs).load(s_rows_layout), -1)
                 # raw (unscaled) scores; a row that has seen nothing keeps m = -inf
                 m_i = gl.full([BLOCK_M], float("-inf"), gl.float32, layout=s_rows_layout)
+                m_sc = gl.zeros([BLOCK_M], gl.float32, layout=s_rows_layout)  # max x scale, 0 at -inf
                 l_i = gl.zeros([BLOCK_M], gl.float32, layout=s_rows_layout)
                 acc = gl.zeros([BLOCK_M, HEAD_DIM], gl.float32, layout=o_layout)
                 for n0 in range(0, num_tokens, BLOCK_N):
@@ -266,18 +270,29 @@ if HAS_GLUON:
                     s = warpgroup_mma_wait(0, deps=[s])
                     s = gl.where(visible, s, float("-inf"))
                     m_tile = gl.max(s, 1)
-                    grow = (m_tile - m_i) * qk_scale > THRESHOLD
                     # exact lazy rescale: keep the stale max unless it is passed by more than
                     # THRESHOLD (then p <= 2**THRESHOLD); a -inf max is always replaced
-                    m_new = gl.where(grow, gl.maximum(m_i, m_tile), m_i)
-                    m_safe = gl.where(m_new == float("-inf"), 0.0, m_new)
-                    m_scaled = m_safe * qk_scale
-                    p = gl.exp2(s * qk_scale - m_scaled[:, None])
-                    alpha = gl.exp2(m_i * qk_scale - m_scaled)
-                    alpha = gl.where(m_i == m_new, 1.0, alpha)
-                    l_i = l_i * alpha + gl.sum(p, 1)
-                    m_i = m_new
-                    acc = acc * gl.convert_layout(alpha, o_rows_layout)[:, None]
+                    grow = (m_tile - m_i) * qk_scale > THRESHOLD
+                    if LAZY:  # O and l are rescaled only on tiles where some row's max moves
+                        if gl.max(grow.to(gl.int32), 0) > 0:
+                            m_new = gl.where(grow, gl.maximum(m_i, m_tile), m_i)
+                            m_sc_new = gl.where(m_new == float("-inf"), 0.0, m_new) * qk_scale
+                            alpha = gl.where(m_i == m_new, 1.0, gl.exp2(m_i * qk_scale - m_sc_new))
+                            l_i = l_i * alpha
+                            acc = acc * gl.convert_layout(alpha, o_rows_layout)[:, None]
+                            m_i = m_new
+                            m_sc = m_sc_new
+                        p = gl.exp2(s * qk_scale - m_sc[:, None])
+                        l_i = l_i + gl.sum(p, 1)
+                    else:
+                        m_new = gl.where(grow, gl.maximum(m_i, m_tile), m_i)
+                        m_scaled = gl.where(m_new == float("-inf"), 0.0, m_new) * qk_scale
+                        p = gl.exp2(s * qk_scale - m_scaled[:, None])
+                        alpha = gl.exp2(m_i * qk_scale - m_scaled)
+                        alpha = gl.where(m_i == m_new, 1.0, alpha)
+                        l_i = l_i * alpha + gl.sum(p, 1)
+                        m_i = m_new
+                        acc = acc * gl.convert_layout(alpha, o_rows_layout)[:, None]
                     p16 = gl.convert_layout(p.to(DTYPE), p_layout)
                     mbarrier.wait(v_ready.index(stage), phase)
                     fence_async_shared()
@@ -313,7 +328,8 @@ if HAS_GLUON:
         KV_HEADS: gl.constexpr, GROUP: gl.constexpr, GROUP_PAD: gl.constexpr,
                   HEAD_DIM: gl.constexpr,
         BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr, NUM_STAGES: gl.constexpr,
-        Q_STAGES: gl.constexpr, THRESHOLD: gl.constexpr, PRODUCER_WARPS: gl.constexpr,
+        Q_STAGES: gl.constexpr, THRESHOLD: gl.constexpr, LAZY: gl.constexpr,
+        PRODUCER_WARPS: gl.constexpr,
         PRODUCER_REGS: gl.constexpr, num_warps: gl.constexpr,
     ):
         dtype: gl.constexpr = k_ptr.dtype.element_ty
@@ -345,7 +361,7 @@ if HAS_GLUON:
                          q_smem, qf_smem, row_smem, k_smem, v_smem, end_smem,
                          q_ready, q_empty, k_ready, v_ready, empty,
                          KV_HEADS, GROUP, GROUP_PAD, HEAD_DIM, BLOCK_M, BLOCK_N, NUM_STAGES, Q_STAGES,
-                         THRESHOLD, dtype, num_warps)),
+                         THRESHOLD, LAZY, dtype, num_warps)),
             (_producer, (q_ptr, k_ptr, v_ptr, counts_ptr, part_start_ptr, part_tokens_ptr,
                          part_entry_ptr, entry_query_ptr, entry_row_ptr, query_flat_ptr,
                          token_slot_ptr, subtree_end_ptr,
@@ -364,7 +380,7 @@ def constexprs(kv_heads: int, group: int, head_dim: int, **overrides) -> dict:
     values = dict(KV_HEADS=kv_heads, GROUP=group, GROUP_PAD=1 << (group - 1).bit_length(),
                   HEAD_DIM=head_dim, BLOCK_M=BLOCK_M,
                   BLOCK_N=BLOCK_N, NUM_STAGES=NUM_STAGES, Q_STAGES=Q_STAGES,
-                  THRESHOLD=RESCALE_THRESHOLD, PRODUCER_WARPS=PRODUCER_WARPS,
+                  THRESHOLD=RESCALE_THRESHOLD, LAZY=LAZY_RESCALE, PRODUCER_WARPS=PRODUCER_WARPS,
                   PRODUCER_REGS=PRODUCER_REGS)
     values.update(overrides)
     return values
