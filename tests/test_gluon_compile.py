@@ -34,7 +34,7 @@ CONFIGS = {
     # kernel configurations besides the default that scripts/gluon_check.py has timed
     "n32s4": (dict(BLOCK_N=32, NUM_STAGES=4), 128, 2),
     "1cta_s5": (dict(NUM_STAGES=5), 168, 1),
-    "eager_rescale": (dict(LAZY=False), 128, 2),
+    "lazy_rescale": (dict(LAZY=True), 128, 2),
 }
 
 
@@ -80,3 +80,17 @@ def test_backend_resolution_without_a_gpu():
         sm90.resolve_backend("deft_flatten", "gluon", "cpu")
     with pytest.raises(ValueError, match="backend must be"):
         sm90.resolve_backend("deft_flatten", "cuda", "cpu")
+
+
+def test_tree_attention_backend_argument(monkeypatch):
+    """`TreeAttention(backend=)` and ``DEFT_BACKEND`` choose the partials kernel."""
+    from deft.tree_attention import TreeAttention
+
+    attn = TreeAttention("deft_flatten", max_queries=2, max_tokens=16, device="cpu")
+    assert attn.backend == "triton"  # no Hopper GPU here
+    monkeypatch.setenv("DEFT_BACKEND", "gluon")
+    with pytest.raises(ValueError, match="Gluon"):
+        TreeAttention("deft_flatten", max_queries=2, max_tokens=16, device="cpu")
+    attn = TreeAttention("deft_flatten", max_queries=2, max_tokens=16, device="cpu",
+                         backend="triton")
+    assert attn.backend == "triton"

@@ -23,9 +23,19 @@ Structure (one CTA = 8 warps; persistent over work items like the Triton kernel)
   generic-proxy, wgmma reads async-proxy), and computes: S = Q K^T with wgmma (Q from shared
   memory, K^T a transposed view of the K stage), the mask from the Euler tour, the online
   softmax with exp2 and the softmax scale folded into the exponent's FMA, and O += P V with
-  wgmma (P from registers). The running max is only moved (and O, l rescaled) when a row's max
-  grows by more than RESCALE_THRESHOLD (log2 units): exact, since o and l share the stale max
-  and the bound keeps exp2 of the scores below 2**RESCALE_THRESHOLD in fp32.
+  wgmma (P from registers). A row's running max only moves when the tile's max passes it by
+  more than RESCALE_THRESHOLD (log2 units; exact, since o and l share the stale max and p stays
+  below 2**RESCALE_THRESHOLD); `LAZY_RESCALE` would also skip the O/l multiply on such tiles.
+
+Two CTAs per SM (2 KV stages + 2 Q tiles each: 100 KB shared memory, 128 registers per thread:
+160 for the consumer, 96 for the producer by setmaxnreg), so one CTA's softmax overlaps the
+other's loads and wgmma. Measured on an H200 (scripts/gluon_check.py, triton 3.6, CUDA graph of
+4 calls on 4 KV copies, page size 16, the tuned plans): 1.16-1.62x faster than the Triton kernel
+on every anchor at 32/8/128, 16/2/128, 8/1/128 and 4/1/128 (geomean 1.31x over the 24 cells).
+Slower or no better there: 32-token tiles x 4 stages; one CTA per SM with 5 stages (better on
+a few 16/2 and 8/1 cells, worse at 32/8); chunks shrunk until the work items fill the SMs (the
+tuned chunks leave SMs idle at 1 KV head, yet smaller chunks cost more in re-read query tiles
+and merge than the idle SMs do).
 
 Gathers, not TMA boxes: a deft_flatten partition is a run of the flattened tree cut at
 multiples of the chunk size, so its tokens start anywhere inside a page and cross node ends,
@@ -69,9 +79,11 @@ MAX_REGS = 128
 """Registers per thread of the kernel (two CTAs of 8 warps per SM)."""
 RESCALE_THRESHOLD = 8.0
 """Move a row's running max only when it grows by more than this (log2 units, exact)."""
-LAZY_RESCALE = True
-"""Skip the O and l rescale (a branch, uniform over the consumer warpgroup) on tiles where no
-row's max moves; False: rescale every tile (alpha = 1 where the max stays)."""
+LAZY_RESCALE = False
+"""True: skip the O and l rescale on tiles where no row's max moves (a branch uniform over the
+consumer warpgroup, after one cross-warp max per tile). Measured on an H200 it is no faster at
+32/8 and 16/2 and 5-15% slower at 8/1 and 4/1, so off: O and l are rescaled every tile (by 1 on
+rows whose max stays)."""
 
 BACKENDS = ("gluon", "triton")
 
@@ -252,7 +264,8 @@ if HAS_GLUON:
                 query_flat = gl.where(s_ok, qf_smem.index(qs).load(s_rows_layout), -1)
                 # raw (unscaled) scores; a row that has seen nothing keeps m = -inf
                 m_i = gl.full([BLOCK_M], float("-inf"), gl.float32, layout=s_rows_layout)
-                m_sc = gl.zeros([BLOCK_M], gl.float32, layout=s_rows_layout)  # max x scale, 0 at -inf
+                # (LAZY) the running max times the scale, 0 while the max is -inf
+                m_sc = gl.zeros([BLOCK_M], gl.float32, layout=s_rows_layout)
                 l_i = gl.zeros([BLOCK_M], gl.float32, layout=s_rows_layout)
                 acc = gl.zeros([BLOCK_M, HEAD_DIM], gl.float32, layout=o_layout)
                 for n0 in range(0, num_tokens, BLOCK_N):
@@ -360,7 +373,8 @@ if HAS_GLUON:
                          part_entry_ptr, qk_scale,
                          q_smem, qf_smem, row_smem, k_smem, v_smem, end_smem,
                          q_ready, q_empty, k_ready, v_ready, empty,
-                         KV_HEADS, GROUP, GROUP_PAD, HEAD_DIM, BLOCK_M, BLOCK_N, NUM_STAGES, Q_STAGES,
+                         KV_HEADS, GROUP, GROUP_PAD, HEAD_DIM, BLOCK_M, BLOCK_N, NUM_STAGES,
+                         Q_STAGES,
                          THRESHOLD, LAZY, dtype, num_warps)),
             (_producer, (q_ptr, k_ptr, v_ptr, counts_ptr, part_start_ptr, part_tokens_ptr,
                          part_entry_ptr, entry_query_ptr, entry_row_ptr, query_flat_ptr,
@@ -368,7 +382,8 @@ if HAS_GLUON:
                          stride_qn, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh,
                          q_smem, qf_smem, row_smem, k_smem, v_smem, end_smem,
                          q_ready, q_empty, k_ready, v_ready, empty,
-                         KV_HEADS, GROUP, GROUP_PAD, HEAD_DIM, BLOCK_M, BLOCK_N, NUM_STAGES, Q_STAGES,
+                         KV_HEADS, GROUP, GROUP_PAD, HEAD_DIM, BLOCK_M, BLOCK_N, NUM_STAGES,
+                         Q_STAGES,
                          PRODUCER_WARPS)),
         ], [PRODUCER_WARPS], [PRODUCER_REGS])
 else:  # pragma: no cover - no Gluon in this triton
