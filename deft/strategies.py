@@ -33,7 +33,9 @@ class Strategy:
     materialises_scores : bool
         Writes scores and probabilities to HBM and reads them back (pays ``score_bytes``).
     backends : tuple of str
-        GPU kernels that exist ('triton'); empty: the PyTorch reference is the only one.
+        GPU kernels that exist: 'triton' (portable, `deft.kernels.partials`) and 'gluon' (Hopper,
+        sm_90, `deft.kernels.<name>_sm90`: the default there); empty: the PyTorch reference is
+        the only one.
     lists_slots : bool
         The kernel reads a list of cache slots per partition (query-guided paths) instead of
         runs of the flattened tree.
@@ -63,7 +65,7 @@ REGISTRY = {
         Strategy("deft_node_chunk", takes_chunk_size=True, takes_group_size=True, paged=True,
                  backends=("triton",)),
         Strategy("deft_flatten", takes_chunk_size=True, takes_group_size=True, paged=True,
-                 mask="bit", backends=("triton",)),
+                 mask="bit", backends=("triton", "gluon")),
     )
 }
 """Every strategy by name, in Table 1 order."""

@@ -19,7 +19,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from deft.kernels import KERNELS, flat as flat_addressing, tile_config
+from deft.kernels import KERNELS, deft_flatten_sm90, flat as flat_addressing, tile_config
 from deft.kernels.partials import TileConfig, partials
 from deft.kernels.reduction import merge, per_query_merge
 from deft.plan_buffers import (
@@ -127,11 +127,15 @@ class TreeAttention:
     config : TileConfig, optional
         Tiles and launch options (default: the strategy's table by head dim).
     device : str or torch.device
+    backend : {"gluon", "triton"}, optional
+        The partials kernel (default: env ``DEFT_BACKEND``, else the Hopper Gluon kernel for
+        deft_flatten on sm_90 where triton has Gluon, else Triton; see
+        `deft.kernels.deft_flatten_sm90.resolve_backend`).
     """
 
     def __init__(self, strategy="deft_flatten", chunk_size=None, group_size=None, *,
                  max_queries: int, max_tokens: int, max_entries=None, max_kv_slots=None,
-                 config: TileConfig | None = None, device="cuda"):
+                 config: TileConfig | None = None, device="cuda", backend=None):
         if strategy not in KERNELS:
             raise ValueError(
                 f"TreeAttention runs {', '.join(KERNEL_STRATEGIES)}; {strategy!r} has no "
@@ -159,6 +163,7 @@ class TreeAttention:
         self.device = torch.device(device)
         if self.device.type == "cuda" and self.device.index is None:
             self.device = torch.device("cuda", torch.cuda.current_device())
+        self.backend = deft_flatten_sm90.resolve_backend(strategy, backend, self.device)
         self.buffers = PlanBuffers(self.max_queries, self.max_entries, int(max_kv_slots), flat,
                                    self.device, "max_tokens" if flat else "max_kv_slots")
         self._generation = 0
@@ -278,10 +283,11 @@ class TreeAttention:
             torch.ops.deft.tree_attention(
                 q, k_cache, v_cache, self.buffers.data, self.buffers.layout(), o_part,
                 lse_part, out, lse, self.flat, sm_scale, config.as_ints(), num_programs,
-                plan.per_query_merge)
+                plan.per_query_merge, self.backend == "gluon")
         else:  # eager: the same launches without the custom op's dispatch (host time)
             _launch(q, k_cache, v_cache, self.buffers.views, o_part, lse_part, out, lse,
-                    self.flat, sm_scale, config, num_programs, plan.per_query_merge)
+                    self.flat, sm_scale, config, num_programs, plan.per_query_merge,
+                    self.backend == "gluon")
         return (out, lse) if return_lse else out
 
     def _partials_workspace(self, q_heads: int, head_dim: int):
@@ -369,12 +375,13 @@ class TreeAttention:
 
 # ---------------------------------------------------------------------------- the launches
 def _launch(q, k_cache, v_cache, buffers, o_part, lse_part, out, lse, flat, sm_scale, config,
-            num_programs, per_query_merge) -> None:
-    """Partial results, then the merge, on q's device."""
+            num_programs, per_query_merge, gluon=False) -> None:
+    """Partial results (the Hopper Gluon kernel where ``gluon``), then the merge."""
     other_device = q.is_cuda and q.device.index != torch.cuda.current_device()
     with torch.cuda.device(q.device) if other_device else contextlib.nullcontext():
-        partials(q, k_cache, v_cache, o_part, lse_part, buffers, flat=flat, sm_scale=sm_scale,
-                 config=config, num_programs=num_programs)
+        (deft_flatten_sm90.partials if gluon else partials)(
+            q, k_cache, v_cache, o_part, lse_part, buffers, flat=flat, sm_scale=sm_scale,
+            config=config, num_programs=num_programs)
         merge(o_part, lse_part, buffers, out, lse, per_query=per_query_merge)
 
 
@@ -384,16 +391,16 @@ def _tree_attention_op(
     q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, plan_data: torch.Tensor,
     plan_layout: list[int], o_part: torch.Tensor, lse_part: torch.Tensor, out: torch.Tensor,
     lse: torch.Tensor | None, flat: bool, sm_scale: float, tile: list[int],
-    num_programs: int, per_query_merge: bool,
+    num_programs: int, per_query_merge: bool, gluon: bool = False,
 ) -> None:
     """The two kernels of one `TreeAttention.run`, as an opaque op for torch.compile."""
     _launch(q, k_cache, v_cache, views_of(plan_data, plan_layout), o_part, lse_part, out, lse,
-            flat, sm_scale, TileConfig.from_ints(tile), num_programs, per_query_merge)
+            flat, sm_scale, TileConfig.from_ints(tile), num_programs, per_query_merge, gluon)
 
 
 @_tree_attention_op.register_fake
 def _(q, k_cache, v_cache, plan_data, plan_layout, o_part, lse_part, out, lse, flat, sm_scale,
-      tile, num_programs, per_query_merge) -> None:
+      tile, num_programs, per_query_merge, gluon=False) -> None:
     return None
 
 

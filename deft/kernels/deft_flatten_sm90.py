@@ -1,0 +1,493 @@
+"""DeFT-Flatten partials on Hopper (sm_90): a warp-specialised Gluon kernel.
+
+Same work, inputs and outputs as `deft.kernels.partials._partials_kernel` in FLAT mode (read its
+docstring): one work item per (partition, kv_head), the GQA heads of the KV head packed into the
+rows of a 64-row query tile, Euler-tour visibility ``f <= F < subtree_end[f]`` per (token, query),
+online softmax in fp32, and the partial rows (normalised o, natural-log lse) written where
+`deft.kernels.reduction` merges them. So `TreeAttention` swaps it in for the Triton kernel
+(`partials`) and keeps the plan and the merge.
+
+Structure (one CTA = 8 warps; persistent over work items like the Triton kernel):
+
+- a producer partition (a warpgroup of 4 warps, few registers) walks the same item / query-tile
+  / KV-tile loops as the consumer and does all the address work and every load. Per query tile
+  it gathers the Q rows (query slot x GROUP + head) and the rows' ``query_flat`` and
+  ``entry_row`` into one of Q_STAGES shared buffers; per KV tile of BLOCK_N tokens it reads the
+  tokens' cache slots one tile ahead and gathers the K rows, then the V rows, with cp.async
+  (16-byte copies) into a ring of NUM_STAGES shared-memory stages, plus the tile's
+  ``subtree_end`` values (the mask's only per-token input). Columns past the partition are
+  zero-filled (finite K/V; ``subtree_end`` 0 hides them). Each stage has ready mbarriers
+  (arrived by every producer thread when its copies land: ``cp.async.mbarrier.arrive.noinc``)
+  and an empty mbarrier (arrived by the consumer when the stage's last wgmma has read it).
+- the consumer (the default partition, one warpgroup) only waits, fences (cp.async writes are
+  generic-proxy, wgmma reads async-proxy), and computes: S = Q K^T with wgmma (Q from shared
+  memory, K^T a transposed view of the K stage), the mask from the Euler tour, the online
+  softmax with exp2 and the softmax scale folded into the exponent's FMA, and O += P V with
+  wgmma (P from registers). A row's running max only moves when the tile's max passes it by
+  more than RESCALE_THRESHOLD (log2 units; exact, since o and l share the stale max and p stays
+  below 2**RESCALE_THRESHOLD); `LAZY_RESCALE` would also skip the O/l multiply on such tiles.
+
+Two CTAs per SM (2 KV stages + 2 Q tiles each: 100 KB shared memory, 128 registers per thread:
+160 for the consumer, 96 for the producer by setmaxnreg), so one CTA's softmax overlaps the
+other's loads and wgmma. Measured on an H200 (scripts/gluon_check.py, triton 3.6, CUDA graph of
+4 calls on 4 KV copies, page size 16, the tuned plans): 1.16-1.62x faster than the Triton kernel
+on every anchor at 32/8/128, 16/2/128, 8/1/128 and 4/1/128 (geomean 1.31x over the 24 cells).
+Slower or no better there: 32-token tiles x 4 stages; one CTA per SM with 5 stages (better on
+a few 16/2 and 8/1 cells, worse at 32/8); chunks shrunk until the work items fill the SMs (the
+tuned chunks leave SMs idle at 1 KV head, yet smaller chunks cost more in re-read query tiles
+and merge than the idle SMs do).
+
+Gathers, not TMA boxes: a deft_flatten partition is a run of the flattened tree cut at
+multiples of the chunk size, so its tokens start anywhere inside a page and cross node ends,
+whose pages are padded; a box of page rows would need per-row fix-ups there. The cp.async
+gather reads exactly the tokens the Triton kernel reads, for every page size.
+
+Constraints (else `partials` falls back to the Triton kernel): fp16 or bf16, head_dim 64 or
+128, GROUP (query heads per KV head) <= BLOCK_M, FLAT addressing, a CUDA device of compute
+capability 9.x and a triton with Hopper Gluon. ``DEFT_BACKEND=triton`` forces the Triton kernel.
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+
+from deft.kernels import gluon_compat as gc
+from deft.kernels.gluon_compat import HAS_GLUON
+from deft.strategies import REGISTRY
+
+LOG2E = 1.4426950408889634
+LN2 = 0.6931471805599453
+
+BLOCK_M = 64
+"""Query rows per tile (queries x packed heads): one warpgroup's wgmma M."""
+BLOCK_N = 64
+"""KV tokens per tile (stage)."""
+NUM_STAGES = 2
+"""K/V ring depth per CTA (K, V and subtree_end per stage): 2 stages of 64 tokens x 128 dims
+(64 KB) + 2 Q tiles (32 KB), so two CTAs fit an SM (4 KV tiles in flight per SM)."""
+Q_STAGES = 2
+"""Query tiles in flight (the producer gathers the next one while the consumer finishes one)."""
+CTAS_PER_SM = 2
+"""Resident CTAs per SM the grid is capped at (shared memory and registers allow 2)."""
+CONSUMER_WARPS = 4
+PRODUCER_WARPS = 4
+PRODUCER_REGS = 96
+"""Registers per producer thread (setmaxnreg; 88 spills at GROUP 64); the consumer gets the rest of
+MAX_REGS x 8 warps (160)."""
+MAX_REGS = 128
+"""Registers per thread of the kernel (two CTAs of 8 warps per SM)."""
+RESCALE_THRESHOLD = 8.0
+"""Move a row's running max only when it grows by more than this (log2 units, exact)."""
+LAZY_RESCALE = False
+"""True: skip the O and l rescale on tiles where no row's max moves (a branch uniform over the
+consumer warpgroup, after one cross-warp max per tile). Measured on an H200 it is no faster at
+32/8 and 16/2 and 5-15% slower at 8/1 and 4/1, so off: O and l are rescaled every tile (by 1 on
+rows whose max stays)."""
+
+BACKENDS = ("gluon", "triton")
+
+
+def gluon_supported(device=None) -> tuple[bool, str]:
+    """(whether the Gluon kernel can run on this device, why not)."""
+    if not HAS_GLUON:
+        return False, gc.WHY_NOT
+    if not torch.cuda.is_available():
+        return False, "no CUDA device"
+    major, _ = torch.cuda.get_device_capability(device)
+    if major != 9:
+        return False, f"compute capability {major}.x is not Hopper (9.x)"
+    return True, ""
+
+
+def resolve_backend(strategy: str, backend: str | None, device) -> str:
+    """The partials backend of a `TreeAttention`: "gluon" or "triton".
+
+    ``backend`` (or else the environment variable ``DEFT_BACKEND``) forces one; by default
+    deft_flatten runs the Gluon kernel where it can (Hopper, Gluon importable), everything else
+    the Triton kernel. Forcing "gluon" where it cannot run raises.
+    """
+    choice = backend or os.environ.get("DEFT_BACKEND") or None
+    if choice is not None and choice not in BACKENDS:
+        raise ValueError(f"backend must be one of {BACKENDS}, got {choice!r}")
+    device = torch.device(device)
+    if choice == "triton" or device.type != "cuda":
+        if choice == "gluon":
+            raise ValueError(f"the Gluon backend needs a Hopper CUDA device, got {device}")
+        return "triton"
+    ok, why = gluon_supported(device)
+    if choice == "gluon":
+        if not ok:
+            raise ValueError(f"the Gluon backend cannot run here: {why}")
+        return "gluon"
+    return "gluon" if ok and "gluon" in REGISTRY[strategy].backends else "triton"
+
+
+def fits(q, k_cache, flat: bool) -> bool:
+    """Whether a call's shapes and dtypes are ones the Gluon kernel takes."""
+    head_dim, kv_heads = k_cache.shape[3], k_cache.shape[2]
+    group = q.shape[1] // kv_heads
+    return (flat and q.dtype in (torch.float16, torch.bfloat16) and head_dim in (64, 128)
+            and group <= BLOCK_M and q.is_cuda)
+
+
+if HAS_GLUON:
+    gluon, gl = gc.gluon, gc.gl
+    mbarrier, async_copy = gc.mbarrier, gc.async_copy
+    fence_async_shared = gc.fence_async_shared
+    warpgroup_mma, warpgroup_mma_wait = gc.warpgroup_mma, gc.warpgroup_mma_wait
+    async_load, cta_barrier = gc.async_load, gc.cta_barrier
+
+    @gluon.jit
+    def _producer(q_ptr, k_ptr, v_ptr, counts_ptr, part_start_ptr, part_tokens_ptr,
+                  part_entry_ptr, entry_query_ptr, entry_row_ptr, query_flat_ptr,
+                  token_slot_ptr, subtree_end_ptr,
+                  stride_qn, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh,
+                  q_smem, qf_smem, row_smem, k_smem, v_smem, end_smem,
+                  q_ready, q_empty, k_ready, v_ready, empty,
+                  KV_HEADS: gl.constexpr, GROUP: gl.constexpr, GROUP_PAD: gl.constexpr,
+                  HEAD_DIM: gl.constexpr,
+                  BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr, NUM_STAGES: gl.constexpr,
+                  Q_STAGES: gl.constexpr, WARPS: gl.constexpr):
+        QUERIES_PER_TILE: gl.constexpr = BLOCK_M // GROUP_PAD
+        VEC: gl.constexpr = 8  # 16-byte copies of 16-bit elements
+        TPR: gl.constexpr = HEAD_DIM // VEC  # threads along a row
+        copy_layout: gl.constexpr = gl.BlockedLayout([1, VEC], [32 // TPR, TPR], [WARPS, 1],
+                                                     [1, 0])
+        vec_layout: gl.constexpr = gl.BlockedLayout([1], [32], [WARPS], [0])
+        tile_rows = gl.arange(0, BLOCK_N, layout=gl.SliceLayout(1, copy_layout))
+        q_rows = gl.arange(0, BLOCK_M, layout=gl.SliceLayout(1, copy_layout))
+        dims = gl.arange(0, HEAD_DIM, layout=gl.SliceLayout(0, copy_layout))
+        cols = gl.arange(0, BLOCK_N, layout=vec_layout)
+        m_rows = gl.arange(0, BLOCK_M, layout=vec_layout)
+        num_items = gl.load(counts_ptr) * KV_HEADS
+        it = 0
+        qt = 0
+        for item in range(gl.program_id(0), num_items, gl.num_programs(0)):
+            part = item // KV_HEADS
+            kv_head = item % KV_HEADS
+            token_start = gl.load(part_start_ptr + part)
+            num_tokens = gl.load(part_tokens_ptr + part)
+            entry_lo = gl.load(part_entry_ptr + part)
+            entry_hi = gl.load(part_entry_ptr + part + 1)
+            k_head = k_ptr + kv_head.to(gl.int64) * stride_kh
+            v_head = v_ptr + kv_head.to(gl.int64) * stride_vh
+            slot_base = token_slot_ptr + token_start
+            end_base = subtree_end_ptr + token_start
+            for entry0 in range(entry_lo, entry_hi, QUERIES_PER_TILE):
+                # the query tile (rows = query slot x GROUP_PAD + head) and its rows' plan data
+                q_slot = q_rows // GROUP_PAD
+                q_entry = entry0 + q_slot
+                q_ok = ((q_slot < QUERIES_PER_TILE) & (q_entry < entry_hi)
+                        & (q_rows % GROUP_PAD < GROUP))
+                query = gl.load(entry_query_ptr + q_entry, mask=q_ok, other=0)
+                q_off = (query.to(gl.int64) * stride_qn
+                         + (kv_head * GROUP + q_rows % GROUP_PAD) * stride_qh)
+                m_slot = m_rows // GROUP_PAD
+                m_entry = entry0 + m_slot
+                m_ok = ((m_slot < QUERIES_PER_TILE) & (m_entry < entry_hi)
+                        & (m_rows % GROUP_PAD < GROUP))
+                m_query = gl.load(entry_query_ptr + m_entry, mask=m_ok, other=0)
+                # the first KV tile's slots, loaded before waiting for a free stage
+                row = tile_rows
+                slot = gl.load(slot_base + row, mask=row < num_tokens, other=0)
+                qs = qt % Q_STAGES
+                mbarrier.wait(q_empty.index(qs), ((qt // Q_STAGES) & 1) ^ 1)
+                async_load(q_smem.index(qs), q_ptr + q_off[:, None] + dims[None, :],
+                           mask=q_ok[:, None])
+                async_load(qf_smem.index(qs), query_flat_ptr + m_query, mask=m_ok)
+                async_load(row_smem.index(qs), entry_row_ptr + m_entry, mask=m_ok)
+                async_copy.mbarrier_arrive(q_ready.index(qs), increment_count=False)
+                qt += 1
+                for n0 in range(0, num_tokens, BLOCK_N):
+                    ok = row < num_tokens
+                    k_ptrs = k_head + (slot.to(gl.int64)[:, None] * stride_kt + dims[None, :])
+                    v_ptrs = v_head + (slot.to(gl.int64)[:, None] * stride_vt + dims[None, :])
+                    # the next tile's slots, one iteration ahead (hidden behind this tile)
+                    row = row + BLOCK_N
+                    slot = gl.load(slot_base + row, mask=row < num_tokens, other=0)
+                    stage = it % NUM_STAGES
+                    mbarrier.wait(empty.index(stage), ((it // NUM_STAGES) & 1) ^ 1)
+                    col = n0 + cols
+                    async_load(end_smem.index(stage), end_base + col, mask=col < num_tokens)
+                    async_load(k_smem.index(stage), k_ptrs, mask=ok[:, None])
+                    async_copy.mbarrier_arrive(k_ready.index(stage), increment_count=False)
+                    async_load(v_smem.index(stage), v_ptrs, mask=ok[:, None])
+                    async_copy.mbarrier_arrive(v_ready.index(stage), increment_count=False)
+                    it += 1
+
+    @gluon.jit
+    def _consumer(o_part_ptr, lse_part_ptr, counts_ptr, part_start_ptr, part_tokens_ptr,
+                  part_entry_ptr, qk_scale,
+                  q_smem, qf_smem, row_smem, k_smem, v_smem, end_smem,
+                  q_ready, q_empty, k_ready, v_ready, empty,
+                  KV_HEADS: gl.constexpr, GROUP: gl.constexpr, GROUP_PAD: gl.constexpr,
+                  HEAD_DIM: gl.constexpr,
+                  BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr, NUM_STAGES: gl.constexpr,
+                  Q_STAGES: gl.constexpr, THRESHOLD: gl.constexpr, LAZY: gl.constexpr,
+                  DTYPE: gl.constexpr, WARPS: gl.constexpr):
+        QUERIES_PER_TILE: gl.constexpr = BLOCK_M // GROUP_PAD
+        Q_HEADS: gl.constexpr = KV_HEADS * GROUP
+        s_layout: gl.constexpr = gl.NVMMADistributedLayout(
+            version=[3, 0], warps_per_cta=[WARPS, 1], instr_shape=[16, BLOCK_N, 16])
+        o_layout: gl.constexpr = gl.NVMMADistributedLayout(
+            version=[3, 0], warps_per_cta=[WARPS, 1], instr_shape=[16, HEAD_DIM, 16])
+        p_layout: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=o_layout,
+                                                     k_width=2)
+        s_rows_layout: gl.constexpr = gl.SliceLayout(1, s_layout)
+        o_rows_layout: gl.constexpr = gl.SliceLayout(1, o_layout)
+
+        s_rows = gl.arange(0, BLOCK_M, layout=s_rows_layout)
+        s_cols = gl.arange(0, BLOCK_N, layout=gl.SliceLayout(0, s_layout))
+        o_rows = gl.arange(0, BLOCK_M, layout=o_rows_layout)
+        o_dims = gl.arange(0, HEAD_DIM, layout=gl.SliceLayout(0, o_layout))
+
+        num_items = gl.load(counts_ptr) * KV_HEADS
+        it = 0
+        qt = 0
+        for item in range(gl.program_id(0), num_items, gl.num_programs(0)):
+            part = item // KV_HEADS
+            kv_head = item % KV_HEADS
+            token_start = gl.load(part_start_ptr + part)
+            num_tokens = gl.load(part_tokens_ptr + part)
+            entry_lo = gl.load(part_entry_ptr + part)
+            entry_hi = gl.load(part_entry_ptr + part + 1)
+            for entry0 in range(entry_lo, entry_hi, QUERIES_PER_TILE):
+                s_slot = s_rows // GROUP_PAD
+                s_ok = ((s_slot < QUERIES_PER_TILE) & (entry0 + s_slot < entry_hi)
+                        & (s_rows % GROUP_PAD < GROUP))
+                qs = qt % Q_STAGES
+                mbarrier.wait(q_ready.index(qs), (qt // Q_STAGES) & 1)
+                fence_async_shared()  # cp.async (generic proxy) -> wgmma (async proxy)
+                q_tile = q_smem.index(qs)
+                # -1: a padding row sees nothing (f <= -1 never holds)
+                query_flat = gl.where(s_ok, qf_smem.index(qs).load(s_rows_layout), -1)
+                # raw (unscaled) scores; a row that has seen nothing keeps m = -inf
+                m_i = gl.full([BLOCK_M], float("-inf"), gl.float32, layout=s_rows_layout)
+                # (LAZY) the running max times the scale, 0 while the max is -inf
+                m_sc = gl.zeros([BLOCK_M], gl.float32, layout=s_rows_layout)
+                l_i = gl.zeros([BLOCK_M], gl.float32, layout=s_rows_layout)
+                acc = gl.zeros([BLOCK_M, HEAD_DIM], gl.float32, layout=o_layout)
+                for n0 in range(0, num_tokens, BLOCK_N):
+                    stage = it % NUM_STAGES
+                    phase = (it // NUM_STAGES) & 1
+                    mbarrier.wait(k_ready.index(stage), phase)
+                    fence_async_shared()
+                    s = warpgroup_mma(q_tile, k_smem.index(stage).permute((1, 0)),
+                                      gl.zeros([BLOCK_M, BLOCK_N], gl.float32, layout=s_layout),
+                                      use_acc=False, is_async=True)
+                    end = end_smem.index(stage).load(gl.SliceLayout(0, s_layout))
+                    flat = token_start + n0 + s_cols
+                    visible = (flat[None, :] <= query_flat[:, None]) & (
+                        query_flat[:, None] < end[None, :])
+                    s = warpgroup_mma_wait(0, deps=[s])
+                    s = gl.where(visible, s, float("-inf"))
+                    m_tile = gl.max(s, 1)
+                    # exact lazy rescale: keep the stale max unless it is passed by more than
+                    # THRESHOLD (then p <= 2**THRESHOLD); a -inf max is always replaced
+                    grow = (m_tile - m_i) * qk_scale > THRESHOLD
+                    if LAZY:  # O and l are rescaled only on tiles where some row's max moves
+                        if gl.max(grow.to(gl.int32), 0) > 0:
+                            m_new = gl.where(grow, gl.maximum(m_i, m_tile), m_i)
+                            m_sc_new = gl.where(m_new == float("-inf"), 0.0, m_new) * qk_scale
+                            alpha = gl.where(m_i == m_new, 1.0, gl.exp2(m_i * qk_scale - m_sc_new))
+                            l_i = l_i * alpha
+                            acc = acc * gl.convert_layout(alpha, o_rows_layout)[:, None]
+                            m_i = m_new
+                            m_sc = m_sc_new
+                        p = gl.exp2(s * qk_scale - m_sc[:, None])
+                        l_i = l_i + gl.sum(p, 1)
+                    else:
+                        m_new = gl.where(grow, gl.maximum(m_i, m_tile), m_i)
+                        m_scaled = gl.where(m_new == float("-inf"), 0.0, m_new) * qk_scale
+                        p = gl.exp2(s * qk_scale - m_scaled[:, None])
+                        alpha = gl.exp2(m_i * qk_scale - m_scaled)
+                        alpha = gl.where(m_i == m_new, 1.0, alpha)
+                        l_i = l_i * alpha + gl.sum(p, 1)
+                        m_i = m_new
+                        acc = acc * gl.convert_layout(alpha, o_rows_layout)[:, None]
+                    p16 = gl.convert_layout(p.to(DTYPE), p_layout)
+                    mbarrier.wait(v_ready.index(stage), phase)
+                    fence_async_shared()
+                    acc = warpgroup_mma(p16, v_smem.index(stage), acc, is_async=True)
+                    acc = warpgroup_mma_wait(0, deps=[acc])
+                    mbarrier.arrive(empty.index(stage), count=1)
+                    it += 1
+                seen = l_i > 0
+                l_safe = gl.where(seen, l_i, 1.0)
+                lse = gl.where(seen, (m_i * qk_scale + gl.log2(l_safe)) * 0.6931471805599453,
+                               float("-inf"))
+                row = row_smem.index(qs).load(s_rows_layout)
+                o_row = row_smem.index(qs).load(o_rows_layout)
+                mbarrier.arrive(q_empty.index(qs), count=1)  # Q tile and row data consumed
+                qt += 1
+                lse_rows = row.to(gl.int64) * Q_HEADS + kv_head * GROUP + s_rows % GROUP_PAD
+                gl.store(lse_part_ptr + lse_rows, lse, mask=s_ok)
+                o_slot = o_rows // GROUP_PAD
+                o_ok = ((o_slot < QUERIES_PER_TILE) & (entry0 + o_slot < entry_hi)
+                        & (o_rows % GROUP_PAD < GROUP))
+                o_off = (o_row.to(gl.int64) * Q_HEADS + kv_head * GROUP
+                         + o_rows % GROUP_PAD) * HEAD_DIM
+                o = acc / gl.convert_layout(l_safe, o_rows_layout)[:, None]
+                gl.store(o_part_ptr + o_off[:, None] + o_dims[None, :], o, mask=o_ok[:, None])
+
+    @gluon.jit
+    def _partials_sm90_kernel(
+        q_ptr, k_ptr, v_ptr, o_part_ptr, lse_part_ptr,
+        counts_ptr, part_start_ptr, part_tokens_ptr, part_entry_ptr, entry_query_ptr,
+        entry_row_ptr, query_flat_ptr, token_slot_ptr, subtree_end_ptr,
+        stride_qn, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh,
+        qk_scale,
+        KV_HEADS: gl.constexpr, GROUP: gl.constexpr, GROUP_PAD: gl.constexpr,
+                  HEAD_DIM: gl.constexpr,
+        BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr, NUM_STAGES: gl.constexpr,
+        Q_STAGES: gl.constexpr, THRESHOLD: gl.constexpr, LAZY: gl.constexpr,
+        PRODUCER_WARPS: gl.constexpr,
+        PRODUCER_REGS: gl.constexpr, num_warps: gl.constexpr,
+    ):
+        dtype: gl.constexpr = k_ptr.dtype.element_ty
+        kv_layout: gl.constexpr = gl.NVMMASharedLayout.get_default_for([BLOCK_N, HEAD_DIM], dtype)
+        q_layout: gl.constexpr = gl.NVMMASharedLayout.get_default_for([BLOCK_M, HEAD_DIM], dtype)
+        vec_layout: gl.constexpr = gl.SwizzledSharedLayout(1, 1, 1, [0])
+        bar_layout: gl.constexpr = mbarrier.MBarrierLayout()
+        q_smem = gl.allocate_shared_memory(dtype, [Q_STAGES, BLOCK_M, HEAD_DIM], q_layout)
+        qf_smem = gl.allocate_shared_memory(gl.int32, [Q_STAGES, BLOCK_M], vec_layout)
+        row_smem = gl.allocate_shared_memory(gl.int32, [Q_STAGES, BLOCK_M], vec_layout)
+        k_smem = gl.allocate_shared_memory(dtype, [NUM_STAGES, BLOCK_N, HEAD_DIM], kv_layout)
+        v_smem = gl.allocate_shared_memory(dtype, [NUM_STAGES, BLOCK_N, HEAD_DIM], kv_layout)
+        end_smem = gl.allocate_shared_memory(gl.int32, [NUM_STAGES, BLOCK_N], vec_layout)
+        q_ready = gl.allocate_shared_memory(gl.int64, [Q_STAGES, 1], bar_layout)
+        q_empty = gl.allocate_shared_memory(gl.int64, [Q_STAGES, 1], bar_layout)
+        k_ready = gl.allocate_shared_memory(gl.int64, [NUM_STAGES, 1], bar_layout)
+        v_ready = gl.allocate_shared_memory(gl.int64, [NUM_STAGES, 1], bar_layout)
+        empty = gl.allocate_shared_memory(gl.int64, [NUM_STAGES, 1], bar_layout)
+        for i in gl.static_range(Q_STAGES):
+            mbarrier.init(q_ready.index(i), count=PRODUCER_WARPS * 32)
+            mbarrier.init(q_empty.index(i), count=1)
+        for i in gl.static_range(NUM_STAGES):
+            mbarrier.init(k_ready.index(i), count=PRODUCER_WARPS * 32)
+            mbarrier.init(v_ready.index(i), count=PRODUCER_WARPS * 32)
+            mbarrier.init(empty.index(i), count=1)
+        gl.warp_specialize([
+            (_consumer, (o_part_ptr, lse_part_ptr, counts_ptr, part_start_ptr, part_tokens_ptr,
+                         part_entry_ptr, qk_scale,
+                         q_smem, qf_smem, row_smem, k_smem, v_smem, end_smem,
+                         q_ready, q_empty, k_ready, v_ready, empty,
+                         KV_HEADS, GROUP, GROUP_PAD, HEAD_DIM, BLOCK_M, BLOCK_N, NUM_STAGES,
+                         Q_STAGES,
+                         THRESHOLD, LAZY, dtype, num_warps)),
+            (_producer, (q_ptr, k_ptr, v_ptr, counts_ptr, part_start_ptr, part_tokens_ptr,
+                         part_entry_ptr, entry_query_ptr, entry_row_ptr, query_flat_ptr,
+                         token_slot_ptr, subtree_end_ptr,
+                         stride_qn, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh,
+                         q_smem, qf_smem, row_smem, k_smem, v_smem, end_smem,
+                         q_ready, q_empty, k_ready, v_ready, empty,
+                         KV_HEADS, GROUP, GROUP_PAD, HEAD_DIM, BLOCK_M, BLOCK_N, NUM_STAGES,
+                         Q_STAGES,
+                         PRODUCER_WARPS)),
+        ], [PRODUCER_WARPS], [PRODUCER_REGS])
+else:  # pragma: no cover - no Gluon in this triton
+    _partials_sm90_kernel = None
+
+
+def constexprs(kv_heads: int, group: int, head_dim: int, **overrides) -> dict:
+    """The compile-time parameters of `_partials_sm90_kernel` for a head shape."""
+    values = dict(KV_HEADS=kv_heads, GROUP=group, GROUP_PAD=1 << (group - 1).bit_length(),
+                  HEAD_DIM=head_dim, BLOCK_M=BLOCK_M,
+                  BLOCK_N=BLOCK_N, NUM_STAGES=NUM_STAGES, Q_STAGES=Q_STAGES,
+                  THRESHOLD=RESCALE_THRESHOLD, LAZY=LAZY_RESCALE, PRODUCER_WARPS=PRODUCER_WARPS,
+                  PRODUCER_REGS=PRODUCER_REGS)
+    values.update(overrides)
+    return values
+
+
+_SM_COUNT = {}
+
+
+def _sm_count(device) -> int:
+    index = device.index if device.index is not None else torch.cuda.current_device()
+    if index not in _SM_COUNT:
+        _SM_COUNT[index] = torch.cuda.get_device_properties(index).multi_processor_count
+    return _SM_COUNT[index]
+
+
+def partials(q, k_cache, v_cache, o_part, lse_part, buffers, *, flat: bool, sm_scale: float,
+             config, num_programs: int) -> None:
+    """`deft.kernels.partials.partials` on the Gluon kernel (same arguments, same outputs).
+
+    Calls the Triton kernel instead where the Gluon kernel does not take the inputs (`fits`).
+    """
+    if not fits(q, k_cache, flat):
+        from deft.kernels.partials import partials as triton_partials
+
+        triton_partials(q, k_cache, v_cache, o_part, lse_part, buffers, flat=flat,
+                        sm_scale=sm_scale, config=config, num_programs=num_programs)
+        return
+    kv_heads, head_dim = k_cache.shape[2], k_cache.shape[3]
+    group = q.shape[1] // kv_heads
+    num_programs = min(num_programs, CTAS_PER_SM * _sm_count(q.device))
+    _partials_sm90_kernel[(num_programs,)](
+        q, k_cache, v_cache, o_part, lse_part,
+        buffers["counts"], buffers["part_start"], buffers["part_tokens"], buffers["part_entry"],
+        buffers["entry_query"], buffers["entry_row"], buffers["query_flat"], buffers["token_slot"],
+        buffers["subtree_end"],
+        q.stride(0), q.stride(1), k_cache.stride(1), k_cache.stride(2),
+        v_cache.stride(1), v_cache.stride(2),
+        sm_scale * LOG2E,
+        **constexprs(kv_heads, group, head_dim),
+        num_warps=CONSUMER_WARPS, maxnreg=MAX_REGS,
+    )
+
+
+# ---------------------------------------------------------------------------- compile-only checks
+_ARG_TYPES = dict(
+    o_part_ptr="*fp32", lse_part_ptr="*fp32",
+    counts_ptr="*i32", part_start_ptr="*i32", part_tokens_ptr="*i32", part_entry_ptr="*i32",
+    entry_query_ptr="*i32", entry_row_ptr="*i32", query_flat_ptr="*i32", token_slot_ptr="*i32",
+    subtree_end_ptr="*i32", stride_qn="i32", stride_qh="i32", stride_kt="i32", stride_kh="i32",
+    stride_vt="i32", stride_vh="i32", qk_scale="fp32",
+)
+
+
+def compile_for_sm90(dtype: str = "fp16", kv_heads: int = 8, group: int = 4,
+                     head_dim: int = 128, **overrides):
+    """Compile `_partials_sm90_kernel` for sm_90a without a GPU (triton's own ptxas).
+
+    Returns the `CompiledKernel` (``asm["ptx"]``, ``asm["cubin"]``); `ptxas_report` reads its
+    register and spill counts.
+    """
+    import triton
+    from triton.backends.compiler import GPUTarget
+    from triton.experimental.gluon._runtime import GluonASTSource
+
+    signature = dict(q_ptr=f"*{dtype}", k_ptr=f"*{dtype}", v_ptr=f"*{dtype}", **_ARG_TYPES)
+    consts = constexprs(kv_heads, group, head_dim, **overrides)
+    consts["num_warps"] = CONSUMER_WARPS
+    names = _partials_sm90_kernel.arg_names
+    signature = {n: signature.get(n, "constexpr") for n in names}
+    # what the launcher specializes on at run time: 16-byte aligned tensors, strides % 16 == 0
+    aligned = [n for n in names if n.endswith("_ptr") or n.startswith("stride_")]
+    attrs = {(names.index(n),): [["tt.divisibility", 16]] for n in aligned}
+    source = GluonASTSource(fn=_partials_sm90_kernel, signature=signature,
+                            constexprs={(names.index(k),): v for k, v in consts.items()},
+                            attrs=attrs)
+    return triton.compile(source, target=GPUTarget("cuda", 90, 32),
+                          options=dict(num_warps=CONSUMER_WARPS, maxnreg=MAX_REGS))
+
+
+def ptxas_report(compiled) -> str:
+    """``ptxas -v`` (sm_90a) of a compiled kernel's PTX: registers, spills, warnings (C7515)."""
+    import subprocess
+    import tempfile
+
+    from triton.backends.nvidia.compiler import get_ptxas
+
+    path = get_ptxas(90).path  # (arch) in triton 3.6 and 3.9 alike
+    with tempfile.TemporaryDirectory() as tmp:
+        src = os.path.join(tmp, "k.ptx")
+        with open(src, "w") as f:
+            f.write(compiled.asm["ptx"])
+        done = subprocess.run([path, "-v", "--gpu-name", "sm_90a", src, "-o",
+                               os.path.join(tmp, "k.cubin")], capture_output=True, text=True)
+    return done.stdout + done.stderr

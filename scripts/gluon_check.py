@@ -1,0 +1,419 @@
+#!/usr/bin/env python3
+"""GPU check of the Hopper Gluon DeFT-Flatten kernel against the float64 oracle and the Triton
+kernel, then a timing of both on the anchors, in one process.
+
+    python scripts/gluon_check.py [--smoke] [--budget SECONDS] [--no-timing]
+
+Correctness (deft_flatten through `deft.TreeAttention`, backend "gluon" and "triton" on the
+same plan): random trees and forests at several GQA shapes and odd sizes, page sizes 1, 3, 8,
+16, 64 (pages shuffled), fp16 and bf16, and the six anchors at 32/8/128. Before each run the
+output and the partial-result workspace are poisoned with NaN; every partial row of the plan
+must be written (finite) and the output must be finite; rel_err against the oracle <= 2e-3 fp16,
+<= 1e-2 bf16; two runs bit-identical; a CUDA graph of `run` replays to the eager result.
+Timing: both backends on the six anchors at 32/8/128, 16/2/128, 8/1/128, 4/1/128 (page size 16,
+the tuned plan), a CUDA graph of 4 calls on 4 KV copies, per call = median replay / 4.
+
+Prints a table last; ``$OUT/gluon_check.json`` holds every record. ``--smoke`` runs one small
+case only (run it first under ``timeout``: a pipeline bug hangs rather than fails).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+import traceback
+from pathlib import Path
+
+import numpy as np
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from deft import workloads as wl  # noqa: E402
+from deft.kernels import deft_flatten_sm90 as sm90  # noqa: E402
+from deft.planner import paged_cache  # noqa: E402
+from deft.tree import AttentionShape, Tree  # noqa: E402
+from deft.tree_attention import TreeAttention  # noqa: E402
+from reference import build_plan, rel_err  # noqa: E402
+from reference.oracle import visible_by_parents  # noqa: E402
+
+DEVICE = "cuda"
+TOLERANCE = {torch.float16: 2e-3, torch.bfloat16: 1e-2}
+SHAPES = {"32/8/128": (32, 8, 128), "16/2/128": (16, 2, 128), "8/1/128": (8, 1, 128),
+          "4/1/128": (4, 1, 128)}
+RECORDS: list = []
+START = time.time()
+VARIANTS = {
+    # kernel configurations timed beside the default (module attributes of deft_flatten_sm90).
+    # Measured before (H200, one run each, vs the default): "n32s4" dict(BLOCK_N=32,
+    # NUM_STAGES=4) slower on all 22 cells timed; "1cta_s5" dict(NUM_STAGES=5, CTAS_PER_SM=1,
+    # MAX_REGS=168) faster on a few 16/2 and 8/1 cells, slower at 32/8 and on long_P20000;
+    # "lazy_rescale" equal at 32/8 and 16/2, 5-15% slower at 8/1 and 4/1.
+    "lazy_rescale": dict(LAZY_RESCALE=True),
+}
+
+
+class variant:
+    """Run the Gluon kernel with some module-level parameters changed (restored on exit)."""
+
+    def __init__(self, name):
+        self.name, self.overrides = name, VARIANTS.get(name, {})
+
+    def __enter__(self):
+        self.saved = {k: getattr(sm90, k) for k in self.overrides}
+        for k, v in self.overrides.items():
+            setattr(sm90, k, v)
+
+    def __exit__(self, *exc):
+        for k, v in self.saved.items():
+            setattr(sm90, k, v)
+
+
+def filling_chunk(tree, kv_heads, ctas) -> int:
+    """The largest power-of-two chunk (2048..64) whose plan has >= ctas work items."""
+    for chunk in (2048, 1024, 512, 256, 128, 64):
+        if build_plan("deft_flatten", tree, chunk, None, 16).num_partitions * kv_heads >= ctas:
+            return chunk
+    return 64
+
+
+def save(info=None):
+    out = os.environ.get("OUT")
+    if out:
+        Path(out, "gluon_check.json").write_text(json.dumps(
+            dict(info=info or {}, records=RECORDS, elapsed_s=time.time() - START), indent=1,
+            default=str))
+
+
+def oracle(tree: Tree, q, k, v) -> torch.Tensor:
+    """Dense masked attention in float64 on the GPU. [queries, q_heads, head_dim]"""
+    num_queries, q_heads, head_dim = q.shape
+    kv_heads = k.shape[1]
+    group = q_heads // kv_heads
+    k64, v64 = k.double(), v.double()
+    out = torch.empty(q.shape, dtype=torch.float64, device=q.device)
+    step = max(1, 2**27 // (q_heads * tree.num_tokens))
+    for lo in range(0, num_queries, step):
+        queries = np.arange(lo, min(num_queries, lo + step))
+        qc = q[lo: lo + step].double().view(len(queries), kv_heads, group, head_dim)
+        scores = torch.einsum("qhgd,nhd->qhgn", qc, k64) * head_dim**-0.5
+        visible = torch.from_numpy(visible_by_parents(tree, queries)).to(q.device)
+        p = torch.softmax(scores.masked_fill(~visible[:, None, None, :], -torch.inf), dim=-1)
+        out[lo: lo + step] = torch.einsum("qhgn,nhd->qhgd", p, v64).reshape(
+            len(queries), q_heads, head_dim)
+    return out
+
+
+def random_inputs(tree: Tree, dtype, seed: int):
+    s = tree.attention
+    g = torch.Generator(device=DEVICE).manual_seed(seed)
+    q = torch.randn(tree.num_queries, s.q_heads, s.head_dim, generator=g, device=DEVICE)
+    k = torch.randn(tree.num_tokens, s.kv_heads, s.head_dim, generator=g, device=DEVICE)
+    v = torch.randn(tree.num_tokens, s.kv_heads, s.head_dim, generator=g, device=DEVICE)
+    return q.to(dtype), k.to(dtype), v.to(dtype)
+
+
+def attention_for(plan, tree, backend) -> TreeAttention:
+    return TreeAttention("deft_flatten", plan.chunk_size, plan.group_size,
+                         max_queries=tree.num_queries, max_tokens=tree.num_tokens,
+                         max_entries=len(plan.query_index), device=DEVICE, backend=backend)
+
+
+def run_poisoned(attn, handle, q, k_cache, v_cache):
+    """Run twice into NaN-poisoned out and workspace: (out, partials all written, identical)."""
+    outs, written = [], True
+    entries = handle.num_entries
+    for _ in range(2):
+        o_part, lse_part = attn._partials_workspace(q.shape[1], q.shape[2])
+        o_part.fill_(float("nan"))
+        lse_part.fill_(float("nan"))
+        out = torch.full_like(q, float("nan"))
+        attn.run(q, k_cache, v_cache, handle, out=out)
+        torch.cuda.synchronize()
+        written &= bool(torch.isfinite(o_part[:entries]).all()
+                        and torch.isfinite(lse_part[:entries]).all())
+        outs.append(out)
+    return outs[0], written, torch.equal(outs[0], outs[1])
+
+
+def check_case(section, name, tree, page_sizes, dtypes, chunk=None, seed=0, kernel="default"):
+    for dtype in dtypes:
+        q, k, v = random_inputs(tree, dtype, seed)
+        ref = oracle(tree, q, k, v)
+        for page_size in page_sizes:
+            record = dict(section=section, case=name, kernel=kernel,
+                          dtype=str(dtype).split(".")[-1],
+                          page_size=page_size, tokens=tree.num_tokens, queries=tree.num_queries,
+                          shape="/".join(map(str, (tree.attention.q_heads, tree.attention.kv_heads,
+                                                   tree.attention.head_dim))))
+            try:
+                k_cache, v_cache, table = paged_cache(tree, k, v, page_size, seed + page_size)
+                plan = build_plan("deft_flatten", tree, chunk, None, page_size)
+                outs = {}
+                for backend in ("gluon", "triton"):
+                    attn = attention_for(plan, tree, backend)
+                    handle = attn.plan(tree, table, plan)
+                    with variant(kernel):
+                        out, written, same = run_poisoned(attn, handle, q, k_cache, v_cache)
+                    outs[backend] = out
+                    record[f"{backend}_rel_err"] = float(f"{rel_err(out, ref):.3g}")
+                    record[f"{backend}_written"] = written
+                    record[f"{backend}_deterministic"] = same
+                    record[f"{backend}_finite"] = bool(torch.isfinite(out).all())
+                between = rel_err(outs["gluon"], outs["triton"].double())
+                record["gluon_vs_triton"] = float(f"{between:.3g}")
+                record["partitions"] = plan.num_partitions
+                record["ok"] = bool(record["gluon_rel_err"] <= TOLERANCE[dtype]
+                                    and record["gluon_written"] and record["gluon_finite"]
+                                    and record["gluon_deterministic"])
+            except Exception as error:  # keep going; the record says what failed
+                record.update(ok=False, error=f"{type(error).__name__}: {error}"[:400],
+                              trace=traceback.format_exc()[-1500:])
+            RECORDS.append(record)
+            print(json.dumps({k: v for k, v in record.items() if k != "trace"}), flush=True)
+            if "trace" in record and section == "smoke":
+                print(record["trace"], flush=True)
+    save()
+
+
+def check_graph():
+    """A CUDA graph of gluon run() on tree A, re-plan onto tree B, replay == eager on B."""
+    record = dict(section="graph", case="capture A, re-plan B, replay")
+    try:
+        shape = AttentionShape(32, 8, 128, "float16")
+        trees = [wl.random_tree(s, nodes=40, max_tokens=120, max_queries=2, attention=shape)
+                 for s in (10, 11)]
+        max_q = max(t.num_queries for t in trees)
+        max_t = max(t.num_tokens for t in trees)
+        attn = TreeAttention("deft_flatten", 64, None, max_queries=max_q, max_tokens=max_t,
+                             device=DEVICE, backend="gluon")
+        data = []
+        for i, t in enumerate(trees):
+            q, k, v = random_inputs(t, torch.float16, 20 + i)
+            qp = torch.zeros(max_q, 32, 128, dtype=torch.float16, device=DEVICE)
+            qp[: t.num_queries] = q
+            kc, vc, table = paged_cache(t, k, v, 16, 3)
+            data.append((qp, kc, vc, table, oracle(t, q, k, v)))
+        # one set of static buffers sized for both trees
+        pages = max(d[1].shape[0] for d in data)
+        kbuf = torch.zeros(pages, 16, 8, 128, dtype=torch.float16, device=DEVICE)
+        vbuf = torch.zeros_like(kbuf)
+        qbuf = torch.zeros(max_q, 32, 128, dtype=torch.float16, device=DEVICE)
+        out = torch.empty_like(qbuf)
+
+        def load(i):
+            qbuf.copy_(data[i][0])
+            kbuf.zero_(); vbuf.zero_()
+            kbuf[: data[i][1].shape[0]] = data[i][1]
+            vbuf[: data[i][2].shape[0]] = data[i][2]
+
+        load(0)
+        handle = attn.plan(trees[0], data[0][3])
+        attn.run(qbuf, kbuf, vbuf, handle, out=out)
+        torch.cuda.synchronize()
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            attn.run(qbuf, kbuf, vbuf, handle, out=out)
+        load(1)
+        handle = attn.plan(trees[1], data[1][3])
+        out.fill_(float("nan"))
+        graph.replay()
+        torch.cuda.synchronize()
+        replayed = out[: trees[1].num_queries].clone()
+        eager = attn.run(qbuf, kbuf, vbuf, handle)[: trees[1].num_queries]
+        record.update(equal_eager=bool(torch.equal(replayed, eager)),
+                      rel_err=float(f"{rel_err(replayed, data[1][4]):.3g}"))
+        record["ok"] = record["equal_eager"] and record["rel_err"] <= 2e-3
+    except Exception as error:
+        record.update(ok=False, error=f"{type(error).__name__}: {error}"[:400],
+                      trace=traceback.format_exc()[-1500:])
+    RECORDS.append(record)
+    print(json.dumps({k: v for k, v in record.items() if k != "trace"}), flush=True)
+    save()
+
+
+def replay_time(fn, replays=20) -> float:
+    fn()
+    torch.cuda.synchronize()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        fn()
+    for _ in range(3):
+        graph.replay()
+    times = []
+    for _ in range(replays):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        graph.replay()
+        end.record()
+        end.synchronize()
+        times.append(start.elapsed_time(end) / 1e3)
+    return float(np.median(times))
+
+
+def time_anchor(name, shape_name, page_size=16, copies=4, timing_variants=False,
+                fill_chunks=False):
+    qh, kvh, d = SHAPES[shape_name]
+    tree = wl.anchor(name, attention=AttentionShape(qh, kvh, d, "float16"))
+    q, _, _ = random_inputs(tree, torch.float16, 0)
+    caches = []
+    for c in range(copies):
+        _, k, v = random_inputs(tree, torch.float16, 100 + c)
+        caches.append(paged_cache(tree, k, v, page_size, c))
+    ref = oracle(tree, q, k, v)  # the last copy's: what `out` holds after the replays
+    record = dict(section="timing", case=name, shape=shape_name, page_size=page_size)
+    runs = [("gluon", "gluon", "default", None), ("triton", "triton", "default", None)]
+    if timing_variants:
+        runs += [(f"gluon_{v}", "gluon", v, None) for v in VARIANTS]
+    if fill_chunks:
+        fill = filling_chunk(tree, kvh, sm90.CTAS_PER_SM
+                             * torch.cuda.get_device_properties(0).multi_processor_count)
+        runs += [("gluon_fill", "gluon", "default", fill),
+                 ("triton_fill", "triton", "default", fill)]
+    for key, backend, kernel, chunk in runs:
+        try:
+            # chunk None: the tuned plan (autotune table: chunk and group per tree), the same
+            # for both backends; one TreeAttention per KV copy (the copies' page orders differ)
+            outs = [torch.empty_like(q) for _ in caches]
+            plans = []
+            for i, (kc, vc, table) in enumerate(caches):
+                a = TreeAttention("deft_flatten", chunk, max_queries=tree.num_queries,
+                                  max_tokens=tree.num_tokens, device=DEVICE, backend=backend)
+                plans.append((a, a.plan(tree, table), kc, vc, outs[i]))
+
+            def calls():
+                for a, h, kc, vc, o in plans:
+                    a.run(q, kc, vc, h, out=o)
+
+            with variant(kernel):
+                per_call = replay_time(calls) / copies * 1e6
+            err = rel_err(outs[-1], ref)
+            record[f"{key}_us"] = round(per_call, 2)
+            record[f"{key}_rel_err"] = float(f"{err:.3g}")
+            record[f"{key}_chunk"] = plans[0][1].reference.chunk_size
+            record[f"{key}_partitions"] = plans[0][1].num_partitions
+        except Exception as error:
+            record[f"{key}_error"] = f"{type(error).__name__}: {error}"[:300]
+            record[f"{key}_trace"] = traceback.format_exc()[-1200:]
+    if "gluon_us" in record and "triton_us" in record:
+        record["speedup"] = round(record["triton_us"] / record["gluon_us"], 3)
+    record["ok"] = all(v <= 2e-3 for k, v in record.items() if k.endswith("_rel_err"))
+    RECORDS.append(record)
+    print(json.dumps({k: v for k, v in record.items() if not k.endswith("trace")}), flush=True)
+    save()
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--smoke", action="store_true")
+    parser.add_argument("--no-timing", action="store_true")
+    parser.add_argument("--budget", type=float, default=200.0)
+    parser.add_argument("--variants", action="store_true",
+                        help="also check and time the VARIANTS")
+    parser.add_argument("--fill", action="store_true",
+                        help="also time both kernels with the chunk that fills the SMs")
+    args = parser.parse_args()
+    ok, why = sm90.gluon_supported()
+    info = dict(device=torch.cuda.get_device_name(), triton=__import__("triton").__version__,
+                torch=torch.__version__, gluon_supported=ok, why_not=why)
+    print(json.dumps(info), flush=True)
+    if not ok:
+        save(info)
+        return 1
+    llama = AttentionShape(32, 8, 128, "float16")
+    if args.smoke:
+        tree = wl.random_tree(1, nodes=12, max_tokens=90, max_queries=2, attention=llama)
+        check_case("smoke", "random12", tree, (16, 1), (torch.float16,))
+        save(info)
+        return 0 if all(r.get("ok") for r in RECORDS) else 1
+    f16, b16 = torch.float16, torch.bfloat16
+    cases = [
+        ("random40_q2", wl.random_tree(2, nodes=40, max_tokens=150, max_queries=2,
+                                       attention=llama), (1, 3, 8, 16, 64), (f16, b16), None),
+        ("forest3_odd", wl.random_tree(3, nodes=37, max_tokens=77, roots=3, max_queries=3,
+                                       attention=AttentionShape(28, 4, 128, "float16")),
+         (1, 16), (f16, b16), None),
+        ("random_g1_d64", wl.random_tree(4, nodes=30, max_tokens=200, max_queries=2,
+                                         attention=AttentionShape(8, 8, 64, "float16")),
+         (8, 64), (f16, b16), 96),
+        ("random_4_1", wl.random_tree(5, nodes=50, max_tokens=300, max_queries=3,
+                                      attention=AttentionShape(4, 1, 128, "float16")),
+         (1, 16), (f16, b16), None),
+        ("random_group16", wl.random_tree(6, nodes=60, max_tokens=100, max_queries=4,
+                                          attention=AttentionShape(32, 2, 128, "float16")),
+         (16,), (f16,), 32),
+        ("star_1024", wl.star(1024, 300, 3, attention=llama), (16,), (f16,), None),
+    ]
+    for name, tree, pages, dtypes, chunk in cases:
+        if time.time() - START > args.budget * 0.45:
+            RECORDS.append(dict(section="random", case=name, skipped="budget"))
+            continue
+        check_case("random", name, tree, pages, dtypes, chunk)
+    check_graph()
+    if args.variants:
+        for v in VARIANTS:
+            check_case("random", "random40_q2", cases[0][1], (16,), (f16, b16), kernel=v)
+            check_case("random", "random_4_1", cases[3][1], (1,), (f16,), kernel=v)
+            check_case("random", "fewshot_b20", wl.anchor("fewshot_b20_P4000_L200",
+                                                          attention=llama), (16,), (f16,),
+                       chunk=64, kernel=v)
+    for name in wl.ANCHORS:
+        if time.time() - START > args.budget * 0.6:
+            RECORDS.append(dict(section="anchor", case=name, skipped="budget"))
+            continue
+        try:
+            tree = wl.anchor(name, attention=llama)
+        except Exception as error:
+            RECORDS.append(dict(section="anchor", case=name, ok=False, error=str(error)[:200]))
+            continue
+        check_case("anchor", name, tree, (16,), (f16, b16))
+    if not args.no_timing:
+        for shape in SHAPES:
+            for name in wl.ANCHORS:
+                if time.time() - START > args.budget:
+                    RECORDS.append(dict(section="timing", case=name, shape=shape,
+                                        skipped="budget"))
+                    continue
+                try:
+                    time_anchor(name, shape, timing_variants=args.variants,
+                                fill_chunks=args.fill)
+                except Exception as error:
+                    RECORDS.append(dict(section="timing", case=name, shape=shape, ok=False,
+                                        error=str(error)[:300]))
+    save(info)
+    summarize(info)
+    return 0
+
+
+def summarize(info):
+    print(f"\n== {info['device']}, triton {info['triton']}")
+    checks = [r for r in RECORDS if r.get("section") in ("random", "anchor", "graph")]
+    bad = [r for r in checks if not r.get("ok")]
+    print(f"correctness: {len(checks) - len(bad)}/{len(checks)} ok")
+    for r in bad:
+        print("  FAIL", {k: v for k, v in r.items() if k != "trace"})
+    worst = {}
+    for r in checks:
+        if "gluon_rel_err" in r:
+            key = (r["dtype"], r["page_size"])
+            worst[key] = max(worst.get(key, 0), r["gluon_rel_err"])
+    print("max gluon rel_err by (dtype, page size):",
+          ", ".join(f"{d}/p{p}: {e:.2e}" for (d, p), e in sorted(worst.items())))
+    keys = []
+    for r in RECORDS:
+        if r.get("section") == "timing":
+            keys += [k[:-3] for k in r if k.endswith("_us") and k[:-3] not in keys]
+    print("timing, graph mode, us per call (4 KV copies), page size 16:")
+    print(f"{'anchor':24} {'shape':9}" + "".join(f"{k:>13}" for k in keys) + f"{'speedup':>8}")
+    for r in RECORDS:
+        if r.get("section") == "timing" and "gluon_us" in r:
+            print(f"{r['case']:24} {r['shape']:9}"
+                  + "".join(f"{r.get(k + '_us', float('nan')):13.2f}" for k in keys)
+                  + f"{r.get('speedup', float('nan')):8.3f}")
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,96 @@
+"""The Hopper Gluon kernel compiles for sm_90a on the CPU, without spills (no GPU needed).
+
+`deft.kernels.deft_flatten_sm90` runs only on a Hopper GPU and the interpreter does not run
+Gluon, so CI checks what it can here: every variant the launcher can pick compiles with this
+triton (3.9 locally, 3.6 on the GPU machine through ``PYTHONPATH``), with triton's own ptxas,
+with no local memory (spill stores/loads, stack) and no serialised wgmma (warning C7515). Its
+numerics are checked on the GPU by ``scripts/gluon_check.py``.
+"""
+
+import re
+
+import pytest
+
+from deft.kernels import deft_flatten_sm90 as sm90
+from deft.kernels.gluon_compat import HAS_GLUON, WHY_NOT
+
+pytestmark = pytest.mark.skipif(not HAS_GLUON, reason=WHY_NOT or "no Gluon")
+
+VARIANTS = [
+    # (dtype, kv_heads, group, head_dim): Llama-3-8B, its shard shapes, odd and edge groups
+    ("fp16", 8, 4, 128),
+    ("bf16", 8, 4, 128),
+    ("fp16", 1, 4, 128),
+    ("fp16", 1, 8, 128),
+    ("fp16", 2, 8, 128),
+    ("fp16", 4, 7, 128),
+    ("fp16", 2, 64, 128),
+    ("fp16", 8, 1, 64),
+    ("bf16", 2, 3, 64),
+]
+
+
+CONFIGS = {
+    # kernel configurations besides the default that scripts/gluon_check.py has timed
+    "n32s4": (dict(BLOCK_N=32, NUM_STAGES=4), 128, 2),
+    "1cta_s5": (dict(NUM_STAGES=5), 168, 1),
+    "lazy_rescale": (dict(LAZY=True), 128, 2),
+}
+
+
+def _ptxas_ok(compiled) -> str:
+    report = sm90.ptxas_report(compiled)
+    assert "error" not in report.lower(), report
+    assert "C7515" not in report, f"wgmma serialised:\n{report}"
+    spills = re.findall(r"(\d+) bytes spill stores, (\d+) bytes spill loads", report)
+    assert spills and all(s == ("0", "0") for s in spills), f"register spills:\n{report}"
+    stack = re.findall(r"(\d+) bytes stack frame", report)
+    assert all(s == "0" for s in stack), f"local memory:\n{report}"
+    return report
+
+
+@pytest.mark.parametrize("dtype,kv_heads,group,head_dim", VARIANTS)
+def test_gluon_kernel_compiles_without_spills(dtype, kv_heads, group, head_dim):
+    compiled = sm90.compile_for_sm90(dtype, kv_heads, group, head_dim)
+    ptx = compiled.asm["ptx"]
+    assert ".target sm_90a" in ptx
+    assert "wgmma.mma_async" in ptx
+    assert "cp.async.mbarrier.arrive.noinc" in ptx  # producer -> consumer through mbarriers
+    assert "setmaxnreg" in ptx  # warp specialised with register reallocation
+    _ptxas_ok(compiled)
+    # both CTAs of an SM fit its shared memory (227 KB, 1 KB reserved per CTA)
+    assert 2 * (compiled.metadata.shared + 1024) <= 233472, compiled.metadata.shared
+
+
+@pytest.mark.parametrize("name", sorted(CONFIGS))
+def test_gluon_kernel_configs_compile_without_spills(name, monkeypatch):
+    overrides, max_regs, ctas = CONFIGS[name]
+    monkeypatch.setattr(sm90, "MAX_REGS", max_regs)
+    for kv_heads, group in ((8, 4), (1, 8)):
+        compiled = sm90.compile_for_sm90("fp16", kv_heads, group, 128, **overrides)
+        _ptxas_ok(compiled)
+        assert ctas * (compiled.metadata.shared + 1024) <= 233472, compiled.metadata.shared
+
+
+def test_backend_resolution_without_a_gpu():
+    """On the CPU everything runs the Triton kernel; forcing Gluon there says why not."""
+    assert sm90.resolve_backend("deft_flatten", None, "cpu") == "triton"
+    assert sm90.resolve_backend("deft_flatten", "triton", "cpu") == "triton"
+    with pytest.raises(ValueError, match="Gluon"):
+        sm90.resolve_backend("deft_flatten", "gluon", "cpu")
+    with pytest.raises(ValueError, match="backend must be"):
+        sm90.resolve_backend("deft_flatten", "cuda", "cpu")
+
+
+def test_tree_attention_backend_argument(monkeypatch):
+    """`TreeAttention(backend=)` and ``DEFT_BACKEND`` choose the partials kernel."""
+    from deft.tree_attention import TreeAttention
+
+    attn = TreeAttention("deft_flatten", max_queries=2, max_tokens=16, device="cpu")
+    assert attn.backend == "triton"  # no Hopper GPU here
+    monkeypatch.setenv("DEFT_BACKEND", "gluon")
+    with pytest.raises(ValueError, match="Gluon"):
+        TreeAttention("deft_flatten", max_queries=2, max_tokens=16, device="cpu")
+    attn = TreeAttention("deft_flatten", max_queries=2, max_tokens=16, device="cpu",
+                         backend="triton")
+    assert attn.backend == "triton"
