@@ -458,11 +458,13 @@ def replay_command(workload, method_list, max_steps, layers, e2e, e2e_steps, dty
                    "instead of the IO model's top 8 sizes and a tile descent.")
 @click.option("--dtype", type=click.Choice(["fp16", "bf16"]), default="fp16", show_default=True)
 @click.option("--output", metavar="PATH",
-              help="Table file, or a directory for <device>.json "
-                   "(default: autotune/configs/<device>.json).")
+              help="Configs file (its log goes to logs/ beside it), or a directory for "
+                   "<device>.json (default: deft/kernels/configs/<device>.json, the log in "
+                   "autotune/logs/).")
 @click.option("--predict", is_flag=True,
               help="Rank with the IO model on the card's spec instead of measuring (no GPU "
-                   "needed): a table marked predicted.")
+                   "needed): a table marked predicted, <device>.predicted.json; never over "
+                   "a measured one.")
 @click.option("--json", "as_json", is_flag=True, help="Print the table as JSON.")
 def autotune_command(gpu, workload_list, strategies, budget_s, exhaustive, dtype, output,
                      predict, as_json):
@@ -472,7 +474,8 @@ def autotune_command(gpu, workload_list, strategies, budget_s, exhaustive, dtype
     Sizes are ranked by the IO model and the best measured (CUDA graphs over rotating KV
     copies, interleaved rounds), then tiles, then the leaders re-timed against the defaults.
     Progress goes to stderr, the chosen configs to stdout. Exits 2 when the GPU present is
-    not the one asked for, unless --predict.
+    not the one asked for, unless --predict, and when --predict would replace a measured
+    table.
     """
     from pathlib import Path
 
@@ -492,9 +495,13 @@ def autotune_command(gpu, workload_list, strategies, budget_s, exhaustive, dtype
         workloads = [(w.text, w.tree()) for w in parse_workloads(workload_list)]
     except (ValueError, OSError) as error:
         fail(str(error))
-    path = Path(output) if output else store.table_path(device["name"])
+    path = Path(output) if output else store.table_path(device["name"], predicted=predict)
     if path.is_dir() or output and output.endswith(("/", os.sep)):
-        path = store.table_path(device["name"], path)
+        path = store.table_path(device["name"], path, predicted=predict)
+    try:
+        store.check_writable(path, "predicted" if predict else "measured")
+    except ValueError as error:
+        fail(str(error))
     if predict:
         table = tune.predict(workloads, names, spec, device, dtype=DTYPES[dtype])
     else:
@@ -502,8 +509,8 @@ def autotune_command(gpu, workload_list, strategies, budget_s, exhaustive, dtype
             table = tune.autotune(workloads, names, spec, device, workbenches(DTYPES[dtype]),
                                   budget_s=budget_s, exhaustive=exhaustive,
                                   dtype=DTYPES[dtype], reporter=reporter)
-    store.write_table(table, path)
-    stderr.print(f"wrote {path} ({table.source})", highlight=False)
+    configs, log = store.write_tuned(table, path)
+    stderr.print(f"wrote {configs} ({table.source} configs) and {log} (log)", highlight=False)
     if as_json:
         click.echo(json.dumps(table.to_dict(), indent=1))
     else:

@@ -13,7 +13,7 @@ table's tuned config for the workload's bucket. Reported:
 
 Run on the GPU (scripts/autotune_gpu.sh)::
 
-    python -m autotune.quality --table autotune/configs/nvidia-h100-80gb-hbm3.json --json q.json
+    python -m autotune.quality --table autotune/logs/nvidia-h100-80gb-hbm3.json --json q.json
 """
 
 from __future__ import annotations
@@ -21,11 +21,11 @@ from __future__ import annotations
 import json
 import math
 
-from autotune.buckets import bucket_of
 from autotune.measure import LEADER_ROUNDS
 from autotune.space import Candidate, default_candidate, default_tile, rank_sizes
 from autotune.store import Table, chosen_config
 from autotune.tune import Reporter
+from deft.kernels.buckets import bucket_of
 from harness.inputs import with_dtype
 from iomodel.gpus import GpuSpec
 
@@ -140,7 +140,8 @@ def main(argv=None) -> None:
     from harness.bench import DTYPES, parse_workloads
 
     @click.command()
-    @click.option("--table", "table_path", required=True, help="The tuned table to judge.")
+    @click.option("--table", "table_path", required=True,
+                  help="The log of the tuning run to judge (autotune/logs/<card>.json).")
     @click.option("--workloads", "workload_list", default="all", show_default=True)
     @click.option("--strategy", default="deft_flatten", show_default=True)
     @click.option("--dtype", type=click.Choice(list(DTYPES)), default="fp16", show_default=True)

@@ -5,7 +5,7 @@ of a bucket already tuned is skipped), measured:
 
 1. sizes: the strategy's sizes ranked by the IO model (`autotune.space.rank_sizes`); the
    `TOP_K` best predicted and the defaults, measured with the kernel's tile, and the configs
-   stored for the bucket in every readable table (`autotune.lookup.stored_configs`), with
+   chosen for the bucket in every readable table of chosen configs (`stored_configs`), with
    their own tiles;
 2. tiles: at the fastest, a coordinate descent from its tile: for each knob group of
    `DESCENT` in turn, the tiles that fit the card and differ in those knobs alone are measured
@@ -32,7 +32,6 @@ import time
 
 import torch
 
-from autotune.buckets import bucket_of
 from autotune.measure import LEADER_ROUNDS, PAGE_SIZE, ROUNDS, Measurement
 from autotune.space import (
     CHUNK_SIZES,
@@ -44,11 +43,13 @@ from autotune.space import (
     rank_sizes,
     tile_space,
 )
-from autotune.lookup import card_spec, stored_configs
-from autotune.store import CAPABILITIES, Table, current_versions, detect_device
+from autotune.store import CAPABILITIES, Table, detect_device, sanitise
+from deft.kernels.buckets import bucket_of
+from deft.kernels.tuned import current_versions, readable_configs
 from harness.inputs import TREE_DTYPE, with_dtype
-from iomodel.gpus import BUILTIN, GpuSpec
 from deft.strategies import USES_CHUNK_SIZE
+from deft.tree import Tree
+from iomodel.gpus import BUILTIN, GpuSpec, builtin_gpu
 
 TOP_K = 8
 """Sizes measured per bucket (the IO model's best predicted)."""
@@ -78,6 +79,24 @@ class Reporter:
 
     def log(self, line: str) -> None:
         """One line of news (a job starts, ends, or fails)."""
+
+
+def card_spec(device_name: str):
+    """The built-in spec (`iomodel.gpus.BUILTIN`) of a device name: the exact name, else the
+    alias among the name's words (``NVIDIA H100 PCIe`` -> h100's); None for other cards."""
+    words = sanitise(device_name).split("-")
+    return builtin_gpu(device_name) or next(
+        (spec for alias, spec in BUILTIN.items() if alias in words), None)
+
+
+def stored_configs(strategy: str, tree: Tree) -> list:
+    """The chosen (chunk_size, group_size, TileConfig or None) of the tree's bucket in every
+    readable table of `deft.kernels.tuned`, any card (tuning starts from them: a card's best is
+    often its sibling's)."""
+    bucket = bucket_of(tree)
+    found = [match[1] for _, configs in readable_configs()
+             if (match := configs.entry(strategy, bucket)) is not None]
+    return list(dict.fromkeys(found))
 
 
 def resolve_card(gpu: str, predict: bool = False) -> tuple:

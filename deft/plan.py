@@ -27,7 +27,7 @@ BYTE_KEYS = ("kv_bytes", "q_bytes", "mask_bytes", "partial_bytes", "score_bytes"
 by the IO model."""
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, eq=False)
 class Plan:
     """The partitions of `strategy` over `tree`.
 

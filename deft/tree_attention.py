@@ -22,6 +22,7 @@ import torch
 from deft.kernels import KERNELS, deft_flatten_sm90, flat as flat_addressing, tile_config
 from deft.kernels.partials import TileConfig, partials
 from deft.kernels.reduction import merge, per_query_merge
+from deft.kernels.tuned import tuned_plan
 from deft.plan_buffers import (
     PlanBuffers,
     cache_page_size,
@@ -42,7 +43,7 @@ CPU_PROGRAMS = 4
 """Persistent programs under the Triton interpreter (no GPU)."""
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, eq=False)
 class TreePlan:
     """One decode step's plan, living in its `TreeAttention`'s device buffers.
 
@@ -55,6 +56,9 @@ class TreePlan:
     tree : Tree
     reference : deft.plan.Plan
         The normative partitions the buffers encode.
+    chunk_size, group_size : int or None
+        The sizes this plan was built with (the tuned ones where its `TreeAttention` takes
+        them from the tuned configs).
     page_size : int
     num_queries, num_partitions, num_entries : int
     max_slot : int
@@ -78,6 +82,14 @@ class TreePlan:
     slots: np.ndarray
     generation: int
     owner: "TreeAttention"
+
+    @property
+    def chunk_size(self) -> int | None:
+        return self.reference.chunk_size
+
+    @property
+    def group_size(self) -> int | None:
+        return self.reference.group_size
 
     def partition_sets(self) -> list:
         """Every partition as (queries, test-layout tokens), decoded from the device buffers.
@@ -108,9 +120,9 @@ class TreeAttention:
     chunk_size, group_size : int, optional
         As for `deft.plan.build_plan` (None: the strategy's default; refused where the
         strategy takes none). When chunk_size, group_size and config are all None, each
-        `plan` takes them from the tuned table of this GPU for the tree's bucket
-        (`autotune.lookup`: exact card, same-architecture sibling, IO-model heuristic, else
-        the defaults); ``tuned_from`` then names the rung used.
+        `plan` takes the sizes and the tile from the tuned configs of this GPU for the tree's
+        bucket (`deft.kernels.tuned`: exact card, same-architecture sibling, else the
+        defaults); ``tuned_from`` then names the rung used.
     max_queries : int
         Most queries of a plan (rows of ``q`` and ``out``).
     max_tokens : int
@@ -131,6 +143,16 @@ class TreeAttention:
         The partials kernel (default: env ``DEFT_BACKEND``, else the Hopper Gluon kernel for
         deft_flatten on sm_90 where triton has Gluon, else Triton; see
         `deft.kernels.deft_flatten_sm90.resolve_backend`).
+
+    Attributes
+    ----------
+    chunk_size, group_size : int or None
+        The sizes every plan uses, as fixed by the caller (the strategy's default for one
+        left None); both None where each plan takes them from the tuned configs: then
+        `TreePlan.chunk_size` and `TreePlan.group_size` say what a plan used.
+    tuned_from : str or None
+        The rung (`deft.kernels.tuned.RUNGS`) of the last plan's tuned config; None where the
+        caller fixed the sizes or the tile, or passed the plan's reference.
     """
 
     def __init__(self, strategy="deft_flatten", chunk_size=None, group_size=None, *,
@@ -143,7 +165,9 @@ class TreeAttention:
                 "reference through deft.attention)"
             )
         self.strategy = strategy
-        self.chunk_size, self.group_size, _ = check_parameters(strategy, chunk_size, group_size, 1)
+        self._use_tuned_configs = chunk_size is None and group_size is None and config is None
+        sizes = check_parameters(strategy, chunk_size, group_size, 1)[:2]
+        self.chunk_size, self.group_size = (None, None) if self._use_tuned_configs else sizes
         self.flat = flat = flat_addressing(strategy)
         if max_entries is None:
             max_entries = max_queries * -(-max_tokens // (self.chunk_size or DEFAULT_CHUNK_SIZE))
@@ -158,7 +182,6 @@ class TreeAttention:
         self.max_queries, self.max_tokens = int(max_queries), int(max_tokens)
         self.max_entries = int(max_entries)
         self.config = config
-        self._autotune = chunk_size is None and group_size is None and config is None
         self.tuned_from, self._tuned_config = None, None
         self.device = torch.device(device)
         if self.device.type == "cuda" and self.device.index is None:
@@ -196,7 +219,8 @@ class TreeAttention:
             ``page_size`` (`deft.plan_buffers.PageTable`, `deft.cache.TreeCache`).
         reference : deft.plan.Plan, optional
             This step's partitions if already built (`deft.plan.build_plan` with this
-            TreeAttention's strategy, chunk and group sizes and the cache's page size).
+            TreeAttention's strategy, chunk and group sizes, any sizes where they are tuned,
+            and the cache's page size).
 
         Returns
         -------
@@ -207,9 +231,7 @@ class TreeAttention:
                              f"was built with max_tokens={self.max_tokens}")
         page_size = cache_page_size(cache)
         self.tuned_from, self._tuned_config = None, None
-        if reference is None and self._autotune:  # nothing fixed by the caller: tuned config
-            from autotune.lookup import tuned_plan
-
+        if reference is None and self._use_tuned_configs:  # nothing fixed by the caller
             reference, tuned = tuned_plan(self.strategy, tree, page_size, self.device,
                                           self.max_entries)
             self.tuned_from, self._tuned_config = tuned.rung, tuned.config
@@ -217,8 +239,9 @@ class TreeAttention:
             reference = build_plan(self.strategy, tree, self.chunk_size, self.group_size,
                                    page_size)
         elif (reference.tree is not tree or reference.strategy != self.strategy
-              or reference.chunk_size != self.chunk_size
-              or reference.group_size != self.group_size or reference.page_size != page_size):
+              or reference.page_size != page_size or not self._use_tuned_configs and (
+                  reference.chunk_size != self.chunk_size
+                  or reference.group_size != self.group_size)):
             raise ValueError("reference is not this TreeAttention's plan of this tree and cache")
         page_ptr, pages = cache.node_pages(tree)
         arrays = plan_arrays(reference, page_ptr, pages, self.flat)

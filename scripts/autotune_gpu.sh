@@ -9,7 +9,9 @@
 # 10-minute call). The spec anchors read the token trees shipped in deft/workloads/data/.
 # Writes under $OUT (default autotune-out/):
 #   env.txt                     the card and versions
-#   <device>.json               the measured table: copy it to autotune/configs/ and commit it
+#   <device>.json               the chosen configs: copy it to deft/kernels/configs/, commit
+#   logs/<device>.json          every candidate (the quality study reads it): copy it to
+#                               autotune/logs/, commit
 #   autotune.txt, autotune.log  the chosen configs and the progress log
 #   autotune-quality.{json,txt} tuned vs exhaustive (within 5%?), IO-model vs measured
 #                               ranking (Spearman), the tuning time (docs/autotune.md, Quality)
@@ -47,9 +49,9 @@ for step in "${steps[@]}"; do
     python3 cli.py autotune --gpu auto --output "$out/" ${extra[@]+"${extra[@]}"} \
       2> >(tee "$out/autotune.log" >&2) | tee "$out/autotune.txt" || status=1
   else
-    table=$(ls "$out"/nvidia-*.json 2> /dev/null | head -n 1)
+    table=$(ls "$out"/logs/nvidia-*.json 2> /dev/null | head -n 1)
     if [ -z "$table" ]; then
-      echo "quality: no $out/nvidia-*.json yet (run tune first)" >&2
+      echo "quality: no $out/logs/nvidia-*.json yet (run tune first)" >&2
       status=1
       continue
     fi

@@ -4,8 +4,8 @@
     python scripts/perf_flatten.py [--workloads DIR] [--variants a,b,...] [--sizes] [--cpu]
                                    [--anchors a,b,...] [--no-timing]
 
-Per anchor (ANCHORS.md, fp16, Llama-3-8B shape, page size 1): the plan and tile of the shipped
-H200 table (`tuned`; ``--sizes`` also tries `extra_sizes`), then every variant of
+Per anchor (ANCHORS.md, fp16, Llama-3-8B shape, page size 1): the plan and tile the shipped
+H200 tuning log chose (`tuned`; ``--sizes`` also tries `extra_sizes`), then every variant of
 ``VARIANTS`` (a `TileConfig` derived from the tuned tile: kernel switches are config fields):
 - correctness: output NaN-poisoned, run once, compared with the current kernel's output on the
   same inputs (rel diff <= 2e-3; the current kernel itself against a float64 oracle on the first
@@ -50,13 +50,13 @@ TOLERANCE = 2e-3
 COPIES = 4
 DEVICE = torch.device("cpu" if "--cpu" in sys.argv else "cuda")
 
-TABLE = Path(__file__).resolve().parents[1] / "autotune/configs/nvidia-h200.json"
+TABLE = Path(__file__).resolve().parents[1] / "autotune/logs/nvidia-h200.json"
 ANCHORS = ("fewshot_b20_P4000_L200", "fewshot_b50_P4000_L200", "reason_10x500_P1104",
            "spec_t64_P4000", "spec_t256_P4000", "long_P20000_q64_L100")
 
 
 def tuned(anchor: str):
-    """(chunk, group, TileConfig) the shipped H200 table chose for an anchor, fp16."""
+    """(chunk, group, TileConfig) the shipped H200 tuning log chose for an anchor, fp16."""
     buckets = json.loads(TABLE.read_text())["strategies"]["deft_flatten"]
     chosen = next(e["chosen"] for key, e in buckets.items()
                   if e["workload"] == anchor and key.endswith("-float16"))

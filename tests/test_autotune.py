@@ -1,12 +1,14 @@
-"""autotune on a CPU: buckets, the search space, the table files, the lookup rungs, the search
-with a fake bench, the CLI (GPU detection faked), and one real measurement under the Triton
-interpreter.
+"""autotune on a CPU: buckets, the search space, the configs and log files, the lookup rungs of
+`deft.kernels.tuned`, the search with a fake bench, the CLI (GPU detection faked), and one real
+measurement (under the Triton interpreter without CUDA).
 
 Timings, the tuned tables and the quality numbers need the GPU run (scripts/autotune_gpu.sh).
 """
 
 import json
 import os
+import subprocess
+import sys
 import warnings
 
 import torch
@@ -17,10 +19,7 @@ if not torch.cuda.is_available():
 import pytest  # noqa: E402
 from click.testing import CliRunner  # noqa: E402
 
-import autotune.lookup as lookup_module  # noqa: E402
 from autotune import store, tune  # noqa: E402
-from autotune.buckets import MAX_DISTANCE, Bucket, bucket_of, nearest  # noqa: E402
-from autotune.lookup import lookup, tuned_plan  # noqa: E402
 from autotune.measure import Measurement, Workbench  # noqa: E402
 from autotune.space import (  # noqa: E402
     Candidate,
@@ -32,10 +31,19 @@ from autotune.space import (  # noqa: E402
     smem_bytes,
     tile_space,
 )
-from autotune.store import AutotuneWarning, Table, read_table, write_table  # noqa: E402
+from autotune.store import Table, read_table, write_configs, write_table  # noqa: E402
 from cli import main  # noqa: E402
+from deft.kernels import tuned as tuned_module  # noqa: E402
+from deft.kernels.buckets import MAX_DISTANCE, Bucket, bucket_of, nearest  # noqa: E402
 from harness.timing import WallTimer  # noqa: E402
 from deft.kernels.partials import TileConfig  # noqa: E402
+from deft.kernels.tuned import (  # noqa: E402
+    Configs,
+    TunedConfigWarning,
+    read_configs,
+    tuned_config,
+    tuned_plan,
+)
 from deft.tree import AttentionShape  # noqa: E402
 from deft.workloads import ANCHORS, anchor, star  # noqa: E402
 from iomodel.gpus import BUILTIN  # noqa: E402
@@ -44,18 +52,28 @@ H100, H200, A100 = BUILTIN["h100"], BUILTIN["h200"], BUILTIN["a100"]
 TREE = star(20, 4000, 200)  # fewshot_b20_P4000_L200
 KEY = "q32-n8192-s16-g4-d128-float16"
 TILE = TileConfig(32, 64, 8, 3, 1)
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+"""Where kernels run: compiled Triton takes CUDA tensors, the interpreter CPU ones."""
+
+
+def forget_tables():
+    """The tables are read once per process: forget them (a test wrote new ones)."""
+    tuned_module._tables.cache_clear()
+    tuned_module._lookup.cache_clear()
 
 
 @pytest.fixture(autouse=True)
 def isolated_tables(tmp_path, monkeypatch):
-    """Lookups see only the tables a test writes (tmp_path/configs), and no cached state."""
+    """Lookups see only the configs a test writes (tmp_path/configs), logs of the shipped
+    configs go to tmp_path/logs, and nothing is cached."""
     configs = tmp_path / "configs"
     configs.mkdir()
-    monkeypatch.setattr(store, "CONFIG_DIR", configs)
-    monkeypatch.delenv(store.CONFIG_ENV, raising=False)
-    lookup_module._read.cache_clear()
-    lookup_module._HEURISTIC.clear()
+    monkeypatch.setattr(tuned_module, "CONFIG_DIR", configs)
+    monkeypatch.setattr(store, "LOG_DIR", tmp_path / "logs")
+    monkeypatch.delenv(tuned_module.CONFIG_ENV, raising=False)
+    forget_tables()
     yield configs
+    forget_tables()
 
 
 def device(spec, capability=(9, 0)):
@@ -66,7 +84,7 @@ def table(spec=H100, source="measured", chunk=1024, group=None, tile=TILE, key=K
           versions=None, capability=(9, 0)) -> Table:
     chosen = {"chunk_size": chunk, "group_size": group,
               "tile": None if tile is None else vars(tile).copy(), "us": 10.0}
-    return Table(source, device(spec, capability), versions or store.current_versions(),
+    return Table(source, device(spec, capability), versions or tuned_module.current_versions(),
                  {"deft_flatten": {key: {"workload": "w", "chosen": chosen, "candidates": []}}})
 
 
@@ -156,7 +174,7 @@ def test_search_starts_from_the_stored_configs_of_the_bucket(isolated_tables):
     """A sibling card's choice is measured with the sizes: here (chunk 512, 2 stages) it is
     the fake bench's optimum and wins, though the IO model's top sizes may not hold it."""
     seed = TileConfig(64, 32, 4, 2, 2)
-    write_table(table(H200, chunk=512, group=16, tile=seed), isolated_tables / "h200.json")
+    write_configs(table(H200, chunk=512, group=16, tile=seed), isolated_tables / "h200.json")
     FakeBench.made.clear()
     t = tune.autotune([("w", TREE)], ["deft_flatten"], H100, device(H100), FakeBench, top_k=1)
     sizes, _ = FakeBench.made[0].calls[0]
@@ -187,12 +205,40 @@ def test_table_round_trip_and_atomic_write(tmp_path, monkeypatch):
 
 def test_tables_merge_by_source_and_never_mix(tmp_path):
     path = tmp_path / "t.json"
+    other = "q64-n4096-s64-g4-d128-float16"
     write_table(table(), path)
-    write_table(table(key="q64-n4096-s64-g4-d128-float16"), path)
+    write_table(table(key=other), path)
     assert len(read_table(path).strategies["deft_flatten"]) == 2  # same source: merged
-    write_table(table(source="predicted", tile=None), path)
-    replaced = read_table(path)
-    assert replaced.source == "predicted" and list(replaced.strategies["deft_flatten"]) == [KEY]
+    with pytest.raises(ValueError, match="holds a measured table"):
+        write_table(table(source="predicted", tile=None), path)
+    assert len(read_table(path).strategies["deft_flatten"]) == 2  # the measured one is intact
+    predicted = tmp_path / "p.json"
+    write_table(table(source="predicted", tile=None, key=other), predicted)
+    write_table(table(), predicted)  # a measurement replaces a prediction
+    replaced = read_table(predicted)
+    assert replaced.source == "measured" and list(replaced.strategies["deft_flatten"]) == [KEY]
+
+
+def test_configs_hold_the_chosen_configs_only(tmp_path):
+    log = table()
+    log.strategies["deft_flatten"][KEY]["default"] = {"chunk_size": 128, "group_size": None,
+                                                      "tile": None, "us": 20.0}
+    path = write_configs(log, tmp_path / "c.json")
+    data = json.loads(path.read_text())
+    assert data["format"] == tuned_module.FORMAT and data["device"] == log.device
+    assert data["strategies"] == {"deft_flatten": {KEY: {
+        "chunk_size": 1024, "group_size": None, "tile": vars(TILE)}}}
+    configs = read_configs(path)
+    assert configs.entry("deft_flatten", bucket_of(TREE)) == (KEY, (1024, None, TILE))
+    assert Configs.from_dict(configs.to_dict()) == configs
+    for broken in ({**data, "format": store.FORMAT},
+                   {**data, "strategies": {"deft_node": {KEY: {"chunk_size": 64,
+                                                              "group_size": None}}}},
+                   {**data, "strategies": {"deft_flatten": {KEY: {
+                       "chunk_size": 64, "group_size": None, "tile": {"block_m": 64}}}}}):
+        path.write_text(json.dumps(broken))
+        with pytest.warns(TunedConfigWarning, match="ignored, falling back"):
+            assert read_configs(path) is None
 
 
 @pytest.mark.parametrize("content", [
@@ -205,45 +251,55 @@ def test_tables_merge_by_source_and_never_mix(tmp_path):
 def test_corrupted_tables_warn_and_read_as_none(tmp_path, content):
     path = tmp_path / "t.json"
     path.write_text(content)
-    with pytest.warns(AutotuneWarning, match="ignored, falling back"):
+    with pytest.warns(TunedConfigWarning, match="ignored, falling back"):
         assert read_table(path) is None
 
 
 def test_measured_tables_of_other_versions_are_refused(tmp_path):
     old = {"torch": "1.13.0", "triton": "2.0.0", "cuda": "11.8"}
     write_table(table(versions=old), tmp_path / "m.json")
-    with pytest.warns(AutotuneWarning, match="measured with torch 1.13 / triton 2.0"):
+    with pytest.warns(TunedConfigWarning, match="measured with torch 1.13 / triton 2.0"):
         assert read_table(tmp_path / "m.json") is None
     write_table(table(source="predicted", tile=None, versions=old), tmp_path / "p.json")
     assert read_table(tmp_path / "p.json") is not None  # predictions hold across versions
 
 
 # ---------------------------------------------------------------------------- lookup
-def test_lookup_exact_then_sibling_then_heuristic_then_default(isolated_tables):
-    write_table(table(H200, chunk=512), store.table_path(H200.name))
+def test_lookup_exact_then_sibling_then_default(isolated_tables):
+    write_configs(table(H200, chunk=512), store.table_path(H200.name))
     with warnings.catch_warnings():
         warnings.simplefilter("error")
-        exact = lookup("deft_flatten", TREE, H200.name, (9, 0))
+        exact = tuned_config("deft_flatten", TREE, H200.name, (9, 0))
     assert (exact.rung, exact.chunk_size, exact.config, exact.source) == (
         "exact", 512, TILE, "measured")
-    with pytest.warns(AutotuneWarning, match="using NVIDIA H200's"):
-        sibling = lookup("deft_flatten", TREE, H100.name, (9, 0))
+    with pytest.warns(TunedConfigWarning, match="using NVIDIA H200's"):
+        sibling = tuned_config("deft_flatten", TREE, H100.name, (9, 0))
     assert (sibling.rung, sibling.chunk_size) == ("sibling", 512)
-    heuristic = lookup("deft_flatten", TREE, A100.name, (8, 0))
-    best = rank_sizes("deft_flatten", TREE, A100, 16)[0]
-    assert (heuristic.rung, heuristic.source, heuristic.config) == ("heuristic", "io-model", None)
-    assert (heuristic.chunk_size, heuristic.group_size) == best.sizes
-    default = lookup("deft_flatten", TREE, "NVIDIA L4", (8, 9))
-    assert (default.rung, default.chunk_size, default.group_size, default.config) == (
-        "default", 128, None, None)
+    for name, capability in ((A100.name, (8, 0)), ("NVIDIA L4", (8, 9))):  # no IO-model rung
+        default = tuned_config("deft_flatten", TREE, name, capability)
+        assert (default.rung, default.chunk_size, default.group_size, default.config) == (
+            "default", 128, None, None)
+
+
+def test_measured_configs_come_before_predicted_ones_and_are_read_once(isolated_tables):
+    predicted = table(A100, "predicted", chunk=256, tile=None, capability=(8, 0))
+    write_configs(predicted, store.table_path(A100.name, predicted=True))
+    found = tuned_config("deft_flatten", TREE, A100.name, (8, 0))
+    assert (found.rung, found.source, found.chunk_size, found.config) == (
+        "exact", "predicted", 256, None)
+    write_configs(table(A100, chunk=512, capability=(8, 0)), store.table_path(A100.name))
+    assert tuned_config("deft_flatten", TREE, A100.name, (8, 0)) == found  # read once
+    forget_tables()
+    found = tuned_config("deft_flatten", TREE, A100.name, (8, 0))
+    assert (found.rung, found.source, found.chunk_size) == ("exact", "measured", 512)
 
 
 def test_lookup_uses_the_nearest_bucket_and_the_env_directory(tmp_path, monkeypatch):
     extra = tmp_path / "mine"
-    monkeypatch.setenv(store.CONFIG_ENV, str(extra))
-    write_table(table(chunk=256, key="q64-n8192-s16-g4-d128-float16"), store.table_path(
+    monkeypatch.setenv(tuned_module.CONFIG_ENV, str(extra))
+    write_configs(table(chunk=256, key="q64-n8192-s16-g4-d128-float16"), store.table_path(
         H100.name, extra))
-    found = lookup("deft_flatten", TREE, H100.name, (9, 0))
+    found = tuned_config("deft_flatten", TREE, H100.name, (9, 0))
     assert (found.rung, found.chunk_size, found.matched, found.bucket) == (
         "exact", 256, "q64-n8192-s16-g4-d128-float16", KEY)
     assert found.table == str(store.table_path(H100.name, extra))
@@ -251,17 +307,18 @@ def test_lookup_uses_the_nearest_bucket_and_the_env_directory(tmp_path, monkeypa
 
 def test_corrupted_exact_table_falls_back_with_a_warning(isolated_tables):
     store.table_path(H100.name).write_text("{broken")
-    with pytest.warns(AutotuneWarning, match="ignored"):
-        assert lookup("deft_flatten", TREE, H100.name, (9, 0)).rung == "heuristic"
+    with pytest.warns(TunedConfigWarning, match="ignored"):
+        assert tuned_config("deft_flatten", TREE, H100.name, (9, 0)).rung == "default"
 
 
 def test_tuned_plan_respects_capacity(monkeypatch, isolated_tables):
-    write_table(table(chunk=32), store.table_path(H100.name))
-    monkeypatch.setattr(lookup_module, "_identity", lambda index: (H100.name, (9, 0)))
+    write_configs(table(chunk=32), store.table_path(H100.name))
+    monkeypatch.setattr(tuned_module, "_identity",
+                        lambda device: (H100.name, (9, 0)) if device.type == "cuda" else None)
     cuda = torch.device("cuda", 0)
     plan, tuned = tuned_plan("deft_flatten", TREE, 16, cuda, max_entries=10**6)
     assert (tuned.rung, plan.chunk_size, tuned.config) == ("exact", 32, TILE)
-    with pytest.warns(AutotuneWarning, match="planning with the defaults"):
+    with pytest.warns(TunedConfigWarning, match="planning with the defaults"):
         plan, tuned = tuned_plan("deft_flatten", TREE, 16, cuda, max_entries=1000)
     assert (tuned.rung, plan.chunk_size, tuned.config) == ("default", 128, None)
     plan, tuned = tuned_plan("deft_flatten", TREE, 16, torch.device("cpu"), 10**6)
@@ -385,7 +442,7 @@ def test_cards_match_their_alias_by_name(monkeypatch):
     with pytest.raises(ValueError, match="has 'NVIDIA H100 PCIe'"):
         tune.resolve_card("h200")
     assert tune.resolve_card("h200", predict=True)[1]["name"] == H200.name
-    assert lookup("deft_flatten", TREE, pcie["name"], (9, 0)).rung == "heuristic"
+    assert tune.card_spec(pcie["name"]) == H100 and tune.card_spec("NVIDIA L4") is None
 
 
 def test_cli_predict_writes_a_labelled_predicted_table(monkeypatch, tmp_path):
@@ -394,10 +451,28 @@ def test_cli_predict_writes_a_labelled_predicted_table(monkeypatch, tmp_path):
                                        "fewshot_b20_P4000_L200", "--output", str(tmp_path),
                                        "--json"])
     assert result.exit_code == 0, result.output
-    data = json.loads((tmp_path / "nvidia-a100-sxm4-80gb.json").read_text())
+    data = json.loads((tmp_path / "nvidia-a100-sxm4-80gb.predicted.json").read_text())
     assert data["source"] == "predicted" and data["device"]["capability"] == [8, 0]
-    assert data["strategies"]["deft_flatten"][KEY]["chosen"]["tile"] is None
+    assert data["strategies"]["deft_flatten"][KEY]["tile"] is None
+    log = read_table(tmp_path / "logs" / "nvidia-a100-sxm4-80gb.predicted.json")
+    assert log.source == "predicted" and log.strategies["deft_flatten"][KEY]["candidates"]
     assert '"source": "predicted"' in result.output
+
+
+def test_cli_predict_never_replaces_a_measured_table(monkeypatch, isolated_tables):
+    fake_gpu(monkeypatch, None)
+    measured = write_configs(table(H100), store.table_path(H100.name))
+    before = measured.read_text()
+    predict = ["autotune", "--gpu", "h100", "--predict", "--workloads", "fewshot_b20_P4000_L200"]
+    refused = CliRunner().invoke(main, predict + ["--output", str(measured)])
+    assert refused.exit_code == 2 and len(refused.output.strip().splitlines()) == 1
+    assert "holds a measured table" in refused.output and measured.read_text() == before
+    result = CliRunner().invoke(main, predict)  # the default: its own labelled file
+    assert result.exit_code == 0, result.output
+    assert measured.read_text() == before
+    beside = read_configs(store.table_path(H100.name, predicted=True))
+    assert beside.source == "predicted" and KEY in beside.strategies["deft_flatten"]
+    assert read_table(store.LOG_DIR / "nvidia-h100-80gb-hbm3.predicted.json") is not None
 
 
 def test_cli_measures_on_the_card_asked_for(monkeypatch, tmp_path):
@@ -407,7 +482,9 @@ def test_cli_measures_on_the_card_asked_for(monkeypatch, tmp_path):
     result = CliRunner().invoke(main, ["autotune", "--gpu", "h200", "--workloads",
                                        "fewshot_b20_P4000_L200", "--output", str(out)])
     assert result.exit_code == 0, result.output
-    assert read_table(out).source == "measured" and "speedup" in result.output
+    assert read_configs(out).source == "measured" and "speedup" in result.output
+    assert read_table(tmp_path / "logs" / "h200.json").strategies["deft_flatten"][KEY][
+        "candidates"]
 
 
 def test_cli_rejects_unknown_strategies(monkeypatch):
@@ -417,10 +494,10 @@ def test_cli_rejects_unknown_strategies(monkeypatch):
 
 
 # ---------------------------------------------------------------------------- measuring
-def test_workbench_measures_and_checks_candidates_on_the_cpu():
+def test_workbench_measures_and_checks_candidates():
     tree = star(2, 40, 8, attention=AttentionShape(4, 2, 16))
     reference = default_candidate("deft_flatten", tree)
-    bench = Workbench("deft_flatten", tree, reference, device="cpu", timer=WallTimer(2))
+    bench = Workbench("deft_flatten", tree, reference, device=DEVICE, timer=WallTimer(2))
     other = Candidate(16, 8, TileConfig(16, 32, 4, 1, 1))
     broken = Candidate(16, 0, reference.tile)  # build_plan refuses group_size 0
     seen = []
@@ -442,8 +519,53 @@ def test_tree_attention_consults_tables_only_when_nothing_is_fixed():
     kv = torch.zeros(tree.num_tokens, 2, 16)
     _, _, table = paged_cache(tree, kv, kv, 16)
     free = TreeAttention("deft_flatten", max_queries=2, max_tokens=56, device="cpu")
-    assert free.tuned_from is None
-    free.plan(tree, table)
-    assert free.tuned_from == "default"  # no CUDA device: DESIGN's defaults
+    assert free.tuned_from is None and (free.chunk_size, free.group_size) == (None, None)
+    plan = free.plan(tree, table)
+    assert free.tuned_from == "default"  # no CUDA device: the defaults
+    assert (plan.chunk_size, plan.group_size) == (128, None)
     fixed = TreeAttention("deft_flatten", 64, max_queries=2, max_tokens=56, device="cpu")
     assert fixed.plan(tree, table).reference.chunk_size == 64 and fixed.tuned_from is None
+    assert (fixed.chunk_size, fixed.group_size) == (64, None)
+
+
+def test_tuned_tree_attention_reports_the_sizes_its_plans_use(monkeypatch, isolated_tables):
+    from deft import TreeAttention
+    from deft.plan_buffers import paged_cache
+
+    tree = star(2, 40, 8, attention=AttentionShape(4, 2, 16))
+    kv = torch.zeros(tree.num_tokens, 2, 16)
+    _, _, pages = paged_cache(tree, kv, kv, 16)
+    write_configs(table(chunk=1024, group=16, key=bucket_of(tree).key),
+                  store.table_path(H100.name))
+    monkeypatch.setattr(tuned_module, "_identity", lambda device: (H100.name, (9, 0)))
+    attention = TreeAttention("deft_flatten", max_queries=2, max_tokens=56, device="cpu")
+    plan = attention.plan(tree, pages)
+    assert attention.tuned_from == "exact" and attention._tuned_config == TILE
+    assert (plan.chunk_size, plan.group_size) == (1024, 16) == (
+        plan.reference.chunk_size, plan.reference.group_size)
+    assert (attention.chunk_size, attention.group_size) == (None, None)  # per plan, tuned
+
+
+def test_plan_reads_the_tables_without_autotune_or_the_io_model():
+    """plan() looks the shipped tables up in the core: autotune, iomodel and reference stay
+    unimported (no IO-model ranking inside a decode step)."""
+    script = """
+import sys, warnings, torch
+from deft import TreeAttention
+from deft.kernels import tuned
+from deft.plan_buffers import paged_cache
+from deft.workloads import star
+tuned._identity = lambda device: ("NVIDIA H200", (9, 0))
+tree = star(20, 4000, 200)
+kv = torch.zeros(tree.num_tokens, 1, 1)
+_, _, pages = paged_cache(tree, kv, kv, 16)
+warnings.simplefilter("ignore")
+attention = TreeAttention(max_queries=20, max_tokens=8000, device="cpu")
+attention.plan(tree, pages)
+assert attention.tuned_from in ("exact", "default"), attention.tuned_from
+above = sorted({m.split(".")[0] for m in sys.modules} & {"autotune", "iomodel", "reference"})
+assert not above, above
+"""
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
+                          cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    assert done.returncode == 0, done.stderr

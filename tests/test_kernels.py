@@ -297,6 +297,17 @@ def test_input_checks():
         TreeAttention("deft_node", chunk_size=8, max_queries=1, max_tokens=4)
 
 
+def test_plans_compare_and_hash_by_identity():
+    """Plan and TreePlan hold arrays: value equality would raise, so they compare as objects."""
+    tree = Tree([0, 1], [None, 0], [12, 3], None, AttentionShape(4, 2, 64))
+    _, k, v = inputs(tree)
+    _, _, table = paged_cache(tree, k, v, 4)
+    attn = TreeAttention("deft_flatten", max_queries=2, max_tokens=15, device="cpu")
+    first, second = attn.plan(tree, table), attn.plan(tree, table)
+    for a, b in ((first, second), (first.reference, second.reference)):
+        assert a == a and a != b and len({a, b, a}) == 2 and hash(a) == hash(a)
+
+
 def test_attention_wrapper_every_strategy():
     """deft.attention runs all nine strategies (three as their PyTorch reference)."""
     import reference

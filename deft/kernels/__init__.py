@@ -7,7 +7,8 @@ deterministic log-sum-exp merge per query: `_merge_kernel`, one program per (que
 `launch.Launcher` relaunches both with little host time. A strategy module holds its default
 tiles (``CONFIGS``); how its partitions address tokens comes from the registry
 (`deft.strategies`: listed slots or flattened runs). `radix` runs the `flash_decoding` kernel
-through the real page table.
+through the real page table. `tuned` reads the chunk size, group size and tile tuned per card and
+tree bucket (`buckets`) from the tables that ship in ``configs/``.
 """
 
 from deft.kernels import (

@@ -1,4 +1,5 @@
-"""Tree buckets: the small deterministic key that tuned configs are stored and looked up under.
+"""Tree buckets: the small deterministic key that tuned configs are stored and looked up under
+(`deft.kernels.tuned`).
 
 The best chunk and group size move with the tree's shape, not its exact numbers, so a bucket
 rounds the three sizes that matter up to a power of two and keeps the rest exactly:

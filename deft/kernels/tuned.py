@@ -1,0 +1,387 @@
+"""Tuned configs: the chunk size, group size and tile chosen per card and tree bucket, which
+`deft.TreeAttention` plans and runs with when its caller fixes none of them.
+
+Tables are files, one per card and source: ``<card>.json`` (measured on the card) and
+``<card>.predicted.json`` (ranked by the IO model on the card's spec), ``<card>`` the device
+name in lower case with other characters as ``-``; ``deft-cli autotune`` writes them
+(docs/autotune.md). They are read from ``$DEFT_TUNED_CONFIGS`` (if set), then from the shipped
+``deft/kernels/configs/``. A table holds the chosen configs only::
+
+    {"format": "deft-configs/1", "source": "measured",
+     "device": {"name": "NVIDIA H200", "capability": [9, 0], "sm_count": 132},
+     "versions": {"torch": "2.11.0", "triton": "3.6.0", "cuda": "13.0"},
+     "date": "2026-11-26T10:17:13Z",
+     "strategies": {"deft_flatten": {"q64-n32768-s64-g4-d128-float16": {
+         "chunk_size": 1024, "group_size": 16,
+         "tile": {"block_m": 64, "block_n": 64, "num_warps": 4, ...}}}}}
+
+``tile`` null means the kernel's own (`deft.kernels.tile_config`). Lookup (`tuned_config`):
+the first rung with a config for the tree's bucket, or for the nearest stored bucket within
+`deft.kernels.buckets.MAX_DISTANCE`, answers:
+
+1. ``exact``: a table of this card (same device name), measured before predicted;
+2. ``sibling``: a table of another card of the same compute capability (an H200's on an H100),
+   with a `TunedConfigWarning`;
+3. ``default``: the strategy's default sizes (chunk `deft.strategies.DEFAULT_CHUNK_SIZE` where
+   it takes one, no group cap) and the kernel's own tile, where no table applies or the device
+   is not CUDA.
+
+The tables are read once per process, and each (strategy, bucket, card) is looked up once, so a
+`plan` pays a bucket and a dictionary look-up. Reading never raises: a corrupted table, one of
+another format, or a measured one from other torch or triton versions (major.minor: timings hold
+for the compiler that made the kernels) is skipped with a `TunedConfigWarning`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import json
+import os
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from deft.kernels.buckets import Bucket, bucket_of, nearest
+from deft.kernels.partials import TileConfig
+from deft.plan import build_plan, check_parameters
+from deft.strategies import STRATEGIES, USES_CHUNK_SIZE, USES_GROUP_SIZE
+from deft.tree import Tree
+
+FORMAT = "deft-configs/1"
+SOURCES = ("measured", "predicted")
+RUNGS = ("exact", "sibling", "default")
+
+CONFIG_DIR = Path(__file__).resolve().parent / "configs"
+"""The shipped tables."""
+
+CONFIG_ENV = "DEFT_TUNED_CONFIGS"
+"""A directory of tables searched before the shipped ones (e.g. where ``deft-cli autotune
+--output`` wrote)."""
+
+_TILE_FIELDS = tuple(f.name for f in dataclasses.fields(TileConfig))
+_TILE_REQUIRED = ("block_m", "block_n", "num_warps", "num_stages", "programs_per_sm")
+"""Tile fields every stored tile holds, positive integers; the others (booleans, and
+``max_registers``, an integer >= 0) are optional: tables written before them mean the default."""
+_TILE_FLAGS = tuple(f.name for f in dataclasses.fields(TileConfig) if f.type in (bool, "bool"))
+
+
+class TunedConfigWarning(UserWarning):
+    """A tuned table was skipped, or a config came from a sibling card or the defaults."""
+
+
+class TableError(ValueError):
+    """A table that does not follow its format; the message says where."""
+
+
+@dataclass(frozen=True)
+class Tuned:
+    """A looked-up config and where it came from.
+
+    Attributes
+    ----------
+    chunk_size, group_size : int or None
+        Sizes to plan with.
+    config : TileConfig or None
+        Tile to run with (None: the kernel's own).
+    rung : str
+        One of `RUNGS`.
+    bucket : str
+        The tree's bucket key.
+    source : str or None
+        ``measured`` or ``predicted`` (the table's); None for the defaults.
+    table : str or None
+        Path of the table used.
+    matched : str or None
+        The stored bucket key used (may differ from `bucket`: the nearest one).
+    """
+
+    chunk_size: int | None
+    group_size: int | None
+    config: TileConfig | None
+    rung: str
+    bucket: str
+    source: str | None = None
+    table: str | None = None
+    matched: str | None = None
+
+
+@dataclass
+class Configs:
+    """One card's chosen configs (module docstring for the file).
+
+    Attributes
+    ----------
+    source : str
+        ``"measured"`` or ``"predicted"``.
+    device : dict
+        ``name``, ``capability`` ([major, minor]) and ``sm_count``.
+    versions : dict
+        ``torch``, ``triton`` and ``cuda`` of the machine that chose them.
+    strategies : dict
+        Strategy name -> bucket key -> config (``chunk_size``, ``group_size``, ``tile``).
+    date : str or None
+    """
+
+    source: str
+    device: dict
+    versions: dict
+    strategies: dict
+    date: str | None = None
+
+    def to_dict(self) -> dict:
+        return {"format": FORMAT, **dataclasses.asdict(self)}
+
+    @classmethod
+    def from_dict(cls, data) -> "Configs":
+        """Parse and check a table dict; raises TableError naming the first problem."""
+        check_table(data, FORMAT)
+        return cls(data["source"], data["device"], data["versions"], data["strategies"],
+                   data.get("date"))
+
+    def entry(self, strategy: str, bucket: Bucket) -> tuple[str, tuple] | None:
+        """The config of the stored bucket nearest to `bucket` (`deft.kernels.buckets.nearest`):
+        (its key, (chunk_size, group_size, TileConfig or None)), or None."""
+        buckets = self.strategies.get(strategy, {})
+        found = nearest(bucket, buckets)
+        return None if found is None else (found[0], parse_config(buckets[found[0]]))
+
+
+# ---------------------------------------------------------------------------- lookup
+def tuned_plan(strategy: str, tree: Tree, page_size: int, device: torch.device,
+               max_entries: int):
+    """The plan `deft.TreeAttention.plan` runs when its caller fixed no size and no tile.
+
+    Looks the config up for `device` (CUDA only; elsewhere the defaults) and builds its plan.
+    A tuned plan that needs more (partition, query) entries than ``max_entries`` falls back to
+    the defaults, with a `TunedConfigWarning`.
+
+    Returns
+    -------
+    plan : deft.plan.Plan
+    tuned : Tuned
+    """
+    identity = _identity(device)
+    tuned = (tuned_config(strategy, tree, *identity) if identity is not None
+             else _defaults(strategy, bucket_of(tree).key))
+    plan = build_plan(strategy, tree, tuned.chunk_size, tuned.group_size, page_size)
+    if tuned.rung != "default" and len(plan.query_index) > max_entries:
+        warnings.warn(f"{strategy}: the {tuned.rung} config (chunk {tuned.chunk_size}, group "
+                      f"{tuned.group_size}) needs more entries than max_entries={max_entries}: "
+                      "planning with the defaults", TunedConfigWarning, stacklevel=3)
+        tuned = _defaults(strategy, tuned.bucket)
+        plan = build_plan(strategy, tree, tuned.chunk_size, tuned.group_size, page_size)
+    return plan, tuned
+
+
+def tuned_config(strategy: str, tree: Tree, device_name: str, capability) -> Tuned:
+    """The config for `strategy` on `tree` on the card `device_name` (rungs: module docstring).
+
+    Parameters
+    ----------
+    strategy : str
+    tree : Tree
+    device_name : str
+        As ``torch.cuda.get_device_name`` reports it.
+    capability : (int, int)
+        The card's compute capability (siblings share it).
+    """
+    return _lookup(strategy, bucket_of(tree), device_name, tuple(capability), config_dirs())
+
+
+def config_dirs() -> tuple[Path, ...]:
+    """Where tables are read from: ``$DEFT_TUNED_CONFIGS`` (if set), then the shipped ones."""
+    extra = os.environ.get(CONFIG_ENV)
+    return ((Path(extra),) if extra else ()) + (CONFIG_DIR,)
+
+
+def readable_configs() -> tuple:
+    """(path, Configs) of every table of `config_dirs` that can be used (read once)."""
+    return _tables(config_dirs())
+
+
+@functools.lru_cache(maxsize=8)
+def _tables(directories: tuple) -> tuple:
+    return tuple((path, configs) for directory in directories
+                 for path in sorted(Path(directory).glob("*.json"))
+                 if (configs := read_configs(path)) is not None)
+
+
+@functools.lru_cache(maxsize=1024)
+def _lookup(strategy: str, bucket: Bucket, device_name: str, capability: tuple,
+            directories: tuple) -> Tuned:
+    tables = _tables(directories)
+    exact = sorted((pair for pair in tables if pair[1].device["name"] == device_name),
+                   key=lambda pair: pair[1].source != "measured")
+    siblings = sorted((pair for pair in tables if pair[1].device["name"] != device_name
+                       and tuple(pair[1].device["capability"]) == capability),
+                      key=lambda pair: (pair[1].device["name"], pair[1].source != "measured"))
+    for rung, candidates in (("exact", exact), ("sibling", siblings)):
+        for path, configs in candidates:
+            found = configs.entry(strategy, bucket)
+            if found is None:
+                continue
+            key, (chunk_size, group_size, tile) = found
+            if rung == "sibling":
+                warnings.warn(f"no tuned config of {strategy} for {device_name}: using "
+                              f"{configs.device['name']}'s ({path}, same compute capability)",
+                              TunedConfigWarning, stacklevel=3)
+            return Tuned(chunk_size, group_size, tile, rung, bucket.key, configs.source,
+                         str(path), key)
+    return _defaults(strategy, bucket.key)
+
+
+def _defaults(strategy: str, bucket_key: str) -> Tuned:
+    chunk_size, group_size, _ = check_parameters(strategy, None, None, 1)
+    return Tuned(chunk_size, group_size, None, "default", bucket_key)
+
+
+@functools.lru_cache(maxsize=16)
+def _identity(device: torch.device) -> tuple | None:
+    """(device name, compute capability) of a CUDA device; None for any other device."""
+    if device.type != "cuda":
+        return None
+    index = torch.cuda.current_device() if device.index is None else device.index
+    return torch.cuda.get_device_name(index), tuple(torch.cuda.get_device_capability(index))
+
+
+# ---------------------------------------------------------------------------- files
+def read_configs(path, quiet: bool = False) -> Configs | None:
+    """The chosen configs at `path`, or None (`load_table`)."""
+    return load_table(path, Configs.from_dict, quiet)
+
+
+def load_table(path, parse, quiet: bool = False):
+    """``parse(the JSON at path)``, or None (with a `TunedConfigWarning` unless `quiet`) when the
+    file cannot be read, does not follow the format (`parse` raises TableError), or holds a
+    measured table of other torch or triton versions."""
+    try:
+        table = parse(json.loads(Path(path).read_text()))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError, TableError, TypeError) as error:
+        reason = f"unreadable ({type(error).__name__}: {error})"
+    else:
+        reason = version_mismatch(table.source, table.versions)
+        if reason is None:
+            return table
+    if not quiet:
+        warnings.warn(f"tuned table {path} ignored, falling back: {reason}", TunedConfigWarning,
+                      stacklevel=3)
+    return None
+
+
+def version_mismatch(source: str, versions: dict) -> str | None:
+    """Why a table does not apply to this torch and triton, or None.
+
+    A measured table must match them in major.minor; a predicted one depends on the IO model
+    alone and always applies.
+    """
+    if source != "measured":
+        return None
+    mine, theirs = release(current_versions()), release(versions)
+    if mine != theirs:
+        return (f"measured with torch {theirs[0]} / triton {theirs[1]}, this is torch "
+                f"{mine[0]} / triton {mine[1]}")
+    return None
+
+
+def current_versions() -> dict:
+    """torch, triton and CUDA versions of this process."""
+    import triton
+
+    return {"torch": torch.__version__, "triton": triton.__version__, "cuda": torch.version.cuda}
+
+
+def release(versions: dict) -> tuple:
+    """(torch, triton) as major.minor."""
+    return tuple(".".join(str(versions.get(k) or "?").split(".")[:2]) for k in ("torch", "triton"))
+
+
+def parse_config(config: dict) -> tuple:
+    """(chunk_size, group_size, TileConfig or None) of a checked stored config."""
+    tile = config.get("tile")
+    return config["chunk_size"], config["group_size"], None if tile is None else TileConfig(**tile)
+
+
+def check_table(data, fmt: str, chosen=lambda entry: entry, at: str = "") -> None:
+    """Check a table dict of format `fmt`; raises TableError naming the first problem.
+
+    Parameters
+    ----------
+    data : object
+        The parsed JSON.
+    fmt : str
+        The ``format`` it must declare.
+    chosen : callable
+        ``chosen(entry)``: the config of a bucket's entry (the entry itself in a configs
+        table).
+    at : str
+        Where that config sits in the entry, for messages (e.g. ``.chosen``).
+    """
+    if not isinstance(data, dict):
+        raise TableError(f"a table must be a JSON object, got {type(data).__name__}")
+    if data.get("format") != fmt:
+        raise TableError(f"format is {data.get('format')!r}, expected {fmt!r}")
+    if data.get("source") not in SOURCES:
+        raise TableError(f"source must be one of {SOURCES}, got {data.get('source')!r}")
+    device = data.get("device")
+    if not (isinstance(device, dict) and isinstance(device.get("name"), str)
+            and _int_list(device.get("capability"), 2)):
+        raise TableError("device must hold a name and a [major, minor] capability")
+    versions = data.get("versions")
+    if not (isinstance(versions, dict) and all(isinstance(versions.get(k), (str, type(None)))
+                                               for k in ("torch", "triton", "cuda"))):
+        raise TableError("versions must hold torch, triton and cuda (text or null)")
+    strategies = data.get("strategies")
+    if not isinstance(strategies, dict):
+        raise TableError("strategies must be an object")
+    for strategy, buckets in strategies.items():
+        if strategy not in STRATEGIES:
+            raise TableError(f"unknown strategy {strategy!r}")
+        if not isinstance(buckets, dict):
+            raise TableError(f"strategies.{strategy} must be an object of buckets")
+        for key, entry in buckets.items():
+            try:
+                Bucket.parse(key)
+            except ValueError as error:
+                raise TableError(f"strategies.{strategy}: {error}") from None
+            where = f"strategies.{strategy}.{key}"
+            if not isinstance(entry, dict):
+                raise TableError(f"{where} must be an object")
+            config = chosen(entry)
+            _check_config(config, where + at)
+            if (config["chunk_size"] is not None and strategy not in USES_CHUNK_SIZE) or (
+                    config["group_size"] is not None and strategy not in USES_GROUP_SIZE):
+                raise TableError(f"{where}{at} gives a size {strategy} does not take")
+
+
+def _int_list(value, length: int) -> bool:
+    return (isinstance(value, list) and len(value) == length
+            and all(isinstance(v, int) and not isinstance(v, bool) for v in value))
+
+
+def _check_config(config, where: str) -> None:
+    """A stored config: chunk_size and group_size positive ints or null, tile null or a
+    TileConfig's fields (`_TILE_REQUIRED` positive ints, the optional ones as their type)."""
+    if not isinstance(config, dict):
+        raise TableError(f"{where} must be an object")
+    for key in ("chunk_size", "group_size"):
+        value = config.get(key, "missing")
+        if value is not None and not (isinstance(value, int) and not isinstance(value, bool)
+                                      and value > 0):
+            raise TableError(f"{where}.{key} must be a positive integer or null, got {value!r}")
+    tile = config.get("tile")
+    counts = [f for f in _TILE_FIELDS if f not in _TILE_REQUIRED + _TILE_FLAGS]
+
+    def is_int(value, least):
+        return isinstance(value, int) and not isinstance(value, bool) and value >= least
+
+    if tile is not None and not (
+            isinstance(tile, dict) and set(_TILE_REQUIRED) <= set(tile) <= set(_TILE_FIELDS)
+            and all(is_int(tile[f], 1) for f in _TILE_REQUIRED)
+            and all(is_int(tile[f], 0) for f in counts if f in tile)
+            and all(isinstance(tile[f], bool) for f in _TILE_FLAGS if f in tile)):
+        raise TableError(f"{where}.tile must be null or {{{', '.join(_TILE_REQUIRED)}}} as "
+                         f"positive integers, optionally with {', '.join(counts)} as integers "
+                         f">= 0 and {', '.join(_TILE_FLAGS)} as booleans")
