@@ -196,6 +196,11 @@ class TreeCache:
         return (torch.from_numpy(page_ptr.astype(np.int32)).to(device),
                 torch.from_numpy(pages.astype(np.int32)).to(device))
 
+    def host_node_pages(self, tree: Tree) -> tuple:
+        """`node_pages` as int64 numpy arrays on the host (what the planner reads: no round
+        trip through the pool's device)."""
+        return self._node_pages(tree)
+
     def token_slots(self, tree: Tree) -> torch.Tensor:
         """Slot of every test-layout token of ``tree`` (by node index, then position).
 
