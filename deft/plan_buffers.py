@@ -299,16 +299,21 @@ class PlanBuffers:
         self.offsets = [int(o) for o in offsets[:-1]]
         self.data = torch.zeros(int(offsets[-1]), dtype=torch.int32, device=self.device)
         self.views = {n: self.data[o: o + self.capacity[n]] for n, o in zip(FIELDS, self.offsets)}
-        pinned = self.device.type == "cuda"
-        self._staging = torch.zeros(len(self.data), dtype=torch.int32, pin_memory=pinned)
-        self._staging_host = self._staging.numpy()
+        if self.device.type == "cpu":  # the buffers are host memory: fill them directly
+            self._staging = None
+            self._staging_host = self.data.numpy()
+        else:
+            self._staging = torch.zeros(len(self.data), dtype=torch.int32,
+                                        pin_memory=self.device.type == "cuda")
+            self._staging_host = self._staging.numpy()
         self._copied = None  # event after the last staging -> device copies
 
     def fill(self, arrays: dict) -> None:
         """Copy a plan's arrays (`plan_arrays`) into the buffers; raise CapacityError if too big.
 
         The fields are written into the pinned staging area, then copied to the device in as
-        few non-blocking copies as the gaps between their used parts allow (`COALESCE`).
+        few non-blocking copies as the gaps between their used parts allow (`COALESCE`); on
+        the CPU straight into the buffers.
         """
         queries, entries = int(arrays["counts"][1]), len(arrays["entry_query"])
         slots = len(arrays["token_slot"])
@@ -330,6 +335,8 @@ class PlanBuffers:
                     spans[-1][1] = offset + len(values)
                 else:
                     spans.append([offset, offset + len(values)])
+        if self._staging is None:
+            return
         for lo, hi in spans:
             self.data[lo:hi].copy_(self._staging[lo:hi], non_blocking=True)
         if self.device.type == "cuda":
