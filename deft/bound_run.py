@@ -6,9 +6,11 @@ config, the persistent grid, the workspace) is kept per *argument set*: the key 
 argument (address, shape, strides, dtype, device) and the scalars. Only the plan-dependent checks
 (page size, largest slot, query count) run again on a later call.
 
-On a GPU, an argument set that comes back (second call) with ``out`` given and no lse asked for
-is captured as a CUDA graph of the two launches and replayed from then on: about 3 us of host
-time where the two Triton launches cost 40-80 us. The graph stays right after a new `plan`:
+On a GPU, an argument set that comes back (second call) is captured as a CUDA graph of the two
+launches and replayed from then on: about 3 us of host time where the two Triton launches cost
+40-80 us. An ``out`` (or lse) that `run` allocates is part of the key like any other tensor:
+in a decode loop that drops each output before the next call, the allocator hands the same
+address back and the graph serves it too. The graph stays right after a new `plan`:
 the plan buffers are refilled in place at fixed addresses, both grids are sized by the
 capacity and the rows of ``q`` alone, and the kernels read the plan's counts from device memory;
 what else differs between plans (the merge kernel, a tuned tile config) is part of the key or
@@ -17,9 +19,9 @@ addresses: it is replayed only for tensors with the same address, shape, strides
 which then cover the same memory. At most `RunCache.size` argument sets are kept (least
 recently used dropped first, with its graph).
 
-Plain launches are used where capturing is impossible or unwanted: on the CPU (the Triton
-interpreter), inside someone else's stream capture, under torch.compile tracing (the custom op),
-with ``out`` or lse allocated by `run`, and when a capture fails.
+Plain launches are used where capturing is impossible: on the CPU (the Triton interpreter),
+inside someone else's stream capture, under torch.compile tracing (the custom op), and when a
+capture fails.
 """
 
 from __future__ import annotations
@@ -81,17 +83,20 @@ def check_inputs(q, k_cache, v_cache, plan, out, device, max_queries) -> None:
             fail("out must have a contiguous last (head_dim) dimension")
 
 
-def tensor_key(x: torch.Tensor) -> tuple:
-    """What a launch captured over tensor `x` depends on."""
-    return x.data_ptr(), x.shape, x.stride(), x.dtype, x.get_device()
+def argument_key(q, k_cache, v_cache, out, lse, sm_scale, per_query_merge):
+    """The key of one `run` call's arguments, or None when one of them is not a tensor.
 
-
-def argument_key(q, k_cache, v_cache, out, sm_scale, return_lse, per_query_merge):
-    """The key of one `run` call's arguments, or None when one of them is not a tensor."""
+    Every tensor's address, shape, strides and dtype (``lse`` may be None), and q's device
+    (the others must be on it, checked when the set is bound; with unified addressing no two
+    devices share an address).
+    """
     try:
-        return (tensor_key(q), tensor_key(k_cache), tensor_key(v_cache),
-                None if out is None else tensor_key(out), sm_scale, return_lse,
-                per_query_merge)
+        return (q.data_ptr(), q.shape, q.stride(), q.dtype, q.get_device(),
+                k_cache.data_ptr(), k_cache.shape, k_cache.stride(), k_cache.dtype,
+                v_cache.data_ptr(), v_cache.shape, v_cache.stride(), v_cache.dtype,
+                out.data_ptr(), out.shape, out.stride(), out.dtype,
+                None if lse is None else (lse.data_ptr(), lse.shape, lse.stride()),
+                sm_scale, per_query_merge)
     except (AttributeError, TypeError):
         return None
 
@@ -128,9 +133,13 @@ class BoundRun:
 
     def fits(self, plan, config_source) -> bool:
         """Whether the checks and the launch settings made at binding hold for `plan`."""
-        return (plan.page_size == self.page_size and plan.max_slot < self.cache_slots
-                and plan.num_queries <= self.rows and config_source[0] is self.config_source[0]
-                and config_source[1] is self.config_source[1])
+        if not (plan.page_size == self.page_size and plan.max_slot < self.cache_slots
+                and plan.num_queries <= self.rows):
+            return False
+        if config_source == self.config_source:  # the same objects, or equal ones
+            self.config_source = config_source
+            return True
+        return False
 
 
 class RunCache:
