@@ -41,6 +41,8 @@ class _Shape:
         Node index of each query (test layout).
     query_rank : int64 [queries]
         Rank of each query among its node's queries.
+    query_ids : int64 [queries]
+        0, 1, ... (each query's index).
     """
 
     def __init__(self, parent: np.ndarray, queries: np.ndarray):
@@ -62,6 +64,7 @@ class _Shape:
         self.order = np.array(order, dtype=np.int64)
         self.last = np.array(last, dtype=np.int64)[self.order]
         self.query_node = np.repeat(np.arange(n), queries)
+        self.query_ids = np.arange(len(self.query_node))
         self.query_rank = np.arange(len(self.query_node)) - np.repeat(
             np.cumsum(queries) - queries, queries)
 
@@ -132,7 +135,7 @@ class NodePlanner:
                                                            subtree_end, chunk_size)
         seen = (chunk_start[:, None] <= query_flat) & (query_flat < chunk_reach[:, None])
         num_chunks, num_queries = seen.shape
-        query_index = np.broadcast_to(np.arange(num_queries), seen.shape)[seen]
+        query_index = np.broadcast_to(shape.query_ids, seen.shape)[seen]
         per_chunk = seen.sum(axis=1)
         if group_size is None:
             has = per_chunk > 0
@@ -144,10 +147,9 @@ class NodePlanner:
             rank = np.arange(len(part_chunk)) - np.repeat(first, groups)
             part_queries = np.minimum(group_size, per_chunk[part_chunk] - rank * group_size)
         per_query = seen.sum(axis=0)
-        # partial rows go query by query: list the entries' numbers (chunk-major) query-major
-        entry_of = (np.cumsum(seen.ravel()) - 1).reshape(seen.shape)
-        entry_row = np.empty(len(query_index), dtype=np.int64)
-        entry_row[entry_of.T[seen.T]] = np.arange(len(query_index))
+        # partial rows go query by query: number the entries query-major, read them chunk-major
+        row_of = np.cumsum(seen.T.ravel()).reshape(num_queries, num_chunks).T
+        entry_row = row_of[seen] - 1
         slots = self._slots(order, ordered, start, total, page_ptr, pages, page_size)
         max_slot = int(slots.max())
         if max_slot > INDEX_LIMIT:
@@ -156,10 +158,10 @@ class NodePlanner:
             counts=np.array([len(part_chunk), num_queries]),
             part_start=chunk_start[part_chunk],
             part_tokens=(chunk_end - chunk_start)[part_chunk],
-            part_entry=np.concatenate([[0], np.cumsum(part_queries)]),
+            part_entry=_pointers(part_queries),
             entry_query=query_index,
             entry_row=entry_row,
-            query_row_ptr=np.concatenate([[0], np.cumsum(per_query)]),
+            query_row_ptr=_pointers(per_query),
             query_flat=query_flat,
             token_slot=slots,
             subtree_end=subtree_end,
@@ -198,3 +200,10 @@ class NodePlanner:
             pages = (pages[:, None] * page_size + np.arange(page_size)).ravel()
         base = np.repeat(page_ptr[:-1][order] * page_size - start, ordered)
         return pages[base + np.arange(total)]
+
+
+def _pointers(counts: np.ndarray) -> np.ndarray:
+    """CSR offsets of consecutive runs of the given lengths. int64 [len(counts) + 1]"""
+    ptr = np.zeros(len(counts) + 1, dtype=np.int64)
+    np.cumsum(counts, out=ptr[1:])
+    return ptr

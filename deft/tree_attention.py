@@ -14,8 +14,6 @@ from __future__ import annotations
 
 import contextlib
 import math
-from dataclasses import dataclass
-from functools import cached_property
 
 import numpy as np
 import torch
@@ -36,88 +34,13 @@ from deft.plan_buffers import (
     views_of,
 )
 from deft.tree import Tree
+from deft.tree_plan import TreePlan
 from deft.plan import Plan, build_plan, check_parameters
 from deft.strategies import KERNEL_STRATEGIES
 
 
 CPU_PROGRAMS = 4
 """Persistent programs under the Triton interpreter (no GPU)."""
-@dataclass(frozen=True)
-class TreePlan:
-    """One decode step's plan, living in its `TreeAttention`'s device buffers.
-
-    A later `TreeAttention.plan` overwrites the buffers: this plan then becomes stale and `run`
-    refuses it.
-
-    Attributes
-    ----------
-    strategy : str
-    tree : Tree
-    chunk_size, group_size : int or None
-        The sizes the plan was built with.
-    page_size : int
-    num_queries, num_partitions, num_entries : int
-    max_slot : int
-        The largest cache slot the plan reads (``k_cache`` must hold more rows).
-    generation : int
-        Which `plan` call of its owner made it.
-    owner : TreeAttention
-    reference : deft.plan.Plan
-        The normative partitions the buffers encode (built on first use where `plan` took the
-        node planner's fast path, `deft.fast_plan`).
-    slots : int64 [tokens]
-        Cache slot of every test-layout token (computed on first use).
-    """
-
-    strategy: str
-    tree: Tree
-    chunk_size: int | None
-    group_size: int | None
-    page_size: int
-    num_queries: int
-    num_partitions: int
-    num_entries: int
-    per_query_merge: bool
-    max_slot: int
-    generation: int
-    owner: "TreeAttention"
-    _reference: Plan | None
-    _slots: np.ndarray
-    _slots_flat: bool  # _slots by flattened position (the node planner) or test layout
-
-    @cached_property
-    def reference(self) -> Plan:
-        if self._reference is not None:
-            return self._reference
-        return build_plan(self.strategy, self.tree, self.chunk_size, self.group_size,
-                          self.page_size)
-
-    @cached_property
-    def slots(self) -> np.ndarray:
-        if not self._slots_flat:
-            return self._slots
-        slots = np.empty_like(self._slots)
-        slots[self.tree.flat_tokens] = self._slots
-        return slots
-
-    def partition_sets(self) -> list:
-        """Every partition as (queries, test-layout tokens), decoded from the device buffers.
-
-        The form `deft.plan.Plan.partition_sets` returns, for plan-equality tests.
-        """
-        self.owner._check_current(self)
-        read = self.owner.buffers.read
-        start, tokens, entry = read("part_start"), read("part_tokens"), read("part_entry")
-        entry_query, slot = read("entry_query"), read("token_slot")
-        token_of_slot = dict(zip(self.slots.tolist(), range(len(self.slots))))
-        sets = []
-        for p in range(self.num_partitions):
-            part_slots = slot[start[p]: start[p] + tokens[p]].tolist()
-            sets.append((tuple(entry_query[entry[p]: entry[p + 1]].tolist()),
-                         tuple(token_of_slot[s] for s in part_slots)))
-        return sets
-
-
 class TreeAttention:
     """Tree attention over a paged KV cache with one strategy's kernels.
 
@@ -146,8 +69,9 @@ class TreeAttention:
     max_path_nodes : int, optional
         deft_node and deft_node_chunk only: most nodes on the path from a root to a query's node
         (default ``max_tokens``, the worst case: a chain of one-token nodes). Their entries grow
-        with it, so a small value shrinks the default ``max_entries`` a lot; `plan` refuses a
-        tree with a longer path.
+        with it, so a small value shrinks the default ``max_entries`` a lot (at the worst case
+        it is ``max_queries x max_tokens``, and so is the workspace's first dimension: pass
+        it, or build with `for_trees`); `plan` refuses a tree with a longer path.
     config : TileConfig, optional
         Tiles and launch options (default: the strategy's table by head dim).
     device : str or torch.device
@@ -218,8 +142,37 @@ class TreeAttention:
             device=device,
         )
 
+    @classmethod
+    def for_trees(cls, strategy: str, trees, chunk_size=None, group_size=None,
+                  **options) -> "TreeAttention":
+        """A TreeAttention whose default capacities fit every plan of the given trees.
+
+        ``TreeAttention.for_trees(strategy, run)`` sizes one for every step of a run: the most
+        queries and tokens of a tree, for deft_node and deft_node_chunk the most nodes on a
+        query's path (`max_path_nodes`, which keeps their ``max_entries`` far below the
+        worst case), for flash_decoding and radix the most listed slots. `options` are the
+        other constructor arguments (config, device, max_graphs).
+        """
+        sizes = dict(max_queries=1, max_tokens=1)
+        node_paths = strategy in PATH_STRATEGIES
+        listed = strategy in KERNELS and not flat_addressing(strategy)
+        for tree in trees:
+            sizes["max_queries"] = max(sizes["max_queries"], tree.num_queries)
+            sizes["max_tokens"] = max(sizes["max_tokens"], tree.num_tokens)
+            if node_paths:
+                sizes["max_path_nodes"] = max(sizes.get("max_path_nodes", 1),
+                                              int(tree.depth[tree.query_node].max()) + 1)
+            if listed:
+                sizes["max_kv_slots"] = max(sizes.get("max_kv_slots", 1),
+                                            int(tree.visible_tokens.sum()))
+        return cls(strategy, chunk_size, group_size, **sizes, **options)
+
     def plan(self, tree: Tree, cache, reference: Plan | None = None) -> TreePlan:
         """Plan one decode step: build the partitions and refill the device buffers in place.
+
+        With chunk and group sizes fixed, the KV-guided strategies' buffers come straight from
+        the tree's node arrays (`deft.fast_plan`, the same partitions as
+        `deft.plan.build_plan`); the plan's ``reference`` is then built on first use.
 
         Parameters
         ----------

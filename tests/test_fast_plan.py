@@ -167,3 +167,35 @@ def test_capacity_error_names_the_argument_and_the_value_to_pass():
                          device="cpu")
     with pytest.raises(CapacityError, match=r"max_entries >= 6 .* pass max_entries=6"):
         attn.plan(tree, page_table(tree, 1, 0))
+
+
+def test_for_trees_fits_every_step_of_a_run():
+    run = wl.tot_run(3, depth=3, branching=3, prompt_tokens=50, min_tokens=2, max_tokens=9)
+    trees = list(run)
+    for strategy in KERNEL_STRATEGIES:
+        attn = TreeAttention.for_trees(strategy, trees, device="cpu")
+        assert attn.max_queries == max(t.num_queries for t in trees)
+        assert attn.max_tokens == max(t.num_tokens for t in trees)
+        for tree in trees:
+            plan = attn.plan(tree, page_table(tree, 4, 0))
+            assert plan.num_entries <= attn.max_entries
+    node = TreeAttention.for_trees("deft_node", trees, device="cpu")
+    assert node.max_path_nodes == max(int(t.depth.max()) + 1 for t in trees)
+    assert node.max_entries == node.max_queries * node.max_path_nodes
+
+
+def test_tree_cache_host_pages_equal_its_node_pages():
+    from deft.cache import CacheError, PagedKVCache, TreeCache
+
+    cache = TreeCache(PagedKVCache(64, 4, 1, 16))
+    tree = Tree([5, 1, 9], [None, 5, 5], [9, 4, 6])
+    cache.apply(tree)
+    device_ptr, device_pages = cache.node_pages(tree)
+    page_ptr, pages = cache.host_node_pages(tree)
+    np.testing.assert_array_equal(page_ptr, device_ptr.cpu().numpy())
+    np.testing.assert_array_equal(pages, device_pages.cpu().numpy())
+    cache.grow(9, 7)  # the cache now holds more of node 9 than the tree uses: its first pages
+    page_ptr, pages = cache.host_node_pages(tree)
+    np.testing.assert_array_equal(pages, device_pages.cpu().numpy())
+    with pytest.raises(CacheError, match="node 9: the tree holds 20 tokens"):
+        cache.host_node_pages(Tree([5, 1, 9], [None, 5, 5], [9, 4, 20]))
