@@ -2,7 +2,7 @@
 
 `deft.plan.build_plan` is the normative planner (the reference and the IO model read its
 `Plan`); `deft.plan_buffers.plan_arrays` then encodes a plan for the kernels. Together they take
-0.3-2 ms a decode step, mostly numpy's per-call overhead on small arrays. `node_plan_arrays`
+0.3-2 ms a decode step, mostly numpy's per-call overhead on small arrays. `NodePlanner.arrays`
 builds the same buffers (equal `partition_sets`) for deft_node, deft_node_chunk and
 deft_flatten with a few numpy calls over nodes, chunks and tokens, and no `Plan`.
 
@@ -25,7 +25,7 @@ import numpy as np
 from deft.tree import INDEX_LIMIT
 
 FAST_STRATEGIES = ("deft_node", "deft_node_chunk", "deft_flatten")
-"""The strategies `node_plan_arrays` plans (the others go through `deft.plan.build_plan`)."""
+"""The strategies `NodePlanner` plans (the others go through `deft.plan.build_plan`)."""
 
 
 class _Shape:

@@ -71,9 +71,9 @@ def measure(run, strategy: str, device: str) -> dict:
     queries = max(queries, biggest.num_queries, 256)
     capacity = dict(max_queries=queries, max_tokens=2 * biggest.num_tokens, device=device)
     chunk, group, _ = check_parameters(strategy, None, None, 1)
-    fast = TreeAttention(strategy, chunk, group, **capacity) if chunk or group else None
-    if fast is None:  # deft_node: no size to fix; group = every query fixes nothing either
-        fast = TreeAttention(strategy, group_size=10**6, **capacity)
+    if chunk is None:  # deft_node takes no chunk: a group cap no tree reaches fixes its
+        group = 10**6  # sizes without changing its plan, so that it takes the node planner
+    fast = TreeAttention(strategy, chunk, group, **capacity)
     tuned = TreeAttention(strategy, **capacity)
     pool = PagedKVCache(4 * pages_for(biggest, PAGE_SIZE) + 64, PAGE_SIZE, 1, 16, device=device)
     cache = TreeCache(pool)
