@@ -19,6 +19,8 @@ pages through `TreeCache.node_pages` and `TreeCache.token_slots`::
 
 from __future__ import annotations
 
+from itertools import chain
+
 import numpy as np
 import torch
 
@@ -195,6 +197,22 @@ class TreeCache:
         device = self.pool.device
         return (torch.from_numpy(page_ptr.astype(np.int32)).to(device),
                 torch.from_numpy(pages.astype(np.int32)).to(device))
+
+    def host_node_pages(self, tree: Tree) -> tuple:
+        """`node_pages` as int64 numpy arrays on the host (what the planner reads: no round
+        trip through the pool's device), with one pass of plain Python over the nodes."""
+        ids = tree.node_ids.tolist()
+        wanted = tree.tokens.tolist()
+        held = [self._tokens.get(node, 0) for node in ids]
+        if any(h < w for h, w in zip(held, wanted)):
+            return self._node_pages(tree)  # raises CacheError naming the node
+        counts = _ceil_div(tree.tokens, self.pool.page_size)
+        page_ptr = np.concatenate([[0], np.cumsum(counts)])
+        lists = [self._pages[node] for node in ids]
+        if held != wanted:  # nodes holding more tokens than the tree uses: their first pages
+            lists = [pages[:c] for pages, c in zip(lists, counts.tolist())]
+        pages = np.fromiter(chain.from_iterable(lists), dtype=np.int64, count=int(page_ptr[-1]))
+        return page_ptr, pages
 
     def token_slots(self, tree: Tree) -> torch.Tensor:
         """Slot of every test-layout token of ``tree`` (by node index, then position).

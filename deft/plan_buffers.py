@@ -39,6 +39,7 @@ import torch
 
 from deft.tree import INDEX_LIMIT, Tree
 from deft.plan import Plan
+from deft.strategies import DEFAULT_CHUNK_SIZE
 
 FIELDS = (
     "counts",
@@ -57,6 +58,39 @@ FIELDS = (
 QUERY_FIELDS = {"query_row_ptr", "query_flat"}
 ENTRY_FIELDS = {"part_start", "part_tokens", "part_entry", "entry_query", "entry_row"}
 SLOT_FIELDS = {"token_slot", "subtree_end"}
+
+
+COALESCE = 16384
+"""Unused int32 elements between two fields' used parts that `PlanBuffers.fill` copies along
+rather than issuing one more copy (64 KiB: a few microseconds of transfer, less than a copy's
+host time)."""
+
+
+PATH_STRATEGIES = ("deft_node", "deft_node_chunk")
+"""The strategies whose entries grow with the nodes on a query's path (`max_path_nodes`)."""
+
+
+def default_max_entries(strategy: str, max_queries: int, max_tokens: int, chunk_size,
+                        max_path_nodes: int) -> int:
+    """Entries enough for every plan of a tree within the capacities (Q queries, T tokens, at
+    most D nodes on a root-to-query path), with the chunk size C `plan` plans with (the
+    strategy's default where it tunes: a tuned plan needing more falls back to the defaults).
+
+    An entry is a (partition, query) pair, and a query takes part only in partitions holding
+    tokens it sees. flash_decoding and radix cut each query's path, tree_attention_s and
+    deft_flatten a run of at most T flattened tokens, into chunks: at most ``ceil(T / C)`` per
+    query. deft_node gives a query one partition per node of its path: at most D. deft_node_chunk
+    cuts each of those d nodes of s tokens separately: ``sum ceil(t / C) <= floor((s - d) / C)
+    + d``, largest at ``d = D, s = T``.
+    """
+    chunk = chunk_size or DEFAULT_CHUNK_SIZE
+    if strategy == "deft_node":
+        per_query = max_path_nodes
+    elif strategy == "deft_node_chunk":
+        per_query = (max_tokens - max_path_nodes) // chunk + max_path_nodes
+    else:
+        per_query = -(-max_tokens // chunk)
+    return int(max_queries * per_query)
 
 
 class CapacityError(ValueError):
@@ -81,6 +115,7 @@ class PageTable:
         self.page_ptr = torch.as_tensor(page_ptr, dtype=torch.int32)
         self.pages = torch.as_tensor(pages, dtype=torch.int32)
         self.page_size = int(page_size)
+        self._host = (_host(self.page_ptr), _host(self.pages))
 
     def node_pages(self, tree: Tree):
         """(page_ptr [nodes + 1], pages) in the tree's node-index order."""
@@ -89,6 +124,23 @@ class PageTable:
                 f"the page table has {len(self.page_ptr) - 1} nodes, the tree {tree.num_nodes}"
             )
         return self.page_ptr, self.pages
+
+    def host_node_pages(self, tree: Tree):
+        """`node_pages` as int64 numpy arrays (what the planner reads; no device round trip)."""
+        self.node_pages(tree)
+        return self._host
+
+
+def host_node_pages(cache, tree: Tree):
+    """A page table's ``(page_ptr [nodes + 1], pages)`` as int64 numpy arrays on the host.
+
+    Uses the cache's ``host_node_pages`` where it has one (`PageTable`, `deft.cache.TreeCache`),
+    else its ``node_pages`` (copied to the host if they live on a device).
+    """
+    if hasattr(cache, "host_node_pages"):
+        return cache.host_node_pages(tree)
+    page_ptr, pages = cache.node_pages(tree)
+    return _host(page_ptr), _host(pages)
 
 
 def cache_page_size(cache) -> int:
@@ -168,7 +220,8 @@ def plan_arrays(plan: Plan, page_ptr, pages, flat: bool) -> dict:
 
     Returns
     -------
-    dict of field name to array; plus ``"max_slot"``, the largest slot read (an int).
+    dict of field name to array; plus ``"max_slot"``, the largest slot read (an int), and
+    ``"slots"``, the cache slot of every test-layout token (`token_slots`).
     """
     tree = plan.tree
     slots = token_slots(tree, page_ptr, pages, plan.page_size)
@@ -205,6 +258,7 @@ def plan_arrays(plan: Plan, page_ptr, pages, flat: bool) -> dict:
         token_slot=token_slot,
         subtree_end=subtree_end,
     )
+    arrays["slots"] = slots
     arrays["max_slot"] = int(slots.max())
     if arrays["max_slot"] > INDEX_LIMIT:
         raise ValueError(f"cache slot {arrays['max_slot']} is beyond the int32 limit")
@@ -245,12 +299,22 @@ class PlanBuffers:
         self.offsets = [int(o) for o in offsets[:-1]]
         self.data = torch.zeros(int(offsets[-1]), dtype=torch.int32, device=self.device)
         self.views = {n: self.data[o: o + self.capacity[n]] for n, o in zip(FIELDS, self.offsets)}
-        pinned = self.device.type == "cuda"
-        self._staging = torch.zeros(len(self.data), dtype=torch.int32, pin_memory=pinned)
+        if self.device.type == "cpu":  # the buffers are host memory: fill them directly
+            self._staging = None
+            self._staging_host = self.data.numpy()
+        else:
+            self._staging = torch.zeros(len(self.data), dtype=torch.int32,
+                                        pin_memory=self.device.type == "cuda")
+            self._staging_host = self._staging.numpy()
         self._copied = None  # event after the last staging -> device copies
 
     def fill(self, arrays: dict) -> None:
-        """Copy a plan's arrays (`plan_arrays`) into the buffers; raise CapacityError if too big."""
+        """Copy a plan's arrays (`plan_arrays`) into the buffers; raise CapacityError if too big.
+
+        The fields are written into the pinned staging area, then copied to the device in as
+        few non-blocking copies as the gaps between their used parts allow (`COALESCE`); on
+        the CPU straight into the buffers.
+        """
         queries, entries = int(arrays["counts"][1]), len(arrays["entry_query"])
         slots = len(arrays["token_slot"])
         for name, need in (("max_queries", queries), ("max_entries", entries),
@@ -258,17 +322,23 @@ class PlanBuffers:
             if need > self._limits[name]:
                 raise CapacityError(
                     f"the plan needs {name} >= {need} but this TreeAttention was built with "
-                    f"{name}={self._limits[name]}"
+                    f"{name}={self._limits[name]}: pass {name}={need} (or more)"
                 )
         if self._copied is not None:
             self._copied.synchronize()  # the previous plan's copies have left the staging area
+        spans = []
         for name, offset in zip(FIELDS, self.offsets):
             values = arrays[name]
-            self._staging[offset: offset + len(values)] = torch.from_numpy(
-                np.ascontiguousarray(values, dtype=np.int32))
             if len(values):
-                self.views[name][: len(values)].copy_(
-                    self._staging[offset: offset + len(values)], non_blocking=True)
+                self._staging_host[offset: offset + len(values)] = values
+                if spans and offset - spans[-1][1] <= COALESCE:
+                    spans[-1][1] = offset + len(values)
+                else:
+                    spans.append([offset, offset + len(values)])
+        if self._staging is None:
+            return
+        for lo, hi in spans:
+            self.data[lo:hi].copy_(self._staging[lo:hi], non_blocking=True)
         if self.device.type == "cuda":
             self._copied = torch.cuda.Event()
             self._copied.record()

@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import contextlib
 import math
-from dataclasses import dataclass
 
 import numpy as np
 import torch
@@ -23,92 +22,26 @@ from deft.kernels import KERNELS, deft_flatten_sm90, flat as flat_addressing, ti
 from deft.kernels.partials import TileConfig, partials
 from deft.kernels.reduction import merge, per_query_merge
 from deft.kernels.tuned import tuned_plan
+from deft.bound_run import BoundRun, RunCache, argument_key, capture, check_inputs
+from deft.fast_plan import FAST_STRATEGIES, NodePlanner
 from deft.plan_buffers import (
+    PATH_STRATEGIES,
     PlanBuffers,
     cache_page_size,
+    default_max_entries,
+    host_node_pages,
     paged_cache,
     plan_arrays,
-    token_slots,
     views_of,
 )
 from deft.tree import Tree
+from deft.tree_plan import TreePlan
 from deft.plan import Plan, build_plan, check_parameters
-from deft.strategies import DEFAULT_CHUNK_SIZE, KERNEL_STRATEGIES
+from deft.strategies import KERNEL_STRATEGIES
 
 
-DTYPES = (torch.float16, torch.bfloat16, torch.float32)
-HEAD_DIMS = (16, 32, 64, 128, 256)
-"""Head dims the kernels take (powers of two: tl.arange; at least 16: tl.dot)."""
 CPU_PROGRAMS = 4
 """Persistent programs under the Triton interpreter (no GPU)."""
-
-
-@dataclass(frozen=True, eq=False)
-class TreePlan:
-    """One decode step's plan, living in its `TreeAttention`'s device buffers.
-
-    A later `TreeAttention.plan` overwrites the buffers: this plan then becomes stale and `run`
-    refuses it.
-
-    Attributes
-    ----------
-    strategy : str
-    tree : Tree
-    reference : deft.plan.Plan
-        The normative partitions the buffers encode.
-    chunk_size, group_size : int or None
-        The sizes this plan was built with (the tuned ones where its `TreeAttention` takes
-        them from the tuned configs).
-    page_size : int
-    num_queries, num_partitions, num_entries : int
-    max_slot : int
-        The largest cache slot the plan reads (``k_cache`` must hold more rows).
-    slots : int64 [tokens]
-        Cache slot of every test-layout token.
-    generation : int
-        Which `plan` call of its owner made it.
-    owner : TreeAttention
-    """
-
-    strategy: str
-    tree: Tree
-    reference: Plan
-    page_size: int
-    num_queries: int
-    num_partitions: int
-    num_entries: int
-    per_query_merge: bool
-    max_slot: int
-    slots: np.ndarray
-    generation: int
-    owner: "TreeAttention"
-
-    @property
-    def chunk_size(self) -> int | None:
-        return self.reference.chunk_size
-
-    @property
-    def group_size(self) -> int | None:
-        return self.reference.group_size
-
-    def partition_sets(self) -> list:
-        """Every partition as (queries, test-layout tokens), decoded from the device buffers.
-
-        The form `deft.plan.Plan.partition_sets` returns, for plan-equality tests.
-        """
-        self.owner._check_current(self)
-        read = self.owner.buffers.read
-        start, tokens, entry = read("part_start"), read("part_tokens"), read("part_entry")
-        entry_query, slot = read("entry_query"), read("token_slot")
-        token_of_slot = dict(zip(self.slots.tolist(), range(len(self.slots))))
-        sets = []
-        for p in range(self.num_partitions):
-            part_slots = slot[start[p]: start[p] + tokens[p]].tolist()
-            sets.append((tuple(entry_query[entry[p]: entry[p + 1]].tolist()),
-                         tuple(token_of_slot[s] for s in part_slots)))
-        return sets
-
-
 class TreeAttention:
     """Tree attention over a paged KV cache with one strategy's kernels.
 
@@ -129,13 +62,17 @@ class TreeAttention:
         Most KV tokens of a tree.
     max_entries : int, optional
         Most (partition, query) entries of a plan: the partial-result workspace holds
-        ``max_entries x q_heads x (head_dim + 1)`` fp32 values. Default
-        ``max_queries x ceil(max_tokens / chunk)``, enough for every plan of flash_decoding,
-        radix, tree_attention_s and deft_flatten within the other capacities (deft_node and
-        deft_node_chunk on deep trees may need more: `plan` says so).
+        ``max_entries x q_heads x (head_dim + 1)`` fp32 values. Default: `default_max_entries`,
+        enough for every plan `plan` builds of a tree within the other capacities.
     max_kv_slots : int, optional
         flash_decoding and radix only: most listed KV slots, the sum over queries of visible
         tokens (default ``max_queries x max_tokens``).
+    max_path_nodes : int, optional
+        deft_node and deft_node_chunk only: most nodes on the path from a root to a query's node
+        (default ``max_tokens``, the worst case: a chain of one-token nodes). Their entries grow
+        with it, so a small value shrinks the default ``max_entries`` a lot (at the worst case
+        it is ``max_queries x max_tokens``, and so is the workspace's first dimension: pass
+        it, or build with `for_trees`); `plan` refuses a tree with a longer path.
     config : TileConfig, optional
         Tiles and launch options (default: the strategy's table by head dim).
     device : str or torch.device
@@ -143,6 +80,9 @@ class TreeAttention:
         The partials kernel (default: env ``DEFT_BACKEND``, else the Hopper Gluon kernel for
         deft_flatten on sm_90 where triton has Gluon, else Triton; see
         `deft.kernels.deft_flatten_sm90.resolve_backend`).
+    max_graphs : int
+        Argument sets of `run` kept, each with its CUDA graph once it repeats
+        (`deft.bound_run`; 0: no graphs, every call checks its arguments and launches).
 
     Attributes
     ----------
@@ -157,7 +97,8 @@ class TreeAttention:
 
     def __init__(self, strategy="deft_flatten", chunk_size=None, group_size=None, *,
                  max_queries: int, max_tokens: int, max_entries=None, max_kv_slots=None,
-                 config: TileConfig | None = None, device="cuda", backend=None):
+                 max_path_nodes=None, config: TileConfig | None = None, device="cuda",
+                 backend=None, max_graphs: int = 64):
         if strategy not in KERNELS:
             raise ValueError(
                 f"TreeAttention runs {', '.join(KERNEL_STRATEGIES)}; {strategy!r} has no "
@@ -169,16 +110,24 @@ class TreeAttention:
         sizes = check_parameters(strategy, chunk_size, group_size, 1)[:2]
         self.chunk_size, self.group_size = (None, None) if self._use_tuned_configs else sizes
         self.flat = flat = flat_addressing(strategy)
-        if max_entries is None:
-            max_entries = max_queries * -(-max_tokens // (self.chunk_size or DEFAULT_CHUNK_SIZE))
         if max_kv_slots is None:
             max_kv_slots = max_tokens if flat else max_queries * max_tokens
         elif flat:
             raise ValueError(f"{strategy} takes no max_kv_slots (its slots are max_tokens)")
+        if max_path_nodes is not None and strategy not in ("deft_node", "deft_node_chunk"):
+            raise ValueError(f"{strategy} takes no max_path_nodes (its entries do not depend "
+                             "on the paths' nodes)")
         for name, value in dict(max_queries=max_queries, max_tokens=max_tokens,
-                                max_entries=max_entries, max_kv_slots=max_kv_slots).items():
+                                max_entries=max_entries, max_kv_slots=max_kv_slots,
+                                max_path_nodes=max_path_nodes).items():
+            if value is None:
+                continue
             if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 1:
                 raise ValueError(f"{name} must be a positive integer, got {value!r}")
+        self.max_path_nodes = min(int(max_path_nodes or max_tokens), int(max_tokens))
+        if max_entries is None:
+            max_entries = default_max_entries(strategy, max_queries, max_tokens, sizes[0],
+                                              self.max_path_nodes)
         self.max_queries, self.max_tokens = int(max_queries), int(max_tokens)
         self.max_entries = int(max_entries)
         self.config = config
@@ -186,12 +135,15 @@ class TreeAttention:
         self.device = torch.device(device)
         if self.device.type == "cuda" and self.device.index is None:
             self.device = torch.device("cuda", torch.cuda.current_device())
-        self.backend = deft_flatten_sm90.resolve_backend(strategy, backend, self.device)
         self.buffers = PlanBuffers(self.max_queries, self.max_entries, int(max_kv_slots), flat,
                                    self.device, "max_tokens" if flat else "max_kv_slots")
         self._generation = 0
         self._workspace = None
         self._launch_cache = None
+        self._node_planner = NodePlanner(strategy) if strategy in FAST_STRATEGIES else None
+        self.backend = deft_flatten_sm90.resolve_backend(strategy, backend, self.device)
+        self._runs = RunCache(max_graphs)
+        self._graph_pool = None
 
     # ------------------------------------------------------------------ plan
     @classmethod
@@ -207,8 +159,37 @@ class TreeAttention:
             device=device,
         )
 
+    @classmethod
+    def for_trees(cls, strategy: str, trees, chunk_size=None, group_size=None,
+                  **options) -> "TreeAttention":
+        """A TreeAttention whose default capacities fit every plan of the given trees.
+
+        ``TreeAttention.for_trees(strategy, run)`` sizes one for every step of a run: the most
+        queries and tokens of a tree, for deft_node and deft_node_chunk the most nodes on a
+        query's path (`max_path_nodes`, which keeps their ``max_entries`` far below the
+        worst case), for flash_decoding and radix the most listed slots. `options` are the
+        other constructor arguments (config, device, max_graphs).
+        """
+        sizes = dict(max_queries=1, max_tokens=1)
+        node_paths = strategy in PATH_STRATEGIES
+        listed = strategy in KERNELS and not flat_addressing(strategy)
+        for tree in trees:
+            sizes["max_queries"] = max(sizes["max_queries"], tree.num_queries)
+            sizes["max_tokens"] = max(sizes["max_tokens"], tree.num_tokens)
+            if node_paths:
+                sizes["max_path_nodes"] = max(sizes.get("max_path_nodes", 1),
+                                              int(tree.depth[tree.query_node].max()) + 1)
+            if listed:
+                sizes["max_kv_slots"] = max(sizes.get("max_kv_slots", 1),
+                                            int(tree.visible_tokens.sum()))
+        return cls(strategy, chunk_size, group_size, **sizes, **options)
+
     def plan(self, tree: Tree, cache, reference: Plan | None = None) -> TreePlan:
         """Plan one decode step: build the partitions and refill the device buffers in place.
+
+        With chunk and group sizes fixed, the KV-guided strategies' buffers come straight from
+        the tree's node arrays (`deft.fast_plan`, the same partitions as
+        `deft.plan.build_plan`); the plan's ``reference`` is then built on first use.
 
         Parameters
         ----------
@@ -219,8 +200,7 @@ class TreeAttention:
             ``page_size`` (`deft.plan_buffers.PageTable`, `deft.cache.TreeCache`).
         reference : deft.plan.Plan, optional
             This step's partitions if already built (`deft.plan.build_plan` with this
-            TreeAttention's strategy, chunk and group sizes, any sizes where they are tuned,
-            and the cache's page size).
+            TreeAttention's strategy, chunk and group sizes and the cache's page size).
 
         Returns
         -------
@@ -231,10 +211,26 @@ class TreeAttention:
                              f"was built with max_tokens={self.max_tokens}")
         page_size = cache_page_size(cache)
         self.tuned_from, self._tuned_config = None, None
+        if self.max_path_nodes < self.max_tokens and self.strategy in PATH_STRATEGIES:
+            path_nodes = int(tree.depth[tree.query_node].max()) + 1
+            if path_nodes > self.max_path_nodes:
+                raise ValueError(f"the tree has a query {path_nodes} nodes below its root but "
+                                 f"this TreeAttention was built with max_path_nodes="
+                                 f"{self.max_path_nodes}")
+        page_ptr, pages = host_node_pages(cache, tree)
+        arrays = None
         if reference is None and self._use_tuned_configs:  # nothing fixed by the caller
-            reference, tuned = tuned_plan(self.strategy, tree, page_size, self.device,
-                                          self.max_entries)
+            build = None if self._node_planner is None else (
+                lambda chunk, group: self._node_arrays(tree, page_ptr, pages, page_size, chunk,
+                                                       group))
+            built, tuned = tuned_plan(self.strategy, tree, page_size, self.device,
+                                      self.max_entries, build)
             self.tuned_from, self._tuned_config = tuned.rung, tuned.config
+            chunk, group = tuned.chunk_size, tuned.group_size
+            reference, arrays = (built, None) if build is None else (None, built)
+        elif reference is None and self._node_planner is not None:  # fixed sizes, KV-guided
+            chunk, group = self.chunk_size, self.group_size
+            arrays, _ = self._node_arrays(tree, page_ptr, pages, page_size, chunk, group)
         elif reference is None:
             reference = build_plan(self.strategy, tree, self.chunk_size, self.group_size,
                                    page_size)
@@ -243,20 +239,25 @@ class TreeAttention:
                   reference.chunk_size != self.chunk_size
                   or reference.group_size != self.group_size)):
             raise ValueError("reference is not this TreeAttention's plan of this tree and cache")
-        page_ptr, pages = cache.node_pages(tree)
-        arrays = plan_arrays(reference, page_ptr, pages, self.flat)
+        if arrays is None:
+            arrays = plan_arrays(reference, page_ptr, pages, self.flat)
+            chunk, group = reference.chunk_size, reference.group_size
         self.buffers.fill(arrays)
         self._generation += 1
+        entries = len(arrays["entry_query"])
         return TreePlan(
-            strategy=self.strategy, tree=tree, reference=reference, page_size=page_size,
-            num_queries=tree.num_queries, num_partitions=reference.num_partitions,
-            num_entries=len(reference.query_index),
-            per_query_merge=per_query_merge(tree.num_queries, len(reference.query_index),
-                                            self._sm_count()),
-            max_slot=arrays["max_slot"],
-            slots=token_slots(tree, page_ptr, pages, page_size),
-            generation=self._generation, owner=self,
+            strategy=self.strategy, tree=tree, chunk_size=chunk, group_size=group,
+            page_size=page_size, num_queries=tree.num_queries,
+            num_partitions=int(arrays["counts"][0]), num_entries=entries,
+            per_query_merge=per_query_merge(tree.num_queries, entries, self._sm_count()),
+            max_slot=arrays["max_slot"], generation=self._generation, owner=self,
+            _reference=reference, _slots=arrays["slots"], _slots_flat=reference is None,
         )
+
+    def _node_arrays(self, tree, page_ptr, pages, page_size, chunk, group):
+        """(the node planner's plan arrays, their entries) for one chunk and group size."""
+        arrays = self._node_planner.arrays(tree, page_ptr, pages, page_size, chunk, group)
+        return arrays, len(arrays["entry_query"])
 
     def _check_current(self, plan: TreePlan) -> None:
         if not isinstance(plan, TreePlan) or plan.owner is not self:
@@ -280,7 +281,10 @@ class TreeAttention:
             The current plan of this TreeAttention.
         out : [rows, q_heads, head_dim], optional
             Written in place (q's dtype); allocated if None. With `out` given and return_lse
-            False, a call allocates nothing after the first (which sizes the workspace).
+            False, a call allocates nothing after the first (which sizes the workspace). On a
+            GPU the second call with the same tensors (out and lse included, allocated or not)
+            captures a CUDA graph that later calls replay (`deft.bound_run`: about 3 us of host
+            time instead of two launches).
         sm_scale : float, optional
             Softmax scale (default 1 / sqrt(head_dim)).
         return_lse : bool
@@ -291,32 +295,84 @@ class TreeAttention:
         out : [rows, q_heads, head_dim]
         lse : fp32 [rows, q_heads], only with return_lse
         """
-        self._check_current(plan)
-        self._check_inputs(q, k_cache, v_cache, plan, out)
+        if plan.__class__ is not TreePlan or plan.owner is not self \
+                or plan.generation != self._generation:
+            self._check_current(plan)
+        if torch.compiler.is_compiling():  # traced: the custom op keeps the graph opaque
+            return self._run_traced(q, k_cache, v_cache, plan, out, sm_scale, return_lse)
+        if out is None:
+            if not isinstance(q, torch.Tensor):
+                check_inputs(q, k_cache, v_cache, plan, out, self.device, self.max_queries)
+            out = torch.empty_like(q, memory_format=torch.contiguous_format)
+        lse = torch.empty(q.shape[:2], dtype=torch.float32, device=q.device) if return_lse \
+            else None
+        key = argument_key(q, k_cache, v_cache, out, lse, sm_scale, plan.per_query_merge)
+        bound = self._runs.get(key) if key is not None else None
+        config_source = (self.config, self._tuned_config)
+        if bound is None or not bound.fits(plan, config_source):
+            bound = self._bind(key, q, k_cache, v_cache, plan, out, sm_scale, config_source)
+        bound.calls += 1
+        if bound.graph is not None and not torch.cuda.is_current_stream_capturing():
+            if torch.cuda.current_device() == bound.device_index:
+                bound.graph.replay()
+            else:
+                with torch.cuda.device(bound.device_index):
+                    bound.graph.replay()
+            return (out, lse) if return_lse else out
+
+        def launch():
+            _launch(q, k_cache, v_cache, self.buffers.views, bound.o_part, bound.lse_part, out,
+                    lse, self.flat, bound.sm_scale, bound.config, bound.num_programs,
+                    plan.per_query_merge, self.backend == "gluon")
+
+        if (bound.calls == 2 and key is not None and self.device.type == "cuda"
+                and not torch.cuda.is_current_stream_capturing()):
+            with torch.cuda.device(self.device):  # the argument set repeats: capture it
+                if self._graph_pool is None:
+                    self._graph_pool = torch.cuda.graph_pool_handle()
+                bound.graph = capture(launch, self.device, self._graph_pool)
+                if bound.graph is not None:
+                    bound.graph.replay()
+                    return (out, lse) if return_lse else out
+        launch()
+        return (out, lse) if return_lse else out
+
+    def _bind(self, key, q, k_cache, v_cache, plan, out, sm_scale, config_source) -> BoundRun:
+        """Check one argument set and resolve what its launches take (`deft.bound_run`)."""
+        check_inputs(q, k_cache, v_cache, plan, out, self.device, self.max_queries)
+        _, q_heads, head_dim = q.shape
+        config, num_programs = self._launch_config(head_dim, q_heads, k_cache.shape[2])
+        sm_scale = 1.0 / math.sqrt(head_dim) if sm_scale is None else float(sm_scale)
+        bound = BoundRun(q, k_cache, config_source, config, num_programs, sm_scale,
+                         self._partials_workspace(q_heads, head_dim))
+        self._runs.put(key, bound)
+        return bound
+
+    def _run_traced(self, q, k_cache, v_cache, plan, out, sm_scale, return_lse):
+        """`run` under torch.compile: the checks, then the custom op."""
+        check_inputs(q, k_cache, v_cache, plan, out, self.device, self.max_queries)
         rows, q_heads, head_dim = q.shape
-        kv_heads = k_cache.shape[2]
         if out is None:
             out = torch.empty_like(q, memory_format=torch.contiguous_format)
         lse = torch.empty(rows, q_heads, dtype=torch.float32, device=q.device) if return_lse \
             else None
         o_part, lse_part = self._partials_workspace(q_heads, head_dim)
-        config, num_programs = self._launch_config(head_dim, q_heads, kv_heads)
+        config, num_programs = self._launch_config(head_dim, q_heads, k_cache.shape[2])
         sm_scale = 1.0 / math.sqrt(head_dim) if sm_scale is None else float(sm_scale)
-        if torch.compiler.is_compiling():  # traced: the custom op keeps the graph opaque
-            torch.ops.deft.tree_attention(
-                q, k_cache, v_cache, self.buffers.data, self.buffers.layout(), o_part,
-                lse_part, out, lse, self.flat, sm_scale, config.as_ints(), num_programs,
-                plan.per_query_merge, self.backend == "gluon")
-        else:  # eager: the same launches without the custom op's dispatch (host time)
-            _launch(q, k_cache, v_cache, self.buffers.views, o_part, lse_part, out, lse,
-                    self.flat, sm_scale, config, num_programs, plan.per_query_merge,
-                    self.backend == "gluon")
+        torch.ops.deft.tree_attention(
+            q, k_cache, v_cache, self.buffers.data, self.buffers.layout(), o_part, lse_part,
+            out, lse, self.flat, sm_scale, config.as_ints(), num_programs, plan.per_query_merge,
+            self.backend == "gluon")
         return (out, lse) if return_lse else out
 
     def _partials_workspace(self, q_heads: int, head_dim: int):
-        """(o_part, lse_part), allocated on first use for a head shape (warm-up), then reused."""
+        """(o_part, lse_part), allocated on first use for a head shape (warm-up), then reused.
+
+        A new head shape replaces them, and with them every argument set bound to the old ones.
+        """
         shape = (self.max_entries, q_heads, head_dim)
         if self._workspace is None or self._workspace[0].shape != shape:
+            self._runs.clear()
             self._workspace = (
                 torch.empty(shape, dtype=torch.float32, device=self.device),
                 torch.empty(shape[:2], dtype=torch.float32, device=self.device),
@@ -349,52 +405,6 @@ class TreeAttention:
         if self.device.type == "cuda":
             return torch.cuda.get_device_properties(self.device).multi_processor_count
         return CPU_PROGRAMS
-
-    def _check_inputs(self, q, k_cache, v_cache, plan, out) -> None:
-        def fail(message):
-            raise ValueError(f"TreeAttention.run: {message}")
-
-        for name, x, dims in (("q", q, 3), ("k_cache", k_cache, 4), ("v_cache", v_cache, 4)):
-            if not isinstance(x, torch.Tensor) or x.dim() != dims:
-                fail(f"{name} must be a {dims}-D tensor, got "
-                     f"{getattr(x, 'shape', type(x).__name__)}")
-            if x.device != self.device:
-                fail(f"{name} is on {x.device}, this TreeAttention on {self.device}")
-            if x.stride(-1) != 1:
-                fail(f"{name} must have a contiguous last (head_dim) dimension")
-        if q.dtype not in DTYPES:
-            fail(f"q must be float16, bfloat16 or float32, got {q.dtype}")
-        for name, x in (("k_cache", k_cache), ("v_cache", v_cache)):
-            if x.dtype != q.dtype:
-                fail(f"{name} is {x.dtype} but q is {q.dtype}")
-            if x.stride(0) != x.shape[1] * x.stride(1):
-                fail(f"{name} must hold each page's tokens contiguously "
-                     "(stride(0) == page_size * stride(1))")
-        if k_cache.shape != v_cache.shape:
-            fail(f"k_cache {list(k_cache.shape)} and v_cache {list(v_cache.shape)} differ")
-        rows, q_heads, head_dim = q.shape
-        num_pages, page_size, kv_heads, cache_dim = k_cache.shape
-        if cache_dim != head_dim:
-            fail(f"q has head_dim {head_dim}, the caches {cache_dim}")
-        if head_dim not in HEAD_DIMS:
-            fail(f"head_dim must be one of {HEAD_DIMS}, got {head_dim}")
-        if q_heads % kv_heads:
-            fail(f"q_heads ({q_heads}) must be a multiple of the caches' kv_heads ({kv_heads})")
-        if page_size != plan.page_size:
-            fail(f"the caches have pages of {page_size} tokens, the plan {plan.page_size}")
-        if num_pages * page_size <= plan.max_slot:
-            fail(f"the plan reads slot {plan.max_slot} but the caches hold "
-                 f"{num_pages * page_size} slots")
-        if not plan.num_queries <= rows <= self.max_queries:
-            fail(f"q has {rows} rows; it needs between the plan's {plan.num_queries} queries "
-                 f"and max_queries={self.max_queries}")
-        if out is not None:
-            if out.shape != q.shape or out.dtype != q.dtype or out.device != q.device:
-                fail(f"out must be {q.dtype} {list(q.shape)} on {q.device}, got {out.dtype} "
-                     f"{list(out.shape)} on {out.device}")
-            if out.stride(-1) != 1:
-                fail("out must have a contiguous last (head_dim) dimension")
-
 
 # ---------------------------------------------------------------------------- the launches
 def _launch(q, k_cache, v_cache, buffers, o_part, lse_part, out, lse, flat, sm_scale, config,

@@ -151,28 +151,39 @@ class Configs:
 
 # ---------------------------------------------------------------------------- lookup
 def tuned_plan(strategy: str, tree: Tree, page_size: int, device: torch.device,
-               max_entries: int):
+               max_entries: int, build=None):
     """The plan `deft.TreeAttention.plan` runs when its caller fixed no size and no tile.
 
     Looks the config up for `device` (CUDA only; elsewhere the defaults) and builds its plan.
     A tuned plan that needs more (partition, query) entries than ``max_entries`` falls back to
     the defaults, with a `TunedConfigWarning`.
 
+    Parameters
+    ----------
+    build : callable, optional
+        ``build(chunk_size, group_size) -> (plan, entries)``; default: `deft.plan.build_plan`
+        (`TreeAttention` passes its node planner, which builds the device arrays directly).
+
     Returns
     -------
-    plan : deft.plan.Plan
+    plan : deft.plan.Plan, or what `build` returns
     tuned : Tuned
     """
+    if build is None:
+        def build(chunk, group):
+            plan = build_plan(strategy, tree, chunk, group, page_size)
+            return plan, len(plan.query_index)
+
     identity = _identity(device)
     tuned = (tuned_config(strategy, tree, *identity) if identity is not None
              else _defaults(strategy, bucket_of(tree).key))
-    plan = build_plan(strategy, tree, tuned.chunk_size, tuned.group_size, page_size)
-    if tuned.rung != "default" and len(plan.query_index) > max_entries:
+    plan, entries = build(tuned.chunk_size, tuned.group_size)
+    if tuned.rung != "default" and entries > max_entries:
         warnings.warn(f"{strategy}: the {tuned.rung} config (chunk {tuned.chunk_size}, group "
                       f"{tuned.group_size}) needs more entries than max_entries={max_entries}: "
                       "planning with the defaults", TunedConfigWarning, stacklevel=3)
         tuned = _defaults(strategy, tuned.bucket)
-        plan = build_plan(strategy, tree, tuned.chunk_size, tuned.group_size, page_size)
+        plan, _ = build(tuned.chunk_size, tuned.group_size)
     return plan, tuned
 
 

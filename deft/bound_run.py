@@ -1,0 +1,204 @@
+"""`TreeAttention.run`'s argument sets: checked once, then launched with little host time.
+
+A decode step calls `run` once per layer with the same few tensors (the layer's caches, the
+query and output buffers), so what `run` derives from its arguments (the checks, the tile
+config, the persistent grid, the workspace) is kept per *argument set*: the key of every tensor
+argument (address, shape, strides, dtype, device) and the scalars. Only the plan-dependent checks
+(page size, largest slot, query count) run again on a later call.
+
+On a GPU, an argument set that comes back (second call) is captured as a CUDA graph of the two
+launches and replayed from then on: about 3 us of host time where the two Triton launches cost
+40-80 us. An ``out`` (or lse) that `run` allocates is part of the key like any other tensor:
+in a decode loop that drops each output before the next call, the allocator hands the same
+address back and the graph serves it too. The graph stays right after a new `plan`:
+the plan buffers are refilled in place at fixed addresses, both grids are sized by the
+capacity and the rows of ``q`` alone, and the kernels read the plan's counts from device memory;
+what else differs between plans (the merge kernel, a tuned tile config) is part of the key or
+checked on every call. A graph holds no reference to the caller's tensors, only their
+addresses: it is replayed only for tensors with the same address, shape, strides and dtype,
+which then cover the same memory. At most `RunCache.size` argument sets are kept (least
+recently used dropped first, with its graph).
+
+Plain launches are used where capturing is impossible: on the CPU (the Triton interpreter),
+inside someone else's stream capture, under torch.compile tracing (the custom op), and when a
+capture fails.
+"""
+
+from __future__ import annotations
+
+from collections import OrderedDict
+
+import torch
+
+
+DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+HEAD_DIMS = (16, 32, 64, 128, 256)
+"""Head dims the kernels take (powers of two: tl.arange; at least 16: tl.dot)."""
+
+
+def check_inputs(q, k_cache, v_cache, plan, out, device, max_queries) -> None:
+    """Raise ValueError, naming what is wrong, unless `run` can take these arguments."""
+    def fail(message):
+        raise ValueError(f"TreeAttention.run: {message}")
+
+    for name, x, dims in (("q", q, 3), ("k_cache", k_cache, 4), ("v_cache", v_cache, 4)):
+        if not isinstance(x, torch.Tensor) or x.dim() != dims:
+            fail(f"{name} must be a {dims}-D tensor, got "
+                 f"{getattr(x, 'shape', type(x).__name__)}")
+        if x.device != device:
+            fail(f"{name} is on {x.device}, this TreeAttention on {device}")
+        if x.stride(-1) != 1:
+            fail(f"{name} must have a contiguous last (head_dim) dimension")
+    if q.dtype not in DTYPES:
+        fail(f"q must be float16, bfloat16 or float32, got {q.dtype}")
+    for name, x in (("k_cache", k_cache), ("v_cache", v_cache)):
+        if x.dtype != q.dtype:
+            fail(f"{name} is {x.dtype} but q is {q.dtype}")
+        if x.stride(0) != x.shape[1] * x.stride(1):
+            fail(f"{name} must hold each page's tokens contiguously "
+                 "(stride(0) == page_size * stride(1))")
+    if k_cache.shape != v_cache.shape:
+        fail(f"k_cache {list(k_cache.shape)} and v_cache {list(v_cache.shape)} differ")
+    rows, q_heads, head_dim = q.shape
+    num_pages, page_size, kv_heads, cache_dim = k_cache.shape
+    if cache_dim != head_dim:
+        fail(f"q has head_dim {head_dim}, the caches {cache_dim}")
+    if head_dim not in HEAD_DIMS:
+        fail(f"head_dim must be one of {HEAD_DIMS}, got {head_dim}")
+    if q_heads % kv_heads:
+        fail(f"q_heads ({q_heads}) must be a multiple of the caches' kv_heads ({kv_heads})")
+    if page_size != plan.page_size:
+        fail(f"the caches have pages of {page_size} tokens, the plan {plan.page_size}")
+    if num_pages * page_size <= plan.max_slot:
+        fail(f"the plan reads slot {plan.max_slot} but the caches hold "
+             f"{num_pages * page_size} slots")
+    if not plan.num_queries <= rows <= max_queries:
+        fail(f"q has {rows} rows; it needs between the plan's {plan.num_queries} queries "
+             f"and max_queries={max_queries}")
+    if out is not None:
+        if out.shape != q.shape or out.dtype != q.dtype or out.device != q.device:
+            fail(f"out must be {q.dtype} {list(q.shape)} on {q.device}, got {out.dtype} "
+                 f"{list(out.shape)} on {out.device}")
+        if out.stride(-1) != 1:
+            fail("out must have a contiguous last (head_dim) dimension")
+
+
+def argument_key(q, k_cache, v_cache, out, lse, sm_scale, per_query_merge):
+    """The key of one `run` call's arguments, or None when one of them is not a tensor.
+
+    Every tensor's address, shape, strides and dtype (``lse`` may be None), and q's device
+    (the others must be on it, checked when the set is bound; with unified addressing no two
+    devices share an address).
+    """
+    try:
+        return (q.data_ptr(), q.shape, q.stride(), q.dtype, q.get_device(),
+                k_cache.data_ptr(), k_cache.shape, k_cache.stride(), k_cache.dtype,
+                v_cache.data_ptr(), v_cache.shape, v_cache.stride(), v_cache.dtype,
+                out.data_ptr(), out.shape, out.stride(), out.dtype,
+                None if lse is None else (lse.data_ptr(), lse.shape, lse.stride()),
+                sm_scale, per_query_merge)
+    except (AttributeError, TypeError):
+        return None
+
+
+class BoundRun:
+    """One checked argument set of `TreeAttention.run`.
+
+    Attributes
+    ----------
+    page_size, cache_slots, rows : int
+        The caches' page size and slots, ``q``'s rows (the plan-dependent checks).
+    config_source : tuple
+        The TreeAttention's (config, tuned config) when bound: a plan that tunes another
+        config rebinds.
+    config, num_programs, sm_scale, o_part, lse_part :
+        What the launches take.
+    calls : int
+        Calls so far (a graph is captured on the second).
+    graph : torch.cuda.CUDAGraph or None
+    """
+
+    __slots__ = ("page_size", "cache_slots", "rows", "config_source", "config", "num_programs",
+                 "sm_scale", "o_part", "lse_part", "calls", "graph", "device_index")
+
+    def __init__(self, q, k_cache, config_source, config, num_programs, sm_scale, workspace):
+        num_pages, self.page_size = k_cache.shape[:2]
+        self.cache_slots = num_pages * self.page_size
+        self.rows = q.shape[0]
+        self.config_source, self.config, self.num_programs = config_source, config, num_programs
+        self.sm_scale = sm_scale
+        self.o_part, self.lse_part = workspace
+        self.calls, self.graph = 0, None
+        self.device_index = q.get_device()
+
+    def fits(self, plan, config_source) -> bool:
+        """Whether the checks and the launch settings made at binding hold for `plan`."""
+        if not (plan.page_size == self.page_size and plan.max_slot < self.cache_slots
+                and plan.num_queries <= self.rows):
+            return False
+        if config_source == self.config_source:  # the same objects, or equal ones
+            self.config_source = config_source
+            return True
+        return False
+
+
+class RunCache:
+    """The argument sets of one TreeAttention, least recently used first.
+
+    Parameters
+    ----------
+    size : int
+        Most argument sets kept (each with at most one graph); 0 keeps none.
+    """
+
+    def __init__(self, size: int):
+        self.size = size
+        self._bound = OrderedDict()
+
+    def get(self, key):
+        bound = self._bound.get(key)
+        if bound is not None:
+            self._bound.move_to_end(key)
+        return bound
+
+    def put(self, key, bound: BoundRun) -> None:
+        if key is None or not self.size:
+            return
+        self._bound[key] = bound
+        self._bound.move_to_end(key)
+        while len(self._bound) > self.size:
+            self._bound.popitem(last=False)
+
+    def clear(self) -> None:
+        """Drop every argument set and graph (the workspace they launch on was replaced)."""
+        self._bound.clear()
+
+    def __len__(self) -> int:
+        return len(self._bound)
+
+    def graphs(self) -> int:
+        """Argument sets holding a captured graph."""
+        return sum(b.graph is not None for b in self._bound.values())
+
+
+def capture(launch, device: torch.device, pool) -> "torch.cuda.CUDAGraph | None":
+    """A CUDA graph of ``launch()`` captured on a side stream, or None if capturing fails.
+
+    The capture only records: nothing runs until the graph is replayed. Errors are confined to
+    this thread's capture (``thread_local``), so other threads' CUDA work is not disturbed.
+    """
+    current = torch.cuda.current_stream(device)
+    stream = torch.cuda.Stream(device)
+    stream.wait_stream(current)
+    graph = torch.cuda.CUDAGraph()
+    try:
+        with torch.cuda.stream(stream):
+            graph.capture_begin(pool=pool, capture_error_mode="thread_local")
+            try:
+                launch()
+            finally:
+                graph.capture_end()
+    except RuntimeError:
+        return None
+    current.wait_stream(stream)
+    return graph

@@ -1,0 +1,209 @@
+"""The plan buffers of the KV-guided strategies built straight from a tree's node arrays.
+
+`deft.plan.build_plan` is the normative planner (the reference and the IO model read its
+`Plan`); `deft.plan_buffers.plan_arrays` then encodes a plan for the kernels. Together they take
+0.3-2 ms a decode step, mostly numpy's per-call overhead on small arrays. `NodePlanner.arrays`
+builds the same buffers (equal `partition_sets`) for deft_node, deft_node_chunk and
+deft_flatten with a few numpy calls over nodes, chunks and tokens, and no `Plan`.
+
+It rests on one fact about flattened positions. Let ``end[f]`` be the flattened position just
+past the subtree of token f's node (the ``subtree_end`` buffer). A query at flattened position F
+sees token f iff ``f <= F < end[f]``; every token's ``end[f] > f``. So a query sees some token
+of a chunk ``[a, b)`` (a run inside the flattened order) iff ``a <= F < max(end[a:b])``: if
+F lies inside the chunk it sees its own token, if F is past the chunk it needs one token whose
+subtree reaches past F, and it sees nothing before its own position. Every chunk is then an
+interval test against the queries, one ``[chunks, queries]`` comparison for the whole plan.
+
+What depends only on the tree's shape (preorder, subtree ends in preorder positions, query
+nodes) is kept per shape, so a decode step that only grows nodes reuses it.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from deft.tree import INDEX_LIMIT
+
+FAST_STRATEGIES = ("deft_node", "deft_node_chunk", "deft_flatten")
+"""The strategies `NodePlanner` plans (the others go through `deft.plan.build_plan`)."""
+
+
+class _Shape:
+    """What a tree's parents and query counts fix, whatever its token counts.
+
+    Attributes
+    ----------
+    order : int64 [nodes]
+        Node indices in DFS preorder (roots ascending, children ascending).
+    last : int64 [nodes]
+        Preorder position of the last node of each preorder position's subtree.
+    query_node : int64 [queries]
+        Node index of each query (test layout).
+    query_rank : int64 [queries]
+        Rank of each query among its node's queries.
+    query_ids : int64 [queries]
+        0, 1, ... (each query's index).
+    """
+
+    def __init__(self, parent: np.ndarray, queries: np.ndarray):
+        n = len(parent)
+        children = [[] for _ in range(n)]
+        roots = []
+        for v, p in enumerate(parent.tolist()):  # ascending index: children come out ascending
+            (roots if p < 0 else children[p]).append(v)
+        order, last = [], [0] * n
+        stack = [(v, False) for v in reversed(roots)]
+        while stack:  # iterative DFS; a node's subtree closes when it is popped again
+            v, closing = stack.pop()
+            if closing:
+                last[v] = len(order) - 1
+                continue
+            order.append(v)
+            stack.append((v, True))
+            stack.extend((c, False) for c in reversed(children[v]))
+        self.order = np.array(order, dtype=np.int64)
+        self.last = np.array(last, dtype=np.int64)[self.order]
+        self.query_node = np.repeat(np.arange(n), queries)
+        self.query_ids = np.arange(len(self.query_node))
+        self.query_rank = np.arange(len(self.query_node)) - np.repeat(
+            np.cumsum(queries) - queries, queries)
+
+
+class NodePlanner:
+    """Plan buffers of one KV-guided strategy, with the tree shapes seen lately kept.
+
+    Parameters
+    ----------
+    strategy : str
+        One of `FAST_STRATEGIES`.
+    shapes : int
+        How many tree shapes to keep (least recently used dropped first).
+    """
+
+    def __init__(self, strategy: str, shapes: int = 8):
+        if strategy not in FAST_STRATEGIES:
+            raise ValueError(f"NodePlanner plans {', '.join(FAST_STRATEGIES)}, not {strategy!r}")
+        self.strategy = strategy
+        self._shapes, self._keep = {}, shapes
+
+    def shape(self, parent: np.ndarray, queries: np.ndarray) -> _Shape:
+        """The shape of a tree with these parents and query counts (node arrays)."""
+        key = (parent.tobytes(), queries.tobytes())
+        found = self._shapes.pop(key, None)
+        if found is None:
+            found = _Shape(parent, queries)
+            if len(self._shapes) >= self._keep:
+                del self._shapes[next(iter(self._shapes))]
+        self._shapes[key] = found  # most recent last
+        return found
+
+    def arrays(self, tree, page_ptr: np.ndarray, pages: np.ndarray, page_size: int,
+               chunk_size=None, group_size=None) -> dict:
+        """The plan buffers' contents, as `deft.plan_buffers.plan_arrays` returns them for
+        ``build_plan(strategy, tree, chunk_size, group_size, page_size)``.
+
+        Parameters
+        ----------
+        tree : Tree
+            Only ``parent``, ``tokens`` and ``queries`` (node arrays) are read.
+        page_ptr : int64 [nodes + 1]
+        pages : int64 [pages]
+            The page table in the tree's node-index order (numpy, on the host).
+        page_size : int
+        chunk_size, group_size : int or None
+            As resolved by `deft.plan.check_parameters` (deft_node takes no chunk).
+
+        Returns
+        -------
+        dict of field name to int64 array, plus ``"max_slot"`` (int) and ``"slots"``, the cache
+        slot of every flattened position (the ``token_slot`` field itself).
+        """
+        tokens = tree.tokens
+        shape = self.shape(tree.parent, tree.queries)
+        order = shape.order
+        ordered = tokens[order]
+        through = np.cumsum(ordered)  # flattened end of each preorder node
+        start = through - ordered  # flattened start of each preorder node
+        total = int(through[-1])
+        end = through[shape.last]  # flattened end of each preorder node's subtree
+        flat_offset = np.empty_like(start)
+        flat_offset[order] = start
+        qn = shape.query_node
+        query_flat = flat_offset[qn] + tokens[qn] - tree.queries[qn] + shape.query_rank
+        subtree_end = np.repeat(end, ordered)  # per flattened position
+        chunk_start, chunk_end, chunk_reach = self._chunks(order, start, through, end, total,
+                                                           subtree_end, chunk_size)
+        seen = (chunk_start[:, None] <= query_flat) & (query_flat < chunk_reach[:, None])
+        num_chunks, num_queries = seen.shape
+        query_index = np.broadcast_to(shape.query_ids, seen.shape)[seen]
+        per_chunk = seen.sum(axis=1)
+        if group_size is None:
+            has = per_chunk > 0
+            part_chunk, part_queries = np.flatnonzero(has), per_chunk[has]
+        else:
+            groups = -(-per_chunk // group_size)
+            part_chunk = np.repeat(np.arange(len(per_chunk)), groups)
+            first = np.cumsum(groups) - groups
+            rank = np.arange(len(part_chunk)) - np.repeat(first, groups)
+            part_queries = np.minimum(group_size, per_chunk[part_chunk] - rank * group_size)
+        per_query = seen.sum(axis=0)
+        # partial rows go query by query: number the entries query-major, read them chunk-major
+        row_of = np.cumsum(seen.T.ravel()).reshape(num_queries, num_chunks).T
+        entry_row = row_of[seen] - 1
+        slots = self._slots(order, ordered, start, total, page_ptr, pages, page_size)
+        max_slot = int(slots.max())
+        if max_slot > INDEX_LIMIT:
+            raise ValueError(f"cache slot {max_slot} is beyond the int32 limit")
+        return dict(
+            counts=np.array([len(part_chunk), num_queries]),
+            part_start=chunk_start[part_chunk],
+            part_tokens=(chunk_end - chunk_start)[part_chunk],
+            part_entry=_pointers(part_queries),
+            entry_query=query_index,
+            entry_row=entry_row,
+            query_row_ptr=_pointers(per_query),
+            query_flat=query_flat,
+            token_slot=slots,
+            subtree_end=subtree_end,
+            max_slot=max_slot,
+            slots=slots,
+        )
+
+    def _chunks(self, order, start, through, end, total, subtree_end, chunk):
+        """(start, end, reach) of every chunk in plan order: its flattened run and the largest
+        subtree end of its tokens. int64 [chunks] each."""
+        if self.strategy == "deft_flatten":  # the flattened order cut into even blocks
+            chunk_start = np.arange(0, total, chunk)
+            chunk_end = np.minimum(chunk_start + chunk, total)
+            return chunk_start, chunk_end, np.maximum.reduceat(subtree_end, chunk_start)
+        # deft_node, deft_node_chunk: each node's run by node index, cut into chunks
+        by_index = np.empty_like(start)
+        by_index[order] = np.arange(len(order))
+        node_start, node_end, node_reach = (x[by_index] for x in (start, through, end))
+        if chunk is None:
+            return node_start, node_end, node_reach
+        count = -(-(node_end - node_start) // chunk)
+        node = np.repeat(np.arange(len(count)), count)
+        offset = (np.arange(count.sum()) - np.repeat(np.cumsum(count) - count, count)) * chunk
+        chunk_start = node_start[node] + offset
+        return chunk_start, np.minimum(chunk_start + chunk, node_end[node]), node_reach[node]
+
+    @staticmethod
+    def _slots(order, ordered, start, total, page_ptr, pages, page_size):
+        """Cache slot of every flattened position. int64 [tokens]"""
+        counts = np.diff(page_ptr)[order]
+        short = np.flatnonzero(counts * page_size < ordered)
+        if len(short):
+            raise ValueError(f"node index {order[short[0]]} holds {ordered[short[0]]} tokens but "
+                             f"the page table gives it {counts[short[0]]} pages of {page_size}")
+        if page_size > 1:  # the slot of every offset of every page, pages in table order
+            pages = (pages[:, None] * page_size + np.arange(page_size)).ravel()
+        base = np.repeat(page_ptr[:-1][order] * page_size - start, ordered)
+        return pages[base + np.arange(total)]
+
+
+def _pointers(counts: np.ndarray) -> np.ndarray:
+    """CSR offsets of consecutive runs of the given lengths. int64 [len(counts) + 1]"""
+    ptr = np.zeros(len(counts) + 1, dtype=np.int64)
+    np.cumsum(counts, out=ptr[1:])
+    return ptr

@@ -1,0 +1,166 @@
+"""`TreeAttention.run`'s argument sets (`deft.bound_run`): checked once, the plan-dependent
+checks on every call, a bounded cache, and on a GPU the CUDA graph replayed after re-plans."""
+
+import os
+
+import pytest
+import torch
+
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")  # before any Triton kernel module loads
+
+from deft.bound_run import argument_key  # noqa: E402
+from deft.plan_buffers import paged_cache  # noqa: E402
+from deft.tree import AttentionShape, Tree  # noqa: E402
+from deft.tree_attention import TreeAttention  # noqa: E402
+from reference import oracle_attention, rel_err  # noqa: E402
+
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+SHAPE = AttentionShape(4, 2, 32, "float16")
+TOLERANCE = 2e-3
+needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a GPU")
+
+
+def case(tree: Tree, seed: int, page_size=4):
+    """(q, k, v) on the host and the paged caches and page table on DEVICE."""
+    g = torch.Generator().manual_seed(seed)
+    q = torch.randn(tree.num_queries, 4, 32, generator=g).half()
+    k = torch.randn(tree.num_tokens, 2, 32, generator=g).half()
+    v = torch.randn(tree.num_tokens, 2, 32, generator=g).half()
+    k_cache, v_cache, table = paged_cache(tree, k.to(DEVICE), v.to(DEVICE), page_size, seed=seed)
+    return q, k, v, k_cache, v_cache, table
+
+
+TREES = [
+    Tree([0, 1, 2], [None, 0, 0], [20, 3, 5], None, SHAPE),
+    Tree([0, 1, 2, 3], [None, 0, 0, 2], [21, 4, 5, 9], [0, 1, 0, 2], SHAPE),
+    Tree([4], [None], [7], [1], SHAPE),
+]
+
+
+def test_argument_key():
+    x = torch.zeros(4, 2, 32)
+    base = argument_key(x, x, x, x, None, None, False)
+    assert argument_key(x, x, x, x, None, None, False) == base
+    for other in (x[1:], x.transpose(0, 1), x.double(), x.clone()):
+        assert argument_key(other, x, x, x, None, None, False) != base
+        assert argument_key(x, x, x, other, None, None, False) != base
+    assert argument_key(x, x, x, x, x[:, 0], None, False) != base
+    assert argument_key(x, x, x, x, None, 0.5, False) != base
+    assert argument_key(x, x, x, x, None, None, True) != base
+    assert argument_key("q", x, x, x, None, None, False) is None
+
+
+def test_repeated_calls_and_re_plans_stay_right():
+    """The same q / caches / out over three plans: each result is its tree's attention."""
+    attn = TreeAttention("deft_flatten", chunk_size=8, max_queries=4, max_tokens=64,
+                         device=DEVICE)
+    out = torch.empty(4, 4, 32, dtype=torch.float16, device=DEVICE)
+    q_rows = torch.zeros(4, 4, 32, dtype=torch.float16, device=DEVICE)
+    cases = [case(tree, seed) for seed, tree in enumerate(TREES)]
+    for step in range(2):
+        for tree, (q, k, v, k_cache, v_cache, table) in zip(TREES, cases):
+            q_rows.zero_()
+            q_rows[: tree.num_queries] = q.to(DEVICE)
+            plan = attn.plan(tree, table)
+            for _ in range(3):
+                out.fill_(float("nan"))
+                attn.run(q_rows, k_cache, v_cache, plan, out=out)
+                n = tree.num_queries
+                assert rel_err(out[:n].cpu(), oracle_attention(tree, q, k, v)) <= TOLERANCE
+                assert (out[n:] == 0).all()
+    assert len(attn._runs) == len(TREES)  # one argument set per tree's caches
+
+
+def test_plan_dependent_checks_run_on_every_call():
+    """A bound argument set still refuses a plan it does not fit."""
+    small, big = TREES[2], TREES[1]
+    attn = TreeAttention("deft_flatten", max_queries=4, max_tokens=64, device=DEVICE)
+    q, _, _, small_k, small_v, table = case(small, 0)
+    q = q.to(DEVICE)
+    _, _, _, k_cache, v_cache, big_table = case(big, 1)
+    for caches in ((k_cache, v_cache), (small_k, small_v)):
+        attn.run(q, *caches, attn.plan(small, table))
+    with pytest.raises(ValueError, match="q has 1 rows"):
+        attn.run(q, k_cache, v_cache, attn.plan(big, big_table))
+    with pytest.raises(ValueError, match="the plan reads slot"):
+        attn.run(q, small_k, small_v, attn.plan(big, big_table))
+    _, _, _, _, _, paged_8 = case(small, 0, page_size=8)
+    with pytest.raises(ValueError, match="pages of 4 tokens, the plan 8"):
+        attn.run(q, k_cache, v_cache, attn.plan(small, paged_8))
+    with pytest.raises(ValueError, match="stale"):
+        stale = attn.plan(small, table)
+        attn.plan(small, table)
+        attn.run(q, k_cache, v_cache, stale)
+
+
+def test_the_cache_is_bounded():
+    tree = TREES[0]
+    q, _, _, k_cache, v_cache, table = case(tree, 0)
+    for size in (0, 2):
+        attn = TreeAttention("deft_flatten", max_queries=4, max_tokens=64, device=DEVICE,
+                             max_graphs=size)
+        plan = attn.plan(tree, table)
+        queries = [q.to(DEVICE) * scale for scale in (1, 2, 3, 4)]  # alive: distinct keys
+        results = [attn.run(x, k_cache, v_cache, plan).cpu() for x in queries]
+        assert len(attn._runs) == size
+        assert rel_err(results[0] * 2, results[1]) > 0  # really different queries
+
+
+@needs_cuda
+def test_graphs_are_captured_on_the_second_call_and_follow_new_plans():
+    attn = TreeAttention("deft_flatten", chunk_size=8, max_queries=4, max_tokens=64,
+                         device=DEVICE)
+    trees = TREES[:2]
+    q_rows = torch.zeros(4, 4, 32, dtype=torch.float16, device=DEVICE)
+    out = torch.empty_like(q_rows)
+    # one cache big enough for both trees, so both plans run over the same tensors
+    k_cache = torch.zeros(64, 4, 2, 32, dtype=torch.float16, device=DEVICE)
+    v_cache = torch.zeros_like(k_cache)
+    for step in range(4):
+        tree = trees[step % 2]
+        q, k, v, small_k, small_v, table = case(tree, step)
+        k_cache.zero_(), v_cache.zero_()
+        k_cache[: len(small_k)] = small_k
+        v_cache[: len(small_v)] = small_v
+        q_rows.zero_()
+        q_rows[: tree.num_queries] = q.to(DEVICE)
+        plan = attn.plan(tree, table)
+        for _ in range(2):
+            out.fill_(float("nan"))
+            attn.run(q_rows, k_cache, v_cache, plan, out=out)
+            n = tree.num_queries
+            assert rel_err(out[:n].cpu(), oracle_attention(tree, q, k, v)) <= TOLERANCE
+    assert attn._runs.graphs() >= 1
+
+
+@needs_cuda
+def test_allocated_outputs_and_someone_elses_capture():
+    """Outputs run allocates (graphs where their addresses repeat), and a caller's capture:
+    run launches plainly inside it, and the caller's graph replays right."""
+    tree = TREES[1]
+    q, k, v, k_cache, v_cache, table = case(tree, 0)
+    q = q.to(DEVICE)
+    ref = oracle_attention(tree, q.cpu(), k, v)
+    attn = TreeAttention("deft_flatten", max_queries=4, max_tokens=64, device=DEVICE)
+    plan = attn.plan(tree, table)
+    for _ in range(4):
+        out, lse = attn.run(q, k_cache, v_cache, plan, return_lse=True)
+        assert rel_err(out.cpu(), ref) <= TOLERANCE and torch.isfinite(lse).all()
+    other = TreeAttention("deft_flatten", max_queries=4, max_tokens=64, device=DEVICE)
+    plan = other.plan(tree, table)
+    out = torch.empty_like(q)
+    other.run(q, k_cache, v_cache, plan, out=out)  # warm-up: compiles and binds
+    graph = torch.cuda.CUDAGraph()
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        graph.capture_begin()
+        other.run(q, k_cache, v_cache, plan, out=out)  # the second call: must not capture
+        graph.capture_end()
+    torch.cuda.current_stream().wait_stream(stream)
+    out.fill_(float("nan"))
+    graph.replay()
+    torch.cuda.synchronize()
+    assert rel_err(out.cpu(), ref) <= TOLERANCE
+    assert other._runs.graphs() == 0

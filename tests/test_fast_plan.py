@@ -1,0 +1,201 @@
+"""The node planner (`deft.fast_plan`) against the normative planner, and `TreeAttention`'s
+default capacities against every plan it builds."""
+
+import os
+
+import numpy as np
+import pytest
+import torch
+
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")  # before any Triton kernel module loads
+
+from hypothesis import given, settings  # noqa: E402
+from hypothesis import strategies as st  # noqa: E402
+
+from deft import workloads as wl  # noqa: E402
+from deft.fast_plan import FAST_STRATEGIES, NodePlanner  # noqa: E402
+from deft.plan import build_plan  # noqa: E402
+from deft.plan_buffers import FIELDS, CapacityError, PageTable, plan_arrays, token_slots  # noqa: E402
+from deft.strategies import KERNEL_STRATEGIES  # noqa: E402
+from deft.tree import Tree  # noqa: E402
+from deft.tree_attention import TreeAttention  # noqa: E402
+from tests.trees import trees  # noqa: E402
+
+PLANNERS = {s: NodePlanner(s, shapes=4) for s in FAST_STRATEGIES}
+"""Shared across examples, so that kept shapes are reused (and dropped) along the way."""
+
+
+def page_table(tree: Tree, page_size: int, seed: int) -> PageTable:
+    """Each node on fresh pages, the pages shuffled."""
+    counts = -(-tree.tokens // page_size)
+    page_ptr = np.concatenate([[0], np.cumsum(counts)])
+    pages = np.random.default_rng(seed).permutation(int(page_ptr[-1])) + seed
+    return PageTable(page_ptr, pages, page_size)
+
+
+def sizes(strategy, chunk, group):
+    return (None if strategy == "deft_node" else chunk), group
+
+
+@settings(max_examples=300, deadline=None)
+@given(
+    tree=trees(max_nodes=30, max_tokens=40, max_roots=3, max_queries_per_node=3),
+    strategy=st.sampled_from(FAST_STRATEGIES),
+    page_size=st.sampled_from([1, 3, 16]),
+    chunk=st.sampled_from([1, 5, 32, 128]),
+    group=st.sampled_from([None, 1, 2, 5]),
+    seed=st.integers(0, 5),
+)
+def test_node_planner_equals_the_reference_encoding(tree, strategy, page_size, chunk, group,
+                                                      seed):
+    """Every buffer field equals `plan_arrays` of `build_plan`'s plan, element for element."""
+    chunk, group = sizes(strategy, chunk, group)
+    table = page_table(tree, page_size, seed)
+    page_ptr, pages = table.host_node_pages(tree)
+    reference = plan_arrays(build_plan(strategy, tree, chunk, group, page_size), page_ptr,
+                            pages, flat=True)
+    fast = PLANNERS[strategy].arrays(tree, page_ptr, pages, page_size, chunk, group)
+    for name in FIELDS:
+        np.testing.assert_array_equal(fast[name], reference[name], err_msg=name)
+    assert fast["max_slot"] == reference["max_slot"]
+    np.testing.assert_array_equal(fast["slots"], reference["slots"][tree.flat_tokens])
+
+
+def test_a_kept_shape_serves_trees_that_only_grew():
+    """A decode step that grows the leaves reuses the shape and still plans exactly."""
+    planner = NodePlanner("deft_flatten")
+    for leaf_tokens in (1, 2, 130, 131):
+        tree = wl.star(5, 300, leaf_tokens)
+        table = page_table(tree, 4, 0)
+        page_ptr, pages = table.host_node_pages(tree)
+        fast = planner.arrays(tree, page_ptr, pages, 4, 64, 2)
+        reference = plan_arrays(build_plan("deft_flatten", tree, 64, 2, 4), page_ptr, pages, True)
+        for name in FIELDS:
+            np.testing.assert_array_equal(fast[name], reference[name], err_msg=name)
+    assert len(planner._shapes) == 1
+
+
+def test_node_planner_refuses_short_page_tables_and_other_strategies():
+    tree = wl.star(2, 10, 3)
+    with pytest.raises(ValueError, match="holds 10 tokens but the page table gives it 2 pages"):
+        NodePlanner("deft_node").arrays(tree, np.array([0, 2, 3, 4]), np.arange(4), 4)
+    with pytest.raises(ValueError, match="NodePlanner plans"):
+        NodePlanner("radix")
+
+
+@settings(max_examples=40, deadline=None)
+@given(
+    tree=trees(max_nodes=12, max_tokens=30, max_roots=2, max_queries_per_node=2),
+    strategy=st.sampled_from(FAST_STRATEGIES),
+    page_size=st.sampled_from([1, 4]),
+)
+def test_tree_attention_fast_path_plans_the_reference(tree, strategy, page_size):
+    """With fixed sizes `plan` takes the node planner; the device buffers decode to the
+    reference's partitions, and the plan's reference and slots are the normative ones."""
+    chunk, group = sizes(strategy, 7, 2)
+    attn = TreeAttention(strategy, chunk, group, max_queries=tree.num_queries,
+                         max_tokens=tree.num_tokens, device="cpu")
+    table = page_table(tree, page_size, 1)
+    plan = attn.plan(tree, table)
+    reference = build_plan(strategy, tree, chunk, group, page_size)
+    assert plan.partition_sets() == reference.partition_sets()
+    assert plan.reference.partition_sets() == reference.partition_sets()
+    assert plan.num_entries == len(reference.query_index)
+    assert plan.num_partitions == reference.num_partitions
+    np.testing.assert_array_equal(plan.slots, token_slots(tree, *table.host_node_pages(tree),
+                                                          page_size))
+
+
+def test_the_issue_tree_fits_the_default_capacities():
+    """A 40-token root with three 5-token leaves: deft_node(_chunk) used to need max_entries=6
+    and get 3."""
+    tree = Tree([0, 1, 2, 3], [None, 0, 0, 0], [40, 5, 5, 5])
+    for strategy in KERNEL_STRATEGIES:
+        attn = TreeAttention(strategy, max_queries=3, max_tokens=55, device="cpu")
+        plan = attn.plan(tree, page_table(tree, 1, 0))
+        assert plan.num_entries <= attn.max_entries
+
+
+@settings(max_examples=60, deadline=None)
+@given(
+    tree=trees(max_nodes=20, max_tokens=30, max_roots=3, max_queries_per_node=3),
+    strategy=st.sampled_from(KERNEL_STRATEGIES),
+    fixed=st.booleans(),
+    chunk=st.sampled_from([1, 4, 16]),
+    spare=st.integers(0, 20),
+    tight_paths=st.booleans(),
+)
+def test_default_capacities_fit_every_plan(tree, strategy, fixed, chunk, spare, tight_paths):
+    """No CapacityError for a tree within max_queries / max_tokens (/ max_path_nodes), with
+    the default sizes (tuned path) or fixed ones."""
+    params = {}
+    if fixed and strategy in ("flash_decoding", "radix", "tree_attention_s",
+                              "deft_node_chunk", "deft_flatten"):
+        params["chunk_size"] = chunk
+    if fixed and strategy.startswith("deft"):
+        params["group_size"] = 2
+    if tight_paths and strategy in ("deft_node", "deft_node_chunk"):
+        params["max_path_nodes"] = int(tree.depth[tree.query_node].max()) + 1
+    attn = TreeAttention(strategy, max_queries=tree.num_queries + spare,
+                         max_tokens=tree.num_tokens + spare, device="cpu", **params)
+    plan = attn.plan(tree, page_table(tree, 2, 0))
+    assert plan.num_entries <= attn.max_entries
+
+
+def test_max_path_nodes():
+    chain = wl.chain(6, 3)  # six nodes on the query's path
+    attn = TreeAttention("deft_node", max_queries=1, max_tokens=18, max_path_nodes=6,
+                         device="cpu")
+    assert attn.max_entries == 6
+    attn.plan(chain, page_table(chain, 1, 0))
+    short = TreeAttention("deft_node_chunk", 4, max_queries=1, max_tokens=18,
+                          max_path_nodes=5, device="cpu")
+    assert short.max_entries == (18 - 5) // 4 + 5
+    with pytest.raises(ValueError, match="max_path_nodes=5"):
+        short.plan(chain, page_table(chain, 1, 0))
+    with pytest.raises(ValueError, match="deft_flatten takes no max_path_nodes"):
+        TreeAttention("deft_flatten", max_queries=1, max_tokens=18, max_path_nodes=5,
+                      device="cpu")
+    with pytest.raises(ValueError, match="max_path_nodes must be a positive integer"):
+        TreeAttention("deft_node", max_queries=1, max_tokens=18, max_path_nodes=0, device="cpu")
+
+
+def test_capacity_error_names_the_argument_and_the_value_to_pass():
+    tree = Tree([0, 1, 2, 3], [None, 0, 0, 0], [40, 5, 5, 5])
+    attn = TreeAttention("deft_node_chunk", max_queries=3, max_tokens=55, max_entries=3,
+                         device="cpu")
+    with pytest.raises(CapacityError, match=r"max_entries >= 6 .* pass max_entries=6"):
+        attn.plan(tree, page_table(tree, 1, 0))
+
+
+def test_for_trees_fits_every_step_of_a_run():
+    run = wl.tot_run(3, depth=3, branching=3, prompt_tokens=50, min_tokens=2, max_tokens=9)
+    trees = list(run)
+    for strategy in KERNEL_STRATEGIES:
+        attn = TreeAttention.for_trees(strategy, trees, device="cpu")
+        assert attn.max_queries == max(t.num_queries for t in trees)
+        assert attn.max_tokens == max(t.num_tokens for t in trees)
+        for tree in trees:
+            plan = attn.plan(tree, page_table(tree, 4, 0))
+            assert plan.num_entries <= attn.max_entries
+    node = TreeAttention.for_trees("deft_node", trees, device="cpu")
+    assert node.max_path_nodes == max(int(t.depth.max()) + 1 for t in trees)
+    assert node.max_entries == node.max_queries * node.max_path_nodes
+
+
+def test_tree_cache_host_pages_equal_its_node_pages():
+    from deft.cache import CacheError, PagedKVCache, TreeCache
+
+    cache = TreeCache(PagedKVCache(64, 4, 1, 16))
+    tree = Tree([5, 1, 9], [None, 5, 5], [9, 4, 6])
+    cache.apply(tree)
+    device_ptr, device_pages = cache.node_pages(tree)
+    page_ptr, pages = cache.host_node_pages(tree)
+    np.testing.assert_array_equal(page_ptr, device_ptr.cpu().numpy())
+    np.testing.assert_array_equal(pages, device_pages.cpu().numpy())
+    cache.grow(9, 7)  # the cache now holds more of node 9 than the tree uses: its first pages
+    page_ptr, pages = cache.host_node_pages(tree)
+    np.testing.assert_array_equal(pages, device_pages.cpu().numpy())
+    with pytest.raises(CacheError, match="node 9: the tree holds 20 tokens"):
+        cache.host_node_pages(Tree([5, 1, 9], [None, 5, 5], [9, 4, 20]))
