@@ -349,6 +349,44 @@ class Tree:
         """KV tokens each query attends. [queries]"""
         return self.ancestor_tokens[self.query_node] + self.query_position + 1
 
+    @cached_property
+    def visible_token_sum(self) -> int:
+        """Visible (query, token) pairs of the tree: ``visible_tokens.sum()`` from node sums."""
+        return int(self.node_visible_sum.sum())
+
+    @cached_property
+    def node_visible_sum(self) -> np.ndarray:
+        """Visible (query, token) pairs of each node's queries, in closed form. [nodes]
+
+        The queries of node v sit on positions t - q .. t - 1 and see its ancestors' tokens plus
+        positions 0..j: q * ancestor_tokens + sum of (j + 1) = q * ancestor_tokens + q * (2t - q + 1) / 2.
+        """
+        t, q = self.tokens, self.queries
+        return q * self.ancestor_tokens + q * (2 * t - q + 1) // 2
+
+    @cached_property
+    def visible_token_max(self) -> int:
+        """Most KV tokens one query attends: ``visible_tokens.max()`` from node sizes."""
+        return int(self.path_tokens[self.queries > 0].max())
+
+    @cached_property
+    def subtree_queries(self) -> np.ndarray:
+        """Queries on each node and its descendants. [nodes]"""
+        total = self.queries.copy()
+        for v in self.preorder[::-1]:
+            p = self.parent[v]
+            if p >= 0:
+                total[p] += total[v]
+        return total
+
+    @cached_property
+    def seen_tokens(self) -> int:
+        """KV tokens some query attends: every token of a node with a query at or below it.
+
+        (A node's queries sit on its last tokens, so one of them sees the whole node.)
+        """
+        return int(self.tokens[self.subtree_queries > 0].sum())
+
     def visible(self, query_index: np.ndarray, token_index: np.ndarray) -> np.ndarray:
         """Whether each query sees each token, by Euler-tour intervals.
 
@@ -369,9 +407,9 @@ class Tree:
             "leaves": int((self.child_count == 0).sum()),
             "queries": self.num_queries,
             "unique_tokens": self.num_tokens,
-            "sum_visible_tokens": int(self.visible_tokens.sum()),
-            "max_visible_tokens": int(self.visible_tokens.max()),
-            "sharing_ratio": float(self.visible_tokens.sum() / self.num_tokens),
+            "sum_visible_tokens": self.visible_token_sum,
+            "max_visible_tokens": self.visible_token_max,
+            "sharing_ratio": float(self.visible_token_sum / self.num_tokens),
             "depth": int(self.depth.max()),
             "max_fanout": int(self.child_count.max()),
             "q_heads": self.attention.q_heads,

@@ -20,7 +20,7 @@ import numpy as np
 import torch
 
 from deft.kernels import KERNELS, flat as flat_addressing, tile_config
-from deft.kernels.partials import TileConfig, partials
+from deft.kernels.partials import TileConfig, _partials_kernel, partials
 from deft.kernels.reduction import merge, per_query_merge
 from deft.plan_buffers import (
     PlanBuffers,
@@ -40,6 +40,17 @@ HEAD_DIMS = (16, 32, 64, 128, 256)
 """Head dims the kernels take (powers of two: tl.arange; at least 16: tl.dot)."""
 CPU_PROGRAMS = 4
 """Persistent programs under the Triton interpreter (no GPU)."""
+INTERPRETED = not hasattr(_partials_kernel, "params")
+"""Whether the kernels loaded under the Triton interpreter (TRITON_INTERPRET=1)."""
+
+
+def check_runnable(device: torch.device, dtype: str | torch.dtype | None = None) -> None:
+    """Refuse, saying what to do, a device or dtype the kernels cannot run (ValueError)."""
+    if device.type == "cpu" and not INTERPRETED:
+        raise ValueError("the Triton kernels need a GPU: set TRITON_INTERPRET=1 before importing "
+                         "deft to run them on the CPU")
+    if device.type == "cpu" and dtype in ("bfloat16", torch.bfloat16):
+        raise ValueError("bf16 kernels need a GPU; under the interpreter use float16 or float32")
 
 
 @dataclass(frozen=True)
@@ -157,6 +168,7 @@ class TreeAttention:
         self._autotune = chunk_size is None and group_size is None and config is None
         self.tuned_from, self._tuned_config = None, None
         self.device = torch.device(device)
+        check_runnable(self.device)
         if self.device.type == "cuda" and self.device.index is None:
             self.device = torch.device("cuda", torch.cuda.current_device())
         self.buffers = PlanBuffers(self.max_queries, self.max_entries, int(max_kv_slots), flat,
@@ -197,6 +209,7 @@ class TreeAttention:
         -------
         TreePlan
         """
+        check_runnable(self.device, tree.attention.dtype)
         if tree.num_tokens > self.max_tokens:
             raise ValueError(f"the tree holds {tree.num_tokens} tokens but this TreeAttention "
                              f"was built with max_tokens={self.max_tokens}")
@@ -432,6 +445,7 @@ def attention(strategy, tree: Tree, q, k, v, *, chunk_size=None, group_size=None
                                      chunk_size=chunk_size, group_size=group_size,
                                      page_size=page_size, sm_scale=sm_scale)
         return out.to(device=q.device, dtype=q.dtype)
+    check_runnable(q.device, q.dtype)
     k_cache, v_cache, table = paged_cache(tree, k, v, page_size)
     plan = build_plan(strategy, tree, chunk_size, group_size, page_size)
     attn = TreeAttention.for_plan(plan, device=q.device)

@@ -163,7 +163,8 @@ def _kernel_time(program_bytes, program_flops, copies, gpu: GpuSpec, constants, 
 
 # ---------------------------------------------------------------------------- the floor
 def floor_traffic(tree: Tree) -> dict:
-    """Bytes of the floor: every unique KV token read once (K and V), Q read once, O written once.
+    """Bytes of the floor: every KV token some query sees read once (K and V), Q read once, O
+    written once (tokens no query attends need not be read at all).
 
     Returns
     -------
@@ -172,7 +173,7 @@ def floor_traffic(tree: Tree) -> dict:
     """
     shape = tree.attention
     e = shape.element_bytes
-    kv = tree.num_tokens * shape.kv_heads * shape.head_dim * 2 * e
+    kv = tree.seen_tokens * shape.kv_heads * shape.head_dim * 2 * e
     rows = tree.num_queries * shape.q_heads * shape.head_dim * e
     return {"kv_bytes": kv, "q_bytes": rows, "output_bytes": rows, "floor_bytes": kv + 2 * rows}
 
@@ -180,7 +181,7 @@ def floor_traffic(tree: Tree) -> dict:
 def floor_flops(tree: Tree) -> int:
     """Flops of the floor: QK^T and PV over the visible (query, token) pairs of every q head."""
     shape = tree.attention
-    return 4 * int(tree.visible_tokens.sum()) * shape.q_heads * shape.head_dim
+    return 4 * tree.visible_token_sum * shape.q_heads * shape.head_dim
 
 
 def floor(tree: Tree, gpu: GpuSpec, copy_bandwidth=None, matmul_rate=None) -> dict:
