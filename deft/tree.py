@@ -23,6 +23,8 @@ import numpy as np
 
 INDEX_LIMIT = 2**31 - 1
 """Token, query and page counts must stay below this: plans and page tables hold int32."""
+ID_LIMIT = 2**63 - 1
+"""Node ids are int64."""
 
 DTYPE_BYTES = {"float16": 2, "bfloat16": 2, "float32": 4}
 
@@ -97,6 +99,8 @@ class Tree:
         for k in order:
             if ids[k] < 0:
                 raise TreeError(f"node {ids[k]}: field 'id' must be non-negative")
+            if ids[k] > ID_LIMIT:
+                raise TreeError(f"node {ids[k]}: field 'id' is beyond the int64 limit {ID_LIMIT}")
             if ids[k] in position:
                 raise TreeError(f"node {ids[k]}: field 'id' is a duplicate")
             position[ids[k]] = len(position)
@@ -350,41 +354,33 @@ class Tree:
         return self.ancestor_tokens[self.query_node] + self.query_position + 1
 
     @cached_property
-    def visible_token_sum(self) -> int:
-        """Visible (query, token) pairs of the tree: ``visible_tokens.sum()`` from node sums."""
-        return int(self.node_visible_sum.sum())
-
-    @cached_property
     def node_visible_sum(self) -> np.ndarray:
         """Visible (query, token) pairs of each node's queries, in closed form. [nodes]
 
-        The queries of node v sit on positions t - q .. t - 1 and see its ancestors' tokens plus
-        positions 0..j: q * ancestor_tokens + sum of (j + 1) = q * ancestor_tokens + q * (2t - q + 1) / 2.
+        Queries on positions j = t - q .. t - 1 see the ancestors' tokens and j + 1 of their own.
         """
         t, q = self.tokens, self.queries
         return q * self.ancestor_tokens + q * (2 * t - q + 1) // 2
 
     @cached_property
+    def visible_token_sum(self) -> int:
+        """``visible_tokens.sum()``, from node sums."""
+        return int(self.node_visible_sum.sum())
+
+    @cached_property
     def visible_token_max(self) -> int:
-        """Most KV tokens one query attends: ``visible_tokens.max()`` from node sizes."""
+        """``visible_tokens.max()``, from node sizes."""
         return int(self.path_tokens[self.queries > 0].max())
 
     @cached_property
     def subtree_queries(self) -> np.ndarray:
-        """Queries on each node and its descendants. [nodes]"""
-        total = self.queries.copy()
-        for v in self.preorder[::-1]:
-            p = self.parent[v]
-            if p >= 0:
-                total[p] += total[v]
-        return total
+        """Queries on each node and its descendants (a preorder range of nodes). [nodes]"""
+        before = np.concatenate([[0], np.cumsum(self.queries[self.preorder])])
+        return before[self.tout + 1] - before[self.tin]
 
     @cached_property
     def seen_tokens(self) -> int:
-        """KV tokens some query attends: every token of a node with a query at or below it.
-
-        (A node's queries sit on its last tokens, so one of them sees the whole node.)
-        """
+        """KV tokens some query attends: all of each node with a query on or below it."""
         return int(self.tokens[self.subtree_queries > 0].sum())
 
     def visible(self, query_index: np.ndarray, token_index: np.ndarray) -> np.ndarray:

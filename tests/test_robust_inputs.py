@@ -62,6 +62,12 @@ def test_cli_exits_2_with_one_line(tmp_path, content):
         assert result.stderr.startswith("error: ") and result.stderr.count("\n") == 1
 
 
+@pytest.mark.parametrize("node_id", [2**63, 10**30])
+def test_id_past_int64_is_refused(node_id):
+    with pytest.raises(TreeError, match=f"node {node_id}: field 'id' is beyond the int64 limit"):
+        Tree([node_id], [None], [1])
+
+
 def single_node(tokens, queries) -> Tree:
     return Tree([0], [None], [tokens], [queries])
 
