@@ -4,12 +4,14 @@
 million-token prefix is billions of entries. The IO model needs only t(p), q(p), pages(p) and
 work(p) (`deft.plan.Plan`), and partitions come in few distinct kinds: `plan_aggregates` gives
 them as *classes*, rows of equal (tokens, queries, pages, work) with the number of partitions
-each stands for, in closed form per node, chunk or query, never per (query, token).
+each stands for, in closed form per chunk, node or query, never per (query, token).
 
-Closed forms cover every strategy with its defaults: KV-guided strategies without a group cap
-(per chunk), flash_attention, flash_decoding and radix (per node and query; radix with a page
-size dividing the chunk), tree_attention_s (per query node and query). Other sizes build the
-plan itself when it is small enough, else refuse with the size and the limit (ValueError).
+Closed forms cover every strategy and size: KV-guided strategies per chunk (their query groups
+in `deft.group_aggregates`), flash_attention, flash_decoding and radix per node and query,
+tree_attention_s per query node and query. radix with a page size that does not divide the
+chunk builds its plan. Trees past `QUERY_LIMIT` queries (query-guided strategies) or
+`ENTRY_LIMIT` chunk segments, ancestor pairs or plan entries are refused before anything that
+size is allocated (ValueError naming the size and the limit).
 """
 
 from __future__ import annotations
@@ -19,6 +21,7 @@ from dataclasses import dataclass
 import numpy as np
 
 # The plan builder's chunk sequences: the aggregates cut exactly the chunks `build_plan` cuts.
+from deft.group_aggregates import group_classes
 from deft.plan import _cut, _flattened, _Sequences, _trees_flattened, build_plan, check_parameters
 from deft.strategies import PAGED
 from deft.strategies import strategy as strategy_record
@@ -79,32 +82,30 @@ def plan_aggregates(strategy: str, tree: Tree, chunk_size=None, group_size=None,
     params = dict(tree=tree, strategy=strategy, chunk_size=chunk, group_size=group,
                   page_size=page)
     paged = strategy in PAGED
-    if strategy in ("flash_attention", "flash_decoding", "radix") and (
-            not paged or page == 1 or chunk % page == 0):
+    if strategy in ("flash_attention", "flash_decoding", "radix", "tree_attention_s"):
         _check_size(strategy, "queries", tree.num_queries, QUERY_LIMIT)
-        return PlanAggregates(**params, **_query_path_classes(strategy, tree, chunk, page))
     if strategy == "tree_attention_s":
-        _check_size(strategy, "queries", tree.num_queries, QUERY_LIMIT)
         return PlanAggregates(**params, **_tree_chunk_classes(tree, chunk))
+    if strategy == "radix" and page > 1 and chunk % page:
+        return _radix_plan(params, tree)
     if strategy in ("flash_attention", "flash_decoding", "radix"):
-        _check_size(strategy, "queries", tree.num_queries, QUERY_LIMIT)
-        visible = tree.visible_tokens
-        entries = int(visible.sum() // chunk + tree.num_queries * (tree.depth.max() + 2))
-        return _materialised(params, entries)
+        return PlanAggregates(**params, **_query_path_classes(strategy, tree, chunk, page))
     chunks = _kv_chunks(strategy, tree, chunk)
     _check_size(strategy, "chunk segments", len(chunks.node), ENTRY_LIMIT)
     seeing, work = _kv_seeing(tree, chunks)
-    if group is not None:
-        entries = int((seeing * np.diff(chunks.ptr)).sum())  # the (query, segment) pairs
-        return _materialised(params, entries)
-    kept = seeing > 0
-    pages = _segment_sums(_pages(chunks.pos, chunks.length, page), chunks.ptr) if paged else None
     tokens = _segment_sums(chunks.length, chunks.ptr)
-    return PlanAggregates(
-        **params, tokens=tokens[kept], queries=seeing[kept],
-        pages=pages[kept] if paged else np.zeros(int(kept.sum()), dtype=np.int64),
-        work=work[kept], count=np.ones(int(kept.sum()), dtype=np.int64),
-    )
+    pages = (_segment_sums(_pages(chunks.pos, chunks.length, page), chunks.ptr) if paged
+             else np.zeros_like(tokens))
+    if group is not None:
+        holders = np.flatnonzero(tree.queries > 0)
+        pairs = int(tree.depth[holders].sum())
+        _check_size(strategy, "(query node, ancestor) pairs", pairs, ENTRY_LIMIT)
+        classes = group_classes(tree, chunks, seeing, tokens, pages, group,
+                                *_ancestor_pairs(tree, holders))
+        return PlanAggregates(**params, **classes)
+    kept = seeing > 0
+    return PlanAggregates(**params, tokens=tokens[kept], queries=seeing[kept], pages=pages[kept],
+                          work=work[kept], count=np.ones(int(kept.sum()), dtype=np.int64))
 
 
 def aggregates_of_plan(plan) -> PlanAggregates:
@@ -121,17 +122,21 @@ def _check_size(strategy: str, what: str, size: int, limit: int) -> None:
                          "model aggregates at once")
 
 
-def _materialised(params: dict, entries: int) -> PlanAggregates:
-    """The aggregates of the plan itself, built when its `entries` stay within the limit."""
-    sizes = f"chunk_size={params['chunk_size']}, group_size={params['group_size']}, " \
-            f"page_size={params['page_size']}"
+def _radix_plan(params: dict, tree: Tree) -> PlanAggregates:
+    """radix with a page size that does not divide the chunk: the built plan's aggregates.
+
+    (Its full chunks then hold varying page counts.) Refused past `ENTRY_LIMIT` partitions
+    and path segments.
+    """
+    chunk, page = params["chunk_size"], params["page_size"]
+    entries = int(tree.visible_token_sum // chunk + tree.num_queries * (tree.depth.max() + 2))
     if entries > ENTRY_LIMIT:
-        raise ValueError(f"{params['strategy']} with {sizes}: the plan needs {entries} entries, "
-                         f"beyond the {ENTRY_LIMIT} the IO model builds (the default sizes "
-                         "aggregate at any size)")
-    plan = build_plan(params["strategy"], params["tree"], params["chunk_size"],
-                      params["group_size"], params["page_size"])
-    return aggregates_of_plan(plan)
+        raise ValueError(
+            f"radix with page_size={page} not dividing chunk_size={chunk}: the plan needs "
+            f"{entries} entries, beyond the {ENTRY_LIMIT} the IO model builds; a page size "
+            "that divides the chunk size needs none"
+        )
+    return aggregates_of_plan(build_plan("radix", tree, chunk, None, page))
 
 
 # ---------------------------------------------------------------------------- KV-guided

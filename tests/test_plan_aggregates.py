@@ -120,5 +120,22 @@ def test_sizes_no_aggregate_serves_are_refused_with_size_and_limit():
         iomodel.predict_traffic("flash_attention", many)
     chunks = plan_aggregates("deft_node_chunk", many, chunk_size=8)  # per chunk: no limit hit
     assert chunks.num_partitions == -(-(QUERY_LIMIT + 1) // 8)
-    with pytest.raises(ValueError, match=f"beyond the {ENTRY_LIMIT}"):
-        plan_aggregates("deft_node_chunk", many, chunk_size=8, group_size=1)
+    # a chain with a query on every node: (query node, ancestor) pairs grow as nodes squared
+    n = 4097
+    chain = Tree(list(range(n)), [None, *range(n - 1)], [1] * n, [1] * n)
+    pairs = n * (n - 1) // 2
+    for strategy, group in (("tree_attention_s", None), ("deft_node", 2)):
+        with pytest.raises(ValueError, match=f"needs {pairs} .query node, ancestor. pairs, "
+                                             f"beyond the {ENTRY_LIMIT}"):
+            plan_aggregates(strategy, chain, group_size=group)
+
+
+@given(trees(max_nodes=10, max_tokens=300, max_queries_per_node=40), st.integers(1, 64),
+       st.integers(1, 9))
+def test_groups_of_long_chunks_equal_the_built_plan(tree, chunk, group):
+    """Groups crossing the ramp of a node's own queries, on chunks longer than the groups."""
+    for strategy in ("deft_node", "deft_node_chunk", "deft_flatten"):
+        size = None if strategy == "deft_node" else chunk
+        plan = build_plan(strategy, tree, size, group)
+        aggregates = plan_aggregates(strategy, tree, size, group)
+        assert partitions(aggregates) == partitions(aggregates_of_plan(plan)), strategy
