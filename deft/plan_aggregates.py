@@ -237,6 +237,8 @@ def _open_pages(tree: Tree, chunk: int, page: int) -> np.ndarray:
     """Pages of the unfinished last chunk at the end of each node's path. [nodes]"""
     start, end = tree.ancestor_tokens, tree.path_tokens
     tail = end % chunk
+    if page == 1:
+        return tail
     inside = end - tail >= start  # the open chunk begins inside the node
     own = _pages(np.where(inside, tree.tokens - tail, 0), np.where(inside, tail, tree.tokens),
                  page)
@@ -250,6 +252,8 @@ def _open_pages(tree: Tree, chunk: int, page: int) -> np.ndarray:
 
 def _ancestor_pages(tree: Tree, page: int) -> np.ndarray:
     """Pages of the strict ancestors of each node, each node on its own pages. [nodes]"""
+    if page == 1:
+        return tree.ancestor_tokens
     node_pages = _pages(0, tree.tokens, page)
     above = np.zeros(tree.num_nodes, dtype=np.int64)
     for v in tree.preorder:
