@@ -71,6 +71,11 @@ class Plan:
 
     # ------------------------------------------------------------------ per-partition aggregates
     @cached_property
+    def count(self) -> np.ndarray:
+        """Partitions each row stands for: 1 here, many in `deft.plan_aggregates`. [P]"""
+        return np.ones(self.num_partitions, dtype=np.int64)
+
+    @cached_property
     def queries(self) -> np.ndarray:
         """q(p): queries per partition. [P]"""
         return np.diff(self.query_ptr)

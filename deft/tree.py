@@ -23,6 +23,8 @@ import numpy as np
 
 INDEX_LIMIT = 2**31 - 1
 """Token, query and page counts must stay below this: plans and page tables hold int32."""
+ID_LIMIT = 2**63 - 1
+"""Node ids are int64."""
 
 DTYPE_BYTES = {"float16": 2, "bfloat16": 2, "float32": 4}
 
@@ -97,6 +99,8 @@ class Tree:
         for k in order:
             if ids[k] < 0:
                 raise TreeError(f"node {ids[k]}: field 'id' must be non-negative")
+            if ids[k] > ID_LIMIT:
+                raise TreeError(f"node {ids[k]}: field 'id' is beyond the int64 limit {ID_LIMIT}")
             if ids[k] in position:
                 raise TreeError(f"node {ids[k]}: field 'id' is a duplicate")
             position[ids[k]] = len(position)
@@ -349,6 +353,36 @@ class Tree:
         """KV tokens each query attends. [queries]"""
         return self.ancestor_tokens[self.query_node] + self.query_position + 1
 
+    @cached_property
+    def node_visible_sum(self) -> np.ndarray:
+        """Visible (query, token) pairs of each node's queries, in closed form. [nodes]
+
+        Queries on positions j = t - q .. t - 1 see the ancestors' tokens and j + 1 of their own.
+        """
+        t, q = self.tokens, self.queries
+        return q * self.ancestor_tokens + q * (2 * t - q + 1) // 2
+
+    @cached_property
+    def visible_token_sum(self) -> int:
+        """``visible_tokens.sum()``, from node sums."""
+        return int(self.node_visible_sum.sum())
+
+    @cached_property
+    def visible_token_max(self) -> int:
+        """``visible_tokens.max()``, from node sizes."""
+        return int(self.path_tokens[self.queries > 0].max())
+
+    @cached_property
+    def subtree_queries(self) -> np.ndarray:
+        """Queries on each node and its descendants (a preorder range of nodes). [nodes]"""
+        before = np.concatenate([[0], np.cumsum(self.queries[self.preorder])])
+        return before[self.tout + 1] - before[self.tin]
+
+    @cached_property
+    def seen_tokens(self) -> int:
+        """KV tokens some query attends: all of each node with a query on or below it."""
+        return int(self.tokens[self.subtree_queries > 0].sum())
+
     def visible(self, query_index: np.ndarray, token_index: np.ndarray) -> np.ndarray:
         """Whether each query sees each token, by Euler-tour intervals.
 
@@ -369,9 +403,9 @@ class Tree:
             "leaves": int((self.child_count == 0).sum()),
             "queries": self.num_queries,
             "unique_tokens": self.num_tokens,
-            "sum_visible_tokens": int(self.visible_tokens.sum()),
-            "max_visible_tokens": int(self.visible_tokens.max()),
-            "sharing_ratio": float(self.visible_tokens.sum() / self.num_tokens),
+            "sum_visible_tokens": self.visible_token_sum,
+            "max_visible_tokens": self.visible_token_max,
+            "sharing_ratio": float(self.visible_token_sum / self.num_tokens),
             "depth": int(self.depth.max()),
             "max_fanout": int(self.child_count.max()),
             "q_heads": self.attention.q_heads,

@@ -19,7 +19,7 @@ import numpy as np
 import torch
 
 from deft.kernels import KERNELS, deft_flatten_sm90, flat as flat_addressing, tile_config
-from deft.kernels.partials import TileConfig, partials
+from deft.kernels.partials import TileConfig, _partials_kernel, partials
 from deft.kernels.reduction import merge, per_query_merge
 from deft.kernels.tuned import tuned_plan
 from deft.bound_run import BoundRun, RunCache, argument_key, capture, check_inputs
@@ -42,6 +42,19 @@ from deft.strategies import KERNEL_STRATEGIES
 
 CPU_PROGRAMS = 4
 """Persistent programs under the Triton interpreter (no GPU)."""
+INTERPRETED = not hasattr(_partials_kernel, "params")
+"""Whether the kernels loaded under the Triton interpreter (TRITON_INTERPRET=1)."""
+
+
+def check_runnable(device: torch.device, dtype: str | torch.dtype | None = None) -> None:
+    """Refuse, saying what to do, a device or dtype the kernels cannot run (ValueError)."""
+    if device.type == "cpu" and not INTERPRETED:
+        raise ValueError("the Triton kernels need a GPU: set TRITON_INTERPRET=1 before importing "
+                         "deft to run them on the CPU")
+    if device.type == "cpu" and dtype in ("bfloat16", torch.bfloat16):
+        raise ValueError("bf16 kernels need a GPU; under the interpreter use float16 or float32")
+
+
 class TreeAttention:
     """Tree attention over a paged KV cache with one strategy's kernels.
 
@@ -133,6 +146,7 @@ class TreeAttention:
         self.config = config
         self.tuned_from, self._tuned_config = None, None
         self.device = torch.device(device)
+        check_runnable(self.device)
         if self.device.type == "cuda" and self.device.index is None:
             self.device = torch.device("cuda", torch.cuda.current_device())
         self.buffers = PlanBuffers(self.max_queries, self.max_entries, int(max_kv_slots), flat,
@@ -206,6 +220,7 @@ class TreeAttention:
         -------
         TreePlan
         """
+        check_runnable(self.device, tree.attention.dtype)
         if tree.num_tokens > self.max_tokens:
             raise ValueError(f"the tree holds {tree.num_tokens} tokens but this TreeAttention "
                              f"was built with max_tokens={self.max_tokens}")
@@ -472,6 +487,7 @@ def attention(strategy, tree: Tree, q, k, v, *, chunk_size=None, group_size=None
                                      chunk_size=chunk_size, group_size=group_size,
                                      page_size=page_size, sm_scale=sm_scale)
         return out.to(device=q.device, dtype=q.dtype)
+    check_runnable(q.device, q.dtype)
     k_cache, v_cache, table = paged_cache(tree, k, v, page_size)
     plan = build_plan(strategy, tree, chunk_size, group_size, page_size)
     attn = TreeAttention.for_plan(plan, device=q.device)

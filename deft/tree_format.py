@@ -12,7 +12,10 @@ from __future__ import annotations
 
 import json
 import os
+import re
 from pathlib import Path
+
+import numpy as np
 
 from deft.tree import AttentionShape, Tree, TreeError
 
@@ -20,22 +23,53 @@ FORMAT = "deft-tree/1"
 _NODE_FIELDS = {"id", "parent", "tokens", "queries"}
 _ATTENTION_FIELDS = {"q_heads", "kv_heads", "head_dim", "dtype"}
 
+MAX_NESTING = 64
+"""Deepest JSON nesting a tree file may have (it needs 3; Python's parser recurses per level)."""
+
+_STRING = re.compile(r'"(?:[^"\\]|\\.)*"')
+_OPEN, _CLOSE = np.frombuffer(b"[{", dtype=np.uint8), np.frombuffer(b"]}", dtype=np.uint8)
+
 
 def load_tree(source) -> Tree:
     """Read a tree from a tree.json path or from the already parsed dict."""
     if isinstance(source, (str, os.PathLike)):
         path = Path(source)
         try:
-            text = path.read_text()
+            raw = path.read_bytes()
         except OSError as error:
             raise TreeError(f"{path}: cannot read: {error.strerror or error}") from None
-        try:
-            source = json.loads(text)
-        except json.JSONDecodeError as error:
-            raise TreeError(
-                f"{path}: malformed JSON at line {error.lineno}, column {error.colno}: {error.msg}"
-            ) from None
+        source = _parse(raw, path)
     return tree_from_dict(source)
+
+
+def _parse(raw: bytes, path) -> object:
+    """The JSON value of a tree file's bytes; TreeError for bad UTF-8, bad JSON or deep nesting."""
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as error:
+        raise TreeError(
+            f"{path}: not UTF-8 text (byte 0x{raw[error.start]:02x} at offset {error.start})"
+        ) from None
+    depth = _nesting_depth(text)
+    if depth > MAX_NESTING:
+        raise TreeError(
+            f"{path}: JSON nested {depth} levels deep; a tree file nests at most {MAX_NESTING}"
+        )
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError as error:
+        raise TreeError(
+            f"{path}: malformed JSON at line {error.lineno}, column {error.colno}: {error.msg}"
+        ) from None
+    except ValueError as error:  # an integer past Python's digit limit
+        raise TreeError(f"{path}: unreadable number: {error}") from None
+
+
+def _nesting_depth(text: str) -> int:
+    """Deepest bracket nesting of a JSON text, brackets inside strings excluded."""
+    structure = np.frombuffer(_STRING.sub('""', text).encode("utf-8"), dtype=np.uint8)
+    step = np.isin(structure, _OPEN).astype(np.int64) - np.isin(structure, _CLOSE)
+    return int(np.cumsum(step).max(initial=0))
 
 
 def tree_from_dict(data) -> Tree:

@@ -35,7 +35,8 @@ from deft.tree import Tree
 from iomodel.constants import Constants
 from iomodel.gpus import GpuSpec
 from iomodel.traffic import partition_bytes, traffic_of_plan
-from deft.plan import Plan, build_plan
+from deft.plan import Plan
+from deft.plan_aggregates import PlanAggregates, plan_aggregates
 from deft.strategies import STRATEGIES, USES_CHUNK_SIZE, USES_GROUP_SIZE
 
 
@@ -68,12 +69,12 @@ def constants_for(gpu: GpuSpec) -> Constants:
     return dataclasses.replace(DEFAULTS, **gpu.calibration) if gpu.calibration else DEFAULTS
 
 
-def predict_latency(plan: Plan, gpu: GpuSpec, traffic: dict | None = None) -> dict:
+def predict_latency(plan: Plan | PlanAggregates, gpu: GpuSpec, traffic: dict | None = None) -> dict:
     """Predicted time of one attention call of `plan` on `gpu`.
 
     Parameters
     ----------
-    plan : deft.plan.Plan
+    plan : deft.plan.Plan or deft.plan_aggregates.PlanAggregates
     gpu : GpuSpec
     traffic : dict, optional
         `traffic_of_plan(plan)`, when already computed.
@@ -100,7 +101,7 @@ def predict_latency(plan: Plan, gpu: GpuSpec, traffic: dict | None = None) -> di
     part_flops = 4.0 * shape.q_heads * shape.head_dim * pairs
     split = shape.kv_heads * _tiles(plan)
     attention_s, bound = _kernel_time(
-        part_bytes / split, part_flops / split, split, gpu, constants, shape.dtype
+        part_bytes / split, part_flops / split, split * plan.count, gpu, constants, shape.dtype
     )
     reduction_s = 0.0
     if plan.has_reduction:
@@ -108,7 +109,7 @@ def predict_latency(plan: Plan, gpu: GpuSpec, traffic: dict | None = None) -> di
         reduction_s = moved / (gpu.bandwidth * constants.memory_efficiency)
         reduction_s += constants.program_us * 1e-6
     launch_s = LAUNCHES[plan.strategy] * constants.launch_us * 1e-6
-    programs = int(split.sum())
+    programs = int(split @ plan.count)
     return {
         "predicted_us": float(attention_s + reduction_s + launch_s) * 1e6,
         "attention_us": float(attention_s) * 1e6,
@@ -122,18 +123,18 @@ def predict_latency(plan: Plan, gpu: GpuSpec, traffic: dict | None = None) -> di
     }
 
 
-def _tiles(plan: Plan) -> np.ndarray:
+def _tiles(plan: Plan | PlanAggregates) -> np.ndarray:
     """Programs per partition and kv head: GEMM tiles for tree_attention_m, else 1. [P]"""
     if plan.strategy != "tree_attention_m":
-        return np.ones(plan.num_partitions, dtype=np.int64)
+        return np.ones_like(plan.tokens)
     return -(-plan.queries // GEMM_TILE) * -(-plan.tokens // GEMM_TILE)
 
 
 def _kernel_time(program_bytes, program_flops, copies, gpu: GpuSpec, constants, dtype: str):
     """Seconds of one kernel, and its bound ("memory" or "compute").
 
-    Partition p launches copies[p] identical programs, each moving program_bytes[p] bytes and
-    computing program_flops[p] flops. [P] each.
+    Partition (class) p launches copies[p] identical programs, each moving program_bytes[p]
+    bytes and computing program_flops[p] flops. [P] each.
     """
     sms = gpu.sm_count
     rate = gpu.matmul_rate(dtype) * constants.compute_efficiency
@@ -142,28 +143,56 @@ def _kernel_time(program_bytes, program_flops, copies, gpu: GpuSpec, constants, 
     alone = np.maximum(program_bytes / sm_bandwidth, program_flops / sm_rate)
     alone += constants.program_us * 1e-6
     # Programs longest first (sorting the partitions sorts their equal copies too), dealt in
-    # waves of `sms`, odd waves reversed (snake order); index P pads the last wave.
+    # waves of `sms`, odd waves reversed (snake order).
     order = np.argsort(-alone, kind="stable")
-    programs = np.repeat(order, copies[order])
-    waves = -(-len(programs) // sms)
-    grid = np.append(programs, np.full(waves * sms - len(programs), len(order))).reshape(waves, sms)
-    grid[1::2] = grid[1::2, ::-1]
-    busy = np.append(alone, 0.0)[grid].sum(axis=0)
-    mine = grid[:, busy.argmax()]
+    dealt = _snake_counts(copies[order], sms)
+    busy = dealt(alone[order])
+    mine = busy.argmax()
     memory_s = max(
         float(program_bytes @ copies) / (gpu.bandwidth * constants.memory_efficiency),
-        np.append(program_bytes, 0.0)[mine].sum() / sm_bandwidth,
+        dealt(program_bytes[order], mine) / sm_bandwidth,
     )
     compute_s = max(
-        float(program_flops @ copies) / rate, np.append(program_flops, 0.0)[mine].sum() / sm_rate
+        float(program_flops @ copies) / rate, dealt(program_flops[order], mine) / sm_rate
     )
     bound = "memory" if memory_s >= compute_s else "compute"
     return max(busy.max(), memory_s, compute_s), bound
 
 
+def _snake_counts(runs: np.ndarray, sms: int):
+    """Sums per SM of values dealt in snake order, run k holding runs[k] copies of value k.
+
+    Program i goes to SM ``i % sms`` in even waves and ``sms - 1 - i % sms`` in odd ones, so
+    over a double wave (period 2 x sms) SM s gets the programs at offsets s and 2 sms - 1 - s:
+    a run covering [a, b) gives SM s ``n(b, s) - n(a, s)`` copies with
+    ``n(x, s) = 2 (x // 2sms) + [x % 2sms > s] + [x % 2sms > 2sms - 1 - s]``, in closed form
+    however many copies a run has.
+
+    Returns ``dealt(values, sm=None)``: the per-SM sums [sms] of values [runs], or SM sm's sum.
+    """
+    period = 2 * sms
+    end = np.cumsum(runs)
+    start = end - runs
+    whole = 2 * (end // period - start // period)
+    end_rest, start_rest = end % period, start % period
+    s = np.arange(sms)
+
+    def dealt(values, sm=None):
+        base = float(values @ whole)
+        # G(y) = sum of values of run ends (minus starts) whose offset in the period exceeds y
+        marks = np.bincount(end_rest, values, period + 1) - np.bincount(start_rest, values,
+                                                                           period + 1)
+        beyond = np.concatenate([np.cumsum(marks[::-1])[::-1][1:], [0.0]])  # beyond[y]: m > y
+        per_sm = base + beyond[s] + beyond[period - 1 - s]
+        return per_sm if sm is None else float(per_sm[sm])
+
+    return dealt
+
+
 # ---------------------------------------------------------------------------- the floor
 def floor_traffic(tree: Tree) -> dict:
-    """Bytes of the floor: every unique KV token read once (K and V), Q read once, O written once.
+    """Bytes of the floor: every KV token some query sees read once (K and V), Q read once, O
+    written once (tokens no query attends need not be read at all).
 
     Returns
     -------
@@ -172,7 +201,7 @@ def floor_traffic(tree: Tree) -> dict:
     """
     shape = tree.attention
     e = shape.element_bytes
-    kv = tree.num_tokens * shape.kv_heads * shape.head_dim * 2 * e
+    kv = tree.seen_tokens * shape.kv_heads * shape.head_dim * 2 * e
     rows = tree.num_queries * shape.q_heads * shape.head_dim * e
     return {"kv_bytes": kv, "q_bytes": rows, "output_bytes": rows, "floor_bytes": kv + 2 * rows}
 
@@ -180,7 +209,7 @@ def floor_traffic(tree: Tree) -> dict:
 def floor_flops(tree: Tree) -> int:
     """Flops of the floor: QK^T and PV over the visible (query, token) pairs of every q head."""
     shape = tree.attention
-    return 4 * int(tree.visible_tokens.sum()) * shape.q_heads * shape.head_dim
+    return 4 * tree.visible_token_sum * shape.q_heads * shape.head_dim
 
 
 def floor(tree: Tree, gpu: GpuSpec, copy_bandwidth=None, matmul_rate=None) -> dict:
@@ -250,7 +279,7 @@ def estimate(
     }
     for strategy in strategies:
         chunk, group = strategy_sizes(strategy, chunk_size, group_size)
-        plan = build_plan(strategy, tree, chunk, group, page_size)
+        plan = plan_aggregates(strategy, tree, chunk, group, page_size)
         traffic = traffic_of_plan(plan)
         latency = predict_latency(plan, gpu, traffic)
         result["strategies"][strategy] = {

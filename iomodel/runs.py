@@ -1,7 +1,8 @@
 """Whole runs: traffic (and predicted time) summed over every decode step, per strategy.
 
 A run is any iterable of trees, one per decode step (`deft.workloads` builds the paper's).
-Each step costs one plan per strategy (vectorised numpy); nothing is O(tokens) Python.
+Each step costs one plan's aggregates per strategy (`deft.plan_aggregates`, vectorised numpy);
+nothing is O(tokens) Python.
 """
 
 from __future__ import annotations
@@ -12,7 +13,8 @@ from deft.tree import Tree
 from iomodel.gpus import GpuSpec
 from iomodel.latency import floor, floor_traffic, predict_latency, strategy_sizes
 from iomodel.traffic import BYTE_KEYS, traffic_of_plan
-from deft.plan import build_plan, check_parameters
+from deft.plan import check_parameters
+from deft.plan_aggregates import plan_aggregates
 from deft.strategies import STRATEGIES
 
 BASELINE = "radix"
@@ -66,7 +68,7 @@ def run_totals(
             total["predicted_us"] = 0.0
     for tree in trees:
         for name in strategies:
-            plan = build_plan(name, tree, *sizes[name], page_size)
+            plan = plan_aggregates(name, tree, *sizes[name], page_size)
             traffic = traffic_of_plan(plan)
             total = totals[name]
             for key in (*BYTE_KEYS, "partitions"):

@@ -15,7 +15,9 @@ heads and head dim, and t(p), q(p), pages(p), work(p) the tokens, queries, pages
 - ``index_bytes``   = sum_p pages(p) * H_kv * 4             (paged: radix and the DeFT strategies)
 - ``partitions``, ``max_partition_work``, ``mean_partition_work``.
 
-Only the plan's aggregates are read (vectorised numpy); no K, V or Q is touched.
+Only the plan's aggregates are read (vectorised numpy); no K, V or Q is touched. A plan is a
+`deft.plan.Plan` or its `deft.plan_aggregates.PlanAggregates`, whose rows are classes of
+``count`` equal partitions: every sum below is weighted by it.
 """
 
 from __future__ import annotations
@@ -23,7 +25,8 @@ from __future__ import annotations
 import numpy as np
 
 from deft.tree import Tree
-from deft.plan import BYTE_KEYS, Plan, build_plan
+from deft.plan import BYTE_KEYS, Plan
+from deft.plan_aggregates import PlanAggregates, plan_aggregates
 from deft.strategies import MATERIALISED_SCORES, PAGED
 
 TRAFFIC_KEYS = BYTE_KEYS + ("partitions", "max_partition_work", "mean_partition_work")
@@ -36,13 +39,13 @@ PARTIAL_ELEMENT_BYTES = 4
 """Partial rows and log-sum-exp are fp32."""
 
 
-def partition_bytes(plan: Plan) -> dict[str, np.ndarray]:
+def partition_bytes(plan: Plan | PlanAggregates) -> dict[str, np.ndarray]:
     """Bytes of every per-partition traffic key (all but ``output_bytes``), each int64 [P].
 
     Parameters
     ----------
-    plan : deft.plan.Plan
-        The partitions of one strategy over one tree.
+    plan : deft.plan.Plan or deft.plan_aggregates.PlanAggregates
+        The partitions (or partition classes: one row each) of one strategy over one tree.
 
     Returns
     -------
@@ -78,7 +81,7 @@ def output_bytes(tree: Tree) -> int:
     return tree.num_queries * shape.q_heads * shape.head_dim * shape.element_bytes
 
 
-def traffic_of_plan(plan: Plan) -> dict:
+def traffic_of_plan(plan: Plan | PlanAggregates) -> dict:
     """Every traffic key of `plan` (DESIGN.md's rules), as plain Python numbers.
 
     Returns
@@ -88,12 +91,13 @@ def traffic_of_plan(plan: Plan) -> dict:
         ``mean_partition_work`` as float.
     """
     per_partition = partition_bytes(plan)
-    traffic = {key: int(per_partition[key].sum()) for key in per_partition}
+    count = plan.count
+    traffic = {key: int(per_partition[key] @ count) for key in per_partition}
     traffic["output_bytes"] = output_bytes(plan.tree)
     work = plan.work
     traffic["partitions"] = plan.num_partitions
     traffic["max_partition_work"] = int(work.max())
-    traffic["mean_partition_work"] = float(work.sum() / plan.num_partitions)
+    traffic["mean_partition_work"] = float(int(work @ count) / plan.num_partitions)
     return {key: traffic[key] for key in TRAFFIC_KEYS}
 
 
@@ -102,9 +106,10 @@ def predict_traffic(
 ) -> dict:
     """Traffic of one attention call of `strategy` over `tree` (see `traffic_of_plan`).
 
-    Raises ValueError, like `reference.build_plan`, for a size the strategy refuses.
+    Raises ValueError, like `deft.plan.build_plan`, for a size the strategy refuses, and for a
+    tree too large to aggregate (`deft.plan_aggregates`).
     """
-    return traffic_of_plan(build_plan(strategy, tree, chunk_size, group_size, page_size))
+    return traffic_of_plan(plan_aggregates(strategy, tree, chunk_size, group_size, page_size))
 
 
 def total_bytes(traffic: dict) -> int:
