@@ -27,7 +27,6 @@ The constants are uncalibrated guesses until a GPU spec carries fitted values.
 from __future__ import annotations
 
 import dataclasses
-from dataclasses import dataclass
 
 import numpy as np
 

@@ -34,7 +34,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from deft import workloads as wl  # noqa: E402
 from deft.kernels import deft_flatten_sm90 as sm90  # noqa: E402
-from deft.planner import paged_cache  # noqa: E402
+from deft.plan_buffers import paged_cache  # noqa: E402
 from deft.tree import AttentionShape, Tree  # noqa: E402
 from deft.tree_attention import TreeAttention  # noqa: E402
 from reference import build_plan, rel_err  # noqa: E402

@@ -13,8 +13,6 @@ import warnings
 
 import torch
 
-if not torch.cuda.is_available():
-    os.environ.setdefault("TRITON_INTERPRET", "1")  # before any Triton kernel module loads
 
 import pytest  # noqa: E402
 from click.testing import CliRunner  # noqa: E402

@@ -445,6 +445,8 @@ def test_cli_calibrate(tmp_path):
 # ---------------------------------------------------------------------------- Triton on the CPU
 INTERPRETED = """
 import sys, torch
+from tests.interpreter import use_interpreter_without_gpu
+use_interpreter_without_gpu()
 from harness.inputs import make_inputs
 from harness.registry import METHODS
 from harness.bench.runner import bench_method

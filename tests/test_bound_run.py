@@ -1,13 +1,9 @@
 """`TreeAttention.run`'s argument sets (`deft.bound_run`): checked once, the plan-dependent
 checks on every call, a bounded cache, and on a GPU the CUDA graph replayed after re-plans."""
 
-import os
 
 import pytest
 import torch
-
-if not torch.cuda.is_available():
-    os.environ.setdefault("TRITON_INTERPRET", "1")  # before any Triton kernel module loads
 
 from deft.bound_run import argument_key  # noqa: E402
 from deft.plan_buffers import paged_cache  # noqa: E402
@@ -18,7 +14,6 @@ from reference import oracle_attention, rel_err  # noqa: E402
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 SHAPE = AttentionShape(4, 2, 32, "float16")
 TOLERANCE = 2e-3
-needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a GPU")
 
 
 def case(tree: Tree, seed: int, page_size=4):
@@ -107,7 +102,7 @@ def test_the_cache_is_bounded():
         assert rel_err(results[0] * 2, results[1]) > 0  # really different queries
 
 
-@needs_cuda
+@pytest.mark.gpu  # CUDA graphs
 def test_graphs_are_captured_on_the_second_call_and_follow_new_plans():
     attn = TreeAttention("deft_flatten", chunk_size=8, max_queries=4, max_tokens=64,
                          device=DEVICE)
@@ -134,7 +129,7 @@ def test_graphs_are_captured_on_the_second_call_and_follow_new_plans():
     assert attn._runs.graphs() >= 1
 
 
-@needs_cuda
+@pytest.mark.gpu  # CUDA graphs
 def test_allocated_outputs_and_someone_elses_capture():
     """Outputs run allocates (graphs where their addresses repeat), and a caller's capture:
     run launches plainly inside it, and the caller's graph replays right."""

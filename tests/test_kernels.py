@@ -6,36 +6,13 @@ trees are tiny and the examples few; bf16 is left to scripts/gpu_check.py (the i
 bf16 arithmetic is not trustworthy).
 """
 
-import inspect
 import os
 import subprocess
 import sys
 
 import torch
 
-if not torch.cuda.is_available():
-    os.environ.setdefault("TRITON_INTERPRET", "1")  # before any Triton kernel module loads
 
-
-def _teach_old_interpreter_numpy_2_4():
-    """Triton <= 3.6's interpreter reads a loop bound held in a tensor with ``int()`` of a
-    one-element array, which numpy >= 2.4 refuses; make it take ``.item()`` (tests only: the
-    compiled kernels are unaffected)."""
-    from triton.runtime import interpreter
-
-    original = getattr(interpreter, "_patch_lang_tensor", None)
-    if original is None or "int(self.handle.data)" not in inspect.getsource(original):
-        return
-
-    def patched(tensor, scope):
-        original(tensor, scope)
-        scope.set_attr(tensor, "__index__", lambda self: int(self.handle.data.item()))
-
-    interpreter._patch_lang_tensor = patched
-
-
-if os.environ.get("TRITON_INTERPRET") == "1":
-    _teach_old_interpreter_numpy_2_4()
 
 import pytest  # noqa: E402
 from hypothesis import given, settings  # noqa: E402

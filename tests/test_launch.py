@@ -5,12 +5,9 @@ interpreter has no compiled kernels); `tests/test_kernels.py` runs the real kern
 """
 
 import inspect
-import os
 
 import torch
 
-if not torch.cuda.is_available():
-    os.environ.setdefault("TRITON_INTERPRET", "1")  # before any Triton kernel module loads
 
 from deft.kernels.launch import Launcher  # noqa: E402
 

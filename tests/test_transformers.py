@@ -13,8 +13,6 @@ import socket
 
 import torch
 
-if not torch.cuda.is_available():
-    os.environ.setdefault("TRITON_INTERPRET", "1")  # before any Triton kernel module loads
 
 import pytest  # noqa: E402
 
@@ -29,10 +27,6 @@ from deft.integrations.transformers import (  # noqa: E402
     sample_tree,
     verify_token_tree,
 )
-from tests.test_kernels import _teach_old_interpreter_numpy_2_4  # noqa: E402
-
-if os.environ.get("TRITON_INTERPRET") == "1":
-    _teach_old_interpreter_numpy_2_4()
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 VOCAB = 96
