@@ -29,8 +29,9 @@ def teach_old_interpreter_numpy_2_4():
 
 
 def use_interpreter_without_gpu():
-    """Run the kernels in the interpreter where there is no GPU (set before they load)."""
-    if not torch.cuda.is_available():
+    """Run the kernels in the interpreter where there is no GPU (set before they load), except
+    in a process that only compiles kernels (``DEFT_COMPILE_ONLY=1``)."""
+    if not torch.cuda.is_available() and os.environ.get("DEFT_COMPILE_ONLY") != "1":
         os.environ.setdefault("TRITON_INTERPRET", "1")
     if os.environ.get("TRITON_INTERPRET") == "1":
         teach_old_interpreter_numpy_2_4()
