@@ -47,7 +47,10 @@ INTERPRETED = not hasattr(_partials_kernel, "params")
 
 
 def check_runnable(device: torch.device, dtype: str | torch.dtype | None = None) -> None:
-    """Refuse, saying what to do, a device or dtype the kernels cannot run (ValueError)."""
+    """Refuse, saying what to do, a device or dtype the kernels cannot run (ValueError).
+
+    Checked where a kernel would first run: `deft.attention`, and `TreeAttention.run` once per
+    argument set (planning on the CPU needs no kernel)."""
     if device.type == "cpu" and not INTERPRETED:
         raise ValueError("the Triton kernels need a GPU: set TRITON_INTERPRET=1 before importing "
                          "deft to run them on the CPU")
@@ -146,7 +149,6 @@ class TreeAttention:
         self.config = config
         self.tuned_from, self._tuned_config = None, None
         self.device = torch.device(device)
-        check_runnable(self.device)
         if self.device.type == "cuda" and self.device.index is None:
             self.device = torch.device("cuda", torch.cuda.current_device())
         self.buffers = PlanBuffers(self.max_queries, self.max_entries, int(max_kv_slots), flat,
@@ -220,7 +222,6 @@ class TreeAttention:
         -------
         TreePlan
         """
-        check_runnable(self.device, tree.attention.dtype)
         if tree.num_tokens > self.max_tokens:
             raise ValueError(f"the tree holds {tree.num_tokens} tokens but this TreeAttention "
                              f"was built with max_tokens={self.max_tokens}")
@@ -355,6 +356,7 @@ class TreeAttention:
     def _bind(self, key, q, k_cache, v_cache, plan, out, sm_scale, config_source) -> BoundRun:
         """Check one argument set and resolve what its launches take (`deft.bound_run`)."""
         check_inputs(q, k_cache, v_cache, plan, out, self.device, self.max_queries)
+        check_runnable(self.device, q.dtype)
         _, q_heads, head_dim = q.shape
         config, num_programs = self._launch_config(head_dim, q_heads, k_cache.shape[2])
         sm_scale = 1.0 / math.sqrt(head_dim) if sm_scale is None else float(sm_scale)

@@ -108,8 +108,11 @@ tree = deft.Tree([0, 1], [None, 0], [8, 4])
 a = tree.attention
 q = torch.zeros(tree.num_queries, a.q_heads, a.head_dim, dtype=torch.float16)
 k = torch.zeros(tree.num_tokens, a.kv_heads, a.head_dim, dtype=torch.float16)
+k_cache, v_cache, table = deft.paged_cache(tree, k, k)
+attn = deft.TreeAttention(max_queries=4, max_tokens=64, device="cpu")  # planning needs no kernel
+plan = attn.plan(tree, table)
 for call in (lambda: deft.attention("deft_flatten", tree, q, k, k),
-             lambda: deft.TreeAttention(max_queries=4, max_tokens=64, device="cpu")):
+             lambda: attn.run(q, k_cache, v_cache, plan)):
     try:
         call()
     except ValueError as error:
@@ -144,6 +147,8 @@ def test_bf16_kernels_refuse_the_interpreter():
     message = "bf16 kernels need a GPU; under the interpreter use float16 or float32"
     with pytest.raises(ValueError, match=message):
         deft.attention("deft_flatten", tree, q, k, k)
+    k_cache, v_cache, table = deft.paged_cache(tree, k, k)
     attn = deft.TreeAttention(max_queries=4, max_tokens=64, device="cpu")
+    plan = attn.plan(tree, table)
     with pytest.raises(ValueError, match=message):
-        attn.plan(tree, cache=None)  # refused before the cache is read
+        attn.run(q, k_cache, v_cache, plan)
