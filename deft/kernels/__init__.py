@@ -11,15 +11,19 @@ through the real page table. `tuned` reads the chunk size, group size and tile t
 tree bucket (`buckets`) from the tables that ship in ``configs/``.
 """
 
-from deft.kernels import (
+from deft.kernels.interpreter_compat import apply_if_interpreted
+
+apply_if_interpreted()  # before any kernel runs under an old interpreter
+
+from deft.kernels import (  # noqa: E402
     deft_flatten,
     deft_node,
     deft_node_chunk,
     flash_decoding,
     tree_attention_s,
 )
-from deft.kernels.partials import TileConfig, pick_config
-from deft.strategies import KERNEL_STRATEGIES, REGISTRY
+from deft.kernels.partials import TileConfig, pick_config  # noqa: E402
+from deft.strategies import KERNEL_STRATEGIES, REGISTRY  # noqa: E402
 
 _MODULES = {
     "flash_decoding": flash_decoding,
