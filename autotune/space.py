@@ -3,7 +3,7 @@
 A candidate is a chunk size, a group size and a `TileConfig` (the kernel's block_m, block_n,
 num_warps, num_stages and programs_per_sm). The two halves are searched differently:
 
-- sizes (chunk x group, each only where the strategy takes it, DESIGN.md's partition table)
+- sizes (chunk x group, each only where the strategy takes it, docs/design.md's partition table)
   change the plan, so the IO model can rank them: each size's plan is built
   (`deft.plan.build_plan`), sizes whose plans are identical are kept once (a group cap
   above every partition's queries is no cap), and the rest are ordered by
@@ -114,7 +114,7 @@ class RankedSizes:
 
 
 def default_sizes(strategy: str) -> tuple:
-    """DESIGN.md's defaults: (chunk 128 where the strategy takes a chunk, no group cap)."""
+    """docs/design.md's defaults: (chunk 128 where the strategy takes a chunk, no group cap)."""
     return (DEFAULT_CHUNK_SIZE if strategy in USES_CHUNK_SIZE else None), None
 
 

@@ -3,7 +3,7 @@
 `PagedKVCache` owns the K and V pools ``[num_pages, page_size, kv_heads, head_dim]`` and a free
 list. `TreeCache` keeps, for every node id, the list of pages holding its tokens:
 
-- every node starts on a fresh page, so a page never holds two nodes' tokens (DESIGN.md, "Bytes");
+- every node starts on a fresh page, so a page never holds two nodes' tokens (docs/design.md, "Bytes");
 - a node is *live* from `add_node` until `prune`; a pruned node keeps its pages while a live
   descendant needs them (its tokens are their prefix) and frees them with the last one;
 - an operation that needs more pages than are free raises `OutOfPagesError` and changes nothing.

@@ -1,4 +1,4 @@
-"""Plans: the partitions of one strategy over one tree (DESIGN.md, "Normative plan and accounting").
+"""Plans: the partitions of one strategy over one tree (docs/design.md, "Normative plan and accounting").
 
 A partition is a set of queries and a set of KV tokens that one program handles: it computes
 the partial result of those queries over those tokens (masked by the tree's visibility). The
@@ -23,7 +23,7 @@ from deft.tree import Tree
 
 BYTE_KEYS = ("kv_bytes", "q_bytes", "mask_bytes", "partial_bytes", "score_bytes", "output_bytes",
              "index_bytes")
-"""The byte counts of a traffic dict (DESIGN.md, "Bytes"): counted by the reference, predicted
+"""The byte counts of a traffic dict (docs/design.md, "Bytes"): counted by the reference, predicted
 by the IO model."""
 
 
@@ -335,7 +335,7 @@ def _trees_flattened(tree: Tree) -> _Sequences:
 
 # ---------------------------------------------------------------------------- the planners
 def build_plan(strategy: str, tree: Tree, chunk_size=None, group_size=None, page_size=1) -> Plan:
-    """The partitions of `strategy` over `tree` (DESIGN.md's partition table).
+    """The partitions of `strategy` over `tree` (docs/design.md's partition table).
 
     Raises ValueError for an unknown strategy or a parameter the strategy refuses.
     """

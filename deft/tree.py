@@ -1,11 +1,11 @@
 """The decoding tree: nodes of KV tokens, queries on node tails, and every derived view.
 
 A `Tree` is immutable. Nodes are stored in ascending id order (the normative node order of
-DESIGN.md); all per-node arrays below are indexed by that position, called the node *index*,
+docs/design.md); all per-node arrays below are indexed by that position, called the node *index*,
 not by the user's node id. Derived views are computed once, iteratively (a chain 100k nodes
 deep works), with numpy.
 
-Layouts (DESIGN.md, "Orders"):
+Layouts (docs/design.md, "Orders"):
 - test layout: KV tokens by node index then position; queries by node index then position;
 - flattened layout: DFS preorder from each root in ascending id, children in ascending id.
 

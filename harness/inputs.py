@@ -1,7 +1,7 @@
 """The inputs of one workload: random Q, K, V in the test layout, and the tree views peers need.
 
 K and V come in several copies with different random data: graph-mode timing rotates over
-them so that no call finds its KV in L2 (ANCHORS.md: the anchors' KV is 17 to 110 MB, an
+them so that no call finds its KV in L2 (docs/anchors.md: the anchors' KV is 17 to 110 MB, an
 H100's L2 50 MB). Copy 0 is the one checked against the oracle.
 """
 

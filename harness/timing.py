@@ -5,7 +5,7 @@
   hide;
 - graph: one CUDA graph holding one call per KV copy (4 different copies, more than L2
   holds), replayed under `do_bench`; per-call time = replay time / copies. This is how serving
-  engines run decode, and the fair comparison (ANCHORS.md).
+  engines run decode, and the fair comparison (docs/anchors.md).
 
 Both report the median and the 10th and 90th percentiles of do_bench's runs. A method whose
 calls cannot be captured raises `GraphCaptureError`; the runner then times it eagerly and

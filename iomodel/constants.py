@@ -18,7 +18,7 @@ class Constants:
         latency, the epilogue), µs.
     memory_efficiency : float
         Fraction of peak HBM bandwidth a streaming kernel reaches (a large device copy on an
-        H200 measured 4245 of 4800 GB/s, ANCHORS.md).
+        H200 measured 4245 of 4800 GB/s in an earlier run, docs/iomodel.md).
     compute_efficiency : float
         Fraction of the peak matmul rate reached (a large fp16 GEMM measured 678 of 989
         TFLOP/s on the same H200).

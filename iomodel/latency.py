@@ -2,7 +2,7 @@
 
 The model, step by step (docs/iomodel.md has the worked example):
 
-1. Programs. A strategy's attention kernel runs partitions x kv_heads programs (DESIGN.md);
+1. Programs. A strategy's attention kernel runs partitions x kv_heads programs (docs/design.md);
    tree_attention_m is a PyTorch GEMM, so its partitions are further tiled into
    ``GEMM_TILE`` x ``GEMM_TILE`` (query x token) tiles. A program's bytes are its partition's
    KV, Q, mask, score and index bytes, plus the partials it writes (half of ``partial_bytes``)
@@ -212,7 +212,7 @@ def floor_flops(tree: Tree) -> int:
 
 
 def floor(tree: Tree, gpu: GpuSpec, copy_bandwidth=None, matmul_rate=None) -> dict:
-    """The physical limit of one call (ANCHORS.md): max(bytes / copy rate, flops / matmul rate).
+    """The physical limit of one call (docs/anchors.md): max(bytes / copy rate, flops / matmul rate).
 
     Parameters
     ----------

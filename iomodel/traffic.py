@@ -1,6 +1,6 @@
 """Traffic of one attention call per strategy, predicted from a plan's per-partition aggregates.
 
-The rules are DESIGN.md's "Bytes" (normative, shared with `reference.attention`, which counts
+The rules are docs/design.md's "Bytes" (normative, shared with `reference.attention`, which counts
 the same keys while it computes). With e the element size of the tree's dtype, H_q, H_kv, d its
 heads and head dim, and t(p), q(p), pages(p), work(p) the tokens, queries, pages and visible
 (query, token) pairs of partition p:
@@ -82,7 +82,7 @@ def output_bytes(tree: Tree) -> int:
 
 
 def traffic_of_plan(plan: Plan | PlanAggregates) -> dict:
-    """Every traffic key of `plan` (DESIGN.md's rules), as plain Python numbers.
+    """Every traffic key of `plan` (docs/design.md's rules), as plain Python numbers.
 
     Returns
     -------

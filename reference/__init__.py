@@ -4,7 +4,7 @@ Each strategy is a module named as the strategy, with ``plan(tree, chunk_size=No
 group_size=None, page_size=1) -> Plan`` (its partitions) and ``attention(tree, q, k, v, plan,
 sm_scale=None) -> (out, traffic)`` (every partition's partial result, reduced as its kernel
 would, with the bytes it moves counted). `attention` below runs one by name; `oracle_attention`
-is the dense float64 ground truth and `rel_err` the error measure (DESIGN.md, "Numerics").
+is the dense float64 ground truth and `rel_err` the error measure (docs/design.md, "Numerics").
 """
 
 from __future__ import annotations
@@ -70,7 +70,7 @@ def attention(
         KV tokens in the test layout (by node id, then position); same dtype as q.
     chunk_size, group_size : int, optional
         None means the strategy's default; a parameter the strategy does not take raises
-        ValueError (DESIGN.md, "Partitions").
+        ValueError (docs/design.md, "Partitions").
     page_size : int
         Tokens per page of the paged strategies (radix, deft_*).
     sm_scale : float, optional
@@ -84,7 +84,7 @@ def attention(
         Integer ``kv_bytes, q_bytes, mask_bytes, partial_bytes, score_bytes, output_bytes,
         index_bytes, partitions, max_partition_work`` and float ``mean_partition_work``,
         counted as the partitions touch the tensors, with the element size of
-        ``tree.attention.dtype`` (DESIGN.md, "Bytes").
+        ``tree.attention.dtype`` (docs/design.md, "Bytes").
     """
     if strategy not in MODULES:
         raise ValueError(f"unknown strategy {strategy!r}; choose one of {', '.join(STRATEGIES)}")

@@ -2,7 +2,7 @@
 
 Independent of everything the strategies share: no plan, no Euler tour, no partials. A query
 sees the tokens of the nodes met walking parent pointers up from its node, except the tokens
-of its own node beyond its position (DESIGN.md, "Visibility").
+of its own node beyond its position (docs/design.md, "Visibility").
 """
 
 from __future__ import annotations

@@ -8,7 +8,7 @@ A *partial result* of one query row (one query, one query head) over a set of to
     lse = m + log(l)                     (log-sum-exp of the scores)
 
 and the convention throughout is the pair ``(o, lse)``: what a kernel stores is one fp32 row
-of head_dim values and one fp32 log-sum-exp, the ``(d + 1) x 4`` bytes of DESIGN.md's partial
+of head_dim values and one fp32 log-sum-exp, the ``(d + 1) x 4`` bytes of docs/design.md's partial
 rule. A row that sees none of the tokens has m = -inf, l = 0: it is ``o = 0, lse = -inf`` and
 weighs nothing when merged, with no NaN. Two sets of partials merge by
 
@@ -36,7 +36,7 @@ PARTIAL_BYTES = 4
 class Traffic:
     """Bytes and work of one strategy call, counted as its partitions touch the tensors.
 
-    Element sizes follow DESIGN.md "Bytes": Q, K, V, scores and the output count with the
+    Element sizes follow docs/design.md "Bytes": Q, K, V, scores and the output count with the
     tree's ``attention.dtype`` (whatever dtype the reference computes in), partials with 4.
 
     Parameters

@@ -6,7 +6,7 @@ partition's token sequence is cut into blocks of `BLOCK_TOKENS` from its start; 
 one partition reading one block. Q-guided strategies load the same block from many partitions
 (a shared prefix, once per query): the reference gathers each distinct block once, with the
 query rows of every partition that loads it stacked, computes each row's partial over it, and
-counts every load's bytes as the kernel moves them (DESIGN.md, "Bytes"). Strategies that
+counts every load's bytes as the kernel moves them (docs/design.md, "Bytes"). Strategies that
 compute a partition in one piece get whole partitions as tiles (`partition_batches`).
 
 Tiles of similar shape are batched (`shape_batches`): gathered, padded and computed together.
@@ -39,7 +39,7 @@ MASK_WORD_BITS = 64
 
 
 def compute_dtype(x: torch.Tensor) -> torch.dtype:
-    """float64 for float64 inputs, float32 for every narrower float (DESIGN.md, "Numerics")."""
+    """float64 for float64 inputs, float32 for every narrower float (docs/design.md, "Numerics")."""
     return torch.float64 if x.dtype == torch.float64 else torch.float32
 
 

@@ -1,4 +1,4 @@
-"""Time every reference strategy on the six anchor workloads (/work/shared/ANCHORS.md).
+"""Time every reference strategy on the six anchor workloads (docs/anchors.md).
 
 Llama-3-8B attention (32 query heads, 8 KV heads, head dim 128), fp16 inputs computed in fp32,
 default chunk and group sizes. Prints seconds per call (the plan is built inside the call, as

@@ -9,7 +9,7 @@ oracle computed on the GPU, with `reference.oracle.visible_by_parents` visibilit
 - random trees and forests (up to ~20k tokens and ~250 queries), GQA ratios 1, 4, 7, 8 and head
   dims 64, 128, 256, page sizes 1 and 16 with shuffled pages, fp16 and bf16, every strategy
   (flash_attention, tree_attention_m and vanilla_tree as their PyTorch reference);
-- the six anchor workloads (ANCHORS.md; spec_* read APPS_tree_size{64,256}.json, found by
+- the six anchor workloads (docs/anchors.md; spec_* read APPS_tree_size{64,256}.json, found by
   `deft.workloads.find_workload_file`, or under --workloads DIR);
 - edge cases: one node, one query, a chain 10k nodes deep, a star of 1024 leaves, one-token
   nodes, a tree far larger than one wave, a forest of 64 trees;
@@ -273,7 +273,7 @@ def replay_time(fn, replays=20) -> float:
 
 
 def measure_device(report) -> dict:
-    """Copy bandwidth (bytes read + written per second) and fp16 GEMM rate, as in ANCHORS.md."""
+    """Copy bandwidth (bytes read + written per second) and fp16 GEMM rate, as in docs/anchors.md."""
     x = torch.empty(2**28, dtype=torch.float32, device=DEVICE)  # 1 GiB
     y = torch.empty_like(x)
     copy = replay_time(lambda: y.copy_(x), 10)
@@ -288,7 +288,7 @@ def measure_device(report) -> dict:
 
 
 def floor_us(tree: Tree, device_info: dict) -> dict:
-    """The floor of ANCHORS.md: max(bytes / copy bandwidth, flops / GEMM rate), in us."""
+    """The floor of docs/anchors.md: max(bytes / copy bandwidth, flops / GEMM rate), in us."""
     s = tree.attention
     e = s.element_bytes
     nbytes = (tree.num_tokens * s.kv_heads * s.head_dim * 2 * e

@@ -4,7 +4,7 @@
     python scripts/perf_flatten.py [--workloads DIR] [--variants a,b,...] [--sizes] [--cpu]
                                    [--anchors a,b,...] [--no-timing]
 
-Per anchor (ANCHORS.md, fp16, Llama-3-8B shape, page size 1): the plan and tile the shipped
+Per anchor (docs/anchors.md, fp16, Llama-3-8B shape, page size 1): the plan and tile the shipped
 H200 tuning log chose (`tuned`; ``--sizes`` also tries `extra_sizes`), then every variant of
 ``VARIANTS`` (a `TileConfig` derived from the tuned tile: kernel switches are config fields):
 - correctness: output NaN-poisoned, run once, compared with the current kernel's output on the

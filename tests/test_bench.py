@@ -36,7 +36,7 @@ pytestmark = pytest.mark.filterwarnings("ignore:flex_attention called without to
 
 ROOT = Path(__file__).parent.parent
 SMALL = AttentionShape(q_heads=4, kv_heads=2, head_dim=16)
-H200_RATES = FloorRates(4245e9, 678e12, 1, 1.0, 1, 1.0, "float16")  # ANCHORS.md's run
+H200_RATES = FloorRates(4245e9, 678e12, 1, 1.0, 1, 1.0, "float16")  # an earlier H200 run, docs/iomodel.md
 PEERS = ("fi_cascade", "fi_decode", "fi_mask", "sglang", "sdpa", "flex")
 
 
@@ -115,7 +115,7 @@ def test_missing_file_fails_only_when_built():
 
 
 # ---------------------------------------------------------------------------- the floor
-# ANCHORS.md's floor column: (bytes µs, flops µs) at 4245 GB/s and 678 TFLOP/s.
+# The floor column of an earlier H200 run (docs/iomodel.md): (bytes µs, flops µs) at 4245 GB/s and 678 TFLOP/s.
 ANCHOR_FLOORS = {
     "fewshot_b20_P4000_L200": (7.8, 2.0),
     "fewshot_b50_P4000_L200": (13.7, 5.1),

@@ -196,7 +196,7 @@ def star(leaves=20, root=4000, leaf=200):
 
 
 def test_floor_matches_anchors():
-    """ANCHORS.md: fewshot_b20 on an H200 measuring 4245 GB/s and 678 TFLOP/s: 7.8 (7.8 / 2.0)."""
+    """An earlier H200 run (docs/iomodel.md): fewshot_b20 measuring 4245 GB/s and 678 TFLOP/s: 7.8 (7.8 / 2.0)."""
     limit = iomodel.floor(star(), BUILTIN["h200"], copy_bandwidth=4245e9, matmul_rate=678e12)
     assert round(limit["memory_us"], 1) == 7.8 and round(limit["compute_us"], 1) == 2.0
     assert limit["floor_us"] == limit["memory_us"] and limit["bound"] == "memory"

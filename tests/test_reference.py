@@ -1,5 +1,5 @@
 """The reference strategies against the oracle, their traffic against the byte rules, and the
-plan properties they rely on (DESIGN.md, "Normative plan and accounting")."""
+plan properties they rely on (docs/design.md, "Normative plan and accounting")."""
 
 from __future__ import annotations
 
@@ -73,7 +73,7 @@ def parameters(draw, strategy):
 
 
 def predicted_traffic(plan) -> dict:
-    """DESIGN.md's byte rules applied to the plan's per-partition aggregates (the IO model's view)."""
+    """docs/design.md's byte rules applied to the plan's per-partition aggregates (the IO model's view)."""
     shape = plan.tree.attention
     e, h_q, h_kv, d = shape.element_bytes, shape.q_heads, shape.kv_heads, shape.head_dim
     t, q = plan.tokens, plan.queries

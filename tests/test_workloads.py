@@ -261,7 +261,7 @@ def test_real_speculative_file():
 
 
 # ---------------------------------------------------------------------------- anchors
-ANCHOR_SIZES = {  # (unique KV tokens, queries), from ANCHORS.md
+ANCHOR_SIZES = {  # (unique KV tokens, queries), from docs/anchors.md
     "fewshot_b20_P4000_L200": (8000, 20),
     "fewshot_b50_P4000_L200": (14000, 50),
     "reason_10x500_P1104": (6104, 10),

@@ -1,6 +1,6 @@
 """The floor: the physical limit of one attention call, from rates measured in the same run.
 
-floor = max(bytes / copy bandwidth, flops / matmul rate) (ANCHORS.md), where bytes are every
+floor = max(bytes / copy bandwidth, flops / matmul rate) (docs/anchors.md), where bytes are every
 unique KV token read once plus Q read once and O written once, and flops are 4 x the visible
 (query, token) pairs x q_heads x head_dim: `iomodel.floor`, the project's one definition, fed
 with rates measured here: a large device-to-device copy (bytes read + written) and a large

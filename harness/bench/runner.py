@@ -33,10 +33,10 @@ from deft.tree_format import tree_to_dict
 FORMAT = "deft-bench/1"
 
 TOLERANCE = {torch.float16: 2e-3, torch.bfloat16: 1.6e-2}
-"""Largest accepted rel_err against the float64 oracle (ANCHORS.md's peers reach <= 4e-4 in fp16)."""
+"""Largest accepted rel_err against the float64 oracle (the peers of docs/anchors.md reach <= 4e-4 in fp16)."""
 
 GRAPH_COPIES = 4
-"""KV copies rotated in graph mode (ANCHORS.md: at least 4, more than L2 holds)."""
+"""KV copies rotated in graph mode (docs/anchors.md: at least 4, more than L2 holds)."""
 
 
 def run_bench(workloads, methods, *, dtype=torch.float16, timing="graph", device="cuda",
