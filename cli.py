@@ -2,8 +2,8 @@
 
 Data goes to stdout, messages to stderr; bad input exits 2 with a one-line message; `NO_COLOR`
 is honoured (rich reads it). Each command parses its options and dispatches to a library
-function; the tables are rendered beside the reports (`iomodel.report`, `harness.bench.report`,
-`harness.replay.report`, `autotune.report`).
+function; the tables and views are rendered beside the reports (`harness.report_views`,
+`iomodel.report`, `harness.bench.report`, `harness.replay.report`, `autotune.report`).
 """
 
 from __future__ import annotations
@@ -14,13 +14,12 @@ import sys
 
 import click
 from rich.console import Console
-from rich.table import Table
 from rich.text import Text
-from rich.tree import Tree as RichTree
 
 import deft
 from deft.tree import TreeError
 from deft.tree_format import tree_to_dict
+from harness.report_views import stats_table, tree_view
 
 # Tables are wide: when stdout is no terminal and COLUMNS is unset, rich would fold them at 80.
 stdout = Console(width=None if sys.stdout.isatty() or "COLUMNS" in os.environ else 160)
@@ -59,26 +58,7 @@ def inspect(tree_path, as_json, max_nodes):
         click.echo(json.dumps(stats, indent=1))
         return
     stdout.print(tree_view(tree, max_nodes))
-    table = Table(title="statistics", show_header=False)
-    for key, value in stats.items():
-        table.add_row(key, f"{value:.3f}" if isinstance(value, float) else str(value))
-    stdout.print(table)
-
-
-def tree_view(tree: deft.Tree, max_nodes: int) -> RichTree:
-    """A rich tree of the first `max_nodes` nodes in preorder; the rest folded into counts."""
-    view = RichTree(f"[bold]{tree!r}[/]")
-    shown = {}
-    for v in tree.preorder[:max_nodes]:
-        p = tree.parent[v]
-        label = f"node {tree.node_ids[v]}: {tree.tokens[v]} tokens"
-        if tree.queries[v]:
-            label += f", [cyan]{tree.queries[v]} queries[/]"
-        shown[v] = (shown[p] if p >= 0 else view).add(label)
-    hidden = tree.num_nodes - len(shown)
-    if hidden:
-        view.add(f"[dim]... {hidden} more nodes (raise --max-nodes to see them)[/]")
-    return view
+    stdout.print(stats_table(stats))
 
 
 # ---------------------------------------------------------------------------- workloads
@@ -91,33 +71,13 @@ def workloads():
 @click.option("--json", "as_json", is_flag=True, help="Print the listing as JSON.")
 def workloads_list(as_json):
     """Each run kind and tree kind with its options, the anchors, and the real files found."""
-    from deft import workloads as w
+    from harness.report_views import print_workload_listing, workload_listing
 
-    kinds = {
-        name: {
-            "kind": "run" if name in w.RUN_KINDS else "tree",
-            "options": w.kind_options(name),
-            "description": first_sentence(builder.__doc__ or ""),
-        }
-        for name, builder in {**w.RUN_KINDS, **w.TREE_KINDS}.items()
-    }
-    files = {name: str(path) for name, path in w.found_workload_files().items()}
+    listing = workload_listing()
     if as_json:
-        click.echo(json.dumps({"kinds": kinds, "anchors": list(w.ANCHORS), "files": files}, indent=1))
+        click.echo(json.dumps(listing, indent=1))
         return
-    table = Table(title="workload kinds (export KIND key=value ...)")
-    for column in ("kind", "type", "options (default)", "description"):
-        table.add_column(column)
-    for name, kind in kinds.items():
-        options = ", ".join(f"{k}={'required' if v == 'required' else v}" for k, v in kind["options"].items())
-        table.add_row(name, kind["kind"], options, kind["description"])
-    stdout.print(table)
-    stdout.print("anchors: " + ", ".join(w.ANCHORS), highlight=False)
-    if files:
-        stdout.print("real files found:\n  " + "\n  ".join(f"{k}: {v}" for k, v in files.items()),
-                     highlight=False)
-    else:
-        stdout.print("real files found: none (set DEFT_WORKLOADS to the workloads directory)")
+    print_workload_listing(stdout, listing)
 
 
 @workloads.command("export", context_settings={"ignore_unknown_options": True})
@@ -172,12 +132,6 @@ def option_name(key: str) -> str:
         if param.name == key:
             return param.opts[0]
     return key
-
-
-def first_sentence(doc: str) -> str:
-    """The first sentence of a docstring, on one line, without reST backquotes."""
-    paragraph = " ".join(doc.strip().split("\n\n")[0].split()).replace("`", "")
-    return paragraph.split(". ")[0].rstrip(".") + "."
 
 
 # ---------------------------------------------------------------------------- estimate-io

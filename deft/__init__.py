@@ -16,7 +16,7 @@ __all__ = [
 # The GPU API loads Triton on first use, so `import deft` stays light on a CPU-only machine.
 _LAZY = {
     "TreeAttention": ("deft.tree_attention", "TreeAttention"),
-    "attention": ("deft.tree_attention", "attention"),
+    "attention": ("deft.layout_attention", "attention"),
     "merge_states": ("deft.kernels.reduction", "merge_states"),
     "PageTable": ("deft.plan_buffers", "PageTable"),
     "paged_cache": ("deft.plan_buffers", "paged_cache"),

@@ -1,26 +1,27 @@
-"""The public API: `TreeAttention` (plan once per decode step, run once per layer) and the
-test-layout wrapper `deft.attention`.
+"""The public API: `TreeAttention` (plan once per decode step, run once per layer); the
+test-layout wrapper `deft.attention` is `deft.layout_attention`.
 
     attn = deft.TreeAttention("deft_flatten", max_queries=256, max_tokens=32768)
     plan = attn.plan(tree, cache)          # host work; refills the device buffers in place
     out = attn.run(q, k_cache, v_cache, plan)   # per layer: two kernels, no host sync
 
-`run` is registered as the custom op ``torch.ops.deft.tree_attention`` (so it traces under
-torch.compile), reads every plan-dependent number from device memory and launches grids sized by
-the capacity alone, so a CUDA graph captured over `run` stays valid after a new `plan`.
+`run` is registered as the custom op ``torch.ops.deft.tree_attention``
+(`deft.kernels.tree_attention_op`, so it traces under torch.compile), reads every
+plan-dependent number from device memory and launches grids sized by the capacity alone, so a
+CUDA graph captured over `run` stays valid after a new `plan`.
 """
 
 from __future__ import annotations
 
-import contextlib
 import math
 
 import numpy as np
 import torch
 
 from deft.kernels import KERNELS, deft_flatten_sm90, flat as flat_addressing, tile_config
-from deft.kernels.partials import TileConfig, _partials_kernel, partials
-from deft.kernels.reduction import merge, per_query_merge
+from deft.kernels.partials import TileConfig
+from deft.kernels.reduction import per_query_merge
+from deft.kernels.tree_attention_op import check_runnable, launch_tree_attention
 from deft.kernels.tuned import tuned_plan
 from deft.bound_run import BoundRun, RunCache, argument_key, capture, check_inputs
 from deft.fast_plan import FAST_STRATEGIES, NodePlanner
@@ -30,9 +31,7 @@ from deft.plan_buffers import (
     cache_page_size,
     default_max_entries,
     host_node_pages,
-    paged_cache,
     plan_arrays,
-    views_of,
 )
 from deft.tree import Tree
 from deft.tree_plan import TreePlan
@@ -42,20 +41,6 @@ from deft.strategies import KERNEL_STRATEGIES
 
 CPU_PROGRAMS = 4
 """Persistent programs under the Triton interpreter (no GPU)."""
-INTERPRETED = not hasattr(_partials_kernel, "params")
-"""Whether the kernels loaded under the Triton interpreter (TRITON_INTERPRET=1)."""
-
-
-def check_runnable(device: torch.device, dtype: str | torch.dtype | None = None) -> None:
-    """Refuse, saying what to do, a device or dtype the kernels cannot run (ValueError).
-
-    Checked where a kernel would first run: `deft.attention`, and `TreeAttention.run` once per
-    argument set (planning on the CPU needs no kernel)."""
-    if device.type == "cpu" and not INTERPRETED:
-        raise ValueError("the Triton kernels need a GPU: set TRITON_INTERPRET=1 before importing "
-                         "deft to run them on the CPU")
-    if device.type == "cpu" and dtype in ("bfloat16", torch.bfloat16):
-        raise ValueError("bf16 kernels need a GPU; under the interpreter use float16 or float32")
 
 
 class TreeAttention:
@@ -337,9 +322,10 @@ class TreeAttention:
             return (out, lse) if return_lse else out
 
         def launch():
-            _launch(q, k_cache, v_cache, self.buffers.views, bound.o_part, bound.lse_part, out,
-                    lse, self.flat, bound.sm_scale, bound.config, bound.num_programs,
-                    plan.per_query_merge, self.backend == "gluon")
+            launch_tree_attention(q, k_cache, v_cache, self.buffers.views, bound.o_part,
+                                  bound.lse_part, out, lse, self.flat, bound.sm_scale,
+                                  bound.config, bound.num_programs, plan.per_query_merge,
+                                  self.backend == "gluon")
 
         if (bound.calls == 2 and key is not None and self.device.type == "cuda"
                 and not torch.cuda.is_current_stream_capturing()):
@@ -422,75 +408,3 @@ class TreeAttention:
         if self.device.type == "cuda":
             return torch.cuda.get_device_properties(self.device).multi_processor_count
         return CPU_PROGRAMS
-
-# ---------------------------------------------------------------------------- the launches
-def _launch(q, k_cache, v_cache, buffers, o_part, lse_part, out, lse, flat, sm_scale, config,
-            num_programs, per_query_merge, gluon=False) -> None:
-    """Partial results (the Hopper Gluon kernel where ``gluon``), then the merge."""
-    other_device = q.is_cuda and q.device.index != torch.cuda.current_device()
-    with torch.cuda.device(q.device) if other_device else contextlib.nullcontext():
-        (deft_flatten_sm90.partials if gluon else partials)(
-            q, k_cache, v_cache, o_part, lse_part, buffers, flat=flat, sm_scale=sm_scale,
-            config=config, num_programs=num_programs)
-        merge(o_part, lse_part, buffers, out, lse, per_query=per_query_merge)
-
-
-# ---------------------------------------------------------------------------- the custom op
-@torch.library.custom_op("deft::tree_attention", mutates_args=("o_part", "lse_part", "out", "lse"))
-def _tree_attention_op(
-    q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, plan_data: torch.Tensor,
-    plan_layout: list[int], o_part: torch.Tensor, lse_part: torch.Tensor, out: torch.Tensor,
-    lse: torch.Tensor | None, flat: bool, sm_scale: float, tile: list[int],
-    num_programs: int, per_query_merge: bool, gluon: bool = False,
-) -> None:
-    """The two kernels of one `TreeAttention.run`, as an opaque op for torch.compile."""
-    _launch(q, k_cache, v_cache, views_of(plan_data, plan_layout), o_part, lse_part, out, lse,
-            flat, sm_scale, TileConfig.from_ints(tile), num_programs, per_query_merge, gluon)
-
-
-@_tree_attention_op.register_fake
-def _(q, k_cache, v_cache, plan_data, plan_layout, o_part, lse_part, out, lse, flat, sm_scale,
-      tile, num_programs, per_query_merge, gluon=False) -> None:
-    return None
-
-
-# ---------------------------------------------------------------------------- test layout
-def attention(strategy, tree: Tree, q, k, v, *, chunk_size=None, group_size=None, page_size=1,
-              sm_scale=None):
-    """Tree attention of every strategy in the test layout (`reference.attention`'s signature).
-
-    Kernel strategies copy K and V into a paged cache (each node on fresh pages), plan and run;
-    flash_attention, tree_attention_m and vanilla_tree run their PyTorch reference (on the host,
-    the result copied back to q's device).
-
-    Parameters
-    ----------
-    strategy : str
-        One of `reference.STRATEGIES`.
-    tree : Tree
-    q : [queries, q_heads, head_dim]
-        Queries by node index, then position.
-    k, v : [tokens, kv_heads, head_dim]
-        KV tokens by node index, then position.
-    chunk_size, group_size : int, optional
-        As for `deft.plan.build_plan`.
-    page_size : int
-    sm_scale : float, optional
-        Default 1 / sqrt(head_dim).
-
-    Returns
-    -------
-    out : [queries, q_heads, head_dim] in q's dtype
-    """
-    if strategy not in KERNELS:  # the reference computes on the host: run it there
-        import reference
-
-        out, _ = reference.attention(strategy, tree, q.cpu(), k.cpu(), v.cpu(),
-                                     chunk_size=chunk_size, group_size=group_size,
-                                     page_size=page_size, sm_scale=sm_scale)
-        return out.to(device=q.device, dtype=q.dtype)
-    check_runnable(q.device, q.dtype)
-    k_cache, v_cache, table = paged_cache(tree, k, v, page_size)
-    plan = build_plan(strategy, tree, chunk_size, group_size, page_size)
-    attn = TreeAttention.for_plan(plan, device=q.device)
-    return attn.run(q, k_cache, v_cache, attn.plan(tree, table, plan), sm_scale=sm_scale)

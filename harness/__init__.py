@@ -8,6 +8,7 @@
 - `harness.replay`: `deft-cli replay`, a whole decoding run step by step (the paper's
   Tables 3 and 4), with `harness.decoder`, a Llama-3-8B-shaped model;
 - `harness.timing`: eager and CUDA-graph timing; `harness.kernel_traffic`: bytes of a plan.
+- `harness.report_views`: `deft-cli inspect`'s tree view and `workloads list`'s table.
 
 The core (`deft`), `reference` and `iomodel` never import this package.
 """

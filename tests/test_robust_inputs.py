@@ -136,7 +136,7 @@ def test_bf16_kernels_refuse_the_interpreter():
     import torch
 
     import deft
-    from deft.tree_attention import INTERPRETED
+    from deft.kernels.tree_attention_op import INTERPRETED
 
     if not INTERPRETED:
         pytest.skip("the kernels loaded for a GPU")

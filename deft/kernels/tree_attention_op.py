@@ -1,0 +1,62 @@
+"""The two kernels of one `TreeAttention.run` (partials, then merge), the custom op
+``torch.ops.deft.tree_attention`` that wraps them for torch.compile, and the check that a device
+can run them.
+
+Importing this module registers the op; `deft.tree_attention` imports it.
+"""
+
+from __future__ import annotations
+
+import contextlib
+
+import torch
+
+from deft.kernels import deft_flatten_sm90
+from deft.kernels.partials import TileConfig, _partials_kernel, partials
+from deft.kernels.reduction import merge
+from deft.plan_buffers import views_of
+
+INTERPRETED = not hasattr(_partials_kernel, "params")
+"""Whether the kernels loaded under the Triton interpreter (TRITON_INTERPRET=1)."""
+
+
+def check_runnable(device: torch.device, dtype: str | torch.dtype | None = None) -> None:
+    """Refuse, saying what to do, a device or dtype the kernels cannot run (ValueError).
+
+    Checked where a kernel would first run: `deft.attention`, and `TreeAttention.run` once per
+    argument set (planning on the CPU needs no kernel)."""
+    if device.type == "cpu" and not INTERPRETED:
+        raise ValueError("the Triton kernels need a GPU: set TRITON_INTERPRET=1 before importing "
+                         "deft to run them on the CPU")
+    if device.type == "cpu" and dtype in ("bfloat16", torch.bfloat16):
+        raise ValueError("bf16 kernels need a GPU; under the interpreter use float16 or float32")
+
+def launch_tree_attention(q, k_cache, v_cache, buffers, o_part, lse_part, out, lse, flat,
+                          sm_scale, config, num_programs, per_query_merge,
+                          gluon=False) -> None:
+    """Partial results (the Hopper Gluon kernel where ``gluon``), then the merge."""
+    other_device = q.is_cuda and q.device.index != torch.cuda.current_device()
+    with torch.cuda.device(q.device) if other_device else contextlib.nullcontext():
+        (deft_flatten_sm90.partials if gluon else partials)(
+            q, k_cache, v_cache, o_part, lse_part, buffers, flat=flat, sm_scale=sm_scale,
+            config=config, num_programs=num_programs)
+        merge(o_part, lse_part, buffers, out, lse, per_query=per_query_merge)
+
+
+@torch.library.custom_op("deft::tree_attention", mutates_args=("o_part", "lse_part", "out", "lse"))
+def _tree_attention_op(
+    q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, plan_data: torch.Tensor,
+    plan_layout: list[int], o_part: torch.Tensor, lse_part: torch.Tensor, out: torch.Tensor,
+    lse: torch.Tensor | None, flat: bool, sm_scale: float, tile: list[int],
+    num_programs: int, per_query_merge: bool, gluon: bool = False,
+) -> None:
+    """The two kernels of one `TreeAttention.run`, as an opaque op for torch.compile."""
+    launch_tree_attention(q, k_cache, v_cache, views_of(plan_data, plan_layout), o_part,
+                          lse_part, out, lse, flat, sm_scale, TileConfig.from_ints(tile),
+                          num_programs, per_query_merge, gluon)
+
+
+@_tree_attention_op.register_fake
+def _(q, k_cache, v_cache, plan_data, plan_layout, o_part, lse_part, out, lse, flat, sm_scale,
+      tile, num_programs, per_query_merge, gluon=False) -> None:
+    return None
