@@ -16,6 +16,7 @@ from pathlib import Path
 import pytest
 
 from deft.kernels import deft_flatten_sm90 as sm90
+from deft.kernels.deft_flatten_sm90_compile import compile_for_sm90, ptxas_report
 from deft.kernels.gluon_compat import HAS_GLUON, WHY_NOT
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -60,7 +61,7 @@ if os.environ.get("TRITON_INTERPRET") == "1":
         assert " passed" in result.stdout and " failed" not in result.stdout
 else:
     def _ptxas_ok(compiled) -> str:
-        report = sm90.ptxas_report(compiled)
+        report = ptxas_report(compiled)
         assert "error" not in report.lower(), report
         assert "C7515" not in report, f"wgmma serialised:\n{report}"
         spills = re.findall(r"(\d+) bytes spill stores, (\d+) bytes spill loads", report)
@@ -72,7 +73,7 @@ else:
 
     @pytest.mark.parametrize("dtype,kv_heads,group,head_dim", VARIANTS)
     def test_gluon_kernel_compiles_without_spills(dtype, kv_heads, group, head_dim):
-        compiled = sm90.compile_for_sm90(dtype, kv_heads, group, head_dim)
+        compiled = compile_for_sm90(dtype, kv_heads, group, head_dim)
         ptx = compiled.asm["ptx"]
         assert ".target sm_90a" in ptx
         assert "wgmma.mma_async" in ptx
@@ -88,7 +89,7 @@ else:
         overrides, max_regs, ctas = CONFIGS[name]
         monkeypatch.setattr(sm90, "MAX_REGS", max_regs)
         for kv_heads, group in ((8, 4), (1, 8)):
-            compiled = sm90.compile_for_sm90("fp16", kv_heads, group, 128, **overrides)
+            compiled = compile_for_sm90("fp16", kv_heads, group, 128, **overrides)
             _ptxas_ok(compiled)
             assert ctas * (compiled.metadata.shared + 1024) <= 233472, compiled.metadata.shared
 

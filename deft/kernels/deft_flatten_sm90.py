@@ -45,17 +45,17 @@ gather reads exactly the tokens the Triton kernel reads, for every page size.
 Constraints (else `partials` falls back to the Triton kernel): fp16 or bf16, head_dim 64 or
 128, GROUP (query heads per KV head) <= BLOCK_M, FLAT addressing, a CUDA device of compute
 capability 9.x and a triton with Hopper Gluon. ``DEFT_BACKEND=triton`` forces the Triton kernel.
+Backend choice: `deft.kernels.deft_flatten_sm90_backend` (re-exported here); CPU-only sm_90a
+compile and ptxas checks: `deft.kernels.deft_flatten_sm90_compile`.
 """
 
 from __future__ import annotations
 
-import os
-
 import torch
 
 from deft.kernels import gluon_compat as gc
+from deft.kernels.deft_flatten_sm90_backend import gluon_supported, resolve_backend  # noqa: F401
 from deft.kernels.gluon_compat import HAS_GLUON
-from deft.strategies import REGISTRY
 
 LOG2E = 1.4426950408889634
 LN2 = 0.6931471805599453
@@ -85,43 +85,6 @@ LAZY_RESCALE = False
 consumer warpgroup, after one cross-warp max per tile). Measured on an H200 it is no faster at
 32/8 and 16/2 and 5-15% slower at 8/1 and 4/1, so off: O and l are rescaled every tile (by 1 on
 rows whose max stays)."""
-
-BACKENDS = ("gluon", "triton")
-
-
-def gluon_supported(device=None) -> tuple[bool, str]:
-    """(whether the Gluon kernel can run on this device, why not)."""
-    if not HAS_GLUON:
-        return False, gc.WHY_NOT
-    if not torch.cuda.is_available():
-        return False, "no CUDA device"
-    major, _ = torch.cuda.get_device_capability(device)
-    if major != 9:
-        return False, f"compute capability {major}.x is not Hopper (9.x)"
-    return True, ""
-
-
-def resolve_backend(strategy: str, backend: str | None, device) -> str:
-    """The partials backend of a `TreeAttention`: "gluon" or "triton".
-
-    ``backend`` (or else the environment variable ``DEFT_BACKEND``) forces one; by default
-    deft_flatten runs the Gluon kernel where it can (Hopper, Gluon importable), everything else
-    the Triton kernel. Forcing "gluon" where it cannot run raises.
-    """
-    choice = backend or os.environ.get("DEFT_BACKEND") or None
-    if choice is not None and choice not in BACKENDS:
-        raise ValueError(f"backend must be one of {BACKENDS}, got {choice!r}")
-    device = torch.device(device)
-    if choice == "triton" or device.type != "cuda":
-        if choice == "gluon":
-            raise ValueError(f"the Gluon backend needs a Hopper CUDA device, got {device}")
-        return "triton"
-    ok, why = gluon_supported(device)
-    if choice == "gluon":
-        if not ok:
-            raise ValueError(f"the Gluon backend cannot run here: {why}")
-        return "gluon"
-    return "gluon" if ok and "gluon" in REGISTRY[strategy].backends else "triton"
 
 
 def fits(q, k_cache, flat: bool) -> bool:
@@ -438,56 +401,3 @@ def partials(q, k_cache, v_cache, o_part, lse_part, buffers, *, flat: bool, sm_s
         **constexprs(kv_heads, group, head_dim),
         num_warps=CONSUMER_WARPS, maxnreg=MAX_REGS,
     )
-
-
-# ---------------------------------------------------------------------------- compile-only checks
-_ARG_TYPES = dict(
-    o_part_ptr="*fp32", lse_part_ptr="*fp32",
-    counts_ptr="*i32", part_start_ptr="*i32", part_tokens_ptr="*i32", part_entry_ptr="*i32",
-    entry_query_ptr="*i32", entry_row_ptr="*i32", query_flat_ptr="*i32", token_slot_ptr="*i32",
-    subtree_end_ptr="*i32", stride_qn="i32", stride_qh="i32", stride_kt="i32", stride_kh="i32",
-    stride_vt="i32", stride_vh="i32", qk_scale="fp32",
-)
-
-
-def compile_for_sm90(dtype: str = "fp16", kv_heads: int = 8, group: int = 4,
-                     head_dim: int = 128, **overrides):
-    """Compile `_partials_sm90_kernel` for sm_90a without a GPU (triton's own ptxas).
-
-    Returns the `CompiledKernel` (``asm["ptx"]``, ``asm["cubin"]``); `ptxas_report` reads its
-    register and spill counts.
-    """
-    import triton
-    from triton.backends.compiler import GPUTarget
-    from triton.experimental.gluon._runtime import GluonASTSource
-
-    signature = dict(q_ptr=f"*{dtype}", k_ptr=f"*{dtype}", v_ptr=f"*{dtype}", **_ARG_TYPES)
-    consts = constexprs(kv_heads, group, head_dim, **overrides)
-    consts["num_warps"] = CONSUMER_WARPS
-    names = _partials_sm90_kernel.arg_names
-    signature = {n: signature.get(n, "constexpr") for n in names}
-    # what the launcher specializes on at run time: 16-byte aligned tensors, strides % 16 == 0
-    aligned = [n for n in names if n.endswith("_ptr") or n.startswith("stride_")]
-    attrs = {(names.index(n),): [["tt.divisibility", 16]] for n in aligned}
-    source = GluonASTSource(fn=_partials_sm90_kernel, signature=signature,
-                            constexprs={(names.index(k),): v for k, v in consts.items()},
-                            attrs=attrs)
-    return triton.compile(source, target=GPUTarget("cuda", 90, 32),
-                          options=dict(num_warps=CONSUMER_WARPS, maxnreg=MAX_REGS))
-
-
-def ptxas_report(compiled) -> str:
-    """``ptxas -v`` (sm_90a) of a compiled kernel's PTX: registers, spills, warnings (C7515)."""
-    import subprocess
-    import tempfile
-
-    from triton.backends.nvidia.compiler import get_ptxas
-
-    path = get_ptxas(90).path  # (arch) in triton 3.6 and 3.9 alike
-    with tempfile.TemporaryDirectory() as tmp:
-        src = os.path.join(tmp, "k.ptx")
-        with open(src, "w") as f:
-            f.write(compiled.asm["ptx"])
-        done = subprocess.run([path, "-v", "--gpu-name", "sm_90a", src, "-o",
-                               os.path.join(tmp, "k.cubin")], capture_output=True, text=True)
-    return done.stdout + done.stderr
