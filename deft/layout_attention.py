@@ -1,4 +1,4 @@
-"""`deft.attention`: tree attention of every strategy in the test layout (dense K and V by
+"""`deft.attention`: tree attention of a kernel strategy in the test layout (dense K and V by
 node), the kernels' counterpart of `reference.attention`."""
 
 from __future__ import annotations
@@ -6,6 +6,7 @@ from __future__ import annotations
 from deft.kernels import KERNELS
 from deft.plan import build_plan
 from deft.plan_buffers import paged_cache
+from deft.strategies import strategy as strategy_record
 from deft.tree import Tree
 from deft.kernels.tree_attention_op import check_runnable
 from deft.tree_attention import TreeAttention
@@ -13,16 +14,17 @@ from deft.tree_attention import TreeAttention
 
 def attention(strategy, tree: Tree, q, k, v, *, chunk_size=None, group_size=None, page_size=1,
               sm_scale=None):
-    """Tree attention of every strategy in the test layout (`reference.attention`'s signature).
+    """Tree attention of a kernel strategy in the test layout (`reference.attention`'s signature).
 
-    Kernel strategies copy K and V into a paged cache (each node on fresh pages), plan and run;
-    flash_attention, tree_attention_m and vanilla_tree run their PyTorch reference (on the host,
-    the result copied back to q's device).
+    K and V are copied into a paged cache (each node on fresh pages), then planned and run.
+    flash_attention, tree_attention_m and vanilla_tree have no kernel: they are refused with a
+    ValueError naming their PyTorch reference (`reference.output` gives its output on q's
+    device; the core does not import the reference).
 
     Parameters
     ----------
     strategy : str
-        One of `reference.STRATEGIES`.
+        One of `deft.strategies.KERNEL_STRATEGIES`.
     tree : Tree
     q : [queries, q_heads, head_dim]
         Queries by node index, then position.
@@ -38,13 +40,10 @@ def attention(strategy, tree: Tree, q, k, v, *, chunk_size=None, group_size=None
     -------
     out : [queries, q_heads, head_dim] in q's dtype
     """
-    if strategy not in KERNELS:  # the reference computes on the host: run it there
-        import reference
-
-        out, _ = reference.attention(strategy, tree, q.cpu(), k.cpu(), v.cpu(),
-                                     chunk_size=chunk_size, group_size=group_size,
-                                     page_size=page_size, sm_scale=sm_scale)
-        return out.to(device=q.device, dtype=q.dtype)
+    if strategy not in KERNELS:
+        strategy_record(strategy)  # an unknown name: ValueError listing the strategies
+        raise ValueError(f"{strategy} has no kernel: run its PyTorch reference with "
+                         f"reference.attention (or reference.output for the output alone)")
     check_runnable(q.device, q.dtype)
     k_cache, v_cache, table = paged_cache(tree, k, v, page_size)
     plan = build_plan(strategy, tree, chunk_size, group_size, page_size)

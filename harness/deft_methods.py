@@ -4,7 +4,7 @@
 cache (bench, replay and autotune's measurements); under ``TRITON_INTERPRET=1`` it runs on the
 CPU too (tests). `ReferenceMethod` runs the PyTorch reference of any strategy (`reference`):
 under its plain name in the bench (flash_attention, tree_attention_m, vanilla_tree: the test
-layout through `deft.attention`, planning inside the call), as ``ref:<strategy>`` in the replay
+layout through `reference.output`, planning inside the call), as ``ref:<strategy>`` in the replay
 (reading K and V through the cache's slots).
 """
 
@@ -151,19 +151,19 @@ class ReferenceMethod(Method):
         self.strategy = strategy
         self.name = name or f"ref:{strategy}"
         self.kind = "reference" if name is None else "deft"
-        self.description = f"deft.attention({strategy!r}, ...): the PyTorch reference"
+        self.description = f"reference.output({strategy!r}, ...): the PyTorch reference"
         self._module = MODULES[strategy]
 
     def unavailable(self, device, tree=None):
         return None
 
     def prepare(self, inputs):
-        """The test-layout call of `deft.attention` (planning inside the call)."""
-        import deft
+        """The test-layout call of `reference.output` (planning inside the call)."""
+        import reference
 
         def call(k, v):
-            return deft.attention(self.strategy, inputs.tree, inputs.q, k, v,
-                                  page_size=inputs.page_size, sm_scale=inputs.sm_scale)
+            return reference.output(self.strategy, inputs.tree, inputs.q, k, v,
+                                    page_size=inputs.page_size, sm_scale=inputs.sm_scale)
 
         return [Variant([lambda k=k, v=v: call(k, v) for k, v in zip(inputs.k, inputs.v)],
                         params={"page_size": inputs.page_size})]
@@ -179,7 +179,7 @@ class ReferenceMethod(Method):
         n = plan.tree.num_queries
         k = k_cache.flatten(0, 1)[plan.slots].cpu()
         v = v_cache.flatten(0, 1)[plan.slots].cpu()
-        # The reference indexes with host tensors: it computes on the host, as deft.attention.
+        # The reference indexes with host tensors: it computes on the host, as reference.output.
         rows, _ = self._module.attention(plan.tree, q[:n].cpu(), k, v, plan.plan)
         out = torch.empty_like(q) if out is None else out
         out[:n] = rows.to(device=out.device, dtype=out.dtype)

@@ -94,6 +94,14 @@ def attention(
     return module.attention(tree, q, k, v, plan, sm_scale)
 
 
+def output(strategy: str, tree, q, k, v, **options) -> torch.Tensor:
+    """`attention`'s output computed on the host, returned on q's device in q's dtype: the
+    stand-in for a kernel where a strategy has none (flash_attention, tree_attention_m,
+    vanilla_tree), as the bench and the GPU checks use it. `options` as for `attention`."""
+    out, _ = attention(strategy, tree, q.cpu(), k.cpu(), v.cpu(), **options)
+    return out.to(device=q.device, dtype=q.dtype)
+
+
 def _check_inputs(tree, q, k, v):
     """Raise ValueError naming the first input whose shape or dtype does not fit the tree."""
     shape = tree.attention
@@ -121,5 +129,6 @@ __all__ = [
     "attention",
     "build_plan",
     "oracle_attention",
+    "output",
     "rel_err",
 ]

@@ -286,17 +286,25 @@ def test_plans_compare_and_hash_by_identity():
 
 
 def test_attention_wrapper_every_strategy():
-    """deft.attention runs all nine strategies (three as their PyTorch reference)."""
+    """deft.attention runs the six kernel strategies; the three without a kernel are refused
+    (the core does not import the reference) and `reference.output` computes them."""
     import reference
 
     tree = Tree([0, 1, 2], [None, 0, 0], [9, 4, 6], None, AttentionShape(4, 2, 32))
     q, k, v = inputs(tree)
     ref = oracle_attention(tree, q, k, v)
+    on_device = q.to(DEVICE), k.to(DEVICE), v.to(DEVICE)
     for strategy in reference.STRATEGIES:
-        out = deft.attention(strategy, tree, q.to(DEVICE), k.to(DEVICE), v.to(DEVICE),
-                             page_size=4)
-        assert out.dtype == q.dtype and out.shape == q.shape
+        if strategy in KERNEL_STRATEGIES:
+            out = deft.attention(strategy, tree, *on_device, page_size=4)
+        else:
+            with pytest.raises(ValueError, match="has no kernel: run its PyTorch reference"):
+                deft.attention(strategy, tree, *on_device, page_size=4)
+            out = reference.output(strategy, tree, *on_device, page_size=4)
+        assert out.dtype == q.dtype and out.shape == q.shape and out.device == on_device[0].device
         assert rel_err(out.cpu(), ref) <= TOLERANCE[torch.float16], strategy
+    with pytest.raises(ValueError, match="unknown strategy"):
+        deft.attention("flash", tree, *on_device)
 
 
 SM90_COMPILE = """
