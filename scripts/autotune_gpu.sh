@@ -46,7 +46,7 @@ for step in "${steps[@]}"; do
   start=$(date +%s)
   if [ "$step" = tune ]; then
     echo "== deft-cli autotune --gpu auto" >&2
-    python3 cli.py autotune --gpu auto --output "$out/" ${extra[@]+"${extra[@]}"} \
+    python3 -m cli autotune --gpu auto --output "$out/" ${extra[@]+"${extra[@]}"} \
       2> >(tee "$out/autotune.log" >&2) | tee "$out/autotune.txt" || status=1
   else
     table=$(ls "$out"/logs/nvidia-*.json 2> /dev/null | head -n 1)

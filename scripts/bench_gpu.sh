@@ -58,11 +58,11 @@ for mode in "${modes[@]}"; do
       echo "calibrate: no $out/bench-graph$tag.json yet (run graph first)" >&2
       continue
     fi
-    python3 cli.py bench --calibrate "$out/bench-graph$tag.json" \
+    python3 -m cli bench --calibrate "$out/bench-graph$tag.json" \
       --json "$out/calibration-graph$tag.json" | tee "$out/calibration-graph$tag.txt" || status=1
   else
     echo "== bench, $mode timing" >&2
-    python3 cli.py bench --timing "$mode" --json "$out/bench-$mode$tag.json" \
+    python3 -m cli bench --timing "$mode" --json "$out/bench-$mode$tag.json" \
       --plot "$out/bench-$mode$tag.png" ${extra[@]+"${extra[@]}"} | tee "$out/bench-$mode$tag.txt" || status=1
   fi
   echo "== $mode took $(( $(date +%s) - start )) s" >&2

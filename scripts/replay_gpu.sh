@@ -15,7 +15,7 @@
 # on E2E_STEPS of them (default 16); whole-run totals are extrapolated as mean x steps of the
 # run (the JSON keeps the measured sums and every per-step time). STEPS=400 E2E_STEPS=400
 # replays the few-shot and speculative runs whole (about 5x the time: more than one 10-minute
-# call; run single `python3 cli.py replay` commands then).
+# call; run single `python3 -m cli replay` commands then).
 #
 # Writes $OUT/replay_<run>.json (format deft-replay/1), $OUT/tables.md (Tables 3 and 4 in
 # Markdown, `python -m harness.replay`) and $OUT/replay.log.
@@ -35,7 +35,7 @@ results=()
 replay() {  # NAME, then the run's options; a failing run is logged and the others go on
     local name=$1 start=$SECONDS status=ok
     shift
-    python3 cli.py replay "$@" --max-steps "$STEPS" --e2e --e2e-steps "$E2E_STEPS" \
+    python3 -m cli replay "$@" --max-steps "$STEPS" --e2e --e2e-steps "$E2E_STEPS" \
         --json "$OUT/replay_$name.json" 2>&1 | tee -a "$OUT/replay.log" || status=FAILED
     [ -f "$OUT/replay_$name.json" ] && results+=("$OUT/replay_$name.json")
     echo "== $name: $status, $((SECONDS - start)) s" | tee -a "$OUT/replay.log"

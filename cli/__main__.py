@@ -1,0 +1,5 @@
+"""`python3 -m cli ...`: the same as `deft-cli ...`."""
+
+from cli import main
+
+main()
