@@ -14,6 +14,7 @@ marks it.
 
 from __future__ import annotations
 
+
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -131,6 +132,27 @@ def _recover() -> None:
         torch.cuda.synchronize()
     except Exception:  # noqa: BLE001
         pass
+
+
+def replay_seconds(fn: Callable[[], object], replays: int = 20) -> float:
+    """Median seconds of one replay of a CUDA graph of `fn` (after warm-up), each replay timed
+    alone with CUDA events: the GPU scripts' timing of single launches and device ceilings."""
+    fn()
+    torch.cuda.synchronize()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        fn()
+    for _ in range(3):
+        graph.replay()
+    times = []
+    for _ in range(replays):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        graph.replay()
+        end.record()
+        end.synchronize()
+        times.append(start.elapsed_time(end) / 1e3)
+    return float(np.median(times))
 
 
 def one_line(error: BaseException, limit: int = 300) -> str:

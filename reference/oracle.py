@@ -47,7 +47,7 @@ def oracle_attention(tree: Tree, q: torch.Tensor, k: torch.Tensor, v: torch.Tens
 
     Returns
     -------
-    out : float64 [queries, q_heads, head_dim]
+    out : float64 [queries, q_heads, head_dim], on q's device (the GPU checks run it there)
         Query head h attends with KV head h // (q_heads / kv_heads).
     """
     num_queries, q_heads, head_dim = q.shape
@@ -58,13 +58,14 @@ def oracle_attention(tree: Tree, q: torch.Tensor, k: torch.Tensor, v: torch.Tens
     scale = head_dim**-0.5 if sm_scale is None else float(sm_scale)
     k = k.to(torch.float64)
     v = v.to(torch.float64)
-    out = torch.empty((num_queries, q_heads, head_dim), dtype=torch.float64)
+    out = torch.empty((num_queries, q_heads, head_dim), dtype=torch.float64, device=q.device)
     step = max(1, ORACLE_ELEMENTS // (q_heads * tree.num_tokens))
     for start in range(0, num_queries, step):
         queries = np.arange(start, min(num_queries, start + step))
         q_chunk = q[start : start + step].to(torch.float64).view(len(queries), kv_heads, group, head_dim)
         scores = torch.einsum("qhgd,nhd->qhgn", q_chunk, k) * scale
-        visible = torch.from_numpy(visible_by_parents(tree, queries))[:, None, None, :]
+        visible = torch.from_numpy(visible_by_parents(tree, queries)).to(q.device)
+        visible = visible[:, None, None, :]
         probabilities = torch.softmax(scores.masked_fill(~visible, -torch.inf), dim=-1)
         rows = torch.einsum("qhgn,nhd->qhgd", probabilities, v)
         out[start : start + step] = rows.reshape(len(queries), q_heads, head_dim)

@@ -27,7 +27,6 @@ import time
 import traceback
 from pathlib import Path
 
-import numpy as np
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
@@ -38,7 +37,8 @@ from deft.plan_buffers import paged_cache  # noqa: E402
 from deft.tree import AttentionShape, Tree  # noqa: E402
 from deft.tree_attention import TreeAttention  # noqa: E402
 from reference import build_plan, rel_err  # noqa: E402
-from reference.oracle import visible_by_parents  # noqa: E402
+from harness.timing import replay_seconds as replay_time  # noqa: E402
+from reference.oracle import oracle_attention  # noqa: E402
 
 DEVICE = "cuda"
 TOLERANCE = {torch.float16: 2e-3, torch.bfloat16: 1e-2}
@@ -88,25 +88,6 @@ def save(info=None):
             default=str))
 
 
-def oracle(tree: Tree, q, k, v) -> torch.Tensor:
-    """Dense masked attention in float64 on the GPU. [queries, q_heads, head_dim]"""
-    num_queries, q_heads, head_dim = q.shape
-    kv_heads = k.shape[1]
-    group = q_heads // kv_heads
-    k64, v64 = k.double(), v.double()
-    out = torch.empty(q.shape, dtype=torch.float64, device=q.device)
-    step = max(1, 2**27 // (q_heads * tree.num_tokens))
-    for lo in range(0, num_queries, step):
-        queries = np.arange(lo, min(num_queries, lo + step))
-        qc = q[lo: lo + step].double().view(len(queries), kv_heads, group, head_dim)
-        scores = torch.einsum("qhgd,nhd->qhgn", qc, k64) * head_dim**-0.5
-        visible = torch.from_numpy(visible_by_parents(tree, queries)).to(q.device)
-        p = torch.softmax(scores.masked_fill(~visible[:, None, None, :], -torch.inf), dim=-1)
-        out[lo: lo + step] = torch.einsum("qhgn,nhd->qhgd", p, v64).reshape(
-            len(queries), q_heads, head_dim)
-    return out
-
-
 def random_inputs(tree: Tree, dtype, seed: int):
     s = tree.attention
     g = torch.Generator(device=DEVICE).manual_seed(seed)
@@ -142,7 +123,7 @@ def run_poisoned(attn, handle, q, k_cache, v_cache):
 def check_case(section, name, tree, page_sizes, dtypes, chunk=None, seed=0, kernel="default"):
     for dtype in dtypes:
         q, k, v = random_inputs(tree, dtype, seed)
-        ref = oracle(tree, q, k, v)
+        ref = oracle_attention(tree, q, k, v)
         for page_size in page_sizes:
             record = dict(section=section, case=name, kernel=kernel,
                           dtype=str(dtype).split(".")[-1],
@@ -196,7 +177,7 @@ def check_graph():
             qp = torch.zeros(max_q, 32, 128, dtype=torch.float16, device=DEVICE)
             qp[: t.num_queries] = q
             kc, vc, table = paged_cache(t, k, v, 16, 3)
-            data.append((qp, kc, vc, table, oracle(t, q, k, v)))
+            data.append((qp, kc, vc, table, oracle_attention(t, q, k, v)))
         # one set of static buffers sized for both trees
         pages = max(d[1].shape[0] for d in data)
         kbuf = torch.zeros(pages, 16, 8, 128, dtype=torch.float16, device=DEVICE)
@@ -235,25 +216,6 @@ def check_graph():
     save()
 
 
-def replay_time(fn, replays=20) -> float:
-    fn()
-    torch.cuda.synchronize()
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        fn()
-    for _ in range(3):
-        graph.replay()
-    times = []
-    for _ in range(replays):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        graph.replay()
-        end.record()
-        end.synchronize()
-        times.append(start.elapsed_time(end) / 1e3)
-    return float(np.median(times))
-
-
 def time_anchor(name, shape_name, page_size=16, copies=4, timing_variants=False,
                 fill_chunks=False):
     qh, kvh, d = SHAPES[shape_name]
@@ -263,7 +225,7 @@ def time_anchor(name, shape_name, page_size=16, copies=4, timing_variants=False,
     for c in range(copies):
         _, k, v = random_inputs(tree, torch.float16, 100 + c)
         caches.append(paged_cache(tree, k, v, page_size, c))
-    ref = oracle(tree, q, k, v)  # the last copy's: what `out` holds after the replays
+    ref = oracle_attention(tree, q, k, v)  # the last copy's: what `out` holds after the replays
     record = dict(section="timing", case=name, shape=shape_name, page_size=page_size)
     runs = [("gluon", "gluon", "default", None), ("triton", "triton", "default", None)]
     if timing_variants:

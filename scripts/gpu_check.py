@@ -4,7 +4,7 @@
     python scripts/gpu_check.py [--workloads DIR] [--budget SECONDS] [--memcheck-small]
 
 Correctness (every output poisoned with NaN before each run; rel_err against a float64 dense
-oracle computed on the GPU, with `reference.oracle.visible_by_parents` visibility; <= 2e-3 fp16,
+oracle on the GPU (`reference.oracle.oracle_attention` on the inputs' device); <= 2e-3 fp16,
 <= 1.6e-2 bf16; two runs bit-identical):
 - random trees and forests (up to ~20k tokens and ~250 queries), GQA ratios 1, 4, 7, 8 and head
   dims 64, 128, 256, page sizes 1 and 16 with shuffled pages, fp16 and bf16, every strategy
@@ -41,7 +41,6 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 if "--cpu" in sys.argv:
     os.environ["TRITON_INTERPRET"] = "1"  # before any kernel module loads
 
-import deft  # noqa: E402
 from deft import workloads as wl  # noqa: E402
 from deft.strategies import KERNEL_STRATEGIES  # noqa: E402
 from deft.tree_attention import TreeAttention  # noqa: E402
@@ -51,7 +50,8 @@ from deft.plan_buffers import PageTable, paged_cache, token_slots  # noqa: E402
 from deft.tree import AttentionShape, Tree  # noqa: E402
 import reference  # noqa: E402
 from reference import STRATEGIES, build_plan, rel_err  # noqa: E402
-from reference.oracle import visible_by_parents  # noqa: E402
+from harness.timing import replay_seconds as replay_time  # noqa: E402
+from reference.oracle import oracle_attention  # noqa: E402
 
 TOLERANCE = {torch.float16: 2e-3, torch.bfloat16: 1.6e-2}
 LLAMA = AttentionShape(32, 8, 128, "float16")
@@ -107,25 +107,6 @@ class Report:
 
 
 # ---------------------------------------------------------------------------- checking
-def oracle(tree: Tree, q, k, v) -> torch.Tensor:
-    """Dense masked attention in float64 on the GPU. [queries, q_heads, head_dim]"""
-    num_queries, q_heads, head_dim = q.shape
-    kv_heads = k.shape[1]
-    group = q_heads // kv_heads
-    k64, v64 = k.double(), v.double()
-    out = torch.empty(q.shape, dtype=torch.float64, device=q.device)
-    step = max(1, 2**27 // (q_heads * tree.num_tokens))
-    for lo in range(0, num_queries, step):
-        queries = np.arange(lo, min(num_queries, lo + step))
-        qc = q[lo: lo + step].double().view(len(queries), kv_heads, group, head_dim)
-        scores = torch.einsum("qhgd,nhd->qhgn", qc, k64) * head_dim**-0.5
-        visible = torch.from_numpy(visible_by_parents(tree, queries)).to(q.device)
-        p = torch.softmax(scores.masked_fill(~visible[:, None, None, :], -torch.inf), dim=-1)
-        out[lo: lo + step] = torch.einsum("qhgn,nhd->qhgd", p, v64).reshape(len(queries), q_heads,
-                                                                            head_dim)
-    return out
-
-
 def random_inputs(tree: Tree, dtype, seed: int):
     shape = tree.attention
     g = torch.Generator(device=DEVICE).manual_seed(seed)
@@ -167,7 +148,7 @@ def check_tree(report, section, name, tree, dtypes=(torch.float16, torch.bfloat1
             report.skipped.append(f"{section}/{name}/{dtype}")
             return
         q, k, v = random_inputs(tree, dtype, seed)
-        ref = oracle(tree, q, k, v)
+        ref = oracle_attention(tree, q, k, v)
         for i, strategy in enumerate(strategies):
             page_size = 16 if (i + seed) % 2 else 1
             params = params_for(strategy, chunk, group)
@@ -239,7 +220,7 @@ def check_graph_replan(report, dtype=torch.float16):
         eager = attn.run(q_static, k_pool, v_pool, plan)
         torch.cuda.synchronize()
         n = trees[1].num_queries
-        err = rel_err(out_static[:n], oracle(trees[1], *inputs[1]))
+        err = rel_err(out_static[:n], oracle_attention(trees[1], *inputs[1]))
         record.update(
             rel_err=float(f"{err:.3g}"), equal_to_eager=torch.equal(out_static, eager),
             padding_zero=bool((out_static[n:] == 0).all()),
@@ -254,26 +235,6 @@ def check_graph_replan(report, dtype=torch.float16):
 
 
 # ---------------------------------------------------------------------------- timing
-def replay_time(fn, replays=20) -> float:
-    """Median seconds of one replay of a CUDA graph of `fn` (after warm-up)."""
-    fn()
-    torch.cuda.synchronize()
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        fn()
-    for _ in range(3):
-        graph.replay()
-    times = []
-    for _ in range(replays):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        graph.replay()
-        end.record()
-        end.synchronize()
-        times.append(start.elapsed_time(end) / 1e3)
-    return float(np.median(times))
-
-
 def measure_device(report) -> dict:
     """Copy bandwidth (bytes read + written per second) and fp16 GEMM rate, as in docs/anchors.md."""
     x = torch.empty(2**28, dtype=torch.float32, device=DEVICE)  # 1 GiB
@@ -309,7 +270,7 @@ def time_anchor(report, name, tree, device_info, strategy, copies=4):
     for c in range(copies):
         _, k, v = random_inputs(tree, torch.float16, 100 + c)
         caches.append(paged_cache(tree, k, v, 1))
-    ref = oracle(tree, q, k, v)  # of the last copy: what `out` holds after the replays
+    ref = oracle_attention(tree, q, k, v)  # of the last copy: what `out` holds after the replays
     table = caches[0][2]
     for params in TIMED[strategy]:
         if report.left() < 0:

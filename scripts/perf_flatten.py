@@ -43,7 +43,7 @@ from deft.plan_buffers import paged_cache  # noqa: E402
 from deft.tree import AttentionShape, Tree  # noqa: E402
 from deft.tree_attention import TreeAttention  # noqa: E402
 from reference import build_plan, rel_err  # noqa: E402
-from reference.oracle import visible_by_parents  # noqa: E402
+from reference.oracle import oracle_attention  # noqa: E402
 
 LLAMA = AttentionShape(32, 8, 128, "float16")
 TOLERANCE = 2e-3
@@ -82,25 +82,6 @@ VARIANTS = {
 """Kernel variants, each a change of the tuned tile."""
 
 
-def oracle(tree: Tree, q, k, v) -> torch.Tensor:
-    """Dense masked attention in float64. [queries, q_heads, head_dim]"""
-    num_queries, q_heads, head_dim = q.shape
-    kv_heads = k.shape[1]
-    group = q_heads // kv_heads
-    out = torch.empty(q.shape, dtype=torch.float64, device=q.device)
-    step = max(1, 2**27 // (q_heads * tree.num_tokens))
-    k64, v64 = k.double(), v.double()
-    for lo in range(0, num_queries, step):
-        queries = list(range(lo, min(num_queries, lo + step)))
-        qc = q[lo: lo + step].double().view(len(queries), kv_heads, group, head_dim)
-        scores = torch.einsum("qhgd,nhd->qhgn", qc, k64) * head_dim**-0.5
-        visible = torch.from_numpy(visible_by_parents(tree, queries)).to(q.device)
-        p = torch.softmax(scores.masked_fill(~visible[:, None, None, :], -torch.inf), dim=-1)
-        out[lo: lo + step] = torch.einsum("qhgn,nhd->qhgd", p, v64).reshape(
-            len(queries), q_heads, head_dim)
-    return out
-
-
 def inputs(tree: Tree, copies: int):
     """q and `copies` paged KV caches (page size 1, different random K/V each), fp16."""
     s = tree.attention
@@ -125,7 +106,7 @@ def label(t: TileConfig) -> str:
 
 def run_anchor(name, tree, sizes, variants, timer, records):
     q, caches, (k0, v0) = inputs(tree, COPIES)
-    ref = oracle(tree, q, k0, v0)
+    ref = oracle_attention(tree, q, k0, v0)
     table = caches[0][2]
     head_dim, q_heads, kv_heads = q.shape[2], q.shape[1], LLAMA.kv_heads
     sm_scale = 1 / math.sqrt(head_dim)
