@@ -219,7 +219,16 @@ class TreeCache:
 
         Returns int64 [tree.num_tokens]: ``page * page_size + offset``.
         """
-        return torch.from_numpy(self._token_slots(tree)).to(self.pool.device)
+        return torch.from_numpy(self.host_token_slots(tree)).to(self.pool.device)
+
+    def host_token_slots(self, tree: Tree) -> np.ndarray:
+        """`token_slots` as an int64 numpy array on the host (no round trip through the pool's
+        device)."""
+        page_ptr, pages = self._node_pages(tree)
+        page_size = self.pool.page_size
+        position = tree.token_position
+        page = pages[page_ptr[tree.token_node] + position // page_size]
+        return page * page_size + position % page_size
 
     # ------------------------------------------------------------------ changes
     def add_node(self, node_id, parent=None, tokens=0) -> None:
@@ -313,7 +322,7 @@ class TreeCache:
             self._grow(node, tokens[v] - self._tokens[node])
         self._tree = tree
         new = tree.token_position >= before[tree.token_node]
-        return torch.from_numpy(self._token_slots(tree)[new]).to(self.pool.device)
+        return torch.from_numpy(self.host_token_slots(tree)[new]).to(self.pool.device)
 
     # ------------------------------------------------------------------ invariants
     def check(self) -> None:
@@ -395,13 +404,6 @@ class TreeCache:
                 )
             pages[page_ptr[v]:page_ptr[v + 1]] = self._pages[node][: counts[v]]
         return page_ptr, pages
-
-    def _token_slots(self, tree: Tree) -> np.ndarray:
-        page_ptr, pages = self._node_pages(tree)
-        page_size = self.pool.page_size
-        position = tree.token_position
-        page = pages[page_ptr[tree.token_node] + position // page_size]
-        return page * page_size + position % page_size
 
 
 def pages_for(tree: Tree, page_size: int) -> int:

@@ -82,7 +82,7 @@ class SGLangMethod(Method):
 
     def plan(self, tree, cache):
         indptr, tokens = query_paths(tree)
-        slots = cache.token_slots(tree).numpy()[tokens]
+        slots = cache.host_token_slots(tree)[tokens]
         padding = self._rows - tree.num_queries
         indptr = np.concatenate([indptr, indptr[-1] + np.arange(1, padding + 1)])
         slots = np.concatenate([slots, np.full(padding, self._scratch)])

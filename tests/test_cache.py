@@ -36,6 +36,7 @@ def write_new(cache, tree, slots, before):
 def assert_contents(cache, tree):
     """Every token of `tree` reads back its own signature through token_slots."""
     k, v = cache.pool.gather(cache.token_slots(tree))
+    assert np.array_equal(cache.host_token_slots(tree), cache.token_slots(tree).numpy())
     expected_k, expected_v = signature(tree.node_ids[tree.token_node], tree.token_position)
     assert torch.equal(k, expected_k) and torch.equal(v, expected_v)
 
