@@ -12,6 +12,9 @@ A *run* is a sequence of decode steps; ``run.tree(i)`` is the decoding tree of s
 - `deft.workloads.synthetic`: seeded trees and runs, `random_tree` (trees and forests), `chain`,
   `star`, `tot`, `tot_run`, `token_tree`, `token_tree_run`.
 - `deft.workloads.anchors`: the six `ANCHORS` of the performance targets (`anchor`).
+- `deft.workloads.suites`: the off-anchor suite (`OFF_ANCHOR`, `off_anchor`), its `HELD_OUT`
+  names (never tuned on) and `TUNABLE` ones, and its builders `serving_batch` (a forest of
+  requests) and `balanced`.
 - `deft.workloads.options`: the kinds by name (`RUN_KINDS`, `TREE_KINDS`) and the one parser of
   their ``KEY=VALUE`` options.
 
@@ -25,6 +28,9 @@ from deft.workloads.options import (
 from deft.workloads.runs import (
     FewshotRun, ReasoningRun, Run, SpeculativeRun, StepEvents, fewshot, step_events,
 )
+from deft.workloads.suites import (
+    HELD_OUT, OFF_ANCHOR, TUNABLE, balanced, off_anchor, serving_batch,
+)
 from deft.workloads.synthetic import (
     chain, random_tree, star, token_tree, token_tree_paths, token_tree_run, tot, tot_run,
 )
@@ -33,9 +39,11 @@ from deft.workloads.traces import (
 )
 
 __all__ = [
-    "ANCHORS", "FIRST_COMPLETE", "PACKAGE_DATA", "REQUIRED", "RUN_KINDS", "TREE_KINDS",
+    "ANCHORS", "FIRST_COMPLETE", "HELD_OUT", "OFF_ANCHOR", "PACKAGE_DATA", "REQUIRED",
+    "RUN_KINDS", "TREE_KINDS", "TUNABLE",
     "FewshotRun", "ReasoningRun", "Run", "SpeculativeRun", "StepEvents",
-    "anchor", "chain", "fewshot", "find_workload_file", "found_workload_files", "kind_options",
-    "parse_option_value", "parse_options", "random_tree", "reasoning", "speculative", "star",
-    "step_events", "token_tree", "token_tree_paths", "token_tree_run", "tot", "tot_run",
+    "anchor", "balanced", "chain", "fewshot", "find_workload_file", "found_workload_files",
+    "kind_options", "off_anchor", "parse_option_value", "parse_options", "random_tree",
+    "reasoning", "serving_batch", "speculative", "star", "step_events", "token_tree",
+    "token_tree_paths", "token_tree_run", "tot", "tot_run",
 ]

@@ -15,6 +15,7 @@ from deft.workloads.runs import fewshot
 from deft.workloads.synthetic import (
     chain, random_tree, star, token_tree, token_tree_run, tot, tot_run,
 )
+from deft.workloads.suites import balanced, off_anchor, serving_batch
 from deft.workloads.traces import reasoning, speculative
 
 RUN_KINDS = {
@@ -28,11 +29,14 @@ RUN_KINDS = {
 
 TREE_KINDS = {
     "anchor": anchor,
+    "offanchor": off_anchor,
     "random": random_tree,
     "chain": chain,
     "star": star,
     "tot": tot,
     "token_tree": token_tree,
+    "serving_batch": serving_batch,
+    "balanced": balanced,
 }
 """Single-tree builders by kind name."""
 
