@@ -14,10 +14,15 @@ from cli.options import build_run, run_options
 # ---------------------------------------------------------------------------- bench
 @main.command()
 @click.option("--workloads", "workload_list", default="all", show_default=True,
-              help="Anchor names, tree.json paths, run steps KIND:key=value:step=N and trees "
-                   "KIND:key=value, comma-separated; all = the six anchors (docs/benchmarks.md).")
+              help="Anchor and off-anchor names, tree.json paths, run steps "
+                   "KIND:key=value:step=N and trees KIND:key=value, comma-separated; groups: "
+                   "all (the six anchors), offanchor, heldout, tunable (docs/benchmarks.md).")
 @click.option("--methods", "method_list", default="all", show_default=True,
               help="Strategies and peers, comma-separated; groups: all, strategies, peers.")
+@click.option("--heads", "heads_list", metavar="Q/KV[/D],...",
+              help="Run every workload at each of these head shapes, e.g. 32/8,16/2,8/1,4/1 or "
+                   "32/8/64 (head dim 128 when left out); default: each tree's own shape "
+                   "(32/8/128 for anchors and the suite).")
 @click.option("--dtype", type=click.Choice(["fp16", "bf16"]), default="fp16", show_default=True)
 @click.option("--timing", type=click.Choice(["graph", "eager"]), default="graph", show_default=True,
               help="graph: one CUDA graph over 4 KV copies, replayed; eager: do_bench, L2 flushed.")
@@ -29,13 +34,14 @@ from cli.options import build_run, run_options
 @click.option("--calibrate", "calibrate_path", metavar="BENCH.json",
               help="Instead of running: fit the IO model's latency constants to a saved bench "
                    "JSON (no GPU needed); --json writes the fit and a GPU spec.")
-def bench(workload_list, method_list, dtype, timing, json_path, plot_path, page_size, seed,
-          calibrate_path):
+def bench(workload_list, method_list, heads_list, dtype, timing, json_path, plot_path, page_size,
+          seed, calibrate_path):
     """Time every strategy and peer on each workload, against a floor measured in the same run.
 
-    Measures the floor first (a large copy and a large GEMM), then, per workload and method,
-    checks the output against the float64 oracle before timing it. Progress goes to stderr,
-    the table to stdout. Needs a CUDA GPU, except with --calibrate.
+    Measures the floor first (a large copy and a large GEMM), then, per shape, workload and
+    method, checks the output against the float64 oracle before timing it; the tables and
+    summaries come per shape, then the verdict of each target clause. Progress goes to
+    stderr, the tables to stdout. Needs a CUDA GPU, except with --calibrate.
     """
     from harness import bench as b
 
@@ -56,6 +62,7 @@ def bench(workload_list, method_list, dtype, timing, json_path, plot_path, page_
     try:
         specs = b.parse_workloads(workload_list)
         methods = b.parse_methods(method_list)
+        shapes = b.parse_heads(heads_list)
     except ValueError as error:
         fail(str(error))
     import torch
@@ -63,7 +70,7 @@ def bench(workload_list, method_list, dtype, timing, json_path, plot_path, page_
     if not torch.cuda.is_available():
         fail(f"bench needs a CUDA GPU, and torch {torch.__version__} sees none: run it on a GPU "
              "machine (scripts/bench_gpu.sh), or fit a saved result with --calibrate BENCH.json")
-    result = b.run_bench(specs, methods, dtype=b.DTYPES[dtype], timing=timing,
+    result = b.run_bench(specs, methods, shapes=shapes, dtype=b.DTYPES[dtype], timing=timing,
                          page_size=page_size, seed=seed,
                          log=lambda line: stderr.print(line, markup=False, highlight=False))
     stdout.print(b.render(result))

@@ -7,7 +7,7 @@ H100's L2 50 MB). Copy 0 is the one checked against the oracle.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import numpy as np
 import torch
@@ -59,10 +59,18 @@ class Inputs:
 
 def with_dtype(tree: Tree, dtype: torch.dtype) -> Tree:
     """The same tree with ``attention.dtype`` set to `dtype` (the floor and the IO model read it)."""
-    shape = tree.attention
-    if shape.dtype == TREE_DTYPE[dtype]:
+    return with_attention(tree, replace(tree.attention, dtype=TREE_DTYPE[dtype]))
+
+
+def with_heads(tree: Tree, shape: AttentionShape) -> Tree:
+    """The same tree at the heads and head dim of `shape`, its dtype kept (``--heads``)."""
+    return with_attention(tree, replace(shape, dtype=tree.attention.dtype))
+
+
+def with_attention(tree: Tree, attention: AttentionShape) -> Tree:
+    """The same tree (ids, parents, tokens, queries) with its ``attention`` replaced."""
+    if tree.attention == attention:
         return tree
-    attention = AttentionShape(shape.q_heads, shape.kv_heads, shape.head_dim, TREE_DTYPE[dtype])
     parents = [None if p < 0 else int(tree.node_ids[p]) for p in tree.parent]
     return Tree(tree.node_ids.tolist(), parents, tree.tokens.tolist(), tree.queries.tolist(),
                 attention)

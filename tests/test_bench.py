@@ -25,7 +25,7 @@ from harness.bench.floor import FloorRates, measure_rates, workload_floor
 from harness.inputs import Inputs, dense_mask, make_inputs, query_paths, with_dtype
 from deft.plan import ranges
 from harness.registry import GPU_STRATEGIES, GROUPS, METHODS, PYTORCH_STRATEGIES
-from harness.bench.runner import finish
+from harness.bench.summary import finish
 from harness.bench.select import parse_workload
 from harness.timing import Timing, WallTimer
 from deft.tree import AttentionShape, Tree
@@ -223,7 +223,8 @@ def test_cascade_needs_a_prefix_with_branches():
 # ---------------------------------------------------------------------------- the loop and JSON
 ROW_KEYS = {"workload", "method", "kind", "status", "reason", "us", "p10_us", "p90_us", "timing",
             "capture_error", "variant", "variants", "rel_err", "graph_rel_err", "plan_us",
-            "params", "ratio_to_floor", "speedup_vs_best_peer", "seconds"}
+            "params", "ratio_to_floor", "speedup_vs_best_peer", "seconds", "shape",
+            "speedup_vs_best_peer_incl_fasttree"}
 
 
 @pytest.fixture(scope="module")
@@ -239,8 +240,9 @@ def cpu_result(tmp_path_factory):
 
 def test_run_bench_on_cpu(cpu_result):
     result, lines = cpu_result
-    assert result["format"] == "deft-bench/1"
-    assert {"env", "config", "floor_rates", "workloads", "results", "best_peer", "summary"} <= set(result)
+    assert result["format"] == "deft-bench/2"
+    assert {"env", "config", "floor_rates", "workloads", "results", "best_peer", "summary",
+            "best_peer_incl_fasttree", "verdicts"} <= set(result)
     assert result["config"]["kv_copies"] == 4 and result["config"]["timing"] == "graph"
     good, missing = result["workloads"]
     assert "error" in missing and "floor" in good and good["tree"]["format"] == "deft-tree/1"
@@ -257,7 +259,8 @@ def test_run_bench_on_cpu(cpu_result):
     for name in ("fi_cascade", "fi_decode", "sglang"):
         assert rows[name]["status"] == "skipped" and rows[name]["reason"]
     best = min(rows["sdpa"]["us"], rows["flex"]["us"])
-    assert result["best_peer"][good["name"]]["us"] == best
+    assert good["shape"] == "4/2/16" and {r["shape"] for r in result["results"]} == {"4/2/16"}
+    assert result["best_peer"][good["shape"]][good["name"]]["us"] == best
     assert any("sdpa" in line for line in lines)
 
 
@@ -297,7 +300,7 @@ def test_a_failing_method_does_not_stop_the_run():
 def fake_result() -> dict:
     """A bench result with every kind of row, as the GPU run would produce."""
     def row(method, kind, status="ok", us=None, **extra):
-        base = {"workload": "w", "method": method, "kind": kind, "status": status, "reason": None,
+        base = {"workload": "w", "shape": "32/8/128", "method": method, "kind": kind, "status": status, "reason": None,
                 "us": us, "p10_us": us, "p90_us": us, "timing": "graph" if us else None,
                 "capture_error": None, "variant": "", "variants": {}, "rel_err": 1e-4 if us else None,
                 "graph_rel_err": None, "plan_us": None, "params": {}, "seconds": 1.0}
@@ -311,9 +314,10 @@ def fake_result() -> dict:
         "config": {"dtype": "float16", "timing": "graph", "kv_copies": 4, "page_size": 16,
                    "seed": 0, "tolerance": 2e-3, "workloads": ["w", "bad"], "methods": []},
         "floor_rates": H200_RATES.to_dict(),
-        "workloads": [{"name": "w", "floor": {"floor_us": 5.0, "memory_us": 5.0, "compute_us": 1.0,
-                                              "bound": "memory"}},
-                      {"name": "bad", "error": "FileNotFoundError: nope"}],
+        "workloads": [{"name": "w", "shape": "32/8/128",
+                       "floor": {"floor_us": 5.0, "memory_us": 5.0, "compute_us": 1.0,
+                                 "bound": "memory"}},
+                      {"name": "bad", "shape": "32/8/128", "error": "FileNotFoundError: nope"}],
         "results": [
             row("deft_flatten", "deft", us=10.0, plan_us=80.0),
             row("deft_node", "deft", "wrong", reason="rel_err 0.5 > tolerance 0.002"),
@@ -331,12 +335,12 @@ def fake_result() -> dict:
 def test_finish_ratios_and_summary():
     result = fake_result()
     rows = {r["method"]: r for r in result["results"]}
-    assert result["best_peer"] == {"w": {"method": "fi_mask", "us": 15.0}}
+    assert result["best_peer"] == {"32/8/128": {"w": {"method": "fi_mask", "us": 15.0}}}
     assert rows["deft_flatten"]["ratio_to_floor"] == 2.0
     assert rows["deft_flatten"]["speedup_vs_best_peer"] == 1.5
     assert rows["sglang"]["speedup_vs_best_peer"] == 0.75
     assert rows["deft_node"]["ratio_to_floor"] is None
-    summary = result["summary"]["deft_flatten"]
+    summary = result["summary"]["32/8/128"]["deft_flatten"]
     assert summary["faster_than_best_peer"] == 1 and summary["geomean_ratio_to_floor"] == 2.0
 
 

@@ -4,7 +4,7 @@
 with named constants (`iomodel.latency.Constants`: launch and program overheads, memory and
 compute efficiency, one SM's bandwidth share) that a spec's ``calibration`` overrides. This
 module rebuilds the plan of every measured row of this project's strategies in a
-``deft-bench/1`` JSON (trees and sizes are in it), and fits all the constants at once by
+``deft-bench/1`` or ``/2`` JSON (trees and sizes are in it), and fits all the constants at once by
 bounded least squares on the log of predicted / measured time, so that a 2x miss counts the
 same on a 10 µs and a 1 ms call. The model is a max of rooflines, piecewise linear in the
 constants: the fit uses finite differences and reports how well it does per strategy
@@ -45,7 +45,7 @@ def calibrate(bench: dict, gpu: GpuSpec | None = None, max_evaluations: int = 20
     Parameters
     ----------
     bench : dict
-        A ``deft-bench/1`` result (`harness.bench.run_bench`, or its JSON file loaded).
+        A ``deft-bench/1`` or ``/2`` result (`harness.bench.run_bench`, or its JSON file loaded).
     gpu : GpuSpec, optional
         The card's spec (default: the built-in spec named like ``bench["env"]["card"]``).
     max_evaluations : int
@@ -123,7 +123,7 @@ def measured_points(bench: dict) -> list[dict]:
     Rows timed otherwise than the run (eager fallbacks of a graph run) are left out: their
     launch costs are another model's.
     """
-    trees = {w["name"]: w["tree"] for w in bench["workloads"] if "tree" in w}
+    trees = {(w["name"], w.get("shape")): w["tree"] for w in bench["workloads"] if "tree" in w}
     timing = bench["config"]["timing"]
     built = {}
     points = []
@@ -132,12 +132,13 @@ def measured_points(bench: dict) -> list[dict]:
             continue
         if row.get("timing", timing) != timing:
             continue
-        if row["workload"] not in trees:
+        cell = (row["workload"], row.get("shape"))
+        if cell not in trees:
             continue
-        if row["workload"] not in built:
-            built[row["workload"]] = tree_from_dict(trees[row["workload"]])
+        if cell not in built:
+            built[cell] = tree_from_dict(trees[cell])
         params = row.get("params") or {}
-        plan = build_plan(row["method"], built[row["workload"]], params.get("chunk_size"),
+        plan = build_plan(row["method"], built[cell], params.get("chunk_size"),
                           params.get("group_size"),
                           params.get("page_size", bench["config"]["page_size"]))
         points.append({"workload": row["workload"], "strategy": row["method"], "plan": plan,

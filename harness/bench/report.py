@@ -1,4 +1,5 @@
-"""What a bench run shows: a rich table, the JSON with every number, an optional plot."""
+"""What a bench run shows: per shape a rich table and a summary, the verdicts, the JSON with
+every number, an optional plot."""
 
 from __future__ import annotations
 
@@ -11,11 +12,21 @@ from rich.table import Table
 from rich.text import Text
 
 STATUS_STYLE = {"ok": "", "skipped": "dim", "wrong": "bold red", "error": "red"}
+VERDICT_STYLE = {"met": "green", "not met": "bold red", "not judged": "dim"}
 
 
 def render(result: dict) -> Group:
-    """The report of a ``deft-bench/1`` result: header, one table of all rows, the summary."""
-    return Group(header(result), results_table(result), summary_table(result))
+    """The report of a ``deft-bench/2`` result: header, per shape the table of its rows and
+    its summary, then the verdicts."""
+    parts = [header(result)]
+    for shape in shapes(result):
+        parts += [results_table(result, shape), summary_table(result, shape)]
+    return Group(*parts, verdict_text(result))
+
+
+def shapes(result: dict) -> list:
+    """The shapes of the run's workloads (``q/kv/head_dim`` labels), in run order."""
+    return list(dict.fromkeys(w.get("shape") for w in result["workloads"]))
 
 
 def header(result: dict) -> Text:
@@ -49,26 +60,30 @@ def _timing_note(config: dict) -> str:
     return "triton do_bench median, L2 flushed"
 
 
-def results_table(result: dict) -> Table:
-    """One row per workload x method, the floor first in each workload."""
-    table = Table(title="per-call time (µs); x floor = time / floor; vs peer = best peer / time")
+def results_table(result: dict, shape=None) -> Table:
+    """One row per workload x method at `shape`, the floor first in each workload."""
+    table = Table(title=f"{_shape_title(shape)}: per-call time (µs); x floor = time / floor; "
+                        "vs peer = best peer / time (FT: FastTree's derived row counted)")
     for column, justify in (("workload", "left"), ("method", "left"), ("µs", "right"),
-                            ("x floor", "right"), ("vs peer", "right"), ("rel_err", "right"),
-                            ("plan µs", "right"), ("note", "left")):
+                            ("x floor", "right"), ("vs peer", "right"),
+                            ("vs peer FT", "right"), ("rel_err", "right"), ("plan µs", "right"),
+                            ("note", "left")):
         table.add_column(column, justify=justify, overflow="fold")
-    best_peer = result.get("best_peer", {})
-    for workload in result["workloads"]:
+    best_peer = result.get("best_peer", {}).get(shape, {})
+    for workload in (w for w in result["workloads"] if w.get("shape") == shape):
         name = workload["name"]
         if "error" in workload:
-            table.add_row(name, "-", "", "", "", "", "", Text(workload["error"], "red"))
+            table.add_row(name, "-", "", "", "", "", "", "", Text(workload["error"], "red"))
             table.add_section()
             continue
         floor = workload.get("floor")
         if floor:
-            table.add_row(name, Text("floor", "bold"), f"{floor['floor_us']:.1f}", "1.0", "", "", "",
-                          f"{floor['bound']} bound: bytes {floor['memory_us']:.1f} / "
-                          f"flops {floor['compute_us']:.1f}")
-        for row in (r for r in result["results"] if r["workload"] == name):
+            table.add_row(name, Text("floor", "bold"), f"{floor['floor_us']:.1f}", "1.0", "", "",
+                          "", "", f"{floor['bound']} bound: bytes {floor['memory_us']:.1f} / "
+                                  f"flops {floor['compute_us']:.1f}")
+        rows = (r for r in result["results"]
+                if r["workload"] == name and r.get("shape") == shape)
+        for row in rows:
             best = best_peer.get(name, {}).get("method") == row["method"]
             table.add_row(
                 "" if floor else name,
@@ -76,12 +91,17 @@ def results_table(result: dict) -> Table:
                 _number(row["us"], ".1f"),
                 _number(row.get("ratio_to_floor"), ".2f"),
                 _number(row.get("speedup_vs_best_peer"), ".2f"),
+                _number(row.get("speedup_vs_best_peer_incl_fasttree"), ".2f"),
                 _number(row["rel_err"], ".1e"),
                 _number(row["plan_us"], ".0f"),
                 Text(_note(row), STATUS_STYLE.get(row["status"], "")),
             )
         table.add_section()
     return table
+
+
+def _shape_title(shape) -> str:
+    return "each tree's own shape" if shape is None else f"heads {shape}"
 
 
 def _note(row: dict) -> str:
@@ -95,20 +115,36 @@ def _note(row: dict) -> str:
     return "; ".join(parts)
 
 
-def summary_table(result: dict) -> Table:
-    """Per method: workloads run, geometric-mean and worst ratio to the floor, speedup over peers."""
-    table = Table(title="summary over workloads (geometric means)")
+def summary_table(result: dict, shape=None) -> Table:
+    """Per method at `shape`: workloads run, geometric-mean and worst ratio to the floor,
+    speedup over the best peer and how often it beat it, without and with FastTree."""
+    table = Table(title=f"{_shape_title(shape)}: summary over workloads (geometric means)")
     for column in ("method", "ok", "x floor", "worst x floor", "vs best peer",
-                   "faster than best peer"):
+                   "faster than best peer", "vs best peer FT", "faster FT"):
         table.add_column(column, justify="left" if column == "method" else "right")
-    for name, s in result.get("summary", {}).items():
+    for name, s in result.get("summary", {}).get(shape, {}).items():
+        deft = s["kind"] == "deft"
         table.add_row(
             name, f"{s['ok']}/{s['workloads']}", _number(s["geomean_ratio_to_floor"], ".2f"),
             _number(s["worst_ratio_to_floor"], ".2f"),
             _number(s["geomean_speedup_vs_best_peer"], ".2f"),
-            f"{s['faster_than_best_peer']}/{s['compared_to_peers']}" if s["kind"] == "deft" else "",
+            f"{s['faster_than_best_peer']}/{s['compared_to_peers']}" if deft else "",
+            _number(s["geomean_speedup_vs_best_peer_incl_fasttree"], ".2f"),
+            f"{s['faster_than_best_peer_incl_fasttree']}/{s['compared_incl_fasttree']}"
+            if deft else "",
         )
     return table
+
+
+def verdict_text(result: dict) -> Text:
+    """One line per target clause (`harness.bench.verdicts`): met, not met or not judged."""
+    found = result.get("verdicts", [])
+    text = Text(f"verdicts ({found[0]['method']}, this run):\n" if found else "verdicts: none "
+                "(no method of this project ran)\n")
+    for verdict in found:
+        text.append(f"  {verdict['status']:>10}", VERDICT_STYLE[verdict["status"]])
+        text.append(f"  {verdict['text']}\n")
+    return text
 
 
 def _number(value, spec: str) -> str:
@@ -140,14 +176,17 @@ def plot_result(result: dict, path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    workloads = [w["name"] for w in result["workloads"] if "floor" in w]
+    several = len(shapes(result)) > 1
+    cells = [(w["name"], w.get("shape")) for w in result["workloads"] if "floor" in w]
+    workloads = [f"{name} {shape}" if several else name for name, shape in cells]
     methods = list(dict.fromkeys(r["method"] for r in result["results"]))
-    ratio = {(r["workload"], r["method"]): r.get("ratio_to_floor") for r in result["results"]}
+    ratio = {(r["workload"], r.get("shape"), r["method"]): r.get("ratio_to_floor")
+             for r in result["results"]}
     width = 0.8 / max(1, len(methods))
     figure, axes = plt.subplots(figsize=(max(8, 1.6 * len(workloads)), 5))
     for m, method in enumerate(methods):
         xs = [w + (m - (len(methods) - 1) / 2) * width for w in range(len(workloads))]
-        ys = [ratio.get((name, method)) or 0 for name in workloads]
+        ys = [ratio.get((name, shape, method)) or 0 for name, shape in cells]
         axes.bar(xs, ys, width, label=method,
                  hatch="//" if method in _deft_methods(result) else None)
     for level, style in ((1, "-"), (2, "--")):

@@ -7,8 +7,10 @@ this call also pays JIT compilation), and time only a correct method. In graph m
 graph's own output is checked too. Nothing a method or a workload raises stops the run: the
 error is recorded in its row and the loop goes on. Progress goes to `log` (the CLI: stderr).
 
-The result is one JSON-ready dict, ``format`` ``deft-bench/1`` (docs/benchmarks.md lists
-its fields).
+With ``shapes`` (``--heads``) every workload runs at every shape, shape by shape; a row's
+``shape`` (``q_heads/kv_heads/head_dim``) and its workload name make its cell. The result is
+one JSON-ready dict, ``format`` ``deft-bench/2`` (docs/benchmarks.md lists its fields);
+`harness.bench.summary.finish` adds the ratios, summaries and verdicts.
 """
 
 from __future__ import annotations
@@ -22,15 +24,16 @@ from collections.abc import Callable
 from importlib import metadata
 from pathlib import Path
 
-import numpy as np
 import torch
 
 from harness.bench.floor import measure_rates, workload_floor
-from harness.inputs import make_inputs
+from harness.bench.select import shape_label
+from harness.bench.summary import finish, new_row
+from harness.inputs import make_inputs, with_heads
 from harness.timing import CudaTimer, GraphCaptureError, one_line
 from deft.tree_format import tree_to_dict
 
-FORMAT = "deft-bench/1"
+FORMAT = "deft-bench/2"
 
 TOLERANCE = {torch.float16: 2e-3, torch.bfloat16: 1.6e-2}
 """Largest accepted rel_err against the float64 oracle (the peers of docs/anchors.md reach <= 4e-4 in fp16)."""
@@ -39,15 +42,18 @@ GRAPH_COPIES = 4
 """KV copies rotated in graph mode (docs/anchors.md: at least 4, more than L2 holds)."""
 
 
-def run_bench(workloads, methods, *, dtype=torch.float16, timing="graph", device="cuda",
-              page_size=16, copies=GRAPH_COPIES, seed=0, tolerance=None, timer=None,
-              rates=None, log: Callable[[str], None] | None = None) -> dict:
-    """Benchmark every workload x method.
+def run_bench(workloads, methods, *, shapes=None, dtype=torch.float16, timing="graph",
+              device="cuda", page_size=16, copies=GRAPH_COPIES, seed=0, tolerance=None,
+              timer=None, rates=None, log: Callable[[str], None] | None = None) -> dict:
+    """Benchmark every workload x method, at every shape.
 
     Parameters
     ----------
     workloads : list of WorkloadSpec
     methods : list of Method
+    shapes : list of AttentionShape, optional
+        Heads and head dim to run every workload at (their dtype is ignored); None: each
+        tree's own shape.
     dtype : torch.float16 or torch.bfloat16
     timing : "graph" or "eager"
     device : str or torch.device
@@ -69,7 +75,8 @@ def run_bench(workloads, methods, *, dtype=torch.float16, timing="graph", device
     -------
     dict
         ``format``, ``env``, ``config``, ``floor_rates``, ``workloads``, ``results``,
-        ``best_peer`` and ``summary`` (docs/benchmarks.md).
+        ``best_peer``, ``best_peer_incl_fasttree``, ``summary`` and ``verdicts``
+        (docs/benchmarks.md).
     """
     from reference import oracle_attention, rel_err
 
@@ -85,6 +92,7 @@ def run_bench(workloads, methods, *, dtype=torch.float16, timing="graph", device
             "dtype": str(dtype).removeprefix("torch."), "timing": timing, "kv_copies": copies,
             "page_size": page_size, "seed": seed, "tolerance": tolerance,
             "workloads": [spec.text for spec in workloads],
+            "shapes": None if shapes is None else [shape_label(s) for s in shapes],
             "methods": [method.name for method in methods],
         },
         "floor_rates": None,
@@ -102,12 +110,17 @@ def run_bench(workloads, methods, *, dtype=torch.float16, timing="graph", device
         log(f"floor: copy {rates.copy_bandwidth / 1e9:.0f} GB/s, "
             f"GEMM {rates.matmul_rate / 1e12:.0f} TFLOP/s")
 
-    for w, spec in enumerate(workloads):
-        entry = {"name": spec.text}
+    cells = [(shape, spec) for shape in (shapes or [None]) for spec in workloads]
+    for c, (shape, spec) in enumerate(cells):
+        label = None if shape is None else shape_label(shape)
+        entry = {"name": spec.text, "shape": label}
         result["workloads"].append(entry)
-        log(f"[{w + 1}/{len(workloads)}] {spec.text}")
+        log(f"[{c + 1}/{len(cells)}] {spec.text}" + (f" at {label}" if label else ""))
         try:
-            inputs = make_inputs(spec.tree(), dtype, copies, device, seed, page_size)
+            tree = spec.tree()
+            tree = tree if shape is None else with_heads(tree, shape)
+            entry["shape"] = label = shape_label(tree.attention)
+            inputs = make_inputs(tree, dtype, copies, device, seed, page_size)
             tree = inputs.tree
             entry.update(stats=tree.stats(), tree=tree_to_dict(tree))
             if rates is not None:
@@ -126,7 +139,7 @@ def run_bench(workloads, methods, *, dtype=torch.float16, timing="graph", device
 
         for method in methods:
             row = bench_method(method, inputs, check, timer, timing, tolerance, log)
-            result["results"].append({"workload": spec.text, **row})
+            result["results"].append({"workload": spec.text, "shape": label, **row})
         del inputs
         _release_memory(device)
     finish(result)
@@ -135,10 +148,7 @@ def run_bench(workloads, methods, *, dtype=torch.float16, timing="graph", device
 
 def bench_method(method, inputs, check, timer, timing: str, tolerance: float, log) -> dict:
     """One result row: status ``ok``, ``skipped``, ``wrong`` or ``error``, and the numbers."""
-    row = {"method": method.name, "kind": method.kind, "status": "ok", "reason": None,
-           "us": None, "p10_us": None, "p90_us": None, "timing": None, "capture_error": None,
-           "variant": "", "variants": {}, "rel_err": None, "graph_rel_err": None,
-           "plan_us": None, "params": {}}
+    row = new_row(method.name, method.kind)
     start = time.perf_counter()
     variants = []
     try:
@@ -223,51 +233,6 @@ def _describe(measured: dict) -> str:
     if measured["capture_error"]:
         text += f"; graph capture failed: {measured['capture_error']}"
     return text
-
-
-def finish(result: dict) -> None:
-    """Add ratios to the floor, speedups over the best peer, ``best_peer`` and ``summary``."""
-    floors = {w["name"]: w["floor"]["floor_us"] for w in result["workloads"] if "floor" in w}
-    best_peer = {}
-    for row in result["results"]:
-        if row["kind"] == "peer" and row["status"] == "ok":
-            best = best_peer.get(row["workload"])
-            if best is None or row["us"] < best["us"]:
-                best_peer[row["workload"]] = {"method": row["method"], "us": row["us"]}
-    for row in result["results"]:
-        ok = row["status"] == "ok"
-        floor = floors.get(row["workload"])
-        peer = best_peer.get(row["workload"])
-        row["ratio_to_floor"] = row["us"] / floor if ok and floor else None
-        row["speedup_vs_best_peer"] = peer["us"] / row["us"] if ok and peer else None
-    result["best_peer"] = best_peer
-    result["summary"] = summarize(result)
-
-
-def summarize(result: dict) -> dict:
-    """Per method over the workloads it ran: geometric means and worst cases."""
-    summary = {}
-    names = dict.fromkeys(row["method"] for row in result["results"])
-    for name in names:
-        rows = [r for r in result["results"] if r["method"] == name]
-        ok = [r for r in rows if r["status"] == "ok"]
-        ratios = [r["ratio_to_floor"] for r in ok if r["ratio_to_floor"]]
-        speedups = [r["speedup_vs_best_peer"] for r in ok if r["speedup_vs_best_peer"]]
-        summary[name] = {
-            "kind": rows[0]["kind"],
-            "workloads": len(rows),
-            "ok": len(ok),
-            "geomean_ratio_to_floor": _geomean(ratios),
-            "worst_ratio_to_floor": max(ratios) if ratios else None,
-            "geomean_speedup_vs_best_peer": _geomean(speedups),
-            "faster_than_best_peer": sum(s > 1 for s in speedups),
-            "compared_to_peers": len(speedups),
-        }
-    return summary
-
-
-def _geomean(values) -> float | None:
-    return float(np.exp(np.mean(np.log(values)))) if values else None
 
 
 # ---------------------------------------------------------------------------- environment

@@ -1,8 +1,13 @@
-"""Which workloads a bench runs: the ``--workloads`` syntax.
+"""Which workloads a bench runs, and at which head shapes: the ``--workloads`` and ``--heads``
+syntax.
 
-A ``--workloads`` value is ``all`` (the six anchors) or a comma-separated list of:
+A ``--workloads`` value is a comma-separated list of:
 
-- an anchor name, e.g. ``fewshot_b20_P4000_L200`` (`deft.workloads.ANCHORS`);
+- a group: ``all`` (the six anchors), ``offanchor`` (the off-anchor suite,
+  `deft.workloads.OFF_ANCHOR`), ``heldout`` (its workloads never tuned on,
+  `deft.workloads.HELD_OUT`) or ``tunable`` (the others);
+- an anchor name, e.g. ``fewshot_b20_P4000_L200`` (`deft.workloads.ANCHORS`), or a name of the
+  off-anchor suite, e.g. ``serving_r8_s4``;
 - a tree.json path, e.g. ``trees/big.json`` (anything ending in ``.json`` or naming a file);
 - a step of a run, ``KIND:key=value:...:step=N``, e.g. ``fewshot:width=20:step=199`` or
   ``speculative:path=64:step=10`` (kinds and options: `deft-cli workloads list`); ``step``
@@ -13,6 +18,10 @@ A ``--workloads`` value is ``all`` (the six anchors) or a comma-separated list o
 Values are integers, floats, ``none``, ``true``/``false``, or else text. Syntax is checked
 when parsed (`parse_workloads` raises ValueError); building the tree (reading a file) happens
 when the bench reaches the workload, so a missing file fails that workload only.
+
+A ``--heads`` value is a comma-separated list of ``q_heads/kv_heads[/head_dim]`` (head dim 128
+when left out), e.g. ``32/8,16/2,8/1,4/1`` or ``32/8/64``: every workload runs at every shape
+(`parse_heads`).
 """
 
 from __future__ import annotations
@@ -20,10 +29,13 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from deft.tree import Tree
+from deft.tree import AttentionShape, Tree, TreeError
 from deft.workloads import parse_options
 
 DEFAULT_STEP = -1
+
+DEFAULT_HEAD_DIM = 128
+"""Head dim of a ``--heads`` entry that gives only ``q_heads/kv_heads``."""
 
 
 @dataclass(frozen=True)
@@ -62,22 +74,30 @@ class WorkloadSpec:
 
 def parse_workloads(text: str) -> list[WorkloadSpec]:
     """Parse a ``--workloads`` value (module docstring). Raises ValueError on bad syntax."""
-    from deft.workloads import ANCHORS
-
-    if text.strip() == "all":
-        return [parse_workload(name) for name in ANCHORS]
-    specs = [parse_workload(item.strip()) for item in text.split(",") if item.strip()]
-    if not specs:
+    groups = workload_groups()
+    names = []
+    for item in (part.strip() for part in text.split(",")):
+        names.extend(groups.get(item, (item,)) if item else ())
+    if not names:
         raise ValueError("no workload selected")
-    return specs
+    return [parse_workload(name) for name in dict.fromkeys(names)]
+
+
+def workload_groups() -> dict:
+    """The names ``--workloads`` accepts for several workloads at once: ``{group: names}``."""
+    from deft.workloads import ANCHORS, HELD_OUT, OFF_ANCHOR, TUNABLE
+
+    return {"all": ANCHORS, "offanchor": OFF_ANCHOR, "heldout": HELD_OUT, "tunable": TUNABLE}
 
 
 def parse_workload(item: str) -> WorkloadSpec:
     """Parse one ``--workloads`` entry (module docstring). Raises ValueError on bad syntax."""
-    from deft.workloads import ANCHORS, RUN_KINDS, TREE_KINDS
+    from deft.workloads import ANCHORS, OFF_ANCHOR, RUN_KINDS, TREE_KINDS
 
     if item in ANCHORS:
         return WorkloadSpec(item, "anchor", {"name": item})
+    if item in OFF_ANCHOR:
+        return WorkloadSpec(item, "offanchor", {"name": item})
     if item.endswith(".json") or Path(item).is_file():
         return WorkloadSpec(item, "file", {"path": item})
     kind, *pairs = item.split(":")
@@ -96,3 +116,27 @@ def parse_workload(item: str) -> WorkloadSpec:
         raise ValueError(f"{item}: step must be an integer, got {step!r}")
     return WorkloadSpec(item, kind, options, step)
 
+
+
+def parse_heads(text: str | None) -> list[AttentionShape] | None:
+    """The shapes of a ``--heads`` value (module docstring); None for None or empty (each
+    tree keeps its own shape). Raises ValueError on bad syntax or an impossible shape."""
+    if text is None or not text.strip():
+        return None
+    shapes = []
+    for item in (part.strip() for part in text.split(",") if part.strip()):
+        parts = item.split("/")
+        if len(parts) not in (2, 3) or not all(p.strip().isdigit() for p in parts):
+            raise ValueError(f"bad --heads entry {item!r}: write q_heads/kv_heads[/head_dim], "
+                             "e.g. 32/8 or 32/8/64")
+        q_heads, kv_heads, head_dim = [int(p) for p in parts] + [DEFAULT_HEAD_DIM] * (3 - len(parts))
+        try:
+            shapes.append(AttentionShape(q_heads, kv_heads, head_dim))
+        except TreeError as error:
+            raise ValueError(f"bad --heads entry {item!r}: {error}") from None
+    return list(dict.fromkeys(shapes))
+
+
+def shape_label(shape: AttentionShape) -> str:
+    """``q_heads/kv_heads/head_dim``, e.g. ``32/8/128``: a shape's name in tables and JSON."""
+    return f"{shape.q_heads}/{shape.kv_heads}/{shape.head_dim}"
