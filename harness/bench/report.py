@@ -142,8 +142,7 @@ def verdict_text(result: dict) -> Text:
     text = Text(f"verdicts ({found[0]['method']}, this run):\n" if found else "verdicts: none "
                 "(no method of this project ran)\n")
     for verdict in found:
-        text.append(f"  {verdict['status']:>10}", VERDICT_STYLE[verdict["status"]])
-        text.append(f"  {verdict['text']}\n")
+        text.append(f"  {verdict['text']}\n", VERDICT_STYLE[verdict["status"]])
     return text
 
 
