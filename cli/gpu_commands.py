@@ -34,8 +34,15 @@ from cli.options import build_run, run_options
 @click.option("--calibrate", "calibrate_path", metavar="BENCH.json",
               help="Instead of running: fit the IO model's latency constants to a saved bench "
                    "JSON (no GPU needed); --json writes the fit and a GPU spec.")
+@click.option("--verdicts", "verdict_paths", metavar="A.json,B.json",
+              help="Instead of running: merge saved bench JSONs of one dtype and timing (no "
+                   "cell in two) and print their tables and the verdicts (no GPU needed); "
+                   "--json writes the merged result.")
+@click.option("--dry-run", is_flag=True,
+              help="Instead of running: build every tree at every shape and list the cells "
+                   "(no GPU needed).")
 def bench(workload_list, method_list, heads_list, dtype, timing, json_path, plot_path, page_size,
-          seed, calibrate_path):
+          seed, calibrate_path, verdict_paths, dry_run):
     """Time every strategy and peer on each workload, against a floor measured in the same run.
 
     Measures the floor first (a large copy and a large GEMM), then, per shape, workload and
@@ -59,12 +66,29 @@ def bench(workload_list, method_list, heads_list, dtype, timing, json_path, plot
             b.write_json(fit, json_path)
             stderr.print(f"wrote {json_path}", highlight=False)
         return
+    if verdict_paths:
+        try:
+            parts = []
+            for path in (p.strip() for p in verdict_paths.split(",") if p.strip()):
+                with open(path) as file:
+                    parts.append(json.load(file))
+            result = b.merge_results(parts)
+        except (OSError, ValueError, KeyError) as error:
+            fail(f"--verdicts: {error}")
+        stdout.print(b.render(result))
+        if json_path:
+            b.write_json(result, json_path)
+            stderr.print(f"wrote {json_path}", highlight=False)
+        return
     try:
         specs = b.parse_workloads(workload_list)
         methods = b.parse_methods(method_list)
         shapes = b.parse_heads(heads_list)
     except ValueError as error:
         fail(str(error))
+    if dry_run:
+        _print_cells(b.cells(specs, shapes), methods)
+        return
     import torch
 
     if not torch.cuda.is_available():
@@ -84,6 +108,17 @@ def bench(workload_list, method_list, heads_list, dtype, timing, json_path, plot
         except ImportError:
             stderr.print("--plot needs matplotlib (pip install matplotlib): no plot written",
                          highlight=False)
+
+
+def _print_cells(found: list, methods: list) -> None:
+    """The ``--dry-run`` listing: one line per cell, then the count of cells x methods."""
+    for cell in found:
+        tree = cell.get("tree")
+        what = (f"{tree.num_nodes} nodes, {tree.num_tokens} tokens, {tree.num_queries} queries"
+                if tree is not None else f"error: {cell['error']}")
+        stdout.print(f"{cell['shape']}  {cell['workload']}: {what}", highlight=False)
+    stdout.print(f"{len(found)} cells x {len(methods)} methods "
+                 f"({', '.join(m.name for m in methods)})", highlight=False)
 
 
 # ---------------------------------------------------------------------------- replay

@@ -19,7 +19,8 @@ from harness.bench.calibrate import calibrate
 from harness.inputs import DTYPES
 from harness.bench.report import plot_result, render, render_calibration, write_json
 from harness.bench.runner import run_bench
-from harness.bench.select import WorkloadSpec, parse_heads, parse_workloads, shape_label
+from harness.bench.select import WorkloadSpec, cells, parse_heads, parse_workloads, shape_label
+from harness.bench.summary import merge_results
 from harness.bench.verdicts import verdicts
 from harness.registry import DEFAULT_METHODS, METHODS, parse_methods
 
@@ -29,6 +30,8 @@ __all__ = [
     "METHODS",
     "WorkloadSpec",
     "calibrate",
+    "cells",
+    "merge_results",
     "parse_heads",
     "parse_methods",
     "parse_workloads",

@@ -1,6 +1,7 @@
 """The bench loop: the floor first, then every workload x method, checked before it is timed.
 
-For each workload: random inputs (`harness.inputs`), the float64 oracle on copy 0. For each
+For each workload: random inputs (`harness.inputs`), the float64 oracle on copy 0, computed on
+the bench device (on a GPU a fraction of a second where the CPU took seconds). For each
 method: skip it with the reason when it cannot run; else prepare it (plans, outside timing),
 make its first call on output buffers filled with NaN and compare to the oracle (`rel_err`;
 this call also pays JIT compilation), and time only a correct method. In graph mode the
@@ -126,8 +127,8 @@ def run_bench(workloads, methods, *, shapes=None, dtype=torch.float16, timing="g
             if rates is not None:
                 entry["floor"] = workload_floor(tree, rates.copy_bandwidth, rates.matmul_rate)
             start = time.perf_counter()
-            reference = oracle_attention(tree, inputs.q.cpu(), inputs.k[0].cpu(),
-                                         inputs.v[0].cpu(), inputs.sm_scale)
+            reference = oracle_attention(tree, inputs.q, inputs.k[0], inputs.v[0],
+                                         inputs.sm_scale)
             log(f"  {tree!r}; oracle in {time.perf_counter() - start:.1f} s")
         except Exception as error:  # noqa: BLE001
             entry["error"] = one_line(error)
@@ -135,12 +136,12 @@ def run_bench(workloads, methods, *, shapes=None, dtype=torch.float16, timing="g
             continue
 
         def check(out):
-            return rel_err(out.detach().cpu(), reference)
+            return rel_err(out.detach().to(reference.device), reference)
 
         for method in methods:
             row = bench_method(method, inputs, check, timer, timing, tolerance, log)
             result["results"].append({"workload": spec.text, "shape": label, **row})
-        del inputs
+        del inputs, reference
         _release_memory(device)
     finish(result)
     return result

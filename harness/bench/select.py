@@ -31,6 +31,7 @@ from pathlib import Path
 
 from deft.tree import AttentionShape, Tree, TreeError
 from deft.workloads import parse_options
+from harness.inputs import with_heads
 
 DEFAULT_STEP = -1
 
@@ -140,3 +141,21 @@ def parse_heads(text: str | None) -> list[AttentionShape] | None:
 def shape_label(shape: AttentionShape) -> str:
     """``q_heads/kv_heads/head_dim``, e.g. ``32/8/128``: a shape's name in tables and JSON."""
     return f"{shape.q_heads}/{shape.kv_heads}/{shape.head_dim}"
+
+
+def cells(specs: list[WorkloadSpec], shapes: list[AttentionShape] | None) -> list[dict]:
+    """Every (shape, workload) cell a bench of `specs` at `shapes` runs, built without a GPU:
+    ``{"shape", "workload", "tree"}`` or ``{"shape", "workload", "error"}``, shape by shape
+    (``--dry-run``)."""
+    found = []
+    for shape in shapes or [None]:
+        for spec in specs:
+            try:
+                tree = spec.tree()
+                tree = tree if shape is None else with_heads(tree, shape)
+                found.append({"shape": shape_label(tree.attention), "workload": spec.text,
+                              "tree": tree})
+            except (ValueError, OSError) as error:
+                found.append({"shape": None if shape is None else shape_label(shape),
+                              "workload": spec.text, "error": str(error)})
+    return found

@@ -132,3 +132,33 @@ def method_summary(rows: list[dict]) -> dict:
 def geomean(values) -> float | None:
     """Geometric mean of positive numbers; None for none."""
     return float(np.exp(np.mean(np.log(values)))) if len(values) else None
+
+
+def merge_results(parts: list[dict]) -> dict:
+    """One result from several bench results of the same dtype and timing (e.g. the calls of
+    one GPU lease that together cover every target): workloads and measured rows concatenated,
+    each row keeping the floor of its own call; derived rows, ratios, summaries and verdicts
+    recomputed. ``config["merged_from"]`` counts the parts.
+
+    Raises ValueError when the parts differ in dtype or timing, or a cell repeats.
+    """
+    if not parts:
+        raise ValueError("nothing to merge")
+    first = parts[0]["config"]
+    merged = {**parts[0], "config": {**first, "merged_from": len(parts)}, "workloads": [],
+              "results": []}
+    seen = set()
+    for part in parts:
+        config = part["config"]
+        if (config["dtype"], config["timing"]) != (first["dtype"], first["timing"]):
+            raise ValueError(f"cannot merge a {config['dtype']} {config['timing']} run with a "
+                             f"{first['dtype']} {first['timing']} one")
+        for workload in part["workloads"]:
+            cell = (workload["name"], workload.get("shape"))
+            if cell in seen:
+                raise ValueError(f"{cell[0]} at {cell[1]} is in more than one result")
+            seen.add(cell)
+            merged["workloads"].append(workload)
+        merged["results"] += [r for r in part["results"] if r["kind"] != "derived"]
+    finish(merged)
+    return merged
