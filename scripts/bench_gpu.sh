@@ -17,8 +17,10 @@
 #              cold, FlashInfer compiles again for head dim 64)
 #   verdicts   no GPU: merges whichever of those three JSONs exist and prints the verdict of
 #              every target clause: verdicts$TAG.{txt,json}
-#   dry        no GPU: builds every cell of shards and offanchor and lists them (a check of
-#              the command before a GPU call)
+#   dry        no GPU: alone, builds every cell of shards and offanchor and lists them (a
+#              check of the command before a GPU call); beside shards/offanchor, they list
+#              their cells instead of running
+# shards and offanchor exit non-zero when a row of this project's methods is wrong or errors.
 # On a 10-minute limit: `scripts/bench_gpu.sh shards`, then `scripts/bench_gpu.sh offanchor
 # verdicts`, as two calls of one lease.
 #
@@ -79,8 +81,22 @@ target_bench() {  # NAME, then deft-cli bench options: one graph run of the targ
       || status=1
     return
   fi
-  python3 -m cli bench --timing graph --methods "$target_methods" --json "$out/bench-$name$tag.json" \
-    "$@" ${extra[@]+"${extra[@]}"} | tee "$out/bench-$name$tag.txt" || status=1
+  python3 -m cli bench --timing graph --methods "$target_methods" \
+    --json "$out/bench-$name$tag.json" "$@" ${extra[@]+"${extra[@]}"} \
+    | tee "$out/bench-$name$tag.txt" || status=1
+  check_rows "$out/bench-$name$tag.json"
+}
+
+check_rows() {  # JSON: fail the call when a row of this project's methods failed its oracle check
+  python3 - "$1" <<'PY' || status=1
+import json, sys
+rows = json.load(open(sys.argv[1]))["results"]
+bad = [r for r in rows if r["kind"] == "deft" and r["status"] in ("wrong", "error")]
+for r in bad:
+    print(f"check failed: {r['method']} on {r['workload']} at {r['shape']}: {r['reason']}",
+          file=sys.stderr)
+sys.exit(1 if bad else 0)
+PY
 }
 
 for mode in "${modes[@]}"; do
@@ -92,7 +108,8 @@ for mode in "${modes[@]}"; do
         continue
       fi
       python3 -m cli bench --calibrate "$out/bench-graph$tag.json" \
-        --json "$out/calibration-graph$tag.json" | tee "$out/calibration-graph$tag.txt" || status=1 ;;
+        --json "$out/calibration-graph$tag.json" | tee "$out/calibration-graph$tag.txt" \
+        || status=1 ;;
     shards)
       target_bench shards --workloads all --heads 32/8,16/2,8/1,4/1 ;;
     offanchor)

@@ -2,8 +2,9 @@
 derived FastTree row and the verdicts (on the CPU; the numbers in the made-up results are
 inputs of the functions, not measurements)."""
 
+import json
+
 import pytest
-import torch
 from click.testing import CliRunner
 
 from cli import main
@@ -215,8 +216,8 @@ def test_verdicts_on_the_suite_and_failures():
     result = made_up(cells)
     assert verdict(result, "32/8/128 serving")["status"] == "met"
     assert verdict(result, "32/8/128 tot")["count"] == 7
-    balanced_verdict = verdict(result, "32/8/128 balanced")
-    assert balanced_verdict["status"] == "not met" and "1 without a number" in balanced_verdict["text"]
+    failed = verdict(result, "32/8/128 balanced")
+    assert failed["status"] == "not met" and "1 without a number" in failed["text"]
     held = verdict(result, "32/8/128 held-out")
     assert (held["count"], held["of"]) == (len(HELD_OUT) - 1, len(HELD_OUT))
 
@@ -238,3 +239,46 @@ def test_report_shows_shapes_and_verdicts():
                      "fasttree (derived)", "0.708 x fi_mask", "verdicts (deft_flatten",
                      "x floor <= 2: not judged"):
         assert expected in text, expected
+
+
+def test_merge_results_and_cli_verdicts(tmp_path):
+    from harness.bench import merge_results
+
+    header = {"env": {"card": "NVIDIA H200", "python": "3.12"}, "floor_rates": None}
+    config = {"kv_copies": 4, "page_size": 16, "tolerance": 2e-3}
+    parts = []
+    for shape, ours in (("32/8/128", 20.0), ("4/1/128", 10.0)):
+        part = made_up({(name, shape): {"deft_flatten": ours, "fi_mask": 50.0}
+                        for name in ANCHORS})
+        part.update(header, config={**part["config"], **config})
+        parts.append(part)
+    merged = merge_results(parts)
+    assert merged["config"]["merged_from"] == 2
+    assert len([r for r in merged["results"] if r["kind"] == "derived"]) == len(
+        [r for part in parts for r in part["results"] if r["kind"] == "derived"])
+    assert verdict(merged, "32/8/128 anchors: x floor")["value"] == pytest.approx(2.0)
+    assert verdict(merged, "4/1/128 anchors: geomean")["status"] != "not judged"
+    with pytest.raises(ValueError, match="more than one result"):
+        merge_results([parts[0], parts[0]])
+    bf16 = {**parts[1], "config": {**parts[1]["config"], "dtype": "bfloat16"}}
+    with pytest.raises(ValueError, match="cannot merge"):
+        merge_results([parts[0], bf16])
+
+    paths = []
+    for k, part in enumerate(parts):
+        paths.append(tmp_path / f"part{k}.json")
+        bench.write_json(part, paths[-1])
+    target = tmp_path / "verdicts.json"
+    result = CliRunner().invoke(main, ["bench", "--verdicts", ",".join(map(str, paths)),
+                                       "--json", str(target)])
+    assert result.exit_code == 0, result.output
+    assert "x floor <= 2 on 6/6" in result.output and "heads 4/1/128" in result.output
+    assert json.loads(target.read_text())["config"]["merged_from"] == 2
+
+
+def test_cli_dry_run_lists_every_cell():
+    result = CliRunner().invoke(main, ["bench", "--dry-run", "--workloads", "heldout",
+                                       "--heads", "32/8,4/1", "--methods", "fi_mask,sdpa"])
+    assert result.exit_code == 0, result.output
+    assert f"{2 * len(HELD_OUT)} cells x 2 methods" in result.output
+    assert "4/1/128  balanced_l4_b4_n500: 85 nodes, 42500 tokens, 64 queries" in result.output

@@ -139,7 +139,9 @@ def summary_table(result: dict, shape=None) -> Table:
 def verdict_text(result: dict) -> Text:
     """One line per target clause (`harness.bench.verdicts`): met, not met or not judged."""
     found = result.get("verdicts", [])
-    text = Text(f"verdicts ({found[0]['method']}, this run):\n" if found else "verdicts: none "
+    runs = result["config"].get("merged_from")
+    where = f"{runs} runs merged" if runs else "this run"
+    text = Text(f"verdicts ({found[0]['method']}, {where}):\n" if found else "verdicts: none "
                 "(no method of this project ran)\n")
     for verdict in found:
         text.append(f"  {verdict['text']}\n", VERDICT_STYLE[verdict["status"]])

@@ -130,9 +130,9 @@ def parse_heads(text: str | None) -> list[AttentionShape] | None:
         if len(parts) not in (2, 3) or not all(p.strip().isdigit() for p in parts):
             raise ValueError(f"bad --heads entry {item!r}: write q_heads/kv_heads[/head_dim], "
                              "e.g. 32/8 or 32/8/64")
-        q_heads, kv_heads, head_dim = [int(p) for p in parts] + [DEFAULT_HEAD_DIM] * (3 - len(parts))
+        numbers = [int(p) for p in parts] + [DEFAULT_HEAD_DIM] * (3 - len(parts))
         try:
-            shapes.append(AttentionShape(q_heads, kv_heads, head_dim))
+            shapes.append(AttentionShape(*numbers))
         except TreeError as error:
             raise ValueError(f"bad --heads entry {item!r}: {error}") from None
     return list(dict.fromkeys(shapes))

@@ -18,9 +18,10 @@ from harness.bench.verdicts import verdicts
 def new_row(method: str, kind: str) -> dict:
     """A result row's fields but its cell's (``workload``, ``shape``), nothing measured yet
     (status ``ok``)."""
-    return {"method": method, "kind": kind, "status": "ok", "reason": None, "us": None, "p10_us": None, "p90_us": None,
-            "timing": None, "capture_error": None, "variant": "", "variants": {},
-            "rel_err": None, "graph_rel_err": None, "plan_us": None, "params": {}}
+    return {"method": method, "kind": kind, "status": "ok", "reason": None, "us": None,
+            "p10_us": None, "p90_us": None, "timing": None, "capture_error": None,
+            "variant": "", "variants": {}, "rel_err": None, "graph_rel_err": None,
+            "plan_us": None, "params": {}}
 
 
 def finish(result: dict) -> None:
