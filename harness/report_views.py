@@ -43,7 +43,8 @@ def first_sentence(doc: str) -> str:
 
 def workload_listing() -> dict:
     """Every run and tree kind of `deft.workloads` with its options and description, the
-    anchors, and the real workload files found: ``{"kinds", "anchors", "files"}``."""
+    anchors, the off-anchor suite and its held-out names, and the real workload files found:
+    ``{"kinds", "anchors", "offanchor", "held_out", "files"}``."""
     from deft import workloads as w
 
     kinds = {
@@ -55,7 +56,8 @@ def workload_listing() -> dict:
         for name, builder in {**w.RUN_KINDS, **w.TREE_KINDS}.items()
     }
     files = {name: str(path) for name, path in w.found_workload_files().items()}
-    return {"kinds": kinds, "anchors": list(w.ANCHORS), "files": files}
+    return {"kinds": kinds, "anchors": list(w.ANCHORS), "offanchor": list(w.OFF_ANCHOR),
+            "held_out": list(w.HELD_OUT), "files": files}
 
 
 def print_workload_listing(console: Console, listing: dict) -> None:
@@ -69,6 +71,8 @@ def print_workload_listing(console: Console, listing: dict) -> None:
         table.add_row(name, kind["kind"], options, kind["description"])
     console.print(table)
     console.print("anchors: " + ", ".join(listing["anchors"]), highlight=False)
+    console.print("off-anchor suite (offanchor:name=...): " + ", ".join(listing["offanchor"])
+                  + "; held out of tuning: " + ", ".join(listing["held_out"]), highlight=False)
     files = listing["files"]
     if files:
         console.print("real files found:\n  " + "\n  ".join(f"{k}: {v}" for k, v in files.items()),
