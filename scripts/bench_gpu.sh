@@ -11,10 +11,11 @@
 #
 # The modes of issue #15's target (graph timing, methods TARGET_METHODS unless -- --methods):
 #   shards     the six anchors at heads 32/8, 16/2, 8/1 and 4/1 (head dim 128), one run:
-#              bench-shards$TAG.json (24 cells; about 5 min on a cold H200, 75 s of it JIT)
+#              bench-shards$TAG.json (24 cells; about 5 min on a cold H200, at most ~7,
+#              75 s of it FlashInfer's JIT)
 #   offanchor  the off-anchor suite at 32/8/128, then the six anchors at 32/8/64:
-#              bench-offanchor$TAG.json, bench-hd64$TAG.json (20 cells, two runs; about 5 min
-#              cold, FlashInfer compiles again for head dim 64)
+#              bench-offanchor$TAG.json, bench-hd64$TAG.json (20 cells, two runs; about 5-7
+#              min cold: FlashInfer compiles again for head dim 64)
 #   verdicts   no GPU: merges whichever of those three JSONs exist and prints the verdict of
 #              every target clause: verdicts$TAG.{txt,json}
 #   dry        no GPU: alone, builds every cell of shards and offanchor and lists them (a

@@ -129,6 +129,8 @@ def run_bench(workloads, methods, *, shapes=None, dtype=torch.float16, timing="g
             start = time.perf_counter()
             reference = oracle_attention(tree, inputs.q, inputs.k[0], inputs.v[0],
                                          inputs.sm_scale)
+            if device.type == "cuda":
+                torch.cuda.synchronize(device)  # the logged time is the oracle's, not its launch
             log(f"  {tree!r}; oracle in {time.perf_counter() - start:.1f} s")
         except Exception as error:  # noqa: BLE001
             entry["error"] = one_line(error)
