@@ -2,7 +2,9 @@
 
 Short replays with the PyTorch reference strategies through a tiny attention shape: outputs
 equal the oracle at the checked steps, the cache ends empty, sampling and extrapolation add up,
-the decoder's attention plugs in, and `deft-cli replay` writes its JSON.
+the three decode latencies are booked per step (a fake clock: no timing assertions), step
+ranges merge into the full run (gaps and overlaps refused), the tables carry the paper's
+eleven columns, the decoder's attention plugs in, and `deft-cli replay` writes its JSON.
 """
 
 import os
@@ -72,6 +74,7 @@ def test_sampled_steps_extrapolate_to_the_run():
     result = tiny_replay(run, methods="ref:deft_node", max_steps=4, check_steps=2)
     workload, entry = result["workload"], result["methods"][0]
     assert workload["replayed"] == 4 and workload["step_indices"] == sample_steps(len(run), 4)
+    assert workload["sampled"] and not workload["complete"] and workload["step_range"] is None
     assert entry["rel_err"] < TOLERANCE
     mean = entry["attention_s"] / 4
     assert entry["attention_s_run"] == pytest.approx(mean * len(run))
@@ -97,17 +100,19 @@ def test_e2e_rows_upper_bound_and_speedups():
     run = RUNS["token_tree"]()
     methods = [Renamed("radix", "radix"), Renamed("deft_flatten", "deft_flatten"),
                *parse_methods("deft_node", steps=True)]
-    result = replay(run, methods, model=TINY, e2e=True, e2e_steps=2, device="cpu", page_size=4)
+    result = replay(run, methods, model=TINY, e2e=True, device="cpu", page_size=4)
     by_name = {e["method"]: e for e in result["methods"]}
     interpreted = os.environ.get("TRITON_INTERPRET") == "1"  # then the kernel runs on the CPU
     if interpreted:
         assert by_name["deft_node"]["status"] == "ok"
     else:
         assert by_name["deft_node"]["status"] == "skipped" and "CUDA" in by_name["deft_node"]["reason"]
-    assert result["workload"]["e2e_steps"] == [0, len(run) - 1]
+    assert result["workload"]["complete"]
     for name in ("radix", "deft_flatten"):
-        assert len(by_name[name]["per_step_ms"]["e2e"]) == 2 and by_name[name]["e2e_s_run"] > 0
-    assert len(result["upper_bound"]["per_step_ms"]) == 2
+        for key in ("e2e", "inline", "overlap"):
+            assert len(by_name[name]["per_step_ms"][key]) == len(run)
+        assert by_name[name]["e2e_s_run"] > 0
+    assert len(result["upper_bound"]["per_step_ms"]) == len(run)
     assert result["baseline"] == "radix"
     speed = result["speedups"]["deft_flatten"]
     assert speed["attention"] == pytest.approx(
@@ -115,13 +120,14 @@ def test_e2e_rows_upper_bound_and_speedups():
     assert speed["e2e"] > 0 and result["speedups"]["radix"]["attention"] == 1.0
     tables = markdown_tables([result])
     assert "| upper bound (no attention) |" in tables
-    assert f"{speed['e2e']:.2f}x over radix" in tables
+    assert f"| ours: decoding speedup, no planning | {speed['e2e']:.2f}x |" in tables
+    assert "DeFT-Flatten over radix (Radix Attention)" in tables
     assert ("deft_node" in tables) == interpreted  # a skipped method gets no column
     assert render(result).row_count == 4
 
 
 def test_graphs_are_captured_once_and_failures_fall_back(monkeypatch):
-    import harness.replay.loop as r
+    import harness.replay.measure as r
 
     captured, calls = [], []
 
@@ -136,12 +142,12 @@ def test_graphs_are_captured_once_and_failures_fall_back(monkeypatch):
         return Graph(steps[0]), []
 
     monkeypatch.setattr(r, "capture", fake_capture)
-    entry = r._Measured("m", "deft", "deft_flatten", timing="graph", e2e_timing="graph")
+    entry = r.Measured("m", "deft", "deft_flatten", timing="graph", e2e_timing="graph")
     for _ in range(3):
-        r._time_step(entry, "", lambda: calls.append("attention"), torch.device("cpu"))
+        r.time_step(entry, "", lambda: calls.append("attention"), torch.device("cpu"))
     assert len(captured) == 1 and calls == ["attention"] * 3 and entry.timing == "graph"
     for _ in range(2):
-        r._time_step(entry, "e2e_", lambda: calls.append("e2e"), torch.device("cpu"))
+        r.time_step(entry, "e2e_", lambda: calls.append("e2e"), torch.device("cpu"))
     assert len(captured) == 2 and entry.e2e_timing == "eager-fallback"
     assert entry.timing == "graph" and entry.capture_error == "no capture"
     assert calls[3:] == ["e2e", "e2e"]
@@ -196,7 +202,7 @@ def test_cli_replay_writes_json(monkeypatch, tmp_path):
         "--json", str(out)])
     assert result.exit_code == 0, result.output
     saved = json.loads(out.read_text())
-    assert saved["format"] == "deft-replay/1" and saved["workload"]["steps"] == 3
+    assert saved["format"] == "deft-replay/2" and saved["workload"]["steps"] == 3
     assert saved["methods"][0]["rel_err"] < TOLERANCE
     assert saved["methods"][1]["status"] == "skipped"
 
