@@ -118,6 +118,12 @@ def markdown_tables(results: list) -> str:
             return f"{'yes' if diff > 0 else 'no'}, by {diff:+.2f}x"
         return value
 
+    def upper_speedup(r, _):
+        base = next((e for e in r["methods"] if e["method"] == r["baseline"]), None)
+        upper = (r["upper_bound"] or {}).get("e2e_s_run")
+        return f"{base['e2e_s_run'] / upper:.2f}x" if base and base["e2e_s_run"] and upper \
+            else "-"
+
     steps = per_result("steps", lambda r, c: _steps(r["workload"]))
     decoded = [m for m in methods if any(
         e["method"] == m and e["e2e_s"] for r in results for e in r["methods"])]
@@ -129,6 +135,8 @@ def markdown_tables(results: list) -> str:
     rows += [per_result("upper bound (no attention)",
                         lambda r, c: _fmt((r["upper_bound"] or {}).get("e2e_s_run"), ".2f")
                         or "-"),
+             per_result("ours: upper bound's speedup (no attention)", upper_speedup),
+             per_result("paper: upper bound's speedup", paper_value(p.UPPER_BOUND_SPEEDUP)),
              per_result("ours: decoding speedup, no planning", speedup("e2e")),
              per_result("paper: decoding speedup", paper_value(p.DECODING_SPEEDUP)),
              per_result("beats the paper's decoding speedup", verdict("e2e", p.DECODING_SPEEDUP)),
