@@ -130,15 +130,21 @@ def _print_cells(found: list, methods: list) -> None:
               help="Comma-separated: deft_flatten, deft_node_chunk, deft_node, radix, "
                    "flash_decoding, tree_attention_s, sglang, ref:<strategy> (PyTorch); groups "
                    "all, strategies.")
+@click.option("--step-range", metavar="START:STOP",
+              help="Replay only these steps of the run (default: all); `python -m "
+                   "harness.replay` merges the ranges of one run into a full-run record.")
 @click.option("--max-steps", type=click.IntRange(min=1),
-              help="Replay this many steps, evenly spaced; totals are extrapolated to the run.")
+              help="Debugging only: this many steps, evenly spaced, totals extrapolated; the "
+                   "result is marked sampled and never reported as a full run.")
 @click.option("--layers", default=32, show_default=True, type=click.IntRange(min=1),
               help="Attention layers, each with its own KV cache (and decoder layers).")
 @click.option("--e2e", is_flag=True,
-              help="Also time whole decoding steps of a Llama-3-8B-shaped model (random "
-                   "weights), per method and without attention.")
-@click.option("--e2e-steps", type=click.IntRange(min=1),
-              help="Of the replayed steps, run this many through the model (default: all).")
+              help="Also time every step through a Llama-3-8B-shaped model (random weights), "
+                   "per method three ways (no planning, planning in line, planning "
+                   "overlapped) and without attention.")
+@click.option("--e2e-methods", metavar="NAMES",
+              help="With --e2e, only these methods (comma-separated) go through the model; the "
+                   "others are timed for attention only (default: all).")
 @click.option("--dtype", type=click.Choice(["fp16", "bf16"]), default="fp16", show_default=True)
 @click.option("--page-size", default=16, show_default=True, type=click.IntRange(min=1),
               help="Tokens per page of the paged cache.")
@@ -148,19 +154,21 @@ def _print_cells(found: list, methods: list) -> None:
               help="Steps (the last first) whose outputs are checked against the oracle.")
 @click.option("--seed", default=0, show_default=True)
 @click.option("--json", "json_path", metavar="OUT", help="Write every number as JSON.")
-def replay_command(workload, method_list, max_steps, layers, e2e, e2e_steps, dtype, page_size,
-                   timing, check_steps, seed, json_path, **run_options):
+def replay_command(workload, method_list, step_range, max_steps, layers, e2e, e2e_methods,
+                   dtype, page_size, timing, check_steps, seed, json_path, **run_options):
     """Replay a whole decoding run step by step and time each method's attention over it.
 
     The paged tree cache grows, branches and prunes as the run did; each step every method plans
-    once (timed apart) and runs attention in every layer (CUDA events around the step's layers).
-    With --e2e the step also goes through a Llama-3-8B-shaped decoder (the paper's Table 3).
-    Progress goes to stderr, the table to stdout; docs/reproduction.md explains the numbers.
+    and runs attention in every layer (CUDA events around the step's layers). With --e2e the
+    step also goes through a Llama-3-8B-shaped decoder (the paper's Table 3), timed without
+    planning, with planning in line and with the next step planned while this one runs.
+    Progress lines (with elapsed seconds) go to stderr, the table to stdout;
+    docs/reproduction.md explains the numbers.
     """
+    import time
     from dataclasses import replace
 
     import torch
-    from rich.progress import Progress
 
     from harness import replay as r
     from harness.bench import DTYPES, write_json
@@ -169,10 +177,17 @@ def replay_command(workload, method_list, max_steps, layers, e2e, e2e_steps, dty
 
     if json_path and not os.path.isdir(os.path.dirname(os.path.abspath(json_path))):
         fail(f"{json_path}: its directory does not exist")
+    if step_range and max_steps:
+        fail("--step-range and --max-steps do not go together")
     try:
         methods = parse_methods(method_list, steps=True)
     except ValueError as error:
         fail(str(error))
+    names = {m.name for m in methods}
+    e2e_names = None if e2e_methods is None else [n for n in e2e_methods.split(",") if n]
+    if e2e_names is not None and (not e2e or not set(e2e_names) <= names):
+        fail("--e2e-methods needs --e2e and names among --methods: "
+             f"{', '.join(sorted(set(e2e_names) - names)) or '(no --e2e)'}")
     device = "cuda" if torch.cuda.is_available() else "cpu"
     if e2e and device == "cpu":
         fail("--e2e runs a Llama-3-8B-shaped model (16 GB of weights): it needs a CUDA GPU")
@@ -181,13 +196,23 @@ def replay_command(workload, method_list, max_steps, layers, e2e, e2e_steps, dty
              "none: run it on a GPU machine (scripts/replay_gpu.sh), or replay the PyTorch "
              "references on the CPU with --methods ref:<strategy>")
     run = build_run(workload, run_options)
-    with Progress(console=stderr, transient=True) as progress:
-        task = progress.add_task(run.name, total=None)
-        result = r.replay(
-            run, methods, model=replace(LLAMA3_8B, layers=layers), e2e=e2e, max_steps=max_steps,
-            e2e_steps=e2e_steps, dtype=DTYPES[dtype], page_size=page_size, timing=timing,
-            check_steps=check_steps, seed=seed, device=device,
-            progress=lambda done, total: progress.update(task, completed=done, total=total))
+    steps = None
+    if step_range:
+        try:
+            steps = r.parse_step_range(step_range, len(run))
+        except ValueError as error:
+            fail(str(error))
+    began = time.perf_counter()
+
+    def progress(done, total):
+        if done == total or done % max(1, total // 10) == 0:
+            stderr.print(f"{run.name} {step_range or ''}: {done}/{total} steps, "
+                         f"{time.perf_counter() - began:.1f} s", highlight=False)
+
+    result = r.replay(
+        run, methods, model=replace(LLAMA3_8B, layers=layers), e2e=e2e, e2e_methods=e2e_names,
+        steps=steps, max_steps=max_steps, dtype=DTYPES[dtype], page_size=page_size,
+        timing=timing, check_steps=check_steps, seed=seed, device=device, progress=progress)
     stdout.print(r.render(result))
     if json_path:
         write_json(result, json_path)

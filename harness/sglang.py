@@ -77,17 +77,32 @@ class SGLangMethod(Method):
                                    dtype=torch.float32, device=device)
         self._lse = torch.empty((rows, shape.q_heads, splits), dtype=torch.float32, device=device)
         self._sm_scale = shape.head_dim ** -0.5
+        pinned = device.type == "cuda"
+        self._indptr_host = torch.zeros(rows + 1, dtype=torch.int32, pin_memory=pinned)
+        self._indices_host = torch.zeros(len(self._indices), dtype=torch.int64,
+                                         pin_memory=pinned)
+        self._copied = None  # event after the last staging -> device copies
         self.graphable = True
         self.version += 1
 
     def plan(self, tree, cache):
+        """Refill the page tables: host arrays into pinned staging, then non-blocking copies
+        queued on the current stream (after any graph launched before), as SGLang's
+        CUDA-graph runner does; a plan may thus overlap the previous step on the GPU."""
         indptr, tokens = query_paths(tree)
         slots = cache.host_token_slots(tree)[tokens]
         padding = self._rows - tree.num_queries
         indptr = np.concatenate([indptr, indptr[-1] + np.arange(1, padding + 1)])
         slots = np.concatenate([slots, np.full(padding, self._scratch)])
-        self._indptr.copy_(torch.from_numpy(indptr.astype(np.int32)))
-        self._indices[: len(slots)].copy_(torch.from_numpy(slots.astype(np.int64)))
+        if self._copied is not None:
+            self._copied.synchronize()  # the previous plan's copies have left the staging
+        self._indptr_host.numpy()[:] = indptr
+        self._indices_host.numpy()[: len(slots)] = slots
+        self._indptr.copy_(self._indptr_host, non_blocking=True)
+        self._indices[: len(slots)].copy_(self._indices_host[: len(slots)], non_blocking=True)
+        if self._indptr.is_cuda:
+            self._copied = torch.cuda.Event()
+            self._copied.record()
         return _SGLangPlan(tree)
 
     def run(self, q, k_cache, v_cache, plan, out=None):

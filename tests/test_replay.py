@@ -2,11 +2,14 @@
 
 Short replays with the PyTorch reference strategies through a tiny attention shape: outputs
 equal the oracle at the checked steps, the cache ends empty, sampling and extrapolation add up,
-the decoder's attention plugs in, and `deft-cli replay` writes its JSON.
+the three decode latencies are booked per step (a fake clock: no timing assertions), step
+ranges merge into the full run (gaps and overlaps refused), the tables carry the paper's
+eleven columns, the decoder's attention plugs in, and `deft-cli replay` writes its JSON.
 """
 
 import os
 import json
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -72,6 +75,7 @@ def test_sampled_steps_extrapolate_to_the_run():
     result = tiny_replay(run, methods="ref:deft_node", max_steps=4, check_steps=2)
     workload, entry = result["workload"], result["methods"][0]
     assert workload["replayed"] == 4 and workload["step_indices"] == sample_steps(len(run), 4)
+    assert workload["sampled"] and not workload["complete"] and workload["step_range"] is None
     assert entry["rel_err"] < TOLERANCE
     mean = entry["attention_s"] / 4
     assert entry["attention_s_run"] == pytest.approx(mean * len(run))
@@ -97,17 +101,19 @@ def test_e2e_rows_upper_bound_and_speedups():
     run = RUNS["token_tree"]()
     methods = [Renamed("radix", "radix"), Renamed("deft_flatten", "deft_flatten"),
                *parse_methods("deft_node", steps=True)]
-    result = replay(run, methods, model=TINY, e2e=True, e2e_steps=2, device="cpu", page_size=4)
+    result = replay(run, methods, model=TINY, e2e=True, device="cpu", page_size=4)
     by_name = {e["method"]: e for e in result["methods"]}
     interpreted = os.environ.get("TRITON_INTERPRET") == "1"  # then the kernel runs on the CPU
     if interpreted:
         assert by_name["deft_node"]["status"] == "ok"
     else:
         assert by_name["deft_node"]["status"] == "skipped" and "CUDA" in by_name["deft_node"]["reason"]
-    assert result["workload"]["e2e_steps"] == [0, len(run) - 1]
+    assert result["workload"]["complete"]
     for name in ("radix", "deft_flatten"):
-        assert len(by_name[name]["per_step_ms"]["e2e"]) == 2 and by_name[name]["e2e_s_run"] > 0
-    assert len(result["upper_bound"]["per_step_ms"]) == 2
+        for key in ("e2e", "inline", "overlap"):
+            assert len(by_name[name]["per_step_ms"][key]) == len(run)
+        assert by_name[name]["e2e_s_run"] > 0
+    assert len(result["upper_bound"]["per_step_ms"]) == len(run)
     assert result["baseline"] == "radix"
     speed = result["speedups"]["deft_flatten"]
     assert speed["attention"] == pytest.approx(
@@ -115,13 +121,14 @@ def test_e2e_rows_upper_bound_and_speedups():
     assert speed["e2e"] > 0 and result["speedups"]["radix"]["attention"] == 1.0
     tables = markdown_tables([result])
     assert "| upper bound (no attention) |" in tables
-    assert f"{speed['e2e']:.2f}x over radix" in tables
+    assert f"| ours: decoding speedup, no planning | {speed['e2e']:.2f}x |" in tables
+    assert "DeFT-Flatten over radix (Radix Attention)" in tables
     assert ("deft_node" in tables) == interpreted  # a skipped method gets no column
     assert render(result).row_count == 4
 
 
 def test_graphs_are_captured_once_and_failures_fall_back(monkeypatch):
-    import harness.replay.loop as r
+    import harness.replay.measure as r
 
     captured, calls = [], []
 
@@ -136,12 +143,12 @@ def test_graphs_are_captured_once_and_failures_fall_back(monkeypatch):
         return Graph(steps[0]), []
 
     monkeypatch.setattr(r, "capture", fake_capture)
-    entry = r._Measured("m", "deft", "deft_flatten", timing="graph", e2e_timing="graph")
+    entry = r.Measured("m", "deft", "deft_flatten", timing="graph", e2e_timing="graph")
     for _ in range(3):
-        r._time_step(entry, "", lambda: calls.append("attention"), torch.device("cpu"))
+        r.time_step(entry, "", lambda: calls.append("attention"), torch.device("cpu"))
     assert len(captured) == 1 and calls == ["attention"] * 3 and entry.timing == "graph"
     for _ in range(2):
-        r._time_step(entry, "e2e_", lambda: calls.append("e2e"), torch.device("cpu"))
+        r.time_step(entry, "e2e_", lambda: calls.append("e2e"), torch.device("cpu"))
     assert len(captured) == 2 and entry.e2e_timing == "eager-fallback"
     assert entry.timing == "graph" and entry.capture_error == "no capture"
     assert calls[3:] == ["e2e", "e2e"]
@@ -196,7 +203,7 @@ def test_cli_replay_writes_json(monkeypatch, tmp_path):
         "--json", str(out)])
     assert result.exit_code == 0, result.output
     saved = json.loads(out.read_text())
-    assert saved["format"] == "deft-replay/1" and saved["workload"]["steps"] == 3
+    assert saved["format"] == "deft-replay/2" and saved["workload"]["steps"] == 3
     assert saved["methods"][0]["rel_err"] < TOLERANCE
     assert saved["methods"][1]["status"] == "skipped"
 
@@ -256,3 +263,186 @@ def test_replay_reports_kernel_reads_beside_the_strategy_accounting():
     assert flatten["kernel_traffic"]["addressing_bytes"] == expected
     assert flatten["kernel_traffic"]["mask_bytes"] == 0 < flatten["traffic"]["mask_bytes"]
     assert flatten["kernel_bytes_run"] == sum(flatten["kernel_traffic"].values())
+
+
+class FakeClock:
+    """A perf_counter that only the fake methods advance (seconds)."""
+
+    def __init__(self):
+        self.now = 0.0
+
+    def __call__(self):
+        return self.now
+
+
+class Clocked(ReferenceMethod):
+    """A reference method whose plan takes PLAN_MS and each layer's run RUN_MS on a fake
+    clock."""
+
+    PLAN_MS, RUN_MS = 2.0, 1.0
+
+    def __init__(self, strategy, name, clock):
+        super().__init__(strategy)
+        self.name, self.clock = name, clock
+
+    def plan(self, tree, cache):
+        self.clock.now += self.PLAN_MS / 1e3
+        return super().plan(tree, cache)
+
+    def run(self, q, k_cache, v_cache, plan, out=None):
+        self.clock.now += self.RUN_MS / 1e3
+        return super().run(q, k_cache, v_cache, plan, out=out)
+
+
+def test_three_decode_latencies_are_booked_per_step(monkeypatch):
+    """No planning = the step; in line = plan + step; overlapped = step + the next step's plan
+    (none after the last, the first plan added to the first step). On the CPU nothing runs
+    concurrently, so the overlap hides nothing."""
+    import harness.replay.measure as measure
+
+    clock = FakeClock()
+    monkeypatch.setattr(measure, "time", SimpleNamespace(perf_counter=clock))
+    run = RUNS["fewshot"]()
+    methods = [Clocked("radix", "sglang", clock), Clocked("deft_flatten", "deft_flatten", clock)]
+    result = replay(run, methods, model=TINY, e2e=True, device="cpu", page_size=4)
+    step = TINY.layers * Clocked.RUN_MS
+    plan = Clocked.PLAN_MS
+    n = len(run)
+    for e in result["methods"]:
+        per_step = e["per_step_ms"]
+        assert per_step["attention"] == pytest.approx([step] * n)
+        assert per_step["e2e"] == pytest.approx([step] * n)
+        assert per_step["plan"] == pytest.approx([plan] * n)
+        assert per_step["inline"] == pytest.approx([plan + step] * n)
+        assert per_step["overlap"] == pytest.approx(
+            [2 * plan + step] + [plan + step] * (n - 2) + [step])
+        assert e["e2e_s_run"] == pytest.approx(n * step / 1e3)
+        assert e["inline_s_run"] == pytest.approx(n * (plan + step) / 1e3)
+        assert e["overlap_s_run"] == pytest.approx(n * (plan + step) / 1e3)
+        assert e["plan_share_inline"] == pytest.approx(plan / (plan + step))
+        assert e["plan_hidden"] == pytest.approx(0.0, abs=1e-9)
+    assert result["speedups"]["deft_flatten"] == pytest.approx(
+        {"attention": 1.0, "e2e": 1.0, "inline": 1.0, "overlap": 1.0})
+
+
+def test_step_ranges_merge_into_the_full_run():
+    from harness.replay import combine, merge
+
+    run = RUNS["tot"]()
+    n = len(run)
+    options = dict(methods="ref:deft_flatten,ref:radix", check_steps=1)
+    full = tiny_replay(run, **options)
+    parts = [tiny_replay(run, steps=(0, 5), **options),
+             tiny_replay(run, steps=(5, n), **options)]
+    assert not parts[0]["workload"]["complete"] and parts[0]["workload"]["step_range"] == [0, 5]
+    merged = merge(parts[::-1])
+    w = merged["workload"]
+    assert w["complete"] and w["step_indices"] == list(range(n)) and w["parts"] == [[0, 5],
+                                                                                    [5, n]]
+    for whole, joined in zip(full["methods"], merged["methods"]):
+        assert joined["traffic"] == whole["traffic"]
+        for key, values in joined["per_step_ms"].items():
+            assert len(values) == len(whole["per_step_ms"][key])
+        assert joined["attention_s_run"] == pytest.approx(sum(joined["per_step_ms"]["attention"])
+                                                          / 1e3)
+        assert joined["rel_err"] < TOLERANCE
+    assert merged["cache"]["nodes_at_end"] == 0
+    assert [r["workload"]["complete"] for r in combine([parts[1], full, parts[0]])] == [True,
+                                                                                        True]
+    gap = [parts[0], tiny_replay(run, steps=(6, n), **options)]
+    with pytest.raises(ValueError, match="gap"):
+        merge(gap)
+    with pytest.raises(ValueError, match="overlap"):
+        merge([tiny_replay(run, steps=(0, 6), **options), parts[1]])
+    with pytest.raises(ValueError, match="sampled"):
+        merge([tiny_replay(run, max_steps=3, **options), parts[1]])
+    other = tiny_replay(RUNS["fewshot"](), steps=(0, 2), **options)
+    with pytest.raises(ValueError, match="cannot merge"):
+        merge([parts[0], other])
+
+
+def test_step_range_parsing():
+    from harness.replay import parse_step_range
+
+    assert parse_step_range("0:400", 400) == (0, 400)
+    assert parse_step_range("100:", 400) == (100, 400)
+    assert parse_step_range(":5", 400) == (0, 5)
+    for text in ("5", "a:b", "300:200", "0:401", "-1:3"):
+        with pytest.raises(ValueError):
+            parse_step_range(text, 400)
+    with pytest.raises(ValueError, match="do not go together"):
+        tiny_replay(RUNS["fewshot"](), steps=(0, 2), max_steps=2)
+
+
+ELEVEN_RUNS = ("fewshot_b20_P4000_L400", "fewshot_b30_P4000_L400", "fewshot_b50_P4000_L400",
+               "reasoning_sorting128ToT_0_P4000", "reasoning_docmergeToT_0_P4000",
+               "reasoning_keywordToT_0_P4000", "reasoning_set128ToT_0_P4000",
+               "speculative_t32_P4000", "speculative_t64_P4000", "speculative_t128_P4000",
+               "speculative_t256_P4000")
+
+
+def test_tables_have_the_papers_eleven_columns_and_verdicts():
+    """One result per paper column (renamed tiny runs, speedups set): the header lists the
+    eleven columns in the paper's order, the paper's speedups sit beside ours, the verdict says
+    yes or no and by how much, and a sampled run gets no verdict."""
+    from harness.replay import paper
+
+    run = RUNS["fewshot"]()
+    base = replay(run, [Renamed("radix", "sglang"), Renamed("deft_flatten", "deft_flatten")],
+                  model=TINY, e2e=True, device="cpu", page_size=4, check_steps=0)
+    results = []
+    for i, name in enumerate(reversed(ELEVEN_RUNS)):
+        result = json.loads(json.dumps(base))
+        result["workload"]["name"] = name
+        column = paper.column_of(name)
+        margin = 0.25 if i % 2 else -0.5
+        result["speedups"]["deft_flatten"]["attention"] = \
+            paper.paper(paper.ATTENTION_SPEEDUP, column) + margin
+        results.append(result)
+    sampled = tiny_replay(run, methods="ref:radix,ref:deft_flatten", max_steps=3, check_steps=0)
+    sampled["workload"]["name"] = "fewshot_b70_P4000_L400"
+    tables = markdown_tables(results + [sampled])
+    header = "|  | " + " | ".join(paper.COLUMNS) + " | fewshot_b70_P4000_L400 |"
+    assert tables.count(header) == 4  # Tables 3 and 4, planning, traffic
+    attention = [line for line in tables.splitlines()
+                 if line.startswith("| paper: attention speedup |")][0]
+    assert attention.split(" | ")[1:-1] == [f"{s:.2f}x" for s in paper.ATTENTION_SPEEDUP]
+    verdicts = [line for line in tables.splitlines()
+                if line.startswith("| beats the paper's attention speedup |")][0].split(" | ")
+    # the runs went in reversed: t256 (i = 0) is -0.5, t128 +0.25, ...
+    expected = ["yes, by +0.25x" if (len(ELEVEN_RUNS) - 1 - j) % 2 else "no, by -0.50x"
+                for j in range(len(ELEVEN_RUNS))]
+    assert verdicts[1:-1] == expected and verdicts[-1] == "- |"
+    steps = [line for line in tables.splitlines() if line.startswith("| steps |")][0]
+    assert steps.endswith(f"| {len(run)} | 3/{len(run)} sampled |")
+    for row in ("sglang: no planning", "deft_flatten: planning in line",
+                "deft_flatten: planning overlapped", "upper bound (no attention)",
+                "paper: decoding speedup", "beats the paper's decoding speedup",
+                "deft_flatten: planning hidden by the overlap"):
+        assert f"| {row} |" in tables
+    assert "SAMPLED" in render(sampled).title
+
+
+
+
+def test_cli_step_ranges_merge_in_the_report(monkeypatch, tmp_path, capsys):
+    from harness.replay.report import main as report
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    paths = []
+    for step_range in ("0:2", "2:"):
+        path = tmp_path / f"part_{step_range.replace(':', '_')}.json"
+        result = CliRunner().invoke(main, [
+            "replay", "--workload", "fewshot", "--prompt-tokens", "40", "--width", "2",
+            "--iterations", "4", "--methods", "ref:deft_flatten,ref:radix", "--layers", "1",
+            "--step-range", step_range, "--json", str(path)])
+        assert result.exit_code == 0, result.output
+        assert "steps, " in result.output and " s" in result.output  # the progress line
+        paths.append(str(path))
+    report(paths)
+    assert "| steps | 4 |" in capsys.readouterr().out
+    with pytest.raises(SystemExit, match="overlap"):
+        report(paths + paths[:1])
+    bad = CliRunner().invoke(main, ["replay", "--workload", "fewshot", "--methods",
+                                    "ref:radix", "--step-range", "3:1"])
+    assert bad.exit_code == 2 and "step range" in bad.output
