@@ -2,6 +2,13 @@
 ``torch.ops.deft.tree_attention`` that wraps them for torch.compile, and the check that a device
 can run them.
 
+The op's implementation is what a compiled graph calls on every step, so it takes `run`'s
+graph path (`deft.bound_run`): its argument sets are kept in `OP_RUNS` (plan-buffer views and
+tile resolved once), captured as a CUDA graph on their second call on a GPU and replayed from
+then on; plain launches on the CPU and inside someone else's capture (e.g. the CUDA graph that
+``torch.compile(mode="reduce-overhead")`` records around it). Its fake implementation allocates
+nothing and returns None: the op only writes its mutated arguments.
+
 Importing this module registers the op; `deft.tree_attention` imports it.
 """
 
@@ -11,6 +18,7 @@ import contextlib
 
 import torch
 
+from deft.bound_run import OpRun, RunCache, op_argument_key
 from deft.kernels import deft_flatten_sm90
 from deft.kernels.partials import TileConfig, _partials_kernel, partials
 from deft.kernels.reduction import merge
@@ -18,6 +26,9 @@ from deft.plan_buffers import views_of
 
 INTERPRETED = not hasattr(_partials_kernel, "params")
 """Whether the kernels loaded under the Triton interpreter (TRITON_INTERPRET=1)."""
+
+OP_RUNS = RunCache(64)
+"""The custom op's argument sets and their graphs (least recently used dropped first)."""
 
 
 def check_runnable(device: torch.device, dtype: str | torch.dtype | None = None) -> None:
@@ -50,10 +61,20 @@ def _tree_attention_op(
     lse: torch.Tensor | None, flat: bool, sm_scale: float, tile: list[int],
     num_programs: int, per_query_merge: bool, gluon: bool = False,
 ) -> None:
-    """The two kernels of one `TreeAttention.run`, as an opaque op for torch.compile."""
-    launch_tree_attention(q, k_cache, v_cache, views_of(plan_data, plan_layout), o_part,
-                          lse_part, out, lse, flat, sm_scale, TileConfig.from_ints(tile),
-                          num_programs, per_query_merge, gluon)
+    """The two kernels of one `TreeAttention.run`, as an opaque op for torch.compile: a
+    replayed CUDA graph from an argument set's second call (`OP_RUNS`)."""
+    key = op_argument_key(q, k_cache, v_cache, plan_data, plan_layout, o_part, lse_part, out,
+                          lse, flat, sm_scale, tile, num_programs, per_query_merge, gluon)
+    bound = OP_RUNS.get(key)
+    if bound is None:
+        bound = OpRun(views_of(plan_data, plan_layout), TileConfig.from_ints(tile))
+        OP_RUNS.put(key, bound)
+    if bound.graph is not None and not torch.cuda.is_current_stream_capturing():
+        bound.graph.replay()
+        return
+    OP_RUNS.launch(bound, lambda: launch_tree_attention(
+        q, k_cache, v_cache, bound.views, o_part, lse_part, out, lse, flat, sm_scale,
+        bound.config, num_programs, per_query_merge, gluon), q.device)
 
 
 @_tree_attention_op.register_fake
