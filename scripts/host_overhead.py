@@ -12,7 +12,8 @@ back-to-back calls (no synchronisation inside; the GPU queue absorbs them) of
   same with a synchronisation every `BATCH` calls left out of the time (so a full launch queue
   cannot stall the host), `run` with graphs off (``max_graphs=0``: checked once, plain
   launches), `run` with ``out=None`` (a new output each call);
-- the parts of `run`'s graph path: the argument key, the capture-status query, ``replay()``;
+- the parts of `run`'s graph path: the argument key, the capture-status query, ``replay()``,
+  and the top functions of a cProfile of `run` and of the custom op (``*_profile``);
 - the custom op ``torch.ops.deft.tree_attention`` called directly (its graph path), and
   torch.compile'd functions calling `run` (fullgraph; default mode, ``mode="reduce-overhead"``
   with ``out`` given and with ``out=None``), each checked against eager `run` (NaN-poisoned
@@ -31,8 +32,10 @@ end, not a measurement.
 from __future__ import annotations
 
 import argparse
+import cProfile
 import json
 import os
+import pstats
 import sys
 import time
 from pathlib import Path
@@ -92,6 +95,24 @@ def host_us(fn, calls: int, device: torch.device, batch: int | None = None) -> f
         synchronize(device)
         done += n
     return elapsed / calls * 1e6
+
+
+def profile_us(fn, calls: int, device: torch.device, top: int = 8) -> list:
+    """Where a call's host time goes: the `top` functions by own time under cProfile,
+    ``[name, us per call]`` (profiling inflates every entry; read the shares)."""
+    for _ in range(min(20, calls)):
+        fn()
+    synchronize(device)
+    profiler = cProfile.Profile()
+    profiler.enable()
+    for _ in range(calls):
+        fn()
+    profiler.disable()
+    synchronize(device)
+    stats = pstats.Stats(profiler).stats  # (file, line, name) -> (cc, nc, tottime, cumtime, _)
+    rows = sorted(stats.items(), key=lambda item: -item[1][2])[:top]
+    return [[f"{Path(file).name}:{name}", round(entry[2] / calls * 1e6, 2)]
+            for (file, _, name), entry in rows]
 
 
 def compiled_records(attn, plan, q, k_cache, v_cache, reference, calls, device) -> dict:
@@ -162,6 +183,7 @@ def measure(name, tree, device, calls, compile_runs) -> dict:
             lambda: plain.run(q, k_cache, v_cache, plain_plan, out=out), calls, device),
         run_new_out_host_us=host_us(lambda: attn.run(q, k_cache, v_cache, plan), calls, device),
         graphs=attn._runs.graphs(),
+        run_profile=profile_us(run, calls, device),
         key_host_us=host_us(lambda: argument_key(q, k_cache, v_cache, out, None, None,
                                                  plan.per_query_merge), calls, device),
     )
@@ -181,6 +203,8 @@ def measure(name, tree, device, calls, compile_runs) -> dict:
         custom_op_batched_host_us=host_us(lambda: torch.ops.deft.tree_attention(*op_args),
                                           calls, device, BATCH),
         custom_op_graphs=OP_RUNS.graphs(),
+        custom_op_profile=profile_us(lambda: torch.ops.deft.tree_attention(*op_args), calls,
+                                     device),
     )
     if compile_runs:
         rec.update(compiled_records(attn, plan, q, k_cache, v_cache, reference, calls, device))
