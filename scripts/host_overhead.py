@@ -1,10 +1,12 @@
 #!/usr/bin/env python3
 """Host time of `TreeAttention.plan` and `TreeAttention.run`, and where it goes (GPU machine).
 
-    python scripts/host_overhead.py [--workloads DIR] [--anchors a,b] [--calls N] [--no-compile]
+    python scripts/host_overhead.py [--workloads DIR] [--anchors a,b] [--heads 32/8,4/1]
+                                    [--calls N] [--no-compile]
     python scripts/host_overhead.py --cpu    # small dry run under the Triton interpreter
 
-Per anchor (deft_flatten, fp16, Llama-3-8B heads): the mean host time per call of N
+Per anchor and head shape (deft_flatten, fp16, head dim 128; default the Llama-3-8B heads 32/8,
+records of other shapes named ``anchor@q/kv``): the mean host time per call of N
 back-to-back calls (no synchronisation inside; the GPU queue absorbs them) of
 - `plan` with fixed sizes (the node planner, `deft.fast_plan`) and tuned (`deft.plan.build_plan`
   through the tuned lookup), both over a `PageTable`;
@@ -192,7 +194,8 @@ def measure(name, tree, device, calls, compile_runs) -> dict:
     if device.type == "cuda":
         rec["capture_check_host_us"] = host_us(torch.cuda.is_current_stream_capturing, calls,
                                                device)
-        rec["replay_host_us"] = host_us(bound.graph.replay, calls, device, BATCH)
+        if bound.graph is not None:  # None where the capture failed
+            rec["replay_host_us"] = host_us(bound.graph.replay, calls, device, BATCH)
     reference = run().float().cpu()
     out.fill_(float("nan"))
     torch.ops.deft.tree_attention(*op_args)
@@ -251,6 +254,9 @@ def main():
     parser.add_argument("--workloads", default=None)
     parser.add_argument("--anchors",
                         default="reason_10x500_P1104,fewshot_b20_P4000_L200,spec_t256_P4000")
+    parser.add_argument("--heads", default="32/8",
+                        help="q_heads/kv_heads per measured shape, comma-separated (e.g. "
+                             "32/8,4/1: Llama-3-8B and its 8-way shard)")
     parser.add_argument("--calls", type=int, default=None,
                         help=f"calls per mean (default {CALLS}; 5 with --cpu)")
     parser.add_argument("--cpu", action="store_true",
@@ -263,11 +269,16 @@ def main():
     x = torch.zeros(16, device=device)
     empty = host_us(lambda: _empty[(1,)](x), calls, device)
     cases = [("cpu_small", CPU_TREE)] if args.cpu else []
-    for name in [] if args.cpu else args.anchors.split(","):
-        try:
-            cases.append((name, wl.anchor(name, args.workloads, LLAMA)))
-        except FileNotFoundError as missing:  # spec_* need the speculative files
-            print(f"skipping {name}: {missing}", file=sys.stderr)
+    for heads in [] if args.cpu else args.heads.split(","):
+        q_heads, kv_heads = (int(n) for n in heads.split("/"))
+        shape = AttentionShape(q_heads, kv_heads, LLAMA.head_dim, LLAMA.dtype)
+        for name in args.anchors.split(","):
+            try:
+                tree = wl.anchor(name, args.workloads, shape)
+            except FileNotFoundError as missing:  # spec_* need the speculative files
+                print(f"skipping {name}: {missing}", file=sys.stderr)
+                continue
+            cases.append((name if shape == LLAMA else f"{name}@{heads}", tree))
     records, failed = [], []
     for name, tree in cases:
         rec = measure(name, tree, device, calls, not args.no_compile)
