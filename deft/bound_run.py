@@ -150,6 +150,9 @@ class BoundRun:
 class OpRun:
     """One argument set of the custom op: its plan-buffer views and tile, resolved once.
 
+    The views keep the plan buffers alive (so no other tensor takes their address while the
+    entry lives): a dropped TreeAttention's buffers are freed when `OP_RUNS` drops its entries.
+
     Attributes
     ----------
     views : dict
