@@ -20,8 +20,14 @@ which then cover the same memory. At most `RunCache.size` argument sets are kept
 recently used dropped first, with its graph).
 
 Plain launches are used where capturing is impossible: on the CPU (the Triton interpreter),
-inside someone else's stream capture, under torch.compile tracing (the custom op), and when a
-capture fails.
+inside someone else's stream capture (``torch.compile(mode="reduce-overhead")`` included), and
+when a capture fails. The custom op ``torch.ops.deft.tree_attention`` (what torch.compile calls)
+keeps its own `RunCache` of `OpRun` entries and replays the same way.
+
+A call that hits its argument set costs: the key (four data pointers, shapes, strides and
+dtypes), one dict lookup, the plan-dependent checks (`BoundRun.fits`: three integer
+comparisons), one capture-status query and ``graph.replay()`` (which switches to the graph's
+device itself).
 """
 
 from __future__ import annotations
@@ -119,7 +125,7 @@ class BoundRun:
     """
 
     __slots__ = ("page_size", "cache_slots", "rows", "config_source", "config", "num_programs",
-                 "sm_scale", "o_part", "lse_part", "calls", "graph", "device_index")
+                 "sm_scale", "o_part", "lse_part", "calls", "graph")
 
     def __init__(self, q, k_cache, config_source, config, num_programs, sm_scale, workspace):
         num_pages, self.page_size = k_cache.shape[:2]
@@ -129,7 +135,6 @@ class BoundRun:
         self.sm_scale = sm_scale
         self.o_part, self.lse_part = workspace
         self.calls, self.graph = 0, None
-        self.device_index = q.get_device()
 
     def fits(self, plan, config_source) -> bool:
         """Whether the checks and the launch settings made at binding hold for `plan`."""
@@ -142,8 +147,42 @@ class BoundRun:
         return False
 
 
+class OpRun:
+    """One argument set of the custom op: its plan-buffer views and tile, resolved once.
+
+    The views keep the plan buffers alive (so no other tensor takes their address while the
+    entry lives): a dropped TreeAttention's buffers are freed when `OP_RUNS` drops its entries.
+
+    Attributes
+    ----------
+    views : dict
+        The plan buffers' field views (`deft.plan_buffers.views_of`).
+    config : TileConfig
+    calls : int
+    graph : torch.cuda.CUDAGraph or None
+    """
+
+    __slots__ = ("views", "config", "calls", "graph")
+
+    def __init__(self, views, config):
+        self.views, self.config = views, config
+        self.calls, self.graph = 0, None
+
+
+def op_argument_key(q, k_cache, v_cache, plan_data, plan_layout, o_part, lse_part, out, lse,
+                    flat, sm_scale, tile, num_programs, per_query_merge, gluon):
+    """The key of one custom-op call: `argument_key` of the `run` tensors, the plan buffers'
+    and workspace's tensors, and the launch settings."""
+    key = argument_key(q, k_cache, v_cache, out, lse, sm_scale, per_query_merge)
+    if key is None:
+        return None
+    return key + (plan_data.data_ptr(), plan_data.shape, plan_data.dtype,
+                  o_part.data_ptr(), o_part.shape, lse_part.data_ptr(), lse_part.shape,
+                  tuple(plan_layout), tuple(tile), num_programs, flat, gluon)
+
+
 class RunCache:
-    """The argument sets of one TreeAttention, least recently used first.
+    """Argument sets (`BoundRun` or `OpRun`), least recently used first, and their graph pool.
 
     Parameters
     ----------
@@ -154,6 +193,7 @@ class RunCache:
     def __init__(self, size: int):
         self.size = size
         self._bound = OrderedDict()
+        self._pool = None
 
     def get(self, key):
         bound = self._bound.get(key)
@@ -161,7 +201,7 @@ class RunCache:
             self._bound.move_to_end(key)
         return bound
 
-    def put(self, key, bound: BoundRun) -> None:
+    def put(self, key, bound) -> None:
         if key is None or not self.size:
             return
         self._bound[key] = bound
@@ -179,6 +219,26 @@ class RunCache:
     def graphs(self) -> int:
         """Argument sets holding a captured graph."""
         return sum(b.graph is not None for b in self._bound.values())
+
+    def launch(self, bound, launch, device: torch.device) -> None:
+        """One call of a cached argument set that did not replay: on its second call on a GPU,
+        outside anyone's capture, capture ``launch`` as its graph and replay it; else
+        ``launch()``.
+
+        An argument set not kept in the cache (no key, or ``size`` 0) is new on every call
+        (``bound.calls`` stays 1), so it never captures.
+        """
+        bound.calls += 1
+        if (bound.calls == 2 and device.type == "cuda"
+                and not torch.cuda.is_current_stream_capturing()):
+            with torch.cuda.device(device):
+                if self._pool is None:
+                    self._pool = torch.cuda.graph_pool_handle()
+                bound.graph = capture(launch, device, self._pool)
+            if bound.graph is not None:
+                bound.graph.replay()
+                return
+        launch()
 
 
 def capture(launch, device: torch.device, pool) -> "torch.cuda.CUDAGraph | None":

@@ -23,7 +23,7 @@ from deft.kernels.partials import TileConfig
 from deft.kernels.reduction import per_query_merge
 from deft.kernels.tree_attention_op import check_runnable, launch_tree_attention
 from deft.kernels.tuned import tuned_plan
-from deft.bound_run import BoundRun, RunCache, argument_key, capture, check_inputs
+from deft.bound_run import BoundRun, RunCache, argument_key, check_inputs
 from deft.fast_plan import FAST_STRATEGIES, NodePlanner
 from deft.plan_buffers import (
     PATH_STRATEGIES,
@@ -144,7 +144,6 @@ class TreeAttention:
         self._node_planner = NodePlanner(strategy) if strategy in FAST_STRATEGIES else None
         self.backend = deft_flatten_sm90.resolve_backend(strategy, backend, self.device)
         self._runs = RunCache(max_graphs)
-        self._graph_pool = None
 
     # ------------------------------------------------------------------ plan
     @classmethod
@@ -312,31 +311,13 @@ class TreeAttention:
         config_source = (self.config, self._tuned_config)
         if bound is None or not bound.fits(plan, config_source):
             bound = self._bind(key, q, k_cache, v_cache, plan, out, sm_scale, config_source)
-        bound.calls += 1
         if bound.graph is not None and not torch.cuda.is_current_stream_capturing():
-            if torch.cuda.current_device() == bound.device_index:
-                bound.graph.replay()
-            else:
-                with torch.cuda.device(bound.device_index):
-                    bound.graph.replay()
-            return (out, lse) if return_lse else out
-
-        def launch():
-            launch_tree_attention(q, k_cache, v_cache, self.buffers.views, bound.o_part,
-                                  bound.lse_part, out, lse, self.flat, bound.sm_scale,
-                                  bound.config, bound.num_programs, plan.per_query_merge,
-                                  self.backend == "gluon")
-
-        if (bound.calls == 2 and key is not None and self.device.type == "cuda"
-                and not torch.cuda.is_current_stream_capturing()):
-            with torch.cuda.device(self.device):  # the argument set repeats: capture it
-                if self._graph_pool is None:
-                    self._graph_pool = torch.cuda.graph_pool_handle()
-                bound.graph = capture(launch, self.device, self._graph_pool)
-                if bound.graph is not None:
-                    bound.graph.replay()
-                    return (out, lse) if return_lse else out
-        launch()
+            bound.graph.replay()
+        else:
+            self._runs.launch(bound, lambda: launch_tree_attention(
+                q, k_cache, v_cache, self.buffers.views, bound.o_part, bound.lse_part, out, lse,
+                self.flat, bound.sm_scale, bound.config, bound.num_programs,
+                plan.per_query_merge, self.backend == "gluon"), self.device)
         return (out, lse) if return_lse else out
 
     def _bind(self, key, q, k_cache, v_cache, plan, out, sm_scale, config_source) -> BoundRun:

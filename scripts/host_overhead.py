@@ -1,48 +1,73 @@
 #!/usr/bin/env python3
 """Host time of `TreeAttention.plan` and `TreeAttention.run`, and where it goes (GPU machine).
 
-    python scripts/host_overhead.py [--workloads DIR] [--anchors a,b] [--calls N]
+    python scripts/host_overhead.py [--workloads DIR] [--anchors a,b] [--heads 32/8,4/1]
+                                    [--calls N] [--no-compile]
+    python scripts/host_overhead.py --cpu    # small dry run under the Triton interpreter
 
-Per anchor (deft_flatten, fp16, Llama-3-8B heads): the mean host time per call of N
+Per anchor and head shape (deft_flatten, fp16, head dim 128; default the Llama-3-8B heads 32/8,
+records of other shapes named ``anchor@q/kv``): the mean host time per call of N
 back-to-back calls (no synchronisation inside; the GPU queue absorbs them) of
 - `plan` with fixed sizes (the node planner, `deft.fast_plan`) and tuned (`deft.plan.build_plan`
   through the tuned lookup), both over a `PageTable`;
-- `run` with ``out`` given (from its second call a replayed CUDA graph, `deft.bound_run`), `run`
-  with graphs off (``max_graphs=0``: checked once, plain launches), `run` with ``out=None`` (a
-  new output each call: plain launches);
-- the custom op `run` uses under torch.compile, the partials and the merge launch alone, and an
-  empty Triton kernel (the launch floor);
+- `run` with ``out`` given (from its second call a replayed CUDA graph, `deft.bound_run`), the
+  same with a synchronisation every `BATCH` calls left out of the time (so a full launch queue
+  cannot stall the host), `run` with graphs off (``max_graphs=0``: checked once, plain
+  launches), `run` with ``out=None`` (a new output each call);
+- the parts of `run`'s graph path: the argument key, the capture-status query, ``replay()``,
+  and the top functions of a cProfile of `run` and of the custom op (``*_profile``);
+- the custom op ``torch.ops.deft.tree_attention`` called directly (its graph path), and
+  torch.compile'd functions calling `run` (fullgraph; default mode, ``mode="reduce-overhead"``
+  with ``out`` given and with ``out=None``), each checked against eager `run` (NaN-poisoned
+  ``out``, rel_err);
+- the partials and the merge launch alone, and an empty Triton kernel (the launch floor);
 then the eager time (`do_bench`, L2 flushed, what `deft-cli bench --timing eager` reports) of
 `run` through the graph path and through plain launches, and the time of `run` inside a CUDA
 graph of the caller's. Prints one line per anchor, a table last; writes $OUT/host_overhead.json
-when $OUT is set.
+when $OUT is set; exits 1 when a compiled result differs from eager `run`.
+
+``--cpu`` runs the same host-side paths (no eager/graph GPU timing, no reduce-overhead) on one
+small tree under the Triton interpreter, a few calls each: a check that the script works end to
+end, not a measurement.
 """
 
 from __future__ import annotations
 
 import argparse
+import cProfile
 import json
 import os
+import pstats
 import sys
 import time
 from pathlib import Path
 
-import torch
-import triton
+if "--cpu" in sys.argv:  # before any kernel module loads
+    os.environ["TRITON_INTERPRET"] = "1"
+
+import torch  # noqa: E402
+import triton  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from deft import workloads as wl  # noqa: E402
-from harness.timing import CudaTimer  # noqa: E402
+from deft.bound_run import argument_key  # noqa: E402
 from deft.kernels.partials import partials  # noqa: E402
 from deft.kernels.reduction import merge  # noqa: E402
+from deft.kernels.tree_attention_op import OP_RUNS  # noqa: E402
 from deft.plan_buffers import paged_cache  # noqa: E402
 from deft.strategies import DEFAULT_CHUNK_SIZE  # noqa: E402
-from deft.tree import AttentionShape  # noqa: E402
+from deft.tree import AttentionShape, Tree  # noqa: E402
 from deft.tree_attention import TreeAttention  # noqa: E402
+from reference import rel_err  # noqa: E402
 
 LLAMA = AttentionShape(32, 8, 128, "float16")
 CALLS = 2000
+BATCH = 50
+"""Calls between synchronisations in the batched host times."""
+TOLERANCE = 1e-3
+"""Largest rel_err of a compiled result against eager `run` (the same kernels)."""
+CPU_TREE = Tree([0, 1, 2], [None, 0, 0], [40, 8, 8], None, AttentionShape(4, 2, 32, "float16"))
 
 
 @triton.jit
@@ -50,17 +75,178 @@ def _empty(x_ptr):
     pass
 
 
-def host_us(fn, calls: int = CALLS) -> float:
-    """Mean host time of `fn` over back-to-back calls, microseconds."""
-    for _ in range(20):
+def synchronize(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def host_us(fn, calls: int, device: torch.device, batch: int | None = None) -> float:
+    """Mean host time of `fn` over back-to-back calls, microseconds; with `batch`, a
+    synchronisation every `batch` calls, not timed."""
+    for _ in range(min(20, calls)):
         fn()
-    torch.cuda.synchronize()
-    start = time.perf_counter()
+    synchronize(device)
+    batch = batch or calls
+    elapsed, done = 0.0, 0
+    while done < calls:
+        n = min(batch, calls - done)
+        start = time.perf_counter()
+        for _ in range(n):
+            fn()
+        elapsed += time.perf_counter() - start
+        synchronize(device)
+        done += n
+    return elapsed / calls * 1e6
+
+
+def profile_us(fn, calls: int, device: torch.device, top: int = 8) -> list:
+    """Where a call's host time goes: the `top` functions by own time under cProfile,
+    ``[name, us per call]`` (profiling inflates every entry; read the shares)."""
+    for _ in range(min(20, calls)):
+        fn()
+    synchronize(device)
+    profiler = cProfile.Profile()
+    profiler.enable()
     for _ in range(calls):
         fn()
-    elapsed = time.perf_counter() - start
-    torch.cuda.synchronize()
-    return elapsed / calls * 1e6
+    profiler.disable()
+    synchronize(device)
+    stats = pstats.Stats(profiler).stats  # (file, line, name) -> (cc, nc, tottime, cumtime, _)
+    rows = sorted(stats.items(), key=lambda item: -item[1][2])[:top]
+    return [[f"{Path(file).name}:{name}", round(entry[2] / calls * 1e6, 2)]
+            for (file, _, name), entry in rows]
+
+
+def compiled_records(attn, plan, q, k_cache, v_cache, reference, calls, device) -> dict:
+    """Host time and result of torch.compile'd functions calling `run` (fullgraph)."""
+    def into_out(q, k_cache, v_cache, out):
+        return attn.run(q, k_cache, v_cache, plan, out=out)
+
+    def new_out(q, k_cache, v_cache):
+        return attn.run(q, k_cache, v_cache, plan)
+
+    modes = [("compile", None, into_out)]
+    if device.type == "cuda":
+        modes += [("compile_ro", "reduce-overhead", into_out),
+                  ("compile_ro_new_out", "reduce-overhead", new_out)]
+    rec = {}
+    for name, mode, fn in modes:
+        torch._dynamo.reset()
+        skips = torch._dynamo.utils.counters["inductor"]["cudagraph_skips"]
+        compiled = torch.compile(fn, mode=mode, fullgraph=True)
+        out = torch.empty_like(q)
+        args = (q, k_cache, v_cache, out) if fn is into_out else (q, k_cache, v_cache)
+        ops_before = len(OP_RUNS)
+        for _ in range(3):  # compile, warm up, record (reduce-overhead)
+            result = compiled(*args)
+        out.fill_(float("nan"))
+        result = compiled(*args).clone()
+        synchronize(device)
+        rec[f"{name}_rel_err"] = rel_err(result.float().cpu(), reference)
+        rec[f"{name}_host_us"] = host_us(lambda: compiled(*args), calls, device)
+        rec[f"{name}_new_op_runs"] = len(OP_RUNS) - ops_before
+        rec[f"{name}_cudagraph_skips"] = (
+            torch._dynamo.utils.counters["inductor"]["cudagraph_skips"] - skips)
+    return rec
+
+
+def measure(name, tree, device, calls, compile_runs) -> dict:
+    """Every host time of one anchor (`--cpu`: one small tree)."""
+    s = tree.attention
+    g = torch.Generator(device=device).manual_seed(0)
+    q = torch.randn(tree.num_queries, s.q_heads, s.head_dim, generator=g, device=device).half()
+    k = torch.randn(tree.num_tokens, s.kv_heads, s.head_dim, generator=g, device=device).half()
+    k_cache, v_cache, table = paged_cache(tree, k, k.clone(), 16)
+    capacity = dict(max_queries=tree.num_queries, max_tokens=tree.num_tokens, device=device)
+    attn = TreeAttention("deft_flatten", **capacity)  # tuned, as users get it
+    fixed = TreeAttention("deft_flatten", DEFAULT_CHUNK_SIZE, **capacity)
+    plain = TreeAttention("deft_flatten", **capacity, max_graphs=0)
+    plan = attn.plan(tree, table)
+    plain_plan = plain.plan(tree, table)
+    out = torch.empty_like(q)
+    attn.run(q, k_cache, v_cache, plan, out=out)
+    o_part, lse_part = attn._partials_workspace(s.q_heads, s.head_dim)
+    config, programs = attn._launch_config(s.head_dim, s.q_heads, s.kv_heads)
+    views = attn.buffers.views
+    op_args = (q, k_cache, v_cache, attn.buffers.data, attn.buffers.layout(), o_part,
+               lse_part, out, None, True, s.head_dim ** -0.5, config.as_ints(), programs,
+               plan.per_query_merge)
+    rec = dict(
+        anchor=name, tuned_from=attn.tuned_from, config=str(config),
+        plan_fixed_host_us=host_us(lambda: fixed.plan(tree, table), calls, device),
+        plan_tuned_host_us=host_us(lambda: attn.plan(tree, table), calls, device),
+    )
+    plan = attn.plan(tree, table)
+    run = lambda: attn.run(q, k_cache, v_cache, plan, out=out)  # noqa: E731
+    rec.update(
+        run_host_us=host_us(run, calls, device),
+        run_batched_host_us=host_us(run, calls, device, BATCH),
+        run_plain_host_us=host_us(
+            lambda: plain.run(q, k_cache, v_cache, plain_plan, out=out), calls, device),
+        run_new_out_host_us=host_us(lambda: attn.run(q, k_cache, v_cache, plan), calls, device),
+        graphs=attn._runs.graphs(),
+        run_profile=profile_us(run, calls, device),
+        key_host_us=host_us(lambda: argument_key(q, k_cache, v_cache, out, None, None,
+                                                 plan.per_query_merge), calls, device),
+    )
+    bound = attn._runs.get(argument_key(q, k_cache, v_cache, out, None, None,
+                                        plan.per_query_merge))
+    if device.type == "cuda":
+        rec["capture_check_host_us"] = host_us(torch.cuda.is_current_stream_capturing, calls,
+                                               device)
+        if bound.graph is not None:  # None where the capture failed
+            rec["replay_host_us"] = host_us(bound.graph.replay, calls, device, BATCH)
+    reference = run().float().cpu()
+    out.fill_(float("nan"))
+    torch.ops.deft.tree_attention(*op_args)
+    rec["custom_op_rel_err"] = rel_err(out.float().cpu(), reference)
+    rec.update(
+        custom_op_host_us=host_us(lambda: torch.ops.deft.tree_attention(*op_args), calls,
+                                  device),
+        custom_op_batched_host_us=host_us(lambda: torch.ops.deft.tree_attention(*op_args),
+                                          calls, device, BATCH),
+        custom_op_graphs=OP_RUNS.graphs(),
+        custom_op_profile=profile_us(lambda: torch.ops.deft.tree_attention(*op_args), calls,
+                                     device),
+    )
+    if compile_runs:
+        rec.update(compiled_records(attn, plan, q, k_cache, v_cache, reference, calls, device))
+    rec.update(
+        partials_host_us=host_us(lambda: partials(
+            q, k_cache, v_cache, o_part, lse_part, views, flat=True,
+            sm_scale=s.head_dim ** -0.5, config=config, num_programs=programs), calls, device),
+        merge_host_us=host_us(lambda: merge(o_part, lse_part, views, out), calls, device),
+    )
+    if device.type == "cuda":
+        from harness.timing import CudaTimer
+
+        timer = CudaTimer(warmup_ms=10, rep_ms=60)
+        rec.update(
+            eager_us=timer.eager(run).median_us,
+            eager_plain_us=timer.eager(
+                lambda: plain.run(q, k_cache, v_cache, plain_plan, out=out)).median_us,
+            graph_us=timer.graph([run])[0].median_us,
+        )
+    return rec
+
+
+COLUMNS = [("plan_fixed_host_us", "plan fixed"), ("plan_tuned_host_us", "plan tuned"),
+           ("run_host_us", "run"), ("run_batched_host_us", "run batched"),
+           ("run_plain_host_us", "run plain"), ("run_new_out_host_us", "run new out"),
+           ("key_host_us", "key"), ("replay_host_us", "replay"),
+           ("custom_op_host_us", "custom op"), ("compile_host_us", "compiled"),
+           ("compile_ro_host_us", "compiled ro"), ("compile_ro_new_out_host_us", "ro new out"),
+           ("eager_us", "eager"), ("eager_plain_us", "eager plain"), ("graph_us", "graph")]
+
+
+def print_table(records, calls, empty) -> None:
+    columns = [(key, label) for key, label in COLUMNS if any(key in r for r in records)]
+    print(f"\nhost us per call, mean of {calls} (eager / graph: GPU us, median); "
+          f"empty kernel {empty:.1f} us")
+    print(f"{'anchor':<24}" + "".join(f"{label:>12}" for _, label in columns))
+    for rec in records:
+        print(f"{rec['anchor']:<24}" + "".join(
+            f"{rec[key]:>12.1f}" if key in rec else f"{'-':>12}" for key, _ in columns))
 
 
 def main():
@@ -68,79 +254,50 @@ def main():
     parser.add_argument("--workloads", default=None)
     parser.add_argument("--anchors",
                         default="reason_10x500_P1104,fewshot_b20_P4000_L200,spec_t256_P4000")
-    parser.add_argument("--calls", type=int, default=CALLS)
+    parser.add_argument("--heads", default="32/8",
+                        help="q_heads/kv_heads per measured shape, comma-separated (e.g. "
+                             "32/8,4/1: Llama-3-8B and its 8-way shard)")
+    parser.add_argument("--calls", type=int, default=None,
+                        help=f"calls per mean (default {CALLS}; 5 with --cpu)")
+    parser.add_argument("--cpu", action="store_true",
+                        help="one small tree under the Triton interpreter (a dry run)")
+    parser.add_argument("--no-compile", action="store_true",
+                        help="skip the torch.compile records")
     args = parser.parse_args()
-    timer = CudaTimer(warmup_ms=10, rep_ms=60)
-    records = []
-    x = torch.zeros(16, device="cuda")
-    calls = args.calls
-    empty = host_us(lambda: _empty[(1,)](x), calls)
-    for name in args.anchors.split(","):
-        try:
-            tree = wl.anchor(name, args.workloads, LLAMA)
-        except FileNotFoundError as missing:  # spec_* need the speculative files
-            print(f"skipping {name}: {missing}", file=sys.stderr)
-            continue
-        s = tree.attention
-        g = torch.Generator(device="cuda").manual_seed(0)
-        q = torch.randn(tree.num_queries, s.q_heads, s.head_dim, generator=g, device="cuda").half()
-        k = torch.randn(tree.num_tokens, s.kv_heads, s.head_dim, generator=g, device="cuda").half()
-        k_cache, v_cache, table = paged_cache(tree, k, k.clone(), 16)
-        capacity = dict(max_queries=tree.num_queries, max_tokens=tree.num_tokens)
-        attn = TreeAttention("deft_flatten", **capacity)  # tuned, as users get it
-        fixed = TreeAttention("deft_flatten", DEFAULT_CHUNK_SIZE, **capacity)
-        plain = TreeAttention("deft_flatten", **capacity, max_graphs=0)
-        plan = attn.plan(tree, table)
-        plain_plan = plain.plan(tree, table)
-        out = torch.empty_like(q)
-        attn.run(q, k_cache, v_cache, plan, out=out)
-        o_part, lse_part = attn._partials_workspace(s.q_heads, s.head_dim)
-        config, programs = attn._launch_config(s.head_dim, s.q_heads, s.kv_heads)
-        views = attn.buffers.views
-        op_args = (q, k_cache, v_cache, attn.buffers.data, attn.buffers.layout(), o_part,
-                   lse_part, out, None, True, s.head_dim ** -0.5, config.as_ints(), programs,
-                   plan.per_query_merge)
-        rec = dict(
-            anchor=name, tuned_from=attn.tuned_from, config=str(config),
-            plan_fixed_host_us=host_us(lambda: fixed.plan(tree, table), calls),
-            plan_tuned_host_us=host_us(lambda: attn.plan(tree, table), calls),
-        )
-        plan = attn.plan(tree, table)
-        rec.update(
-            run_host_us=host_us(lambda: attn.run(q, k_cache, v_cache, plan, out=out), calls),
-            run_plain_host_us=host_us(
-                lambda: plain.run(q, k_cache, v_cache, plain_plan, out=out), calls),
-            run_new_out_host_us=host_us(lambda: attn.run(q, k_cache, v_cache, plan), calls),
-            graphs=attn._runs.graphs(),
-            custom_op_host_us=host_us(lambda: torch.ops.deft.tree_attention(*op_args), calls),
-            partials_host_us=host_us(lambda: partials(
-                q, k_cache, v_cache, o_part, lse_part, views, flat=True,
-                sm_scale=s.head_dim ** -0.5, config=config, num_programs=programs), calls),
-            merge_host_us=host_us(lambda: merge(o_part, lse_part, views, out), calls),
-            empty_kernel_host_us=empty,
-            eager_us=timer.eager(lambda: attn.run(q, k_cache, v_cache, plan, out=out)).median_us,
-            eager_plain_us=timer.eager(
-                lambda: plain.run(q, k_cache, v_cache, plain_plan, out=out)).median_us,
-            graph_us=timer.graph([lambda: attn.run(q, k_cache, v_cache, plan, out=out)])[0]
-            .median_us,
-        )
+    device = torch.device("cpu" if args.cpu else "cuda")
+    calls = args.calls or (5 if args.cpu else CALLS)
+    x = torch.zeros(16, device=device)
+    empty = host_us(lambda: _empty[(1,)](x), calls, device)
+    cases = [("cpu_small", CPU_TREE)] if args.cpu else []
+    for heads in [] if args.cpu else args.heads.split(","):
+        q_heads, kv_heads = (int(n) for n in heads.split("/"))
+        shape = AttentionShape(q_heads, kv_heads, LLAMA.head_dim, LLAMA.dtype)
+        for name in args.anchors.split(","):
+            try:
+                tree = wl.anchor(name, args.workloads, shape)
+            except FileNotFoundError as missing:  # spec_* need the speculative files
+                print(f"skipping {name}: {missing}", file=sys.stderr)
+                continue
+            cases.append((name if shape == LLAMA else f"{name}@{heads}", tree))
+    records, failed = [], []
+    for name, tree in cases:
+        rec = measure(name, tree, device, calls, not args.no_compile)
+        rec["empty_kernel_host_us"] = empty
         records.append(rec)
+        failed += [f"{name} {key}={value}" for key, value in rec.items()
+                   if key.endswith("rel_err") and not value <= TOLERANCE]
         print({k: (round(v, 2) if isinstance(v, float) else v) for k, v in rec.items()},
               flush=True)
-    columns = [("plan_fixed_host_us", "plan fixed"), ("plan_tuned_host_us", "plan tuned"),
-               ("run_host_us", "run"), ("run_plain_host_us", "run plain"),
-               ("run_new_out_host_us", "run new out"), ("custom_op_host_us", "custom op"),
-               ("eager_us", "eager"), ("eager_plain_us", "eager plain"), ("graph_us", "graph")]
-    print(f"\nhost us per call, mean of {calls} (eager / graph: GPU us, median); "
-          f"empty kernel {empty:.1f} us")
-    print(f"{'anchor':<24}" + "".join(f"{label:>12}" for _, label in columns))
-    for rec in records:
-        print(f"{rec['anchor']:<24}" + "".join(f"{rec[key]:>12.1f}" for key, _ in columns))
+    print_table(records, calls, empty)
     out_dir = os.environ.get("OUT")
     if out_dir:
-        Path(out_dir, "host_overhead.json").write_text(json.dumps(
-            dict(device=torch.cuda.get_device_name(), torch=torch.__version__,
-                 triton=triton.__version__, calls=calls, records=records), indent=1))
+        Path(out_dir, "host_overhead.json").write_text(json.dumps(dict(
+            device=torch.cuda.get_device_name() if device.type == "cuda" else "cpu",
+            torch=torch.__version__, triton=triton.__version__, calls=calls, batch=BATCH,
+            records=records, failed=failed), indent=1))
+    if failed:
+        print("FAILED: " + "; ".join(failed), file=sys.stderr)
+        sys.exit(1)
 
 
 if __name__ == "__main__":

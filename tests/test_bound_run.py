@@ -1,11 +1,13 @@
 """`TreeAttention.run`'s argument sets (`deft.bound_run`): checked once, the plan-dependent
-checks on every call, a bounded cache, and on a GPU the CUDA graph replayed after re-plans."""
+checks on every call, a bounded cache, and on a GPU the CUDA graph replayed after re-plans; the
+custom op's argument sets (`deft.kernels.tree_attention_op.OP_RUNS`) the same way."""
 
 
 import pytest
 import torch
 
-from deft.bound_run import argument_key  # noqa: E402
+from deft.bound_run import OpRun, RunCache, argument_key, op_argument_key  # noqa: E402
+from deft.kernels.tree_attention_op import OP_RUNS  # noqa: E402
 from deft.plan_buffers import paged_cache  # noqa: E402
 from deft.tree import AttentionShape, Tree  # noqa: E402
 from deft.tree_attention import TreeAttention  # noqa: E402
@@ -44,6 +46,63 @@ def test_argument_key():
     assert argument_key(x, x, x, x, None, 0.5, False) != base
     assert argument_key(x, x, x, x, None, None, True) != base
     assert argument_key("q", x, x, x, None, None, False) is None
+
+
+def test_op_argument_key():
+    x = torch.zeros(4, 2, 32)
+    data = torch.zeros(64, dtype=torch.int32)
+    args = [x, x, x, data, [0, 8], x, x[:, :, 0], x, None, True, 0.5, [64, 4], 4, False, False]
+    base = op_argument_key(*args)
+    assert op_argument_key(*args) == base
+    changes = {3: data.clone(), 4: [0, 16], 5: x.clone(), 6: x[:, :, 1], 7: x.clone(),
+               8: x[:, 0], 9: False, 10: 0.25, 11: [64, 8], 12: 8, 13: True, 14: True}
+    for index, value in changes.items():
+        other = list(args)
+        other[index] = value
+        assert op_argument_key(*other) != base, index
+    other = list(args)
+    other[0] = "q"
+    assert op_argument_key(*other) is None
+
+
+def test_launch_counts_calls_and_captures_only_on_a_gpu():
+    """On the CPU every call launches; the second call is the one that would capture."""
+    runs = RunCache(2)
+    bound = OpRun({}, None)
+    runs.put("key", bound)
+    launches = []
+    for _ in range(3):
+        runs.launch(bound, lambda: launches.append(1), torch.device("cpu"))
+    assert (bound.calls, len(launches), bound.graph, runs.graphs()) == (3, 3, None, 0)
+    assert runs.get("key") is bound and runs.get("other") is None
+    runs.put(None, OpRun({}, None))  # no key: not kept
+    assert len(runs) == 1
+
+
+def test_the_custom_op_keeps_one_argument_set_per_tensors():
+    """Direct calls of torch.ops.deft.tree_attention equal run() (out NaN-poisoned), and a
+    repeated call finds its argument set instead of adding one."""
+    tree = TREES[1]
+    q, k, v, k_cache, v_cache, table = case(tree, 0)
+    q = q.to(DEVICE)
+    attn = TreeAttention("deft_flatten", chunk_size=8, max_queries=4, max_tokens=64,
+                         device=DEVICE)
+    plan = attn.plan(tree, table)
+    ref = attn.run(q, k_cache, v_cache, plan).clone()
+    o_part, lse_part = attn._partials_workspace(4, 32)
+    config, programs = attn._launch_config(32, 4, 2)
+    out = torch.empty_like(q)
+    args = (q, k_cache, v_cache, attn.buffers.data, attn.buffers.layout(), o_part, lse_part,
+            out, None, True, 32 ** -0.5, config.as_ints(), programs, plan.per_query_merge)
+    for call in range(3):
+        out.fill_(float("nan"))
+        torch.ops.deft.tree_attention(*args)
+        assert torch.equal(out, ref)
+        if call == 0:
+            kept = len(OP_RUNS)
+        assert len(OP_RUNS) == kept
+        assert isinstance(OP_RUNS.get(op_argument_key(*args, False)), OpRun)
+    assert rel_err(out.cpu(), oracle_attention(tree, q.cpu(), k, v)) <= TOLERANCE
 
 
 def test_repeated_calls_and_re_plans_stay_right():
@@ -159,3 +218,40 @@ def test_allocated_outputs_and_someone_elses_capture():
     torch.cuda.synchronize()
     assert rel_err(out.cpu(), ref) <= TOLERANCE
     assert other._runs.graphs() == 0
+
+
+@pytest.mark.gpu  # CUDA graphs
+def test_the_custom_op_replays_its_graph_and_launches_inside_a_capture():
+    tree = TREES[1]
+    q, k, v, k_cache, v_cache, table = case(tree, 0)
+    q = q.to(DEVICE)
+    ref = oracle_attention(tree, q.cpu(), k, v)
+    attn = TreeAttention("deft_flatten", max_queries=4, max_tokens=64, device=DEVICE)
+    plan = attn.plan(tree, table)
+    attn.run(q, k_cache, v_cache, plan)
+    o_part, lse_part = attn._partials_workspace(4, 32)
+    config, programs = attn._launch_config(32, 4, 2)
+    out = torch.empty_like(q)
+    args = (q, k_cache, v_cache, attn.buffers.data, attn.buffers.layout(), o_part, lse_part,
+            out, None, True, 32 ** -0.5, config.as_ints(), programs, plan.per_query_merge)
+    for _ in range(3):  # launch, capture and replay, replay
+        out.fill_(float("nan"))
+        torch.ops.deft.tree_attention(*args)
+        assert rel_err(out.cpu(), ref) <= TOLERANCE
+    assert OP_RUNS.get(op_argument_key(*args, False)).graph is not None
+    other = torch.empty_like(q)  # a new argument set, first seen inside a caller's capture
+    args = args[:7] + (other,) + args[8:]
+    torch.ops.deft.tree_attention(*args)
+    graph = torch.cuda.CUDAGraph()
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        graph.capture_begin()
+        torch.ops.deft.tree_attention(*args)  # its second call: must not capture
+        graph.capture_end()
+    torch.cuda.current_stream().wait_stream(stream)
+    other.fill_(float("nan"))
+    graph.replay()
+    torch.cuda.synchronize()
+    assert rel_err(other.cpu(), ref) <= TOLERANCE
+    assert OP_RUNS.get(op_argument_key(*args, False)).graph is None
