@@ -82,7 +82,10 @@ class PagedKVCache:
                 f"needs {n} pages but only {len(self._free)} of {self.num_pages} are free "
                 f"(pages of {self.page_size} tokens)"
             )
-        pages = [self._free.pop() for _ in range(n)]
+        if n == 0:
+            return []
+        pages = self._free[-n:][::-1]  # as popped one by one
+        del self._free[-n:]
         self._is_free[pages] = False
         return pages
 
@@ -263,7 +266,8 @@ class TreeCache:
         if node_id not in self._live:
             raise CacheError(f"node {node_id} is not a live node of the cache")
         self._live.discard(node_id)
-        self._release(node_id)
+        for pages in self._release(node_id):
+            self.pool.free(pages)
         self._tree = None
 
     def write(self, node_id, positions, k, v) -> None:
@@ -275,7 +279,9 @@ class TreeCache:
 
         Nodes of the cache missing from ``tree`` are pruned, new ones added, and every node grown
         to its token count in ``tree``. All or nothing: on an error (a node that changes parent
-        or shrinks, too few pages) the cache is left as it was.
+        or shrinks, too few pages) the cache is left as it was. The pages come and go as if
+        the nodes were pruned one by one, then added and grown in preorder, in one free and one
+        allocation of the pool.
 
         Returns
         -------
@@ -286,43 +292,85 @@ class TreeCache:
         ids = tree.node_ids.tolist()
         parents = [None if p < 0 else ids[p] for p in tree.parent.tolist()]
         tokens = tree.tokens.tolist()
-        before = np.zeros(tree.num_nodes, dtype=np.int64)
-        for v, (node, parent) in enumerate(zip(ids, parents)):
-            if node in self._parent:
-                if self._parent[node] != parent:
+        held_parent, held_tokens, held_pages = self._parent, self._tokens, self._pages
+        page_size = self.pool.page_size
+        before = [0] * len(ids)
+        needed = 0
+        for v, node in enumerate(ids):
+            if node in held_parent:
+                if held_parent[node] != parents[v]:
                     raise CacheError(
-                        f"node {node}: parent is {parent} in the tree but {self._parent[node]} "
-                        "in the cache"
+                        f"node {node}: parent is {parents[v]} in the tree but "
+                        f"{held_parent[node]} in the cache"
                     )
-                before[v] = self._tokens[node]
+                before[v] = held_tokens[node]
                 if tokens[v] < before[v]:
                     raise CacheError(
                         f"node {node}: the tree holds {tokens[v]} tokens, fewer than the "
                         f"{before[v]} cached; a cache never drops a node's tokens"
                     )
-        gone = set(self._parent).difference(ids)  # whole subtrees: a tree holds its ancestors
-        needed = sum(self._pages_for(t) for t in tokens) - sum(
-            len(self._pages[i]) for i in ids if i in self._parent)
-        freed = sum(len(self._pages[i]) for i in gone)
+                needed -= len(held_pages[node])
+            needed += -(-tokens[v] // page_size)
+        gone = set(held_parent).difference(ids)  # whole subtrees: a tree holds its ancestors
+        freed = sum(len(held_pages[i]) for i in gone)
         if needed > self.pool.num_free + freed:
             raise OutOfPagesError(
                 f"the step needs {needed} more pages but only {self.pool.num_free + freed} of "
                 f"{self.pool.num_pages} are free (pages of {self.pool.page_size} tokens)"
             )
         # Revive held nodes of the tree first, so that no release below frees one of them.
-        self._live.update(i for i in ids if i in self._parent)
+        self._live.update(i for i in ids if i in held_parent)
         self._live.difference_update(gone)
+        released = []
         for node in gone:
-            if node in self._parent:
-                self._release(node)
-        for v in tree.preorder.tolist():
-            node = ids[v]
-            if node not in self._parent:
-                self.add_node(node, parents[v])
-            self._grow(node, tokens[v] - self._tokens[node])
+            if node in held_parent:
+                released += self._release(node)
+        if released:
+            self.pool.free(chain.from_iterable(reversed(released)))
+        self._add_grown(tree.preorder.tolist(), ids, parents, tokens)
         self._tree = tree
-        new = tree.token_position >= before[tree.token_node]
-        return torch.from_numpy(self.host_token_slots(tree)[new]).to(self.pool.device)
+        return torch.from_numpy(self._new_slots(ids, tokens, before)).to(self.pool.device)
+
+    def _add_grown(self, order, ids, parents, tokens) -> None:
+        """Add the missing nodes (parents first: ``order`` is a preorder) and grow every node
+        to its tokens, taking the pages in one allocation (space already checked)."""
+        held_parent, held_pages, page_size = self._parent, self._pages, self.pool.page_size
+        wanted = [-(-tokens[v] // page_size) - len(held_pages.get(ids[v], ()))
+                  for v in order]
+        pages = self.pool.allocate(sum(wanted))
+        taken = 0
+        for v, count in zip(order, wanted):
+            node = ids[v]
+            if node not in held_parent:
+                parent = parents[v]
+                held_parent[node] = parent
+                self._children[node] = set()
+                held_pages[node] = []
+                self._live.add(node)
+                if parent is not None:
+                    self._children[parent].add(node)
+            if count:
+                held_pages[node] += pages[taken: taken + count]
+                taken += count
+            self._tokens[node] = tokens[v]
+
+    def _new_slots(self, ids, tokens, before) -> np.ndarray:
+        """Slots of the tokens past ``before`` of every node, by node index then position.
+        int64 [new tokens]"""
+        page_size = self.pool.page_size
+        grown = [v for v in range(len(ids)) if tokens[v] > before[v]]
+        if not grown:
+            return np.zeros(0, dtype=np.int64)
+        first_page = [before[v] // page_size for v in grown]
+        lists = [self._pages[ids[v]][first:] for v, first in zip(grown, first_page)]
+        pages = np.fromiter(chain.from_iterable(lists), dtype=np.int64)
+        start = np.array([before[v] for v in grown], dtype=np.int64)
+        count = np.array([tokens[v] for v in grown], dtype=np.int64) - start
+        page_base = np.cumsum([0] + [len(x) for x in lists[:-1]])
+        first = np.repeat(start, count)
+        position = first + np.arange(len(first)) - np.repeat(np.cumsum(count) - count, count)
+        page = pages[np.repeat(page_base - np.array(first_page), count) + position // page_size]
+        return page * page_size + position % page_size
 
     # ------------------------------------------------------------------ invariants
     def check(self) -> None:
@@ -381,15 +429,18 @@ class TreeCache:
         pages += self.pool.allocate(self._pages_for(tokens) - len(pages))
         self._tokens[node_id] = tokens
 
-    def _release(self, node_id) -> None:
-        """Free a pruned node without held children, then each ancestor it was keeping."""
+    def _release(self, node_id) -> list:
+        """Drop a pruned node without held children, then each ancestor it was keeping; return
+        their page lists, in the order they are to be freed (the pool does not free them)."""
+        released = []
         while node_id is not None and node_id not in self._live and not self._children[node_id]:
-            self.pool.free(self._pages.pop(node_id))
+            released.append(self._pages.pop(node_id))
             parent = self._parent.pop(node_id)
             del self._children[node_id], self._tokens[node_id]
             if parent is not None:
                 self._children[parent].discard(node_id)
             node_id = parent
+        return released
 
     def _node_pages(self, tree: Tree) -> tuple:
         """int64 numpy ``(page_ptr [nodes + 1], pages)`` of the tree's nodes."""
