@@ -205,14 +205,18 @@ class TreeCache:
         """`node_pages` as int64 numpy arrays on the host (what the planner reads: no round
         trip through the pool's device), with one pass of plain Python over the nodes."""
         ids = tree.node_ids.tolist()
-        wanted = tree.tokens.tolist()
-        held = [self._tokens.get(node, 0) for node in ids]
-        if any(h < w for h, w in zip(held, wanted)):
-            return self._node_pages(tree)  # raises CacheError naming the node
+        exact = tree is self._tree  # the last apply's tree: every node holds just its tokens
+        if not exact:
+            wanted = tree.tokens.tolist()
+            held = [self._tokens.get(node, 0) for node in ids]
+            if any(h < w for h, w in zip(held, wanted)):
+                return self._node_pages(tree)  # raises CacheError naming the node
+            exact = held == wanted
         counts = _ceil_div(tree.tokens, self.pool.page_size)
-        page_ptr = np.concatenate([[0], np.cumsum(counts)])
+        page_ptr = np.zeros(len(ids) + 1, dtype=np.int64)
+        np.cumsum(counts, out=page_ptr[1:])
         lists = [self._pages[node] for node in ids]
-        if held != wanted:  # nodes holding more tokens than the tree uses: their first pages
+        if not exact:  # nodes holding more tokens than the tree uses: their first pages
             lists = [pages[:c] for pages, c in zip(lists, counts.tolist())]
         pages = np.fromiter(chain.from_iterable(lists), dtype=np.int64, count=int(page_ptr[-1]))
         return page_ptr, pages

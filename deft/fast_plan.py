@@ -85,6 +85,7 @@ class NodePlanner:
             raise ValueError(f"NodePlanner plans {', '.join(FAST_STRATEGIES)}, not {strategy!r}")
         self.strategy = strategy
         self._shapes, self._keep = {}, shapes
+        self._last_entries = None  # (what the last plan's chunks saw, its entries)
 
     def shape(self, parent: np.ndarray, queries: np.ndarray) -> _Shape:
         """The shape of a tree with these parents and query counts (node arrays)."""
@@ -134,8 +135,46 @@ class NodePlanner:
         chunk_start, chunk_end, chunk_reach = self._chunks(order, start, through, end, total,
                                                            subtree_end, chunk_size)
         seen = (chunk_start[:, None] <= query_flat) & (query_flat < chunk_reach[:, None])
+        part_chunk, part_entry, query_index, entry_row, query_row_ptr = self._entries(
+            seen, shape.query_ids, group_size)
+        slots = self._slots(order, ordered, start, total, page_ptr, pages, page_size)
+        max_slot = int(slots.max())
+        if max_slot > INDEX_LIMIT:
+            raise ValueError(f"cache slot {max_slot} is beyond the int32 limit")
+        return dict(
+            counts=np.array([len(part_chunk), len(query_flat)]),
+            part_start=chunk_start[part_chunk],
+            part_tokens=(chunk_end - chunk_start)[part_chunk],
+            part_entry=part_entry,
+            entry_query=query_index,
+            entry_row=entry_row,
+            query_row_ptr=query_row_ptr,
+            query_flat=query_flat,
+            token_slot=slots,
+            subtree_end=subtree_end,
+            max_slot=max_slot,
+            slots=slots,
+        )
+
+    def _entries(self, seen, query_ids, group_size) -> tuple:
+        """The partitions and entries of a plan whose chunks the queries see as ``seen`` (bool
+        [chunks, queries]), kept for the next step: a decode step often changes the chunks'
+        lengths but not who sees them.
+
+        Returns
+        -------
+        part_chunk : int64 [partitions]
+            Chunk of each partition.
+        part_entry : int64 [partitions + 1]
+        entry_query, entry_row : int64 [entries]
+        query_row_ptr : int64 [queries + 1]
+            As the plan buffers of the same names (read-only: shared between steps).
+        """
+        key = (seen.shape, seen.tobytes(), group_size)
+        if self._last_entries is not None and self._last_entries[0] == key:
+            return self._last_entries[1]
         num_chunks, num_queries = seen.shape
-        query_index = np.broadcast_to(shape.query_ids, seen.shape)[seen]
+        query_index = np.broadcast_to(query_ids, seen.shape)[seen]
         per_chunk = seen.sum(axis=1)
         if group_size is None:
             has = per_chunk > 0
@@ -146,28 +185,14 @@ class NodePlanner:
             first = np.cumsum(groups) - groups
             rank = np.arange(len(part_chunk)) - np.repeat(first, groups)
             part_queries = np.minimum(group_size, per_chunk[part_chunk] - rank * group_size)
-        per_query = seen.sum(axis=0)
         # partial rows go query by query: number the entries query-major, read them chunk-major
         row_of = np.cumsum(seen.T.ravel()).reshape(num_queries, num_chunks).T
-        entry_row = row_of[seen] - 1
-        slots = self._slots(order, ordered, start, total, page_ptr, pages, page_size)
-        max_slot = int(slots.max())
-        if max_slot > INDEX_LIMIT:
-            raise ValueError(f"cache slot {max_slot} is beyond the int32 limit")
-        return dict(
-            counts=np.array([len(part_chunk), num_queries]),
-            part_start=chunk_start[part_chunk],
-            part_tokens=(chunk_end - chunk_start)[part_chunk],
-            part_entry=_pointers(part_queries),
-            entry_query=query_index,
-            entry_row=entry_row,
-            query_row_ptr=_pointers(per_query),
-            query_flat=query_flat,
-            token_slot=slots,
-            subtree_end=subtree_end,
-            max_slot=max_slot,
-            slots=slots,
-        )
+        entries = (part_chunk, _pointers(part_queries), query_index, row_of[seen] - 1,
+                   _pointers(seen.sum(axis=0)))
+        for array in entries:
+            array.flags.writeable = False
+        self._last_entries = (key, entries)
+        return entries
 
     def _chunks(self, order, start, through, end, total, subtree_end, chunk):
         """(start, end, reach) of every chunk in plan order: its flattened run and the largest
@@ -190,16 +215,24 @@ class NodePlanner:
 
     @staticmethod
     def _slots(order, ordered, start, total, page_ptr, pages, page_size):
-        """Cache slot of every flattened position. int64 [tokens]"""
+        """Cache slot of every flattened position. int64 [tokens]
+
+        A page holds a run of consecutive slots for consecutive positions of its node: the
+        pages are put in preorder and each page's run (``page_size`` slots, fewer for a node's
+        last page, none past its tokens) is laid out with one repeat.
+        """
         counts = np.diff(page_ptr)[order]
         short = np.flatnonzero(counts * page_size < ordered)
         if len(short):
             raise ValueError(f"node index {order[short[0]]} holds {ordered[short[0]]} tokens but "
                              f"the page table gives it {counts[short[0]]} pages of {page_size}")
-        if page_size > 1:  # the slot of every offset of every page, pages in table order
-            pages = (pages[:, None] * page_size + np.arange(page_size)).ravel()
-        base = np.repeat(page_ptr[:-1][order] * page_size - start, ordered)
-        return pages[base + np.arange(total)]
+        page_end = np.cumsum(counts)  # the preorder page list's end of each preorder node
+        page_first = np.repeat(page_end - counts, counts)
+        rank = np.arange(len(page_first)) - page_first  # each page's rank inside its node
+        table = np.repeat(page_ptr[:-1][order], counts) + rank  # into `pages`
+        run = np.minimum(np.maximum(np.repeat(ordered, counts) - rank * page_size, 0), page_size)
+        run_start = np.cumsum(run) - run  # the flattened position of each page's first slot
+        return np.repeat(pages[table] * page_size - run_start, run) + np.arange(total)
 
 
 def _pointers(counts: np.ndarray) -> np.ndarray:
