@@ -3,8 +3,8 @@
 `deft.plan.build_plan` is the normative planner (the reference and the IO model read its
 `Plan`); `deft.plan_buffers.plan_arrays` then encodes a plan for the kernels. Together they take
 0.3-2 ms a decode step, mostly numpy's per-call overhead on small arrays. `NodePlanner.arrays`
-builds the same buffers (equal `partition_sets`) for deft_node, deft_node_chunk and
-deft_flatten with a few numpy calls over nodes, chunks and tokens, and no `Plan`.
+builds the same buffers (equal field by field) for deft_node, deft_node_chunk and deft_flatten
+with a few numpy calls over nodes, chunks and tokens, and no `Plan`.
 
 It rests on one fact about flattened positions. Let ``end[f]`` be the flattened position just
 past the subtree of token f's node (the ``subtree_end`` buffer). A query at flattened position F
@@ -15,7 +15,10 @@ subtree reaches past F, and it sees nothing before its own position. Every chunk
 interval test against the queries, one ``[chunks, queries]`` comparison for the whole plan.
 
 What depends only on the tree's shape (preorder, subtree ends in preorder positions, query
-nodes) is kept per shape, so a decode step that only grows nodes reuses it.
+nodes) is kept per shape, so a decode step that only grows nodes reuses it; and what depends
+only on which queries see which chunks (partitions, entries, partial rows) is kept from the
+last plan, so a step that moves the chunks' bounds but not their queries reuses that too.
+The cache slots are laid out a page at a time (a page is a run of consecutive slots).
 """
 
 from __future__ import annotations

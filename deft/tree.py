@@ -3,7 +3,10 @@
 A `Tree` is immutable. Nodes are stored in ascending id order (the normative node order of
 docs/design.md); all per-node arrays below are indexed by that position, called the node *index*,
 not by the user's node id. Derived views are computed once, iteratively (a chain 100k nodes
-deep works), with numpy.
+deep works), with numpy; those the parents alone fix (preorder, Euler tour, depth) are shared
+by the trees with the same parents (`deft.tree_structure`), so the steps of a decoding run,
+which mostly keep their shape, walk it once. `Tree.trusted` builds a run's step trees from
+arrays the run checked once.
 
 Layouts (docs/design.md, "Orders"):
 - test layout: KV tokens by node index then position; queries by node index then position;
