@@ -89,6 +89,7 @@ class NodePlanner:
         self.strategy = strategy
         self._shapes, self._keep = {}, shapes
         self._last_entries = None  # (what the last plan's chunks saw, its entries)
+        self._last_runs = None  # (page size, the last plan's page runs and slots)
 
     def shape(self, parent: np.ndarray, queries: np.ndarray) -> _Shape:
         """The shape of a tree with these parents and query counts (node arrays)."""
@@ -140,8 +141,7 @@ class NodePlanner:
         seen = (chunk_start[:, None] <= query_flat) & (query_flat < chunk_reach[:, None])
         part_chunk, part_entry, query_index, entry_row, query_row_ptr = self._entries(
             seen, shape.query_ids, group_size)
-        slots = self._slots(order, ordered, start, total, page_ptr, pages, page_size)
-        max_slot = int(slots.max())
+        slots, max_slot = self._slots(order, ordered, total, page_ptr, pages, page_size)
         if max_slot > INDEX_LIMIT:
             raise ValueError(f"cache slot {max_slot} is beyond the int32 limit")
         return dict(
@@ -216,13 +216,14 @@ class NodePlanner:
         chunk_start = node_start[node] + offset
         return chunk_start, np.minimum(chunk_start + chunk, node_end[node]), node_reach[node]
 
-    @staticmethod
-    def _slots(order, ordered, start, total, page_ptr, pages, page_size):
-        """Cache slot of every flattened position. int64 [tokens]
+    def _slots(self, order, ordered, total, page_ptr, pages, page_size):
+        """(cache slot of every flattened position, int64 [tokens] read-only; the largest)
 
         A page holds a run of consecutive slots for consecutive positions of its node: the
         pages are put in preorder and each page's run (``page_size`` slots, fewer for a node's
-        last page, none past its tokens) is laid out with one repeat.
+        last page, none past its tokens) is laid out with one repeat. The runs the last plan
+        shared with this one, up to the first that differs, keep the last plan's slots (a step
+        that grows the last nodes of the preorder lays out only their pages).
         """
         counts = np.diff(page_ptr)[order]
         short = np.flatnonzero(counts * page_size < ordered)
@@ -232,10 +233,24 @@ class NodePlanner:
         page_end = np.cumsum(counts)  # the preorder page list's end of each preorder node
         page_first = np.repeat(page_end - counts, counts)
         rank = np.arange(len(page_first)) - page_first  # each page's rank inside its node
-        table = np.repeat(page_ptr[:-1][order], counts) + rank  # into `pages`
+        run_page = pages[np.repeat(page_ptr[:-1][order], counts) + rank] * page_size
         run = np.minimum(np.maximum(np.repeat(ordered, counts) - rank * page_size, 0), page_size)
         run_start = np.cumsum(run) - run  # the flattened position of each page's first slot
-        return np.repeat(pages[table] * page_size - run_start, run) + np.arange(total)
+        same = 0  # runs shared with the last plan
+        if self._last_runs is not None and self._last_runs[0] == page_size:
+            last_page, last_run, last_slots = self._last_runs[1:]
+            n = min(len(run), len(last_run))
+            differ = np.flatnonzero((run_page[:n] != last_page[:n]) | (run[:n] != last_run[:n]))
+            same = int(differ[0]) if len(differ) else n
+        first = int(run_start[same]) if same < len(run) else total
+        slots = np.empty(total, dtype=np.int64)
+        if same:
+            slots[:first] = last_slots[:first]
+        slots[first:] = np.repeat(run_page[same:] - run_start[same:], run[same:])
+        slots[first:] += np.arange(first, total)
+        slots.flags.writeable = False
+        self._last_runs = (page_size, run_page, run, slots)
+        return slots, int((run_page + run)[run > 0].max()) - 1
 
 
 def _pointers(counts: np.ndarray) -> np.ndarray:

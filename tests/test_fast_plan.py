@@ -201,7 +201,7 @@ def test_tree_cache_host_pages_equal_its_node_pages():
         cache.host_node_pages(Tree([5, 1, 9], [None, 5, 5], [9, 4, 20]))
 
 
-@settings(max_examples=25, deadline=None)
+@settings(max_examples=40, deadline=None)
 @given(
     seed=st.integers(0, 50),
     kind=st.sampled_from(["tot", "token_tree", "fewshot"]),
@@ -209,11 +209,17 @@ def test_tree_cache_host_pages_equal_its_node_pages():
     page_size=st.sampled_from([1, 4]),
     chunk=st.sampled_from([3, 16]),
     group=st.sampled_from([None, 2]),
+    followed=st.booleans(),
 )
 def test_a_planner_followed_over_a_whole_run_plans_every_step_exactly(
-        seed, kind, strategy, page_size, chunk, group):
+        seed, kind, strategy, page_size, chunk, group, followed):
     """One planner over every step of a random run (kept shapes, the last step's entries
-    reused when the chunks' queries did not change) equals the reference at each step."""
+    reused when the chunks' queries did not change, its slots up to the first page run that
+    changed) equals the reference at each step; the pages come from a tree cache following
+    the run, or are shuffled afresh every step."""
+    from deft.cache import PagedKVCache, TreeCache
+
+    cache = TreeCache(PagedKVCache(4096, page_size, 1, 4))
     if kind == "tot":
         run = wl.tot_run(seed, depth=3, branching=3, prompt_tokens=12, min_tokens=1,
                          max_tokens=5, keep=2)
@@ -224,8 +230,11 @@ def test_a_planner_followed_over_a_whole_run_plans_every_step_exactly(
     chunk, group = sizes(strategy, chunk, group)
     planner = NodePlanner(strategy, shapes=2)
     for tree in run:
-        table = page_table(tree, page_size, seed)
-        page_ptr, pages = table.host_node_pages(tree)
+        if followed:
+            cache.apply(tree)
+            page_ptr, pages = cache.host_node_pages(tree)
+        else:
+            page_ptr, pages = page_table(tree, page_size, seed).host_node_pages(tree)
         fast = planner.arrays(tree, page_ptr, pages, page_size, chunk, group)
         reference = plan_arrays(build_plan(strategy, tree, chunk, group, page_size), page_ptr,
                                 pages, flat=True)
