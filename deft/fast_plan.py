@@ -90,6 +90,7 @@ class NodePlanner:
         self._shapes, self._keep = {}, shapes
         self._last_entries = None  # (what the last plan's chunks saw, its entries)
         self._last_runs = None  # (page size, the last plan's page runs and slots)
+        self._iota = np.arange(0)
 
     def shape(self, parent: np.ndarray, queries: np.ndarray) -> _Shape:
         """The shape of a tree with these parents and query counts (node arrays)."""
@@ -158,6 +159,14 @@ class NodePlanner:
             max_slot=max_slot,
             slots=slots,
         )
+
+    def _positions(self, total: int) -> np.ndarray:
+        """0, 1, ..., total - 1 (int64, read-only), kept: numpy's arange of many elements costs
+        several times a copy."""
+        if len(self._iota) < total:
+            self._iota = np.arange(max(total, 2 * len(self._iota)))
+            self._iota.flags.writeable = False
+        return self._iota[:total]
 
     def _entries(self, seen, query_ids, group_size) -> tuple:
         """The partitions and entries of a plan whose chunks the queries see as ``seen`` (bool
@@ -232,7 +241,7 @@ class NodePlanner:
                              f"the page table gives it {counts[short[0]]} pages of {page_size}")
         page_end = np.cumsum(counts)  # the preorder page list's end of each preorder node
         page_first = np.repeat(page_end - counts, counts)
-        rank = np.arange(len(page_first)) - page_first  # each page's rank inside its node
+        rank = self._positions(len(page_first)) - page_first  # each page's rank in its node
         run_page = pages[np.repeat(page_ptr[:-1][order], counts) + rank] * page_size
         run = np.minimum(np.maximum(np.repeat(ordered, counts) - rank * page_size, 0), page_size)
         run_start = np.cumsum(run) - run  # the flattened position of each page's first slot
@@ -247,7 +256,7 @@ class NodePlanner:
         if same:
             slots[:first] = last_slots[:first]
         slots[first:] = np.repeat(run_page[same:] - run_start[same:], run[same:])
-        slots[first:] += np.arange(first, total)
+        slots[first:] += self._positions(total)[first:]
         slots.flags.writeable = False
         self._last_runs = (page_size, run_page, run, slots)
         return slots, int((run_page + run)[run > 0].max()) - 1

@@ -136,6 +136,7 @@ def main():
                          for c in columns))
     out_dir = os.environ.get("OUT")
     if out_dir:
+        Path(out_dir).mkdir(parents=True, exist_ok=True)
         Path(out_dir, "plan_overhead.json").write_text(json.dumps(
             dict(strategy=args.strategy, device=args.device, torch=torch.__version__,
                  records=records), indent=1))
