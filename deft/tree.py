@@ -166,7 +166,8 @@ class Tree:
 
     @classmethod
     def trusted(cls, node_ids, parent, tokens, queries, attention=None) -> "Tree":
-        """A tree from node arrays that are known to be valid, checking nothing.
+        """A tree from node arrays that are known to be valid, checking only the int32 token
+        limit (a total beyond it raises the checking constructor's TreeError).
 
         For callers that build every step's arrays from data they validated once (the
         decoding runs of `deft.workloads.runs`); the tests compare its trees with the checking
@@ -180,10 +181,16 @@ class Tree:
             Parent node index of each node (-1: root), acyclic.
         tokens, queries : int64 [nodes]
             At least 1 token per node, queries between 0 and the node's tokens, at least one in
-            all; token and query totals below `INDEX_LIMIT`.
+            all.
         attention : AttentionShape, optional
         """
+        total = int(tokens.sum())
+        if total > INDEX_LIMIT:
+            ids = node_ids.tolist()
+            parents = [None if p < 0 else ids[p] for p in parent.tolist()]
+            return cls(ids, parents, tokens.tolist(), queries.tolist(), attention)  # raises
         tree = cls.__new__(cls)
+        tree.num_tokens = total  # the cached property, filled
         tree.attention = attention if attention is not None else AttentionShape()
         tree.node_ids, tree.parent = node_ids, parent
         tree.tokens, tree.queries = tokens, queries

@@ -101,3 +101,10 @@ def test_apply_returns_the_new_tokens_slots(run, page_size):
         np.testing.assert_array_equal(pages, cache.node_pages(tree)[1].numpy())
         held = dict(zip(tree.node_ids.tolist(), tree.tokens.tolist()))
         cache.check()
+
+
+def test_a_step_beyond_the_int32_limit_is_refused_as_by_the_checking_constructor():
+    with pytest.raises(TreeError, match="node 0: field 'tokens' is 3000000000, beyond the int32"):
+        wl.fewshot(3_000_000_000, 2, 3).tree(0)
+    with pytest.raises(TreeError, match="the tree holds 2400000000 tokens, beyond the int32"):
+        wl.fewshot(1_200_000_000, 1, 1_300_000_000).tree(1_199_999_999)
