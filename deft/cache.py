@@ -1,7 +1,7 @@
 """Paged KV cache and the tree cache that maps decoding-tree nodes onto its pages.
 
-`PagedKVCache` owns the K and V pools ``[num_pages, page_size, kv_heads, head_dim]`` and a free
-list. `TreeCache` keeps, for every node id, the list of pages holding its tokens:
+`PagedKVCache` (`deft.page_pool`, also importable from here) owns the K and V pools
+``[num_pages, page_size, kv_heads, head_dim]`` and a free list. `TreeCache` keeps, for every node id, the list of pages holding its tokens:
 
 - every node starts on a fresh page, so a page never holds two nodes' tokens (docs/design.md, "Bytes");
 - a node is *live* from `add_node` until `prune`; a pruned node keeps its pages while a live
@@ -24,96 +24,10 @@ from itertools import chain
 import numpy as np
 import torch
 
+from deft.page_pool import CacheError, OutOfPagesError, PagedKVCache
 from deft.tree import Tree
 
-
-class OutOfPagesError(RuntimeError):
-    """The pool has fewer free pages than an operation needs; nothing was allocated."""
-
-
-class CacheError(ValueError):
-    """A request the tree cache cannot satisfy: unknown or duplicate node, shrinking node, ..."""
-
-
-class PagedKVCache:
-    """K and V page pools and their free list.
-
-    Parameters
-    ----------
-    num_pages, page_size, kv_heads, head_dim : int
-        Pool shape: ``k`` and ``v`` are ``[num_pages, page_size, kv_heads, head_dim]``.
-    dtype : torch.dtype
-    device : str or torch.device
-
-    A token's *slot* is ``page * page_size + offset``: its row in ``k.view(-1, kv_heads,
-    head_dim)``.
-    """
-
-    def __init__(self, num_pages, page_size, kv_heads, head_dim, dtype=torch.float16,
-                 device="cpu"):
-        for name, value in dict(num_pages=num_pages, page_size=page_size, kv_heads=kv_heads,
-                                head_dim=head_dim).items():
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise ValueError(f"{name} must be a positive integer, got {value!r}")
-        shape = (num_pages, page_size, kv_heads, head_dim)
-        self.k = torch.zeros(shape, dtype=dtype, device=device)
-        self.v = torch.zeros(shape, dtype=dtype, device=device)
-        self.num_pages, self.page_size = num_pages, page_size
-        self.kv_heads, self.head_dim = kv_heads, head_dim
-        self._free = list(range(num_pages - 1, -1, -1))  # a stack: page 0 is handed out first
-        self._is_free = np.ones(num_pages, dtype=bool)
-
-    @property
-    def device(self) -> torch.device:
-        return self.k.device
-
-    @property
-    def num_free(self) -> int:
-        return len(self._free)
-
-    def free_pages(self) -> list:
-        """Ids of the free pages (a copy of the free list)."""
-        return list(self._free)
-
-    def allocate(self, n: int) -> list:
-        """Take ``n`` free pages; raise OutOfPagesError (taking none) when fewer are free."""
-        if n > len(self._free):
-            raise OutOfPagesError(
-                f"needs {n} pages but only {len(self._free)} of {self.num_pages} are free "
-                f"(pages of {self.page_size} tokens)"
-            )
-        pages = [self._free.pop() for _ in range(n)]
-        self._is_free[pages] = False
-        return pages
-
-    def free(self, pages) -> None:
-        """Give pages back to the free list; freeing a free page is an error."""
-        pages = list(pages)
-        if len(set(pages)) != len(pages) or self._is_free[pages].any():
-            raise CacheError(f"double free among pages {pages}")
-        self._is_free[pages] = True
-        self._free.extend(reversed(pages))
-
-    def write(self, slots: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
-        """Store tokens' K and V at their slots.
-
-        slots : int64 [n]; k, v : [n, kv_heads, head_dim] (cast to the pool's dtype).
-        """
-        shape = (len(slots), self.kv_heads, self.head_dim)
-        for name, x in (("k", k), ("v", v)):
-            if tuple(x.shape) != shape:
-                raise ValueError(f"{name} must have shape {list(shape)}, got {list(x.shape)}")
-            if x.device != self.device:
-                raise ValueError(f"{name} is on {x.device}, the pool on {self.device}")
-        slots = torch.as_tensor(slots, dtype=torch.int64, device=self.device)
-        self.k.view(-1, self.kv_heads, self.head_dim)[slots] = k.to(self.k.dtype)
-        self.v.view(-1, self.kv_heads, self.head_dim)[slots] = v.to(self.v.dtype)
-
-    def gather(self, slots: torch.Tensor) -> tuple:
-        """K and V of tokens by slot: two ``[n, kv_heads, head_dim]`` tensors (copies)."""
-        slots = torch.as_tensor(slots, dtype=torch.int64, device=self.device)
-        return (self.k.view(-1, self.kv_heads, self.head_dim)[slots],
-                self.v.view(-1, self.kv_heads, self.head_dim)[slots])
+__all__ = ["CacheError", "OutOfPagesError", "PagedKVCache", "TreeCache", "pages_for"]
 
 
 class TreeCache:
@@ -202,14 +116,18 @@ class TreeCache:
         """`node_pages` as int64 numpy arrays on the host (what the planner reads: no round
         trip through the pool's device), with one pass of plain Python over the nodes."""
         ids = tree.node_ids.tolist()
-        wanted = tree.tokens.tolist()
-        held = [self._tokens.get(node, 0) for node in ids]
-        if any(h < w for h, w in zip(held, wanted)):
-            return self._node_pages(tree)  # raises CacheError naming the node
+        exact = tree is self._tree  # the last apply's tree: every node holds just its tokens
+        if not exact:
+            wanted = tree.tokens.tolist()
+            held = [self._tokens.get(node, 0) for node in ids]
+            if any(h < w for h, w in zip(held, wanted)):
+                return self._node_pages(tree)  # raises CacheError naming the node
+            exact = held == wanted
         counts = _ceil_div(tree.tokens, self.pool.page_size)
-        page_ptr = np.concatenate([[0], np.cumsum(counts)])
+        page_ptr = np.zeros(len(ids) + 1, dtype=np.int64)
+        np.cumsum(counts, out=page_ptr[1:])
         lists = [self._pages[node] for node in ids]
-        if held != wanted:  # nodes holding more tokens than the tree uses: their first pages
+        if not exact:  # nodes holding more tokens than the tree uses: their first pages
             lists = [pages[:c] for pages, c in zip(lists, counts.tolist())]
         pages = np.fromiter(chain.from_iterable(lists), dtype=np.int64, count=int(page_ptr[-1]))
         return page_ptr, pages
@@ -263,7 +181,8 @@ class TreeCache:
         if node_id not in self._live:
             raise CacheError(f"node {node_id} is not a live node of the cache")
         self._live.discard(node_id)
-        self._release(node_id)
+        for pages in self._release(node_id):
+            self.pool.free(pages)
         self._tree = None
 
     def write(self, node_id, positions, k, v) -> None:
@@ -275,7 +194,9 @@ class TreeCache:
 
         Nodes of the cache missing from ``tree`` are pruned, new ones added, and every node grown
         to its token count in ``tree``. All or nothing: on an error (a node that changes parent
-        or shrinks, too few pages) the cache is left as it was.
+        or shrinks, too few pages) the cache is left as it was. The pages come and go as if
+        the nodes were pruned one by one, then added and grown in preorder, in one free and one
+        allocation of the pool.
 
         Returns
         -------
@@ -286,43 +207,85 @@ class TreeCache:
         ids = tree.node_ids.tolist()
         parents = [None if p < 0 else ids[p] for p in tree.parent.tolist()]
         tokens = tree.tokens.tolist()
-        before = np.zeros(tree.num_nodes, dtype=np.int64)
-        for v, (node, parent) in enumerate(zip(ids, parents)):
-            if node in self._parent:
-                if self._parent[node] != parent:
+        held_parent, held_tokens, held_pages = self._parent, self._tokens, self._pages
+        page_size = self.pool.page_size
+        before = [0] * len(ids)
+        needed = 0
+        for v, node in enumerate(ids):
+            if node in held_parent:
+                if held_parent[node] != parents[v]:
                     raise CacheError(
-                        f"node {node}: parent is {parent} in the tree but {self._parent[node]} "
-                        "in the cache"
+                        f"node {node}: parent is {parents[v]} in the tree but "
+                        f"{held_parent[node]} in the cache"
                     )
-                before[v] = self._tokens[node]
+                before[v] = held_tokens[node]
                 if tokens[v] < before[v]:
                     raise CacheError(
                         f"node {node}: the tree holds {tokens[v]} tokens, fewer than the "
                         f"{before[v]} cached; a cache never drops a node's tokens"
                     )
-        gone = set(self._parent).difference(ids)  # whole subtrees: a tree holds its ancestors
-        needed = sum(self._pages_for(t) for t in tokens) - sum(
-            len(self._pages[i]) for i in ids if i in self._parent)
-        freed = sum(len(self._pages[i]) for i in gone)
+                needed -= len(held_pages[node])
+            needed += -(-tokens[v] // page_size)
+        gone = set(held_parent).difference(ids)  # whole subtrees: a tree holds its ancestors
+        freed = sum(len(held_pages[i]) for i in gone)
         if needed > self.pool.num_free + freed:
             raise OutOfPagesError(
                 f"the step needs {needed} more pages but only {self.pool.num_free + freed} of "
                 f"{self.pool.num_pages} are free (pages of {self.pool.page_size} tokens)"
             )
         # Revive held nodes of the tree first, so that no release below frees one of them.
-        self._live.update(i for i in ids if i in self._parent)
+        self._live.update(i for i in ids if i in held_parent)
         self._live.difference_update(gone)
+        released = []
         for node in gone:
-            if node in self._parent:
-                self._release(node)
-        for v in tree.preorder.tolist():
-            node = ids[v]
-            if node not in self._parent:
-                self.add_node(node, parents[v])
-            self._grow(node, tokens[v] - self._tokens[node])
+            if node in held_parent:
+                released += self._release(node)
+        if released:
+            self.pool.free(chain.from_iterable(reversed(released)))
+        self._add_grown(tree.preorder.tolist(), ids, parents, tokens)
         self._tree = tree
-        new = tree.token_position >= before[tree.token_node]
-        return torch.from_numpy(self.host_token_slots(tree)[new]).to(self.pool.device)
+        return torch.from_numpy(self._new_slots(ids, tokens, before)).to(self.pool.device)
+
+    def _add_grown(self, order, ids, parents, tokens) -> None:
+        """Add the missing nodes (parents first: ``order`` is a preorder) and grow every node
+        to its tokens, taking the pages in one allocation (space already checked)."""
+        held_parent, held_pages, page_size = self._parent, self._pages, self.pool.page_size
+        wanted = [-(-tokens[v] // page_size) - len(held_pages.get(ids[v], ()))
+                  for v in order]
+        pages = self.pool.allocate(sum(wanted))
+        taken = 0
+        for v, count in zip(order, wanted):
+            node = ids[v]
+            if node not in held_parent:
+                parent = parents[v]
+                held_parent[node] = parent
+                self._children[node] = set()
+                held_pages[node] = []
+                self._live.add(node)
+                if parent is not None:
+                    self._children[parent].add(node)
+            if count:
+                held_pages[node] += pages[taken: taken + count]
+                taken += count
+            self._tokens[node] = tokens[v]
+
+    def _new_slots(self, ids, tokens, before) -> np.ndarray:
+        """Slots of the tokens past ``before`` of every node, by node index then position.
+        int64 [new tokens]"""
+        page_size = self.pool.page_size
+        grown = [v for v in range(len(ids)) if tokens[v] > before[v]]
+        if not grown:
+            return np.zeros(0, dtype=np.int64)
+        first_page = [before[v] // page_size for v in grown]
+        lists = [self._pages[ids[v]][first:] for v, first in zip(grown, first_page)]
+        pages = np.fromiter(chain.from_iterable(lists), dtype=np.int64)
+        start = np.array([before[v] for v in grown], dtype=np.int64)
+        count = np.array([tokens[v] for v in grown], dtype=np.int64) - start
+        page_base = np.cumsum([0] + [len(x) for x in lists[:-1]])
+        first = np.repeat(start, count)
+        position = first + np.arange(len(first)) - np.repeat(np.cumsum(count) - count, count)
+        page = pages[np.repeat(page_base - np.array(first_page), count) + position // page_size]
+        return page * page_size + position % page_size
 
     # ------------------------------------------------------------------ invariants
     def check(self) -> None:
@@ -381,15 +344,18 @@ class TreeCache:
         pages += self.pool.allocate(self._pages_for(tokens) - len(pages))
         self._tokens[node_id] = tokens
 
-    def _release(self, node_id) -> None:
-        """Free a pruned node without held children, then each ancestor it was keeping."""
+    def _release(self, node_id) -> list:
+        """Drop a pruned node without held children, then each ancestor it was keeping; return
+        their page lists, in the order they are to be freed (the pool does not free them)."""
+        released = []
         while node_id is not None and node_id not in self._live and not self._children[node_id]:
-            self.pool.free(self._pages.pop(node_id))
+            released.append(self._pages.pop(node_id))
             parent = self._parent.pop(node_id)
             del self._children[node_id], self._tokens[node_id]
             if parent is not None:
                 self._children[parent].discard(node_id)
             node_id = parent
+        return released
 
     def _node_pages(self, tree: Tree) -> tuple:
         """int64 numpy ``(page_ptr [nodes + 1], pages)`` of the tree's nodes."""

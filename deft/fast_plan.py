@@ -3,8 +3,8 @@
 `deft.plan.build_plan` is the normative planner (the reference and the IO model read its
 `Plan`); `deft.plan_buffers.plan_arrays` then encodes a plan for the kernels. Together they take
 0.3-2 ms a decode step, mostly numpy's per-call overhead on small arrays. `NodePlanner.arrays`
-builds the same buffers (equal `partition_sets`) for deft_node, deft_node_chunk and
-deft_flatten with a few numpy calls over nodes, chunks and tokens, and no `Plan`.
+builds the same buffers (equal field by field) for deft_node, deft_node_chunk and deft_flatten
+with a few numpy calls over nodes, chunks and tokens, and no `Plan`.
 
 It rests on one fact about flattened positions. Let ``end[f]`` be the flattened position just
 past the subtree of token f's node (the ``subtree_end`` buffer). A query at flattened position F
@@ -15,7 +15,10 @@ subtree reaches past F, and it sees nothing before its own position. Every chunk
 interval test against the queries, one ``[chunks, queries]`` comparison for the whole plan.
 
 What depends only on the tree's shape (preorder, subtree ends in preorder positions, query
-nodes) is kept per shape, so a decode step that only grows nodes reuses it.
+nodes) is kept per shape, so a decode step that only grows nodes reuses it; and what depends
+only on which queries see which chunks (partitions, entries, partial rows) is kept from the
+last plan, so a step that moves the chunks' bounds but not their queries reuses that too.
+The cache slots are laid out a page at a time (a page is a run of consecutive slots).
 """
 
 from __future__ import annotations
@@ -85,6 +88,9 @@ class NodePlanner:
             raise ValueError(f"NodePlanner plans {', '.join(FAST_STRATEGIES)}, not {strategy!r}")
         self.strategy = strategy
         self._shapes, self._keep = {}, shapes
+        self._last_entries = None  # (what the last plan's chunks saw, its entries)
+        self._last_runs = None  # (page size, the last plan's page runs and slots)
+        self._iota = np.arange(0)
 
     def shape(self, parent: np.ndarray, queries: np.ndarray) -> _Shape:
         """The shape of a tree with these parents and query counts (node arrays)."""
@@ -134,8 +140,53 @@ class NodePlanner:
         chunk_start, chunk_end, chunk_reach = self._chunks(order, start, through, end, total,
                                                            subtree_end, chunk_size)
         seen = (chunk_start[:, None] <= query_flat) & (query_flat < chunk_reach[:, None])
+        part_chunk, part_entry, query_index, entry_row, query_row_ptr = self._entries(
+            seen, shape.query_ids, group_size)
+        slots, max_slot = self._slots(order, ordered, total, page_ptr, pages, page_size)
+        if max_slot > INDEX_LIMIT:
+            raise ValueError(f"cache slot {max_slot} is beyond the int32 limit")
+        return dict(
+            counts=np.array([len(part_chunk), len(query_flat)]),
+            part_start=chunk_start[part_chunk],
+            part_tokens=(chunk_end - chunk_start)[part_chunk],
+            part_entry=part_entry,
+            entry_query=query_index,
+            entry_row=entry_row,
+            query_row_ptr=query_row_ptr,
+            query_flat=query_flat,
+            token_slot=slots,
+            subtree_end=subtree_end,
+            max_slot=max_slot,
+            slots=slots,
+        )
+
+    def _positions(self, total: int) -> np.ndarray:
+        """0, 1, ..., total - 1 (int64, read-only), kept: numpy's arange of many elements costs
+        several times a copy."""
+        if len(self._iota) < total:
+            self._iota = np.arange(max(total, 2 * len(self._iota)))
+            self._iota.flags.writeable = False
+        return self._iota[:total]
+
+    def _entries(self, seen, query_ids, group_size) -> tuple:
+        """The partitions and entries of a plan whose chunks the queries see as ``seen`` (bool
+        [chunks, queries]), kept for the next step: a decode step often changes the chunks'
+        lengths but not who sees them.
+
+        Returns
+        -------
+        part_chunk : int64 [partitions]
+            Chunk of each partition.
+        part_entry : int64 [partitions + 1]
+        entry_query, entry_row : int64 [entries]
+        query_row_ptr : int64 [queries + 1]
+            As the plan buffers of the same names (read-only: shared between steps).
+        """
+        key = (seen.shape, seen.tobytes(), group_size)
+        if self._last_entries is not None and self._last_entries[0] == key:
+            return self._last_entries[1]
         num_chunks, num_queries = seen.shape
-        query_index = np.broadcast_to(shape.query_ids, seen.shape)[seen]
+        query_index = np.broadcast_to(query_ids, seen.shape)[seen]
         per_chunk = seen.sum(axis=1)
         if group_size is None:
             has = per_chunk > 0
@@ -146,28 +197,14 @@ class NodePlanner:
             first = np.cumsum(groups) - groups
             rank = np.arange(len(part_chunk)) - np.repeat(first, groups)
             part_queries = np.minimum(group_size, per_chunk[part_chunk] - rank * group_size)
-        per_query = seen.sum(axis=0)
         # partial rows go query by query: number the entries query-major, read them chunk-major
         row_of = np.cumsum(seen.T.ravel()).reshape(num_queries, num_chunks).T
-        entry_row = row_of[seen] - 1
-        slots = self._slots(order, ordered, start, total, page_ptr, pages, page_size)
-        max_slot = int(slots.max())
-        if max_slot > INDEX_LIMIT:
-            raise ValueError(f"cache slot {max_slot} is beyond the int32 limit")
-        return dict(
-            counts=np.array([len(part_chunk), num_queries]),
-            part_start=chunk_start[part_chunk],
-            part_tokens=(chunk_end - chunk_start)[part_chunk],
-            part_entry=_pointers(part_queries),
-            entry_query=query_index,
-            entry_row=entry_row,
-            query_row_ptr=_pointers(per_query),
-            query_flat=query_flat,
-            token_slot=slots,
-            subtree_end=subtree_end,
-            max_slot=max_slot,
-            slots=slots,
-        )
+        entries = (part_chunk, _pointers(part_queries), query_index, row_of[seen] - 1,
+                   _pointers(seen.sum(axis=0)))
+        for array in entries:
+            array.flags.writeable = False
+        self._last_entries = (key, entries)
+        return entries
 
     def _chunks(self, order, start, through, end, total, subtree_end, chunk):
         """(start, end, reach) of every chunk in plan order: its flattened run and the largest
@@ -188,18 +225,41 @@ class NodePlanner:
         chunk_start = node_start[node] + offset
         return chunk_start, np.minimum(chunk_start + chunk, node_end[node]), node_reach[node]
 
-    @staticmethod
-    def _slots(order, ordered, start, total, page_ptr, pages, page_size):
-        """Cache slot of every flattened position. int64 [tokens]"""
+    def _slots(self, order, ordered, total, page_ptr, pages, page_size):
+        """(cache slot of every flattened position, int64 [tokens] read-only; the largest)
+
+        A page holds a run of consecutive slots for consecutive positions of its node: the
+        pages are put in preorder and each page's run (``page_size`` slots, fewer for a node's
+        last page, none past its tokens) is laid out with one repeat. The runs the last plan
+        shared with this one, up to the first that differs, keep the last plan's slots (a step
+        that grows the last nodes of the preorder lays out only their pages).
+        """
         counts = np.diff(page_ptr)[order]
         short = np.flatnonzero(counts * page_size < ordered)
         if len(short):
             raise ValueError(f"node index {order[short[0]]} holds {ordered[short[0]]} tokens but "
                              f"the page table gives it {counts[short[0]]} pages of {page_size}")
-        if page_size > 1:  # the slot of every offset of every page, pages in table order
-            pages = (pages[:, None] * page_size + np.arange(page_size)).ravel()
-        base = np.repeat(page_ptr[:-1][order] * page_size - start, ordered)
-        return pages[base + np.arange(total)]
+        page_end = np.cumsum(counts)  # the preorder page list's end of each preorder node
+        page_first = np.repeat(page_end - counts, counts)
+        rank = self._positions(len(page_first)) - page_first  # each page's rank in its node
+        run_page = pages[np.repeat(page_ptr[:-1][order], counts) + rank] * page_size
+        run = np.minimum(np.maximum(np.repeat(ordered, counts) - rank * page_size, 0), page_size)
+        run_start = np.cumsum(run) - run  # the flattened position of each page's first slot
+        same = 0  # runs shared with the last plan
+        if self._last_runs is not None and self._last_runs[0] == page_size:
+            last_page, last_run, last_slots = self._last_runs[1:]
+            n = min(len(run), len(last_run))
+            differ = np.flatnonzero((run_page[:n] != last_page[:n]) | (run[:n] != last_run[:n]))
+            same = int(differ[0]) if len(differ) else n
+        first = int(run_start[same]) if same < len(run) else total
+        slots = np.empty(total, dtype=np.int64)
+        if same:
+            slots[:first] = last_slots[:first]
+        slots[first:] = np.repeat(run_page[same:] - run_start[same:], run[same:])
+        slots[first:] += self._positions(total)[first:]
+        slots.flags.writeable = False
+        self._last_runs = (page_size, run_page, run, slots)
+        return slots, int((run_page + run)[run > 0].max()) - 1
 
 
 def _pointers(counts: np.ndarray) -> np.ndarray:

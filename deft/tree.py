@@ -3,7 +3,10 @@
 A `Tree` is immutable. Nodes are stored in ascending id order (the normative node order of
 docs/design.md); all per-node arrays below are indexed by that position, called the node *index*,
 not by the user's node id. Derived views are computed once, iteratively (a chain 100k nodes
-deep works), with numpy.
+deep works), with numpy; those the parents alone fix (preorder, Euler tour, depth) are shared
+by the trees with the same parents (`deft.tree_structure`), so the steps of a decoding run,
+which mostly keep their shape, walk it once. `Tree.trusted` builds a run's step trees from
+arrays the run checked once.
 
 Layouts (docs/design.md, "Orders"):
 - test layout: KV tokens by node index then position; queries by node index then position;
@@ -20,6 +23,8 @@ from dataclasses import dataclass
 from functools import cached_property
 
 import numpy as np
+
+from deft.tree_structure import Structure, is_known, structure_of
 
 INDEX_LIMIT = 2**31 - 1
 """Token, query and page counts must stay below this: plans and page tables hold int32."""
@@ -68,6 +73,11 @@ class AttentionShape:
     def group_ratio(self) -> int:
         """Query heads per KV head (the GQA ratio)."""
         return self.q_heads // self.kv_heads
+
+
+def _structure_view(name: str, doc: str) -> property:
+    """A `Tree` view read from its shared `deft.tree_structure.Structure`."""
+    return property(lambda tree: getattr(tree._structure, name), doc=doc)
 
 
 class Tree:
@@ -127,7 +137,8 @@ class Tree:
             token_count[position[node]] = t
         self.parent = parent_index
         self.tokens = token_count
-        self._check_acyclic()
+        if not is_known(parent_index):  # a kept structure's parents were checked already
+            self._check_acyclic()
         if queries is None:
             self.queries = (self.child_count == 0).astype(np.int64)
         else:
@@ -152,6 +163,38 @@ class Tree:
             )
         if self.num_queries == 0:
             raise TreeError("the tree has no query: set 'queries' on at least one node")
+
+    @classmethod
+    def trusted(cls, node_ids, parent, tokens, queries, attention=None) -> "Tree":
+        """A tree from node arrays that are known to be valid, checking only the int32 token
+        limit (a total beyond it raises the checking constructor's TreeError).
+
+        For callers that build every step's arrays from data they validated once (the
+        decoding runs of `deft.workloads.runs`); the tests compare its trees with the checking
+        constructor's.
+
+        Parameters
+        ----------
+        node_ids : int64 [nodes]
+            Distinct non-negative ids, ascending.
+        parent : int64 [nodes]
+            Parent node index of each node (-1: root), acyclic.
+        tokens, queries : int64 [nodes]
+            At least 1 token per node, queries between 0 and the node's tokens, at least one in
+            all.
+        attention : AttentionShape, optional
+        """
+        total = int(tokens.sum())
+        if total > INDEX_LIMIT:
+            ids = node_ids.tolist()
+            parents = [None if p < 0 else ids[p] for p in parent.tolist()]
+            return cls(ids, parents, tokens.tolist(), queries.tolist(), attention)  # raises
+        tree = cls.__new__(cls)
+        tree.num_tokens = total  # the cached property, filled
+        tree.attention = attention if attention is not None else AttentionShape()
+        tree.node_ids, tree.parent = node_ids, parent
+        tree.tokens, tree.queries = tokens, queries
+        return tree
 
     # ------------------------------------------------------------------ construction checks
     def _check_acyclic(self):
@@ -188,87 +231,32 @@ class Tree:
 
     # ------------------------------------------------------------------ structure
     @cached_property
-    def roots(self) -> np.ndarray:
-        """Node indices of the roots, ascending. [roots]"""
-        return np.flatnonzero(self.parent < 0)
+    def _structure(self) -> Structure:
+        """The views the parents alone fix, shared by every tree with the same parents."""
+        return structure_of(self.parent)
 
-    @cached_property
-    def child_count(self) -> np.ndarray:
-        """Children per node. [nodes]"""
-        has_parent = self.parent >= 0
-        return np.bincount(self.parent[has_parent], minlength=self.num_nodes)
-
-    @cached_property
-    def child_ptr(self) -> np.ndarray:
-        """CSR offsets into `child_index`: children of v are child_index[ptr[v]:ptr[v+1]]. [nodes+1]"""
-        return np.concatenate([[0], np.cumsum(self.child_count)])
-
-    @cached_property
-    def child_index(self) -> np.ndarray:
-        """Children of every node, grouped by parent, ascending within a parent. [nodes - roots]"""
-        children = np.flatnonzero(self.parent >= 0)
-        return children[np.argsort(self.parent[children], kind="stable")]
+    roots = _structure_view("roots", "Node indices of the roots, ascending. [roots]")
+    child_count = _structure_view("child_count", "Children per node. [nodes]")
+    child_ptr = _structure_view(
+        "child_ptr", "CSR offsets into `child_index`: children of v are "
+        "child_index[ptr[v]:ptr[v+1]]. [nodes+1]")
+    child_index = _structure_view(
+        "child_index", "Children of every node, grouped by parent, ascending within a parent. "
+        "[nodes - roots]")
+    preorder = _structure_view(
+        "preorder", "Node indices in DFS preorder (roots ascending, children ascending). [nodes]")
+    tin = _structure_view("tin", "Preorder position of each node. [nodes]")
+    subtree_size = _structure_view("subtree_size",
+                                   "Nodes in each node's subtree, itself included. [nodes]")
+    tout = _structure_view("tout", "Last preorder position inside each node's subtree. [nodes]")
+    depth = _structure_view("depth", "Depth of each node, 0 for a root. [nodes]")
+    tree_of = _structure_view(
+        "tree_of", "Position of each node's root in `roots` (which tree of the forest it is "
+        "in). [nodes]")
 
     def children(self, v: int) -> np.ndarray:
         """Child node indices of node index v, ascending."""
         return self.child_index[self.child_ptr[v] : self.child_ptr[v + 1]]
-
-    @cached_property
-    def preorder(self) -> np.ndarray:
-        """Node indices in DFS preorder (roots ascending, children ascending). [nodes]"""
-        order = np.empty(self.num_nodes, dtype=np.int64)
-        stack = list(self.roots[::-1])
-        k = 0
-        ptr, index = self.child_ptr, self.child_index
-        while stack:
-            v = stack.pop()
-            order[k] = v
-            k += 1
-            stack.extend(index[ptr[v] : ptr[v + 1]][::-1].tolist())
-        return order
-
-    @cached_property
-    def tin(self) -> np.ndarray:
-        """Preorder position of each node. [nodes]"""
-        tin = np.empty(self.num_nodes, dtype=np.int64)
-        tin[self.preorder] = np.arange(self.num_nodes)
-        return tin
-
-    @cached_property
-    def subtree_size(self) -> np.ndarray:
-        """Nodes in each node's subtree, itself included. [nodes]"""
-        size = np.ones(self.num_nodes, dtype=np.int64)
-        for v in self.preorder[::-1]:
-            p = self.parent[v]
-            if p >= 0:
-                size[p] += size[v]
-        return size
-
-    @cached_property
-    def tout(self) -> np.ndarray:
-        """Last preorder position inside each node's subtree. [nodes]"""
-        return self.tin + self.subtree_size - 1
-
-    @cached_property
-    def depth(self) -> np.ndarray:
-        """Depth of each node, 0 for a root. [nodes]"""
-        depth = np.zeros(self.num_nodes, dtype=np.int64)
-        for v in self.preorder:
-            p = self.parent[v]
-            if p >= 0:
-                depth[v] = depth[p] + 1
-        return depth
-
-    @cached_property
-    def tree_of(self) -> np.ndarray:
-        """Position of each node's root in `roots` (which tree of the forest it is in). [nodes]"""
-        tree = np.zeros(self.num_nodes, dtype=np.int64)
-        root_rank = np.full(self.num_nodes, -1, dtype=np.int64)
-        root_rank[self.roots] = np.arange(len(self.roots))
-        for v in self.preorder:
-            p = self.parent[v]
-            tree[v] = root_rank[v] if p < 0 else tree[p]
-        return tree
 
     def path(self, v: int) -> np.ndarray:
         """Node indices from the root down to node index v, inclusive."""
@@ -280,13 +268,16 @@ class Tree:
 
     @cached_property
     def ancestor_tokens(self) -> np.ndarray:
-        """Tokens on the strict ancestors of each node. [nodes]"""
-        above = np.zeros(self.num_nodes, dtype=np.int64)
-        for v in self.preorder:
-            p = self.parent[v]
-            if p >= 0:
-                above[v] = above[p] + self.tokens[p]
-        return above
+        """Tokens on the strict ancestors of each node. [nodes]
+
+        A node's tokens count for the preorder positions ``tin + 1 .. tout`` (its strict
+        descendants): a difference array over preorder positions, summed.
+        """
+        tin, tout = self.tin, self.tout
+        change = np.zeros(self.num_nodes + 1, dtype=np.int64)
+        change[tin + 1] = self.tokens
+        np.subtract.at(change, tout + 1, self.tokens)
+        return np.cumsum(change)[tin]
 
     @cached_property
     def path_tokens(self) -> np.ndarray:

@@ -199,3 +199,54 @@ def test_tree_cache_host_pages_equal_its_node_pages():
     np.testing.assert_array_equal(pages, device_pages.cpu().numpy())
     with pytest.raises(CacheError, match="node 9: the tree holds 20 tokens"):
         cache.host_node_pages(Tree([5, 1, 9], [None, 5, 5], [9, 4, 20]))
+
+
+@settings(max_examples=40, deadline=None)
+@given(
+    seed=st.integers(0, 50),
+    kind=st.sampled_from(["tot", "token_tree", "fewshot"]),
+    strategy=st.sampled_from(FAST_STRATEGIES),
+    page_size=st.sampled_from([1, 4]),
+    chunk=st.sampled_from([3, 16]),
+    group=st.sampled_from([None, 2]),
+    followed=st.booleans(),
+)
+def test_a_planner_followed_over_a_whole_run_plans_every_step_exactly(
+        seed, kind, strategy, page_size, chunk, group, followed):
+    """One planner over every step of a random run (kept shapes, the last step's entries
+    reused when the chunks' queries did not change, its slots up to the first page run that
+    changed) equals the reference at each step; the pages come from a tree cache following
+    the run, or are shuffled afresh every step."""
+    from deft.cache import PagedKVCache, TreeCache
+
+    cache = TreeCache(PagedKVCache(4096, page_size, 1, 4))
+    if kind == "tot":
+        run = wl.tot_run(seed, depth=3, branching=3, prompt_tokens=12, min_tokens=1,
+                         max_tokens=5, keep=2)
+    elif kind == "token_tree":
+        run = wl.token_tree_run(seed, size=12, depth=3, prompt_tokens=20, steps=8)
+    else:
+        run = wl.fewshot(10 + seed, 3, 12)
+    chunk, group = sizes(strategy, chunk, group)
+    planner = NodePlanner(strategy, shapes=2)
+    for tree in run:
+        if followed:
+            cache.apply(tree)
+            page_ptr, pages = cache.host_node_pages(tree)
+        else:
+            page_ptr, pages = page_table(tree, page_size, seed).host_node_pages(tree)
+        fast = planner.arrays(tree, page_ptr, pages, page_size, chunk, group)
+        reference = plan_arrays(build_plan(strategy, tree, chunk, group, page_size), page_ptr,
+                                pages, flat=True)
+        for name in FIELDS:
+            np.testing.assert_array_equal(fast[name], reference[name], err_msg=name)
+        assert fast["max_slot"] == reference["max_slot"]
+
+
+def test_a_step_whose_chunks_keep_their_queries_reuses_the_entries():
+    planner = NodePlanner("deft_flatten")
+    first, second = (planner.arrays(tree, *page_table(tree, 1, 0).host_node_pages(tree), 1,
+                                    4096, 2) for tree in (wl.star(3, 100, 5), wl.star(3, 100, 6)))
+    assert second["entry_row"] is first["entry_row"]
+    assert not second["entry_row"].flags.writeable
+    np.testing.assert_array_equal(second["part_tokens"], [118, 118])  # 3 queries, groups of 2

@@ -111,6 +111,9 @@ class FewshotRun(Run):
         check_positive(prompt_tokens=prompt_tokens, width=width, iterations=iterations)
         self.prompt_tokens, self.width, self.iterations = prompt_tokens, width, iterations
         self.attention = attention
+        self._ids = np.arange(width + 1)
+        self._parent = np.concatenate([[-1], np.zeros(width, np.int64)])
+        self._queries = np.concatenate([[0], np.ones(width, np.int64)])
         self.name = f"fewshot_b{width}_P{prompt_tokens}_L{iterations}"
         self.description = (
             f"prompt of {prompt_tokens} tokens, {width} samples decoded for {iterations} steps"
@@ -120,9 +123,9 @@ class FewshotRun(Run):
         return self.iterations
 
     def _tree(self, i):
-        samples = self.width
-        return Tree(range(samples + 1), [None] + [0] * samples,
-                    [self.prompt_tokens] + [i + 1] * samples, attention=self.attention)
+        tokens = np.full(self.width + 1, i + 1, np.int64)
+        tokens[0] = self.prompt_tokens
+        return Tree.trusted(self._ids, self._parent, tokens, self._queries, self.attention)
 
 
 class ReasoningRun(Run):
@@ -190,6 +193,11 @@ class ReasoningRun(Run):
             raise ValueError(f"{name}: no node generates at iteration {idle[0] + 1}")
         self.ids, self.start, self.end, self.last = ids, start, end, last
         self.parent_ids = parents
+        by_id = np.argsort(ids)  # a step's tree holds its nodes by ascending id
+        rank = np.empty_like(by_id)
+        rank[by_id] = np.arange(len(ids))
+        self._by_id = by_id
+        self._parent_rank = np.where(parent_index[by_id] < 0, -1, rank[parent_index[by_id]])
         self.prompt_tokens = prompt_tokens
         self.attention = attention
         self.name, self.description = name, description
@@ -199,12 +207,16 @@ class ReasoningRun(Run):
 
     def _tree(self, i):
         t = i + 1
-        present = (self.start <= t) & (t <= self.last)
-        tokens = np.minimum(t, self.end[present]) - self.start[present] + 1
-        queries = (t <= self.end[present]).astype(np.int64)
-        parents = [None if p < 0 else p for p in self.parent_ids[present].tolist()]
-        return Tree(self.ids[present].tolist(), parents, tokens.tolist(), queries.tolist(),
-                    self.attention)
+        nodes = self._by_id
+        present = (self.start[nodes] <= t) & (t <= self.last[nodes])
+        nodes = nodes[present]
+        end = self.end[nodes]
+        tokens = np.minimum(t, end) - self.start[nodes] + 1
+        queries = (t <= end).astype(np.int64)
+        index = np.cumsum(present) - 1  # a present node's index in the step's tree
+        parent = self._parent_rank[present]
+        parent = np.where(parent < 0, -1, index[np.maximum(parent, 0)])
+        return Tree.trusted(self.ids[nodes], parent, tokens, queries, self.attention)
 
 
 class SpeculativeRun(Run):
@@ -235,6 +247,7 @@ class SpeculativeRun(Run):
         if accept.ndim != 1 or not len(accept) or (accept < 1).any():
             raise ValueError(f"{name}: accept lengths must be a non-empty list of integers >= 1")
         self.root_tokens = prompt_tokens + np.concatenate([[0], np.cumsum(accept)[:-1]])
+        self._parent = candidate_parents(self.parent_index)
         self.prompt_tokens = prompt_tokens
         self.attention = attention
         self.name, self.description = name, description
@@ -243,8 +256,12 @@ class SpeculativeRun(Run):
         return len(self.root_tokens)
 
     def _tree(self, i):
-        first_id = 1 + i * len(self.parent_index)
-        return candidate_tree(self.parent_index, int(self.root_tokens[i]), 1, first_id, self.attention)
+        n = len(self.parent_index)
+        ids = np.arange(1 + i * n - 1, 1 + (i + 1) * n)
+        ids[0] = 0
+        tokens = np.ones(n + 1, np.int64)
+        tokens[0] = self.root_tokens[i]
+        return Tree.trusted(ids, self._parent, tokens, np.ones(n + 1, np.int64), self.attention)
 
 
 def fewshot(prompt_tokens=4000, width=20, iterations=400, attention=None) -> FewshotRun:
@@ -264,6 +281,12 @@ def candidate_tree(parent_index, root_tokens, root_queries, first_id, attention)
     ids = [0, *range(first_id, first_id + n)]
     parents = [None] + np.where(parent_index < 0, 0, parent_index + first_id).tolist()
     return Tree(ids, parents, [root_tokens] + [1] * n, [root_queries] + [1] * n, attention)
+
+
+def candidate_parents(parent_index) -> np.ndarray:
+    """Parent node indices of `candidate_tree`'s tree (the root first, ids ascending).
+    int64 [candidates + 1]"""
+    return np.concatenate([[-1], np.where(parent_index < 0, 0, parent_index + 1)])
 
 
 def path_parents(paths, where) -> np.ndarray:

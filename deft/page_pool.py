@@ -1,0 +1,99 @@
+"""The paged KV pool: K and V pages and their free list (`PagedKVCache`), and the errors of
+the paged caches. `deft.cache.TreeCache` maps decoding-tree nodes onto its pages."""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+
+class OutOfPagesError(RuntimeError):
+    """The pool has fewer free pages than an operation needs; nothing was allocated."""
+
+
+class CacheError(ValueError):
+    """A request the tree cache cannot satisfy: unknown or duplicate node, shrinking node, ..."""
+
+
+class PagedKVCache:
+    """K and V page pools and their free list.
+
+    Parameters
+    ----------
+    num_pages, page_size, kv_heads, head_dim : int
+        Pool shape: ``k`` and ``v`` are ``[num_pages, page_size, kv_heads, head_dim]``.
+    dtype : torch.dtype
+    device : str or torch.device
+
+    A token's *slot* is ``page * page_size + offset``: its row in ``k.view(-1, kv_heads,
+    head_dim)``.
+    """
+
+    def __init__(self, num_pages, page_size, kv_heads, head_dim, dtype=torch.float16,
+                 device="cpu"):
+        for name, value in dict(num_pages=num_pages, page_size=page_size, kv_heads=kv_heads,
+                                head_dim=head_dim).items():
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ValueError(f"{name} must be a positive integer, got {value!r}")
+        shape = (num_pages, page_size, kv_heads, head_dim)
+        self.k = torch.zeros(shape, dtype=dtype, device=device)
+        self.v = torch.zeros(shape, dtype=dtype, device=device)
+        self.num_pages, self.page_size = num_pages, page_size
+        self.kv_heads, self.head_dim = kv_heads, head_dim
+        self._free = list(range(num_pages - 1, -1, -1))  # a stack: page 0 is handed out first
+        self._is_free = np.ones(num_pages, dtype=bool)
+
+    @property
+    def device(self) -> torch.device:
+        return self.k.device
+
+    @property
+    def num_free(self) -> int:
+        return len(self._free)
+
+    def free_pages(self) -> list:
+        """Ids of the free pages (a copy of the free list)."""
+        return list(self._free)
+
+    def allocate(self, n: int) -> list:
+        """Take ``n`` free pages; raise OutOfPagesError (taking none) when fewer are free."""
+        if n > len(self._free):
+            raise OutOfPagesError(
+                f"needs {n} pages but only {len(self._free)} of {self.num_pages} are free "
+                f"(pages of {self.page_size} tokens)"
+            )
+        if n == 0:
+            return []
+        pages = self._free[-n:][::-1]  # as popped one by one
+        del self._free[-n:]
+        self._is_free[pages] = False
+        return pages
+
+    def free(self, pages) -> None:
+        """Give pages back to the free list; freeing a free page is an error."""
+        pages = list(pages)
+        if len(set(pages)) != len(pages) or self._is_free[pages].any():
+            raise CacheError(f"double free among pages {pages}")
+        self._is_free[pages] = True
+        self._free.extend(reversed(pages))
+
+    def write(self, slots: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
+        """Store tokens' K and V at their slots.
+
+        slots : int64 [n]; k, v : [n, kv_heads, head_dim] (cast to the pool's dtype).
+        """
+        shape = (len(slots), self.kv_heads, self.head_dim)
+        for name, x in (("k", k), ("v", v)):
+            if tuple(x.shape) != shape:
+                raise ValueError(f"{name} must have shape {list(shape)}, got {list(x.shape)}")
+            if x.device != self.device:
+                raise ValueError(f"{name} is on {x.device}, the pool on {self.device}")
+        slots = torch.as_tensor(slots, dtype=torch.int64, device=self.device)
+        self.k.view(-1, self.kv_heads, self.head_dim)[slots] = k.to(self.k.dtype)
+        self.v.view(-1, self.kv_heads, self.head_dim)[slots] = v.to(self.v.dtype)
+
+    def gather(self, slots: torch.Tensor) -> tuple:
+        """K and V of tokens by slot: two ``[n, kv_heads, head_dim]`` tensors (copies)."""
+        slots = torch.as_tensor(slots, dtype=torch.int64, device=self.device)
+        return (self.k.view(-1, self.kv_heads, self.head_dim)[slots],
+                self.v.view(-1, self.kv_heads, self.head_dim)[slots])
