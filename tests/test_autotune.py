@@ -48,7 +48,7 @@ from iomodel.gpus import BUILTIN  # noqa: E402
 
 H100, H200, A100 = BUILTIN["h100"], BUILTIN["h200"], BUILTIN["a100"]
 TREE = star(20, 4000, 200)  # fewshot_b20_P4000_L200
-KEY = "q32-n8192-s16-g4-d128-float16"
+KEY = "q32-n8192-s16-h8-g4-d128-float16"
 TILE = TileConfig(32, 64, 8, 3, 1)
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 """Where kernels run: compiled Triton takes CUDA tensors, the interpreter CPU ones."""
@@ -96,16 +96,17 @@ def test_anchor_buckets_are_distinct_and_round_trip():
 
 def test_bucket_rounding_distance_and_nearest():
     b = bucket_of(star(20, 4000, 200))
-    assert (b.queries, b.tokens, b.sharing, b.gqa, b.head_dim, b.dtype) == (
-        32, 8192, 16, 4, 128, "float16")
+    assert (b.queries, b.tokens, b.sharing, b.kv_heads, b.gqa, b.head_dim, b.dtype) == (
+        32, 8192, 16, 8, 4, 128, "float16")
     assert bucket_of(star(17, 3000, 200)).queries == 32  # 17..32 queries share a bucket
-    other = Bucket(64, 16384, 16, 4, 128, "float16")
+    other = Bucket(64, 16384, 16, 8, 4, 128, "float16")
     assert b.distance(other) == 2
-    assert b.distance(Bucket(32, 8192, 16, 8, 128, "float16")) is None  # GQA differs
+    assert b.distance(Bucket(32, 8192, 16, 4, 8, 128, "float16")) is None  # GQA differs
+    assert b.distance(Bucket(32, 8192, 16, 1, 4, 128, "float16")) is None  # KV heads differ
     assert nearest(b, [other.key, "garbage"]) == (other.key, 2)
-    far = Bucket(256, 8192, 16, 4, 128, "float16")
+    far = Bucket(256, 8192, 16, 8, 4, 128, "float16")
     assert b.distance(far) > MAX_DISTANCE and nearest(b, [far.key]) is None
-    for bad in ("q3-n8-s1-g4-d128-float16", "q32-n8192"):
+    for bad in ("q3-n8-s1-g4-d128-float16", "q32-n8192", "q32-n8192-s16-h0-g4-d128-float16"):
         with pytest.raises(ValueError):
             Bucket.parse(bad)
 
@@ -253,11 +254,18 @@ def test_corrupted_tables_warn_and_read_as_none(tmp_path, content):
         assert read_table(path) is None
 
 
-def test_measured_tables_of_other_versions_are_refused(tmp_path):
+def test_measured_tables_of_other_versions_keep_their_sizes_and_drop_their_tiles(tmp_path):
     old = {"torch": "1.13.0", "triton": "2.0.0", "cuda": "11.8"}
     write_table(table(versions=old), tmp_path / "m.json")
-    with pytest.warns(TunedConfigWarning, match="measured with torch 1.13 / triton 2.0"):
-        assert read_table(tmp_path / "m.json") is None
+    with pytest.warns(TunedConfigWarning, match="measured with torch 1.13 / triton 2.0.*its "
+                                                "tiles dropped"):
+        read = read_table(tmp_path / "m.json")
+    assert read.strategies["deft_flatten"][KEY]["chosen"]["chunk_size"] == 1024
+    assert read.strategies["deft_flatten"][KEY]["chosen"]["tile"] is None
+    write_configs(table(versions=old), tmp_path / "c.json")
+    with pytest.warns(TunedConfigWarning, match="its tiles dropped"):
+        configs = read_configs(tmp_path / "c.json")
+    assert configs.entry("deft_flatten", bucket_of(TREE)) == (KEY, (1024, None, None))
     write_table(table(source="predicted", tile=None, versions=old), tmp_path / "p.json")
     assert read_table(tmp_path / "p.json") is not None  # predictions hold across versions
 
