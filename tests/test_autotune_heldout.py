@@ -2,6 +2,7 @@
 measurement) and the latency model's refit to size sweeps (synthetic records), on a CPU."""
 
 import dataclasses
+import importlib
 import json
 import warnings
 
@@ -242,3 +243,28 @@ def test_refit_needs_tuning_trees_and_writes_a_fit(tmp_path):
     fit = json.loads(out.read_text())
     assert fit["format"] == "deft-refit/1" and fit["card"] == H200.name
     assert "held_out" in result.output and "goals" in result.output
+
+
+def test_predict_ranks_with_the_h200_refit_and_states_its_error(monkeypatch, tmp_path):
+    calibrate_module = importlib.import_module("harness.bench.calibrate")  # not the function
+    fits = tmp_path / "fits"
+    monkeypatch.setattr(calibrate_module, "FITS_DIR", fits)
+    monkeypatch.setattr("autotune.tune.detect_device", lambda: None)
+    calibrate_module.write_fit({"format": "deft-refit/1", "card": H200.name, "constants": TRUE,
+                                "held_out": {"median_abs_err": 0.1, "worst_err": -0.25,
+                                             "min_spearman": 0.85}})
+    assert (fits / "nvidia-h200.json").is_file()
+    result = CliRunner().invoke(main, ["autotune", "--gpu", "a100", "--predict", "--workloads",
+                                       "fewshot_b20_P4000_L200", "--output", str(tmp_path)])
+    assert result.exit_code == 0, result.output
+    log = store.read_table(tmp_path / "logs" / "nvidia-a100-sxm4-80gb.predicted.json")
+    assert log.source == "predicted"
+    assert log.settings["model"] == {"fitted_on": H200.name, "constants": TRUE,
+                                     "held_out_median_abs_err": 0.1, "held_out_worst_err": -0.25,
+                                     "held_out_min_spearman": 0.85}
+    entry = log.strategies["deft_flatten"]["q32-n8192-s16-h8-g4-d128-float16"]
+    a100 = dataclasses.replace(BUILTIN["a100"], calibration=TRUE)
+    chosen = build_plan("deft_flatten", TREE, entry["chosen"]["chunk_size"],
+                        entry["chosen"]["group_size"], 16)
+    assert entry["chosen"]["predicted_us"] == pytest.approx(
+        predict_latency(chosen, a100)["predicted_us"])
