@@ -18,8 +18,8 @@
 # results are still written. --dry-run prints the commands and checks the workloads parse (CPU).
 # Writes under $OUT (default autotune-out/), 8 files:
 #   env.txt                   the card and versions
-#   <device>.json             the chosen configs (copy to deft/kernels/configs/, commit)
-#   logs/<device>.json        every candidate (copy to autotune/logs/, commit)
+#   configs/<device>.json     the chosen configs (copy to deft/kernels/configs/, commit)
+#   configs/logs/<device>.json every candidate (copy to autotune/logs/, commit)
 #   tune.log                  progress and the chosen configs
 #   heldout.json, heldout.log tuned / best per tree and shape, and every size measured
 #                             (deft-sweep/1: the refit's records)
@@ -40,10 +40,10 @@ while [ $# -gt 0 ]; do
 done
 fit_trees=fewshot_b20_P4000_L200,spec_t64_P4000,long_P20000_q64_L100
 tune=(python3 -m cli autotune --gpu auto --heads 32/8,16/2,8/1,4/1 --no-tiles
-      --budget-s $(( budget / 3 )) --output "$out/" ${extra[@]+"${extra[@]}"})
+      --budget-s $(( budget / 3 )) --output "$out/configs/" ${extra[@]+"${extra[@]}"})
 if [ $dry -eq 1 ]; then
   echo "${tune[*]}"
-  echo "DEFT_TUNED_CONFIGS=$out python3 -m cli autotune --gpu auto --held-out --heads 32/8,4/1,16/2,8/1 --fit-trees $fit_trees --budget-s LEFT --report $out/heldout.json"
+  echo "DEFT_TUNED_CONFIGS=$out/configs python3 -m cli autotune --gpu auto --held-out --heads 32/8,4/1,16/2,8/1 --fit-trees $fit_trees --budget-s LEFT --report $out/heldout.json"
   echo "python3 -m cli autotune --refit $out/heldout.json --report $out/refit.json"
   exec python3 -c "
 from autotune.heldout import HELD_OUT, shaped
@@ -73,7 +73,7 @@ echo "== tune took $(( $(date +%s) - start )) s" >&2
 left=$(( budget - ($(date +%s) - start) - 45 ))
 if [ $left -gt 10 ]; then
   echo "== held out (budget $left s)" >&2
-  DEFT_TUNED_CONFIGS="$out" python3 -m cli autotune --gpu auto --held-out \
+  DEFT_TUNED_CONFIGS="$out/configs" python3 -m cli autotune --gpu auto --held-out \
     --heads 32/8,4/1,16/2,8/1 --fit-trees "$fit_trees" --budget-s "$left" \
     --report "$out/heldout.json" 2>&1 | tee "$out/heldout.log" || status=1
 else

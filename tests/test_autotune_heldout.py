@@ -268,3 +268,26 @@ def test_predict_ranks_with_the_h200_refit_and_states_its_error(monkeypatch, tmp
                         entry["chosen"]["group_size"], 16)
     assert entry["chosen"]["predicted_us"] == pytest.approx(
         predict_latency(chosen, a100)["predicted_us"])
+
+
+def test_cli_held_out_then_refit_end_to_end(monkeypatch, tmp_path):
+    monkeypatch.setattr("autotune.tune.detect_device", lambda: DEVICE)
+    monkeypatch.setattr("autotune.measure.workbenches", lambda dtype: FakeBench)
+    report = tmp_path / "heldout.json"
+    result = CliRunner().invoke(main, [
+        "autotune", "--gpu", "auto", "--held-out", "--heads", "4/1", "--fit-trees",
+        "fewshot_b20_P4000_L200", "--report", str(report)])
+    assert result.exit_code == 0, result.output
+    data = json.loads(report.read_text())
+    roles = [row["role"] for row in data["rows"]]
+    assert roles == ["held_out"] * len(heldout.HELD_OUT) + ["tuning"] and data["complete"]
+    assert all(row["rung"] == "fill" and row["heads"] == [4, 1] for row in data["rows"])
+    assert data["summary"]["held_out"]["compared"] == len(heldout.HELD_OUT)
+    assert "held_out:" in result.output and "tuning:" in result.output
+    fit_path = tmp_path / "fit.json"
+    refit = CliRunner().invoke(main, ["autotune", "--refit", str(report), "--report",
+                                      str(fit_path)])
+    assert refit.exit_code == 0, refit.output
+    fit = json.loads(fit_path.read_text())
+    assert fit["tuning"]["points"] == len(data["rows"][-1]["sizes"])
+    assert set(fit["held_out"]["spearman"]) == {f"{w}@4/1" for w in heldout.HELD_OUT}
