@@ -35,6 +35,7 @@ from deft.kernels import tuned as tuned_module  # noqa: E402
 from deft.kernels.buckets import MAX_DISTANCE, Bucket, bucket_of, nearest  # noqa: E402
 from harness.timing import WallTimer  # noqa: E402
 from deft.kernels.partials import TileConfig  # noqa: E402
+from autotune.heldout import with_heads  # noqa: E402
 from deft.kernels.tuned import (  # noqa: E402
     Configs,
     TunedConfigWarning,
@@ -380,6 +381,18 @@ def test_search_measures_top_k_then_tiles_then_leaders():
     assert entry["speedup"] == pytest.approx(entry["default"]["us"] / entry["chosen"]["us"])
     assert {c["stage"] for c in entry["candidates"]} == {"sizes", "tiles", "chunks"}
     assert t.source == "measured" and t.tuning_s > 0 and t.settings["top_k"] == 4
+
+
+def test_sizes_only_keeps_the_kernel_tile_and_tunes_each_head_shape():
+    FakeBench.made.clear()
+    shapes = [("w@32/8", TREE), ("w@4/1", with_heads(TREE, 4, 1))]
+    t = tune.autotune(shapes, ["deft_flatten"], H100, device(H100), FakeBench, tiles=False)
+    assert set(t.strategies["deft_flatten"]) == {KEY, "q32-n8192-s16-h1-g4-d128-float16"}
+    for (_, tree), entry in zip(shapes, t.strategies["deft_flatten"].values()):
+        assert {c["stage"] for c in entry["candidates"]} <= {"sizes", "chunks"}
+        tile = default_candidate("deft_flatten", tree).tile
+        assert all(Candidate.from_dict(c).tile == tile for c in entry["candidates"])
+    assert t.settings["tiles"] is False
 
 
 def test_exhaustive_measures_everything_and_budget_skips_tiles():
