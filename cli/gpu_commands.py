@@ -191,7 +191,7 @@ def replay_command(workload, method_list, max_steps, layers, e2e, e2e_steps, dty
                    "fits on them).")
 @click.option("--check", "check", is_flag=True,
               help="Instead of tuning: whether the table on this machine still holds (its "
-                   "choices within 5%% of a small sweep on a few trees).")
+                   "choices within 5% of a small sweep on a few trees).")
 @click.option("--refit", "refit_paths", metavar="SWEEP.json,...",
               help="Instead of tuning (no GPU needed): fit the latency model to --held-out "
                    "sweeps, judged on their held-out trees; writes iomodel/fits/<card>.json.")
@@ -210,6 +210,7 @@ def autotune_command(gpu, workload_list, heads_list, strategies, budget_s, exhau
     not the one asked for, unless --predict, and when --predict would replace a measured
     table. --held-out, --check and --refit judge a table and refit the IO model instead.
     """
+    import dataclasses
     from pathlib import Path
 
     from autotune import evaluation, heldout, store, tune
@@ -238,6 +239,9 @@ def autotune_command(gpu, workload_list, heads_list, strategies, budget_s, exhau
     try:
         shapes = evaluation.parse_heads(heads_list) if heads_list else None
         spec, device = tune.resolve_card(gpu, predict)
+        fit = evaluation.fit_for(spec.name)
+        if fit is not None:  # the IO model ranks with the refit (docs/iomodel.md, "Refit")
+            spec = dataclasses.replace(spec, calibration=fit["constants"])
         workloads = [(w.text, w.tree()) for w in parse_workloads(workload_list)]
         if shapes:
             workloads = heldout.shaped(workloads, shapes)
@@ -266,8 +270,7 @@ def autotune_command(gpu, workload_list, heads_list, strategies, budget_s, exhau
     except ValueError as error:
         fail(str(error))
     if predict:
-        table = tune.predict(workloads, names, spec, device, dtype=DTYPES[dtype],
-                             fit=evaluation.fit_for(spec.name))
+        table = tune.predict(workloads, names, spec, device, dtype=DTYPES[dtype], fit=fit)
     else:
         with ProgressBar(stderr) as reporter:
             table = tune.autotune(workloads, names, spec, device, workbenches(DTYPES[dtype]),
