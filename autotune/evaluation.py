@@ -8,7 +8,15 @@ import json
 import time
 from pathlib import Path
 
-from autotune.heldout import CHECK_TREES, HELD_OUT, evaluate, full_sweep, result, shaped, small_sweep
+from autotune.heldout import (
+    CHECK_TREES,
+    HELD_OUT,
+    evaluate,
+    full_sweep,
+    result,
+    shaped,
+    small_sweep,
+)
 from autotune.measure import PAGE_SIZE
 from autotune.tune import Reporter
 from deft.kernels.fill import PROGRAMS_PER_SM

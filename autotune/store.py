@@ -96,7 +96,7 @@ class Table:
 
     @classmethod
     def from_dict(cls, data) -> "Table":
-        """Parse and check a log dict; raises `deft.kernels.tuned.TableError` naming the first
+        """Parse and check a log dict; raises `deft.kernels.table_format.TableError` naming the first
         problem."""
         check_table(data, FORMAT, lambda entry: entry.get("chosen"), ".chosen")
         known = {f.name for f in dataclasses.fields(cls)}

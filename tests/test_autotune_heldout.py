@@ -16,7 +16,8 @@ from autotune.measure import Measurement
 from autotune.space import Candidate, default_tile
 from autotune.store import Table, write_configs
 from cli import main
-from deft.kernels import fill, tuned as tuned_module
+from deft.kernels import fill
+from deft.kernels import tuned as tuned_module
 from deft.kernels.buckets import Bucket, bucket_of
 from deft.kernels.tuned import TunedConfigWarning, tuned_config
 from deft.plan import build_plan

@@ -54,7 +54,7 @@ import torch
 from deft.kernels.buckets import Bucket, bucket_of, nearest
 from deft.kernels.fill import fill_chunk, resident_programs
 from deft.kernels.partials import TileConfig
-from deft.kernels.table_format import SOURCES, TableError, check_table
+from deft.kernels.table_format import TableError, check_table
 from deft.plan import build_plan, check_parameters
 from deft.strategies import USES_CHUNK_SIZE
 from deft.tree import Tree
