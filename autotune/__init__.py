@@ -7,7 +7,10 @@
 - `autotune.store`: the files it writes: the chosen configs that `deft.TreeAttention` reads
   (`deft.kernels.tuned`, ``deft/kernels/configs/<card>.json``) and the log of every candidate
   (``autotune/logs/<card>.json``);
-- `autotune.quality`: tuned against exhaustive, IO-model ranking against measured.
+- `autotune.quality`: tuned against exhaustive, IO-model ranking against measured;
+- `autotune.heldout`: the tuned choice against a size sweep on held-out trees and head shapes
+  (``--held-out``, ``--check``), whose records the latency model is refitted to;
+- `autotune.evaluation`: those runs and the refit as ``deft-cli autotune`` calls them.
 
 The core never imports this package: `deft.kernels.tuned` reads the tables at run time.
 """

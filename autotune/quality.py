@@ -11,7 +11,7 @@ table's tuned config for the workload's bucket. Reported:
   times over the sizes (`scipy.stats.spearmanr`; goal >= 0.8);
 - the table's own ``tuning_s`` (goal < 180 s for the default workload set).
 
-Run on the GPU (scripts/autotune_gpu.sh)::
+Run on the GPU (the tuning trees; `autotune.heldout` judges trees outside them)::
 
     python -m autotune.quality --table autotune/logs/nvidia-h100-80gb-hbm3.json --json q.json
 """

@@ -15,7 +15,7 @@ For one card and source, ``deft-cli autotune`` writes (`write_tuned`):
      "device": {"name": "NVIDIA H100 80GB HBM3", "capability": [9, 0], "sm_count": 132},
      "versions": {"torch": "2.11.0", "triton": "3.6.0", "cuda": "13.0"},
      "date": "2025-05-01T12:00:00Z", "tuning_s": 141.2, "settings": {...},
-     "strategies": {"deft_flatten": {"q64-n32768-s64-g4-d128-float16": {
+     "strategies": {"deft_flatten": {"q64-n32768-s64-h8-g4-d128-float16": {
          "workload": "long_P20000_q64_L100",
          "chosen": {"chunk_size": 2048, "group_size": null, "tile": {"block_m": 64, ...},
                     "us": 41.0, "predicted_us": 60.4},
@@ -29,7 +29,8 @@ For one card and source, ``deft-cli autotune`` writes (`write_tuned`):
 the card's spec, ``tile`` null: the kernel's own); one file is never both, and a predicted table
 never replaces a measured one (`check_writable`). Writes are atomic (a temporary file, then
 `os.replace`). Reading follows `deft.kernels.tuned.load_table`: never raises, skips with a
-warning what is malformed or measured with other torch or triton versions.
+warning what is malformed, and reads a table measured with other torch or triton versions with
+its tiles dropped (and a one-line warning).
 """
 
 from __future__ import annotations
@@ -95,11 +96,18 @@ class Table:
 
     @classmethod
     def from_dict(cls, data) -> "Table":
-        """Parse and check a log dict; raises `deft.kernels.tuned.TableError` naming the first
+        """Parse and check a log dict; raises `deft.kernels.table_format.TableError` naming the first
         problem."""
         check_table(data, FORMAT, lambda entry: entry.get("chosen"), ".chosen")
         known = {f.name for f in dataclasses.fields(cls)}
         return cls(**{k: v for k, v in data.items() if k in known})
+
+    def without_tiles(self) -> "Table":
+        """The same log with every chosen tile dropped to the kernel's own (null)."""
+        return dataclasses.replace(self, strategies={
+            strategy: {key: {**entry, "chosen": {**entry["chosen"], "tile": None}}
+                       for key, entry in buckets.items()}
+            for strategy, buckets in self.strategies.items()})
 
     def entry(self, strategy: str, bucket: Bucket) -> tuple[str, dict, int] | None:
         """The entry of the bucket nearest to `bucket` (`deft.kernels.buckets.nearest`):

@@ -27,6 +27,7 @@ tile: a table marked ``"source": "predicted"``.
 
 from __future__ import annotations
 
+import dataclasses
 import statistics
 import time
 
@@ -143,7 +144,7 @@ def resolve_card(gpu: str, predict: bool = False) -> tuple:
 
 def autotune(workloads, strategies, gpu: GpuSpec, device: dict, make_bench, *,
              budget_s: float = 150.0, exhaustive: bool = False, top_k: int = TOP_K,
-             dtype=torch.float16, reporter: Reporter | None = None) -> Table:
+             tiles: bool = True, dtype=torch.float16, reporter: Reporter | None = None) -> Table:
     """Measure and choose a config per strategy and bucket.
 
     Parameters
@@ -163,6 +164,9 @@ def autotune(workloads, strategies, gpu: GpuSpec, device: dict, make_bench, *,
         Soft time budget of the whole run, seconds.
     exhaustive : bool
     top_k : int
+    tiles : bool
+        Whether step 2 (the tile descent) runs; without it every candidate keeps the kernel's
+        tile (a quick run: one compilation per head shape).
     dtype : torch.float16 or torch.bfloat16
         Of the measured inputs (and of the trees' buckets).
     reporter : Reporter, optional
@@ -177,7 +181,7 @@ def autotune(workloads, strategies, gpu: GpuSpec, device: dict, make_bench, *,
     jobs = _jobs(workloads, strategies, dtype, reporter)
     table = Table("measured", device, current_versions(), settings=_settings(
         workloads, strategies, dtype, budget_s=budget_s, exhaustive=exhaustive, top_k=top_k,
-        rounds=ROUNDS, leader_rounds=LEADER_ROUNDS, leaders=LEADERS))
+        tiles=tiles, rounds=ROUNDS, leader_rounds=LEADER_ROUNDS, leaders=LEADERS))
     for done, (strategy, name, tree) in enumerate(jobs):
         left = budget_s - (time.perf_counter() - start)
         deadline = time.perf_counter() + max(0.0, left) / (len(jobs) - done)
@@ -188,7 +192,7 @@ def autotune(workloads, strategies, gpu: GpuSpec, device: dict, make_bench, *,
         try:
             entry = tune_workload(strategy, name, tree, gpu, make_bench, top_k=top_k,
                                   exhaustive=exhaustive, deadline=deadline, reporter=reporter,
-                                  seeds=seeds)
+                                  seeds=seeds if tiles else (), tiles=tiles)
         except Exception as error:  # noqa: BLE001 - one failing job never stops the run
             reporter.log(f"  failed: {type(error).__name__}: {error}")
             continue
@@ -208,10 +212,10 @@ def neighbour_chunks(chunk: int, steps: int = CHUNK_STEPS) -> list[int]:
 
 
 def tune_workload(strategy, name, tree, gpu, make_bench, *, top_k=TOP_K, exhaustive=False,
-                  deadline=float("inf"), reporter=None, seeds=()) -> dict:
-    """Steps 1-3 (module docstring) on one tree: the bucket's table entry. `seeds` (configs
+                  deadline=float("inf"), reporter=None, seeds=(), tiles=True) -> dict:
+    """Steps 1-4 (module docstring) on one tree: the bucket's table entry. `seeds` (configs
     stored for the bucket, e.g. a sibling card's) are measured with the sizes, so the tile
-    descent starts from the best of both."""
+    descent starts from the best of both; without `tiles` step 2 is skipped."""
     reporter = reporter or Reporter()
     start = time.perf_counter()
     ranked = rank_sizes(strategy, tree, gpu, PAGE_SIZE)
@@ -238,7 +242,7 @@ def tune_workload(strategy, name, tree, gpu, make_bench, *, top_k=TOP_K, exhaust
             run([Candidate(*best.sizes, tile) for tile in space], "tiles")
         else:
             current = best.tile
-            for knobs in DESCENT:
+            for knobs in DESCENT if tiles else ():
                 if time.perf_counter() > deadline:
                     break
                 times = run([Candidate(*best.sizes, t) for t in neighbours(current, knobs, space)],
@@ -286,15 +290,22 @@ def tune_workload(strategy, name, tree, gpu, make_bench, *, top_k=TOP_K, exhaust
 
 
 def predict(workloads, strategies, gpu: GpuSpec, device: dict, *,
-            dtype=torch.float16) -> Table:
+            dtype=torch.float16, fit: dict | None = None) -> Table:
     """The IO model's ranking of every strategy's sizes per bucket: a predicted table.
 
     The chosen config of a bucket is the fastest predicted; its ``tile`` is null (the kernel's
-    own), and every ranked size is listed with its prediction.
+    own), and every ranked size is listed with its prediction. With `fit` (a ``deft-refit/1``
+    result, `harness.bench.calibrate.calibrate_sweep`, of this card or another) the model runs
+    with its constants, and the table's ``settings.model`` says which card they were fitted on
+    and the error they have there on held-out trees.
     """
     jobs = _jobs(workloads, strategies, dtype, Reporter())
+    extra = {}
+    if fit is not None:
+        gpu = dataclasses.replace(gpu, calibration=fit["constants"])
+        extra["model"] = model_note(fit)
     table = Table("predicted", device, current_versions(),
-                  settings=_settings(workloads, strategies, dtype))
+                  settings=_settings(workloads, strategies, dtype, **extra))
     for strategy, name, tree in jobs:
         ranked = rank_sizes(strategy, tree, gpu, PAGE_SIZE)
         by_sizes = {r.sizes: r for r in ranked}
@@ -314,6 +325,16 @@ def predict(workloads, strategies, gpu: GpuSpec, device: dict, *,
             "candidates": [{**config(r), "predicted_rank": r.rank} for r in ranked],
         }
     return table
+
+
+def model_note(fit: dict) -> dict:
+    """What a predicted table records of the refit it ranked with: the card it was fitted on
+    and its error there on held-out trees (None where the fit had none)."""
+    held = fit.get("held_out") or {}
+    return {"fitted_on": fit["card"], "constants": fit["constants"],
+            "held_out_median_abs_err": held.get("median_abs_err"),
+            "held_out_worst_err": held.get("worst_err"),
+            "held_out_min_spearman": held.get("min_spearman")}
 
 
 def _jobs(workloads, strategies, dtype, reporter) -> list:

@@ -221,19 +221,26 @@ def replay_command(workload, method_list, step_range, max_steps, layers, e2e, e2
 
 # ---------------------------------------------------------------------------- autotune
 @main.command("autotune")
-@click.option("--gpu", required=True, type=click.Choice(["a100", "h100", "h200", "auto"]),
+@click.option("--gpu", type=click.Choice(["a100", "h100", "h200", "auto"]),
               help="The card to tune; it must be the one present (auto: whichever is), "
-                   "unless --predict.")
+                   "unless --predict. Required but with --refit.")
 @click.option("--workloads", "workload_list", default="all", show_default=True,
               help="As for bench: anchors, tree.json paths, run steps, trees, comma-separated; "
                    "all = the six anchors. Each stands for its tree's bucket.")
+@click.option("--heads", "heads_list", metavar="Q/KV,...",
+              help="Tune (or evaluate) every workload at each of these head shapes, e.g. "
+                   "32/8,16/2,8/1,4/1 (default: the workloads' own; --held-out and --check: "
+                   "all four).")
 @click.option("--strategies", default="deft_flatten", show_default=True,
               help="Kernel strategies, comma-separated; all = every one with a kernel.")
 @click.option("--budget-s", type=click.FloatRange(min=0), default=150, show_default=True,
-              help="Soft time budget of the measurements, seconds, shared by the buckets.")
+              help="Soft time budget of the measurements, seconds, shared by the buckets "
+                   "(--held-out, --check: no tree is started past it).")
 @click.option("--exhaustive", is_flag=True,
               help="Measure every size and every tile that fits at the best size (slow), "
                    "instead of the IO model's top 8 sizes and a tile descent.")
+@click.option("--tiles/--no-tiles", default=True, show_default=True,
+              help="Whether the tile descent runs (--no-tiles: sizes only, the kernel's tile).")
 @click.option("--dtype", type=click.Choice(["fp16", "bf16"]), default="fp16", show_default=True)
 @click.option("--output", metavar="PATH",
               help="Configs file (its log goes to logs/ beside it), or a directory for "
@@ -242,10 +249,25 @@ def replay_command(workload, method_list, step_range, max_steps, layers, e2e, e2
 @click.option("--predict", is_flag=True,
               help="Rank with the IO model on the card's spec instead of measuring (no GPU "
                    "needed): a table marked predicted, <device>.predicted.json; never over "
-                   "a measured one.")
+                   "a measured one. Uses the card's refit (iomodel/fits/), else the H200's.")
+@click.option("--held-out", "held_out", is_flag=True,
+              help="Instead of tuning: the tuned choice against a chunk x group sweep on the "
+                   "held-out trees (autotune.heldout.HELD_OUT), tuned / best per tree.")
+@click.option("--fit-trees", "fit_trees", metavar="LIST",
+              help="With --held-out: also sweep these workloads, as tuning trees (the refit "
+                   "fits on them).")
+@click.option("--check", "check", is_flag=True,
+              help="Instead of tuning: whether the table on this machine still holds (its "
+                   "choices within 5% of a small sweep on a few trees).")
+@click.option("--refit", "refit_paths", metavar="SWEEP.json,...",
+              help="Instead of tuning (no GPU needed): fit the latency model to --held-out "
+                   "sweeps, judged on their held-out trees; writes iomodel/fits/<card>.json.")
+@click.option("--report", "report_path", metavar="OUT.json",
+              help="Where --held-out, --check and --refit write their JSON.")
 @click.option("--json", "as_json", is_flag=True, help="Print the table as JSON.")
-def autotune_command(gpu, workload_list, strategies, budget_s, exhaustive, dtype, output,
-                     predict, as_json):
+def autotune_command(gpu, workload_list, heads_list, strategies, budget_s, exhaustive, tiles,
+                     dtype, output, predict, held_out, fit_trees, check, refit_paths,
+                     report_path, as_json):
     """Tune chunk size, group size and tiles per tree bucket on this GPU, and write the table
     deft.TreeAttention reads (docs/autotune.md).
 
@@ -253,26 +275,60 @@ def autotune_command(gpu, workload_list, strategies, budget_s, exhaustive, dtype
     copies, interleaved rounds), then tiles, then the leaders re-timed against the defaults.
     Progress goes to stderr, the chosen configs to stdout. Exits 2 when the GPU present is
     not the one asked for, unless --predict, and when --predict would replace a measured
-    table.
+    table. --held-out, --check and --refit judge a table and refit the IO model instead.
     """
+    import dataclasses
     from pathlib import Path
 
-    from autotune import store, tune
+    from autotune import evaluation, heldout, store, tune
     from autotune.measure import workbenches
     from autotune.report import ProgressBar, autotune_table
     from harness.bench import DTYPES, parse_workloads
     from deft.strategies import KERNEL_STRATEGIES as KERNELS
 
+    if report_path and not os.path.isdir(os.path.dirname(os.path.abspath(report_path))):
+        fail(f"{report_path}: its directory does not exist")
+    if refit_paths:
+        try:
+            fit = evaluation.refit([Path(p) for p in refit_paths.split(",") if p.strip()],
+                                   report_path)
+        except (OSError, ValueError, KeyError) as error:
+            fail(f"--refit: {error}")
+        click.echo(evaluation.fit_text(fit))
+        return
+    if gpu is None:
+        fail("--gpu is required (a100, h100, h200 or auto), except with --refit")
     names = list(KERNELS) if strategies.strip() == "all" else [
         s.strip() for s in strategies.split(",") if s.strip()]
     unknown = [s for s in names if s not in KERNELS]
     if unknown or not names:
         fail(f"unknown strategy {', '.join(unknown)!r}; choose from {', '.join(KERNELS)} or all")
     try:
+        shapes = evaluation.parse_heads(heads_list) if heads_list else None
         spec, device = tune.resolve_card(gpu, predict)
+        fit = evaluation.fit_for(spec.name)
+        if fit is not None:  # the IO model ranks with the refit (docs/iomodel.md, "Refit")
+            spec = dataclasses.replace(spec, calibration=fit["constants"])
         workloads = [(w.text, w.tree()) for w in parse_workloads(workload_list)]
+        if shapes:
+            workloads = heldout.shaped(workloads, shapes)
+        if held_out or check:
+            if predict:
+                raise ValueError("--held-out and --check measure: they do not take --predict")
+            with ProgressBar(stderr) as reporter:
+                result = evaluation.judge(
+                    "check" if check else "held_out", names[0], spec, device,
+                    workbenches(DTYPES[dtype]), DTYPES[dtype], shapes or heldout.HEAD_SHAPES,
+                    fit_trees=fit_trees, budget_s=budget_s, reporter=reporter)
     except (ValueError, OSError) as error:
         fail(str(error))
+    if held_out or check:
+        if report_path:
+            with open(report_path, "w") as file:
+                json.dump(result, file, indent=1)
+            stderr.print(f"wrote {report_path}", highlight=False)
+        click.echo(evaluation.judge_text(result, check))
+        return
     path = Path(output) if output else store.table_path(device["name"], predicted=predict)
     if path.is_dir() or output and output.endswith(("/", os.sep)):
         path = store.table_path(device["name"], path, predicted=predict)
@@ -281,11 +337,11 @@ def autotune_command(gpu, workload_list, strategies, budget_s, exhaustive, dtype
     except ValueError as error:
         fail(str(error))
     if predict:
-        table = tune.predict(workloads, names, spec, device, dtype=DTYPES[dtype])
+        table = tune.predict(workloads, names, spec, device, dtype=DTYPES[dtype], fit=fit)
     else:
         with ProgressBar(stderr) as reporter:
             table = tune.autotune(workloads, names, spec, device, workbenches(DTYPES[dtype]),
-                                  budget_s=budget_s, exhaustive=exhaustive,
+                                  budget_s=budget_s, exhaustive=exhaustive, tiles=tiles,
                                   dtype=DTYPES[dtype], reporter=reporter)
     configs, log = store.write_tuned(table, path)
     stderr.print(f"wrote {configs} ({table.source} configs) and {log} (log)", highlight=False)

@@ -1,64 +1,92 @@
 #!/usr/bin/env bash
-# The GPU run of docs/autotune.md: tune this card on the default workload set (the six
-# anchors), then judge the table (the quality study). Run from the repository root on the GPU
-# machine:
+# The GPU run of docs/autotune.md (issue #19), one call on a cold card, from the repository root:
 #
-#   OUT=/some/dir scripts/autotune_gpu.sh [tune] [quality] [-- extra deft-cli autotune options]
+#   OUT=/some/dir scripts/autotune_gpu.sh [--budget SECONDS] [--dry-run] [-- extra tune options]
 #
-# Default: both, tune first (about 3 + 2 minutes on an H100 with a cold Triton cache; one
-# 10-minute call). The spec anchors read the token trees shipped in deft/workloads/data/.
-# Writes under $OUT (default autotune-out/):
-#   env.txt                     the card and versions
-#   <device>.json               the chosen configs: copy it to deft/kernels/configs/, commit
-#   logs/<device>.json          every candidate (the quality study reads it): copy it to
-#                               autotune/logs/, commit
-#   autotune.txt, autotune.log  the chosen configs and the progress log
-#   autotune-quality.{json,txt} tuned vs exhaustive (within 5%?), IO-model vs measured
-#                               ranking (Spearman), the tuning time (docs/autotune.md, Quality)
+# 1. tune: DeFT-Flatten's sizes (chunk x group, the kernel's tile: --no-tiles) on the six
+#    anchors at each head shape 32/8, 16/2, 8/1, 4/1, fp16 (one kernel compilation per shape;
+#    bf16 would double it and does not fit the budget);
+# 2. held out: with that table, the tuned choice against a chunk x group sweep at its tile on
+#    the held-out trees (autotune.heldout.HELD_OUT) at 32/8, 4/1, 16/2, 8/1 (in that order, so
+#    a short budget keeps both ends), and the same sweep on three anchors as the refit's tuning
+#    trees;
+# 3. refit: the latency model fitted to the tuning trees' sweeps, judged on the held-out ones.
+#
+# --budget (default 390 s) bounds the whole run: the tuning gets a third of it (soft), the
+# sweeps what is left but 45 s (no tree is started past it), the refit the rest (killed at the
+# budget; re-run it anywhere with `python3 -m cli autotune --refit heldout.json`). Partial
+# results are still written. --dry-run prints the commands and checks the workloads parse (CPU).
+# Writes under $OUT (default autotune-out/), 8 files:
+#   env.txt                   the card and versions
+#   configs/<device>.json     the chosen configs (copy to deft/kernels/configs/, commit)
+#   configs/logs/<device>.json every candidate (copy to autotune/logs/, commit)
+#   tune.log                  progress and the chosen configs
+#   heldout.json, heldout.log tuned / best per tree and shape, and every size measured
+#                             (deft-sweep/1: the refit's records)
+#   refit.json, refit.log     fitted constants, error and Spearman on held-out trees
 set -uo pipefail
 
 out=${OUT:-autotune-out}
-mkdir -p "$out"
-steps=()
+budget=390
+dry=0
 extra=()
 while [ $# -gt 0 ]; do
   case $1 in
+    --budget) budget=$2; shift 2 ;;
+    --dry-run) dry=1; shift ;;
     --) shift; extra=("$@"); break ;;
-    tune|quality) steps+=("$1"); shift ;;
-    *) echo "usage: $0 [tune] [quality] [-- deft-cli autotune options]" >&2; exit 2 ;;
+    *) echo "usage: $0 [--budget SECONDS] [--dry-run] [-- deft-cli autotune options]" >&2; exit 2 ;;
   esac
 done
-[ ${#steps[@]} -eq 0 ] && steps=(tune quality)
+fit_trees=fewshot_b20_P4000_L200,spec_t64_P4000,long_P20000_q64_L100
+tune=(python3 -m cli autotune --gpu auto --heads 32/8,16/2,8/1,4/1 --no-tiles
+      --budget-s $(( budget / 3 )) --output "$out/configs/" ${extra[@]+"${extra[@]}"})
+if [ $dry -eq 1 ]; then
+  echo "${tune[*]}"
+  echo "DEFT_TUNED_CONFIGS=$out/configs python3 -m cli autotune --gpu auto --held-out --heads 32/8,4/1,16/2,8/1 --fit-trees $fit_trees --budget-s LEFT --report $out/heldout.json"
+  echo "python3 -m cli autotune --refit $out/heldout.json --report $out/refit.json"
+  exec python3 -c "
+from autotune.heldout import HELD_OUT, shaped
+from harness.bench import parse_workloads
+trees = shaped([(w.text, w.tree()) for w in parse_workloads(','.join(HELD_OUT) + ',$fit_trees')])
+print(len(trees), 'trees x shapes parse')"
+fi
 
 if ! python3 -c "import click, rich, scipy" 2> /dev/null; then
   echo "autotune needs click, rich and scipy: python3 -m pip install click rich scipy" >&2
   exit 2
 fi
+mkdir -p "$out"
+start=$(date +%s)
 {
   date -u
   nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.max.sm --format=csv 2>&1
   python3 -c "import torch, triton; print('torch', torch.__version__, 'cuda', torch.version.cuda, 'triton', triton.__version__)"
 } | tee "$out/env.txt"
-
 export COLUMNS=${COLUMNS:-180} PYTHONUNBUFFERED=1
 status=0
-for step in "${steps[@]}"; do
-  start=$(date +%s)
-  if [ "$step" = tune ]; then
-    echo "== deft-cli autotune --gpu auto" >&2
-    python3 -m cli autotune --gpu auto --output "$out/" ${extra[@]+"${extra[@]}"} \
-      2> >(tee "$out/autotune.log" >&2) | tee "$out/autotune.txt" || status=1
-  else
-    table=$(ls "$out"/logs/nvidia-*.json 2> /dev/null | head -n 1)
-    if [ -z "$table" ]; then
-      echo "quality: no $out/logs/nvidia-*.json yet (run tune first)" >&2
-      status=1
-      continue
-    fi
-    echo "== quality study of $table" >&2
-    python3 -m autotune.quality --table "$table" --json "$out/autotune-quality.json" \
-      2>&1 | tee "$out/autotune-quality.txt" || status=1
-  fi
-  echo "== $step took $(( $(date +%s) - start )) s" >&2
-done
+
+echo "== tune (budget $(( budget / 3 )) s)" >&2
+"${tune[@]}" > >(tee -a "$out/tune.log") 2> >(tee -a "$out/tune.log" >&2) || status=1
+echo "== tune took $(( $(date +%s) - start )) s" >&2
+
+left=$(( budget - ($(date +%s) - start) - 45 ))
+if [ $left -gt 10 ]; then
+  echo "== held out (budget $left s)" >&2
+  DEFT_TUNED_CONFIGS="$out/configs" python3 -m cli autotune --gpu auto --held-out \
+    --heads 32/8,4/1,16/2,8/1 --fit-trees "$fit_trees" --budget-s "$left" \
+    --report "$out/heldout.json" 2>&1 | tee "$out/heldout.log" || status=1
+else
+  echo "== held out skipped: $left s left" >&2
+fi
+echo "== held out done at $(( $(date +%s) - start )) s" >&2
+
+left=$(( budget - ($(date +%s) - start) ))
+if [ -f "$out/heldout.json" ] && [ $left -gt 5 ]; then
+  echo "== refit (at most $left s)" >&2
+  timeout "$left" python3 -m cli autotune --refit "$out/heldout.json" \
+    --report "$out/refit.json" 2>&1 | tee "$out/refit.log"
+  [ "${PIPESTATUS[0]}" -eq 124 ] && echo "refit cut at the budget: re-run it on any machine" >&2
+fi
+echo "== all took $(( $(date +%s) - start )) s" >&2
 exit $status

@@ -35,6 +35,7 @@ from deft.kernels import tuned as tuned_module  # noqa: E402
 from deft.kernels.buckets import MAX_DISTANCE, Bucket, bucket_of, nearest  # noqa: E402
 from harness.timing import WallTimer  # noqa: E402
 from deft.kernels.partials import TileConfig  # noqa: E402
+from autotune.heldout import with_heads  # noqa: E402
 from deft.kernels.tuned import (  # noqa: E402
     Configs,
     TunedConfigWarning,
@@ -48,7 +49,7 @@ from iomodel.gpus import BUILTIN  # noqa: E402
 
 H100, H200, A100 = BUILTIN["h100"], BUILTIN["h200"], BUILTIN["a100"]
 TREE = star(20, 4000, 200)  # fewshot_b20_P4000_L200
-KEY = "q32-n8192-s16-g4-d128-float16"
+KEY = "q32-n8192-s16-h8-g4-d128-float16"
 TILE = TileConfig(32, 64, 8, 3, 1)
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 """Where kernels run: compiled Triton takes CUDA tensors, the interpreter CPU ones."""
@@ -96,16 +97,17 @@ def test_anchor_buckets_are_distinct_and_round_trip():
 
 def test_bucket_rounding_distance_and_nearest():
     b = bucket_of(star(20, 4000, 200))
-    assert (b.queries, b.tokens, b.sharing, b.gqa, b.head_dim, b.dtype) == (
-        32, 8192, 16, 4, 128, "float16")
+    assert (b.queries, b.tokens, b.sharing, b.kv_heads, b.gqa, b.head_dim, b.dtype) == (
+        32, 8192, 16, 8, 4, 128, "float16")
     assert bucket_of(star(17, 3000, 200)).queries == 32  # 17..32 queries share a bucket
-    other = Bucket(64, 16384, 16, 4, 128, "float16")
+    other = Bucket(64, 16384, 16, 8, 4, 128, "float16")
     assert b.distance(other) == 2
-    assert b.distance(Bucket(32, 8192, 16, 8, 128, "float16")) is None  # GQA differs
+    assert b.distance(Bucket(32, 8192, 16, 4, 8, 128, "float16")) is None  # GQA differs
+    assert b.distance(Bucket(32, 8192, 16, 1, 4, 128, "float16")) is None  # KV heads differ
     assert nearest(b, [other.key, "garbage"]) == (other.key, 2)
-    far = Bucket(256, 8192, 16, 4, 128, "float16")
+    far = Bucket(256, 8192, 16, 8, 4, 128, "float16")
     assert b.distance(far) > MAX_DISTANCE and nearest(b, [far.key]) is None
-    for bad in ("q3-n8-s1-g4-d128-float16", "q32-n8192"):
+    for bad in ("q3-n8-s1-g4-d128-float16", "q32-n8192", "q32-n8192-s16-h0-g4-d128-float16"):
         with pytest.raises(ValueError):
             Bucket.parse(bad)
 
@@ -253,11 +255,18 @@ def test_corrupted_tables_warn_and_read_as_none(tmp_path, content):
         assert read_table(path) is None
 
 
-def test_measured_tables_of_other_versions_are_refused(tmp_path):
+def test_measured_tables_of_other_versions_keep_their_sizes_and_drop_their_tiles(tmp_path):
     old = {"torch": "1.13.0", "triton": "2.0.0", "cuda": "11.8"}
     write_table(table(versions=old), tmp_path / "m.json")
-    with pytest.warns(TunedConfigWarning, match="measured with torch 1.13 / triton 2.0"):
-        assert read_table(tmp_path / "m.json") is None
+    with pytest.warns(TunedConfigWarning, match="measured with torch 1.13 / triton 2.0.*its "
+                                                "tiles dropped"):
+        read = read_table(tmp_path / "m.json")
+    assert read.strategies["deft_flatten"][KEY]["chosen"]["chunk_size"] == 1024
+    assert read.strategies["deft_flatten"][KEY]["chosen"]["tile"] is None
+    write_configs(table(versions=old), tmp_path / "c.json")
+    with pytest.warns(TunedConfigWarning, match="its tiles dropped"):
+        configs = read_configs(tmp_path / "c.json")
+    assert configs.entry("deft_flatten", bucket_of(TREE)) == (KEY, (1024, None, None))
     write_table(table(source="predicted", tile=None, versions=old), tmp_path / "p.json")
     assert read_table(tmp_path / "p.json") is not None  # predictions hold across versions
 
@@ -372,6 +381,18 @@ def test_search_measures_top_k_then_tiles_then_leaders():
     assert entry["speedup"] == pytest.approx(entry["default"]["us"] / entry["chosen"]["us"])
     assert {c["stage"] for c in entry["candidates"]} == {"sizes", "tiles", "chunks"}
     assert t.source == "measured" and t.tuning_s > 0 and t.settings["top_k"] == 4
+
+
+def test_sizes_only_keeps_the_kernel_tile_and_tunes_each_head_shape():
+    FakeBench.made.clear()
+    shapes = [("w@32/8", TREE), ("w@4/1", with_heads(TREE, 4, 1))]
+    t = tune.autotune(shapes, ["deft_flatten"], H100, device(H100), FakeBench, tiles=False)
+    assert set(t.strategies["deft_flatten"]) == {KEY, "q32-n8192-s16-h1-g4-d128-float16"}
+    for (_, tree), entry in zip(shapes, t.strategies["deft_flatten"].values()):
+        assert {c["stage"] for c in entry["candidates"]} <= {"sizes", "chunks"}
+        tile = default_candidate("deft_flatten", tree).tile
+        assert all(Candidate.from_dict(c).tile == tile for c in entry["candidates"])
+    assert t.settings["tiles"] is False
 
 
 def test_exhaustive_measures_everything_and_budget_skips_tiles():

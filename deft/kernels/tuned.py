@@ -11,25 +11,32 @@ name in lower case with other characters as ``-``; ``deft-cli autotune`` writes 
      "device": {"name": "NVIDIA H200", "capability": [9, 0], "sm_count": 132},
      "versions": {"torch": "2.11.0", "triton": "3.6.0", "cuda": "13.0"},
      "date": "2026-11-26T10:17:13Z",
-     "strategies": {"deft_flatten": {"q64-n32768-s64-g4-d128-float16": {
+     "strategies": {"deft_flatten": {"q64-n32768-s64-h8-g4-d128-float16": {
          "chunk_size": 1024, "group_size": 16,
          "tile": {"block_m": 64, "block_n": 64, "num_warps": 4, ...}}}}}
 
-``tile`` null means the kernel's own (`deft.kernels.tile_config`). Lookup (`tuned_config`):
-the first rung with a config for the tree's bucket, or for the nearest stored bucket within
-`deft.kernels.buckets.MAX_DISTANCE`, answers:
+``tile`` null means the kernel's own (`deft.kernels.tile_config`). Bucket keys carry the
+head shape (`deft.kernels.buckets`; keys without KV heads read as tuned at 32 query heads).
+Lookup (`tuned_config`): the first rung with a config for the tree's bucket, or for the
+nearest stored bucket within `deft.kernels.buckets.MAX_DISTANCE`, answers:
 
 1. ``exact``: a table of this card (same device name), measured before predicted;
 2. ``sibling``: a table of another card of the same compute capability (an H200's on an H100),
    with a `TunedConfigWarning`;
-3. ``default``: the strategy's default sizes (chunk `deft.strategies.DEFAULT_CHUNK_SIZE` where
-   it takes one, no group cap) and the kernel's own tile, where no table applies or the device
-   is not CUDA.
+3. ``fill``: where no table applies and the card's programs are known (a CUDA device: its SM
+   count x `deft.kernels.fill.PROGRAMS_PER_SM`), the chunk that fills the machine
+   (`deft.kernels.fill.fill_chunk`), no group cap,
+   the kernel's own tile;
+4. ``default``: the strategy's default sizes (chunk `deft.strategies.DEFAULT_CHUNK_SIZE` where
+   it takes one, no group cap) and the kernel's own tile, where nothing else applies or the
+   device is not CUDA.
 
 The tables are read once per process, and each (strategy, bucket, card) is looked up once, so a
-`plan` pays a bucket and a dictionary look-up. Reading never raises: a corrupted table, one of
-another format, or a measured one from other torch or triton versions (major.minor: timings hold
-for the compiler that made the kernels) is skipped with a `TunedConfigWarning`.
+`plan` pays a bucket and a dictionary look-up. Reading never raises: a corrupted table or one of
+another format is skipped with a `TunedConfigWarning`. A measured table from other torch or
+triton versions (major.minor) is used with a one-line `TunedConfigWarning`: its sizes carry
+over (they follow the tree), its tiles are dropped to the kernel's own (they follow the
+compiler); ``deft-cli autotune --check`` re-measures whether it still holds.
 """
 
 from __future__ import annotations
@@ -45,14 +52,16 @@ from pathlib import Path
 import torch
 
 from deft.kernels.buckets import Bucket, bucket_of, nearest
+from deft.kernels.fill import fill_chunk, resident_programs
 from deft.kernels.partials import TileConfig
+from deft.kernels.table_format import TableError, check_table
 from deft.plan import build_plan, check_parameters
-from deft.strategies import STRATEGIES, USES_CHUNK_SIZE, USES_GROUP_SIZE
+from deft.strategies import USES_CHUNK_SIZE
 from deft.tree import Tree
 
 FORMAT = "deft-configs/1"
-SOURCES = ("measured", "predicted")
-RUNGS = ("exact", "sibling", "default")
+RUNGS = ("exact", "sibling", "fill", "default")
+
 
 CONFIG_DIR = Path(__file__).resolve().parent / "configs"
 """The shipped tables."""
@@ -61,19 +70,8 @@ CONFIG_ENV = "DEFT_TUNED_CONFIGS"
 """A directory of tables searched before the shipped ones (e.g. where ``deft-cli autotune
 --output`` wrote)."""
 
-_TILE_FIELDS = tuple(f.name for f in dataclasses.fields(TileConfig))
-_TILE_REQUIRED = ("block_m", "block_n", "num_warps", "num_stages", "programs_per_sm")
-"""Tile fields every stored tile holds, positive integers; the others (booleans, and
-``max_registers``, an integer >= 0) are optional: tables written before them mean the default."""
-_TILE_FLAGS = tuple(f.name for f in dataclasses.fields(TileConfig) if f.type in (bool, "bool"))
-
-
 class TunedConfigWarning(UserWarning):
     """A tuned table was skipped, or a config came from a sibling card or the defaults."""
-
-
-class TableError(ValueError):
-    """A table that does not follow its format; the message says where."""
 
 
 @dataclass(frozen=True)
@@ -141,6 +139,12 @@ class Configs:
         return cls(data["source"], data["device"], data["versions"], data["strategies"],
                    data.get("date"))
 
+    def without_tiles(self) -> "Configs":
+        """The same configs with every tile dropped to the kernel's own (null)."""
+        return dataclasses.replace(self, strategies={
+            strategy: {key: {**config, "tile": None} for key, config in buckets.items()}
+            for strategy, buckets in self.strategies.items()})
+
     def entry(self, strategy: str, bucket: Bucket) -> tuple[str, tuple] | None:
         """The config of the stored bucket nearest to `bucket` (`deft.kernels.buckets.nearest`):
         (its key, (chunk_size, group_size, TileConfig or None)), or None."""
@@ -175,8 +179,8 @@ def tuned_plan(strategy: str, tree: Tree, page_size: int, device: torch.device,
             return plan, len(plan.query_index)
 
     identity = _identity(device)
-    tuned = (tuned_config(strategy, tree, *identity) if identity is not None
-             else _defaults(strategy, bucket_of(tree).key))
+    tuned = (tuned_config(strategy, tree, *identity, programs=lambda: resident_programs(device))
+             if identity is not None else _defaults(strategy, bucket_of(tree).key))
     plan, entries = build(tuned.chunk_size, tuned.group_size)
     if tuned.rung != "default" and entries > max_entries:
         warnings.warn(f"{strategy}: the {tuned.rung} config (chunk {tuned.chunk_size}, group "
@@ -187,7 +191,8 @@ def tuned_plan(strategy: str, tree: Tree, page_size: int, device: torch.device,
     return plan, tuned
 
 
-def tuned_config(strategy: str, tree: Tree, device_name: str, capability) -> Tuned:
+def tuned_config(strategy: str, tree: Tree, device_name: str, capability,
+                 programs=None) -> Tuned:
     """The config for `strategy` on `tree` on the card `device_name` (rungs: module docstring).
 
     Parameters
@@ -198,8 +203,15 @@ def tuned_config(strategy: str, tree: Tree, device_name: str, capability) -> Tun
         As ``torch.cuda.get_device_name`` reports it.
     capability : (int, int)
         The card's compute capability (siblings share it).
+    programs : int or callable, optional
+        Resident programs of the card (`deft.kernels.fill.resident_programs`), or a callable
+        giving them, called only when no table applies; without it ``fill`` is skipped.
     """
-    return _lookup(strategy, bucket_of(tree), device_name, tuple(capability), config_dirs())
+    found = _lookup(strategy, bucket_of(tree), device_name, tuple(capability), config_dirs())
+    if found.rung != "default" or programs is None or strategy not in USES_CHUNK_SIZE:
+        return found
+    chunk = fill_chunk(strategy, tree, programs() if callable(programs) else programs)
+    return dataclasses.replace(found, chunk_size=chunk, rung="fill")
 
 
 def config_dirs() -> tuple[Path, ...]:
@@ -266,27 +278,34 @@ def read_configs(path, quiet: bool = False) -> Configs | None:
 
 def load_table(path, parse, quiet: bool = False):
     """``parse(the JSON at path)``, or None (with a `TunedConfigWarning` unless `quiet`) when the
-    file cannot be read, does not follow the format (`parse` raises TableError), or holds a
-    measured table of other torch or triton versions."""
+    file cannot be read or does not follow the format (`parse` raises TableError).
+
+    A measured table of other torch or triton versions is returned with its tiles dropped
+    (``table.without_tiles()``: sizes carry over, tiles do not), with a one-line
+    `TunedConfigWarning` unless `quiet`.
+    """
     try:
         table = parse(json.loads(Path(path).read_text()))
     except (OSError, UnicodeDecodeError, json.JSONDecodeError, TableError, TypeError) as error:
-        reason = f"unreadable ({type(error).__name__}: {error})"
-    else:
-        reason = version_mismatch(table.source, table.versions)
-        if reason is None:
-            return table
+        if not quiet:
+            warnings.warn(f"tuned table {path} ignored, falling back: unreadable "
+                          f"({type(error).__name__}: {error})", TunedConfigWarning, stacklevel=3)
+        return None
+    reason = version_mismatch(table.source, table.versions)
+    if reason is None:
+        return table
     if not quiet:
-        warnings.warn(f"tuned table {path} ignored, falling back: {reason}", TunedConfigWarning,
-                      stacklevel=3)
-    return None
+        warnings.warn(f"tuned table {path} {reason}: using its sizes, its tiles dropped to the "
+                      "kernel's own (deft-cli autotune --check re-measures it)",
+                      TunedConfigWarning, stacklevel=3)
+    return table.without_tiles()
 
 
 def version_mismatch(source: str, versions: dict) -> str | None:
     """Why a table does not apply to this torch and triton, or None.
 
-    A measured table must match them in major.minor; a predicted one depends on the IO model
-    alone and always applies.
+    A measured table's tiles hold for the torch and triton (major.minor) that compiled them; a
+    predicted one depends on the IO model alone and always applies.
     """
     if source != "measured":
         return None
@@ -313,86 +332,3 @@ def parse_config(config: dict) -> tuple:
     """(chunk_size, group_size, TileConfig or None) of a checked stored config."""
     tile = config.get("tile")
     return config["chunk_size"], config["group_size"], None if tile is None else TileConfig(**tile)
-
-
-def check_table(data, fmt: str, chosen=lambda entry: entry, at: str = "") -> None:
-    """Check a table dict of format `fmt`; raises TableError naming the first problem.
-
-    Parameters
-    ----------
-    data : object
-        The parsed JSON.
-    fmt : str
-        The ``format`` it must declare.
-    chosen : callable
-        ``chosen(entry)``: the config of a bucket's entry (the entry itself in a configs
-        table).
-    at : str
-        Where that config sits in the entry, for messages (e.g. ``.chosen``).
-    """
-    if not isinstance(data, dict):
-        raise TableError(f"a table must be a JSON object, got {type(data).__name__}")
-    if data.get("format") != fmt:
-        raise TableError(f"format is {data.get('format')!r}, expected {fmt!r}")
-    if data.get("source") not in SOURCES:
-        raise TableError(f"source must be one of {SOURCES}, got {data.get('source')!r}")
-    device = data.get("device")
-    if not (isinstance(device, dict) and isinstance(device.get("name"), str)
-            and _int_list(device.get("capability"), 2)):
-        raise TableError("device must hold a name and a [major, minor] capability")
-    versions = data.get("versions")
-    if not (isinstance(versions, dict) and all(isinstance(versions.get(k), (str, type(None)))
-                                               for k in ("torch", "triton", "cuda"))):
-        raise TableError("versions must hold torch, triton and cuda (text or null)")
-    strategies = data.get("strategies")
-    if not isinstance(strategies, dict):
-        raise TableError("strategies must be an object")
-    for strategy, buckets in strategies.items():
-        if strategy not in STRATEGIES:
-            raise TableError(f"unknown strategy {strategy!r}")
-        if not isinstance(buckets, dict):
-            raise TableError(f"strategies.{strategy} must be an object of buckets")
-        for key, entry in buckets.items():
-            try:
-                Bucket.parse(key)
-            except ValueError as error:
-                raise TableError(f"strategies.{strategy}: {error}") from None
-            where = f"strategies.{strategy}.{key}"
-            if not isinstance(entry, dict):
-                raise TableError(f"{where} must be an object")
-            config = chosen(entry)
-            _check_config(config, where + at)
-            if (config["chunk_size"] is not None and strategy not in USES_CHUNK_SIZE) or (
-                    config["group_size"] is not None and strategy not in USES_GROUP_SIZE):
-                raise TableError(f"{where}{at} gives a size {strategy} does not take")
-
-
-def _int_list(value, length: int) -> bool:
-    return (isinstance(value, list) and len(value) == length
-            and all(isinstance(v, int) and not isinstance(v, bool) for v in value))
-
-
-def _check_config(config, where: str) -> None:
-    """A stored config: chunk_size and group_size positive ints or null, tile null or a
-    TileConfig's fields (`_TILE_REQUIRED` positive ints, the optional ones as their type)."""
-    if not isinstance(config, dict):
-        raise TableError(f"{where} must be an object")
-    for key in ("chunk_size", "group_size"):
-        value = config.get(key, "missing")
-        if value is not None and not (isinstance(value, int) and not isinstance(value, bool)
-                                      and value > 0):
-            raise TableError(f"{where}.{key} must be a positive integer or null, got {value!r}")
-    tile = config.get("tile")
-    counts = [f for f in _TILE_FIELDS if f not in _TILE_REQUIRED + _TILE_FLAGS]
-
-    def is_int(value, least):
-        return isinstance(value, int) and not isinstance(value, bool) and value >= least
-
-    if tile is not None and not (
-            isinstance(tile, dict) and set(_TILE_REQUIRED) <= set(tile) <= set(_TILE_FIELDS)
-            and all(is_int(tile[f], 1) for f in _TILE_REQUIRED)
-            and all(is_int(tile[f], 0) for f in counts if f in tile)
-            and all(isinstance(tile[f], bool) for f in _TILE_FLAGS if f in tile)):
-        raise TableError(f"{where}.tile must be null or {{{', '.join(_TILE_REQUIRED)}}} as "
-                         f"positive integers, optionally with {', '.join(counts)} as integers "
-                         f">= 0 and {', '.join(_TILE_FLAGS)} as booleans")

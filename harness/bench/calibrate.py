@@ -12,11 +12,18 @@ constants: the fit uses finite differences and reports how well it does per stra
 
 The result carries a ``deft-gpu/1`` spec with the fitted ``calibration``: save it as a file
 and pass its path wherever a GPU spec is taken (`iomodel.resolve_gpu`).
+
+`calibrate_sweep` fits the same constants to size sweeps of the shipping kernel
+(``deft-sweep/1``, `autotune.heldout`: many chunk x group candidates per tree) on the tuning
+trees, and judges the fit on the held-out trees: median and worst error, and Spearman's rank
+correlation between predicted and measured candidates per tree (``deft-cli autotune
+--refit``; the fit is kept in ``iomodel/fits/<card>.json``).
 """
 
 from __future__ import annotations
 
 import dataclasses
+from pathlib import Path
 
 import numpy as np
 
@@ -66,8 +73,6 @@ def calibrate(bench: dict, gpu: GpuSpec | None = None, max_evaluations: int = 20
     ValueError
         Without a spec for the card, or without any measured row of this project's strategies.
     """
-    from scipy.optimize import least_squares
-
     card = bench["env"].get("card")
     gpu = gpu or (builtin_gpu(card) if card else None)
     if gpu is None:
@@ -77,6 +82,40 @@ def calibrate(bench: dict, gpu: GpuSpec | None = None, max_evaluations: int = 20
     if not points:
         raise ValueError("the bench result has no measured row of this project's strategies "
                          f"({', '.join(STRATEGIES)}) to fit")
+    constants, before, predicted_before, predicted_after, note = fit_constants(
+        points, gpu, max_evaluations)
+    rows = [
+        {"workload": p["workload"], "strategy": p["strategy"], "measured_us": p["measured_us"],
+         "predicted_before_us": float(b), "predicted_us": float(a)}
+        for p, b, a in zip(points, predicted_before, predicted_after)
+    ]
+    return {
+        "format": FORMAT,
+        "card": gpu.name,
+        "timing": bench["config"]["timing"],
+        "dtype": bench["config"]["dtype"],
+        "points": len(points),
+        "constants_before": before,
+        "constants": constants,
+        "per_strategy": per_strategy_errors(rows),
+        "rows": rows,
+        "spec": dataclasses.replace(gpu, calibration=constants).to_dict(),
+        "note": note,
+    }
+
+
+def fit_constants(points: list[dict], gpu: GpuSpec, max_evaluations: int = 200) -> tuple:
+    """Fit every latency constant at once to `points` (each with ``plan``, ``traffic`` and
+    ``measured_us``) by bounded least squares on log(predicted / measured).
+
+    Returns
+    -------
+    (constants, constants_before, predicted_before, predicted_after, note)
+        The fitted and starting constants (dicts by name), the predictions [points] with each,
+        and the optimiser's message (noting an underdetermined fit).
+    """
+    from scipy.optimize import least_squares
+
     names = [f.name for f in dataclasses.fields(Constants)]
     low = np.array([BOUNDS.get(name, (1e-3, 1e3))[0] for name in names])
     high = np.array([BOUNDS.get(name, (1e-3, 1e3))[1] for name in names])
@@ -92,29 +131,11 @@ def calibrate(bench: dict, gpu: GpuSpec | None = None, max_evaluations: int = 20
     fit = least_squares(lambda x: np.log(predict(x) / measured), start, bounds=(low, high),
                         diff_step=1e-3, x_scale="jac", max_nfev=max_evaluations)
     constants = {name: float(f"{value:.4g}") for name, value in zip(names, fit.x)}
-    predicted_before = predict([before[name] for name in names])
-    predicted_after = predict([constants[name] for name in names])
-    rows = [
-        {"workload": p["workload"], "strategy": p["strategy"], "measured_us": p["measured_us"],
-         "predicted_before_us": float(b), "predicted_us": float(a)}
-        for p, b, a in zip(points, predicted_before, predicted_after)
-    ]
     note = fit.message
     if len(points) < len(names):
         note += f"; only {len(points)} points for {len(names)} constants: underdetermined"
-    return {
-        "format": FORMAT,
-        "card": gpu.name,
-        "timing": bench["config"]["timing"],
-        "dtype": bench["config"]["dtype"],
-        "points": len(points),
-        "constants_before": before,
-        "constants": constants,
-        "per_strategy": per_strategy_errors(rows),
-        "rows": rows,
-        "spec": dataclasses.replace(gpu, calibration=constants).to_dict(),
-        "note": note,
-    }
+    return (constants, before, predict([before[name] for name in names]),
+            predict([constants[name] for name in names]), note)
 
 
 def measured_points(bench: dict) -> list[dict]:
@@ -158,3 +179,139 @@ def per_strategy_errors(rows: list[dict]) -> dict:
             entry[f"worst_err{suffix}"] = float(errors[np.argmax(np.abs(errors))])
         summary[strategy] = entry
     return summary
+
+
+# ---------------------------------------------------------------------------- size sweeps
+SWEEP_FORMAT = "deft-sweep/1"
+REFIT_FORMAT = "deft-refit/1"
+
+FITS_DIR = Path(__file__).resolve().parents[2] / "iomodel" / "fits"
+"""Where refits are kept, one ``<card>.json`` per card, beside the built-in GPU specs."""
+
+GOALS = {"median_abs_err": 0.15, "worst_abs_err": 0.30, "spearman": 0.8}
+"""Issue #19's goals on held-out trees: predicted within 15% median and 30% worst of measured,
+Spearman >= 0.8 between predicted and measured rankings of a tree's candidates."""
+
+
+def sweep_points(sweeps: list[dict]) -> list[dict]:
+    """Every ok size of every row of ``deft-sweep/1`` results (`autotune.heldout.result`),
+    with its plan rebuilt from the tree stored in the result."""
+    points = []
+    for sweep in sweeps:
+        if sweep.get("format") != SWEEP_FORMAT:
+            raise ValueError(f"format is {sweep.get('format')!r}, expected {SWEEP_FORMAT!r}")
+        trees = {name: tree_from_dict(data) for name, data in sweep["trees"].items()}
+        for row in sweep["rows"]:
+            for size in row["sizes"]:
+                if size["status"] != "ok" or not size["us"]:
+                    continue
+                plan = build_plan(sweep["strategy"], trees[row["workload"]], size["chunk_size"],
+                                  size["group_size"], sweep["page_size"])
+                points.append({"workload": row["workload"], "role": row["role"],
+                               "strategy": sweep["strategy"], "plan": plan,
+                               "traffic": traffic_of_plan(plan), "measured_us": size["us"]})
+    return points
+
+
+def calibrate_sweep(sweeps: list[dict], gpu: GpuSpec | None = None,
+                    max_evaluations: int = 200) -> dict:
+    """Fit the latency constants to the sizes measured on the tuning trees of size sweeps, and
+    judge the fit on the held-out trees.
+
+    Parameters
+    ----------
+    sweeps : list of dict
+        ``deft-sweep/1`` results of one card (``deft-cli autotune --held-out --json``).
+    gpu : GpuSpec, optional
+        Default: the built-in spec of the sweeps' device.
+    max_evaluations : int
+
+    Returns
+    -------
+    dict
+        ``format`` ``deft-refit/1``, ``card``, ``dtype``, ``points``, ``constants_before``,
+        ``constants``, ``tuning`` and ``held_out`` (each: ``points``, ``median_abs_err``,
+        ``worst_err``, the same ``_before`` the fit, ``spearman`` per tree, ``min_spearman``,
+        ``median_spearman``), ``goals``, ``meets_goals`` (held out), ``spec`` and ``note``.
+
+    Raises
+    ------
+    ValueError
+        Without a spec, or without measured sizes on tuning trees to fit.
+    """
+    card = sweeps[0]["device"]["name"] if sweeps else None
+    gpu = gpu or (builtin_gpu(card) if card else None)
+    if gpu is None:
+        raise ValueError(f"no built-in GPU spec for card {card!r}")
+    points = sweep_points(sweeps)
+    train = [p for p in points if p["role"] == "tuning"]
+    if not train:
+        raise ValueError("no measured size on a tuning tree (role 'tuning') to fit")
+    constants, before, _, _, note = fit_constants(train, gpu, max_evaluations)
+    judged = {}
+    for role in ("tuning", "held_out"):
+        mine = [p for p in points if p["role"] == role]
+        judged[role] = _judge(mine, dataclasses.replace(gpu, calibration=before),
+                              dataclasses.replace(gpu, calibration=constants)) if mine else None
+    held = judged["held_out"]
+    return {
+        "format": REFIT_FORMAT, "card": gpu.name, "dtype": sweeps[0].get("dtype"),
+        "strategy": sweeps[0].get("strategy"), "points": len(points),
+        "constants_before": before, "constants": constants, **judged, "goals": GOALS,
+        "meets_goals": held is not None and held["median_abs_err"] <= GOALS["median_abs_err"]
+        and abs(held["worst_err"]) <= GOALS["worst_abs_err"]
+        and (held["min_spearman"] or 0.0) >= GOALS["spearman"],
+        "spec": dataclasses.replace(gpu, calibration=constants).to_dict(), "note": note,
+    }
+
+
+def spearman(a, b) -> float:
+    """Spearman's rank correlation of two sequences (ties ranked by their mean rank); NaN when
+    either is constant."""
+    from scipy.stats import spearmanr
+
+    return float(spearmanr(a, b).statistic)
+
+
+def _judge(points: list[dict], before: GpuSpec, after: GpuSpec) -> dict:
+    """Errors (predicted / measured - 1) of both specs, and Spearman per tree with `after`."""
+    measured = np.array([p["measured_us"] for p in points])
+    result = {"points": len(points)}
+    for spec, suffix in ((before, "_before"), (after, "")):
+        predicted = np.array([predict_latency(p["plan"], spec, p["traffic"])["predicted_us"]
+                              for p in points])
+        errors = predicted / measured - 1
+        result[f"median_abs_err{suffix}"] = float(np.median(np.abs(errors)))
+        result[f"worst_err{suffix}"] = float(errors[np.argmax(np.abs(errors))])
+    by_tree = {}
+    for p, value in zip(points, predicted):
+        by_tree.setdefault(p["workload"], ([], []))
+        by_tree[p["workload"]][0].append(value)
+        by_tree[p["workload"]][1].append(p["measured_us"])
+    rhos = {name: spearman(*pair) for name, pair in by_tree.items() if len(pair[0]) >= 3}
+    valid = [r for r in rhos.values() if not np.isnan(r)]
+    result.update(spearman=rhos, min_spearman=min(valid) if valid else None,
+                  median_spearman=float(np.median(valid)) if valid else None)
+    return result
+
+
+def write_fit(fit: dict, path=None) -> Path:
+    """Write a refit as JSON (default: ``FITS_DIR/<sanitised card>.json``) and return the path."""
+    import json
+    import re
+
+    path = Path(path) if path else FITS_DIR / (
+        re.sub(r"[^a-z0-9]+", "-", fit["card"].lower()).strip("-") + ".json")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(fit, indent=1) + "\n")
+    return path
+
+
+def read_fit(path) -> dict:
+    """A refit written by `write_fit`; ValueError when it is not one."""
+    import json
+
+    fit = json.loads(Path(path).read_text())
+    if not isinstance(fit, dict) or fit.get("format") != REFIT_FORMAT:
+        raise ValueError(f"{path}: not a {REFIT_FORMAT} fit")
+    return fit

@@ -1,0 +1,294 @@
+"""Head-shape buckets, the fill rung, old tables, the held-out and check runs (with a fake
+measurement) and the latency model's refit to size sweeps (synthetic records), on a CPU."""
+
+import dataclasses
+import importlib
+import json
+import warnings
+
+import numpy as np
+import pytest
+import torch
+from click.testing import CliRunner
+
+from autotune import evaluation, heldout, store
+from autotune.measure import Measurement
+from autotune.space import Candidate, default_tile
+from autotune.store import Table, write_configs
+from cli import main
+from deft.kernels import fill
+from deft.kernels import tuned as tuned_module
+from deft.kernels.buckets import Bucket, bucket_of
+from deft.kernels.tuned import TunedConfigWarning, tuned_config
+from deft.plan import build_plan
+from deft.tree import AttentionShape
+from deft.tree_format import tree_to_dict
+from deft.workloads import star
+from harness.bench.calibrate import calibrate_sweep, spearman
+from iomodel.gpus import BUILTIN
+from iomodel.latency import predict_latency
+
+H200 = BUILTIN["h200"]
+DEVICE = {"name": H200.name, "capability": [9, 0], "sm_count": 132}
+TREE = star(20, 4000, 200)  # fewshot_b20_P4000_L200, 32/8 heads
+LEGACY_KEY = "q32-n8192-s16-g4-d128-float16"  # written before KV heads joined the key
+
+
+@pytest.fixture(autouse=True)
+def isolated_tables(tmp_path, monkeypatch):
+    configs = tmp_path / "configs"
+    configs.mkdir()
+    monkeypatch.setattr(tuned_module, "CONFIG_DIR", configs)
+    monkeypatch.setattr(store, "LOG_DIR", tmp_path / "logs")
+    monkeypatch.delenv(tuned_module.CONFIG_ENV, raising=False)
+    tuned_module._tables.cache_clear()
+    tuned_module._lookup.cache_clear()
+    yield configs
+    tuned_module._tables.cache_clear()
+    tuned_module._lookup.cache_clear()
+
+
+def write(key, chunk=512, versions=None):
+    chosen = {"chunk_size": chunk, "group_size": 16, "tile": None, "us": 10.0}
+    table = Table("measured", DEVICE, versions or tuned_module.current_versions(),
+                  {"deft_flatten": {key: {"workload": "w", "chosen": chosen, "candidates": []}}})
+    return write_configs(table, store.table_path(H200.name))
+
+
+# ---------------------------------------------------------------------------- buckets
+def test_each_head_shape_has_its_own_bucket():
+    keys = [bucket_of(tree).key for _, tree in heldout.shaped([("t", TREE)])]
+    assert keys == ["q32-n8192-s16-h8-g4-d128-float16", "q32-n8192-s16-h2-g8-d128-float16",
+                    "q32-n8192-s16-h1-g8-d128-float16", "q32-n8192-s16-h1-g4-d128-float16"]
+    assert all(Bucket.parse(key).key == key for key in keys)
+
+
+def test_legacy_keys_apply_to_the_shape_they_were_tuned_at():
+    legacy = Bucket.parse(LEGACY_KEY)
+    assert (legacy.kv_heads, legacy.gqa) == (8, 4)  # 32 query heads
+    write(LEGACY_KEY)
+    at_32_8 = tuned_config("deft_flatten", TREE, H200.name, (9, 0))
+    assert (at_32_8.rung, at_32_8.chunk_size, at_32_8.matched) == ("exact", 512, LEGACY_KEY)
+    at_4_1 = heldout.with_heads(TREE, 4, 1)  # GQA 4 too, but one KV head: not its bucket
+    assert tuned_config("deft_flatten", at_4_1, H200.name, (9, 0)).rung == "default"
+
+
+def test_a_table_of_other_versions_is_used_with_a_note_and_no_tiles():
+    write(LEGACY_KEY, versions={"torch": "2.11.0", "triton": "3.6.0", "cuda": "13.0"})
+    if tuned_module.release(tuned_module.current_versions()) == ("2.11", "3.6"):
+        pytest.skip("this machine runs the table's versions")
+    with pytest.warns(TunedConfigWarning, match="torch 2.11 / triton 3.6.*its sizes"):
+        found = tuned_config("deft_flatten", TREE, H200.name, (9, 0))
+    assert (found.rung, found.chunk_size, found.group_size, found.config) == (
+        "exact", 512, 16, None)
+
+
+# ---------------------------------------------------------------------------- fill
+@pytest.mark.parametrize("q_heads, kv_heads", [(32, 8), (16, 2), (8, 1), (4, 1)])
+def test_fill_reaches_the_programs_where_the_tree_allows(q_heads, kv_heads):
+    tree = heldout.with_heads(TREE, q_heads, kv_heads)
+    programs = 2 * 132
+    chunk = fill.fill_chunk("deft_flatten", tree, programs)
+    items = fill.work_items("deft_flatten", tree, chunk)
+    assert chunk >= 64 and (items >= programs or chunk == 64)  # 64 is as far as it goes
+    if chunk < fill.FILL_CHUNKS[0]:  # the next larger chunk would not fill the machine
+        assert fill.work_items("deft_flatten", tree, 2 * chunk) < programs
+    assert -(-tree.num_tokens // chunk) * kv_heads == items
+
+
+def test_fill_never_goes_below_64_tokens_and_is_the_fill_rung():
+    small = star(2, 100, 10, attention=AttentionShape(4, 1, 128))
+    assert fill.fill_chunk("deft_flatten", small, 264) == 64
+    found = tuned_config("deft_flatten", heldout.with_heads(TREE, 4, 1), H200.name, (9, 0),
+                         programs=264)
+    assert (found.rung, found.chunk_size, found.group_size, found.config) == (
+        "fill", 64, None, None)  # 8000 tokens x 1 head: 125 items at 64, the least chunk
+    at_32_8 = tuned_config("deft_flatten", TREE, H200.name, (9, 0), programs=lambda: 264)
+    assert (at_32_8.rung, at_32_8.chunk_size) == ("fill", 128)  # 63 x 8; 256: 32 x 8 < 264
+    assert tuned_config("deft_flatten", TREE, H200.name, (9, 0)).rung == "default"
+
+
+# ---------------------------------------------------------------------------- held out, check
+class FakeBench:
+    """Time = 10 + |chunk - 256| / 64, + 1 at group 8: the best is c256 with any other group."""
+
+    def __init__(self, strategy, tree, reference):
+        self.closed = False
+
+    def measure(self, candidates, rounds, progress=None):
+        out = {}
+        for c in candidates:
+            if progress:
+                progress(c)
+            us = 10.0 + abs((c.chunk_size or 0) - 256) / 64 + (c.group_size == 8)
+            out[c] = Measurement("ok", us, [us] * rounds)
+        return out
+
+    def close(self):
+        self.closed = True
+
+
+def lookup_c512(strategy, tree):
+    return 512, 16, None, "exact"
+
+
+def test_evaluate_reports_tuned_over_best_and_the_records():
+    trees = heldout.shaped([("star", star(8, 600, 40))], ((32, 8), (4, 1)))
+    rows = heldout.evaluate(trees, "deft_flatten", H200, lookup_c512, FakeBench, page_size=16,
+                            dtype=torch.float16)
+    assert [r["workload"] for r in rows] == ["star@32/8", "star@4/1"]
+    for row in rows:
+        assert row["best"]["chunk_size"] == 256 and row["best"]["group_size"] != 8
+        assert row["tuned_over_best"] == pytest.approx(14.0 / 10.0)
+        assert row["sizes"] and all(s["predicted_us"] > 0 and s["us"] for s in row["sizes"])
+        tile = default_tile("deft_flatten", trees[0][1] if row["heads"] == [32, 8] else trees[1][1])
+        assert all(s["tile"] == dataclasses.asdict(tile) for s in row["sizes"])
+    summary = heldout.summarize(rows)["held_out"]
+    assert summary["compared"] == 2 and summary["within_5pct"] == 0
+    assert summary["worst_tuned_over_best"] == pytest.approx(1.4)
+    assert not heldout.holds(rows)
+
+
+def test_evaluate_stops_at_the_deadline():
+    rows = heldout.evaluate([("a", star(2, 100, 10)), ("b", star(3, 100, 10))], "deft_flatten",
+                            H200, lookup_c512, FakeBench, page_size=16, dtype=torch.float16,
+                            deadline=0.0)
+    assert rows == []
+
+
+def test_check_says_whether_the_table_holds():
+    result = evaluation.judge("check", "deft_flatten", H200, DEVICE, FakeBench, torch.float16,
+                              ((32, 8),), lookup=lambda s, t: (256, 16, None, "exact"))
+    assert result["format"] == heldout.FORMAT and result["complete"]
+    assert len(result["rows"]) == len(heldout.CHECK_TREES) and result["holds"]
+    candidates = [Candidate.from_dict(s) for s in result["rows"][0]["sizes"]]
+    assert {c.chunk_size for c in candidates} == {128, 256, 384}  # one step either side
+    assert set(result["trees"]) == {r["workload"] for r in result["rows"]}
+    assert "the table still holds" in evaluation.judge_text(result, check=True)
+    worse = evaluation.judge("check", "deft_flatten", H200, DEVICE, FakeBench, torch.float16,
+                             ((4, 1),), lookup=lookup_c512)
+    assert not worse["holds"] and "no longer holds" in evaluation.judge_text(worse, True)
+
+
+def test_cli_check_runs_on_the_card(monkeypatch, tmp_path):
+    monkeypatch.setattr("autotune.tune.detect_device", lambda: DEVICE)
+    monkeypatch.setattr("autotune.measure.workbenches", lambda dtype: FakeBench)
+    write("q32-n8192-s16-h8-g4-d128-float16", chunk=256)
+    report = tmp_path / "check.json"
+    result = CliRunner().invoke(main, ["autotune", "--gpu", "auto", "--check", "--heads", "32/8",
+                                       "--report", str(report)])
+    assert result.exit_code == 0, result.output
+    data = json.loads(report.read_text())
+    assert data["rows"][0]["rung"] == "exact" and data["rows"][0]["tuned_over_best"] == 1.0
+    assert "fewshot_b20_P4000_L200@32/8" in result.output
+    bad = CliRunner().invoke(main, ["autotune", "--gpu", "auto", "--check", "--heads", "32/5"])
+    assert bad.exit_code == 2 and "multiple of KV heads" in bad.output
+
+
+# ---------------------------------------------------------------------------- the refit
+def test_spearman_on_known_rankings():
+    assert spearman([1, 2, 3, 4], [10, 20, 30, 45]) == pytest.approx(1.0)
+    assert spearman([1, 2, 3, 4], [4, 3, 2, 1]) == pytest.approx(-1.0)
+    assert spearman([1, 2, 2, 3], [1, 3, 2, 4]) == pytest.approx(4.5 / np.sqrt(4.5 * 5))
+
+
+TRUE = {"launch_us": 6.0, "program_us": 1.5, "memory_efficiency": 0.7,
+        "compute_efficiency": 0.3, "sm_bandwidth_fraction": 0.02}
+
+
+def synthetic_sweep(noise=0.0):
+    """Sizes of four small trees timed by the model itself with `TRUE` constants (times
+    (1 + noise) on the held-out ones)."""
+    truth = dataclasses.replace(H200, calibration=TRUE)
+    trees = {"a": star(8, 3000, 100), "b": star(30, 2000, 50),
+             "c": star(12, 5000, 80), "d": star(40, 1000, 20)}
+    rows = []
+    for name, tree in trees.items():
+        role = "held_out" if name in "cd" else "tuning"
+        sizes = []
+        for chunk in (64, 128, 256, 512, 1024):
+            for group in (None, 8):
+                us = predict_latency(build_plan("deft_flatten", tree, chunk, group, 16),
+                                     truth)["predicted_us"]
+                sizes.append({"chunk_size": chunk, "group_size": group, "tile": None,
+                              "status": "ok",
+                              "us": us * (1 + noise if role == "held_out" else 1)})
+        rows.append({"workload": name, "role": role, "sizes": sizes})
+    return {"format": heldout.FORMAT, "device": DEVICE, "strategy": "deft_flatten",
+            "dtype": "float16", "page_size": 16, "rows": rows,
+            "trees": {name: tree_to_dict(tree) for name, tree in trees.items()}}
+
+
+def test_refit_recovers_model_generated_times_and_judges_on_held_out_trees():
+    fit = calibrate_sweep([synthetic_sweep()], max_evaluations=60)
+    assert fit["tuning"]["points"] == fit["held_out"]["points"] == 20
+    assert fit["held_out"]["median_abs_err"] < 0.02 and abs(fit["held_out"]["worst_err"]) < 0.05
+    assert fit["held_out"]["median_abs_err"] < fit["held_out"]["median_abs_err_before"]
+    assert fit["held_out"]["min_spearman"] > 0.95 and fit["meets_goals"]
+    off = calibrate_sweep([synthetic_sweep(noise=0.5)], max_evaluations=60)
+    assert off["held_out"]["median_abs_err"] == pytest.approx(1 / 3, abs=0.03)  # 1/1.5 - 1
+    assert not off["meets_goals"]
+
+
+def test_refit_needs_tuning_trees_and_writes_a_fit(tmp_path):
+    sweep = synthetic_sweep()
+    with pytest.raises(ValueError, match="no measured size on a tuning tree"):
+        calibrate_sweep([{**sweep, "rows": [r for r in sweep["rows"] if r["role"] != "tuning"]}])
+    path = tmp_path / "sweep.json"
+    path.write_text(json.dumps(sweep))
+    out = tmp_path / "fit.json"
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        result = CliRunner().invoke(main, ["autotune", "--refit", str(path), "--report", str(out)])
+    assert result.exit_code == 0, result.output
+    fit = json.loads(out.read_text())
+    assert fit["format"] == "deft-refit/1" and fit["card"] == H200.name
+    assert "held_out" in result.output and "goals" in result.output
+
+
+def test_predict_ranks_with_the_h200_refit_and_states_its_error(monkeypatch, tmp_path):
+    calibrate_module = importlib.import_module("harness.bench.calibrate")  # not the function
+    fits = tmp_path / "fits"
+    monkeypatch.setattr(calibrate_module, "FITS_DIR", fits)
+    monkeypatch.setattr("autotune.tune.detect_device", lambda: None)
+    calibrate_module.write_fit({"format": "deft-refit/1", "card": H200.name, "constants": TRUE,
+                                "held_out": {"median_abs_err": 0.1, "worst_err": -0.25,
+                                             "min_spearman": 0.85}})
+    assert (fits / "nvidia-h200.json").is_file()
+    result = CliRunner().invoke(main, ["autotune", "--gpu", "a100", "--predict", "--workloads",
+                                       "fewshot_b20_P4000_L200", "--output", str(tmp_path)])
+    assert result.exit_code == 0, result.output
+    log = store.read_table(tmp_path / "logs" / "nvidia-a100-sxm4-80gb.predicted.json")
+    assert log.source == "predicted"
+    assert log.settings["model"] == {"fitted_on": H200.name, "constants": TRUE,
+                                     "held_out_median_abs_err": 0.1, "held_out_worst_err": -0.25,
+                                     "held_out_min_spearman": 0.85}
+    entry = log.strategies["deft_flatten"]["q32-n8192-s16-h8-g4-d128-float16"]
+    a100 = dataclasses.replace(BUILTIN["a100"], calibration=TRUE)
+    chosen = build_plan("deft_flatten", TREE, entry["chosen"]["chunk_size"],
+                        entry["chosen"]["group_size"], 16)
+    assert entry["chosen"]["predicted_us"] == pytest.approx(
+        predict_latency(chosen, a100)["predicted_us"])
+
+
+def test_cli_held_out_then_refit_end_to_end(monkeypatch, tmp_path):
+    monkeypatch.setattr("autotune.tune.detect_device", lambda: DEVICE)
+    monkeypatch.setattr("autotune.measure.workbenches", lambda dtype: FakeBench)
+    report = tmp_path / "heldout.json"
+    result = CliRunner().invoke(main, [
+        "autotune", "--gpu", "auto", "--held-out", "--heads", "4/1", "--fit-trees",
+        "fewshot_b20_P4000_L200", "--report", str(report)])
+    assert result.exit_code == 0, result.output
+    data = json.loads(report.read_text())
+    roles = [row["role"] for row in data["rows"]]
+    assert roles == ["held_out"] * len(heldout.HELD_OUT) + ["tuning"] and data["complete"]
+    assert all(row["rung"] == "fill" and row["heads"] == [4, 1] for row in data["rows"])
+    assert data["summary"]["held_out"]["compared"] == len(heldout.HELD_OUT)
+    assert "held_out:" in result.output and "tuning:" in result.output
+    fit_path = tmp_path / "fit.json"
+    refit = CliRunner().invoke(main, ["autotune", "--refit", str(report), "--report",
+                                      str(fit_path)])
+    assert refit.exit_code == 0, refit.output
+    fit = json.loads(fit_path.read_text())
+    assert fit["tuning"]["points"] == len(data["rows"][-1]["sizes"])
+    assert set(fit["held_out"]["spearman"]) == {f"{w}@4/1" for w in heldout.HELD_OUT}
