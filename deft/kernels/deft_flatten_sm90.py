@@ -37,6 +37,11 @@ a few 16/2 and 8/1 cells, worse at 32/8); chunks shrunk until the work items fil
 tuned chunks leave SMs idle at 1 KV head, yet smaller chunks cost more in re-read query tiles
 and merge than the idle SMs do).
 
+Variants for issue #15, off by default and unmeasured until `scripts/gluon_check.py --variants`
+runs on a GPU: ``TWO_CONSUMERS`` (`deft.kernels.deft_flatten_sm90_split`: two consumer
+warpgroups per CTA split the KV tiles, one CTA per SM, 4 stages), ``SLOT_AHEAD`` = 2 (cache
+slots read two tiles ahead) and ``MASK_FREE`` (no mask on tiles every row sees whole).
+
 Gathers, not TMA boxes: a deft_flatten partition is a run of the flattened tree cut at
 multiples of the chunk size, so its tokens start anywhere inside a page and cross node ends,
 whose pages are padded; a box of page rows would need per-row fix-ups there. The cp.async
@@ -87,7 +92,9 @@ consumer warpgroup, after one cross-warp max per tile). Measured on an H200 it i
 rows whose max stays)."""
 SLOT_AHEAD = 1
 """KV tiles ahead the producer reads cache slots: 1 (the next tile's, behind this tile's
-gathers) or 2 (two tiles ahead, so the slot-load -> gather dependency spans two tiles)."""
+gathers) or 2 (two tiles ahead, so the slot-load -> gather dependency spans two tiles). 2 needs
+more producer registers than the two-CTA kernel has (it spills at 96, 104 and 112): use it
+with TWO_CONSUMERS, whose producer has 120."""
 MASK_FREE = False
 """True: skip the Euler-tour mask on tiles every row of the query tile sees whole (one
 uniform branch per tile, after a min over the tile's subtree_end)."""
