@@ -1,8 +1,8 @@
 """Compile the Hopper Gluon DeFT-Flatten kernel for sm_90a on the CPU, and read ptxas's report.
 
 No GPU needed: triton compiles the kernel `deft.kernels.deft_flatten_sm90.launch_spec` picks
-for an sm_90 target with its own ptxas, so tests check on the CPU that every variant compiles without
-spills or serialised wgmma. The kernel's module parameters are read at call time.
+for an sm_90 target with its own ptxas, so tests check on the CPU that every variant compiles
+without spills or serialised wgmma. The kernel's module parameters are read at call time.
 """
 
 from __future__ import annotations

@@ -17,11 +17,12 @@ and the same producer partition; what changes is the consumer side. One CTA per 
   own, ``M = max(m0, m1)``, ``l = l0 2^(m0 - M) + l1 2^(m1 - M)``, ``O`` likewise, and writes the
   partial row (o = O / l, lse = (M + log2 l) ln 2). Two mbarriers hand the buffer over.
 
-Registers: 168 per thread (one CTA of 384 threads); setmaxnreg gives the producer
-PRODUCER_REGS and each consumer CONSUMER_REGS. Shared memory: 2 Q tiles (32 KB), 4 K/V stages
-(128 KB), the merge buffer (32 KB): about 193 KB of the SM's 227 KB. ``LAZY_RESCALE`` is not
-implemented here. Selected by ``deft_flatten_sm90.TWO_CONSUMERS``; unmeasured on a GPU until
-`scripts/gluon_check.py --variants` runs it.
+Registers: 168 per thread at launch (one CTA of 384 threads); setmaxnreg gives the producer
+PRODUCER_REGS (120), the second consumer CONSUMER_REGS (192) and the first the rest (192).
+Shared memory: 2 Q tiles (32 KB), 4 K/V stages (128 KB), the merge buffer (32 KB): 195 KB of
+the SM's 227 KB (101 KB at head_dim 64). ``LAZY_RESCALE`` is not implemented here. Selected by
+``deft_flatten_sm90.TWO_CONSUMERS``; unmeasured on a GPU until `scripts/gluon_check.py
+--variants` runs it.
 """
 
 from __future__ import annotations
