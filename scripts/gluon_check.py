@@ -2,7 +2,8 @@
 """GPU check of the Hopper Gluon DeFT-Flatten kernel against the float64 oracle and the Triton
 kernel, then a timing of both on the anchors, in one process.
 
-    python scripts/gluon_check.py [--smoke] [--budget SECONDS] [--no-timing]
+    python scripts/gluon_check.py [--smoke] [--budget SECONDS] [--no-timing] [--variants]
+    python scripts/gluon_check.py --compile-only   # no GPU: every variant for sm_90a, ptxas
 
 Correctness (deft_flatten through `deft.TreeAttention`, backend "gluon" and "triton" on the
 same plan): random trees and forests at several GQA shapes and odd sizes, page sizes 1, 3, 8,
@@ -10,11 +11,17 @@ same plan): random trees and forests at several GQA shapes and odd sizes, page s
 output and the partial-result workspace are poisoned with NaN; every partial row of the plan
 must be written (finite) and the output must be finite; rel_err against the oracle <= 2e-3 fp16,
 <= 1e-2 bf16; two runs bit-identical; a CUDA graph of `run` replays to the eager result.
+``--variants``: every VARIANTS entry is checked the same way (poisoned, oracle, written,
+deterministic; Gluon only) on random trees, a forest, GQA groups 1/4/16, head_dim 64, page
+sizes 1, 3, 16, fp16 and bf16, and the few-shot anchor with 64-token chunks, then timed beside
+the default on every timing cell (its rel_err there counts too).
 Timing: both backends on the six anchors at 32/8/128, 16/2/128, 8/1/128, 4/1/128 (page size 16,
 the tuned plan), a CUDA graph of 4 calls on 4 KV copies, per call = median replay / 4.
 
 Prints a table last; ``$OUT/gluon_check.json`` holds every record. ``--smoke`` runs one small
-case only (run it first under ``timeout``: a pipeline bug hangs rather than fails).
+case only, for the default and (with ``--variants``) every variant: run it first under
+``timeout`` (a pipeline bug hangs rather than fails). ``--compile-only`` needs no GPU. Exits 1
+when a check fails (a timing cell's rel_err included).
 """
 
 from __future__ import annotations
@@ -47,12 +54,20 @@ SHAPES = {"32/8/128": (32, 8, 128), "16/2/128": (16, 2, 128), "8/1/128": (8, 1, 
 RECORDS: list = []
 START = time.time()
 VARIANTS = {
-    # kernel configurations timed beside the default (module attributes of deft_flatten_sm90).
-    # Measured before (H200, one run each, vs the default): "n32s4" dict(BLOCK_N=32,
-    # NUM_STAGES=4) slower on all 22 cells timed; "1cta_s5" dict(NUM_STAGES=5, CTAS_PER_SM=1,
-    # MAX_REGS=168) faster on a few 16/2 and 8/1 cells, slower at 32/8 and on long_P20000;
-    # "lazy_rescale" equal at 32/8 and 16/2, 5-15% slower at 8/1 and 4/1.
-    "lazy_rescale": dict(LAZY_RESCALE=True),
+    # kernel configurations checked and timed beside the default (module attributes of
+    # deft_flatten_sm90). Measured before (H200, one run each, vs the default): "n32s4"
+    # dict(BLOCK_N=32, NUM_STAGES=4) slower on all 22 cells timed; "1cta_s5" dict(NUM_STAGES=5,
+    # CTAS_PER_SM=1, MAX_REGS=168) faster on a few 16/2 and 8/1 cells, slower at 32/8 and on
+    # long_P20000; "lazy_rescale" dict(LAZY_RESCALE=True) equal at 32/8 and 16/2, 5-15% slower
+    # at 8/1 and 4/1.
+    # two consumer warpgroups per CTA split each query tile's KV tiles, 1 CTA/SM, 4 stages
+    "split2": dict(TWO_CONSUMERS=True),
+    # split2 + the producer reads cache slots two tiles ahead (hides slot-load -> gather)
+    "split2_ahead2": dict(TWO_CONSUMERS=True, SLOT_AHEAD=2),
+    # the default kernel, skipping the mask on tiles every row sees whole
+    "mask_free": dict(MASK_FREE=True),
+    # all three together
+    "split2_ahead2_mask_free": dict(TWO_CONSUMERS=True, SLOT_AHEAD=2, MASK_FREE=True),
 }
 
 
@@ -120,7 +135,8 @@ def run_poisoned(attn, handle, q, k_cache, v_cache):
     return outs[0], written, torch.equal(outs[0], outs[1])
 
 
-def check_case(section, name, tree, page_sizes, dtypes, chunk=None, seed=0, kernel="default"):
+def check_case(section, name, tree, page_sizes, dtypes, chunk=None, seed=0, kernel="default",
+               backends=("gluon", "triton")):
     for dtype in dtypes:
         q, k, v = random_inputs(tree, dtype, seed)
         ref = oracle_attention(tree, q, k, v)
@@ -134,7 +150,7 @@ def check_case(section, name, tree, page_sizes, dtypes, chunk=None, seed=0, kern
                 k_cache, v_cache, table = paged_cache(tree, k, v, page_size, seed + page_size)
                 plan = build_plan("deft_flatten", tree, chunk, None, page_size)
                 outs = {}
-                for backend in ("gluon", "triton"):
+                for backend in backends:
                     attn = attention_for(plan, tree, backend)
                     handle = attn.plan(tree, table, plan)
                     with variant(kernel):
@@ -144,8 +160,9 @@ def check_case(section, name, tree, page_sizes, dtypes, chunk=None, seed=0, kern
                     record[f"{backend}_written"] = written
                     record[f"{backend}_deterministic"] = same
                     record[f"{backend}_finite"] = bool(torch.isfinite(out).all())
-                between = rel_err(outs["gluon"], outs["triton"].double())
-                record["gluon_vs_triton"] = float(f"{between:.3g}")
+                if "triton" in outs:
+                    between = rel_err(outs["gluon"], outs["triton"].double())
+                    record["gluon_vs_triton"] = float(f"{between:.3g}")
                 record["partitions"] = plan.num_partitions
                 record["ok"] = bool(record["gluon_rel_err"] <= TOLERANCE[dtype]
                                     and record["gluon_written"] and record["gluon_finite"]
@@ -277,7 +294,11 @@ def main():
                         help="also check and time the VARIANTS")
     parser.add_argument("--fill", action="store_true",
                         help="also time both kernels with the chunk that fills the SMs")
+    parser.add_argument("--compile-only", action="store_true",
+                        help="no GPU: compile the default and every variant for sm_90a")
     args = parser.parse_args()
+    if args.compile_only:
+        return compile_only()
     ok, why = sm90.gluon_supported()
     info = dict(device=torch.cuda.get_device_name(), triton=__import__("triton").__version__,
                 torch=torch.__version__, gluon_supported=ok, why_not=why)
@@ -289,6 +310,9 @@ def main():
     if args.smoke:
         tree = wl.random_tree(1, nodes=12, max_tokens=90, max_queries=2, attention=llama)
         check_case("smoke", "random12", tree, (16, 1), (torch.float16,))
+        for v in VARIANTS if args.variants else ():
+            check_case("smoke", "random12", tree, (16, 1), (torch.float16,), kernel=v,
+                       backends=("gluon",))
         save(info)
         return 0 if all(r.get("ok") for r in RECORDS) else 1
     f16, b16 = torch.float16, torch.bfloat16
@@ -315,13 +339,6 @@ def main():
             continue
         check_case("random", name, tree, pages, dtypes, chunk)
     check_graph()
-    if args.variants:
-        for v in VARIANTS:
-            check_case("random", "random40_q2", cases[0][1], (16,), (f16, b16), kernel=v)
-            check_case("random", "random_4_1", cases[3][1], (1,), (f16,), kernel=v)
-            check_case("random", "fewshot_b20", wl.anchor("fewshot_b20_P4000_L200",
-                                                          attention=llama), (16,), (f16,),
-                       chunk=64, kernel=v)
     for name in wl.ANCHORS:
         if time.time() - START > args.budget * 0.6:
             RECORDS.append(dict(section="anchor", case=name, skipped="budget"))
@@ -332,6 +349,20 @@ def main():
             RECORDS.append(dict(section="anchor", case=name, ok=False, error=str(error)[:200]))
             continue
         check_case("anchor", name, tree, (16,), (f16, b16))
+    if args.variants:  # after the default's checks, so the variants' time cannot skip them
+        fewshot = wl.anchor("fewshot_b20_P4000_L200", attention=llama)
+        trees = {name: (tree, chunk) for name, tree, _, _, chunk in cases}
+        variant_cases = [  # (case, page sizes, dtypes)
+            ("random40_q2", (1, 3, 16), (f16, b16)), ("forest3_odd", (3,), (f16,)),
+            ("random_g1_d64", (16,), (b16,)), ("random_4_1", (1, 16), (f16,)),
+            ("random_group16", (16,), (f16,))]
+        for v in VARIANTS:
+            for name, pages, dtypes in variant_cases:
+                tree, chunk = trees[name]
+                check_case("random", name, tree, pages, dtypes, chunk, kernel=v,
+                           backends=("gluon",))
+            check_case("random", "fewshot_b20", fewshot, (16,), (f16,), chunk=64, kernel=v,
+                       backends=("gluon",))
     if not args.no_timing:
         for shape in SHAPES:
             for name in wl.ANCHORS:
@@ -347,7 +378,39 @@ def main():
                                         error=str(error)[:300]))
     save(info)
     summarize(info)
-    return 0
+    return 1 if any(r.get("ok") is False for r in RECORDS) else 0
+
+
+def compile_only():
+    """Compile the default kernel and every variant for sm_90a with this triton (no GPU) and
+    read ptxas's report: registers, shared memory, spills, C7515. Exit 1 on any of those."""
+    import re
+
+    from deft.kernels.deft_flatten_sm90_compile import compile_for_sm90, ptxas_report
+
+    failed = False
+    for name in ("default", *VARIANTS):
+        for dtype, kv_heads, group, head_dim in (("fp16", 8, 4, 128), ("bf16", 1, 8, 128),
+                                                 ("fp16", 2, 64, 128), ("fp16", 8, 1, 64)):
+            record = dict(section="compile", kernel=name, dtype=dtype,
+                          shape=f"{kv_heads * group}/{kv_heads}/{head_dim}")
+            try:
+                with variant(name):
+                    compiled = compile_for_sm90(dtype, kv_heads, group, head_dim)
+                report = ptxas_report(compiled)
+                record.update(
+                    registers=int(re.search(r"Used (\d+) registers", report).group(1)),
+                    shared=compiled.metadata.shared, c7515="C7515" in report,
+                    local=sorted({int(n) for n in re.findall(r"(\d+) bytes (?:stack frame|spill)",
+                                                             report)}) != [0])
+                record["ok"] = not (record["c7515"] or record["local"])
+            except Exception as error:
+                record.update(ok=False, error=f"{type(error).__name__}: {error}"[:400])
+            failed |= not record["ok"]
+            RECORDS.append(record)
+            print(json.dumps(record), flush=True)
+    save(dict(triton=__import__("triton").__version__))
+    return 1 if failed else 0
 
 
 def summarize(info):
@@ -360,10 +423,10 @@ def summarize(info):
     worst = {}
     for r in checks:
         if "gluon_rel_err" in r:
-            key = (r["dtype"], r["page_size"])
+            key = (r.get("kernel", "default"), r["dtype"], r["page_size"])
             worst[key] = max(worst.get(key, 0), r["gluon_rel_err"])
-    print("max gluon rel_err by (dtype, page size):",
-          ", ".join(f"{d}/p{p}: {e:.2e}" for (d, p), e in sorted(worst.items())))
+    print("max gluon rel_err by (kernel, dtype, page size):",
+          ", ".join(f"{k}/{d}/p{p}: {e:.2e}" for (k, d, p), e in sorted(worst.items())))
     keys = []
     for r in RECORDS:
         if r.get("section") == "timing":

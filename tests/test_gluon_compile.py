@@ -44,6 +44,16 @@ CONFIGS = {
 }
 
 
+MODULE_VARIANTS = {
+    # the module-parameter variants scripts/gluon_check.py --variants checks and times:
+    # (module attributes of deft_flatten_sm90, CTAs per SM that must fit)
+    "split2": (dict(TWO_CONSUMERS=True), 1),
+    "split2_ahead2": (dict(TWO_CONSUMERS=True, SLOT_AHEAD=2), 1),
+    "mask_free": (dict(MASK_FREE=True), 2),
+    "split2_ahead2_mask_free": (dict(TWO_CONSUMERS=True, SLOT_AHEAD=2, MASK_FREE=True), 1),
+}
+
+
 FRESH_PROCESS = "DEFT_COMPILE_ONLY"
 """Set in the fresh process that compiles without the interpreter (see below)."""
 
@@ -92,6 +102,25 @@ else:
             compiled = compile_for_sm90("fp16", kv_heads, group, 128, **overrides)
             _ptxas_ok(compiled)
             assert ctas * (compiled.metadata.shared + 1024) <= 233472, compiled.metadata.shared
+
+
+    @pytest.mark.parametrize("name", sorted(MODULE_VARIANTS))
+    def test_gluon_kernel_module_variants_compile_without_spills(name, monkeypatch):
+        attributes, ctas = MODULE_VARIANTS[name]
+        for key, value in attributes.items():
+            monkeypatch.setattr(sm90, key, value)
+        for dtype, kv_heads, group, head_dim in (("fp16", 8, 4, 128), ("bf16", 1, 8, 128),
+                                                 ("fp16", 2, 64, 128), ("fp16", 8, 1, 64)):
+            compiled = compile_for_sm90(dtype, kv_heads, group, head_dim)
+            ptx = compiled.asm["ptx"]
+            assert "wgmma.mma_async" in ptx and "setmaxnreg" in ptx
+            _ptxas_ok(compiled)
+            assert ctas * (compiled.metadata.shared + 1024) <= 233472, compiled.metadata.shared
+        kernel, consts, _, ctas_per_sm = sm90.launch_spec(8, 4, 128)
+        assert ctas_per_sm == ctas
+        assert consts["SLOT_AHEAD"] == sm90.SLOT_AHEAD and consts["MASK_FREE"] == sm90.MASK_FREE
+        two = kernel is not sm90._partials_sm90_kernel
+        assert two == sm90.TWO_CONSUMERS
 
 
 def test_backend_resolution_without_a_gpu():

@@ -37,6 +37,11 @@ a few 16/2 and 8/1 cells, worse at 32/8); chunks shrunk until the work items fil
 tuned chunks leave SMs idle at 1 KV head, yet smaller chunks cost more in re-read query tiles
 and merge than the idle SMs do).
 
+Variants for issue #15, off by default and unmeasured until `scripts/gluon_check.py --variants`
+runs on a GPU: ``TWO_CONSUMERS`` (`deft.kernels.deft_flatten_sm90_split`: two consumer
+warpgroups per CTA split the KV tiles, one CTA per SM, 4 stages), ``SLOT_AHEAD`` = 2 (cache
+slots read two tiles ahead) and ``MASK_FREE`` (no mask on tiles every row sees whole).
+
 Gathers, not TMA boxes: a deft_flatten partition is a run of the flattened tree cut at
 multiples of the chunk size, so its tokens start anywhere inside a page and cross node ends,
 whose pages are padded; a box of page rows would need per-row fix-ups there. The cp.async
@@ -85,6 +90,17 @@ LAZY_RESCALE = False
 consumer warpgroup, after one cross-warp max per tile). Measured on an H200 it is no faster at
 32/8 and 16/2 and 5-15% slower at 8/1 and 4/1, so off: O and l are rescaled every tile (by 1 on
 rows whose max stays)."""
+SLOT_AHEAD = 1
+"""KV tiles ahead the producer reads cache slots: 1 (the next tile's, behind this tile's
+gathers) or 2 (two tiles ahead, so the slot-load -> gather dependency spans two tiles). 2 needs
+more producer registers than the two-CTA kernel has (it spills at 96, 104 and 112): use it
+with TWO_CONSUMERS, whose producer has 120."""
+MASK_FREE = False
+"""True: skip the Euler-tour mask on tiles every row of the query tile sees whole (one
+uniform branch per tile, after a min over the tile's subtree_end)."""
+TWO_CONSUMERS = False
+"""True: run `deft.kernels.deft_flatten_sm90_split` instead (two consumer warpgroups per CTA
+splitting each work item's KV tiles, one CTA per SM, a 4-stage ring)."""
 
 
 def fits(q, k_cache, flat: bool) -> bool:
@@ -112,7 +128,7 @@ if HAS_GLUON:
                   KV_HEADS: gl.constexpr, GROUP: gl.constexpr, GROUP_PAD: gl.constexpr,
                   HEAD_DIM: gl.constexpr,
                   BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr, NUM_STAGES: gl.constexpr,
-                  Q_STAGES: gl.constexpr, WARPS: gl.constexpr):
+                  Q_STAGES: gl.constexpr, SLOT_AHEAD: gl.constexpr, WARPS: gl.constexpr):
         QUERIES_PER_TILE: gl.constexpr = BLOCK_M // GROUP_PAD
         VEC: gl.constexpr = 8  # 16-byte copies of 16-bit elements
         TPR: gl.constexpr = HEAD_DIM // VEC  # threads along a row
@@ -152,9 +168,13 @@ if HAS_GLUON:
                 m_ok = ((m_slot < QUERIES_PER_TILE) & (m_entry < entry_hi)
                         & (m_rows % GROUP_PAD < GROUP))
                 m_query = gl.load(entry_query_ptr + m_entry, mask=m_ok, other=0)
-                # the first KV tile's slots, loaded before waiting for a free stage
+                # the first KV tile's slots (and the second's), loaded before waiting for a
+                # free stage
                 row = tile_rows
                 slot = gl.load(slot_base + row, mask=row < num_tokens, other=0)
+                if SLOT_AHEAD == 2:
+                    ahead = row + BLOCK_N
+                    slot_ahead = gl.load(slot_base + ahead, mask=ahead < num_tokens, other=0)
                 qs = qt % Q_STAGES
                 mbarrier.wait(q_empty.index(qs), ((qt // Q_STAGES) & 1) ^ 1)
                 async_load(q_smem.index(qs), q_ptr + q_off[:, None] + dims[None, :],
@@ -167,9 +187,15 @@ if HAS_GLUON:
                     ok = row < num_tokens
                     k_ptrs = k_head + (slot.to(gl.int64)[:, None] * stride_kt + dims[None, :])
                     v_ptrs = v_head + (slot.to(gl.int64)[:, None] * stride_vt + dims[None, :])
-                    # the next tile's slots, one iteration ahead (hidden behind this tile)
+                    # the next tile's slots, SLOT_AHEAD iterations ahead (hidden behind this
+                    # tile, or this tile and the next)
                     row = row + BLOCK_N
-                    slot = gl.load(slot_base + row, mask=row < num_tokens, other=0)
+                    if SLOT_AHEAD == 2:
+                        slot = slot_ahead
+                        ahead = row + BLOCK_N
+                        slot_ahead = gl.load(slot_base + ahead, mask=ahead < num_tokens, other=0)
+                    else:
+                        slot = gl.load(slot_base + row, mask=row < num_tokens, other=0)
                     stage = it % NUM_STAGES
                     mbarrier.wait(empty.index(stage), ((it // NUM_STAGES) & 1) ^ 1)
                     col = n0 + cols
@@ -181,6 +207,27 @@ if HAS_GLUON:
                     it += 1
 
     @gluon.jit
+    def _query_span(query_flat, row_ok):
+        """(min, max) query_flat over a query tile's real rows ([BLOCK_M] -> two scalars)."""
+        lo = gl.min(gl.where(row_ok, query_flat, 2147483647), 0)
+        return lo, gl.max(query_flat, 0)
+
+    @gluon.jit
+    def _mask_unless_whole(s, end, flat0, s_cols, query_flat, qf_lo, qf_hi,
+                           BLOCK_N: gl.constexpr):
+        """S [BLOCK_M, BLOCK_N] with the columns a row does not see set to -inf, skipped (one
+        branch, uniform over the warpgroup) when every real row sees every column: the tile's
+        last position <= the rows' lowest query_flat and the rows' highest query_flat < every
+        column's subtree_end (a column past the partition has subtree_end 0, so a tile with one
+        is always masked). Padding rows then keep finite scores; they are never stored."""
+        if (flat0 + BLOCK_N - 1 > qf_lo) | (qf_hi >= gl.min(end, 0)):
+            flat = flat0 + s_cols
+            visible = (flat[None, :] <= query_flat[:, None]) & (
+                query_flat[:, None] < end[None, :])
+            s = gl.where(visible, s, float("-inf"))
+        return s
+
+    @gluon.jit
     def _consumer(o_part_ptr, lse_part_ptr, counts_ptr, part_start_ptr, part_tokens_ptr,
                   part_entry_ptr, qk_scale,
                   q_smem, qf_smem, row_smem, k_smem, v_smem, end_smem,
@@ -189,7 +236,7 @@ if HAS_GLUON:
                   HEAD_DIM: gl.constexpr,
                   BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr, NUM_STAGES: gl.constexpr,
                   Q_STAGES: gl.constexpr, THRESHOLD: gl.constexpr, LAZY: gl.constexpr,
-                  DTYPE: gl.constexpr, WARPS: gl.constexpr):
+                  MASK_FREE: gl.constexpr, DTYPE: gl.constexpr, WARPS: gl.constexpr):
         QUERIES_PER_TILE: gl.constexpr = BLOCK_M // GROUP_PAD
         Q_HEADS: gl.constexpr = KV_HEADS * GROUP
         s_layout: gl.constexpr = gl.NVMMADistributedLayout(
@@ -226,6 +273,8 @@ if HAS_GLUON:
                 q_tile = q_smem.index(qs)
                 # -1: a padding row sees nothing (f <= -1 never holds)
                 query_flat = gl.where(s_ok, qf_smem.index(qs).load(s_rows_layout), -1)
+                if MASK_FREE:
+                    qf_lo, qf_hi = _query_span(query_flat, s_ok)
                 # raw (unscaled) scores; a row that has seen nothing keeps m = -inf
                 m_i = gl.full([BLOCK_M], float("-inf"), gl.float32, layout=s_rows_layout)
                 # (LAZY) the running max times the scale, 0 while the max is -inf
@@ -241,11 +290,16 @@ if HAS_GLUON:
                                       gl.zeros([BLOCK_M, BLOCK_N], gl.float32, layout=s_layout),
                                       use_acc=False, is_async=True)
                     end = end_smem.index(stage).load(gl.SliceLayout(0, s_layout))
-                    flat = token_start + n0 + s_cols
-                    visible = (flat[None, :] <= query_flat[:, None]) & (
-                        query_flat[:, None] < end[None, :])
-                    s = warpgroup_mma_wait(0, deps=[s])
-                    s = gl.where(visible, s, float("-inf"))
+                    if MASK_FREE:
+                        s = warpgroup_mma_wait(0, deps=[s])
+                        s = _mask_unless_whole(s, end, token_start + n0, s_cols, query_flat,
+                                               qf_lo, qf_hi, BLOCK_N)
+                    else:
+                        flat = token_start + n0 + s_cols
+                        visible = (flat[None, :] <= query_flat[:, None]) & (
+                            query_flat[:, None] < end[None, :])
+                        s = warpgroup_mma_wait(0, deps=[s])
+                        s = gl.where(visible, s, float("-inf"))
                     m_tile = gl.max(s, 1)
                     # exact lazy rescale: keep the stale max unless it is passed by more than
                     # THRESHOLD (then p <= 2**THRESHOLD); a -inf max is always replaced
@@ -306,7 +360,7 @@ if HAS_GLUON:
                   HEAD_DIM: gl.constexpr,
         BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr, NUM_STAGES: gl.constexpr,
         Q_STAGES: gl.constexpr, THRESHOLD: gl.constexpr, LAZY: gl.constexpr,
-        PRODUCER_WARPS: gl.constexpr,
+        SLOT_AHEAD: gl.constexpr, MASK_FREE: gl.constexpr, PRODUCER_WARPS: gl.constexpr,
         PRODUCER_REGS: gl.constexpr, num_warps: gl.constexpr,
     ):
         dtype: gl.constexpr = k_ptr.dtype.element_ty
@@ -339,7 +393,7 @@ if HAS_GLUON:
                          q_ready, q_empty, k_ready, v_ready, empty,
                          KV_HEADS, GROUP, GROUP_PAD, HEAD_DIM, BLOCK_M, BLOCK_N, NUM_STAGES,
                          Q_STAGES,
-                         THRESHOLD, LAZY, dtype, num_warps)),
+                         THRESHOLD, LAZY, MASK_FREE, dtype, num_warps)),
             (_producer, (q_ptr, k_ptr, v_ptr, counts_ptr, part_start_ptr, part_tokens_ptr,
                          part_entry_ptr, entry_query_ptr, entry_row_ptr, query_flat_ptr,
                          token_slot_ptr, subtree_end_ptr,
@@ -347,8 +401,7 @@ if HAS_GLUON:
                          q_smem, qf_smem, row_smem, k_smem, v_smem, end_smem,
                          q_ready, q_empty, k_ready, v_ready, empty,
                          KV_HEADS, GROUP, GROUP_PAD, HEAD_DIM, BLOCK_M, BLOCK_N, NUM_STAGES,
-                         Q_STAGES,
-                         PRODUCER_WARPS)),
+                         Q_STAGES, SLOT_AHEAD, PRODUCER_WARPS)),
         ], [PRODUCER_WARPS], [PRODUCER_REGS])
 else:  # pragma: no cover - no Gluon in this triton
     _partials_sm90_kernel = None
@@ -359,7 +412,8 @@ def constexprs(kv_heads: int, group: int, head_dim: int, **overrides) -> dict:
     values = dict(KV_HEADS=kv_heads, GROUP=group, GROUP_PAD=1 << (group - 1).bit_length(),
                   HEAD_DIM=head_dim, BLOCK_M=BLOCK_M,
                   BLOCK_N=BLOCK_N, NUM_STAGES=NUM_STAGES, Q_STAGES=Q_STAGES,
-                  THRESHOLD=RESCALE_THRESHOLD, LAZY=LAZY_RESCALE, PRODUCER_WARPS=PRODUCER_WARPS,
+                  THRESHOLD=RESCALE_THRESHOLD, LAZY=LAZY_RESCALE, SLOT_AHEAD=SLOT_AHEAD,
+                  MASK_FREE=MASK_FREE, PRODUCER_WARPS=PRODUCER_WARPS,
                   PRODUCER_REGS=PRODUCER_REGS)
     values.update(overrides)
     return values
@@ -373,6 +427,20 @@ def _sm_count(device) -> int:
     if index not in _SM_COUNT:
         _SM_COUNT[index] = torch.cuda.get_device_properties(index).multi_processor_count
     return _SM_COUNT[index]
+
+
+def launch_spec(kv_heads: int, group: int, head_dim: int, **overrides):
+    """(kernel, its constexprs, maxnreg, CTAs per SM) of the kernel the module parameters pick.
+
+    `_partials_sm90_kernel`, or with ``TWO_CONSUMERS`` the two-consumer kernel of
+    `deft.kernels.deft_flatten_sm90_split`; both take the same run-time arguments.
+    """
+    if TWO_CONSUMERS:
+        from deft.kernels import deft_flatten_sm90_split as split
+
+        return split.launch_spec(kv_heads, group, head_dim, **overrides)
+    return (_partials_sm90_kernel, constexprs(kv_heads, group, head_dim, **overrides), MAX_REGS,
+            CTAS_PER_SM)
 
 
 def partials(q, k_cache, v_cache, o_part, lse_part, buffers, *, flat: bool, sm_scale: float,
@@ -389,8 +457,9 @@ def partials(q, k_cache, v_cache, o_part, lse_part, buffers, *, flat: bool, sm_s
         return
     kv_heads, head_dim = k_cache.shape[2], k_cache.shape[3]
     group = q.shape[1] // kv_heads
-    num_programs = min(num_programs, CTAS_PER_SM * _sm_count(q.device))
-    _partials_sm90_kernel[(num_programs,)](
+    kernel, consts, max_regs, ctas_per_sm = launch_spec(kv_heads, group, head_dim)
+    num_programs = min(num_programs, ctas_per_sm * _sm_count(q.device))
+    kernel[(num_programs,)](
         q, k_cache, v_cache, o_part, lse_part,
         buffers["counts"], buffers["part_start"], buffers["part_tokens"], buffers["part_entry"],
         buffers["entry_query"], buffers["entry_row"], buffers["query_flat"], buffers["token_slot"],
@@ -398,6 +467,6 @@ def partials(q, k_cache, v_cache, o_part, lse_part, buffers, *, flat: bool, sm_s
         q.stride(0), q.stride(1), k_cache.stride(1), k_cache.stride(2),
         v_cache.stride(1), v_cache.stride(2),
         sm_scale * LOG2E,
-        **constexprs(kv_heads, group, head_dim),
-        num_warps=CONSUMER_WARPS, maxnreg=MAX_REGS,
+        **consts,
+        num_warps=CONSUMER_WARPS, maxnreg=max_regs,
     )

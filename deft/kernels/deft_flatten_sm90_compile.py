@@ -1,8 +1,8 @@
 """Compile the Hopper Gluon DeFT-Flatten kernel for sm_90a on the CPU, and read ptxas's report.
 
-No GPU needed: triton compiles `deft.kernels.deft_flatten_sm90._partials_sm90_kernel` for an
-sm_90 target with its own ptxas, so tests check on the CPU that every variant compiles without
-spills or serialised wgmma. The kernel's module parameters are read at call time.
+No GPU needed: triton compiles the kernel `deft.kernels.deft_flatten_sm90.launch_spec` picks
+for an sm_90 target with its own ptxas, so tests check on the CPU that every variant compiles
+without spills or serialised wgmma. The kernel's module parameters are read at call time.
 """
 
 from __future__ import annotations
@@ -22,7 +22,11 @@ _ARG_TYPES = dict(
 
 def compile_for_sm90(dtype: str = "fp16", kv_heads: int = 8, group: int = 4,
                      head_dim: int = 128, **overrides):
-    """Compile `_partials_sm90_kernel` for sm_90a without a GPU (triton's own ptxas).
+    """Compile the Gluon partials kernel for sm_90a without a GPU (triton's own ptxas).
+
+    The kernel and its parameters are those `deft_flatten_sm90.launch_spec` picks from the
+    module parameters (``TWO_CONSUMERS``: the two-consumer kernel); ``overrides`` replace
+    constexprs.
 
     Returns the `CompiledKernel` (``asm["ptx"]``, ``asm["cubin"]``); `ptxas_report` reads its
     register and spill counts.
@@ -32,18 +36,18 @@ def compile_for_sm90(dtype: str = "fp16", kv_heads: int = 8, group: int = 4,
     from triton.experimental.gluon._runtime import GluonASTSource
 
     signature = dict(q_ptr=f"*{dtype}", k_ptr=f"*{dtype}", v_ptr=f"*{dtype}", **_ARG_TYPES)
-    consts = sm90.constexprs(kv_heads, group, head_dim, **overrides)
+    kernel, consts, max_regs, _ = sm90.launch_spec(kv_heads, group, head_dim, **overrides)
     consts["num_warps"] = sm90.CONSUMER_WARPS
-    names = sm90._partials_sm90_kernel.arg_names
+    names = kernel.arg_names
     signature = {n: signature.get(n, "constexpr") for n in names}
     # what the launcher specializes on at run time: 16-byte aligned tensors, strides % 16 == 0
     aligned = [n for n in names if n.endswith("_ptr") or n.startswith("stride_")]
     attrs = {(names.index(n),): [["tt.divisibility", 16]] for n in aligned}
-    source = GluonASTSource(fn=sm90._partials_sm90_kernel, signature=signature,
+    source = GluonASTSource(fn=kernel, signature=signature,
                             constexprs={(names.index(k),): v for k, v in consts.items()},
                             attrs=attrs)
     return triton.compile(source, target=GPUTarget("cuda", 90, 32),
-                          options=dict(num_warps=sm90.CONSUMER_WARPS, maxnreg=sm90.MAX_REGS))
+                          options=dict(num_warps=sm90.CONSUMER_WARPS, maxnreg=max_regs))
 
 
 def ptxas_report(compiled) -> str:
