@@ -61,13 +61,15 @@ VARIANTS = {
     # long_P20000; "lazy_rescale" dict(LAZY_RESCALE=True) equal at 32/8 and 16/2, 5-15% slower
     # at 8/1 and 4/1.
     # two consumer warpgroups per CTA split each query tile's KV tiles, 1 CTA/SM, 4 stages
+    # (with the mask-free path too). Measured 2026-12-01, H200, 32/8: without the mask-free
+    # path 1.03-1.16x slower than the masked default; with it and SLOT_AHEAD=2 1.09-1.19x
+    # slower than the mask-free default. Shard shapes untimed.
     "split2": dict(TWO_CONSUMERS=True),
     # split2 + the producer reads cache slots two tiles ahead (hides slot-load -> gather)
     "split2_ahead2": dict(TWO_CONSUMERS=True, SLOT_AHEAD=2),
-    # the default kernel, skipping the mask on tiles every row sees whole
-    "mask_free": dict(MASK_FREE=True),
-    # all three together
-    "split2_ahead2_mask_free": dict(TWO_CONSUMERS=True, SLOT_AHEAD=2, MASK_FREE=True),
+    # the default kernel without its mask-free path (every tile masked: the kernel before
+    # 2026-12-01; MASK_FREE measured 0.88-1.01x its time at 32/8)
+    "masked": dict(MASK_FREE=False),
 }
 
 

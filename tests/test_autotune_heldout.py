@@ -108,6 +108,21 @@ def test_fill_never_goes_below_64_tokens_and_is_the_fill_rung():
     assert tuned_config("deft_flatten", TREE, H200.name, (9, 0)).rung == "default"
 
 
+def test_a_fill_chunk_too_fine_for_the_capacities_doubles_until_it_fits(monkeypatch):
+    """Default capacities are sized for the default chunk (128): a fill chunk of 64 that needs
+    more entries doubles instead of dropping to the defaults with a warning."""
+    tree = heldout.with_heads(TREE, 4, 1)
+    monkeypatch.setattr(tuned_module, "_identity", lambda device: (H200.name, (9, 0)))
+    monkeypatch.setattr(tuned_module, "resident_programs", lambda device: 264)
+    fits_128 = len(build_plan("deft_flatten", tree, 128, None, 16).query_index)
+    assert len(build_plan("deft_flatten", tree, 64, None, 16).query_index) > fits_128
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", TunedConfigWarning)
+        plan, found = tuned_module.tuned_plan("deft_flatten", tree, 16, torch.device("cuda", 0),
+                                              max_entries=fits_128)
+    assert (found.rung, found.chunk_size, plan.chunk_size) == ("fill", 128, 128)
+
+
 # ---------------------------------------------------------------------------- held out, check
 class FakeBench:
     """Time = 10 + |chunk - 256| / 64, + 1 at group 8: the best is c256 with any other group."""

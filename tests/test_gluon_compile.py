@@ -49,8 +49,7 @@ MODULE_VARIANTS = {
     # (module attributes of deft_flatten_sm90, CTAs per SM that must fit)
     "split2": (dict(TWO_CONSUMERS=True), 1),
     "split2_ahead2": (dict(TWO_CONSUMERS=True, SLOT_AHEAD=2), 1),
-    "mask_free": (dict(MASK_FREE=True), 2),
-    "split2_ahead2_mask_free": (dict(TWO_CONSUMERS=True, SLOT_AHEAD=2, MASK_FREE=True), 1),
+    "masked": (dict(MASK_FREE=False), 2),
 }
 
 

@@ -37,10 +37,13 @@ a few 16/2 and 8/1 cells, worse at 32/8); chunks shrunk until the work items fil
 tuned chunks leave SMs idle at 1 KV head, yet smaller chunks cost more in re-read query tiles
 and merge than the idle SMs do).
 
-Variants for issue #15, off by default and unmeasured until `scripts/gluon_check.py --variants`
-runs on a GPU: ``TWO_CONSUMERS`` (`deft.kernels.deft_flatten_sm90_split`: two consumer
-warpgroups per CTA split the KV tiles, one CTA per SM, 4 stages), ``SLOT_AHEAD`` = 2 (cache
-slots read two tiles ahead) and ``MASK_FREE`` (no mask on tiles every row sees whole).
+Variants for issue #15 (`scripts/gluon_check.py --variants`, H200, 2026-12-01, CUDA graph over
+4 KV copies, 32/8/128): ``MASK_FREE`` (no mask on tiles every row sees whole) is the default:
+0.88-0.95x the time of the masked kernel on fewshot_b50, spec_t64, spec_t256 and long_P20000,
+equal within 1% on fewshot_b20 and reason_10x500. Off: ``TWO_CONSUMERS``
+(`deft.kernels.deft_flatten_sm90_split`: two consumer warpgroups per CTA split the KV tiles, one
+CTA per SM, 4 stages), 1.03-1.16x slower on all six anchors at 32/8, with or without
+``SLOT_AHEAD`` = 2 (cache slots read two tiles ahead); not yet timed at the shard shapes.
 
 Gathers, not TMA boxes: a deft_flatten partition is a run of the flattened tree cut at
 multiples of the chunk size, so its tokens start anywhere inside a page and cross node ends,
@@ -95,9 +98,9 @@ SLOT_AHEAD = 1
 gathers) or 2 (two tiles ahead, so the slot-load -> gather dependency spans two tiles). 2 needs
 more producer registers than the two-CTA kernel has (it spills at 96, 104 and 112): use it
 with TWO_CONSUMERS, whose producer has 120."""
-MASK_FREE = False
+MASK_FREE = True
 """True: skip the Euler-tour mask on tiles every row of the query tile sees whole (one
-uniform branch per tile, after a min over the tile's subtree_end)."""
+uniform branch per tile, after a min over the tile's subtree_end); measured faster (above)."""
 TWO_CONSUMERS = False
 """True: run `deft.kernels.deft_flatten_sm90_split` instead (two consumer warpgroups per CTA
 splitting each work item's KV tiles, one CTA per SM, a 4-stage ring)."""
