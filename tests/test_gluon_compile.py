@@ -40,7 +40,9 @@ CONFIGS = {
     # kernel configurations besides the default that scripts/gluon_check.py has timed
     "n32s4": (dict(BLOCK_N=32, NUM_STAGES=4), 128, 2),
     "1cta_s5": (dict(NUM_STAGES=5), 168, 1),
-    "lazy_rescale": (dict(LAZY=True), 128, 2),
+    # timed with the mask on every tile (session 3); with MASK_FREE as well, triton 3.6's
+    # ptxas spills 16 bytes, and the pair was never timed: compiled as it was measured
+    "lazy_rescale": (dict(LAZY=True, MASK_FREE=False), 128, 2),
 }
 
 
