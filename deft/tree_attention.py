@@ -55,8 +55,8 @@ class TreeAttention:
         As for `deft.plan.build_plan` (None: the strategy's default; refused where the
         strategy takes none). When chunk_size, group_size and config are all None, each
         `plan` takes the sizes and the tile from the tuned configs of this GPU for the tree's
-        bucket (`deft.kernels.tuned`: exact card, same-architecture sibling, else the
-        defaults); ``tuned_from`` then names the rung used.
+        bucket (`deft.kernels.tuned`: exact card, same-architecture sibling, else the chunk
+        that fills the GPU, else the defaults); ``tuned_from`` then names the rung used.
     max_queries : int
         Most queries of a plan (rows of ``q`` and ``out``).
     max_tokens : int

@@ -127,7 +127,7 @@ BUILTIN = {
         tensor_tflops=989.4,
         fp32_tflops=66.9,
         # Fitted by `deft-cli bench --calibrate` to the graph-mode bench of 2026-11-26 on an H200
-        # (six anchors x six kernel strategies, 36 points; docs/iomodel.md, "Calibration").
+        # (six anchors x six kernel strategies, 36 points; docs/benchmarks.md, "Calibrating the IO model").
         calibration={
             "launch_us": 11.32,
             "program_us": 1.98,
