@@ -7,7 +7,7 @@ import os
 
 import click
 
-from cli import fail, main, stderr, stdout
+from cli import check_output, fail, main, stderr, stdout
 from cli.options import build_run, run_options
 
 
@@ -53,18 +53,15 @@ def bench(workload_list, method_list, heads_list, dtype, timing, json_path, plot
     from harness import bench as b
 
     for path in (json_path, plot_path):
-        if path and not os.path.isdir(os.path.dirname(os.path.abspath(path))):
-            fail(f"{path}: its directory does not exist")
+        if path:
+            check_output(path)
     if calibrate_path:
         try:
             with open(calibrate_path) as file:
                 fit = b.calibrate(json.load(file))
         except (OSError, ValueError, KeyError) as error:
             fail(f"{calibrate_path}: {error}")
-        stdout.print(b.render_calibration(fit))
-        if json_path:
-            b.write_json(fit, json_path)
-            stderr.print(f"wrote {json_path}", highlight=False)
+        _print_and_write(b.render_calibration(fit), fit, json_path)
         return
     if verdict_paths:
         try:
@@ -75,10 +72,7 @@ def bench(workload_list, method_list, heads_list, dtype, timing, json_path, plot
             result = b.merge_results(parts)
         except (OSError, ValueError, KeyError) as error:
             fail(f"--verdicts: {error}")
-        stdout.print(b.render(result))
-        if json_path:
-            b.write_json(result, json_path)
-            stderr.print(f"wrote {json_path}", highlight=False)
+        _print_and_write(b.render(result), result, json_path)
         return
     try:
         specs = b.parse_workloads(workload_list)
@@ -97,10 +91,7 @@ def bench(workload_list, method_list, heads_list, dtype, timing, json_path, plot
     result = b.run_bench(specs, methods, shapes=shapes, dtype=b.DTYPES[dtype], timing=timing,
                          page_size=page_size, seed=seed,
                          log=lambda line: stderr.print(line, markup=False, highlight=False))
-    stdout.print(b.render(result))
-    if json_path:
-        b.write_json(result, json_path)
-        stderr.print(f"wrote {json_path}", highlight=False)
+    _print_and_write(b.render(result), result, json_path)
     if plot_path:
         try:
             b.plot_result(result, plot_path)
@@ -108,6 +99,16 @@ def bench(workload_list, method_list, heads_list, dtype, timing, json_path, plot
         except ImportError:
             stderr.print("--plot needs matplotlib (pip install matplotlib): no plot written",
                          highlight=False)
+
+
+def _print_and_write(table, data: dict, json_path) -> None:
+    """Print a command's table to stdout and, with ``--json``, write its numbers there."""
+    from harness.bench import write_json
+
+    stdout.print(table)
+    if json_path:
+        write_json(data, json_path)
+        stderr.print(f"wrote {json_path}", highlight=False)
 
 
 def _print_cells(found: list, methods: list) -> None:
@@ -171,12 +172,12 @@ def replay_command(workload, method_list, step_range, max_steps, layers, e2e, e2
     import torch
 
     from harness import replay as r
-    from harness.bench import DTYPES, write_json
+    from harness.bench import DTYPES
     from harness.decoder import LLAMA3_8B
     from harness.registry import parse_methods
 
-    if json_path and not os.path.isdir(os.path.dirname(os.path.abspath(json_path))):
-        fail(f"{json_path}: its directory does not exist")
+    if json_path:
+        check_output(json_path)
     if step_range and max_steps:
         fail("--step-range and --max-steps do not go together")
     try:
@@ -213,10 +214,7 @@ def replay_command(workload, method_list, step_range, max_steps, layers, e2e, e2
         run, methods, model=replace(LLAMA3_8B, layers=layers), e2e=e2e, e2e_methods=e2e_names,
         steps=steps, max_steps=max_steps, dtype=DTYPES[dtype], page_size=page_size,
         timing=timing, check_steps=check_steps, seed=seed, device=device, progress=progress)
-    stdout.print(r.render(result))
-    if json_path:
-        write_json(result, json_path)
-        stderr.print(f"wrote {json_path}", highlight=False)
+    _print_and_write(r.render(result), result, json_path)
 
 
 # ---------------------------------------------------------------------------- autotune
@@ -286,8 +284,8 @@ def autotune_command(gpu, workload_list, heads_list, strategies, budget_s, exhau
     from harness.bench import DTYPES, parse_workloads
     from deft.strategies import KERNEL_STRATEGIES as KERNELS
 
-    if report_path and not os.path.isdir(os.path.dirname(os.path.abspath(report_path))):
-        fail(f"{report_path}: its directory does not exist")
+    if report_path:
+        check_output(report_path)
     if refit_paths:
         try:
             fit = evaluation.refit([Path(p) for p in refit_paths.split(",") if p.strip()],
