@@ -23,6 +23,7 @@ from deft import workloads as wl  # noqa: E402
 from deft.plan_buffers import paged_cache  # noqa: E402
 from deft.tree import AttentionShape  # noqa: E402
 from deft.tree_attention import TreeAttention  # noqa: E402
+from harness.inputs import make_inputs  # noqa: E402
 
 
 def main() -> None:
@@ -32,17 +33,13 @@ def main() -> None:
     parser.add_argument("--head-dim", type=int, default=128)
     parser.add_argument("--runs", type=int, default=2)
     args = parser.parse_args()
-    generator = torch.Generator("cuda").manual_seed(0)
     for shape in args.shapes.split(","):
         q_heads, kv_heads = (int(x) for x in shape.split("/"))
         attention = AttentionShape(q_heads, kv_heads, args.head_dim, "float16")
         for name in args.anchors.split(","):
-            tree = wl.anchor(name, attention=attention)
-            q = torch.randn(tree.num_queries, q_heads, args.head_dim, device="cuda",
-                            generator=generator).half()
-            k, v = (torch.randn(tree.num_tokens, kv_heads, args.head_dim, device="cuda",
-                                generator=generator).half() for _ in range(2))
-            k_cache, v_cache, table = paged_cache(tree, k, v, 16, 0)
+            inputs = make_inputs(wl.anchor(name, attention=attention), torch.float16)
+            tree, q = inputs.tree, inputs.q
+            k_cache, v_cache, table = paged_cache(tree, inputs.k[0], inputs.v[0], 16, 0)
             attn = TreeAttention("deft_flatten", max_queries=tree.num_queries,
                                  max_tokens=tree.num_tokens, device="cuda")
             plan = attn.plan(tree, table)
