@@ -184,11 +184,12 @@ def tuned_plan(strategy: str, tree: Tree, page_size: int, device: torch.device,
     tuned = (tuned_config(strategy, tree, *identity, programs=lambda: resident_programs(device))
              if identity is not None else _defaults(strategy, bucket_of(tree).key))
     plan, entries = build(tuned.chunk_size, tuned.group_size)
-    default_chunk = _defaults(strategy, tuned.bucket).chunk_size
-    while tuned.rung == "fill" and entries > max_entries and tuned.chunk_size < default_chunk:
+    if tuned.rung == "fill" and entries > max_entries:
         # the capacities are sized for the default chunk: the fill rung doubles up to it
-        tuned = dataclasses.replace(tuned, chunk_size=tuned.chunk_size * 2)
-        plan, entries = build(tuned.chunk_size, tuned.group_size)
+        default_chunk = _defaults(strategy, tuned.bucket).chunk_size
+        while entries > max_entries and tuned.chunk_size < default_chunk:
+            tuned = dataclasses.replace(tuned, chunk_size=tuned.chunk_size * 2)
+            plan, entries = build(tuned.chunk_size, tuned.group_size)
     if tuned.rung != "default" and entries > max_entries:
         warnings.warn(f"{strategy}: the {tuned.rung} config (chunk {tuned.chunk_size}, group "
                       f"{tuned.group_size}) needs more entries than max_entries={max_entries}: "
