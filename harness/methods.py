@@ -29,6 +29,7 @@ import numpy as np
 import torch
 
 from deft.cache import PagedKVCache, TreeCache, pages_for
+from harness.timing import synchronize
 
 
 @dataclass
@@ -217,14 +218,10 @@ def time_plan(plan: Callable[[], object], device: torch.device, repeats: int = 5
     times = []
     result = None
     for _ in range(repeats):
-        _synchronize(device)
+        synchronize(device)
         start = time.perf_counter()
         result = plan()
-        _synchronize(device)
+        synchronize(device)
         times.append((time.perf_counter() - start) * 1e6)
     return float(np.median(times)), result
 
-
-def _synchronize(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)

@@ -155,6 +155,12 @@ def replay_seconds(fn: Callable[[], object], replays: int = 20) -> float:
     return float(np.median(times))
 
 
+def synchronize(device: torch.device) -> None:
+    """Wait for everything queued on a CUDA device (nothing to wait for on the CPU)."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
 def one_line(error: BaseException, limit: int = 300) -> str:
     """`Type: message`, first line only, cut to `limit` characters."""
     text = str(error).strip().splitlines()

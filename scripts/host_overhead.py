@@ -59,6 +59,7 @@ from deft.plan_buffers import paged_cache  # noqa: E402
 from deft.strategies import DEFAULT_CHUNK_SIZE  # noqa: E402
 from deft.tree import AttentionShape, Tree  # noqa: E402
 from deft.tree_attention import TreeAttention  # noqa: E402
+from harness.timing import synchronize  # noqa: E402
 from reference import rel_err  # noqa: E402
 
 LLAMA = AttentionShape(32, 8, 128, "float16")
@@ -73,11 +74,6 @@ CPU_TREE = Tree([0, 1, 2], [None, 0, 0], [40, 8, 8], None, AttentionShape(4, 2, 
 @triton.jit
 def _empty(x_ptr):
     pass
-
-
-def synchronize(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
 
 
 def host_us(fn, calls: int, device: torch.device, batch: int | None = None) -> float:

@@ -20,7 +20,7 @@ from dataclasses import dataclass, field
 import torch
 
 from deft.plan import BYTE_KEYS
-from harness.timing import GraphCaptureError, capture
+from harness.timing import GraphCaptureError, capture, synchronize
 
 PER_STEP = ("attention", "plan", "e2e", "inline", "overlap")
 """Per-step lists (ms) of a method: attention of all layers (GPU), its plan (host), the decoder
@@ -103,8 +103,3 @@ def timed_wall(launch, device, host=None, overlapped=None) -> tuple:
     gpu_ms = begin.elapsed_time(end) if cuda else (ran - launched) * 1e3
     return (stop - start) * 1e3, gpu_ms, (launched - start) * 1e3
 
-
-def synchronize(device: torch.device) -> None:
-    """Wait for everything queued on a CUDA device (nothing on the CPU)."""
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
