@@ -4,15 +4,17 @@
 #   OUT=/some/dir scripts/autotune_gpu.sh [--budget SECONDS] [--dry-run] [-- extra tune options]
 #
 # 1. tune: DeFT-Flatten's sizes (chunk x group, the kernel's tile: --no-tiles) on the six
-#    anchors at each head shape 32/8, 16/2, 8/1, 4/1, fp16 (one kernel compilation per shape;
-#    bf16 would double it and does not fit the budget);
+#    anchors and the off-anchor suite's tunable part (`--workloads all,tunable`: serving forest,
+#    token tree, balanced tree, three keywordToT steps, a 256-leaf star) at each head shape
+#    32/8, 16/2, 8/1, 4/1, fp16 (one kernel compilation per shape; bf16 would double it and
+#    does not fit the budget);
 # 2. held out: with that table, the tuned choice against a chunk x group sweep at its tile on
 #    the held-out trees (autotune.heldout.HELD_OUT) at 32/8, 4/1, 16/2, 8/1 (in that order, so
 #    a short budget keeps both ends), and the same sweep on three anchors as the refit's tuning
 #    trees;
 # 3. refit: the latency model fitted to the tuning trees' sweeps, judged on the held-out ones.
 #
-# --budget (default 390 s) bounds the whole run: the tuning gets a third of it (soft), the
+# --budget (default 560 s) bounds the whole run: the tuning gets two fifths of it (soft), the
 # sweeps what is left but 45 s (no tree is started past it), the refit the rest (killed at the
 # budget; re-run it anywhere with `python3 -m cli autotune --refit heldout.json`). Partial
 # results are still written. --dry-run prints the commands and checks the workloads parse (CPU).
@@ -27,7 +29,7 @@
 set -uo pipefail
 
 out=${OUT:-autotune-out}
-budget=390
+budget=560
 dry=0
 extra=()
 while [ $# -gt 0 ]; do
@@ -39,8 +41,8 @@ while [ $# -gt 0 ]; do
   esac
 done
 fit_trees=fewshot_b20_P4000_L200,spec_t64_P4000,long_P20000_q64_L100
-tune=(python3 -m cli autotune --gpu auto --heads 32/8,16/2,8/1,4/1 --no-tiles
-      --budget-s $(( budget / 3 )) --output "$out/configs/" ${extra[@]+"${extra[@]}"})
+tune=(python3 -m cli autotune --gpu auto --workloads all,tunable --heads 32/8,16/2,8/1,4/1 --no-tiles
+      --budget-s $(( budget * 2 / 5 )) --output "$out/configs/" ${extra[@]+"${extra[@]}"})
 if [ $dry -eq 1 ]; then
   echo "${tune[*]}"
   echo "DEFT_TUNED_CONFIGS=$out/configs python3 -m cli autotune --gpu auto --held-out --heads 32/8,4/1,16/2,8/1 --fit-trees $fit_trees --budget-s LEFT --report $out/heldout.json"
@@ -66,7 +68,7 @@ start=$(date +%s)
 export COLUMNS=${COLUMNS:-180} PYTHONUNBUFFERED=1
 status=0
 
-echo "== tune (budget $(( budget / 3 )) s)" >&2
+echo "== tune (budget $(( budget * 2 / 5 )) s)" >&2
 "${tune[@]}" > >(tee -a "$out/tune.log") 2> >(tee -a "$out/tune.log" >&2) || status=1
 echo "== tune took $(( $(date +%s) - start )) s" >&2
 

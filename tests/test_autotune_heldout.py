@@ -102,9 +102,15 @@ def test_fill_never_goes_below_64_tokens_and_is_the_fill_rung():
     found = tuned_config("deft_flatten", heldout.with_heads(TREE, 4, 1), H200.name, (9, 0),
                          programs=264)
     assert (found.rung, found.chunk_size, found.group_size, found.config) == (
-        "fill", 64, None, None)  # 8000 tokens x 1 head: 125 items at 64, the least chunk
+        "fill", 64, 16, None)  # 8000 tokens x 1 head: 125 items at 64, the least chunk;
+    # GQA 4: 16 queries x 4 heads fill a 64-row tile
     at_32_8 = tuned_config("deft_flatten", TREE, H200.name, (9, 0), programs=lambda: 264)
     assert (at_32_8.rung, at_32_8.chunk_size) == ("fill", 128)  # 63 x 8; 256: 32 x 8 < 264
+    at_8_1 = tuned_config("deft_flatten", heldout.with_heads(TREE, 8, 1), H200.name, (9, 0),
+                          programs=264)
+    assert (at_8_1.rung, at_8_1.group_size) == ("fill", 8)  # GQA 8: 8 queries fill the tile
+    flash = tuned_config("flash_decoding", TREE, H200.name, (9, 0), programs=264)
+    assert flash.rung == "fill" and flash.group_size is None  # takes no group size
     assert tuned_config("deft_flatten", TREE, H200.name, (9, 0)).rung == "default"
 
 

@@ -1,10 +1,13 @@
-"""The chunk size that fills the machine, where no tuned table applies.
+"""The chunk and group size that fill the machine, where no tuned table applies.
 
 The partials kernels run a persistent grid of SMs x `PROGRAMS_PER_SM` programs over
 partitions x kv_heads work items. With fewer items than programs the rest of the GPU idles:
 the 32/8-head choices give 24 to 86 work items at 4/1 heads, for 264 programs on an H200. So
 the ``fill`` rung of `deft.kernels.tuned` picks the largest chunk whose work items reach the
-programs, never below 64 tokens.
+programs, never below 64 tokens, and caps a partition's queries at one query tile of rows
+(`fill_group`): on an H200 every tuned bucket but few chose a group cap, and without one the
+fill rung ran a 256-query forest 2.2-3.1x slower than the best chunk x group (autotune
+held-out run of 2026-12-01, docs/autotune.md).
 """
 
 from __future__ import annotations
@@ -22,6 +25,10 @@ PROGRAMS_PER_SM = 2
 FILL_CHUNKS = (4096, 2048, 1024, 512, 256, 128, 64)
 """Chunk sizes `fill_chunk` chooses from, largest first; 64 is the least (smaller chunks cost
 more in partials than the idle SMs they would fill)."""
+
+TILE_ROWS = 64
+"""Query rows of one tile of the partials kernels (``BLOCK_M`` of the Gluon kernel and of the
+Triton kernel's default tiles): a partition's query group fills it at `fill_group` queries."""
 
 KV_GUIDED = ("deft_flatten", "deft_node_chunk")
 """Chunked strategies that split the tree's unique tokens (the others split each query's
@@ -56,3 +63,10 @@ def resident_programs(device: torch.device) -> int:
     """SMs of a CUDA device (read from the device) x `PROGRAMS_PER_SM`."""
     index = torch.cuda.current_device() if device.index is None else device.index
     return PROGRAMS_PER_SM * torch.cuda.get_device_properties(index).multi_processor_count
+
+
+def fill_group(tree: Tree) -> int:
+    """The group size (queries per partition group) whose rows fill one query tile:
+    `TILE_ROWS` // query heads per KV head, at least 1."""
+    shape = tree.attention
+    return max(1, TILE_ROWS // max(1, shape.q_heads // shape.kv_heads))

@@ -25,8 +25,8 @@ nearest stored bucket within `deft.kernels.buckets.MAX_DISTANCE`, answers:
    with a `TunedConfigWarning`;
 3. ``fill``: where no table applies and the card's programs are known (a CUDA device: its SM
    count x `deft.kernels.fill.PROGRAMS_PER_SM`), the chunk that fills the machine
-   (`deft.kernels.fill.fill_chunk`), no group cap,
-   the kernel's own tile;
+   (`deft.kernels.fill.fill_chunk`), a group of one query tile's rows
+   (`deft.kernels.fill.fill_group`), the kernel's own tile;
 4. ``default``: the strategy's default sizes (chunk `deft.strategies.DEFAULT_CHUNK_SIZE` where
    it takes one, no group cap) and the kernel's own tile, where nothing else applies or the
    device is not CUDA.
@@ -52,11 +52,11 @@ from pathlib import Path
 import torch
 
 from deft.kernels.buckets import Bucket, bucket_of, nearest
-from deft.kernels.fill import fill_chunk, resident_programs
+from deft.kernels.fill import fill_chunk, fill_group, resident_programs
 from deft.kernels.partials import TileConfig
 from deft.kernels.table_format import TableError, check_table
 from deft.plan import build_plan, check_parameters
-from deft.strategies import USES_CHUNK_SIZE
+from deft.strategies import USES_CHUNK_SIZE, USES_GROUP_SIZE
 from deft.tree import Tree
 
 FORMAT = "deft-configs/1"
@@ -219,7 +219,8 @@ def tuned_config(strategy: str, tree: Tree, device_name: str, capability,
     if found.rung != "default" or programs is None or strategy not in USES_CHUNK_SIZE:
         return found
     chunk = fill_chunk(strategy, tree, programs() if callable(programs) else programs)
-    return dataclasses.replace(found, chunk_size=chunk, rung="fill")
+    group = fill_group(tree) if strategy in USES_GROUP_SIZE else None
+    return dataclasses.replace(found, chunk_size=chunk, group_size=group, rung="fill")
 
 
 def config_dirs() -> tuple[Path, ...]:
