@@ -2,7 +2,8 @@
 """GPU check of the Hopper Gluon DeFT-Flatten kernel against the float64 oracle and the Triton
 kernel, then a timing of both on the anchors, in one process.
 
-    python scripts/gluon_check.py [--smoke] [--budget SECONDS] [--no-timing] [--variants]
+    python scripts/gluon_check.py [--smoke] [--budget SECONDS] [--no-timing]
+                                  [--variants [NAME,...]] [--shapes 32/8/128,...]
     python scripts/gluon_check.py --compile-only   # no GPU: every variant for sm_90a, ptxas
 
 Correctness (deft_flatten through `deft.TreeAttention`, backend "gluon" and "triton" on the
@@ -10,13 +11,16 @@ same plan): random trees and forests at several GQA shapes and odd sizes, page s
 16, 64 (pages shuffled), fp16 and bf16, and the six anchors at 32/8/128. Before each run the
 output and the partial-result workspace are poisoned with NaN; every partial row of the plan
 must be written (finite) and the output must be finite; rel_err against the oracle <= 2e-3 fp16,
-<= 1e-2 bf16; two runs bit-identical; a CUDA graph of `run` replays to the eager result.
-``--variants``: every VARIANTS entry is checked the same way (poisoned, oracle, written,
-deterministic; Gluon only) on random trees, a forest, GQA groups 1/4/16, head_dim 64, page
-sizes 1, 3, 16, fp16 and bf16, and the few-shot anchor with 64-token chunks, then timed beside
-the default on every timing cell (its rel_err there counts too).
-Timing: both backends on the six anchors at 32/8/128, 16/2/128, 8/1/128, 4/1/128 (page size 16,
-the tuned plan), a CUDA graph of 4 calls on 4 KV copies, per call = median replay / 4.
+<= 1e-2 bf16; two runs bit-identical, the second replayed from the CUDA graph `run` captures of
+itself (which must succeed); a CUDA graph of `run` replays to the eager result (its DOT dump
+says whether the merge's programmatic dependency survived capture). ``--variants``: every
+VARIANTS entry (or those named) is checked the same way (poisoned, oracle, written,
+deterministic, captured; Gluon only) on random trees, a forest, GQA groups 1/4/16, head_dim 64,
+page sizes 1, 3, 16, fp16 and bf16, and the few-shot anchor with 64-token chunks, then timed
+beside the default on every timing cell (its rel_err there counts too).
+Timing: both backends on the six anchors at 32/8/128, 16/2/128, 8/1/128, 4/1/128 (or the
+``--shapes`` named; page size 16, the tuned plan), a CUDA graph of 4 calls on 4 KV copies, per
+call = median replay / 4.
 
 Prints a table last; ``$OUT/gluon_check.json`` holds every record. ``--smoke`` runs one small
 case only, for the default and (with ``--variants``) every variant: run it first under
@@ -40,6 +44,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from deft import workloads as wl  # noqa: E402
 from deft.kernels import deft_flatten_sm90 as sm90  # noqa: E402
+from deft.kernels import reduction  # noqa: E402
 from deft.plan_buffers import paged_cache  # noqa: E402
 from deft.tree import AttentionShape, Tree  # noqa: E402
 from deft.tree_attention import TreeAttention  # noqa: E402
@@ -55,7 +60,7 @@ RECORDS: list = []
 START = time.time()
 VARIANTS = {
     # kernel configurations checked and timed beside the default (module attributes of
-    # deft_flatten_sm90). Measured before (H200, one run each, vs the default): "n32s4"
+    # deft_flatten_sm90 or of deft.kernels.reduction, see `variant`). Measured before (H200, one run each, vs the default): "n32s4"
     # dict(BLOCK_N=32, NUM_STAGES=4) slower on all 22 cells timed; "1cta_s5" dict(NUM_STAGES=5,
     # CTAS_PER_SM=1, MAX_REGS=168) faster on a few 16/2 and 8/1 cells, slower at 32/8 and on
     # long_P20000; "lazy_rescale" dict(LAZY_RESCALE=True) equal at 32/8 and 16/2, 5-15% slower
@@ -70,7 +75,11 @@ VARIANTS = {
     # the default kernel without its mask-free path (every tile masked: the kernel before
     # 2026-12-01; MASK_FREE measured 0.88-1.01x its time at 32/8)
     "masked": dict(MASK_FREE=False),
+    # the merge launched after the partials kernel ends, not as its programmatic dependent
+    "no_pdl": dict(PDL_MERGE=False),
 }
+VARIANT_MODULES = (sm90, reduction)
+"""Where a variant's attributes live: each in the first of these modules that has it."""
 
 
 class variant:
@@ -80,13 +89,15 @@ class variant:
         self.name, self.overrides = name, VARIANTS.get(name, {})
 
     def __enter__(self):
-        self.saved = {k: getattr(sm90, k) for k in self.overrides}
+        self.saved = {}
         for k, v in self.overrides.items():
-            setattr(sm90, k, v)
+            module = next(m for m in VARIANT_MODULES if hasattr(m, k))
+            self.saved[k] = (module, getattr(module, k))
+            setattr(module, k, v)
 
     def __exit__(self, *exc):
-        for k, v in self.saved.items():
-            setattr(sm90, k, v)
+        for k, (module, v) in self.saved.items():
+            setattr(module, k, v)
 
 
 def filling_chunk(tree, kv_heads, ctas) -> int:
@@ -121,20 +132,22 @@ def attention_for(plan, tree, backend) -> TreeAttention:
 
 
 def run_poisoned(attn, handle, q, k_cache, v_cache):
-    """Run twice into NaN-poisoned out and workspace: (out, partials all written, identical)."""
+    """Run twice into NaN-poisoned out and workspace, the second time from the CUDA graph `run`
+    captures of itself on a second call: (out, partials all written, identical, captured)."""
     outs, written = [], True
     entries = handle.num_entries
+    out = torch.empty_like(q)
     for _ in range(2):
         o_part, lse_part = attn._partials_workspace(q.shape[1], q.shape[2])
         o_part.fill_(float("nan"))
         lse_part.fill_(float("nan"))
-        out = torch.full_like(q, float("nan"))
+        out.fill_(float("nan"))
         attn.run(q, k_cache, v_cache, handle, out=out)
         torch.cuda.synchronize()
         written &= bool(torch.isfinite(o_part[:entries]).all()
                         and torch.isfinite(lse_part[:entries]).all())
-        outs.append(out)
-    return outs[0], written, torch.equal(outs[0], outs[1])
+        outs.append(out.clone())
+    return outs[0], written, torch.equal(outs[0], outs[1]), attn._runs.graphs() == 1
 
 
 def check_case(section, name, tree, page_sizes, dtypes, chunk=None, seed=0, kernel="default",
@@ -156,8 +169,10 @@ def check_case(section, name, tree, page_sizes, dtypes, chunk=None, seed=0, kern
                     attn = attention_for(plan, tree, backend)
                     handle = attn.plan(tree, table, plan)
                     with variant(kernel):
-                        out, written, same = run_poisoned(attn, handle, q, k_cache, v_cache)
+                        out, written, same, captured = run_poisoned(attn, handle, q, k_cache,
+                                                                    v_cache)
                     outs[backend] = out
+                    record[f"{backend}_graph_captured"] = captured
                     record[f"{backend}_rel_err"] = float(f"{rel_err(out, ref):.3g}")
                     record[f"{backend}_written"] = written
                     record[f"{backend}_deterministic"] = same
@@ -168,7 +183,8 @@ def check_case(section, name, tree, page_sizes, dtypes, chunk=None, seed=0, kern
                 record["partitions"] = plan.num_partitions
                 record["ok"] = bool(record["gluon_rel_err"] <= TOLERANCE[dtype]
                                     and record["gluon_written"] and record["gluon_finite"]
-                                    and record["gluon_deterministic"])
+                                    and record["gluon_deterministic"]
+                                    and record["gluon_graph_captured"])
             except Exception as error:  # keep going; the record says what failed
                 record.update(ok=False, error=f"{type(error).__name__}: {error}"[:400],
                               trace=traceback.format_exc()[-1500:])
@@ -215,8 +231,10 @@ def check_graph():
         attn.run(qbuf, kbuf, vbuf, handle, out=out)
         torch.cuda.synchronize()
         graph = torch.cuda.CUDAGraph()
+        graph.enable_debug_mode()  # keeps the graph for its DOT dump
         with torch.cuda.graph(graph):
             attn.run(qbuf, kbuf, vbuf, handle, out=out)
+        record["programmatic_edges"] = programmatic_lines(graph)
         load(1)
         handle = attn.plan(trees[1], data[1][3])
         out.fill_(float("nan"))
@@ -235,7 +253,20 @@ def check_graph():
     save()
 
 
-def time_anchor(name, shape_name, page_size=16, copies=4, timing_variants=False,
+def programmatic_lines(graph) -> list:
+    """The lines of a captured graph's DOT dump that mention a programmatic dependency (the
+    merge's PDL edge; none where capture turned it into a plain edge)."""
+    path = Path(os.environ.get("OUT") or "/tmp", "gluon_check_graph.dot")
+    try:
+        graph.debug_dump(str(path))
+        text = path.read_text()
+    except Exception as error:  # the dump is evidence, not a check
+        return [f"no DOT dump: {type(error).__name__}: {error}"[:200]]
+    return [line.strip()[:200] for line in text.splitlines()
+            if "programmatic" in line.lower()][:8]
+
+
+def time_anchor(name, shape_name, page_size=16, copies=4, timing_variants=(),
                 fill_chunks=False):
     qh, kvh, d = SHAPES[shape_name]
     tree = wl.anchor(name, attention=AttentionShape(qh, kvh, d, "float16"))
@@ -247,8 +278,7 @@ def time_anchor(name, shape_name, page_size=16, copies=4, timing_variants=False,
     ref = oracle_attention(tree, q, k, v)  # the last copy's: what `out` holds after the replays
     record = dict(section="timing", case=name, shape=shape_name, page_size=page_size)
     runs = [("gluon", "gluon", "default", None), ("triton", "triton", "default", None)]
-    if timing_variants:
-        runs += [(f"gluon_{v}", "gluon", v, None) for v in VARIANTS]
+    runs += [(f"gluon_{v}", "gluon", v, None) for v in timing_variants]
     if fill_chunks:
         fill = filling_chunk(tree, kvh, sm90.CTAS_PER_SM
                              * torch.cuda.get_device_properties(0).multi_processor_count)
@@ -292,18 +322,26 @@ def main():
     parser.add_argument("--smoke", action="store_true")
     parser.add_argument("--no-timing", action="store_true")
     parser.add_argument("--budget", type=float, default=200.0)
-    parser.add_argument("--variants", action="store_true",
-                        help="also check and time the VARIANTS")
+    parser.add_argument("--variants", nargs="?", const=",".join(VARIANTS), default="",
+                        help="also check and time the VARIANTS (or those named, comma-separated)")
+    parser.add_argument("--shapes", default=",".join(SHAPES),
+                        help=f"the timing shapes, comma-separated (of {', '.join(SHAPES)})")
     parser.add_argument("--fill", action="store_true",
                         help="also time both kernels with the chunk that fills the SMs")
     parser.add_argument("--compile-only", action="store_true",
                         help="no GPU: compile the default and every variant for sm_90a")
     args = parser.parse_args()
+    variants = [v for v in args.variants.split(",") if v]
+    shapes = args.shapes.split(",")
+    unknown = [v for v in variants if v not in VARIANTS] + [s for s in shapes if s not in SHAPES]
+    if unknown:
+        parser.error(f"unknown variants or shapes: {unknown}")
     if args.compile_only:
         return compile_only()
     ok, why = sm90.gluon_supported()
     info = dict(device=torch.cuda.get_device_name(), triton=__import__("triton").__version__,
-                torch=torch.__version__, gluon_supported=ok, why_not=why)
+                torch=torch.__version__, gluon_supported=ok, why_not=why,
+                pdl_merge=reduction.PDL_MERGE)
     print(json.dumps(info), flush=True)
     if not ok:
         save(info)
@@ -312,7 +350,7 @@ def main():
     if args.smoke:
         tree = wl.random_tree(1, nodes=12, max_tokens=90, max_queries=2, attention=llama)
         check_case("smoke", "random12", tree, (16, 1), (torch.float16,))
-        for v in VARIANTS if args.variants else ():
+        for v in variants:
             check_case("smoke", "random12", tree, (16, 1), (torch.float16,), kernel=v,
                        backends=("gluon",))
         save(info)
@@ -351,14 +389,14 @@ def main():
             RECORDS.append(dict(section="anchor", case=name, ok=False, error=str(error)[:200]))
             continue
         check_case("anchor", name, tree, (16,), (f16, b16))
-    if args.variants:  # after the default's checks, so the variants' time cannot skip them
+    if variants:  # after the default's checks, so the variants' time cannot skip them
         fewshot = wl.anchor("fewshot_b20_P4000_L200", attention=llama)
         trees = {name: (tree, chunk) for name, tree, _, _, chunk in cases}
         variant_cases = [  # (case, page sizes, dtypes)
             ("random40_q2", (1, 3, 16), (f16, b16)), ("forest3_odd", (3,), (f16,)),
             ("random_g1_d64", (16,), (b16,)), ("random_4_1", (1, 16), (f16,)),
             ("random_group16", (16,), (f16,))]
-        for v in VARIANTS:
+        for v in variants:
             for name, pages, dtypes in variant_cases:
                 tree, chunk = trees[name]
                 check_case("random", name, tree, pages, dtypes, chunk, kernel=v,
@@ -366,14 +404,14 @@ def main():
             check_case("random", "fewshot_b20", fewshot, (16,), (f16,), chunk=64, kernel=v,
                        backends=("gluon",))
     if not args.no_timing:
-        for shape in SHAPES:
+        for shape in shapes:
             for name in wl.ANCHORS:
                 if time.time() - START > args.budget:
                     RECORDS.append(dict(section="timing", case=name, shape=shape,
                                         skipped="budget"))
                     continue
                 try:
-                    time_anchor(name, shape, timing_variants=args.variants,
+                    time_anchor(name, shape, timing_variants=variants,
                                 fill_chunks=args.fill)
                 except Exception as error:
                     RECORDS.append(dict(section="timing", case=name, shape=shape, ok=False,
@@ -384,14 +422,15 @@ def main():
 
 
 def compile_only():
-    """Compile the default kernel and every variant for sm_90a with this triton (no GPU) and
-    read ptxas's report: registers, shared memory, spills, C7515. Exit 1 on any of those."""
+    """Compile the default kernel and every variant of it (those changing the merge compile as
+    the default) for sm_90a with this triton (no GPU) and read ptxas's report: registers, shared memory, spills, C7515. Exit 1 on any of those."""
     import re
 
     from deft.kernels.deft_flatten_sm90_compile import compile_for_sm90, ptxas_report
 
     failed = False
-    for name in ("default", *VARIANTS):
+    kernel_variants = [v for v, attrs in VARIANTS.items() if any(hasattr(sm90, k) for k in attrs)]
+    for name in ("default", *kernel_variants):
         for dtype, kv_heads, group, head_dim in (("fp16", 8, 4, 128), ("bf16", 1, 8, 128),
                                                  ("fp16", 2, 64, 128), ("fp16", 8, 1, 64)):
             record = dict(section="compile", kernel=name, dtype=dtype,

@@ -315,15 +315,23 @@ from deft.kernels.partials import _partials_kernel
 from deft.kernels.reduction import _merge_kernel, _merge_query_kernel
 
 
-def compile_for_sm90(fn, pointers, ints, floats, constexprs, num_warps):
+def compile_for_sm90(fn, pointers, ints, floats, constexprs, num_warps, **options):
     signature = {**pointers, **dict.fromkeys(ints, "i32"), **dict.fromkeys(floats, "fp32"),
                  **dict.fromkeys(constexprs, "constexpr")}
     aligned = {(i,): [["tt.divisibility", 16]] for i in range(len(pointers) + len(ints))}
     source = triton.compiler.ASTSource(fn=fn, signature=signature, constexprs=constexprs,
                                        attrs=aligned)
     kernel = triton.compile(source, target=GPUTarget("cuda", 90, 32),
-                            options=dict(num_warps=num_warps, num_stages=2))
+                            options=dict(num_warps=num_warps, num_stages=2, **options))
     assert kernel.asm["cubin"]
+    return kernel
+
+
+def check_grid_wait(kernel, dependent):
+    # a dependent merge (programmatic dependent launch) waits for the partials kernel first
+    # and carries the launch option; an ordinary one has no wait
+    assert ("griddepcontrol.wait" in kernel.asm["ptx"]) == dependent
+    assert kernel.metadata.launch_pdl == dependent
 
 
 plan_pointers = ["counts_ptr", "part_start_ptr", "part_tokens_ptr", "part_entry_ptr",
@@ -341,28 +349,30 @@ for dtype, flat, head_dim in (("fp16", True, 128), ("bf16", False, 64)):
              DOT_PRECISION="tf32", PREFETCH=flat, LEAN=flat, NARROW=flat, SAME_KV_STRIDE=flat),
         num_warps=4,
     )
-compile_for_sm90(
-    _merge_kernel,
-    {"o_part_ptr": "*fp32", "lse_part_ptr": "*fp32", "out_ptr": "*bf16", "lse_ptr": "*fp32",
-     "counts_ptr": "*i32", "query_row_ptr": "*i32"},
-    ["stride_on", "stride_oh", "stride_ln", "stride_lh"], [],
-    dict(Q_HEADS=32, HEAD_DIM=128, BLOCK_E=16, STORE_LSE=True),
-    num_warps=2,
-)
-compile_for_sm90(
-    _merge_query_kernel,
-    {"o_part_ptr": "*fp32", "lse_part_ptr": "*fp32", "out_ptr": "*fp16", "lse_ptr": "*fp32",
-     "counts_ptr": "*i32", "query_row_ptr": "*i32"},
-    ["stride_on", "stride_oh", "stride_ln", "stride_lh"], [],
-    dict(Q_HEADS=12, HEADS=16, HEAD_DIM=128, STORE_LSE=True),
-    num_warps=4,
-)
+for dependent in (True, False):
+    check_grid_wait(compile_for_sm90(
+        _merge_kernel,
+        {"o_part_ptr": "*fp32", "lse_part_ptr": "*fp32", "out_ptr": "*bf16", "lse_ptr": "*fp32",
+         "counts_ptr": "*i32", "query_row_ptr": "*i32"},
+        ["stride_on", "stride_oh", "stride_ln", "stride_lh"], [],
+        dict(Q_HEADS=32, HEAD_DIM=128, BLOCK_E=16, STORE_LSE=True, WAIT_FOR_PRIOR_GRID=dependent),
+        num_warps=2, launch_pdl=dependent,
+    ), dependent)
+    check_grid_wait(compile_for_sm90(
+        _merge_query_kernel,
+        {"o_part_ptr": "*fp32", "lse_part_ptr": "*fp32", "out_ptr": "*fp16", "lse_ptr": "*fp32",
+         "counts_ptr": "*i32", "query_row_ptr": "*i32"},
+        ["stride_on", "stride_oh", "stride_ln", "stride_lh"], [],
+        dict(Q_HEADS=12, HEADS=16, HEAD_DIM=128, STORE_LSE=True, WAIT_FOR_PRIOR_GRID=dependent),
+        num_warps=4, launch_pdl=dependent,
+    ), dependent)
 """
 
 
 def test_gpu_compilation():
     """The kernels compile for sm_90 (PTX and cubin, no GPU needed): catches what the
-    interpreter lets through (non-constexpr globals, dot shapes, loop-carried types). Runs in a
+    interpreter lets through (non-constexpr globals, dot shapes, loop-carried types), and the
+    merge's programmatic-dependent-launch wait, which the interpreter cannot run. Runs in a
     fresh process without TRITON_INTERPRET (the interpreter's patches break code generation)."""
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))

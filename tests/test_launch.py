@@ -69,6 +69,7 @@ def test_a_new_specialization_goes_through_triton_again():
         "constexpr default": ([x, 32, 0.5, 16, True], {"num_warps": 4}),
         "option": ([x, 32, 0.5, 16, False], {"num_warps": 8}),
         "maxnreg": ([x, 32, 0.5, 16, False], {"num_warps": 4, "maxnreg": 128}),
+        "launch_pdl": ([x, 32, 0.5, 16, False], {"num_warps": 4, "launch_pdl": True}),
     }
     for what, (values, kwargs) in changed.items():
         assert launch.specialization(values, kwargs) != base, what

@@ -22,8 +22,10 @@ import inspect
 
 import torch
 
-_OPTIONS = ("num_warps", "num_stages", "maxnreg")
-"""Launch options a call may pass besides the kernel's parameters."""
+_OPTIONS = ("num_warps", "num_stages", "maxnreg", "launch_pdl")
+"""Launch options a call may pass besides the kernel's parameters. Each is a compile option of
+the CUDA backend, carried by the compiled kernel (``launch_pdl``: launch as a programmatic
+dependent launch, `deft.kernels.reduction.merge`), so it is part of the key."""
 
 
 class Launcher:

@@ -14,19 +14,35 @@ in far fewer, larger loads (`per_query_merge` decides, per plan). Rows past the 
 count (a padded `q` under a CUDA graph) get out = 0 and lse = -inf, so every output element is
 written.
 
+After the Hopper Gluon partials kernel the merge is a programmatic dependent launch (PDL,
+sm_90+): launched with ``launch_pdl`` it may start while the partials kernel is still running,
+so its launch latency and ramp leave the critical path; its first instruction,
+``griddepcontrol.wait`` (`WAIT_FOR_PRIOR_GRID`), holds it until the partials kernel has completed
+and its writes are visible. Without ``launch_pdl`` that wait returns at once, so the result
+never depends on it. `PDL_MERGE` switches it off for A/B timing.
+
 `merge_states` is the same merge for two states in PyTorch (cascade-style composition).
 """
 
 from __future__ import annotations
 
+import functools
+import os
+
 import torch
 import triton
 import triton.language as tl
+from triton.language.extra.cuda import gdc_wait
 
 from deft.kernels.launch import Launcher
 
 BLOCK_E = 16
 """Partial rows merged per loop step."""
+
+PDL_MERGE = os.environ.get("DEFT_PDL_MERGE", "1") != "0"
+"""Whether `merge(dependent_launch=True)` launches the merge as a programmatic dependent of the
+kernel before it (read once from ``DEFT_PDL_MERGE``, "0" for off; default on). A
+`TreeAttention` captures its launches in CUDA graphs, so change it before its first `run`."""
 
 
 @triton.jit
@@ -35,8 +51,10 @@ def _merge_kernel(
     counts_ptr, query_row_ptr,
     stride_on, stride_oh, stride_ln, stride_lh,
     Q_HEADS: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_E: tl.constexpr,
-    STORE_LSE: tl.constexpr,
+    STORE_LSE: tl.constexpr, WAIT_FOR_PRIOR_GRID: tl.constexpr,
 ):
+    if WAIT_FOR_PRIOR_GRID:  # launched as a programmatic dependent: the partials are not done
+        gdc_wait()
     query = tl.program_id(0)
     head = tl.program_id(1)
     dims = tl.arange(0, HEAD_DIM)
@@ -75,10 +93,12 @@ def _merge_query_kernel(
     counts_ptr, query_row_ptr,
     stride_on, stride_oh, stride_ln, stride_lh,
     Q_HEADS: tl.constexpr, HEADS: tl.constexpr, HEAD_DIM: tl.constexpr,
-    STORE_LSE: tl.constexpr,
+    STORE_LSE: tl.constexpr, WAIT_FOR_PRIOR_GRID: tl.constexpr,
 ):
     """One program per query, all its heads at once ([HEADS, HEAD_DIM] per partial row,
     HEADS = Q_HEADS padded to a power of two): fewer, larger loads than one program per head."""
+    if WAIT_FOR_PRIOR_GRID:
+        gdc_wait()
     query = tl.program_id(0)
     heads = tl.arange(0, HEADS)
     head_ok = heads < Q_HEADS
@@ -126,7 +146,14 @@ def per_query_merge(num_queries: int, num_rows: int, sm_count: int) -> bool:
     return num_queries >= sm_count and num_rows <= PER_QUERY_MAX_ROWS * num_queries
 
 
-def merge(o_part, lse_part, buffers, out, lse=None, per_query=False) -> None:
+@functools.cache
+def _supports_pdl(device: torch.device) -> bool:
+    """Whether ``device`` runs programmatic dependent launches: CUDA, compute capability >= 9."""
+    return device.type == "cuda" and torch.cuda.get_device_capability(device)[0] >= 9
+
+
+def merge(o_part, lse_part, buffers, out, lse=None, per_query=False,
+          dependent_launch=False) -> None:
     """Launch `_merge_kernel` (or, with `per_query`, `_merge_query_kernel`): write every row of
     `out` (and `lse`) from the partials.
 
@@ -141,8 +168,17 @@ def merge(o_part, lse_part, buffers, out, lse=None, per_query=False) -> None:
         Natural-log log-sum-exp of each output row.
     per_query : bool
         One program per query, all heads (`per_query_merge`), else one per (query, head).
+    dependent_launch : bool
+        Launch as a programmatic dependent of the kernel before it on the stream, which wrote
+        the partials (done where `PDL_MERGE` is set, the device is CUDA of compute capability
+        >= 9 and the kernels are compiled, not interpreted).
     """
     rows, q_heads, head_dim = out.shape
+    pdl = (dependent_launch and PDL_MERGE and not _LAUNCH_MERGE.interpreted
+           and _supports_pdl(out.device))
+    launch = dict(STORE_LSE=lse is not None, WAIT_FOR_PRIOR_GRID=pdl)
+    if pdl:  # a compile option of the CUDA backend: the compiled kernel launches with it
+        launch["launch_pdl"] = True
     args = (o_part, lse_part, out, out if lse is None else lse,
             buffers["counts"], buffers["query_row_ptr"],
             out.stride(0), out.stride(1),
@@ -150,11 +186,10 @@ def merge(o_part, lse_part, buffers, out, lse=None, per_query=False) -> None:
     if per_query:
         _LAUNCH_MERGE_QUERY((rows,), *args, Q_HEADS=q_heads,
                             HEADS=triton.next_power_of_2(q_heads), HEAD_DIM=head_dim,
-                            STORE_LSE=lse is not None, num_warps=4, num_stages=3)
+                            num_warps=4, num_stages=3, **launch)
     else:
         _LAUNCH_MERGE((rows, q_heads), *args, Q_HEADS=q_heads, HEAD_DIM=head_dim,
-                      BLOCK_E=BLOCK_E, STORE_LSE=lse is not None,
-                      num_warps=1 if head_dim <= 64 else 2)
+                      BLOCK_E=BLOCK_E, num_warps=1 if head_dim <= 64 else 2, **launch)
 
 
 def merge_states(o_a, lse_a, o_b, lse_b):

@@ -51,7 +51,8 @@ def launch_tree_attention(q, k_cache, v_cache, buffers, o_part, lse_part, out, l
         (deft_flatten_sm90.partials if gluon else partials)(
             q, k_cache, v_cache, o_part, lse_part, buffers, flat=flat, sm_scale=sm_scale,
             config=config, num_programs=num_programs)
-        merge(o_part, lse_part, buffers, out, lse, per_query=per_query_merge)
+        merge(o_part, lse_part, buffers, out, lse, per_query=per_query_merge,
+              dependent_launch=gluon)
 
 
 _LIBRARY = torch.library.Library("deft", "DEF")
