@@ -77,6 +77,9 @@ VARIANTS = {
     "masked": dict(MASK_FREE=False),
     # the merge launched after the partials kernel ends, not as its programmatic dependent
     "no_pdl": dict(PDL_MERGE=False),
+    # the partials kernel releases the merge on entry (griddepcontrol.launch_dependents), not
+    # as its CTAs exit
+    "pdl_early": dict(EARLY_DEPENDENTS=True),
 }
 VARIANT_MODULES = (sm90, reduction)
 """Where a variant's attributes live: each in the first of these modules that has it."""

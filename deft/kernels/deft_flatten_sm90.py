@@ -101,6 +101,11 @@ with TWO_CONSUMERS, whose producer has 120."""
 MASK_FREE = True
 """True: skip the Euler-tour mask on tiles every row of the query tile sees whole (one
 uniform branch per tile, after a min over the tile's subtree_end); measured faster (above)."""
+EARLY_DEPENDENTS = False
+"""True: each CTA signals ``griddepcontrol.launch_dependents`` on entry, so the merge (launched
+as a programmatic dependent, `deft.kernels.reduction.PDL_MERGE`) may be scheduled while this
+kernel runs, its CTAs held at ``griddepcontrol.wait`` until this grid ends; False: the merge is
+released as this kernel's CTAs exit."""
 TWO_CONSUMERS = False
 """True: run `deft.kernels.deft_flatten_sm90_split` instead (two consumer warpgroups per CTA
 splitting each work item's KV tiles, one CTA per SM, a 4-stage ring)."""
@@ -364,8 +369,11 @@ if HAS_GLUON:
         BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr, NUM_STAGES: gl.constexpr,
         Q_STAGES: gl.constexpr, THRESHOLD: gl.constexpr, LAZY: gl.constexpr,
         SLOT_AHEAD: gl.constexpr, MASK_FREE: gl.constexpr, PRODUCER_WARPS: gl.constexpr,
-        PRODUCER_REGS: gl.constexpr, num_warps: gl.constexpr,
+        PRODUCER_REGS: gl.constexpr, EARLY_DEPENDENTS: gl.constexpr, num_warps: gl.constexpr,
     ):
+        if EARLY_DEPENDENTS:  # the merge may launch now; griddepcontrol.wait holds it back
+            gl.inline_asm_elementwise("griddepcontrol.launch_dependents; // $0", "=r", [],
+                                      dtype=gl.int32, is_pure=False, pack=1)
         dtype: gl.constexpr = k_ptr.dtype.element_ty
         kv_layout: gl.constexpr = gl.NVMMASharedLayout.get_default_for([BLOCK_N, HEAD_DIM], dtype)
         q_layout: gl.constexpr = gl.NVMMASharedLayout.get_default_for([BLOCK_M, HEAD_DIM], dtype)
@@ -417,7 +425,7 @@ def constexprs(kv_heads: int, group: int, head_dim: int, **overrides) -> dict:
                   BLOCK_N=BLOCK_N, NUM_STAGES=NUM_STAGES, Q_STAGES=Q_STAGES,
                   THRESHOLD=RESCALE_THRESHOLD, LAZY=LAZY_RESCALE, SLOT_AHEAD=SLOT_AHEAD,
                   MASK_FREE=MASK_FREE, PRODUCER_WARPS=PRODUCER_WARPS,
-                  PRODUCER_REGS=PRODUCER_REGS)
+                  PRODUCER_REGS=PRODUCER_REGS, EARLY_DEPENDENTS=EARLY_DEPENDENTS)
     values.update(overrides)
     return values
 
