@@ -311,8 +311,8 @@ class TreeAttention:
         config_source = (self.config, self._tuned_config)
         if bound is None or not bound.fits(plan, config_source):
             bound = self._bind(key, q, k_cache, v_cache, plan, out, sm_scale, config_source)
-        if bound.graph is not None and not torch.cuda.is_current_stream_capturing():
-            bound.graph.replay()
+        if bound.replay is not None and not torch._C._cuda_isCurrentStreamCapturing():
+            bound.replay()
         else:
             self._runs.launch(bound, lambda: launch_tree_attention(
                 q, k_cache, v_cache, self.buffers.views, bound.o_part, bound.lse_part, out, lse,

@@ -89,8 +89,8 @@ def tree_attention_op(q, k_cache, v_cache, plan_data, plan_layout, o_part, lse_p
     if bound is None:
         bound = OpRun(views_of(plan_data, plan_layout), TileConfig.from_ints(tile))
         OP_RUNS.put(key, bound)
-    if bound.graph is not None and not torch.cuda.is_current_stream_capturing():
-        bound.graph.replay()
+    if bound.replay is not None and not torch._C._cuda_isCurrentStreamCapturing():
+        bound.replay()
         return
     OP_RUNS.launch(bound, lambda: launch_tree_attention(
         q, k_cache, v_cache, bound.views, o_part, lse_part, out, lse, flat, sm_scale,
