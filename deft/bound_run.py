@@ -25,18 +25,19 @@ when a capture fails. The custom op ``torch.ops.deft.tree_attention`` (what torc
 keeps its own `RunCache` of `OpRun` entries and replays the same way.
 
 A call that hits its argument set costs: the key (four data pointers, shapes, strides and
-dtypes), one tuple comparison with the key of the set hit last (hashing and the dict only when
-another set was hit last), the plan-dependent checks (`BoundRun.fits`: three integer
-comparisons), one capture-status query and the graph's replay (which switches to the graph's
-device itself). The key is the cheap check: every part of it can change in place on the same
-tensor object (``set_``, ``resize_``, ``as_strided_``, ``t_``, assigning ``.data``) and none
-of them bumps anything cheaper to read (``Tensor._version`` counts writes of the values,
-which a decode loop makes to ``q`` and the caches every step), so a tensor's identity would
-save nothing.
+dtypes), one tuple comparison with the key of the set hit last, else (a decode step's layers,
+each on its own caches) one dict lookup and a stamp (`RunCache`), the plan-dependent checks
+(`BoundRun.fits`: three integer comparisons), one capture-status query and the graph's replay
+(torch's C++, which switches to the graph's device itself). The key is also the cheap check:
+every part of it can change in place on the same tensor object (``set_``, ``resize_``,
+``as_strided_``, ``transpose_``, assigning ``.data``), so the object's identity proves
+nothing, and ``Tensor._version`` is no cheaper stand-in: assigning ``.data`` leaves it as it
+is, and every write of the values bumps it (a decode loop writes ``q`` and the caches every
+step).
 
 The capture-status query stays on every replay: it is what keeps `run` safe inside someone
-else's capture, and the argument set hit just before that capture began is the same one, so
-no check made when the set was found could stand in for it.
+else's capture, and a call inside a capture finds the same argument set as the call just
+before the capture began, so no check made when the set was first found can stand in for it.
 """
 
 from __future__ import annotations
