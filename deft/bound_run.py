@@ -35,8 +35,9 @@ nothing, and ``Tensor._version`` is no cheaper stand-in: assigning ``.data`` lea
 is, and every write of the values bumps it (a decode loop writes ``q`` and the caches every
 step).
 
-The capture-status query stays on every replay: it is what keeps `run` safe inside someone
-else's capture, and a call inside a capture finds the same argument set as the call just
+The capture-status query (``torch._C._cuda_isCurrentStreamCapturing``, what
+``torch.cuda.is_current_stream_capturing`` wraps in a Python frame) stays on every replay: it is
+what keeps `run` safe inside someone else's capture, and a call inside a capture finds the same argument set as the call just
 before the capture began, so no check made when the set was first found can stand in for it.
 """
 
@@ -276,7 +277,7 @@ class RunCache:
         """
         bound.calls += 1
         if (bound.calls == 2 and device.type == "cuda"
-                and not torch.cuda.is_current_stream_capturing()):
+                and not torch._C._cuda_isCurrentStreamCapturing()):
             with torch.cuda.device(device):
                 if self._pool is None:
                     self._pool = torch.cuda.graph_pool_handle()
