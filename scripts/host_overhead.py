@@ -215,10 +215,10 @@ def measure(name, tree, device, calls, compile_runs) -> dict:
     out = torch.empty_like(q)
     attn.run(q, k_cache, v_cache, plan, out=out)
     o_part, lse_part = attn._partials_workspace(s.q_heads, s.head_dim)
-    config, programs = attn._launch_config(s.head_dim, s.q_heads, s.kv_heads)
+    config, programs, tile = attn._launch_config(s.head_dim, s.q_heads, s.kv_heads)
     views = attn.buffers.views
     op_args = (q, k_cache, v_cache, attn.buffers.data, attn.buffers.layout(), o_part,
-               lse_part, out, None, True, s.head_dim ** -0.5, config.as_ints(), programs,
+               lse_part, out, None, True, s.head_dim ** -0.5, tile, programs,
                plan.per_query_merge)
     rec = dict(
         anchor=name, tuned_from=attn.tuned_from, config=str(config),

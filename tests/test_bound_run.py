@@ -171,10 +171,10 @@ def test_the_custom_op_replays_only_for_the_same_tensors(monkeypatch):
     plan = attn.plan(tree, table)
     attn.run(q, k_cache, v_cache, plan)
     o_part, lse_part = attn._partials_workspace(4, 32)
-    config, programs = attn._launch_config(32, 4, 2)
+    _, programs, tile = attn._launch_config(32, 4, 2)
     out = torch.empty_like(q)
     args = [q, k_cache, v_cache, attn.buffers.data, attn.buffers.layout(), o_part, lse_part,
-            out, None, True, 32 ** -0.5, config.as_ints(), programs, plan.per_query_merge]
+            out, None, True, 32 ** -0.5, tile, programs, plan.per_query_merge]
     torch.ops.deft.tree_attention(*args)
     replay = OP_RUNS.get(op_argument_key(*args, False)).replay = FakeReplay()
     out.fill_(float("nan"))
@@ -210,10 +210,10 @@ def test_the_custom_op_keeps_one_argument_set_per_tensors():
     plan = attn.plan(tree, table)
     ref = attn.run(q, k_cache, v_cache, plan).clone()
     o_part, lse_part = attn._partials_workspace(4, 32)
-    config, programs = attn._launch_config(32, 4, 2)
+    _, programs, tile = attn._launch_config(32, 4, 2)
     out = torch.empty_like(q)
     args = (q, k_cache, v_cache, attn.buffers.data, attn.buffers.layout(), o_part, lse_part,
-            out, None, True, 32 ** -0.5, config.as_ints(), programs, plan.per_query_merge)
+            out, None, True, 32 ** -0.5, tile, programs, plan.per_query_merge)
     for call in range(3):
         out.fill_(float("nan"))
         torch.ops.deft.tree_attention(*args)
@@ -350,10 +350,10 @@ def test_the_custom_op_replays_its_graph_and_launches_inside_a_capture():
     plan = attn.plan(tree, table)
     attn.run(q, k_cache, v_cache, plan)
     o_part, lse_part = attn._partials_workspace(4, 32)
-    config, programs = attn._launch_config(32, 4, 2)
+    _, programs, tile = attn._launch_config(32, 4, 2)
     out = torch.empty_like(q)
     args = (q, k_cache, v_cache, attn.buffers.data, attn.buffers.layout(), o_part, lse_part,
-            out, None, True, 32 ** -0.5, config.as_ints(), programs, plan.per_query_merge)
+            out, None, True, 32 ** -0.5, tile, programs, plan.per_query_merge)
     for _ in range(3):  # launch, capture and replay, replay
         out.fill_(float("nan"))
         torch.ops.deft.tree_attention(*args)
