@@ -25,7 +25,8 @@ back-to-back calls (no synchronisation inside; the GPU queue absorbs them) of
   with ``out`` given and with ``out=None``), each checked against eager `run` (NaN-poisoned
   ``out``, rel_err);
 - torch's floor under them (`floor_records`): a no-op op of the same schema, eager and
-  compiled, and a compiled function that calls nothing;
+  compiled, and a compiled function that calls nothing; and the graphs torch.compile builds
+  for a model's attention layer called with `REPLANS` new plans (``compile_replan_graphs``);
 - the partials and the merge launch alone, and an empty Triton kernel (the launch floor);
 then the eager time (`do_bench`, L2 flushed, what `deft-cli bench --timing eager` reports) of
 `run` through the graph path and through plain launches, and the time of `run` inside a CUDA
@@ -75,6 +76,9 @@ BATCH = 50
 """Calls between synchronisations in the batched host times."""
 LAYERS = 4
 """Cache pairs `run_layers_host_us` calls `run` over in turn."""
+REPLANS = 3
+"""New plans `replan_graphs` calls a compiled step with (under torch.compile's recompile limit,
+8, past which a fullgraph compile raises)."""
 TOLERANCE = 1e-3
 """Largest rel_err of a compiled result against eager `run` (the same kernels)."""
 CPU_TREE = Tree([0, 1, 2], [None, 0, 0], [40, 8, 8], None, AttentionShape(4, 2, 32, "float16"))
@@ -164,6 +168,30 @@ def floor_records(op_args, calls, device) -> dict:
         rec[f"{name}_host_us"] = host_us(lambda: compiled(q, k_cache, v_cache, out), calls,
                                          device)
     return rec
+
+
+class AttentionLayer(torch.nn.Module):
+    """A decoder layer's attention as a model holds it: the TreeAttention an attribute."""
+
+    def __init__(self, attn):
+        super().__init__()
+        self.attn = attn
+
+    def forward(self, q, k_cache, v_cache, plan, out):
+        return self.attn.run(q, k_cache, v_cache, plan, out=out)
+
+
+def replan_graphs(attn, tree, table, q, k_cache, v_cache) -> int:
+    """Graphs torch.compile builds for an `AttentionLayer` called with `REPLANS` new plans of
+    the same tree (1: nothing a new plan changes is guarded on; `REPLANS`: every decode step
+    recompiles, as when dynamo guards on the plan's generation)."""
+    torch._dynamo.reset()
+    before = torch._dynamo.utils.counters["stats"]["unique_graphs"]
+    compiled = torch.compile(AttentionLayer(attn), fullgraph=True)
+    out = torch.empty_like(q)
+    for _ in range(REPLANS):
+        compiled(q, k_cache, v_cache, attn.plan(tree, table), out)
+    return torch._dynamo.utils.counters["stats"]["unique_graphs"] - before
 
 
 def compiled_records(attn, plan, q, k_cache, v_cache, reference, calls, device) -> dict:
@@ -286,6 +314,8 @@ def measure(name, tree, device, calls, compile_runs) -> dict:
                 lambda: plain.run(q, k_cache, v_cache, plain_plan, out=out)).median_us,
             graph_us=timer.graph([run])[0].median_us,
         )
+    if compile_runs:  # last: it re-plans, so `plan` above goes stale
+        rec["compile_replan_graphs"] = replan_graphs(attn, tree, table, q, k_cache, v_cache)
     return rec
 
 
