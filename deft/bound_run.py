@@ -37,8 +37,9 @@ step).
 
 The capture-status query (``torch._C._cuda_isCurrentStreamCapturing``, what
 ``torch.cuda.is_current_stream_capturing`` wraps in a Python frame) stays on every replay: it is
-what keeps `run` safe inside someone else's capture, and a call inside a capture finds the same argument set as the call just
-before the capture began, so no check made when the set was first found can stand in for it.
+what keeps `run` safe inside someone else's capture, and a call inside a capture finds the same
+argument set as the call just before the capture began, so no check made when the set was first
+found can stand in for it.
 """
 
 from __future__ import annotations
@@ -289,7 +290,7 @@ class RunCache:
         launch()
 
 
-def replay_of(graph: "torch.cuda.CUDAGraph"):
+def replay_of(graph: torch.cuda.CUDAGraph):
     """``graph.replay`` without torch's Python wrapper around it, bound once.
 
     The wrapper (``torch.cuda.CUDAGraph.replay``) adds only the input-liveness check of a graph

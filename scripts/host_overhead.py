@@ -160,14 +160,15 @@ def floor_records(op_args, calls, device) -> dict:
     def nothing(q, k_cache, v_cache, out):
         return out
 
-    rec = dict(no_op_host_us=host_us(lambda: torch.ops.deft_host_overhead.no_op(*op_args),
-                                     calls, device))
-    for name, fn in (("compile_no_op", no_op), ("compile_nothing", nothing)):
+    def compiled_us(fn):
         torch._dynamo.reset()
         compiled = torch.compile(fn, fullgraph=True)
-        rec[f"{name}_host_us"] = host_us(lambda: compiled(q, k_cache, v_cache, out), calls,
-                                         device)
-    return rec
+        return host_us(lambda: compiled(q, k_cache, v_cache, out), calls, device)
+
+    return {"no_op_host_us": host_us(lambda: torch.ops.deft_host_overhead.no_op(*op_args),
+                                     calls, device),
+            "compile_no_op_host_us": compiled_us(no_op),
+            "compile_nothing_host_us": compiled_us(nothing)}
 
 
 class AttentionLayer(torch.nn.Module):
