@@ -16,8 +16,9 @@ back-to-back calls (no synchronisation inside; the GPU queue absorbs them) of
   each call finds another argument set, through the dict rather than the last-hit
   comparison), `run` with graphs off (``max_graphs=0``: checked once, plain launches), `run`
   with ``out=None`` (a new output each call);
-- the parts of `run`'s graph path: `run` and the custom op with the replay stubbed out
-  (``*lookup_host_us``: their own Python, key and lookup), the argument key, the
+- the parts of `run`'s graph path: `run` (on one and on `LAYERS` cache pairs) and the custom
+  op with the replay stubbed out (``*lookup_host_us``: their own Python, key and lookup;
+  `CALLS` calls with ``--cpu`` too), the argument key, the
   capture-status query, the replay, and the top functions of a cProfile of `run` and of the
   custom op (``*_profile``);
 - the custom op ``torch.ops.deft.tree_attention`` called directly (its graph path), and
@@ -126,18 +127,23 @@ def profile_us(fn, calls: int, device: torch.device, top: int = 8) -> list:
             for (file, _, name), entry in rows]
 
 
-def stubbed_replay_us(entry, fn, calls: int, device: torch.device) -> float:
-    """Host time of `fn` with the replay of its argument set `entry` (`deft.bound_run`) made a
-    no-op: what `fn` costs besides torch's replay. On the CPU (no graph) the capture-status
-    query, which the CPU build of torch cannot answer, is stubbed too."""
-    replay, capturing = entry.replay, torch._C._cuda_isCurrentStreamCapturing
-    entry.replay = lambda: None
+def stubbed_replay_us(entries, fn, device: torch.device) -> float:
+    """Host time of `fn` with the replays of its argument sets `entries` (`deft.bound_run`)
+    made no-ops: what `fn` costs besides torch's replay. Cheap with or without a GPU, so always
+    `CALLS` calls (with ``--cpu`` too: a microbenchmark of the key and the lookup). On the CPU
+    (no graph) the capture-status query, which the CPU build of torch cannot answer, is
+    stubbed too."""
+    replays, capturing = [e.replay for e in entries], torch._C._cuda_isCurrentStreamCapturing
+    for entry in entries:
+        entry.replay = lambda: None
     if device.type == "cpu":
         torch._C._cuda_isCurrentStreamCapturing = lambda: False
     try:
-        return host_us(fn, calls, device)
+        return host_us(fn, CALLS, device)
     finally:
-        entry.replay, torch._C._cuda_isCurrentStreamCapturing = replay, capturing
+        torch._C._cuda_isCurrentStreamCapturing = capturing
+        for entry, replay in zip(entries, replays):
+            entry.replay = replay
 
 
 _FLOOR = torch.library.Library("deft_host_overhead", "DEF")
@@ -271,11 +277,16 @@ def measure(name, tree, device, calls, compile_runs) -> dict:
         graphs=attn._runs.graphs(),
         run_profile=profile_us(run, calls, device),
         key_host_us=host_us(lambda: argument_key(q, k_cache, v_cache, out, None, None,
-                                                 plan.per_query_merge), calls, device),
+                                                 plan.per_query_merge), CALLS, device),
     )
-    bound = attn._runs.get(argument_key(q, k_cache, v_cache, out, None, None,
-                                        plan.per_query_merge))
-    rec["run_lookup_host_us"] = stubbed_replay_us(bound, run, calls, device)
+    entries = [attn._runs.get(argument_key(q, *caches, out, None, None, plan.per_query_merge))
+               for caches in layers]
+    bound = entries[0]
+    rec.update(
+        run_lookup_host_us=stubbed_replay_us([bound], run, device),
+        run_layers_lookup_host_us=stubbed_replay_us(
+            entries, lambda: attn.run(q, *next(turn), plan, out=out), device),
+    )
     if device.type == "cuda":
         rec["capture_check_host_us"] = host_us(torch._C._cuda_isCurrentStreamCapturing,
                                                calls, device)
@@ -292,8 +303,8 @@ def measure(name, tree, device, calls, compile_runs) -> dict:
                                           calls, device, BATCH),
         custom_op_graphs=OP_RUNS.graphs(),
         custom_op_lookup_host_us=stubbed_replay_us(
-            OP_RUNS.get(op_argument_key(*op_args, False)),
-            lambda: torch.ops.deft.tree_attention(*op_args), calls, device),
+            [OP_RUNS.get(op_argument_key(*op_args, False))],
+            lambda: torch.ops.deft.tree_attention(*op_args), device),
         custom_op_profile=profile_us(lambda: torch.ops.deft.tree_attention(*op_args), calls,
                                      device),
     )
@@ -324,6 +335,7 @@ def measure(name, tree, device, calls, compile_runs) -> dict:
 COLUMNS = [("plan_fixed_host_us", "plan fixed"), ("plan_tuned_host_us", "plan tuned"),
            ("run_host_us", "run"), ("run_batched_host_us", "run batched"),
            ("run_layers_host_us", "run layers"), ("run_lookup_host_us", "run lookup"),
+           ("run_layers_lookup_host_us", "lyr lookup"),
            ("run_plain_host_us", "run plain"), ("run_new_out_host_us", "run new out"),
            ("key_host_us", "key"), ("replay_host_us", "replay"),
            ("custom_op_host_us", "custom op"), ("custom_op_lookup_host_us", "op lookup"),
