@@ -176,13 +176,15 @@ def test_the_custom_op_replays_only_for_the_same_tensors(monkeypatch):
     args = [q, k_cache, v_cache, attn.buffers.data, attn.buffers.layout(), o_part, lse_part,
             out, None, True, 32 ** -0.5, tile, programs, plan.per_query_merge]
     torch.ops.deft.tree_attention(*args)
-    replay = OP_RUNS.get(op_argument_key(*args, False)).replay = FakeReplay()
-    out.fill_(float("nan"))
+    entry = OP_RUNS.get(op_argument_key(*args, False))
+    replay = entry.replay = FakeReplay()  # OP_RUNS is global, but the entry holds the plan
+    out.fill_(float("nan"))               # buffers: no later call can have its key
     torch.ops.deft.tree_attention(*args)
     assert replay.calls == 1 and out.isnan().all()
     args[7] = other = torch.full_like(q, float("nan"))
     torch.ops.deft.tree_attention(*args)
     assert replay.calls == 1 and rel_err(other.cpu(), ref) <= TOLERANCE
+    entry.replay = None
 
 
 def test_launch_counts_calls_and_captures_only_on_a_gpu():
