@@ -25,14 +25,26 @@ when a capture fails. The custom op ``torch.ops.deft.tree_attention`` (what torc
 keeps its own `RunCache` of `OpRun` entries and replays the same way.
 
 A call that hits its argument set costs: the key (four data pointers, shapes, strides and
-dtypes), one dict lookup, the plan-dependent checks (`BoundRun.fits`: three integer
-comparisons), one capture-status query and ``graph.replay()`` (which switches to the graph's
-device itself).
+dtypes), one tuple comparison with the key of the set hit last, else (a decode step's layers,
+each on its own caches) one dict lookup and a stamp (`RunCache`), the plan-dependent checks
+(`BoundRun.fits`: three integer comparisons), one capture-status query and the graph's replay
+(torch's C++, which switches to the graph's device itself). The key is also the cheap check:
+every part of it can change in place on the same tensor object (``set_``, ``resize_``,
+``as_strided_``, ``transpose_``, assigning ``.data``), so the object's identity proves
+nothing, and ``Tensor._version`` is no cheaper stand-in: assigning ``.data`` leaves it as it
+is, and every write of the values bumps it (a decode loop writes ``q`` and the caches every
+step).
+
+The capture-status query (``torch._C._cuda_isCurrentStreamCapturing``, what
+``torch.cuda.is_current_stream_capturing`` wraps in a Python frame) stays on every replay: it is
+what keeps `run` safe inside someone else's capture, and a call inside a capture finds the same
+argument set as the call just before the capture began, so no check made when the set was first
+found can stand in for it.
 """
 
 from __future__ import annotations
 
-from collections import OrderedDict
+import itertools
 
 import torch
 
@@ -122,10 +134,14 @@ class BoundRun:
     calls : int
         Calls so far (a graph is captured on the second).
     graph : torch.cuda.CUDAGraph or None
+    replay : callable or None
+        The graph's replay (`replay_of`), None without a graph.
+    used : int
+        When it was last found (`RunCache`'s stamp).
     """
 
     __slots__ = ("page_size", "cache_slots", "rows", "config_source", "config", "num_programs",
-                 "sm_scale", "o_part", "lse_part", "calls", "graph")
+                 "sm_scale", "o_part", "lse_part", "calls", "graph", "replay", "used")
 
     def __init__(self, q, k_cache, config_source, config, num_programs, sm_scale, workspace):
         num_pages, self.page_size = k_cache.shape[:2]
@@ -134,7 +150,7 @@ class BoundRun:
         self.config_source, self.config, self.num_programs = config_source, config, num_programs
         self.sm_scale = sm_scale
         self.o_part, self.lse_part = workspace
-        self.calls, self.graph = 0, None
+        self.calls, self.graph, self.replay = 0, None, None
 
     def fits(self, plan, config_source) -> bool:
         """Whether the checks and the launch settings made at binding hold for `plan`."""
@@ -160,29 +176,52 @@ class OpRun:
     config : TileConfig
     calls : int
     graph : torch.cuda.CUDAGraph or None
+    replay : callable or None
+        The graph's replay (`replay_of`), None without a graph.
+    used : int
+        When it was last found (`RunCache`'s stamp).
     """
 
-    __slots__ = ("views", "config", "calls", "graph")
+    __slots__ = ("views", "config", "calls", "graph", "replay", "used")
 
     def __init__(self, views, config):
         self.views, self.config = views, config
-        self.calls, self.graph = 0, None
+        self.calls, self.graph, self.replay = 0, None, None
 
 
 def op_argument_key(q, k_cache, v_cache, plan_data, plan_layout, o_part, lse_part, out, lse,
                     flat, sm_scale, tile, num_programs, per_query_merge, gluon):
-    """The key of one custom-op call: `argument_key` of the `run` tensors, the plan buffers'
-    and workspace's tensors, and the launch settings."""
-    key = argument_key(q, k_cache, v_cache, out, lse, sm_scale, per_query_merge)
-    if key is None:
+    """The key of one custom-op call, or None when a tensor argument is not a tensor: what
+    `argument_key` holds of the `run` tensors, the plan buffers' and workspace's addresses and
+    shapes (and the plan buffers' dtype), and the launch settings.
+
+    One tuple built in one expression: the dispatcher calls the op with new lists on every
+    call, so this is built on every call too.
+    """
+    try:
+        return (q.data_ptr(), q.shape, q.stride(), q.dtype, q.get_device(),
+                k_cache.data_ptr(), k_cache.shape, k_cache.stride(), k_cache.dtype,
+                v_cache.data_ptr(), v_cache.shape, v_cache.stride(), v_cache.dtype,
+                out.data_ptr(), out.shape, out.stride(), out.dtype,
+                None if lse is None else (lse.data_ptr(), lse.shape, lse.stride()),
+                sm_scale, per_query_merge,
+                plan_data.data_ptr(), plan_data.shape, plan_data.dtype,
+                o_part.data_ptr(), o_part.shape, lse_part.data_ptr(), lse_part.shape,
+                tuple(plan_layout), tuple(tile), num_programs, flat, gluon)
+    except (AttributeError, TypeError):
         return None
-    return key + (plan_data.data_ptr(), plan_data.shape, plan_data.dtype,
-                  o_part.data_ptr(), o_part.shape, lse_part.data_ptr(), lse_part.shape,
-                  tuple(plan_layout), tuple(tile), num_programs, flat, gluon)
 
 
 class RunCache:
-    """Argument sets (`BoundRun` or `OpRun`), least recently used first, and their graph pool.
+    """Argument sets (`BoundRun` or `OpRun`), the least recently used dropped first, and their
+    graph pool.
+
+    A hit costs one dict lookup (one hash and one comparison of the key) and a stamp of the
+    entry's ``used`` from a counter: `put`, rare, finds the least recently used entry by the
+    stamps, so no hit reorders anything (``OrderedDict.move_to_end`` would hash and compare the
+    key a second time). The set hit last is also held with its key: a call with the same key
+    (the same tensors again) finds it by one tuple comparison, without hashing. It always
+    holds the newest stamp (`put` forgets it), so skipping the stamp keeps the order.
 
     Parameters
     ----------
@@ -192,25 +231,34 @@ class RunCache:
 
     def __init__(self, size: int):
         self.size = size
-        self._bound = OrderedDict()
+        self._bound = {}
+        self._clock = itertools.count()
         self._pool = None
+        self._last_key, self._last = None, None
 
     def get(self, key):
+        """The argument set kept under `key` (None: none, or `key` is None)."""
+        if key == self._last_key:
+            return self._last
         bound = self._bound.get(key)
         if bound is not None:
-            self._bound.move_to_end(key)
+            bound.used = next(self._clock)
+            self._last_key, self._last = key, bound
         return bound
 
     def put(self, key, bound) -> None:
+        """Keep `bound` under `key` (not when `key` is None or `size` is 0)."""
         if key is None or not self.size:
             return
+        self._last_key, self._last = None, None
+        bound.used = next(self._clock)
         self._bound[key] = bound
-        self._bound.move_to_end(key)
         while len(self._bound) > self.size:
-            self._bound.popitem(last=False)
+            del self._bound[min(self._bound, key=lambda k: self._bound[k].used)]
 
     def clear(self) -> None:
         """Drop every argument set and graph (the workspace they launch on was replaced)."""
+        self._last_key, self._last = None, None
         self._bound.clear()
 
     def __len__(self) -> int:
@@ -230,15 +278,26 @@ class RunCache:
         """
         bound.calls += 1
         if (bound.calls == 2 and device.type == "cuda"
-                and not torch.cuda.is_current_stream_capturing()):
+                and not torch._C._cuda_isCurrentStreamCapturing()):
             with torch.cuda.device(device):
                 if self._pool is None:
                     self._pool = torch.cuda.graph_pool_handle()
                 bound.graph = capture(launch, device, self._pool)
             if bound.graph is not None:
-                bound.graph.replay()
+                bound.replay = replay_of(bound.graph)
+                bound.replay()
                 return
         launch()
+
+
+def replay_of(graph: torch.cuda.CUDAGraph):
+    """``graph.replay`` without torch's Python wrapper around it, bound once.
+
+    The wrapper (``torch.cuda.CUDAGraph.replay``) adds only the input-liveness check of a graph
+    captured with ``check_input_liveness=True``, which `capture` never asks for; the replay
+    itself (device switch, cudaGraphLaunch) is torch's C++ either way.
+    """
+    return super(torch.cuda.CUDAGraph, graph).replay
 
 
 def capture(launch, device: torch.device, pool) -> "torch.cuda.CUDAGraph | None":

@@ -311,8 +311,8 @@ class TreeAttention:
         config_source = (self.config, self._tuned_config)
         if bound is None or not bound.fits(plan, config_source):
             bound = self._bind(key, q, k_cache, v_cache, plan, out, sm_scale, config_source)
-        if bound.graph is not None and not torch.cuda.is_current_stream_capturing():
-            bound.graph.replay()
+        if bound.replay is not None and not torch._C._cuda_isCurrentStreamCapturing():
+            bound.replay()
         else:
             self._runs.launch(bound, lambda: launch_tree_attention(
                 q, k_cache, v_cache, self.buffers.views, bound.o_part, bound.lse_part, out, lse,
@@ -325,7 +325,7 @@ class TreeAttention:
         check_inputs(q, k_cache, v_cache, plan, out, self.device, self.max_queries)
         check_runnable(self.device, q.dtype)
         _, q_heads, head_dim = q.shape
-        config, num_programs = self._launch_config(head_dim, q_heads, k_cache.shape[2])
+        config, num_programs, _ = self._launch_config(head_dim, q_heads, k_cache.shape[2])
         sm_scale = 1.0 / math.sqrt(head_dim) if sm_scale is None else float(sm_scale)
         bound = BoundRun(q, k_cache, config_source, config, num_programs, sm_scale,
                          self._partials_workspace(q_heads, head_dim))
@@ -341,11 +341,11 @@ class TreeAttention:
         lse = torch.empty(rows, q_heads, dtype=torch.float32, device=q.device) if return_lse \
             else None
         o_part, lse_part = self._partials_workspace(q_heads, head_dim)
-        config, num_programs = self._launch_config(head_dim, q_heads, k_cache.shape[2])
+        _, num_programs, tile = self._launch_config(head_dim, q_heads, k_cache.shape[2])
         sm_scale = 1.0 / math.sqrt(head_dim) if sm_scale is None else float(sm_scale)
         torch.ops.deft.tree_attention(
             q, k_cache, v_cache, self.buffers.data, self.buffers.layout(), o_part, lse_part,
-            out, lse, self.flat, sm_scale, config.as_ints(), num_programs, plan.per_query_merge,
+            out, lse, self.flat, sm_scale, tile, num_programs, plan.per_query_merge,
             self.backend == "gluon")
         return (out, lse) if return_lse else out
 
@@ -364,8 +364,10 @@ class TreeAttention:
         return self._workspace
 
     def _launch_config(self, head_dim: int, q_heads: int, kv_heads: int):
-        """(TileConfig, persistent grid size) for a head shape, resolved once per shape and
-        config (run's host time matters: a decode step calls it once per layer)."""
+        """(TileConfig, persistent grid size, the config's `TileConfig.as_ints`) for a head
+        shape, resolved once per shape and config (run's host time matters: a decode step calls
+        it once per layer; traced by torch.compile, the ints cached here are guarded as such,
+        where ``as_ints()`` itself would add guards on the dataclass's fields)."""
         cached, shape = self._launch_cache, (head_dim, q_heads, kv_heads)
         if (cached is None or cached[0] is not self.config
                 or cached[1] is not self._tuned_config or cached[2] != shape):
@@ -373,9 +375,9 @@ class TreeAttention:
                 self.strategy, head_dim, q_heads // kv_heads)
             config = config.for_group(q_heads // kv_heads)
             cached = (self.config, self._tuned_config, shape, config,
-                      self._num_programs(kv_heads, config))
+                      self._num_programs(kv_heads, config), tuple(config.as_ints()))
             self._launch_cache = cached
-        return cached[3], cached[4]
+        return cached[3:]
 
     def _num_programs(self, kv_heads: int, config: TileConfig) -> int:
         """Persistent grid: enough programs to fill the device, never more than work items."""

@@ -12,14 +12,22 @@ back-to-back calls (no synchronisation inside; the GPU queue absorbs them) of
   through the tuned lookup), both over a `PageTable`;
 - `run` with ``out`` given (from its second call a replayed CUDA graph, `deft.bound_run`), the
   same with a synchronisation every `BATCH` calls left out of the time (so a full launch queue
-  cannot stall the host), `run` with graphs off (``max_graphs=0``: checked once, plain
-  launches), `run` with ``out=None`` (a new output each call);
-- the parts of `run`'s graph path: the argument key, the capture-status query, ``replay()``,
-  and the top functions of a cProfile of `run` and of the custom op (``*_profile``);
+  cannot stall the host), the same over `LAYERS` cache pairs in turn (a decode step's layers:
+  each call finds another argument set, through the dict rather than the last-hit
+  comparison), `run` with graphs off (``max_graphs=0``: checked once, plain launches), `run`
+  with ``out=None`` (a new output each call);
+- the parts of `run`'s graph path: `run` (on one and on `LAYERS` cache pairs) and the custom
+  op with the replay stubbed out (``*lookup_host_us``: their own Python, key and lookup;
+  `CALLS` calls with ``--cpu`` too), the argument key, the
+  capture-status query, the replay, and the top functions of a cProfile of `run` and of the
+  custom op (``*_profile``);
 - the custom op ``torch.ops.deft.tree_attention`` called directly (its graph path), and
   torch.compile'd functions calling `run` (fullgraph; default mode, ``mode="reduce-overhead"``
   with ``out`` given and with ``out=None``), each checked against eager `run` (NaN-poisoned
   ``out``, rel_err);
+- torch's floor under them (`floor_records`): a no-op op of the same schema, eager and
+  compiled, and a compiled function that calls nothing; and the graphs torch.compile builds
+  for a model's attention layer called with `REPLANS` new plans (``compile_replan_graphs``);
 - the partials and the merge launch alone, and an empty Triton kernel (the launch floor);
 then the eager time (`do_bench`, L2 flushed, what `deft-cli bench --timing eager` reports) of
 `run` through the graph path and through plain launches, and the time of `run` inside a CUDA
@@ -35,6 +43,7 @@ from __future__ import annotations
 
 import argparse
 import cProfile
+import itertools
 import json
 import os
 import pstats
@@ -51,10 +60,10 @@ import triton  # noqa: E402
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from deft import workloads as wl  # noqa: E402
-from deft.bound_run import argument_key  # noqa: E402
+from deft.bound_run import argument_key, op_argument_key  # noqa: E402
 from deft.kernels.partials import partials  # noqa: E402
 from deft.kernels.reduction import merge  # noqa: E402
-from deft.kernels.tree_attention_op import OP_RUNS  # noqa: E402
+from deft.kernels.tree_attention_op import OP_RUNS, OP_SIGNATURE  # noqa: E402
 from deft.plan_buffers import paged_cache  # noqa: E402
 from deft.strategies import DEFAULT_CHUNK_SIZE  # noqa: E402
 from deft.tree import AttentionShape, Tree  # noqa: E402
@@ -66,6 +75,11 @@ LLAMA = AttentionShape(32, 8, 128, "float16")
 CALLS = 2000
 BATCH = 50
 """Calls between synchronisations in the batched host times."""
+LAYERS = 4
+"""Cache pairs `run_layers_host_us` calls `run` over in turn."""
+REPLANS = 3
+"""New plans `replan_graphs` calls a compiled step with (under torch.compile's recompile limit,
+8, past which a fullgraph compile raises)."""
 TOLERANCE = 1e-3
 """Largest rel_err of a compiled result against eager `run` (the same kernels)."""
 CPU_TREE = Tree([0, 1, 2], [None, 0, 0], [40, 8, 8], None, AttentionShape(4, 2, 32, "float16"))
@@ -111,6 +125,81 @@ def profile_us(fn, calls: int, device: torch.device, top: int = 8) -> list:
     rows = sorted(stats.items(), key=lambda item: -item[1][2])[:top]
     return [[f"{Path(file).name}:{name}", round(entry[2] / calls * 1e6, 2)]
             for (file, _, name), entry in rows]
+
+
+def stubbed_replay_us(entries, fn, device: torch.device) -> float:
+    """Host time of `fn` with the replays of its argument sets `entries` (`deft.bound_run`)
+    made no-ops: what `fn` costs besides torch's replay. Cheap with or without a GPU, so always
+    `CALLS` calls (with ``--cpu`` too: a microbenchmark of the key and the lookup). On the CPU
+    (no graph) the capture-status query, which the CPU build of torch cannot answer, is
+    stubbed too."""
+    replays, capturing = [e.replay for e in entries], torch._C._cuda_isCurrentStreamCapturing
+    for entry in entries:
+        entry.replay = lambda: None
+    if device.type == "cpu":
+        torch._C._cuda_isCurrentStreamCapturing = lambda: False
+    try:
+        return host_us(fn, CALLS, device)
+    finally:
+        torch._C._cuda_isCurrentStreamCapturing = capturing
+        for entry, replay in zip(entries, replays):
+            entry.replay = replay
+
+
+_FLOOR = torch.library.Library("deft_host_overhead", "DEF")
+_FLOOR.define("no_op" + OP_SIGNATURE)
+_FLOOR.impl("no_op", lambda *args: None, "CompositeExplicitAutograd")
+torch.library.register_fake("deft_host_overhead::no_op", lambda *args: None, lib=_FLOOR)
+
+
+def floor_records(op_args, calls, device) -> dict:
+    """torch's share of the custom op's host time: a no-op op of the same schema called with
+    the same arguments, eager and from a torch.compile'd function, and a compiled function that
+    calls nothing (dynamo's frame and guards alone)."""
+    q, k_cache, v_cache, out = op_args[0], op_args[1], op_args[2], op_args[7]
+    rest = op_args[3:7] + op_args[8:]
+
+    def no_op(q, k_cache, v_cache, out):
+        torch.ops.deft_host_overhead.no_op(q, k_cache, v_cache, *rest[:4], out, *rest[4:])
+        return out
+
+    def nothing(q, k_cache, v_cache, out):
+        return out
+
+    def compiled_us(fn):
+        torch._dynamo.reset()
+        compiled = torch.compile(fn, fullgraph=True)
+        return host_us(lambda: compiled(q, k_cache, v_cache, out), calls, device)
+
+    return {"no_op_host_us": host_us(lambda: torch.ops.deft_host_overhead.no_op(*op_args),
+                                     calls, device),
+            "compile_no_op_host_us": compiled_us(no_op),
+            "compile_nothing_host_us": compiled_us(nothing)}
+
+
+class AttentionLayer(torch.nn.Module):
+    """A decoder layer's attention as a model holds it: the TreeAttention an attribute."""
+
+    def __init__(self, attn):
+        super().__init__()
+        self.attn = attn
+
+    def forward(self, q, k_cache, v_cache, plan, out):
+        return self.attn.run(q, k_cache, v_cache, plan, out=out)
+
+
+def replan_graphs(attn, tree, table, q, k_cache, v_cache) -> int:
+    """Graphs torch.compile builds for an `AttentionLayer` called with `REPLANS` new plans of
+    the same tree (1: nothing a new plan changes is guarded on; `REPLANS`: every decode step
+    recompiles, as when dynamo guards on the plan's generation). Dynamo alone decides that, so
+    the graphs are compiled by the ``eager`` backend (fast)."""
+    torch._dynamo.reset()
+    before = torch._dynamo.utils.counters["stats"]["unique_graphs"]
+    compiled = torch.compile(AttentionLayer(attn), backend="eager", fullgraph=True)
+    out = torch.empty_like(q)
+    for _ in range(REPLANS):
+        compiled(q, k_cache, v_cache, attn.plan(tree, table), out)
+    return torch._dynamo.utils.counters["stats"]["unique_graphs"] - before
 
 
 def compiled_records(attn, plan, q, k_cache, v_cache, reference, calls, device) -> dict:
@@ -162,10 +251,10 @@ def measure(name, tree, device, calls, compile_runs) -> dict:
     out = torch.empty_like(q)
     attn.run(q, k_cache, v_cache, plan, out=out)
     o_part, lse_part = attn._partials_workspace(s.q_heads, s.head_dim)
-    config, programs = attn._launch_config(s.head_dim, s.q_heads, s.kv_heads)
+    config, programs, tile = attn._launch_config(s.head_dim, s.q_heads, s.kv_heads)
     views = attn.buffers.views
     op_args = (q, k_cache, v_cache, attn.buffers.data, attn.buffers.layout(), o_part,
-               lse_part, out, None, True, s.head_dim ** -0.5, config.as_ints(), programs,
+               lse_part, out, None, True, s.head_dim ** -0.5, tile, programs,
                plan.per_query_merge)
     rec = dict(
         anchor=name, tuned_from=attn.tuned_from, config=str(config),
@@ -174,24 +263,35 @@ def measure(name, tree, device, calls, compile_runs) -> dict:
     )
     plan = attn.plan(tree, table)
     run = lambda: attn.run(q, k_cache, v_cache, plan, out=out)  # noqa: E731
+    layers = [(k_cache, v_cache)] + [(k_cache.clone(), v_cache.clone())
+                                     for _ in range(LAYERS - 1)]
+    turn = itertools.cycle(layers)
     rec.update(
         run_host_us=host_us(run, calls, device),
         run_batched_host_us=host_us(run, calls, device, BATCH),
+        run_layers_host_us=host_us(
+            lambda: attn.run(q, *next(turn), plan, out=out), calls * LAYERS, device, BATCH),
         run_plain_host_us=host_us(
             lambda: plain.run(q, k_cache, v_cache, plain_plan, out=out), calls, device),
         run_new_out_host_us=host_us(lambda: attn.run(q, k_cache, v_cache, plan), calls, device),
         graphs=attn._runs.graphs(),
         run_profile=profile_us(run, calls, device),
         key_host_us=host_us(lambda: argument_key(q, k_cache, v_cache, out, None, None,
-                                                 plan.per_query_merge), calls, device),
+                                                 plan.per_query_merge), CALLS, device),
     )
-    bound = attn._runs.get(argument_key(q, k_cache, v_cache, out, None, None,
-                                        plan.per_query_merge))
+    entries = [attn._runs.get(argument_key(q, *caches, out, None, None, plan.per_query_merge))
+               for caches in layers]
+    bound = entries[0]
+    rec.update(
+        run_lookup_host_us=stubbed_replay_us([bound], run, device),
+        run_layers_lookup_host_us=stubbed_replay_us(
+            entries, lambda: attn.run(q, *next(turn), plan, out=out), device),
+    )
     if device.type == "cuda":
-        rec["capture_check_host_us"] = host_us(torch.cuda.is_current_stream_capturing, calls,
-                                               device)
-        if bound.graph is not None:  # None where the capture failed
-            rec["replay_host_us"] = host_us(bound.graph.replay, calls, device, BATCH)
+        rec["capture_check_host_us"] = host_us(torch._C._cuda_isCurrentStreamCapturing,
+                                               calls, device)
+        if bound.replay is not None:  # None where the capture failed
+            rec["replay_host_us"] = host_us(bound.replay, calls, device, BATCH)
     reference = run().float().cpu()
     out.fill_(float("nan"))
     torch.ops.deft.tree_attention(*op_args)
@@ -202,11 +302,15 @@ def measure(name, tree, device, calls, compile_runs) -> dict:
         custom_op_batched_host_us=host_us(lambda: torch.ops.deft.tree_attention(*op_args),
                                           calls, device, BATCH),
         custom_op_graphs=OP_RUNS.graphs(),
+        custom_op_lookup_host_us=stubbed_replay_us(
+            [OP_RUNS.get(op_argument_key(*op_args, False))],
+            lambda: torch.ops.deft.tree_attention(*op_args), device),
         custom_op_profile=profile_us(lambda: torch.ops.deft.tree_attention(*op_args), calls,
                                      device),
     )
     if compile_runs:
         rec.update(compiled_records(attn, plan, q, k_cache, v_cache, reference, calls, device))
+        rec.update(floor_records(op_args, calls, device))
     rec.update(
         partials_host_us=host_us(lambda: partials(
             q, k_cache, v_cache, o_part, lse_part, views, flat=True,
@@ -223,14 +327,20 @@ def measure(name, tree, device, calls, compile_runs) -> dict:
                 lambda: plain.run(q, k_cache, v_cache, plain_plan, out=out)).median_us,
             graph_us=timer.graph([run])[0].median_us,
         )
+    if compile_runs:  # last: it re-plans, so `plan` above goes stale
+        rec["compile_replan_graphs"] = replan_graphs(attn, tree, table, q, k_cache, v_cache)
     return rec
 
 
 COLUMNS = [("plan_fixed_host_us", "plan fixed"), ("plan_tuned_host_us", "plan tuned"),
            ("run_host_us", "run"), ("run_batched_host_us", "run batched"),
+           ("run_layers_host_us", "run layers"), ("run_lookup_host_us", "run lookup"),
+           ("run_layers_lookup_host_us", "lyr lookup"),
            ("run_plain_host_us", "run plain"), ("run_new_out_host_us", "run new out"),
            ("key_host_us", "key"), ("replay_host_us", "replay"),
-           ("custom_op_host_us", "custom op"), ("compile_host_us", "compiled"),
+           ("custom_op_host_us", "custom op"), ("custom_op_lookup_host_us", "op lookup"),
+           ("no_op_host_us", "no-op op"), ("compile_host_us", "compiled"),
+           ("compile_no_op_host_us", "comp. no-op"), ("compile_nothing_host_us", "comp. none"),
            ("compile_ro_host_us", "compiled ro"), ("compile_ro_new_out_host_us", "ro new out"),
            ("eager_us", "eager"), ("eager_plain_us", "eager plain"), ("graph_us", "graph")]
 

@@ -65,6 +65,128 @@ def test_op_argument_key():
     assert op_argument_key(*other) is None
 
 
+def test_the_key_sees_in_place_changes_of_the_same_tensor():
+    """Address, shape, strides and dtype each change in place on the same object; every one
+    changes the key, so the set hit last (compared first) is not found again."""
+    changes = {
+        "resize_ (shape, same address and strides)": lambda x: x.resize_(2, 2, 32),
+        "as_strided_ (strides)": lambda x: x.as_strided_((4, 2, 32), (64, 1, 2)),
+        "t_-like transpose_ (shape and strides)": lambda x: x.transpose_(0, 1),
+        "set_ (address)": lambda x: x.set_(torch.zeros(4, 2, 32)),
+        "data = (dtype, same address)": lambda x: setattr(x, "data", x.view(torch.int32)),
+    }
+    for name, change in changes.items():
+        x = torch.zeros(4, 2, 32)
+        runs = RunCache(4)
+        key = argument_key(x, x, x, x, None, None, False)
+        runs.put(key, OpRun({}, None))
+        assert runs.get(key) is runs.get(key) is not None  # by the dict, then as the last hit
+        before = key[:4]
+        change(x)
+        moved = argument_key(x, x, x, x, None, None, False)
+        assert moved[:4] != before and moved != key, name
+        assert runs.get(moved) is None, name
+
+
+def test_the_cache_drops_the_least_recently_used():
+    """Hits through the last-hit shortcut and through the dict both count as uses."""
+    runs = RunCache(2)
+    a, b, c = OpRun({}, None), OpRun({}, None), OpRun({}, None)
+    runs.put("a", a)
+    runs.put("b", b)
+    assert runs.get("b") is b and runs.get("b") is b  # the dict, then the shortcut
+    assert runs.get("a") is a and runs.get("a") is a  # a is now the most recent
+    runs.put("c", c)
+    assert runs.get("b") is None  # the least recently used
+    assert runs.get("a") is a  # after a put: through the dict again, so a use that counts
+    runs.put("d", OpRun({}, None))
+    assert runs.get("c") is None and runs.get("a") is a
+    runs.clear()
+    assert runs.get("a") is None and len(runs) == 0
+
+
+class FakeReplay:
+    """Stands in for a captured graph's replay on the CPU: counts its calls."""
+
+    def __init__(self):
+        self.calls = 0
+
+    def __call__(self):
+        self.calls += 1
+
+
+def test_run_replays_only_for_the_same_tensors(monkeypatch):
+    """The graph path's lookup on the CPU, with a fake replay in the bound argument set: the
+    same tensors replay it (``out``, poisoned, is left alone); a new address, a view of
+    another shape or strides, another dtype, or a caller's capture launch instead, rightly."""
+    monkeypatch.setattr(torch._C, "_cuda_isCurrentStreamCapturing", lambda: False)
+    tree = TREES[0]
+    q, k, v, k_cache, v_cache, table = case(tree, 0)
+    ref = oracle_attention(tree, q, k, v)
+    n = tree.num_queries
+    q_rows = torch.zeros(8, 4, 32, dtype=q.dtype, device=DEVICE)
+    q_rows[:n] = q.to(DEVICE)
+    out_rows = torch.empty_like(q_rows)
+    q, out = q_rows[:n], out_rows[:n]
+    attn = TreeAttention("deft_flatten", chunk_size=8, max_queries=8, max_tokens=64,
+                         device=DEVICE)
+    plan = attn.plan(tree, table)
+    attn.run(q, k_cache, v_cache, plan, out=out)
+    bound = attn._runs.get(argument_key(q, k_cache, v_cache, out, None, None,
+                                        plan.per_query_merge))
+    replay = bound.replay = FakeReplay()
+    for calls in (1, 2):
+        out.fill_(float("nan"))
+        attn.run(q, k_cache, v_cache, plan, out=out)
+        assert replay.calls == calls and out.isnan().all()
+    wide = torch.empty(n, 8, 32, dtype=q.dtype, device=DEVICE)
+    misses = {
+        "new address": (q.clone(), k_cache, v_cache, out),
+        "another shape at the same addresses": (q_rows[: n + 1], k_cache, v_cache,
+                                                out_rows[: n + 1]),
+        "other strides": (q, k_cache, v_cache, wide[:, ::2]),
+        "another dtype": (q.float(), k_cache.float(), v_cache.float(), out.float()),
+    }
+    for name, (q_, k_, v_, out_) in misses.items():
+        out_.fill_(float("nan"))
+        attn.run(q_, k_, v_, plan, out=out_)
+        assert replay.calls == 2, name
+        assert rel_err(out_[:n].float().cpu(), ref) <= TOLERANCE, name
+    monkeypatch.setattr(torch._C, "_cuda_isCurrentStreamCapturing", lambda: True)
+    out.fill_(float("nan"))
+    attn.run(q, k_cache, v_cache, plan, out=out)  # the same tensors, inside a capture
+    assert replay.calls == 2 and rel_err(out.cpu(), ref) <= TOLERANCE
+
+
+def test_the_custom_op_replays_only_for_the_same_tensors(monkeypatch):
+    """The op's lookup with a fake replay, as for `run`: a hit replays, a new ``out``
+    launches."""
+    monkeypatch.setattr(torch._C, "_cuda_isCurrentStreamCapturing", lambda: False)
+    tree = TREES[1]
+    q, k, v, k_cache, v_cache, table = case(tree, 0)
+    ref = oracle_attention(tree, q, k, v)
+    q = q.to(DEVICE)
+    attn = TreeAttention("deft_flatten", chunk_size=8, max_queries=4, max_tokens=64,
+                         device=DEVICE)
+    plan = attn.plan(tree, table)
+    attn.run(q, k_cache, v_cache, plan)
+    o_part, lse_part = attn._partials_workspace(4, 32)
+    _, programs, tile = attn._launch_config(32, 4, 2)
+    out = torch.empty_like(q)
+    args = [q, k_cache, v_cache, attn.buffers.data, attn.buffers.layout(), o_part, lse_part,
+            out, None, True, 32 ** -0.5, tile, programs, plan.per_query_merge]
+    torch.ops.deft.tree_attention(*args)
+    entry = OP_RUNS.get(op_argument_key(*args, False))
+    replay = entry.replay = FakeReplay()  # OP_RUNS is global, but the entry holds the plan
+    out.fill_(float("nan"))               # buffers: no later call can have its key
+    torch.ops.deft.tree_attention(*args)
+    assert replay.calls == 1 and out.isnan().all()
+    args[7] = other = torch.full_like(q, float("nan"))
+    torch.ops.deft.tree_attention(*args)
+    assert replay.calls == 1 and rel_err(other.cpu(), ref) <= TOLERANCE
+    entry.replay = None
+
+
 def test_launch_counts_calls_and_captures_only_on_a_gpu():
     """On the CPU every call launches; the second call is the one that would capture."""
     runs = RunCache(2)
@@ -90,10 +212,10 @@ def test_the_custom_op_keeps_one_argument_set_per_tensors():
     plan = attn.plan(tree, table)
     ref = attn.run(q, k_cache, v_cache, plan).clone()
     o_part, lse_part = attn._partials_workspace(4, 32)
-    config, programs = attn._launch_config(32, 4, 2)
+    _, programs, tile = attn._launch_config(32, 4, 2)
     out = torch.empty_like(q)
     args = (q, k_cache, v_cache, attn.buffers.data, attn.buffers.layout(), o_part, lse_part,
-            out, None, True, 32 ** -0.5, config.as_ints(), programs, plan.per_query_merge)
+            out, None, True, 32 ** -0.5, tile, programs, plan.per_query_merge)
     for call in range(3):
         out.fill_(float("nan"))
         torch.ops.deft.tree_attention(*args)
@@ -230,10 +352,10 @@ def test_the_custom_op_replays_its_graph_and_launches_inside_a_capture():
     plan = attn.plan(tree, table)
     attn.run(q, k_cache, v_cache, plan)
     o_part, lse_part = attn._partials_workspace(4, 32)
-    config, programs = attn._launch_config(32, 4, 2)
+    _, programs, tile = attn._launch_config(32, 4, 2)
     out = torch.empty_like(q)
     args = (q, k_cache, v_cache, attn.buffers.data, attn.buffers.layout(), o_part, lse_part,
-            out, None, True, 32 ** -0.5, config.as_ints(), programs, plan.per_query_merge)
+            out, None, True, 32 ** -0.5, tile, programs, plan.per_query_merge)
     for _ in range(3):  # launch, capture and replay, replay
         out.fill_(float("nan"))
         torch.ops.deft.tree_attention(*args)

@@ -55,12 +55,15 @@ def launch_tree_attention(q, k_cache, v_cache, buffers, o_part, lse_part, out, l
               dependent_launch=gluon)
 
 
-_LIBRARY = torch.library.Library("deft", "DEF")
-_LIBRARY.define(
-    "tree_attention(Tensor q, Tensor k_cache, Tensor v_cache, Tensor plan_data, "
+OP_SIGNATURE = (
+    "(Tensor q, Tensor k_cache, Tensor v_cache, Tensor plan_data, "
     "int[] plan_layout, Tensor(a!) o_part, Tensor(b!) lse_part, Tensor(c!) out, "
     "Tensor(d!)? lse, bool flat, float sm_scale, int[] tile, int num_programs, "
     "bool per_query_merge, bool gluon=False) -> ()")
+"""The op's schema after its name (``scripts/host_overhead.py`` times a no-op op of it)."""
+
+_LIBRARY = torch.library.Library("deft", "DEF")
+_LIBRARY.define("tree_attention" + OP_SIGNATURE)
 
 
 def tree_attention_op(q, k_cache, v_cache, plan_data, plan_layout, o_part, lse_part, out, lse,
@@ -70,7 +73,10 @@ def tree_attention_op(q, k_cache, v_cache, plan_data, plan_layout, o_part, lse_p
 
     Registered through `torch.library.Library` with one kernel for every backend, so a call
     crosses into Python once (``torch.library.custom_op`` adds Python autograd and
-    in-place-or-view kernels: about 100 us a call on a 2-core CPU, against 5 us).
+    in-place-or-view kernels: about 100 us a call on a 2-core CPU, against 5 us). Those 5 us are
+    the dispatcher converting this schema's fifteen arguments, its two int lists about 2 us of
+    them (a no-op op of the same schema costs the same: ``no_op_host_us`` in
+    ``scripts/host_overhead.py``); the body then costs the key and one comparison.
 
     Parameters
     ----------
@@ -90,8 +96,8 @@ def tree_attention_op(q, k_cache, v_cache, plan_data, plan_layout, o_part, lse_p
     if bound is None:
         bound = OpRun(views_of(plan_data, plan_layout), TileConfig.from_ints(tile))
         OP_RUNS.put(key, bound)
-    if bound.graph is not None and not torch.cuda.is_current_stream_capturing():
-        bound.graph.replay()
+    if bound.replay is not None and not torch._C._cuda_isCurrentStreamCapturing():
+        bound.replay()
         return
     OP_RUNS.launch(bound, lambda: launch_tree_attention(
         q, k_cache, v_cache, bound.views, o_part, lse_part, out, lse, flat, sm_scale,
