@@ -46,6 +46,7 @@ class TreeCache:
         self._pages = {}  # id -> list of page ids
         self._live = set()
         self._tree = None  # the tree of the last apply(), while nothing else changed the cache
+        self._last_listed = None  # (page lists, their lengths, pages) of the last page table
 
     # ------------------------------------------------------------------ queries
     def __contains__(self, node_id) -> bool:
@@ -129,8 +130,39 @@ class TreeCache:
         lists = [self._pages[node] for node in ids]
         if not exact:  # nodes holding more tokens than the tree uses: their first pages
             lists = [pages[:c] for pages, c in zip(lists, counts.tolist())]
-        pages = np.fromiter(chain.from_iterable(lists), dtype=np.int64, count=int(page_ptr[-1]))
-        return page_ptr, pages
+            return page_ptr, np.fromiter(chain.from_iterable(lists), dtype=np.int64,
+                                         count=int(page_ptr[-1]))
+        return page_ptr, self._listed_pages(lists, counts.tolist(), int(page_ptr[-1]))
+
+    def _listed_pages(self, lists: list, lengths: list, total: int) -> np.ndarray:
+        """The pages of ``lists`` (nodes' page lists, of ``lengths``) one after the other,
+        int64 [total], read-only.
+
+        A page list only ever grows, so the nodes leading this call and the last one with the
+        same list of the same length, and the next node's old pages, give the last call's
+        array as a prefix: a decode step lists again only the pages from the first node it
+        grew on.
+        """
+        kept, rest = 0, lists
+        if self._last_listed is not None:
+            last_lists, last_lengths, last_pages = self._last_listed
+            for k, (pages, last) in enumerate(zip(lists, last_lists)):
+                if pages is not last:
+                    rest = lists[k:]
+                    break
+                kept += last_lengths[k]
+                if len(pages) != last_lengths[k]:
+                    rest = [pages[last_lengths[k]:], *lists[k + 1:]]
+                    break
+            else:
+                rest = lists[len(last_lists):]
+        pages = np.empty(total, dtype=np.int64)
+        if kept:
+            pages[:kept] = last_pages[:kept]
+        pages[kept:] = np.fromiter(chain.from_iterable(rest), dtype=np.int64, count=total - kept)
+        pages.flags.writeable = False
+        self._last_listed = (lists, lengths, pages)
+        return pages
 
     def token_slots(self, tree: Tree) -> torch.Tensor:
         """Slot of every test-layout token of ``tree`` (by node index, then position).

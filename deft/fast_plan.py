@@ -25,10 +25,15 @@ from __future__ import annotations
 
 import numpy as np
 
+from deft.plan_entries import block_rows, dense_rows, partitions
 from deft.tree import INDEX_LIMIT
 
 FAST_STRATEGIES = ("deft_node", "deft_node_chunk", "deft_flatten")
 """The strategies `NodePlanner` plans (the others go through `deft.plan.build_plan`)."""
+
+DENSE_LIMIT = 16384
+"""Plans of at most this many (chunk, query) pairs compare each chunk with each query (fewer
+numpy calls); larger ones take `deft.plan_entries.block_rows`."""
 
 
 class _Shape:
@@ -138,7 +143,7 @@ class NodePlanner:
         query_flat = flat_offset[qn] + tokens[qn] - tree.queries[qn] + shape.query_rank
         subtree_end = np.repeat(end, ordered)  # per flattened position
         chunk_start, chunk_end, chunk_reach = self._chunks(order, start, through, end, total,
-                                                           subtree_end, chunk_size)
+                                                           chunk_size)
         part_chunk, part_entry, query_index, entry_row, query_row_ptr = self._entries(
             chunk_start, chunk_reach, query_flat, shape.query_ids, group_size)
         slots, max_slot = self._slots(order, ordered, total, page_ptr, pages, page_size)
@@ -172,9 +177,10 @@ class NodePlanner:
         flattened positions ``chunk_start[c] <= F < chunk_reach[c]``, kept for the next step:
         a decode step often changes the chunks' lengths but not who sees them.
 
-        With the queries sorted by position, a chunk's queries are one range of that order,
-        ``[lo, hi)``. Chunks every query sees (a shared prompt's) take closed forms, a block of
-        entries per run of them; only the others are compared query by query.
+        A small plan compares every chunk with every query (`deft.plan_entries.dense_rows`);
+        a larger one ranks the queries by position, so that a chunk's queries are one range
+        ``[lo, hi)`` of that order and the chunks every query sees take closed forms
+        (`deft.plan_entries.block_rows`).
 
         Returns
         -------
@@ -185,39 +191,39 @@ class NodePlanner:
         query_row_ptr : int64 [queries + 1]
             As the plan buffers of the same names (read-only: shared between steps).
         """
-        by_flat = np.argsort(query_flat)
-        sorted_flat = query_flat[by_flat]
-        lo, hi = np.searchsorted(sorted_flat, chunk_start), np.searchsorted(sorted_flat, chunk_reach)
-        key = (lo.tobytes(), hi.tobytes(), by_flat.tobytes(), group_size)
+        seen = None
+        if len(chunk_start) * len(query_flat) <= DENSE_LIMIT:
+            seen = (chunk_start[:, None] <= query_flat) & (query_flat < chunk_reach[:, None])
+            key = (seen.shape, seen.tobytes(), group_size)
+        else:
+            by_flat = np.argsort(query_flat)
+            ranked = query_flat[by_flat]
+            lo, hi = np.searchsorted(ranked, chunk_start), np.searchsorted(ranked, chunk_reach)
+            key = (lo.tobytes(), hi.tobytes(), by_flat.tobytes(), group_size)
         if self._last_entries is not None and self._last_entries[0] == key:
             return self._last_entries[1]
-        num_queries = len(query_flat)
-        per_chunk = hi - lo
-        if group_size is None:
-            has = per_chunk > 0
-            part_chunk, part_queries = np.flatnonzero(has), per_chunk[has]
+        if seen is not None:
+            per_chunk = seen.sum(axis=1)
+            rows = dense_rows(seen, query_ids)
         else:
-            groups = -(-per_chunk // group_size)
-            part_chunk = np.repeat(np.arange(len(per_chunk)), groups)
-            first = np.cumsum(groups) - groups
-            rank = np.arange(len(part_chunk)) - np.repeat(first, groups)
-            part_queries = np.minimum(group_size, per_chunk[part_chunk] - rank * group_size)
-        entry_query, entry_row, query_row_ptr = _entry_rows(
-            chunk_start, chunk_reach, query_flat, query_ids, per_chunk == num_queries,
-            per_chunk)
-        entries = (part_chunk, _pointers(part_queries), entry_query, entry_row, query_row_ptr)
+            per_chunk = hi - lo
+            rows = block_rows(chunk_start, chunk_reach, query_flat, query_ids, per_chunk)
+        entries = (*partitions(per_chunk, group_size), *rows)
         for array in entries:
             array.flags.writeable = False
         self._last_entries = (key, entries)
         return entries
 
-    def _chunks(self, order, start, through, end, total, subtree_end, chunk):
+    def _chunks(self, order, start, through, end, total, chunk):
         """(start, end, reach) of every chunk in plan order: its flattened run and the largest
         subtree end of its tokens. int64 [chunks] each."""
         if self.strategy == "deft_flatten":  # the flattened order cut into even blocks
             chunk_start = np.arange(0, total, chunk)
             chunk_end = np.minimum(chunk_start + chunk, total)
-            return chunk_start, chunk_end, np.maximum.reduceat(subtree_end, chunk_start)
+            # the largest subtree end of the (preorder) nodes each chunk overlaps
+            first = np.searchsorted(through, chunk_start, side="right")
+            last = np.searchsorted(through, chunk_end - 1, side="right")
+            return chunk_start, chunk_end, np.maximum(np.maximum.reduceat(end, first), end[last])
         # deft_node, deft_node_chunk: each node's run by node index, cut into chunks
         by_index = np.empty_like(start)
         by_index[order] = np.arange(len(order))
@@ -266,76 +272,3 @@ class NodePlanner:
         self._last_runs = (page_size, run_page, run, slots)
         return slots, int((run_page + run)[run > 0].max()) - 1
 
-
-FULL_RUNS = 16
-"""Runs of chunks that every query sees taken in closed form (`_entry_rows`); past that, the
-plan compares each of those chunks query by query like the others."""
-
-
-def _entry_rows(chunk_start, chunk_reach, query_flat, query_ids, full, per_chunk) -> tuple:
-    """Every entry's query and partial row, chunk by chunk, and each query's rows.
-
-    Parameters
-    ----------
-    chunk_start, chunk_reach : int64 [chunks]
-        A chunk's queries are those at flattened positions ``chunk_start <= F < chunk_reach``.
-    query_flat, query_ids : int64 [queries]
-    full : bool [chunks]
-        The chunks every query sees.
-    per_chunk : int64 [chunks]
-        Queries of each chunk.
-
-    Returns
-    -------
-    entry_query, entry_row : int64 [entries]
-        Chunk-major, a chunk's queries ascending; rows numbered query-major.
-    query_row_ptr : int64 [queries + 1]
-    """
-    num_queries = len(query_flat)
-    runs = _runs(full)
-    if len(runs) > FULL_RUNS:
-        full, runs = np.zeros_like(full), runs[:0]
-    num_full = int(full.sum())
-    full_before = np.cumsum(full) - full  # chunks every query sees, before each chunk
-    rest = np.flatnonzero(~full & (per_chunk > 0))
-    seen = (chunk_start[rest, None] <= query_flat) & (query_flat < chunk_reach[rest, None])
-    # rest entries numbered query-major: [queries, rest], the rest entries up to each one
-    through = np.cumsum(seen.T.ravel()).reshape(num_queries, len(rest))
-    rest_through = through[:, -1] if len(rest) else np.zeros(num_queries, dtype=np.int64)
-    query_row_ptr = _pointers(num_full + np.diff(rest_through, prepend=0))
-    full_rows = num_full * query_ids  # rows of the full chunks of the queries before
-    rest_query = np.broadcast_to(query_ids, seen.shape)[seen]
-    rest_row = (full_rows + full_before[rest][:, None] + through.T - 1)[seen]
-    entry_ptr = _pointers(per_chunk)
-    entry_query = np.empty(int(entry_ptr[-1]), dtype=np.int64)
-    entry_row = np.empty_like(entry_query)
-    taken = 0  # rest entries placed
-    for a, b in runs.tolist():
-        block_start = int(entry_ptr[a])
-        upto = block_start - num_queries * int(full_before[a])  # rest entries before chunk a
-        entry_query[block_start - (upto - taken): block_start] = rest_query[taken:upto]
-        entry_row[block_start - (upto - taken): block_start] = rest_row[taken:upto]
-        taken = upto
-        rest_before = int(np.searchsorted(rest, a))
-        before = full_rows + int(full_before[a])
-        before += through[:, rest_before - 1] if rest_before else query_row_ptr[:-1] - full_rows
-        block = slice(block_start, block_start + (b - a) * num_queries)
-        entry_query[block].reshape(b - a, num_queries)[:] = query_ids
-        np.add(before, np.arange(b - a)[:, None], out=entry_row[block].reshape(b - a, -1))
-    entry_query[len(entry_query) - (len(rest_query) - taken):] = rest_query[taken:]
-    entry_row[len(entry_row) - (len(rest_row) - taken):] = rest_row[taken:]
-    return entry_query, entry_row, query_row_ptr
-
-
-def _runs(mask: np.ndarray) -> np.ndarray:
-    """[start, end) of every run of True in a bool array. int64 [runs, 2]"""
-    edge = np.empty(len(mask) + 1, dtype=bool)
-    edge[0], edge[-1] = mask[0], mask[-1]
-    np.not_equal(mask[1:], mask[:-1], out=edge[1:-1])
-    return np.flatnonzero(edge).reshape(-1, 2)
-
-def _pointers(counts: np.ndarray) -> np.ndarray:
-    """CSR offsets of consecutive runs of the given lengths. int64 [len(counts) + 1]"""
-    ptr = np.zeros(len(counts) + 1, dtype=np.int64)
-    np.cumsum(counts, out=ptr[1:])
-    return ptr
