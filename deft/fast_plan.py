@@ -126,8 +126,10 @@ class NodePlanner:
 
         Returns
         -------
-        dict of field name to int64 array, plus ``"max_slot"`` (int) and ``"slots"``, the cache
-        slot of every flattened position (the ``token_slot`` field itself).
+        dict of field name to int64 array, plus ``"max_slot"`` (int), ``"slots"``, the cache
+        slot of every flattened position (the ``token_slot`` field itself), and ``"kept"``, what
+        the arrays share with the last plan's (`deft.plan_buffers.PlanBuffers.fill`). Arrays
+        the planner keeps between steps are read-only.
         """
         tokens = tree.tokens
         shape = self.shape(tree.parent, tree.queries)
@@ -146,7 +148,7 @@ class NodePlanner:
                                                            chunk_size)
         part_chunk, part_entry, query_index, entry_row, query_row_ptr = self._entries(
             chunk_start, chunk_reach, query_flat, shape.query_ids, group_size)
-        slots, max_slot = self._slots(order, ordered, total, page_ptr, pages, page_size)
+        slots, max_slot, kept = self._slots(order, ordered, total, page_ptr, pages, page_size)
         if max_slot > INDEX_LIMIT:
             raise ValueError(f"cache slot {max_slot} is beyond the int32 limit")
         return dict(
@@ -162,6 +164,7 @@ class NodePlanner:
             subtree_end=subtree_end,
             max_slot=max_slot,
             slots=slots,
+            kept=kept,
         )
 
     def _positions(self, total: int) -> np.ndarray:
@@ -237,7 +240,8 @@ class NodePlanner:
         return chunk_start, np.minimum(chunk_start + chunk, node_end[node]), node_reach[node]
 
     def _slots(self, order, ordered, total, page_ptr, pages, page_size):
-        """(cache slot of every flattened position, int64 [tokens] read-only; the largest)
+        """(cache slot of every flattened position, int64 [tokens] read-only; the largest;
+        ``{"token_slot": (the last plan's slots, n)}`` where their first n slots are these)
 
         A page holds a run of consecutive slots for consecutive positions of its node: the
         pages are put in preorder and each page's run (``page_size`` slots, fewer for a node's
@@ -269,6 +273,7 @@ class NodePlanner:
         slots[first:] = np.repeat(run_page[same:] - run_start[same:], run[same:])
         slots[first:] += self._positions(total)[first:]
         slots.flags.writeable = False
+        kept = {"token_slot": (last_slots, first)} if same else {}
         self._last_runs = (page_size, run_page, run, slots)
-        return slots, int((run_page + run)[run > 0].max()) - 1
+        return slots, int((run_page + run)[run > 0].max()) - 1, kept
 

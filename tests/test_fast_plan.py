@@ -250,3 +250,68 @@ def test_a_step_whose_chunks_keep_their_queries_reuses_the_entries():
     assert second["entry_row"] is first["entry_row"]
     assert not second["entry_row"].flags.writeable
     np.testing.assert_array_equal(second["part_tokens"], [118, 118])  # 3 queries, groups of 2
+
+
+def run_of(kind, seed):
+    if kind == "tot":
+        return wl.tot_run(seed, depth=3, branching=3, prompt_tokens=12, min_tokens=1,
+                          max_tokens=5, keep=2)
+    if kind == "token_tree":
+        return wl.token_tree_run(seed, size=12, depth=3, prompt_tokens=20, steps=8)
+    return wl.fewshot(10 + seed, 3, 12)
+
+
+@settings(max_examples=30, deadline=None)
+@given(
+    seed=st.integers(0, 50),
+    kind=st.sampled_from(["tot", "token_tree", "fewshot"]),
+    strategy=st.sampled_from(FAST_STRATEGIES),
+    page_size=st.sampled_from([1, 4]),
+    chunk=st.sampled_from([2, 16]),
+    group=st.sampled_from([None, 2]),
+    given_reference=st.lists(st.booleans(), min_size=16, max_size=16),
+)
+def test_buffers_followed_over_a_whole_run_hold_every_step_from_scratch(
+        seed, kind, strategy, page_size, chunk, group, given_reference):
+    """`TreeAttention.plan` over every step of a random run, its cache following the run: the
+    buffers it refills step after step (fields kept from the last plan skipped, the slots
+    written from the first page run that changed) hold what a from-scratch encoding of the
+    step's reference plan gives, also when some steps pass their reference (the other path)."""
+    from deft.cache import PagedKVCache, TreeCache
+
+    run = run_of(kind, seed)
+    chunk, group = sizes(strategy, chunk, group)
+    attn = TreeAttention.for_trees(strategy, list(run), chunk, group, device="cpu")
+    cache = TreeCache(PagedKVCache(4096, page_size, 1, 4))
+    for step, tree in enumerate(run):
+        cache.apply(tree)
+        page_ptr, pages = cache.host_node_pages(tree)
+        reference = build_plan(strategy, tree, chunk, group, page_size)
+        expected = plan_arrays(reference, page_ptr, pages, flat=True)
+        attn.plan(tree, cache, reference if given_reference[step % 16] else None)
+        for name in FIELDS:
+            held = attn.buffers.read(name)[:len(expected[name])]
+            np.testing.assert_array_equal(held, expected[name], err_msg=f"step {step}: {name}")
+
+
+@settings(max_examples=300, deadline=None)
+@given(
+    positions=st.lists(st.integers(0, 60), min_size=1, max_size=12, unique=True),
+    chunks=st.lists(st.one_of(st.just((0, 61)), st.tuples(st.integers(0, 60), st.integers(0, 61))),
+                    min_size=1, max_size=40),
+    full_runs=st.sampled_from([0, 1, 16]),
+)
+def test_block_rows_equal_the_dense_comparison(positions, chunks, full_runs):
+    """The closed-form blocks of chunks every query sees (up to FULL_RUNS runs of them, then
+    compared like the others) give the dense comparison's entries and rows."""
+    from deft import plan_entries
+
+    query_flat = np.array(positions, dtype=np.int64)
+    query_ids = np.arange(len(query_flat))
+    start, reach = (np.array(x, dtype=np.int64) for x in zip(*chunks))
+    seen = (start[:, None] <= query_flat) & (query_flat < reach[:, None])
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(plan_entries, "FULL_RUNS", full_runs)
+        blocks = plan_entries.block_rows(start, reach, query_flat, query_ids, seen.sum(axis=1))
+    for got, want in zip(blocks, plan_entries.dense_rows(seen, query_ids)):
+        np.testing.assert_array_equal(got, want)
