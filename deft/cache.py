@@ -328,11 +328,13 @@ class TreeCache:
         start, count = start[grown], tokens[grown] - start[grown]
         first_page = start // page_size
         page_count = (start + count - 1) // page_size + 1 - first_page
-        held_pages = self._pages
-        pages = np.fromiter(
-            chain.from_iterable(held_pages[ids[v]][first:]
-                                for v, first in zip(grown.tolist(), first_page.tolist())),
-            dtype=np.int64, count=int(page_count.sum()))
+        held_pages, nodes = self._pages, [ids[v] for v in grown.tolist()]
+        if (page_count == 1).all():  # a decode step: each node's new tokens on one page
+            listed = [held_pages[node][first] for node, first in zip(nodes, first_page.tolist())]
+        else:
+            listed = chain.from_iterable(held_pages[node][first:]
+                                         for node, first in zip(nodes, first_page.tolist()))
+        pages = np.fromiter(listed, dtype=np.int64, count=int(page_count.sum()))
         page_base = np.cumsum(page_count) - page_count - first_page
         run_start = np.cumsum(count) - count
         position = np.arange(int(run_start[-1] + count[-1])) + np.repeat(start - run_start, count)

@@ -66,15 +66,16 @@ class PagedKVCache:
             return []
         pages = self._free[-n:][::-1]  # as popped one by one
         del self._free[-n:]
-        self._is_free[pages] = False
+        self._is_free[np.fromiter(pages, dtype=np.int64, count=n)] = False
         return pages
 
     def free(self, pages) -> None:
         """Give pages back to the free list; freeing a free page is an error."""
         pages = list(pages)
-        if len(set(pages)) != len(pages) or self._is_free[pages].any():
+        index = np.fromiter(pages, dtype=np.int64, count=len(pages))
+        if len(set(pages)) != len(pages) or self._is_free[index].any():
             raise CacheError(f"double free among pages {pages}")
-        self._is_free[pages] = True
+        self._is_free[index] = True
         self._free.extend(reversed(pages))
 
     def write(self, slots: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
