@@ -45,10 +45,14 @@ class _Shape:
         Node indices in DFS preorder (roots ascending, children ascending).
     last : int64 [nodes]
         Preorder position of the last node of each preorder position's subtree.
-    query_node : int64 [queries]
-        Node index of each query (test layout).
-    query_rank : int64 [queries]
-        Rank of each query among its node's queries.
+    query_order : int64 [queries]
+        Preorder position of each query's node (queries in test layout).
+    query_shift : int64 [queries]
+        Each query's flattened position less its node's flattened end: minus the node's
+        queries for its first query, up to -1 for its last.
+    in_order : bool
+        Whether the preorder is the node-index order (a page table then lists its pages in
+        preorder already).
     query_ids : int64 [queries]
         0, 1, ... (each query's index).
     """
@@ -71,10 +75,12 @@ class _Shape:
             stack.extend((c, False) for c in reversed(children[v]))
         self.order = np.array(order, dtype=np.int64)
         self.last = np.array(last, dtype=np.int64)[self.order]
-        self.query_node = np.repeat(np.arange(n), queries)
-        self.query_ids = np.arange(len(self.query_node))
-        self.query_rank = np.arange(len(self.query_node)) - np.repeat(
-            np.cumsum(queries) - queries, queries)
+        preorder_position = np.empty(n, dtype=np.int64)
+        preorder_position[self.order] = np.arange(n)
+        self.query_order = np.repeat(preorder_position, queries)
+        self.query_ids = np.arange(len(self.query_order))
+        self.query_shift = self.query_ids - np.repeat(np.cumsum(queries), queries)
+        self.in_order = bool((self.order == np.arange(n)).all())
 
 
 class NodePlanner:
@@ -139,16 +145,13 @@ class NodePlanner:
         start = through - ordered  # flattened start of each preorder node
         total = int(through[-1])
         end = through[shape.last]  # flattened end of each preorder node's subtree
-        flat_offset = np.empty_like(start)
-        flat_offset[order] = start
-        qn = shape.query_node
-        query_flat = flat_offset[qn] + tokens[qn] - tree.queries[qn] + shape.query_rank
+        query_flat = through[shape.query_order] + shape.query_shift
         subtree_end = np.repeat(end, ordered)  # per flattened position
         chunk_start, chunk_end, chunk_reach = self._chunks(order, start, through, end, total,
                                                            chunk_size)
         part_chunk, part_entry, query_index, entry_row, query_row_ptr = self._entries(
             chunk_start, chunk_reach, query_flat, shape.query_ids, group_size)
-        slots, max_slot, kept = self._slots(order, ordered, total, page_ptr, pages, page_size)
+        slots, max_slot, kept = self._slots(shape, ordered, total, page_ptr, pages, page_size)
         if max_slot > INDEX_LIMIT:
             raise ValueError(f"cache slot {max_slot} is beyond the int32 limit")
         return dict(
@@ -239,7 +242,7 @@ class NodePlanner:
         chunk_start = node_start[node] + offset
         return chunk_start, np.minimum(chunk_start + chunk, node_end[node]), node_reach[node]
 
-    def _slots(self, order, ordered, total, page_ptr, pages, page_size):
+    def _slots(self, shape, ordered, total, page_ptr, pages, page_size):
         """(cache slot of every flattened position, int64 [tokens] read-only; the largest;
         ``{"token_slot": (the last plan's slots, n)}`` where their first n slots are these)
 
@@ -249,16 +252,23 @@ class NodePlanner:
         shared with this one, up to the first that differs, keep the last plan's slots (a step
         that grows the last nodes of the preorder lays out only their pages).
         """
-        counts = np.diff(page_ptr)[order]
+        order = shape.order
+        counts = np.diff(page_ptr) if shape.in_order else np.diff(page_ptr)[order]
         short = np.flatnonzero(counts * page_size < ordered)
         if len(short):
             raise ValueError(f"node index {order[short[0]]} holds {ordered[short[0]]} tokens but "
                              f"the page table gives it {counts[short[0]]} pages of {page_size}")
-        page_end = np.cumsum(counts)  # the preorder page list's end of each preorder node
-        page_first = np.repeat(page_end - counts, counts)
-        rank = self._positions(len(page_first)) - page_first  # each page's rank in its node
-        run_page = pages[np.repeat(page_ptr[:-1][order], counts) + rank] * page_size
-        run = np.minimum(np.maximum(np.repeat(ordered, counts) - rank * page_size, 0), page_size)
+        page_first = np.cumsum(counts) - counts  # each preorder node's first page, in preorder
+        first_page, end_page = int(page_ptr[0]), int(page_ptr[-1])
+        positions = self._positions(end_page - first_page)
+        if shape.in_order:  # the nodes' pages one after the other already
+            run_page = pages[first_page:end_page] * page_size
+        else:
+            run_page = pages[positions + np.repeat(page_ptr[:-1][order] - page_first, counts)]
+            run_page *= page_size
+        # a page's run: its node's tokens past the node's pages before it, at most page_size
+        run = np.repeat(ordered + page_first * page_size, counts) - positions * page_size
+        run = np.minimum(np.maximum(run, 0), page_size)
         run_start = np.cumsum(run) - run  # the flattened position of each page's first slot
         same = 0  # runs shared with the last plan
         if self._last_runs is not None and self._last_runs[0] == page_size:
