@@ -132,7 +132,7 @@ class NodePlanner:
 
         Returns
         -------
-        dict of field name to int64 array, plus ``"max_slot"`` (int), ``"slots"``, the cache
+        dict of field name to int64 array (int32 for the entries of a large plan), plus ``"max_slot"`` (int), ``"slots"``, the cache
         slot of every flattened position (the ``token_slot`` field itself), and ``"kept"``, what
         the arrays share with the last plan's (`deft.plan_buffers.PlanBuffers.fill`). Arrays
         the planner keeps between steps are read-only.

@@ -50,7 +50,8 @@ def block_rows(chunk_start, chunk_reach, query_flat, query_ids, per_chunk) -> tu
 
     A run of chunks every query sees is a block of entries: its queries are ``query_ids``
     chunk after chunk, and a query's row grows by one from a chunk to the next. Only the other
-    chunks are compared query by query.
+    chunks are compared query by query. ``entry_query`` and ``entry_row`` come as int32 (the
+    plan buffers' type) while the entries fit in it.
     """
     num_queries = len(query_flat)
     full = per_chunk == num_queries
@@ -69,7 +70,9 @@ def block_rows(chunk_start, chunk_reach, query_flat, query_ids, per_chunk) -> tu
     rest_query = np.broadcast_to(query_ids, seen.shape)[seen]
     rest_row = (full_rows + full_before[rest][:, None] + through.T - 1)[seen]
     entry_ptr = pointers(per_chunk)
-    entry_query = np.empty(int(entry_ptr[-1]), dtype=np.int64)
+    # int32 (the plan buffers' type, half the bytes to write) while the rows fit in it
+    entry_query = np.empty(int(entry_ptr[-1]), dtype=np.int32 if entry_ptr[-1] < 2**31
+                           else np.int64)
     entry_row = np.empty_like(entry_query)
     taken = 0  # rest entries placed
     for a, b in runs.tolist():
