@@ -12,13 +12,17 @@ sees token f iff ``f <= F < end[f]``; every token's ``end[f] > f``. So a query s
 of a chunk ``[a, b)`` (a run inside the flattened order) iff ``a <= F < max(end[a:b])``: if
 F lies inside the chunk it sees its own token, if F is past the chunk it needs one token whose
 subtree reaches past F, and it sees nothing before its own position. Every chunk is then an
-interval test against the queries, one ``[chunks, queries]`` comparison for the whole plan.
+interval test against the queries: one ``[chunks, queries]`` comparison for a small plan, and
+for a large one a range of the queries sorted by position, the chunks every query sees (a
+shared prompt's) written in closed form (`deft.plan_entries`).
 
 What depends only on the tree's shape (preorder, subtree ends in preorder positions, query
 nodes) is kept per shape, so a decode step that only grows nodes reuses it; and what depends
 only on which queries see which chunks (partitions, entries, partial rows) is kept from the
 last plan, so a step that moves the chunks' bounds but not their queries reuses that too.
-The cache slots are laid out a page at a time (a page is a run of consecutive slots).
+The cache slots are laid out a page at a time (a page is a run of consecutive slots), from
+the first page run that differs from the last plan's; the plan buffers then rewrite only the
+slots from there and skip the entries kept (`deft.plan_buffers.PlanBuffers.fill`).
 """
 
 from __future__ import annotations
@@ -132,10 +136,11 @@ class NodePlanner:
 
         Returns
         -------
-        dict of field name to int64 array (int32 for the entries of a large plan), plus ``"max_slot"`` (int), ``"slots"``, the cache
-        slot of every flattened position (the ``token_slot`` field itself), and ``"kept"``, what
-        the arrays share with the last plan's (`deft.plan_buffers.PlanBuffers.fill`). Arrays
-        the planner keeps between steps are read-only.
+        dict of field name to int64 array (int32 for the entries of a large plan), plus
+        ``"max_slot"`` (int), ``"slots"``, the cache slot of every flattened position (the
+        ``token_slot`` field itself), and ``"kept"``, what the arrays share with the last
+        plan's (`deft.plan_buffers.PlanBuffers.fill`). Arrays the planner keeps between steps
+        are read-only.
         """
         tokens = tree.tokens
         shape = self.shape(tree.parent, tree.queries)

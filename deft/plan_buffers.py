@@ -3,7 +3,8 @@
 `plan_arrays` encodes a `deft.plan.Plan` (the normative partitions, built on the host with
 vectorised numpy) and a page table into flat int32 arrays, with no Python loop over tokens or
 partitions. `PlanBuffers` owns fixed-capacity device tensors that `fill` refills in place (pinned
-staging, non-blocking copies), so kernels captured in a CUDA graph keep reading the right
+staging, non-blocking copies; what the buffers already hold from the last plan is neither
+written nor copied again), so kernels captured in a CUDA graph keep reading the right
 addresses after every re-plan. The fields (one int32 tensor each, views of one allocation):
 
 ====================  ==================  ====================================================
