@@ -24,7 +24,7 @@ from itertools import chain
 import numpy as np
 import torch
 
-from deft.page_pool import CacheError, OutOfPagesError, PagedKVCache
+from deft.page_pool import CacheError, OutOfPagesError, PagedKVCache, PageListing
 from deft.tree import Tree
 
 __all__ = ["CacheError", "OutOfPagesError", "PagedKVCache", "TreeCache", "pages_for"]
@@ -46,7 +46,7 @@ class TreeCache:
         self._pages = {}  # id -> list of page ids
         self._live = set()
         self._tree = None  # the tree of the last apply(), while nothing else changed the cache
-        self._last_listed = None  # (page lists, their lengths, pages) of the last page table
+        self._listing = PageListing()  # the planner's page table, from the last one's
 
     # ------------------------------------------------------------------ queries
     def __contains__(self, node_id) -> bool:
@@ -132,37 +132,7 @@ class TreeCache:
             lists = [pages[:c] for pages, c in zip(lists, counts.tolist())]
             return page_ptr, np.fromiter(chain.from_iterable(lists), dtype=np.int64,
                                          count=int(page_ptr[-1]))
-        return page_ptr, self._listed_pages(lists, counts.tolist(), int(page_ptr[-1]))
-
-    def _listed_pages(self, lists: list, lengths: list, total: int) -> np.ndarray:
-        """The pages of ``lists`` (nodes' page lists, of ``lengths``) one after the other,
-        int64 [total], read-only.
-
-        A page list only ever grows, so the nodes leading this call and the last one with the
-        same list of the same length, and the next node's old pages, give the last call's
-        array as a prefix: a decode step lists again only the pages from the first node it
-        grew on.
-        """
-        kept, rest = 0, lists
-        if self._last_listed is not None:
-            last_lists, last_lengths, last_pages = self._last_listed
-            for k, (pages, last) in enumerate(zip(lists, last_lists)):
-                if pages is not last:
-                    rest = lists[k:]
-                    break
-                kept += last_lengths[k]
-                if len(pages) != last_lengths[k]:
-                    rest = [pages[last_lengths[k]:], *lists[k + 1:]]
-                    break
-            else:
-                rest = lists[len(last_lists):]
-        pages = np.empty(total, dtype=np.int64)
-        if kept:
-            pages[:kept] = last_pages[:kept]
-        pages[kept:] = np.fromiter(chain.from_iterable(rest), dtype=np.int64, count=total - kept)
-        pages.flags.writeable = False
-        self._last_listed = (lists, lengths, pages)
-        return pages
+        return page_ptr, self._listing(lists, counts.tolist(), int(page_ptr[-1]))
 
     def token_slots(self, tree: Tree) -> torch.Tensor:
         """Slot of every test-layout token of ``tree`` (by node index, then position).
@@ -213,7 +183,7 @@ class TreeCache:
         if node_id not in self._live:
             raise CacheError(f"node {node_id} is not a live node of the cache")
         self._live.discard(node_id)
-        for pages in self._release(node_id):
+        for pages in self._release([node_id]):
             self.pool.free(pages)
         self._tree = None
 
@@ -265,20 +235,21 @@ class TreeCache:
         # Revive held nodes of the tree first, so that no release below frees one of them.
         self._live.update(i for i in ids if i in held_parent)
         self._live.difference_update(gone)
-        released = self._release_gone(gone)
+        released = self._release(gone)
         if released:
             self.pool.free(chain.from_iterable(reversed(released)))
         self._add_grown(tree.preorder.tolist(), ids, parents, tokens)
         self._tree = tree
         return torch.from_numpy(self._new_slots(ids, tree.tokens, before)).to(self.pool.device)
 
-    def _release_gone(self, gone) -> list:
-        """`_release` of every node of ``gone`` (pruned nodes whose whole subtrees go) still
-        held when its turn comes, in one loop; their page lists in the order to free them."""
+    def _release(self, pruned) -> list:
+        """Drop each pruned node without held children, then each ancestor it was keeping;
+        return their page lists, in the order they are to be freed (the pool does not free
+        them). ``pruned``: ids of pruned nodes (a node dropped on the way is skipped)."""
         held_parent, children, held_pages = self._parent, self._children, self._pages
         tokens, live = self._tokens, self._live
         released = []
-        for node in gone:
+        for node in pruned:
             while node is not None and node in held_parent and node not in live \
                     and not children[node]:
                 released.append(held_pages.pop(node))
@@ -398,18 +369,6 @@ class TreeCache:
         pages += self.pool.allocate(self._pages_for(tokens) - len(pages))
         self._tokens[node_id] = tokens
 
-    def _release(self, node_id) -> list:
-        """Drop a pruned node without held children, then each ancestor it was keeping; return
-        their page lists, in the order they are to be freed (the pool does not free them)."""
-        released = []
-        while node_id is not None and node_id not in self._live and not self._children[node_id]:
-            released.append(self._pages.pop(node_id))
-            parent = self._parent.pop(node_id)
-            del self._children[node_id], self._tokens[node_id]
-            if parent is not None:
-                self._children[parent].discard(node_id)
-            node_id = parent
-        return released
 
     def _node_pages(self, tree: Tree) -> tuple:
         """int64 numpy ``(page_ptr [nodes + 1], pages)`` of the tree's nodes."""
