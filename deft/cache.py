@@ -226,14 +226,14 @@ class TreeCache:
                     )
                 needed -= len(held_pages[node])
         gone = set(held_parent).difference(ids)  # whole subtrees: a tree holds its ancestors
-        freed = sum(len(held_pages[i]) for i in gone)
+        freed = sum(map(len, map(held_pages.__getitem__, gone)))
         if needed > self.pool.num_free + freed:
             raise OutOfPagesError(
                 f"the step needs {needed} more pages but only {self.pool.num_free + freed} of "
                 f"{self.pool.num_pages} are free (pages of {self.pool.page_size} tokens)"
             )
         # Revive held nodes of the tree first, so that no release below frees one of them.
-        self._live.update(i for i in ids if i in held_parent)
+        self._live.update(held_parent.keys() & ids)
         self._live.difference_update(gone)
         released = self._release(gone)
         if released:
