@@ -339,3 +339,23 @@ def test_block_rows_equal_the_dense_comparison(positions, chunks, full_runs):
         blocks = plan_entries.block_rows(start, reach, query_flat, query_ids, seen.sum(axis=1))
     for got, want in zip(blocks, plan_entries.dense_rows(seen, query_ids)):
         np.testing.assert_array_equal(got, want)
+
+
+@pytest.mark.gpu  # pinned staging and non-blocking copies
+@pytest.mark.parametrize("kind", ["tot", "token_tree", "fewshot"])
+def test_device_buffers_followed_over_a_run_hold_every_step(kind):
+    """On a CUDA device the buffers refilled step after step (only what changed copied) read
+    back each step's from-scratch encoding."""
+    from deft.cache import PagedKVCache, TreeCache
+
+    run = run_of(kind, 3)
+    attn = TreeAttention.for_trees("deft_flatten", list(run), 4, 2, device="cuda")
+    cache = TreeCache(PagedKVCache(4096, 4, 1, 4))
+    for step, tree in enumerate(run):
+        cache.apply(tree)
+        expected = plan_arrays(build_plan("deft_flatten", tree, 4, 2, 4),
+                               *cache.host_node_pages(tree), flat=True)
+        attn.plan(tree, cache)
+        for name in FIELDS:
+            np.testing.assert_array_equal(attn.buffers.read(name)[:len(expected[name])],
+                                          expected[name], err_msg=f"step {step}: {name}")
