@@ -24,7 +24,7 @@ from itertools import chain
 import numpy as np
 import torch
 
-from deft.page_pool import CacheError, OutOfPagesError, PagedKVCache
+from deft.page_pool import CacheError, OutOfPagesError, PagedKVCache, PageListing
 from deft.tree import Tree
 
 __all__ = ["CacheError", "OutOfPagesError", "PagedKVCache", "TreeCache", "pages_for"]
@@ -46,6 +46,7 @@ class TreeCache:
         self._pages = {}  # id -> list of page ids
         self._live = set()
         self._tree = None  # the tree of the last apply(), while nothing else changed the cache
+        self._listing = PageListing()  # the planner's page table, from the last one's
 
     # ------------------------------------------------------------------ queries
     def __contains__(self, node_id) -> bool:
@@ -129,8 +130,9 @@ class TreeCache:
         lists = [self._pages[node] for node in ids]
         if not exact:  # nodes holding more tokens than the tree uses: their first pages
             lists = [pages[:c] for pages, c in zip(lists, counts.tolist())]
-        pages = np.fromiter(chain.from_iterable(lists), dtype=np.int64, count=int(page_ptr[-1]))
-        return page_ptr, pages
+            return page_ptr, np.fromiter(chain.from_iterable(lists), dtype=np.int64,
+                                         count=int(page_ptr[-1]))
+        return page_ptr, self._listing(lists, counts.tolist(), int(page_ptr[-1]))
 
     def token_slots(self, tree: Tree) -> torch.Tensor:
         """Slot of every test-layout token of ``tree`` (by node index, then position).
@@ -181,7 +183,7 @@ class TreeCache:
         if node_id not in self._live:
             raise CacheError(f"node {node_id} is not a live node of the cache")
         self._live.discard(node_id)
-        for pages in self._release(node_id):
+        for pages in self._release([node_id]):
             self.pool.free(pages)
         self._tree = None
 
@@ -208,49 +210,63 @@ class TreeCache:
         parents = [None if p < 0 else ids[p] for p in tree.parent.tolist()]
         tokens = tree.tokens.tolist()
         held_parent, held_tokens, held_pages = self._parent, self._tokens, self._pages
-        page_size = self.pool.page_size
-        before = [0] * len(ids)
-        needed = 0
+        before = [held_tokens.get(node, 0) for node in ids]
+        needed = int(_ceil_div(tree.tokens, self.pool.page_size).sum())
         for v, node in enumerate(ids):
-            if node in held_parent:
+            if before[v] or node in held_parent:
                 if held_parent[node] != parents[v]:
                     raise CacheError(
                         f"node {node}: parent is {parents[v]} in the tree but "
                         f"{held_parent[node]} in the cache"
                     )
-                before[v] = held_tokens[node]
                 if tokens[v] < before[v]:
                     raise CacheError(
                         f"node {node}: the tree holds {tokens[v]} tokens, fewer than the "
                         f"{before[v]} cached; a cache never drops a node's tokens"
                     )
                 needed -= len(held_pages[node])
-            needed += -(-tokens[v] // page_size)
         gone = set(held_parent).difference(ids)  # whole subtrees: a tree holds its ancestors
-        freed = sum(len(held_pages[i]) for i in gone)
+        freed = sum(map(len, map(held_pages.__getitem__, gone)))
         if needed > self.pool.num_free + freed:
             raise OutOfPagesError(
                 f"the step needs {needed} more pages but only {self.pool.num_free + freed} of "
                 f"{self.pool.num_pages} are free (pages of {self.pool.page_size} tokens)"
             )
         # Revive held nodes of the tree first, so that no release below frees one of them.
-        self._live.update(i for i in ids if i in held_parent)
+        self._live.update(held_parent.keys() & ids)
         self._live.difference_update(gone)
-        released = []
-        for node in gone:
-            if node in held_parent:
-                released += self._release(node)
+        released = self._release(gone)
         if released:
             self.pool.free(chain.from_iterable(reversed(released)))
         self._add_grown(tree.preorder.tolist(), ids, parents, tokens)
         self._tree = tree
-        return torch.from_numpy(self._new_slots(ids, tokens, before)).to(self.pool.device)
+        return torch.from_numpy(self._new_slots(ids, tree.tokens, before)).to(self.pool.device)
+
+    def _release(self, pruned) -> list:
+        """Drop each pruned node without held children, then each ancestor it was keeping;
+        return their page lists, in the order they are to be freed (the pool does not free
+        them). ``pruned``: ids of pruned nodes (a node dropped on the way is skipped)."""
+        held_parent, children, held_pages = self._parent, self._children, self._pages
+        tokens, live = self._tokens, self._live
+        released = []
+        for node in pruned:
+            while node is not None and node in held_parent and node not in live \
+                    and not children[node]:
+                released.append(held_pages.pop(node))
+                parent = held_parent.pop(node)
+                del children[node], tokens[node]
+                if parent is not None:
+                    children[parent].discard(node)
+                node = parent
+        return released
 
     def _add_grown(self, order, ids, parents, tokens) -> None:
         """Add the missing nodes (parents first: ``order`` is a preorder) and grow every node
         to its tokens, taking the pages in one allocation (space already checked)."""
-        held_parent, held_pages, page_size = self._parent, self._pages, self.pool.page_size
-        wanted = [-(-tokens[v] // page_size) - len(held_pages.get(ids[v], ()))
+        held_parent, held_pages, children = self._parent, self._pages, self._children
+        held_tokens, live, page_size = self._tokens, self._live, self.pool.page_size
+        empty = ()
+        wanted = [-(-tokens[v] // page_size) - len(held_pages.get(ids[v], empty))
                   for v in order]
         pages = self.pool.allocate(sum(wanted))
         taken = 0
@@ -259,32 +275,41 @@ class TreeCache:
             if node not in held_parent:
                 parent = parents[v]
                 held_parent[node] = parent
-                self._children[node] = set()
-                held_pages[node] = []
-                self._live.add(node)
+                children[node] = set()
+                held_pages[node] = pages[taken: taken + count]
+                live.add(node)
                 if parent is not None:
-                    self._children[parent].add(node)
-            if count:
+                    children[parent].add(node)
+                taken += count
+            elif count:
                 held_pages[node] += pages[taken: taken + count]
                 taken += count
-            self._tokens[node] = tokens[v]
+            held_tokens[node] = tokens[v]
 
     def _new_slots(self, ids, tokens, before) -> np.ndarray:
         """Slots of the tokens past ``before`` of every node, by node index then position.
-        int64 [new tokens]"""
+
+        tokens : int64 [nodes]; before : list of int [nodes]. Returns int64 [new tokens]
+        """
         page_size = self.pool.page_size
-        grown = [v for v in range(len(ids)) if tokens[v] > before[v]]
-        if not grown:
+        start = np.array(before, dtype=np.int64)
+        grown = np.flatnonzero(tokens > start)
+        if not len(grown):
             return np.zeros(0, dtype=np.int64)
-        first_page = [before[v] // page_size for v in grown]
-        lists = [self._pages[ids[v]][first:] for v, first in zip(grown, first_page)]
-        pages = np.fromiter(chain.from_iterable(lists), dtype=np.int64)
-        start = np.array([before[v] for v in grown], dtype=np.int64)
-        count = np.array([tokens[v] for v in grown], dtype=np.int64) - start
-        page_base = np.cumsum([0] + [len(x) for x in lists[:-1]])
-        first = np.repeat(start, count)
-        position = first + np.arange(len(first)) - np.repeat(np.cumsum(count) - count, count)
-        page = pages[np.repeat(page_base - np.array(first_page), count) + position // page_size]
+        start, count = start[grown], tokens[grown] - start[grown]
+        first_page = start // page_size
+        page_count = (start + count - 1) // page_size + 1 - first_page
+        held_pages, nodes = self._pages, [ids[v] for v in grown.tolist()]
+        if (page_count == 1).all():  # a decode step: each node's new tokens on one page
+            listed = [held_pages[node][first] for node, first in zip(nodes, first_page.tolist())]
+        else:
+            listed = chain.from_iterable(held_pages[node][first:]
+                                         for node, first in zip(nodes, first_page.tolist()))
+        pages = np.fromiter(listed, dtype=np.int64, count=int(page_count.sum()))
+        page_base = np.cumsum(page_count) - page_count - first_page
+        run_start = np.cumsum(count) - count
+        position = np.arange(int(run_start[-1] + count[-1])) + np.repeat(start - run_start, count)
+        page = pages[np.repeat(page_base, count) + position // page_size]
         return page * page_size + position % page_size
 
     # ------------------------------------------------------------------ invariants
@@ -344,18 +369,6 @@ class TreeCache:
         pages += self.pool.allocate(self._pages_for(tokens) - len(pages))
         self._tokens[node_id] = tokens
 
-    def _release(self, node_id) -> list:
-        """Drop a pruned node without held children, then each ancestor it was keeping; return
-        their page lists, in the order they are to be freed (the pool does not free them)."""
-        released = []
-        while node_id is not None and node_id not in self._live and not self._children[node_id]:
-            released.append(self._pages.pop(node_id))
-            parent = self._parent.pop(node_id)
-            del self._children[node_id], self._tokens[node_id]
-            if parent is not None:
-                self._children[parent].discard(node_id)
-            node_id = parent
-        return released
 
     def _node_pages(self, tree: Tree) -> tuple:
         """int64 numpy ``(page_ptr [nodes + 1], pages)`` of the tree's nodes."""

@@ -12,23 +12,32 @@ sees token f iff ``f <= F < end[f]``; every token's ``end[f] > f``. So a query s
 of a chunk ``[a, b)`` (a run inside the flattened order) iff ``a <= F < max(end[a:b])``: if
 F lies inside the chunk it sees its own token, if F is past the chunk it needs one token whose
 subtree reaches past F, and it sees nothing before its own position. Every chunk is then an
-interval test against the queries, one ``[chunks, queries]`` comparison for the whole plan.
+interval test against the queries: one ``[chunks, queries]`` comparison for a small plan, and
+for a large one a range of the queries sorted by position, the chunks every query sees (a
+shared prompt's) written in closed form (`deft.plan_entries`).
 
 What depends only on the tree's shape (preorder, subtree ends in preorder positions, query
 nodes) is kept per shape, so a decode step that only grows nodes reuses it; and what depends
 only on which queries see which chunks (partitions, entries, partial rows) is kept from the
 last plan, so a step that moves the chunks' bounds but not their queries reuses that too.
-The cache slots are laid out a page at a time (a page is a run of consecutive slots).
+The cache slots are laid out a page at a time (a page is a run of consecutive slots), from
+the first page run that differs from the last plan's; the plan buffers then rewrite only the
+slots from there and skip the entries kept (`deft.plan_buffers.PlanBuffers.fill`).
 """
 
 from __future__ import annotations
 
 import numpy as np
 
+from deft.plan_entries import block_rows, dense_rows, partitions
 from deft.tree import INDEX_LIMIT
 
 FAST_STRATEGIES = ("deft_node", "deft_node_chunk", "deft_flatten")
 """The strategies `NodePlanner` plans (the others go through `deft.plan.build_plan`)."""
+
+DENSE_LIMIT = 16384
+"""Plans of at most this many (chunk, query) pairs compare each chunk with each query (fewer
+numpy calls); larger ones take `deft.plan_entries.block_rows`."""
 
 
 class _Shape:
@@ -40,10 +49,14 @@ class _Shape:
         Node indices in DFS preorder (roots ascending, children ascending).
     last : int64 [nodes]
         Preorder position of the last node of each preorder position's subtree.
-    query_node : int64 [queries]
-        Node index of each query (test layout).
-    query_rank : int64 [queries]
-        Rank of each query among its node's queries.
+    query_order : int64 [queries]
+        Preorder position of each query's node (queries in test layout).
+    query_shift : int64 [queries]
+        Each query's flattened position less its node's flattened end: minus the node's
+        queries for its first query, up to -1 for its last.
+    in_order : bool
+        Whether the preorder is the node-index order (a page table then lists its pages in
+        preorder already).
     query_ids : int64 [queries]
         0, 1, ... (each query's index).
     """
@@ -66,10 +79,12 @@ class _Shape:
             stack.extend((c, False) for c in reversed(children[v]))
         self.order = np.array(order, dtype=np.int64)
         self.last = np.array(last, dtype=np.int64)[self.order]
-        self.query_node = np.repeat(np.arange(n), queries)
-        self.query_ids = np.arange(len(self.query_node))
-        self.query_rank = np.arange(len(self.query_node)) - np.repeat(
-            np.cumsum(queries) - queries, queries)
+        preorder_position = np.empty(n, dtype=np.int64)
+        preorder_position[self.order] = np.arange(n)
+        self.query_order = np.repeat(preorder_position, queries)
+        self.query_ids = np.arange(len(self.query_order))
+        self.query_shift = self.query_ids - np.repeat(np.cumsum(queries), queries)
+        self.in_order = bool((self.order == np.arange(n)).all())
 
 
 class NodePlanner:
@@ -121,8 +136,11 @@ class NodePlanner:
 
         Returns
         -------
-        dict of field name to int64 array, plus ``"max_slot"`` (int) and ``"slots"``, the cache
-        slot of every flattened position (the ``token_slot`` field itself).
+        dict of field name to int64 array (int32 for the entries of a large plan), plus
+        ``"max_slot"`` (int), ``"slots"``, the cache slot of every flattened position (the
+        ``token_slot`` field itself), and ``"kept"``, what the arrays share with the last
+        plan's (`deft.plan_buffers.PlanBuffers.fill`). Arrays the planner keeps between steps
+        are read-only.
         """
         tokens = tree.tokens
         shape = self.shape(tree.parent, tree.queries)
@@ -132,17 +150,13 @@ class NodePlanner:
         start = through - ordered  # flattened start of each preorder node
         total = int(through[-1])
         end = through[shape.last]  # flattened end of each preorder node's subtree
-        flat_offset = np.empty_like(start)
-        flat_offset[order] = start
-        qn = shape.query_node
-        query_flat = flat_offset[qn] + tokens[qn] - tree.queries[qn] + shape.query_rank
+        query_flat = through[shape.query_order] + shape.query_shift
         subtree_end = np.repeat(end, ordered)  # per flattened position
         chunk_start, chunk_end, chunk_reach = self._chunks(order, start, through, end, total,
-                                                           subtree_end, chunk_size)
-        seen = (chunk_start[:, None] <= query_flat) & (query_flat < chunk_reach[:, None])
+                                                           chunk_size)
         part_chunk, part_entry, query_index, entry_row, query_row_ptr = self._entries(
-            seen, shape.query_ids, group_size)
-        slots, max_slot = self._slots(order, ordered, total, page_ptr, pages, page_size)
+            chunk_start, chunk_reach, query_flat, shape.query_ids, group_size)
+        slots, max_slot, kept = self._slots(shape, ordered, total, page_ptr, pages, page_size)
         if max_slot > INDEX_LIMIT:
             raise ValueError(f"cache slot {max_slot} is beyond the int32 limit")
         return dict(
@@ -158,6 +172,7 @@ class NodePlanner:
             subtree_end=subtree_end,
             max_slot=max_slot,
             slots=slots,
+            kept=kept,
         )
 
     def _positions(self, total: int) -> np.ndarray:
@@ -168,10 +183,15 @@ class NodePlanner:
             self._iota.flags.writeable = False
         return self._iota[:total]
 
-    def _entries(self, seen, query_ids, group_size) -> tuple:
-        """The partitions and entries of a plan whose chunks the queries see as ``seen`` (bool
-        [chunks, queries]), kept for the next step: a decode step often changes the chunks'
-        lengths but not who sees them.
+    def _entries(self, chunk_start, chunk_reach, query_flat, query_ids, group_size) -> tuple:
+        """The partitions and entries of a plan whose chunk ``c`` is seen by the queries at
+        flattened positions ``chunk_start[c] <= F < chunk_reach[c]``, kept for the next step:
+        a decode step often changes the chunks' lengths but not who sees them.
+
+        A small plan compares every chunk with every query (`deft.plan_entries.dense_rows`);
+        a larger one ranks the queries by position, so that a chunk's queries are one range
+        ``[lo, hi)`` of that order and the chunks every query sees take closed forms
+        (`deft.plan_entries.block_rows`).
 
         Returns
         -------
@@ -182,37 +202,39 @@ class NodePlanner:
         query_row_ptr : int64 [queries + 1]
             As the plan buffers of the same names (read-only: shared between steps).
         """
-        key = (seen.shape, seen.tobytes(), group_size)
+        seen = None
+        if len(chunk_start) * len(query_flat) <= DENSE_LIMIT:
+            seen = (chunk_start[:, None] <= query_flat) & (query_flat < chunk_reach[:, None])
+            key = (seen.shape, seen.tobytes(), group_size)
+        else:
+            by_flat = np.argsort(query_flat)
+            ranked = query_flat[by_flat]
+            lo, hi = np.searchsorted(ranked, chunk_start), np.searchsorted(ranked, chunk_reach)
+            key = (lo.tobytes(), hi.tobytes(), by_flat.tobytes(), group_size)
         if self._last_entries is not None and self._last_entries[0] == key:
             return self._last_entries[1]
-        num_chunks, num_queries = seen.shape
-        query_index = np.broadcast_to(query_ids, seen.shape)[seen]
-        per_chunk = seen.sum(axis=1)
-        if group_size is None:
-            has = per_chunk > 0
-            part_chunk, part_queries = np.flatnonzero(has), per_chunk[has]
+        if seen is not None:
+            per_chunk = seen.sum(axis=1)
+            rows = dense_rows(seen, query_ids)
         else:
-            groups = -(-per_chunk // group_size)
-            part_chunk = np.repeat(np.arange(len(per_chunk)), groups)
-            first = np.cumsum(groups) - groups
-            rank = np.arange(len(part_chunk)) - np.repeat(first, groups)
-            part_queries = np.minimum(group_size, per_chunk[part_chunk] - rank * group_size)
-        # partial rows go query by query: number the entries query-major, read them chunk-major
-        row_of = np.cumsum(seen.T.ravel()).reshape(num_queries, num_chunks).T
-        entries = (part_chunk, _pointers(part_queries), query_index, row_of[seen] - 1,
-                   _pointers(seen.sum(axis=0)))
+            per_chunk = hi - lo
+            rows = block_rows(chunk_start, chunk_reach, query_flat, query_ids, per_chunk)
+        entries = (*partitions(per_chunk, group_size), *rows)
         for array in entries:
             array.flags.writeable = False
         self._last_entries = (key, entries)
         return entries
 
-    def _chunks(self, order, start, through, end, total, subtree_end, chunk):
+    def _chunks(self, order, start, through, end, total, chunk):
         """(start, end, reach) of every chunk in plan order: its flattened run and the largest
         subtree end of its tokens. int64 [chunks] each."""
         if self.strategy == "deft_flatten":  # the flattened order cut into even blocks
             chunk_start = np.arange(0, total, chunk)
             chunk_end = np.minimum(chunk_start + chunk, total)
-            return chunk_start, chunk_end, np.maximum.reduceat(subtree_end, chunk_start)
+            # the largest subtree end of the (preorder) nodes each chunk overlaps
+            first = np.searchsorted(through, chunk_start, side="right")
+            last = np.searchsorted(through, chunk_end - 1, side="right")
+            return chunk_start, chunk_end, np.maximum(np.maximum.reduceat(end, first), end[last])
         # deft_node, deft_node_chunk: each node's run by node index, cut into chunks
         by_index = np.empty_like(start)
         by_index[order] = np.arange(len(order))
@@ -225,8 +247,9 @@ class NodePlanner:
         chunk_start = node_start[node] + offset
         return chunk_start, np.minimum(chunk_start + chunk, node_end[node]), node_reach[node]
 
-    def _slots(self, order, ordered, total, page_ptr, pages, page_size):
-        """(cache slot of every flattened position, int64 [tokens] read-only; the largest)
+    def _slots(self, shape, ordered, total, page_ptr, pages, page_size):
+        """(cache slot of every flattened position, int64 [tokens] read-only; the largest;
+        ``{"token_slot": (the last plan's slots, n)}`` where their first n slots are these)
 
         A page holds a run of consecutive slots for consecutive positions of its node: the
         pages are put in preorder and each page's run (``page_size`` slots, fewer for a node's
@@ -234,16 +257,23 @@ class NodePlanner:
         shared with this one, up to the first that differs, keep the last plan's slots (a step
         that grows the last nodes of the preorder lays out only their pages).
         """
-        counts = np.diff(page_ptr)[order]
+        order = shape.order
+        counts = np.diff(page_ptr) if shape.in_order else np.diff(page_ptr)[order]
         short = np.flatnonzero(counts * page_size < ordered)
         if len(short):
             raise ValueError(f"node index {order[short[0]]} holds {ordered[short[0]]} tokens but "
                              f"the page table gives it {counts[short[0]]} pages of {page_size}")
-        page_end = np.cumsum(counts)  # the preorder page list's end of each preorder node
-        page_first = np.repeat(page_end - counts, counts)
-        rank = self._positions(len(page_first)) - page_first  # each page's rank in its node
-        run_page = pages[np.repeat(page_ptr[:-1][order], counts) + rank] * page_size
-        run = np.minimum(np.maximum(np.repeat(ordered, counts) - rank * page_size, 0), page_size)
+        page_first = np.cumsum(counts) - counts  # each preorder node's first page, in preorder
+        first_page, end_page = int(page_ptr[0]), int(page_ptr[-1])
+        positions = self._positions(end_page - first_page)
+        if shape.in_order:  # the nodes' pages one after the other already
+            run_page = pages[first_page:end_page] * page_size
+        else:
+            run_page = pages[positions + np.repeat(page_ptr[:-1][order] - page_first, counts)]
+            run_page *= page_size
+        # a page's run: its node's tokens past the node's pages before it, at most page_size
+        run = np.repeat(ordered + page_first * page_size, counts) - positions * page_size
+        run = np.minimum(np.maximum(run, 0), page_size)
         run_start = np.cumsum(run) - run  # the flattened position of each page's first slot
         same = 0  # runs shared with the last plan
         if self._last_runs is not None and self._last_runs[0] == page_size:
@@ -258,12 +288,7 @@ class NodePlanner:
         slots[first:] = np.repeat(run_page[same:] - run_start[same:], run[same:])
         slots[first:] += self._positions(total)[first:]
         slots.flags.writeable = False
+        kept = {"token_slot": (last_slots, first)} if same else {}
         self._last_runs = (page_size, run_page, run, slots)
-        return slots, int((run_page + run)[run > 0].max()) - 1
+        return slots, int((run_page + run)[run > 0].max()) - 1, kept
 
-
-def _pointers(counts: np.ndarray) -> np.ndarray:
-    """CSR offsets of consecutive runs of the given lengths. int64 [len(counts) + 1]"""
-    ptr = np.zeros(len(counts) + 1, dtype=np.int64)
-    np.cumsum(counts, out=ptr[1:])
-    return ptr

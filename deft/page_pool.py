@@ -1,7 +1,10 @@
-"""The paged KV pool: K and V pages and their free list (`PagedKVCache`), and the errors of
-the paged caches. `deft.cache.TreeCache` maps decoding-tree nodes onto its pages."""
+"""The paged KV pool: K and V pages and their free list (`PagedKVCache`), the errors of the
+paged caches, and `PageListing`, nodes' page lists laid end to end step after step.
+`deft.cache.TreeCache` maps decoding-tree nodes onto the pool's pages."""
 
 from __future__ import annotations
+
+from itertools import chain
 
 import numpy as np
 import torch
@@ -66,15 +69,16 @@ class PagedKVCache:
             return []
         pages = self._free[-n:][::-1]  # as popped one by one
         del self._free[-n:]
-        self._is_free[pages] = False
+        self._is_free[np.fromiter(pages, dtype=np.int64, count=n)] = False
         return pages
 
     def free(self, pages) -> None:
         """Give pages back to the free list; freeing a free page is an error."""
         pages = list(pages)
-        if len(set(pages)) != len(pages) or self._is_free[pages].any():
+        index = np.fromiter(pages, dtype=np.int64, count=len(pages))
+        if len(set(pages)) != len(pages) or self._is_free[index].any():
             raise CacheError(f"double free among pages {pages}")
-        self._is_free[pages] = True
+        self._is_free[index] = True
         self._free.extend(reversed(pages))
 
     def write(self, slots: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
@@ -97,3 +101,39 @@ class PagedKVCache:
         slots = torch.as_tensor(slots, dtype=torch.int64, device=self.device)
         return (self.k.view(-1, self.kv_heads, self.head_dim)[slots],
                 self.v.view(-1, self.kv_heads, self.head_dim)[slots])
+
+
+class PageListing:
+    """Nodes' page lists laid end to end (a page table's ``pages``), from the last listing.
+
+    A node's page list only ever grows, so the nodes leading this listing and the last one
+    with the same list of the same length, and the next node's old pages, give the last
+    array as a prefix: a decode step lists again only the pages from the first node it grew.
+    """
+
+    def __init__(self):
+        self._last = None  # (page lists, their lengths, pages) of the last listing
+
+    def __call__(self, lists: list, lengths: list, total: int) -> np.ndarray:
+        """The pages of ``lists`` (lists of page ids, of ``lengths``) one after the other.
+        int64 [total], read-only"""
+        kept, rest = 0, lists
+        if self._last is not None:
+            last_lists, last_lengths, last_pages = self._last
+            for k, (pages, last) in enumerate(zip(lists, last_lists)):
+                if pages is not last:
+                    rest = lists[k:]
+                    break
+                kept += last_lengths[k]
+                if len(pages) != last_lengths[k]:
+                    rest = [pages[last_lengths[k]:], *lists[k + 1:]]
+                    break
+            else:
+                rest = lists[len(last_lists):]
+        pages = np.empty(total, dtype=np.int64)
+        if kept:
+            pages[:kept] = last_pages[:kept]
+        pages[kept:] = np.fromiter(chain.from_iterable(rest), dtype=np.int64, count=total - kept)
+        pages.flags.writeable = False
+        self._last = (lists, lengths, pages)
+        return pages

@@ -3,7 +3,8 @@
 `plan_arrays` encodes a `deft.plan.Plan` (the normative partitions, built on the host with
 vectorised numpy) and a page table into flat int32 arrays, with no Python loop over tokens or
 partitions. `PlanBuffers` owns fixed-capacity device tensors that `fill` refills in place (pinned
-staging, non-blocking copies), so kernels captured in a CUDA graph keep reading the right
+staging, non-blocking copies; what the buffers already hold from the last plan is neither
+written nor copied again), so kernels captured in a CUDA graph keep reading the right
 addresses after every re-plan. The fields (one int32 tensor each, views of one allocation):
 
 ====================  ==================  ====================================================
@@ -307,13 +308,18 @@ class PlanBuffers:
                                         pin_memory=self.device.type == "cuda")
             self._staging_host = self._staging.numpy()
         self._copied = None  # event after the last staging -> device copies
+        self._written = {}  # field -> the read-only array the buffers hold, where one does
 
     def fill(self, arrays: dict) -> None:
         """Copy a plan's arrays (`plan_arrays`) into the buffers; raise CapacityError if too big.
 
         The fields are written into the pinned staging area, then copied to the device in as
         few non-blocking copies as the gaps between their used parts allow (`COALESCE`); on
-        the CPU straight into the buffers.
+        the CPU straight into the buffers. A read-only field the buffers already hold (the
+        very array of the last fill: `deft.fast_plan` keeps arrays between steps) is not
+        written again, and ``arrays["kept"]``, ``{field: (array, n)}``, says that a field's
+        first n values are those of a read-only array of an earlier fill: where the buffers
+        still hold that array, only the values past n are written.
         """
         queries, entries = int(arrays["counts"][1]), len(arrays["entry_query"])
         slots = len(arrays["token_slot"])
@@ -326,20 +332,29 @@ class PlanBuffers:
                 )
         if self._copied is not None:
             self._copied.synchronize()  # the previous plan's copies have left the staging area
+        kept_prefix = arrays.get("kept", {})
         spans = []
         for name, offset in zip(FIELDS, self.offsets):
             values = arrays[name]
-            if len(values):
-                self._staging_host[offset: offset + len(values)] = values
-                if spans and offset - spans[-1][1] <= COALESCE:
-                    spans[-1][1] = offset + len(values)
+            last = self._written.get(name)
+            if values is last:  # read-only and already in the buffers
+                continue
+            kept = 0
+            if name in kept_prefix and kept_prefix[name][0] is last and last is not None:
+                kept = kept_prefix[name][1]
+            if len(values) > kept:
+                lo, hi = offset + kept, offset + len(values)
+                self._staging_host[lo:hi] = values[kept:]
+                if spans and lo - spans[-1][1] <= COALESCE:
+                    spans[-1][1] = hi
                 else:
-                    spans.append([offset, offset + len(values)])
+                    spans.append([lo, hi])
+            self._written[name] = values if not values.flags.writeable else None
         if self._staging is None:
             return
         for lo, hi in spans:
             self.data[lo:hi].copy_(self._staging[lo:hi], non_blocking=True)
-        if self.device.type == "cuda":
+        if self.device.type == "cuda" and spans:
             self._copied = torch.cuda.Event()
             self._copied.record()
 

@@ -12,6 +12,10 @@ two trees of 256 queries and up to 64k tokens (speculative t256 over a 63000-tok
 - ``tree``: getting the step's tree from the run (``run.tree(i)``);
 - ``apply``: syncing a `deft.cache.TreeCache` to it (the serving engine's page allocation);
 - ``plan``: `TreeAttention.plan` with fixed sizes (the node planner, `deft.fast_plan`);
+- ``fill``: the part of ``plan`` spent in `deft.plan_buffers.PlanBuffers.fill` (staging, the
+  host-to-device copies' launch and the wait for the previous plan's copies);
+- ``plan_synced``: ``plan`` and then waiting for the device (its copies done; on the CPU the
+  same as ``plan``), measured on a second TreeAttention of the same sizes;
 - ``total``: the three summed;
 - ``plan_tuned``: `TreeAttention.plan` taking its sizes from the tuned configs (on the CPU or
   an untuned GPU the defaults, the same sizes as ``plan``).
@@ -41,6 +45,7 @@ from deft import workloads as wl  # noqa: E402
 from deft.cache import PagedKVCache, TreeCache, pages_for  # noqa: E402
 from deft.plan import check_parameters  # noqa: E402
 from deft.tree_attention import TreeAttention  # noqa: E402
+from harness.timing import synchronize  # noqa: E402
 
 PAGE_SIZE = 16
 
@@ -85,16 +90,30 @@ def measure(run, strategy: str, device: str, steps=None) -> dict:
     if chunk is None:  # deft_node takes no chunk: a group cap no tree reaches fixes its
         group = 10**6  # sizes without changing its plan, so that it takes the node planner
     fast = TreeAttention(strategy, chunk, group, **capacity)
+    synced = TreeAttention(strategy, chunk, group, **capacity)
     tuned = TreeAttention(strategy, **capacity)
+    fill_times = []
+    fill = fast.buffers.fill
+
+    def timed_fill(arrays):
+        fill_times.append(timed(lambda: fill(arrays))[1])
+
+    fast.buffers.fill = timed_fill
+    device = torch.device(device)
     pool = PagedKVCache(4 * pages_for(biggest, PAGE_SIZE) + 64, PAGE_SIZE, 1, 16, device=device)
     cache = TreeCache(pool)
-    times = {"tree": [], "apply": [], "plan": [], "plan_tuned": []}
+    times = {"tree": [], "apply": [], "plan": [], "plan_synced": [], "plan_tuned": []}
     for i in range(len(run) if steps is None else min(steps, len(run))):
         tree, us = timed(lambda: run.tree(i))
         times["tree"].append(us)
         times["apply"].append(timed(lambda: cache.apply(tree))[1])
+        synchronize(device)
         times["plan"].append(timed(lambda: fast.plan(tree, cache))[1])
+        synchronize(device)
+        times["plan_synced"].append(
+            timed(lambda: (synced.plan(tree, cache), synchronize(device)))[1])
         times["plan_tuned"].append(timed(lambda: tuned.plan(tree, cache))[1])
+    times["fill"] = fill_times
     times["tree_plus_plan"] = list(np.add(times["tree"], times["plan"]))
     times["total"] = list(np.add(times["tree_plus_plan"], times["apply"]))
     return times
@@ -126,7 +145,8 @@ def main():
         records.append(rec)
         print({k: (round(v, 1) if isinstance(v, float) else v) for k, v in rec.items()},
               flush=True)
-    columns = ("tree", "apply", "plan", "tree_plus_plan", "total", "plan_tuned")
+    columns = ("tree", "apply", "plan", "fill", "tree_plus_plan", "total", "plan_synced",
+               "plan_tuned")
     print(f"\nhost us per step, median / p90 over every step ({args.strategy}, {args.device})")
     print(f"{'run':<20} {'steps':>5} {'tokens':>6} {'queries':>7} "
           + " ".join(f"{c:>13}" for c in columns))

@@ -305,7 +305,12 @@ class CacheMachine(RuleBasedStateMachine):
         used = sum(-(-self.tokens[n] // page_size) for n in held)
         assert self.cache.pool.num_free == self.cache.pool.num_pages - used
         if held and all(self.tokens[n] for n in held):
-            assert_contents(self.cache, self.cache.tree())
+            tree = self.cache.tree()
+            assert_contents(self.cache, tree)
+            # the planner's page table (the last call's pages reused) against a fresh listing
+            page_ptr, pages = self.cache.host_node_pages(tree)
+            assert np.array_equal(page_ptr, self.cache.node_pages(tree)[0].numpy())
+            assert np.array_equal(pages, self.cache.node_pages(tree)[1].numpy())
 
 
 TestCacheMachine = CacheMachine.TestCase

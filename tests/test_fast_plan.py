@@ -76,6 +76,22 @@ def test_a_kept_shape_serves_trees_that_only_grew():
     assert len(planner._shapes) == 1
 
 
+@pytest.mark.parametrize("dense_limit", [0, 10**6])
+def test_kept_entries_follow_each_chunk_s_queries(dense_limit, monkeypatch):
+    """Two steps of one shape whose chunks start on the same queries but end on different
+    ones (the third chunk sees one query, then two): the second plans afresh."""
+    monkeypatch.setattr("deft.fast_plan.DENSE_LIMIT", dense_limit)
+    planner = NodePlanner("deft_flatten")
+    for tokens in ([4, 5, 1], [5, 3, 2]):
+        tree = Tree([0, 1, 2], [None, 0, 0], tokens)
+        page_ptr, pages = page_table(tree, 1, 0).host_node_pages(tree)
+        fast = planner.arrays(tree, page_ptr, pages, 1, 3, None)
+        reference = plan_arrays(build_plan("deft_flatten", tree, 3, None, 1), page_ptr, pages,
+                                True)
+        for name in FIELDS:
+            np.testing.assert_array_equal(fast[name], reference[name], err_msg=name)
+
+
 def test_node_planner_refuses_short_page_tables_and_other_strategies():
     tree = wl.star(2, 10, 3)
     with pytest.raises(ValueError, match="holds 10 tokens but the page table gives it 2 pages"):
@@ -201,6 +217,15 @@ def test_tree_cache_host_pages_equal_its_node_pages():
         cache.host_node_pages(Tree([5, 1, 9], [None, 5, 5], [9, 4, 20]))
 
 
+def run_of(kind, seed):
+    if kind == "tot":
+        return wl.tot_run(seed, depth=3, branching=3, prompt_tokens=12, min_tokens=1,
+                          max_tokens=5, keep=2)
+    if kind == "token_tree":
+        return wl.token_tree_run(seed, size=12, depth=3, prompt_tokens=20, steps=8)
+    return wl.fewshot(10 + seed, 3, 12)
+
+
 @settings(max_examples=40, deadline=None)
 @given(
     seed=st.integers(0, 50),
@@ -210,23 +235,26 @@ def test_tree_cache_host_pages_equal_its_node_pages():
     chunk=st.sampled_from([3, 16]),
     group=st.sampled_from([None, 2]),
     followed=st.booleans(),
+    blocks=st.booleans(),
 )
 def test_a_planner_followed_over_a_whole_run_plans_every_step_exactly(
-        seed, kind, strategy, page_size, chunk, group, followed):
+        seed, kind, strategy, page_size, chunk, group, followed, blocks):
     """One planner over every step of a random run (kept shapes, the last step's entries
     reused when the chunks' queries did not change, its slots up to the first page run that
     changed) equals the reference at each step; the pages come from a tree cache following
-    the run, or are shuffled afresh every step."""
+    the run, or are shuffled afresh every step; the entries come from the dense comparison
+    or (``blocks``, as for a large plan) from `deft.plan_entries.block_rows`."""
+    with pytest.MonkeyPatch.context() as patch:
+        if blocks:
+            patch.setattr("deft.fast_plan.DENSE_LIMIT", 0)
+        follow_a_run(seed, kind, strategy, page_size, chunk, group, followed)
+
+
+def follow_a_run(seed, kind, strategy, page_size, chunk, group, followed):
     from deft.cache import PagedKVCache, TreeCache
 
     cache = TreeCache(PagedKVCache(4096, page_size, 1, 4))
-    if kind == "tot":
-        run = wl.tot_run(seed, depth=3, branching=3, prompt_tokens=12, min_tokens=1,
-                         max_tokens=5, keep=2)
-    elif kind == "token_tree":
-        run = wl.token_tree_run(seed, size=12, depth=3, prompt_tokens=20, steps=8)
-    else:
-        run = wl.fewshot(10 + seed, 3, 12)
+    run = run_of(kind, seed)
     chunk, group = sizes(strategy, chunk, group)
     planner = NodePlanner(strategy, shapes=2)
     for tree in run:
@@ -250,3 +278,84 @@ def test_a_step_whose_chunks_keep_their_queries_reuses_the_entries():
     assert second["entry_row"] is first["entry_row"]
     assert not second["entry_row"].flags.writeable
     np.testing.assert_array_equal(second["part_tokens"], [118, 118])  # 3 queries, groups of 2
+
+
+@settings(max_examples=30, deadline=None)
+@given(
+    seed=st.integers(0, 50),
+    kind=st.sampled_from(["tot", "token_tree", "fewshot"]),
+    strategy=st.sampled_from(FAST_STRATEGIES),
+    page_size=st.sampled_from([1, 4]),
+    chunk=st.sampled_from([2, 16]),
+    group=st.sampled_from([None, 2]),
+    given_reference=st.lists(st.booleans(), min_size=16, max_size=16),
+    blocks=st.booleans(),
+)
+def test_buffers_followed_over_a_whole_run_hold_every_step_from_scratch(
+        seed, kind, strategy, page_size, chunk, group, given_reference, blocks):
+    """`TreeAttention.plan` over every step of a random run, its cache following the run: the
+    buffers it refills step after step (fields kept from the last plan skipped, the slots
+    written from the first page run that changed) hold what a from-scratch encoding of the
+    step's reference plan gives, also when some steps pass their reference (the other path)."""
+    from deft.cache import PagedKVCache, TreeCache
+
+    run = run_of(kind, seed)
+    chunk, group = sizes(strategy, chunk, group)
+    attn = TreeAttention.for_trees(strategy, list(run), chunk, group, device="cpu")
+    cache = TreeCache(PagedKVCache(4096, page_size, 1, 4))
+    with pytest.MonkeyPatch.context() as patch:
+        if blocks:
+            patch.setattr("deft.fast_plan.DENSE_LIMIT", 0)
+        for step, tree in enumerate(run):
+            cache.apply(tree)
+            page_ptr, pages = cache.host_node_pages(tree)
+            reference = build_plan(strategy, tree, chunk, group, page_size)
+            expected = plan_arrays(reference, page_ptr, pages, flat=True)
+            attn.plan(tree, cache, reference if given_reference[step % 16] else None)
+            for name in FIELDS:
+                held = attn.buffers.read(name)[:len(expected[name])]
+                np.testing.assert_array_equal(held, expected[name],
+                                              err_msg=f"step {step}: {name}")
+
+
+@settings(max_examples=300, deadline=None)
+@given(
+    positions=st.lists(st.integers(0, 60), min_size=1, max_size=12, unique=True),
+    chunks=st.lists(st.one_of(st.just((0, 61)), st.tuples(st.integers(0, 60), st.integers(0, 61))),
+                    min_size=1, max_size=40),
+    full_runs=st.sampled_from([0, 1, 16]),
+)
+def test_block_rows_equal_the_dense_comparison(positions, chunks, full_runs):
+    """The closed-form blocks of chunks every query sees (up to FULL_RUNS runs of them, then
+    compared like the others) give the dense comparison's entries and rows."""
+    from deft import plan_entries
+
+    query_flat = np.array(positions, dtype=np.int64)
+    query_ids = np.arange(len(query_flat))
+    start, reach = (np.array(x, dtype=np.int64) for x in zip(*chunks))
+    seen = (start[:, None] <= query_flat) & (query_flat < reach[:, None])
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(plan_entries, "FULL_RUNS", full_runs)
+        blocks = plan_entries.block_rows(start, reach, query_flat, query_ids, seen.sum(axis=1))
+    for got, want in zip(blocks, plan_entries.dense_rows(seen, query_ids)):
+        np.testing.assert_array_equal(got, want)
+
+
+@pytest.mark.gpu  # pinned staging and non-blocking copies
+@pytest.mark.parametrize("kind", ["tot", "token_tree", "fewshot"])
+def test_device_buffers_followed_over_a_run_hold_every_step(kind):
+    """On a CUDA device the buffers refilled step after step (only what changed copied) read
+    back each step's from-scratch encoding."""
+    from deft.cache import PagedKVCache, TreeCache
+
+    run = run_of(kind, 3)
+    attn = TreeAttention.for_trees("deft_flatten", list(run), 4, 2, device="cuda")
+    cache = TreeCache(PagedKVCache(4096, 4, 1, 4))
+    for step, tree in enumerate(run):
+        cache.apply(tree)
+        expected = plan_arrays(build_plan("deft_flatten", tree, 4, 2, 4),
+                               *cache.host_node_pages(tree), flat=True)
+        attn.plan(tree, cache)
+        for name in FIELDS:
+            np.testing.assert_array_equal(attn.buffers.read(name)[:len(expected[name])],
+                                          expected[name], err_msg=f"step {step}: {name}")
