@@ -54,11 +54,20 @@ HEAD_DIMS = (16, 32, 64, 128, 256)
 """Head dims the kernels take (powers of two: tl.arange; at least 16: tl.dot)."""
 
 
-def check_inputs(q, k_cache, v_cache, plan, out, device, max_queries) -> None:
-    """Raise ValueError, naming what is wrong, unless `run` can take these arguments."""
-    def fail(message):
-        raise ValueError(f"TreeAttention.run: {message}")
+def _fail(message):
+    raise ValueError(f"TreeAttention.run: {message}")
 
+
+def check_inputs(q, k_cache, v_cache, plan, out, device, max_queries) -> None:
+    """Raise ValueError, naming what is wrong, unless `run` can take these arguments:
+    `check_tensors`, then `check_plan_fits`."""
+    check_tensors(q, k_cache, v_cache, out, device)
+    check_plan_fits(q, k_cache, plan, max_queries)
+
+
+def check_tensors(q, k_cache, v_cache, out, device) -> None:
+    """What `check_inputs` checks without the plan (raise ValueError naming the problem)."""
+    fail = _fail
     for name, x, dims in (("q", q, 3), ("k_cache", k_cache, 4), ("v_cache", v_cache, 4)):
         if not isinstance(x, torch.Tensor) or x.dim() != dims:
             fail(f"{name} must be a {dims}-D tensor, got "
@@ -77,28 +86,35 @@ def check_inputs(q, k_cache, v_cache, plan, out, device, max_queries) -> None:
                  "(stride(0) == page_size * stride(1))")
     if k_cache.shape != v_cache.shape:
         fail(f"k_cache {list(k_cache.shape)} and v_cache {list(v_cache.shape)} differ")
-    rows, q_heads, head_dim = q.shape
-    num_pages, page_size, kv_heads, cache_dim = k_cache.shape
+    _, q_heads, head_dim = q.shape
+    kv_heads, cache_dim = k_cache.shape[2:]
     if cache_dim != head_dim:
         fail(f"q has head_dim {head_dim}, the caches {cache_dim}")
     if head_dim not in HEAD_DIMS:
         fail(f"head_dim must be one of {HEAD_DIMS}, got {head_dim}")
     if q_heads % kv_heads:
         fail(f"q_heads ({q_heads}) must be a multiple of the caches' kv_heads ({kv_heads})")
-    if page_size != plan.page_size:
-        fail(f"the caches have pages of {page_size} tokens, the plan {plan.page_size}")
-    if num_pages * page_size <= plan.max_slot:
-        fail(f"the plan reads slot {plan.max_slot} but the caches hold "
-             f"{num_pages * page_size} slots")
-    if not plan.num_queries <= rows <= max_queries:
-        fail(f"q has {rows} rows; it needs between the plan's {plan.num_queries} queries "
-             f"and max_queries={max_queries}")
     if out is not None:
         if out.shape != q.shape or out.dtype != q.dtype or out.device != q.device:
             fail(f"out must be {q.dtype} {list(q.shape)} on {q.device}, got {out.dtype} "
                  f"{list(out.shape)} on {out.device}")
         if out.stride(-1) != 1:
             fail("out must have a contiguous last (head_dim) dimension")
+
+
+def check_plan_fits(q, k_cache, plan, max_queries) -> None:
+    """The plan-dependent part of `check_inputs` (tensors already checked): the caches' page
+    size and slots, and q's rows between the plan's queries and ``max_queries``."""
+    rows = q.shape[0]
+    num_pages, page_size = k_cache.shape[:2]
+    if page_size != plan.page_size:
+        _fail(f"the caches have pages of {page_size} tokens, the plan {plan.page_size}")
+    if num_pages * page_size <= plan.max_slot:
+        _fail(f"the plan reads slot {plan.max_slot} but the caches hold "
+              f"{num_pages * page_size} slots")
+    if not plan.num_queries <= rows <= max_queries:
+        _fail(f"q has {rows} rows; it needs between the plan's {plan.num_queries} queries "
+              f"and max_queries={max_queries}")
 
 
 def argument_key(q, k_cache, v_cache, out, lse, sm_scale, per_query_merge):

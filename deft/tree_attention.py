@@ -21,9 +21,9 @@ import torch
 from deft.kernels import KERNELS, deft_flatten_sm90, flat as flat_addressing, tile_config
 from deft.kernels.partials import TileConfig
 from deft.kernels.reduction import per_query_merge
-from deft.kernels.tree_attention_op import check_runnable, launch_tree_attention
+from deft.kernels.tree_attention_op import check_runnable, launch_tree_attention, register_owner
 from deft.kernels.tuned import tuned_plan
-from deft.bound_run import BoundRun, RunCache, argument_key, check_inputs
+from deft.bound_run import BoundRun, RunCache, argument_key, check_inputs, check_tensors
 from deft.fast_plan import FAST_STRATEGIES, NodePlanner
 from deft.plan_buffers import (
     PATH_STRATEGIES,
@@ -139,6 +139,8 @@ class TreeAttention:
         self.buffers = PlanBuffers(self.max_queries, self.max_entries, int(max_kv_slots), flat,
                                    self.device, "max_tokens" if flat else "max_kv_slots")
         self._generation = 0
+        self.latest_plan = None
+        self._handle = register_owner(self)
         self._workspace = None
         self._launch_cache = None
         self._node_planner = NodePlanner(strategy) if strategy in FAST_STRATEGIES else None
@@ -245,7 +247,7 @@ class TreeAttention:
         self.buffers.fill(arrays)
         self._generation += 1
         entries = len(arrays["entry_query"])
-        return TreePlan(
+        self.latest_plan = TreePlan(
             strategy=self.strategy, tree=tree, chunk_size=chunk, group_size=group,
             page_size=page_size, num_queries=tree.num_queries,
             num_partitions=int(arrays["counts"][0]), num_entries=entries,
@@ -253,6 +255,7 @@ class TreeAttention:
             max_slot=arrays["max_slot"], generation=self._generation, owner=self,
             _reference=reference, _slots=arrays["slots"], _slots_flat=reference is None,
         )
+        return self.latest_plan
 
     def _node_arrays(self, tree, page_ptr, pages, page_size, chunk, group):
         """(the node planner's plan arrays, their entries) for one chunk and group size."""
@@ -278,7 +281,8 @@ class TreeAttention:
         k_cache, v_cache : [num_pages, page_size, kv_heads, head_dim]
             q's dtype (float16, bfloat16 or float32) and device; pages contiguous.
         plan : TreePlan
-            The current plan of this TreeAttention.
+            The current plan of this TreeAttention. Under torch.compile it is not read (dynamo
+            would recompile for every plan): the latest plan runs, checked when the op runs.
         out : [rows, q_heads, head_dim], optional
             Written in place (q's dtype); allocated if None. With `out` given and return_lse
             False, a call allocates nothing after the first (which sizes the workspace). On a
@@ -295,11 +299,11 @@ class TreeAttention:
         out : [rows, q_heads, head_dim]
         lse : fp32 [rows, q_heads], only with return_lse
         """
+        if torch.compiler.is_compiling():  # traced: the custom op keeps the graph opaque
+            return self._run_traced(q, k_cache, v_cache, out, sm_scale, return_lse)
         if plan.__class__ is not TreePlan or plan.owner is not self \
                 or plan.generation != self._generation:
             self._check_current(plan)
-        if torch.compiler.is_compiling():  # traced: the custom op keeps the graph opaque
-            return self._run_traced(q, k_cache, v_cache, plan, out, sm_scale, return_lse)
         if out is None:
             if not isinstance(q, torch.Tensor):
                 check_inputs(q, k_cache, v_cache, plan, out, self.device, self.max_queries)
@@ -332,9 +336,12 @@ class TreeAttention:
         self._runs.put(key, bound)
         return bound
 
-    def _run_traced(self, q, k_cache, v_cache, plan, out, sm_scale, return_lse):
-        """`run` under torch.compile: the checks, then the custom op."""
-        check_inputs(q, k_cache, v_cache, plan, out, self.device, self.max_queries)
+    def _run_traced(self, q, k_cache, v_cache, out, sm_scale, return_lse):
+        """`run` under torch.compile: the tensor checks, then the custom op, which checks and
+        runs this TreeAttention's latest plan when it runs. Nothing of the plan is read while
+        tracing: dynamo would guard on it and recompile for every new plan (every decode
+        step; past its recompile limit a ``fullgraph`` compile raises)."""
+        check_tensors(q, k_cache, v_cache, out, self.device)
         rows, q_heads, head_dim = q.shape
         if out is None:
             out = torch.empty_like(q, memory_format=torch.contiguous_format)
@@ -345,8 +352,8 @@ class TreeAttention:
         sm_scale = 1.0 / math.sqrt(head_dim) if sm_scale is None else float(sm_scale)
         torch.ops.deft.tree_attention(
             q, k_cache, v_cache, self.buffers.data, self.buffers.layout(), o_part, lse_part,
-            out, lse, self.flat, sm_scale, tile, num_programs, plan.per_query_merge,
-            self.backend == "gluon")
+            out, lse, self.flat, sm_scale, tile, num_programs, False, self.backend == "gluon",
+            self._handle)
         return (out, lse) if return_lse else out
 
     def _partials_workspace(self, q_heads: int, head_dim: int):

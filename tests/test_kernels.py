@@ -240,6 +240,30 @@ def test_deterministic_and_compiles():
     assert torch.equal(first, compiled(q, k_cache, v_cache))
 
 
+def test_compiled_run_takes_each_new_plan_without_recompiling():
+    """Under torch.compile run reads nothing of the plan while tracing (dynamo would guard on
+    it): one graph serves every plan, each call runs the latest plan as eager run does, and the
+    plan checks run when the op runs."""
+    shape = AttentionShape(4, 2, 64)
+    big = Tree([0, 1, 2], [None, 0, 0], [40, 8, 5], [0, 2, 1], shape)
+    small = Tree([0, 1, 2], [None, 0, 0], [40, 7, 5], [0, 2, 1], shape)  # one token less
+    q, k, v = (x.to(DEVICE) for x in inputs(big))
+    k_cache, v_cache, table = paged_cache(big, k, v, 16)
+    attn = TreeAttention("deft_flatten", max_queries=3, max_tokens=53, device=DEVICE)
+    eager = [attn.run(q, k_cache, v_cache, attn.plan(t, table)).clone() for t in (big, small)]
+    assert not torch.equal(eager[0], eager[1])
+    torch._dynamo.reset()
+    graphs = torch._dynamo.utils.counters["stats"]["unique_graphs"]
+    compiled = torch.compile(lambda q, kc, vc, plan: attn.run(q, kc, vc, plan),
+                             backend="eager", fullgraph=True)
+    for step, tree in enumerate((big, small, big, small)):
+        assert torch.equal(compiled(q, k_cache, v_cache, attn.plan(tree, table)), eager[step % 2])
+    assert torch._dynamo.utils.counters["stats"]["unique_graphs"] - graphs == 1
+    plan = attn.plan(big, table)
+    with pytest.raises(ValueError, match="slot"):  # the caches are too small for the plan
+        compiled(q, k_cache[:1], v_cache[:1], plan)
+
+
 def test_input_checks():
     tree = Tree([0, 1], [None, 0], [12, 3], None, AttentionShape(4, 2, 64))
     q, k, v = inputs(tree)

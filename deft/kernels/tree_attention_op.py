@@ -15,10 +15,12 @@ Importing this module registers the op; `deft.tree_attention` imports it.
 from __future__ import annotations
 
 import contextlib
+import itertools
+import weakref
 
 import torch
 
-from deft.bound_run import OpRun, RunCache, op_argument_key
+from deft.bound_run import OpRun, RunCache, check_plan_fits, op_argument_key
 from deft.kernels import deft_flatten_sm90
 from deft.kernels.partials import TileConfig, _partials_kernel, partials
 from deft.kernels.reduction import merge
@@ -29,6 +31,18 @@ INTERPRETED = not hasattr(_partials_kernel, "params")
 
 OP_RUNS = RunCache(64)
 """The custom op's argument sets and their graphs (least recently used dropped first)."""
+
+OWNERS = weakref.WeakValueDictionary()
+"""Handle -> `TreeAttention` (`register_owner`): what an op call traced by torch.compile names
+instead of its plan, so that the op reads the plan when it runs, not when it is traced."""
+_HANDLES = itertools.count(1)
+
+
+def register_owner(attention) -> int:
+    """A handle (> 0, never reused) under which the op finds `attention` at run time."""
+    handle = next(_HANDLES)
+    OWNERS[handle] = attention
+    return handle
 
 
 def check_runnable(device: torch.device, dtype: str | torch.dtype | None = None) -> None:
@@ -59,7 +73,7 @@ OP_SIGNATURE = (
     "(Tensor q, Tensor k_cache, Tensor v_cache, Tensor plan_data, "
     "int[] plan_layout, Tensor(a!) o_part, Tensor(b!) lse_part, Tensor(c!) out, "
     "Tensor(d!)? lse, bool flat, float sm_scale, int[] tile, int num_programs, "
-    "bool per_query_merge, bool gluon=False) -> ()")
+    "bool per_query_merge, bool gluon=False, int owner=0) -> ()")
 """The op's schema after its name (``scripts/host_overhead.py`` times a no-op op of it)."""
 
 _LIBRARY = torch.library.Library("deft", "DEF")
@@ -67,7 +81,8 @@ _LIBRARY.define("tree_attention" + OP_SIGNATURE)
 
 
 def tree_attention_op(q, k_cache, v_cache, plan_data, plan_layout, o_part, lse_part, out, lse,
-                      flat, sm_scale, tile, num_programs, per_query_merge, gluon=False) -> None:
+                      flat, sm_scale, tile, num_programs, per_query_merge, gluon=False,
+                      owner=0) -> None:
     """``torch.ops.deft.tree_attention``: the two kernels of one `TreeAttention.run`, as an
     opaque op for torch.compile; a replayed CUDA graph from an argument set's second call.
 
@@ -89,7 +104,20 @@ def tree_attention_op(q, k_cache, v_cache, plan_data, plan_layout, o_part, lse_p
     out : [rows, q_heads, head_dim] (written), lse : fp32 [rows, q_heads] or None (written)
     flat, sm_scale, tile, num_programs, per_query_merge, gluon :
         As for `launch_tree_attention` (``tile``: `TileConfig.as_ints`).
+    owner : int
+        0, or the `register_owner` handle of the `TreeAttention` whose buffers these are: then
+        its latest plan is checked against ``q`` and the caches (`check_plan_fits`) and gives
+        ``per_query_merge`` (what `TreeAttention.run` passes under torch.compile, so that a new
+        plan changes nothing dynamo guards on).
     """
+    if owner:
+        attention = OWNERS.get(owner)
+        if attention is None or attention.latest_plan is None:
+            raise ValueError("torch.ops.deft.tree_attention: its TreeAttention is gone or has "
+                             "not planned yet")
+        plan = attention.latest_plan
+        check_plan_fits(q, k_cache, plan, attention.max_queries)
+        per_query_merge = plan.per_query_merge
     key = op_argument_key(q, k_cache, v_cache, plan_data, plan_layout, o_part, lse_part, out,
                           lse, flat, sm_scale, tile, num_programs, per_query_merge, gluon)
     bound = OP_RUNS.get(key)
@@ -109,5 +137,5 @@ _LIBRARY.impl("tree_attention", tree_attention_op, "CompositeExplicitAutograd")
 
 @torch.library.register_fake("deft::tree_attention", lib=_LIBRARY)
 def _(q, k_cache, v_cache, plan_data, plan_layout, o_part, lse_part, out, lse, flat, sm_scale,
-      tile, num_programs, per_query_merge, gluon=False) -> None:
+      tile, num_programs, per_query_merge, gluon=False, owner=0) -> None:
     return None
