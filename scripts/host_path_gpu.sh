@@ -7,10 +7,10 @@
 #    the compiled-run tests of tests/test_kernels.py, tests/test_fast_plan.py's device buffers);
 # 2. host: scripts/host_overhead.py on fewshot_b20 and reason_10x500 at 32/8, no torch.compile
 #    (inductor's compiles cost minutes; the compiled run's graph count is a test of step 1);
-# 3. eager: deft-cli bench --timing eager (L2 flushed) of DeFT-Flatten and the peers on the three
-#    smallest anchors at 32/8, where host time decides eager timing;
-# 4. plan: scripts/plan_overhead.py --device cuda over the first 60 steps of every run.
-# Each step has its own timeout (about 5.5 min in all on a cold H200); each writes under $OUT:
+# 3. plan: scripts/plan_overhead.py --device cuda over the first 40 steps of every run;
+# 4. eager: deft-cli bench --timing eager (L2 flushed) of DeFT-Flatten and the peers on the three
+#    smallest anchors at 32/8, where host time decides eager timing (last: FlashInfer's JIT).
+# Each step has its own timeout (under 5 min in all on a cold H200); each writes under $OUT:
 # tests.txt, host_overhead.json/.txt, bench-eager.json/.txt, plan_overhead.json/.txt.
 # Peers come from .peer-wheels (scripts/peer-wheels.sh), as in scripts/bench_gpu.sh.
 set -uo pipefail
@@ -27,18 +27,18 @@ step() {  # NAME SECONDS command...: run with a timeout, note the time and a fai
   echo "== $name took $(( $(date +%s) - start )) s" >&2
   tail -n 25 "$out/$name.txt"
 }
-step tests 80 python3 -m pytest -q -p no:cacheprovider -o addopts="" tests/test_bound_run.py \
+step tests 70 python3 -m pytest -q -p no:cacheprovider -o addopts="" tests/test_bound_run.py \
   tests/test_fast_plan.py::test_device_buffers_followed_over_a_run_hold_every_step \
   tests/test_kernels.py::test_compiled_run_takes_each_new_plan_without_recompiling \
   tests/test_kernels.py::test_deterministic_and_compiles
-step host_overhead 70 env OUT="$out" python3 scripts/host_overhead.py --heads 32/8 --no-compile \
+step host_overhead 60 env OUT="$out" python3 scripts/host_overhead.py --heads 32/8 --no-compile \
   --anchors fewshot_b20_P4000_L200,reason_10x500_P1104
 if compgen -G ".peer-wheels/*.whl" > /dev/null; then
   python3 -m pip install -q --no-index --no-deps --target /tmp/peers .peer-wheels/*.whl \
     && export PYTHONPATH=$PYTHONPATH:/tmp/peers
 fi
-step bench-eager 130 python3 -m cli bench --timing eager --heads 32/8 \
+step plan_overhead 45 env OUT="$out" python3 scripts/plan_overhead.py --device cuda --steps 40
+step bench-eager 110 python3 -m cli bench --timing eager --heads 32/8 \
   --workloads fewshot_b20_P4000_L200,reason_10x500_P1104,spec_t64_P4000 \
   --methods deft_flatten,fi_decode,fi_mask,fi_cascade,sglang --json "$out/bench-eager.json"
-step plan_overhead 70 env OUT="$out" python3 scripts/plan_overhead.py --device cuda --steps 60
 exit $status
