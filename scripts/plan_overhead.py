@@ -41,7 +41,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from deft import workloads as wl  # noqa: E402
+from deft import plan_buffers, workloads as wl  # noqa: E402
 from deft.cache import PagedKVCache, TreeCache, pages_for  # noqa: E402
 from deft.plan import check_parameters  # noqa: E402
 from deft.tree_attention import TreeAttention  # noqa: E402
@@ -129,7 +129,12 @@ def main():
                         help="measure only each run's first steps (a quick dry run)")
     parser.add_argument("--budget-us", type=float, default=None,
                         help="exit 1 when a run's median tree + plan exceeds this")
+    parser.add_argument("--coalesce", type=int, default=None,
+                        help="deft.plan_buffers.COALESCE for this run (the unused elements fill "
+                             "copies along rather than issue another copy)")
     args = parser.parse_args()
+    if args.coalesce is not None:
+        plan_buffers.COALESCE = args.coalesce
     records = []
     chosen = runs(args.workloads)
     if args.runs:
@@ -137,7 +142,8 @@ def main():
     for name, run in chosen.items():
         times = measure(run, args.strategy, args.device, args.steps)
         trees = [run.tree(i) for i in range(len(times["tree"]))]
-        rec = dict(run=name, steps=len(trees), max_tokens=max(t.num_tokens for t in trees),
+        rec = dict(run=name, coalesce=plan_buffers.COALESCE, steps=len(trees),
+                   max_tokens=max(t.num_tokens for t in trees),
                    max_queries=max(t.num_queries for t in trees))
         for what, values in times.items():
             rec[f"{what}_median_us"] = float(np.median(values))
