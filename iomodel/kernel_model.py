@@ -1,0 +1,140 @@
+"""Latency of the shipped DeFT-Flatten kernels: work items over a persistent grid, then the merge.
+
+deft_flatten runs the Hopper Gluon kernel on sm_90 and the portable Triton kernel elsewhere
+(docs/iomodel.md, "The kernel model"). Both are persistent: ``PROGRAMS_PER_SM`` x SMs programs,
+program j taking work items j, j + programs, ... (a static stride), where the work items are the
+partitions x KV heads in plan order. A work item loads its query tile (the partition's queries x
+the KV head's query heads, packed into ``QUERY_TILE_ROWS`` rows), streams its partition's KV
+through shared memory one KV tile at a time, and writes its partial rows; a partition with more
+queries than one tile holds repeats the stream once per query tile. So, with the constants of
+`iomodel.constants.Constants`:
+
+1. A work item of t tokens and q queries costs ``item_us + steps x tile_us x (1 + contention x
+   busy)``: ``steps = ceil(q / queries per tile) x ceil(t / KV tile)`` is its serial chain of
+   tile steps (a step costs the same however many of the tile's rows are real queries), and
+   ``busy`` the fraction of SMs with a work item (more SMs streaming at once load memory more,
+   so each step waits longer).
+2. A program's time is the sum of its items. SM s hosts programs s and s + SMs, which share it:
+   its time is ``max(a, b, (a + b) / pair_speedup)``. The kernel takes the busiest SM's time, but
+   never less than its HBM bytes at ``memory_efficiency`` x bandwidth: every KV token some query
+   sees read once (query groups of one chunk run side by side and share it through L2), plus Q,
+   mask, page indices and the partial rows written.
+3. The merge reads every partial row and writes the output: its bytes at ``memory_efficiency`` x
+   bandwidth, or, if longer, the serial chain of the query with the most partial rows,
+   ``merge_step_us`` per loop step (``MERGE_BLOCK_ROWS`` rows a step for the per-head merge, one
+   for the per-query merge, chosen as `deft.kernels.reduction.per_query_merge` does).
+
+The kernels' shapes are copied here as plain numbers so the IO model needs neither torch nor
+triton; tests/test_iomodel.py checks them against the kernel modules.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from deft.plan import Plan
+from deft.plan_aggregates import PlanAggregates
+from iomodel.constants import Constants
+from iomodel.gpus import GpuSpec
+
+TILED_STRATEGIES = ("deft_flatten",)
+"""Strategies whose latency this model predicts (the others: `iomodel.latency`'s roofline)."""
+
+KERNEL_CONSTANTS = ("launch_us", "memory_efficiency", "item_us", "tile_us", "contention",
+                    "pair_speedup", "merge_step_us")
+"""The constants this model reads (`iomodel.constants.Constants`)."""
+
+QUERY_TILE_ROWS = 64
+"""Rows of a query tile (``BLOCK_M`` of both kernels, `deft.kernels.fill.TILE_ROWS`)."""
+
+KV_TILE_HOPPER = 64
+"""KV tokens per tile of the Gluon kernel (`deft.kernels.deft_flatten_sm90.BLOCK_N`)."""
+
+KV_TILE_PORTABLE = 32
+"""KV tokens per tile of the Triton kernel's default tile (`deft.kernels.partials.TileConfig`)."""
+
+PROGRAMS_PER_SM = 2
+"""Resident programs per SM (`deft.kernels.fill.PROGRAMS_PER_SM`)."""
+
+MERGE_BLOCK_ROWS = 16
+"""Partial rows one step of the per-head merge reads (`deft.kernels.reduction.BLOCK_E`)."""
+
+PER_QUERY_MAX_ROWS = 4
+"""Mean partial rows per query up to which the merge runs per query
+(`deft.kernels.reduction.PER_QUERY_MAX_ROWS`)."""
+
+
+def hopper(gpu: GpuSpec) -> bool:
+    """Whether `gpu` runs the Gluon kernel (compute capability 9.x)."""
+    return 9.0 <= gpu.compute_capability < 10.0
+
+
+def queries_per_tile(group: int, gpu: GpuSpec) -> int:
+    """Queries one query tile holds, each with its `group` query heads of one KV head."""
+    padded = 1 << (group - 1).bit_length()
+    if hopper(gpu):
+        return max(1, QUERY_TILE_ROWS // padded)
+    return max(QUERY_TILE_ROWS, padded) // group
+
+
+def item_steps(plan: Plan | PlanAggregates, gpu: GpuSpec) -> np.ndarray:
+    """Tile steps of each partition's work items (one per KV head): query tiles x KV tiles. [P]"""
+    shape = plan.tree.attention
+    per_tile = queries_per_tile(shape.q_heads // shape.kv_heads, gpu)
+    kv_tile = KV_TILE_HOPPER if hopper(gpu) else KV_TILE_PORTABLE
+    return -(-plan.queries // per_tile) * -(-plan.tokens // kv_tile)
+
+
+def program_loads(plan: Plan | PlanAggregates, gpu: GpuSpec, c: Constants) -> np.ndarray:
+    """Seconds of work of every program of the persistent grid. [PROGRAMS_PER_SM x SMs]
+
+    A `deft.plan.Plan` deals its work items (partitions x KV heads, in order) by the kernel's
+    static stride; `deft.plan_aggregates.PlanAggregates` keeps no order, so its items are dealt
+    longest first, one per program in turn (an estimate of the same).
+    """
+    programs = PROGRAMS_PER_SM * gpu.sm_count
+    kv_heads = plan.tree.attention.kv_heads
+    items = int(plan.count @ np.full_like(plan.count, kv_heads))
+    busy = min(items, gpu.sm_count) / gpu.sm_count
+    step_s = c.tile_us * (1.0 + c.contention * busy) * 1e-6
+    cost = c.item_us * 1e-6 + item_steps(plan, gpu) * step_s  # [P]
+    copies = plan.count * kv_heads
+    if isinstance(plan, PlanAggregates):
+        order = np.argsort(-cost, kind="stable")
+        cost, copies = cost[order], copies[order]
+    per_item = np.repeat(cost, copies)
+    return np.bincount(np.arange(len(per_item)) % programs, per_item, programs)
+
+
+def partials_seconds(plan, gpu: GpuSpec, c: Constants, hbm_bytes: float) -> tuple:
+    """Seconds of the partials kernel and its bound: ``"tiles"`` (the busiest SM's chain) or
+    ``"memory"`` (`hbm_bytes` at the kernel's share of the bandwidth)."""
+    loads = program_loads(plan, gpu, c)
+    first, second = loads[:gpu.sm_count], loads[gpu.sm_count:]
+    per_sm = np.maximum(np.maximum(first, second), (first + second) / c.pair_speedup)
+    chain = float(per_sm.max())
+    memory = hbm_bytes / (gpu.bandwidth * c.memory_efficiency)
+    return (chain, "tiles") if chain >= memory else (memory, "memory")
+
+
+def merge_steps(plan: Plan | PlanAggregates, gpu: GpuSpec) -> int:
+    """Loop steps of the merge program of the query with the most partial rows.
+
+    A `deft.plan.Plan` knows each query's rows; for `deft.plan_aggregates.PlanAggregates` the
+    mean rows per query stand in for the most.
+    """
+    queries = plan.tree.num_queries
+    rows = int(plan.queries @ plan.count)
+    if isinstance(plan, Plan):
+        most = int(np.bincount(plan.query_index, minlength=queries).max())
+    else:
+        most = -(-rows // max(queries, 1))
+    per_query = queries >= gpu.sm_count and rows <= PER_QUERY_MAX_ROWS * queries
+    return most if per_query else -(-most // MERGE_BLOCK_ROWS)
+
+
+def merge_seconds(plan, gpu: GpuSpec, c: Constants, moved_bytes: float) -> float:
+    """Seconds of the merge: its bytes at the kernel share of the bandwidth, or its longest
+    chain of loop steps."""
+    return max(moved_bytes / (gpu.bandwidth * c.memory_efficiency),
+               merge_steps(plan, gpu) * c.merge_step_us * 1e-6)
