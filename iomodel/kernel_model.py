@@ -107,14 +107,14 @@ def program_loads(plan: Plan | PlanAggregates, gpu: GpuSpec, c: Constants) -> np
 
 
 def partials_seconds(plan, gpu: GpuSpec, c: Constants, hbm_bytes: float) -> tuple:
-    """Seconds of the partials kernel and its bound: ``"tiles"`` (the busiest SM's chain) or
-    ``"memory"`` (`hbm_bytes` at the kernel's share of the bandwidth)."""
+    """Seconds of the partials kernel and its bound: ``"compute"`` (the busiest SM's chain of
+    tile steps) or ``"memory"`` (`hbm_bytes` at the kernel's share of the bandwidth)."""
     loads = program_loads(plan, gpu, c)
     first, second = loads[:gpu.sm_count], loads[gpu.sm_count:]
     per_sm = np.maximum(np.maximum(first, second), (first + second) / c.pair_speedup)
     chain = float(per_sm.max())
     memory = hbm_bytes / (gpu.bandwidth * c.memory_efficiency)
-    return (chain, "tiles") if chain >= memory else (memory, "memory")
+    return (chain, "compute") if chain >= memory else (memory, "memory")
 
 
 def merge_steps(plan: Plan | PlanAggregates, gpu: GpuSpec) -> int:

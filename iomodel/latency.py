@@ -97,8 +97,8 @@ def predict_latency(plan: Plan | PlanAggregates, gpu: GpuSpec, traffic: dict | N
     -------
     dict
         ``predicted_us`` (total), ``attention_us``, ``reduction_us``, ``launch_us``,
-        ``bound`` (of the attention kernel: "memory" or "compute", or for deft_flatten
-        "memory" or "tiles", `iomodel.kernel_model`), ``programs``, ``waves``
+        ``bound`` ("memory" or "compute", of the attention kernel; for deft_flatten
+        "compute" is its chain of tile steps, `iomodel.kernel_model`), ``programs``, ``waves``
         (programs / SMs, rounded up), ``balance`` (max / mean partition work) and
         ``calibrated``.
     """

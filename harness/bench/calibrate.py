@@ -285,6 +285,39 @@ def calibrate_sweep(sweeps: list[dict], gpu: GpuSpec | None = None,
     }
 
 
+def cross_validate(sweeps: list[dict], gpu: GpuSpec | None = None,
+                   max_evaluations: int = 200) -> dict:
+    """Leave-one-tree-out on the tuning trees only: fit on all tuning trees but one, judge on
+    that one, for each; the held-out trees are not read.
+
+    Returns
+    -------
+    dict
+        ``per_tree`` ({tree: ``median_abs_err``, ``worst_err``, ``spearman``}) and, over all
+        the left-out predictions, ``median_abs_err``, ``worst_err``, ``min_spearman`` and
+        ``median_spearman``.
+    """
+    gpu = gpu or builtin_gpu(sweeps[0]["device"]["name"])
+    tuning = [dict(s, rows=[r for r in s["rows"] if r["role"] == "tuning"]) for s in sweeps]
+    points = sweep_points(tuning)
+    per_tree, errors = {}, []
+    for tree in dict.fromkeys(p["workload"] for p in points):
+        rest = [p for p in points if p["workload"] != tree]
+        mine = [p for p in points if p["workload"] == tree]
+        constants = fit_constants(rest, gpu, max_evaluations)[0]
+        judged = _judge(mine, gpu, _calibrated(gpu, constants))
+        per_tree[tree] = {"median_abs_err": judged["median_abs_err"],
+                          "worst_err": judged["worst_err"], "spearman": judged["spearman"][tree]}
+        spec = _calibrated(gpu, constants)
+        errors += [predict_latency(p["plan"], spec, p["traffic"])["predicted_us"]
+                   / p["measured_us"] - 1 for p in mine]
+    errors = np.array(errors)
+    rhos = [entry["spearman"] for entry in per_tree.values()]
+    return {"per_tree": per_tree, "median_abs_err": float(np.median(np.abs(errors))),
+            "worst_err": float(errors[np.argmax(np.abs(errors))]),
+            "min_spearman": float(min(rhos)), "median_spearman": float(np.median(rhos))}
+
+
 def spearman(a, b) -> float:
     """Spearman's rank correlation of two sequences (ties ranked by their mean rank); NaN when
     either is constant."""
