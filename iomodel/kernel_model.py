@@ -13,7 +13,8 @@ queries than one tile holds repeats the stream once per query tile. So, with the
    busy)``: ``steps = ceil(q / queries per tile) x ceil(t / KV tile)`` is its serial chain of
    tile steps (a step costs the same however many of the tile's rows are real queries), and
    ``busy`` the fraction of SMs with a work item (more SMs streaming at once load memory more,
-   so each step waits longer).
+   so each step waits longer). ``tile_us`` is a step of the Gluon kernel's 64-token tile; a
+   step of the portable kernel's 32-token tile is taken to cost half (the same per token).
 2. A program's time is the sum of its items. SM s hosts programs s and s + SMs, which share it:
    its time is ``max(a, b, (a + b) / pair_speedup)``. The kernel takes the busiest SM's time, but
    never less than its HBM bytes at ``memory_efficiency`` x bandwidth: every KV token some query
@@ -77,12 +78,16 @@ def queries_per_tile(group: int, gpu: GpuSpec) -> int:
     return max(QUERY_TILE_ROWS, padded) // group
 
 
+def kv_tile(gpu: GpuSpec) -> int:
+    """KV tokens per tile of the kernel `gpu` runs."""
+    return KV_TILE_HOPPER if hopper(gpu) else KV_TILE_PORTABLE
+
+
 def item_steps(plan: Plan | PlanAggregates, gpu: GpuSpec) -> np.ndarray:
     """Tile steps of each partition's work items (one per KV head): query tiles x KV tiles. [P]"""
     shape = plan.tree.attention
     per_tile = queries_per_tile(shape.q_heads // shape.kv_heads, gpu)
-    kv_tile = KV_TILE_HOPPER if hopper(gpu) else KV_TILE_PORTABLE
-    return -(-plan.queries // per_tile) * -(-plan.tokens // kv_tile)
+    return -(-plan.queries // per_tile) * -(-plan.tokens // kv_tile(gpu))
 
 
 def program_loads(plan: Plan | PlanAggregates, gpu: GpuSpec, c: Constants) -> np.ndarray:
@@ -96,7 +101,9 @@ def program_loads(plan: Plan | PlanAggregates, gpu: GpuSpec, c: Constants) -> np
     kv_heads = plan.tree.attention.kv_heads
     items = int(plan.count @ np.full_like(plan.count, kv_heads))
     busy = min(items, gpu.sm_count) / gpu.sm_count
-    step_s = c.tile_us * (1.0 + c.contention * busy) * 1e-6
+    # tile_us is a Hopper tile's step; the portable kernel's smaller tiles cost the same per
+    # token (an assumption: no card but the H200 has been measured)
+    step_s = c.tile_us * kv_tile(gpu) / KV_TILE_HOPPER * (1.0 + c.contention * busy) * 1e-6
     cost = c.item_us * 1e-6 + item_steps(plan, gpu) * step_s  # [P]
     copies = plan.count * kv_heads
     if isinstance(plan, PlanAggregates):

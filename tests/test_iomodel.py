@@ -475,3 +475,14 @@ def test_spec_compute_capability_is_optional():
     assert load_gpu_spec(SPEC).compute_capability == 0.0
     with pytest.raises(GpuSpecError, match="'compute_capability' must be positive"):
         load_gpu_spec({**SPEC, "compute_capability": -1})
+
+
+def test_portable_kernel_steps_cost_the_same_per_token():
+    tree = Tree([0, 1], [None, 0], [6336, 64], [0, 1], AttentionShape(4, 1, 128, "float16"))
+    plan = build_plan("deft_flatten", tree, 8192, None, 16)  # one item of 6400 tokens
+    times = {}
+    for base in ("h200", "a100"):
+        gpu = dataclasses.replace(kernel_gpu(base), sm_count=132)
+        times[base] = kernel_model.partials_seconds(plan, gpu, constants_for(gpu), 0.0)[0]
+    assert kernel_model.item_steps(plan, BUILTIN["a100"])[0] == 200  # 32-token tiles
+    assert times["a100"] == pytest.approx(times["h200"])  # 200 half steps = 100 whole ones
