@@ -15,15 +15,18 @@ queries than one tile holds repeats the stream once per query tile. So, with the
    ``busy`` the fraction of SMs with a work item (more SMs streaming at once load memory more,
    so each step waits longer). ``tile_us`` is a step of the Gluon kernel's 64-token tile; a
    step of the portable kernel's 32-token tile is taken to cost half (the same per token).
-2. A program's time is the sum of its items. SM s hosts programs s and s + SMs, which share it:
-   its time is ``max(a, b, (a + b) / pair_speedup)``. The kernel takes the busiest SM's time, but
+2. A program's time is the sum of its items, dealt longest first one per program in turn (the
+   kernel's static stride over plan order, where the shared prefix's items come first; a plan
+   and its aggregates, which keep no order, predict the same). SM s hosts programs s and
+   s + SMs, which share it: its time is ``max(a, b, (a + b) / pair_speedup)``. The kernel takes the busiest SM's time, but
    never less than its HBM bytes at ``memory_efficiency`` x bandwidth: every KV token some query
    sees read once (query groups of one chunk run side by side and share it through L2), plus Q,
    mask, page indices and the partial rows written.
 3. The merge reads every partial row and writes the output: its bytes at ``memory_efficiency`` x
-   bandwidth, or, if longer, the serial chain of the query with the most partial rows,
+   bandwidth, or, if longer, a merge program's serial chain over one query's partial rows,
    ``merge_step_us`` per loop step (``MERGE_BLOCK_ROWS`` rows a step for the per-head merge, one
-   for the per-query merge, chosen as `deft.kernels.reduction.per_query_merge` does).
+   for the per-query merge, chosen as `deft.kernels.reduction.per_query_merge` does), the mean
+   partial rows per query standing in for the most.
 
 The kernels' shapes are copied here as plain numbers so the IO model needs neither torch nor
 triton; tests/test_iomodel.py checks them against the kernel modules.
@@ -93,9 +96,10 @@ def item_steps(plan: Plan | PlanAggregates, gpu: GpuSpec) -> np.ndarray:
 def program_loads(plan: Plan | PlanAggregates, gpu: GpuSpec, c: Constants) -> np.ndarray:
     """Seconds of work of every program of the persistent grid. [PROGRAMS_PER_SM x SMs]
 
-    A `deft.plan.Plan` deals its work items (partitions x KV heads, in order) by the kernel's
-    static stride; `deft.plan_aggregates.PlanAggregates` keeps no order, so its items are dealt
-    longest first, one per program in turn (an estimate of the same).
+    The kernel deals work items (partitions x KV heads, in plan order) by a static stride;
+    `deft.plan_aggregates.PlanAggregates` keep no order, and a plan and its aggregates must
+    predict the same, so the items are dealt longest first, one per program in turn (the
+    plans put a tree's shared prefix, the longest items, first, so the two mostly agree).
     """
     programs = PROGRAMS_PER_SM * gpu.sm_count
     kv_heads = plan.tree.attention.kv_heads
@@ -105,11 +109,8 @@ def program_loads(plan: Plan | PlanAggregates, gpu: GpuSpec, c: Constants) -> np
     # token (an assumption: no card but the H200 has been measured)
     step_s = c.tile_us * kv_tile(gpu) / KV_TILE_HOPPER * (1.0 + c.contention * busy) * 1e-6
     cost = c.item_us * 1e-6 + item_steps(plan, gpu) * step_s  # [P]
-    copies = plan.count * kv_heads
-    if isinstance(plan, PlanAggregates):
-        order = np.argsort(-cost, kind="stable")
-        cost, copies = cost[order], copies[order]
-    per_item = np.repeat(cost, copies)
+    order = np.argsort(-cost, kind="stable")
+    per_item = np.repeat(cost[order], (plan.count * kv_heads)[order])
     return np.bincount(np.arange(len(per_item)) % programs, per_item, programs)
 
 
@@ -125,17 +126,11 @@ def partials_seconds(plan, gpu: GpuSpec, c: Constants, hbm_bytes: float) -> tupl
 
 
 def merge_steps(plan: Plan | PlanAggregates, gpu: GpuSpec) -> int:
-    """Loop steps of the merge program of the query with the most partial rows.
-
-    A `deft.plan.Plan` knows each query's rows; for `deft.plan_aggregates.PlanAggregates` the
-    mean rows per query stand in for the most.
-    """
+    """Loop steps of a merge program over a query's partial rows, the mean rows per query
+    rounded up standing in for the most (aggregates do not say which query has which rows)."""
     queries = plan.tree.num_queries
     rows = int(plan.queries @ plan.count)
-    if isinstance(plan, Plan):
-        most = int(np.bincount(plan.query_index, minlength=queries).max())
-    else:
-        most = -(-rows // max(queries, 1))
+    most = -(-rows // max(queries, 1))
     per_query = queries >= gpu.sm_count and rows <= PER_QUERY_MAX_ROWS * queries
     return most if per_query else -(-most // MERGE_BLOCK_ROWS)
 

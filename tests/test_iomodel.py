@@ -393,15 +393,19 @@ def test_a_tile_step_costs_the_same_however_full_its_query_tile():
     assert list(steps(32, group=16)) == [11, 11]  # two groups: two items side by side
 
 
-def test_items_are_dealt_by_the_kernels_static_stride():
+def test_items_are_dealt_longest_first_one_per_program_in_turn():
     gpu = kernel_gpu()
     programs = kernel_model.PROGRAMS_PER_SM * gpu.sm_count
-    plan = build_plan("deft_flatten", star(300, 64, 64), 64, None, 16)  # the root: 300 queries
+    tree = Tree(range(302), [None, 0] + [1] * 300, [64, 64] + [64] * 300)  # 300 leaves
+    plan = build_plan("deft_flatten", tree, 64, None, 16)  # the two shared chunks: 300 queries
     cost = 2.0 + np.repeat(kernel_model.item_steps(plan, gpu), plan.tree.attention.kv_heads)
     assert cost.max() > cost.min() and len(cost) > programs
     loads = kernel_model.program_loads(plan, gpu, constants_for(gpu)) * 1e6
-    # program j: items j, j + programs, ... (partition-major, KV head minor)
-    assert np.allclose(loads, np.bincount(np.arange(len(cost)) % programs, cost, programs))
+    dealt = np.sort(cost)[::-1]  # item i of that order to program i % programs
+    assert np.allclose(loads, np.bincount(np.arange(len(cost)) % programs, dealt, programs))
+    aggregated = plan_aggregates("deft_flatten", tree, 64, None, 16)
+    assert np.array_equal(kernel_model.program_loads(aggregated, gpu, constants_for(gpu)),
+                          kernel_model.program_loads(plan, gpu, constants_for(gpu)))
     aggregated = plan_aggregates("deft_flatten", plan.tree, 64, None, 16)
     assert np.allclose(np.sort(kernel_model.program_loads(aggregated, gpu,
                                                           constants_for(gpu))) * 1e6,
@@ -429,7 +433,7 @@ def test_two_programs_share_an_sm_and_busy_sms_slow_each_step():
     assert kernel_model.partials_seconds(many, gpu, c, 1e9)[1] == "memory"
 
 
-def test_merge_chain_is_the_query_with_most_partial_rows():
+def test_merge_chain_over_a_querys_partial_rows():
     gpu = kernel_gpu()
     chain = Tree([0, 1], [None, 0], [3200, 64], [0, 1])  # one query: 3264 / 32 = 102 rows
     plan = build_plan("deft_flatten", chain, 32, None, 16)
@@ -437,6 +441,7 @@ def test_merge_chain_is_the_query_with_most_partial_rows():
     assert kernel_model.merge_steps(plan_aggregates("deft_flatten", chain, 32, None, 16),
                                     gpu) == -(-102 // 16)
     wide = star(200, 64, 64)  # 200 queries, 2 rows each: the per-query merge, row by row
+    assert kernel_model.merge_steps(build_plan("deft_flatten", wide, 64, 8, 16), gpu) == 2
     assert kernel_model.merge_steps(build_plan("deft_flatten", wide, 64, None, 16), gpu) == 2
     latency = predict_latency(plan, gpu)
     assert latency["reduction_us"] == pytest.approx(7 * 1.0, rel=1e-3)  # chain over bytes
