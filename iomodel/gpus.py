@@ -10,8 +10,9 @@ and the dense fp16/bf16 tensor-core and fp32 rates. Built-in cards are keyed by 
 
 ``compute_capability`` (optional, major.minor as a number; 0 or absent: unknown) tells which
 DeFT-Flatten kernel the card runs (`iomodel.kernel_model`: the Gluon kernel on 9.x, else the
-portable one). ``calibration`` (optional) overrides constants of the latency model (`iomodel.constants.Constants`)
-with values fitted on that card; a spec without it is *uncalibrated*.
+portable one). ``calibration`` (optional) overrides constants of the latency model
+(`iomodel.constants.Constants`) with values fitted on that card; a spec without it is
+*uncalibrated*.
 Units: GB/s and TFLOP/s are decimal (1e9, 1e12); KB and MB of on-chip memory are binary.
 """
 

@@ -18,10 +18,10 @@ queries than one tile holds repeats the stream once per query tile. So, with the
 2. A program's time is the sum of its items, dealt longest first one per program in turn (the
    kernel's static stride over plan order, where the shared prefix's items come first; a plan
    and its aggregates, which keep no order, predict the same). SM s hosts programs s and
-   s + SMs, which share it: its time is ``max(a, b, (a + b) / pair_speedup)``. The kernel takes the busiest SM's time, but
-   never less than its HBM bytes at ``memory_efficiency`` x bandwidth: every KV token some query
-   sees read once (query groups of one chunk run side by side and share it through L2), plus Q,
-   mask, page indices and the partial rows written.
+   s + SMs, which share it: its time is ``max(a, b, (a + b) / pair_speedup)``. The kernel
+   takes the busiest SM's time, but never less than its HBM bytes at ``memory_efficiency`` x
+   bandwidth: every KV token some query sees read once (query groups of one chunk run side by
+   side and share it through L2), plus Q, mask, page indices and the partial rows written.
 3. The merge reads every partial row and writes the output: its bytes at ``memory_efficiency`` x
    bandwidth, or, if longer, a merge program's serial chain over one query's partial rows,
    ``merge_step_us`` per loop step (``MERGE_BLOCK_ROWS`` rows a step for the per-head merge, one
@@ -101,17 +101,28 @@ def program_loads(plan: Plan | PlanAggregates, gpu: GpuSpec, c: Constants) -> np
     predict the same, so the items are dealt longest first, one per program in turn (the
     plans put a tree's shared prefix, the longest items, first, so the two mostly agree).
     """
-    programs = PROGRAMS_PER_SM * gpu.sm_count
-    kv_heads = plan.tree.attention.kv_heads
-    items = int(plan.count @ np.full_like(plan.count, kv_heads))
-    busy = min(items, gpu.sm_count) / gpu.sm_count
+    copies = plan.count * plan.tree.attention.kv_heads  # work items per partition (class)
+    busy = min(int(copies.sum()), gpu.sm_count) / gpu.sm_count
     # tile_us is a Hopper tile's step; the portable kernel's smaller tiles cost the same per
     # token (an assumption: no card but the H200 has been measured)
     step_s = c.tile_us * kv_tile(gpu) / KV_TILE_HOPPER * (1.0 + c.contention * busy) * 1e-6
     cost = c.item_us * 1e-6 + item_steps(plan, gpu) * step_s  # [P]
     order = np.argsort(-cost, kind="stable")
-    per_item = np.repeat(cost[order], (plan.count * kv_heads)[order])
-    return np.bincount(np.arange(len(per_item)) % programs, per_item, programs)
+    return _dealt_in_turn(copies[order], cost[order], PROGRAMS_PER_SM * gpu.sm_count)
+
+
+def _dealt_in_turn(runs: np.ndarray, values: np.ndarray, programs: int) -> np.ndarray:
+    """Sums per program of items dealt one per program in turn (item i to program
+    i % programs), run k holding runs[k] items of values[k], in closed form: a run covering
+    items [a, b) gives program j ``n(b, j) - n(a, j)`` of them, ``n(x, j) = x // programs +
+    [x % programs > j]``. [programs]"""
+    end = np.cumsum(runs)
+    start = end - runs
+    base = float(values @ (end // programs - start // programs))
+    marks = (np.bincount(end % programs, values, programs + 1)
+             - np.bincount(start % programs, values, programs + 1))
+    beyond = np.cumsum(marks[::-1])[::-1][1:]  # beyond[j]: marks at positions > j
+    return base + beyond
 
 
 def partials_seconds(plan, gpu: GpuSpec, c: Constants, hbm_bytes: float) -> tuple:

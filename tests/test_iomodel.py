@@ -491,3 +491,13 @@ def test_portable_kernel_steps_cost_the_same_per_token():
         times[base] = kernel_model.partials_seconds(plan, gpu, constants_for(gpu), 0.0)[0]
     assert kernel_model.item_steps(plan, BUILTIN["a100"])[0] == 200  # 32-token tiles
     assert times["a100"] == pytest.approx(times["h200"])  # 200 half steps = 100 whole ones
+
+
+def test_deal_in_turn_in_closed_form_equals_dealing_item_by_item():
+    rng = np.random.default_rng(0)
+    for programs in (1, 3, 264):
+        runs = rng.integers(1, 700, 40)
+        values = rng.random(40)
+        items = np.repeat(values, runs)
+        want = np.bincount(np.arange(len(items)) % programs, items, programs)
+        assert np.allclose(kernel_model._dealt_in_turn(runs, values, programs), want)
