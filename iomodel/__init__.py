@@ -1,8 +1,9 @@
 """The IO model: traffic, load balance and latency of every strategy, predicted from plans.
 
 `predict_traffic` gives the exact bytes `reference.attention` counts (docs/design.md's rules),
-`predict_latency` a roofline estimate on a GPU spec (`resolve_gpu`), `floor` the physical limit
-of one call (docs/anchors.md), and `run_totals` sums traffic over every decode step of a run.
+`predict_latency` a roofline estimate on a GPU spec (`resolve_gpu`; for deft_flatten a model of
+its kernels, `iomodel.kernel_model`), `floor` the physical limit of one call (docs/anchors.md),
+and `run_totals` sums traffic over every decode step of a run.
 """
 
 from iomodel.gpus import BUILTIN, GpuSpec, GpuSpecError, detect_gpu, load_gpu_spec, resolve_gpu

@@ -25,6 +25,21 @@ class Constants:
     sm_bandwidth_fraction : float
         Fraction of the HBM bandwidth one SM can draw on its own (about 3x its fair share on
         an H100; bounds programs that run while other SMs idle).
+    item_us : float
+        Fixed cost of one work item of the shipped DeFT-Flatten kernel (its query tile's load,
+        the ring's first fill, the partial rows' epilogue), µs (`iomodel.kernel_model`).
+    tile_us : float
+        One tile step of that kernel (a query tile against one KV tile) on an SM with nothing
+        else streaming, µs.
+    contention : float
+        How much slower a tile step gets when every SM streams at once (loaded memory latency):
+        a step costs ``tile_us x (1 + contention x busy)``, busy the fraction of SMs in use.
+    pair_speedup : float
+        Throughput of the two programs resident on one SM together, relative to one alone
+        (1: they serialise, 2: they overlap perfectly).
+    merge_step_us : float
+        One loop step of a merge program (a block of a query's partial rows), µs: the merge's
+        serial chain where few queries have many partial rows.
     """
 
     launch_us: float = 2.0
@@ -32,3 +47,8 @@ class Constants:
     memory_efficiency: float = 0.88
     compute_efficiency: float = 0.69
     sm_bandwidth_fraction: float = 0.025
+    item_us: float = 1.0
+    tile_us: float = 1.0
+    contention: float = 0.5
+    pair_speedup: float = 1.5
+    merge_step_us: float = 2.0

@@ -6,10 +6,13 @@ and the dense fp16/bf16 tensor-core and fp32 rates. Built-in cards are keyed by 
 
     {"format": "deft-gpu/1", "name": "NVIDIA L40S", "hbm_bandwidth_gb_s": 864, "sm_count": 142,
      "smem_per_sm_kb": 100, "smem_per_block_kb": 99, "l2_mb": 96, "tensor_tflops": 362,
-     "fp32_tflops": 91.6, "calibration": {"launch_us": 2.5}}
+     "fp32_tflops": 91.6, "compute_capability": 8.9, "calibration": {"launch_us": 2.5}}
 
-``calibration`` (optional) overrides constants of the latency model (`iomodel.constants.Constants`)
-with values fitted on that card; a spec without it is *uncalibrated*.
+``compute_capability`` (optional, major.minor as a number; 0 or absent: unknown) tells which
+DeFT-Flatten kernel the card runs (`iomodel.kernel_model`: the Gluon kernel on 9.x, else the
+portable one). ``calibration`` (optional) overrides constants of the latency model
+(`iomodel.constants.Constants`) with values fitted on that card; a spec without it is
+*uncalibrated*.
 Units: GB/s and TFLOP/s are decimal (1e9, 1e12); KB and MB of on-chip memory are binary.
 """
 
@@ -53,6 +56,8 @@ class GpuSpec:
         Non-tensor fp32 rate, TFLOP/s.
     calibration : dict
         Latency-model constants fitted on this card (`iomodel.constants.Constants` field names).
+    compute_capability : float
+        CUDA compute capability as major.minor (9.0 for Hopper); 0.0 where unknown.
     """
 
     name: str
@@ -64,6 +69,7 @@ class GpuSpec:
     tensor_tflops: float
     fp32_tflops: float
     calibration: dict = field(default_factory=dict)
+    compute_capability: float = 0.0
 
     @property
     def calibrated(self) -> bool:
@@ -106,6 +112,7 @@ BUILTIN = {
         l2_mb=40.0,
         tensor_tflops=312.0,
         fp32_tflops=19.5,
+        compute_capability=8.0,
     ),
     "h100": GpuSpec(
         name="NVIDIA H100 80GB HBM3",
@@ -116,6 +123,7 @@ BUILTIN = {
         l2_mb=50.0,
         tensor_tflops=989.4,
         fp32_tflops=66.9,
+        compute_capability=9.0,
     ),
     "h200": GpuSpec(
         name="NVIDIA H200",
@@ -126,6 +134,7 @@ BUILTIN = {
         l2_mb=50.0,
         tensor_tflops=989.4,
         fp32_tflops=66.9,
+        compute_capability=9.0,
         # Fitted by `deft-cli bench --calibrate` to the graph-mode bench of 2026-11-26 on an H200
         # (six anchors x six kernel strategies, 36 points; docs/benchmarks.md, "Calibrating the IO model").
         calibration={
@@ -200,7 +209,8 @@ def gpu_from_dict(data) -> GpuSpec:
         raise GpuSpecError(f"a GPU spec must be a JSON object, got {type(data).__name__}")
     if data.get("format") != SPEC_FORMAT:
         raise GpuSpecError(f"field 'format' must be {SPEC_FORMAT!r}, got {data.get('format')!r}")
-    unknown = set(data) - {"format", "name", "calibration", *_NUMBER_FIELDS}
+    unknown = set(data) - {"format", "name", "calibration", "compute_capability",
+                           *_NUMBER_FIELDS}
     if unknown:
         raise GpuSpecError(f"unknown field(s): {', '.join(sorted(unknown))}")
     name = data.get("name")
@@ -226,7 +236,11 @@ def gpu_from_dict(data) -> GpuSpec:
     calibration = {
         key: _positive(value, f"calibration.{key}", float) for key, value in calibration.items()
     }
-    return GpuSpec(name=name, calibration=calibration, **values)
+    capability = data.get("compute_capability", 0.0)
+    if capability:
+        capability = _positive(capability, "compute_capability", float)
+    return GpuSpec(name=name, calibration=calibration, compute_capability=float(capability),
+                   **values)
 
 
 def resolve_gpu(value: str | None = None) -> GpuSpec:

@@ -21,6 +21,10 @@ The model, step by step (docs/iomodel.md has the worked example):
    ``memory_efficiency`` x HBM bandwidth, plus ``program_us``.
 5. Every kernel launch costs ``launch_us`` (`LAUNCHES` per strategy).
 
+deft_flatten, the strategy whose kernels ship, is instead timed by `iomodel.kernel_model`: its
+persistent grid's work items, their serial chains of tile steps, and the merge's chain
+(steps 1-4 there; launches as in step 5).
+
 The constants are uncalibrated guesses until a GPU spec carries fitted values.
 """
 
@@ -33,6 +37,8 @@ import numpy as np
 from deft.tree import Tree
 from iomodel.constants import Constants
 from iomodel.gpus import GpuSpec
+from iomodel.kernel_model import (KERNEL_CONSTANTS, TILED_STRATEGIES, merge_seconds,
+                                  partials_seconds)
 from iomodel.traffic import partition_bytes, traffic_of_plan
 from deft.plan import Plan
 from deft.plan_aggregates import PlanAggregates, plan_aggregates
@@ -62,6 +68,15 @@ DENSE_FLOPS = {"tree_attention_m", "vanilla_tree"}
 DEFAULTS = Constants()
 """The uncalibrated constants."""
 
+ROOFLINE_CONSTANTS = ("launch_us", "program_us", "memory_efficiency", "compute_efficiency",
+                      "sm_bandwidth_fraction")
+"""The constants the roofline (steps 1-5) reads."""
+
+
+def constants_used(strategy: str) -> tuple:
+    """Names of the constants `predict_latency` reads for `strategy`."""
+    return KERNEL_CONSTANTS if strategy in TILED_STRATEGIES else ROOFLINE_CONSTANTS
+
 
 def constants_for(gpu: GpuSpec) -> Constants:
     """The model's constants for `gpu`: the defaults, overridden by its calibration."""
@@ -82,7 +97,8 @@ def predict_latency(plan: Plan | PlanAggregates, gpu: GpuSpec, traffic: dict | N
     -------
     dict
         ``predicted_us`` (total), ``attention_us``, ``reduction_us``, ``launch_us``,
-        ``bound`` ("memory" or "compute", of the attention kernel), ``programs``, ``waves``
+        ``bound`` ("memory" or "compute", of the attention kernel; for deft_flatten
+        "compute" is its chain of tile steps, `iomodel.kernel_model`), ``programs``, ``waves``
         (programs / SMs, rounded up), ``balance`` (max / mean partition work) and
         ``calibrated``.
     """
@@ -99,14 +115,21 @@ def predict_latency(plan: Plan | PlanAggregates, gpu: GpuSpec, traffic: dict | N
     pairs = plan.queries * plan.tokens if plan.strategy in DENSE_FLOPS else plan.work
     part_flops = 4.0 * shape.q_heads * shape.head_dim * pairs
     split = shape.kv_heads * _tiles(plan)
-    attention_s, bound = _kernel_time(
-        part_bytes / split, part_flops / split, split * plan.count, gpu, constants, shape.dtype
-    )
-    reduction_s = 0.0
-    if plan.has_reduction:
-        moved = traffic["partial_bytes"] / 2 + traffic["output_bytes"]
-        reduction_s = moved / (gpu.bandwidth * constants.memory_efficiency)
-        reduction_s += constants.program_us * 1e-6
+    moved = traffic["partial_bytes"] / 2 + traffic["output_bytes"]
+    if plan.strategy in TILED_STRATEGIES:
+        # KV from HBM once per seen token (query groups of a chunk share it through L2)
+        hbm_bytes = float(part_bytes @ plan.count) - traffic["kv_bytes"] + (
+            floor_traffic(plan.tree)["kv_bytes"])
+        attention_s, bound = partials_seconds(plan, gpu, constants, hbm_bytes)
+        reduction_s = merge_seconds(plan, gpu, constants, moved)
+    else:
+        attention_s, bound = _kernel_time(
+            part_bytes / split, part_flops / split, split * plan.count, gpu, constants,
+            shape.dtype)
+        reduction_s = 0.0
+        if plan.has_reduction:
+            reduction_s = moved / (gpu.bandwidth * constants.memory_efficiency)
+            reduction_s += constants.program_us * 1e-6
     launch_s = LAUNCHES[plan.strategy] * constants.launch_us * 1e-6
     programs = int(split @ plan.count)
     return {

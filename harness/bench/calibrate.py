@@ -4,32 +4,36 @@
 with named constants (`iomodel.latency.Constants`: launch and program overheads, memory and
 compute efficiency, one SM's bandwidth share) that a spec's ``calibration`` overrides. This
 module rebuilds the plan of every measured row of this project's strategies in a
-``deft-bench/1`` or ``/2`` JSON (trees and sizes are in it), and fits all the constants at once by
-bounded least squares on the log of predicted / measured time, so that a 2x miss counts the
-same on a 10 µs and a 1 ms call. The model is a max of rooflines, piecewise linear in the
-constants: the fit uses finite differences and reports how well it does per strategy
-(median and worst relative error, before and after) rather than trusting a single cost.
+``deft-bench/1`` or ``/2`` JSON (trees and sizes are in it), and fits the constants its
+strategies use (`iomodel.latency.constants_used`: the roofline's, or for deft_flatten those of
+`iomodel.kernel_model`) at once by bounded least squares on the log of predicted / measured
+time, so that a 2x miss counts the same on a 10 µs and a 1 ms call. The model is a max of
+rooflines and chains, piecewise linear in the constants: the fit uses finite differences and
+reports how well it does per strategy (median and worst relative error, before and after)
+rather than trusting a single cost.
 
 The result carries a ``deft-gpu/1`` spec with the fitted ``calibration``: save it as a file
 and pass its path wherever a GPU spec is taken (`iomodel.resolve_gpu`).
 
 `calibrate_sweep` fits the same constants to size sweeps of the shipping kernel
 (``deft-sweep/1``, `autotune.heldout`: many chunk x group candidates per tree) on the tuning
-trees, and judges the fit on the held-out trees: median and worst error, and Spearman's rank
-correlation between predicted and measured candidates per tree (``deft-cli autotune
+trees only, and judges the fit on the held-out trees: median and worst error (also per tree
+and per workload family), and Spearman's rank correlation between predicted and measured
+candidates per tree (``deft-cli autotune
 --refit``; the fit is kept in ``iomodel/fits/<card>.json``).
 """
 
 from __future__ import annotations
 
 import dataclasses
+import re
 from pathlib import Path
 
 import numpy as np
 
 from deft.tree_format import tree_from_dict
 from iomodel.gpus import GpuSpec, builtin_gpu
-from iomodel.latency import Constants, constants_for, predict_latency
+from iomodel.latency import Constants, constants_for, constants_used, predict_latency
 from iomodel.traffic import traffic_of_plan
 from deft.plan import build_plan
 from deft.strategies import STRATEGIES
@@ -42,6 +46,11 @@ BOUNDS = {
     "memory_efficiency": (0.05, 1.0),
     "compute_efficiency": (0.05, 1.0),
     "sm_bandwidth_fraction": (1e-3, 1.0),
+    "item_us": (1e-3, 100.0),
+    "tile_us": (1e-3, 100.0),
+    "contention": (0.0, 10.0),
+    "pair_speedup": (1.0, 2.0),
+    "merge_step_us": (1e-3, 100.0),
 }
 """Search range of each constant; a constant not listed here is fitted in (1e-3, 1e3)."""
 
@@ -99,32 +108,36 @@ def calibrate(bench: dict, gpu: GpuSpec | None = None, max_evaluations: int = 20
         "constants": constants,
         "per_strategy": per_strategy_errors(rows),
         "rows": rows,
-        "spec": dataclasses.replace(gpu, calibration=constants).to_dict(),
+        "spec": _calibrated(gpu, constants).to_dict(),
         "note": note,
     }
 
 
 def fit_constants(points: list[dict], gpu: GpuSpec, max_evaluations: int = 200) -> tuple:
-    """Fit every latency constant at once to `points` (each with ``plan``, ``traffic`` and
-    ``measured_us``) by bounded least squares on log(predicted / measured).
+    """Fit the latency constants the points' strategies use (`iomodel.latency.constants_used`)
+    at once to `points` (each with ``plan``, ``traffic`` and ``measured_us``) by bounded least
+    squares on log(predicted / measured); the others keep their values.
 
     Returns
     -------
     (constants, constants_before, predicted_before, predicted_after, note)
-        The fitted and starting constants (dicts by name), the predictions [points] with each,
-        and the optimiser's message (noting an underdetermined fit).
+        The fitted and starting constants (dicts by name, the fitted ones only), the
+        predictions [points] with each, and the optimiser's message (noting an
+        underdetermined fit).
     """
     from scipy.optimize import least_squares
 
-    names = [f.name for f in dataclasses.fields(Constants)]
+    used = {name for p in points for name in constants_used(p["strategy"])}
+    names = [f.name for f in dataclasses.fields(Constants) if f.name in used]
     low = np.array([BOUNDS.get(name, (1e-3, 1e3))[0] for name in names])
     high = np.array([BOUNDS.get(name, (1e-3, 1e3))[1] for name in names])
-    before = dataclasses.asdict(constants_for(gpu))
+    every = dataclasses.asdict(constants_for(gpu))
+    before = {name: every[name] for name in names}
     start = np.clip([before[name] for name in names], low, high)
     measured = np.array([p["measured_us"] for p in points])
 
     def predict(values) -> np.ndarray:
-        spec = dataclasses.replace(gpu, calibration=dict(zip(names, map(float, values))))
+        spec = _calibrated(gpu, dict(zip(names, map(float, values))))
         return np.array([predict_latency(p["plan"], spec, p["traffic"])["predicted_us"]
                          for p in points])
 
@@ -136,6 +149,11 @@ def fit_constants(points: list[dict], gpu: GpuSpec, max_evaluations: int = 200) 
         note += f"; only {len(points)} points for {len(names)} constants: underdetermined"
     return (constants, before, predict([before[name] for name in names]),
             predict([constants[name] for name in names]), note)
+
+
+def _calibrated(gpu: GpuSpec, constants: dict) -> GpuSpec:
+    """`gpu` with `constants` over its calibration."""
+    return dataclasses.replace(gpu, calibration={**gpu.calibration, **constants})
 
 
 def measured_points(bench: dict) -> list[dict]:
@@ -230,9 +248,11 @@ def calibrate_sweep(sweeps: list[dict], gpu: GpuSpec | None = None,
     -------
     dict
         ``format`` ``deft-refit/1``, ``card``, ``dtype``, ``points``, ``constants_before``,
-        ``constants``, ``tuning`` and ``held_out`` (each: ``points``, ``median_abs_err``,
-        ``worst_err``, the same ``_before`` the fit, ``spearman`` per tree, ``min_spearman``,
-        ``median_spearman``), ``goals``, ``meets_goals`` (held out), ``spec`` and ``note``.
+        ``constants`` (the fitted ones), ``tuning`` and ``held_out`` (each: ``points``,
+        ``median_abs_err``, ``worst_err``, the same ``_before`` the fit, ``spearman`` per tree,
+        ``min_spearman``, ``median_spearman``, ``worst_err_per_tree``,
+        ``worst_err_per_family``), ``goals``, ``meets_goals`` (held out), ``spec`` and
+        ``note``.
 
     Raises
     ------
@@ -251,8 +271,8 @@ def calibrate_sweep(sweeps: list[dict], gpu: GpuSpec | None = None,
     judged = {}
     for role in ("tuning", "held_out"):
         mine = [p for p in points if p["role"] == role]
-        judged[role] = _judge(mine, dataclasses.replace(gpu, calibration=before),
-                              dataclasses.replace(gpu, calibration=constants)) if mine else None
+        judged[role] = _judge(mine, _calibrated(gpu, before),
+                              _calibrated(gpu, constants)) if mine else None
     held = judged["held_out"]
     return {
         "format": REFIT_FORMAT, "card": gpu.name, "dtype": sweeps[0].get("dtype"),
@@ -261,8 +281,41 @@ def calibrate_sweep(sweeps: list[dict], gpu: GpuSpec | None = None,
         "meets_goals": held is not None and held["median_abs_err"] <= GOALS["median_abs_err"]
         and abs(held["worst_err"]) <= GOALS["worst_abs_err"]
         and (held["min_spearman"] or 0.0) >= GOALS["spearman"],
-        "spec": dataclasses.replace(gpu, calibration=constants).to_dict(), "note": note,
+        "spec": _calibrated(gpu, constants).to_dict(), "note": note,
     }
+
+
+def cross_validate(sweeps: list[dict], gpu: GpuSpec | None = None,
+                   max_evaluations: int = 200) -> dict:
+    """Leave-one-tree-out on the tuning trees only: fit on all tuning trees but one, judge on
+    that one, for each; the held-out trees are not read.
+
+    Returns
+    -------
+    dict
+        ``per_tree`` ({tree: ``median_abs_err``, ``worst_err``, ``spearman``}) and, over all
+        the left-out predictions, ``median_abs_err``, ``worst_err``, ``min_spearman`` and
+        ``median_spearman``.
+    """
+    gpu = gpu or builtin_gpu(sweeps[0]["device"]["name"])
+    tuning = [dict(s, rows=[r for r in s["rows"] if r["role"] == "tuning"]) for s in sweeps]
+    points = sweep_points(tuning)
+    per_tree, errors = {}, []
+    for tree in dict.fromkeys(p["workload"] for p in points):
+        rest = [p for p in points if p["workload"] != tree]
+        mine = [p for p in points if p["workload"] == tree]
+        constants = fit_constants(rest, gpu, max_evaluations)[0]
+        judged = _judge(mine, gpu, _calibrated(gpu, constants))
+        per_tree[tree] = {"median_abs_err": judged["median_abs_err"],
+                          "worst_err": judged["worst_err"], "spearman": judged["spearman"][tree]}
+        spec = _calibrated(gpu, constants)
+        errors += [predict_latency(p["plan"], spec, p["traffic"])["predicted_us"]
+                   / p["measured_us"] - 1 for p in mine]
+    errors = np.array(errors)
+    rhos = [entry["spearman"] for entry in per_tree.values()]
+    return {"per_tree": per_tree, "median_abs_err": float(np.median(np.abs(errors))),
+            "worst_err": float(errors[np.argmax(np.abs(errors))]),
+            "min_spearman": float(min(rhos)), "median_spearman": float(np.median(rhos))}
 
 
 def spearman(a, b) -> float:
@@ -283,22 +336,31 @@ def _judge(points: list[dict], before: GpuSpec, after: GpuSpec) -> dict:
         errors = predicted / measured - 1
         result[f"median_abs_err{suffix}"] = float(np.median(np.abs(errors)))
         result[f"worst_err{suffix}"] = float(errors[np.argmax(np.abs(errors))])
-    by_tree = {}
-    for p, value in zip(points, predicted):
+    by_tree, worst, by_family = {}, {}, {}
+    for p, value, error in zip(points, predicted, errors):
         by_tree.setdefault(p["workload"], ([], []))
         by_tree[p["workload"]][0].append(value)
         by_tree[p["workload"]][1].append(p["measured_us"])
+        for table, key in ((worst, p["workload"]), (by_family, tree_family(p["workload"]))):
+            if abs(error) > abs(table.get(key, 0.0)):
+                table[key] = float(error)
     rhos = {name: spearman(*pair) for name, pair in by_tree.items() if len(pair[0]) >= 3}
     valid = [r for r in rhos.values() if not np.isnan(r)]
     result.update(spearman=rhos, min_spearman=min(valid) if valid else None,
-                  median_spearman=float(np.median(valid)) if valid else None)
+                  median_spearman=float(np.median(valid)) if valid else None,
+                  worst_err_per_tree=worst, worst_err_per_family=by_family)
     return result
+
+
+def tree_family(workload: str) -> str:
+    """The workload family of a tree's name: ``random:seed=5@32/8`` -> ``random``,
+    ``fewshot_b20_P4000_L200@4/1`` -> ``fewshot``."""
+    return re.split(r"[:_@]", workload, maxsplit=1)[0]
 
 
 def write_fit(fit: dict, path=None) -> Path:
     """Write a refit as JSON (default: ``FITS_DIR/<sanitised card>.json``) and return the path."""
     import json
-    import re
 
     path = Path(path) if path else FITS_DIR / (
         re.sub(r"[^a-z0-9]+", "-", fit["card"].lower()).strip("-") + ".json")

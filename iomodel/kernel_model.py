@@ -1,0 +1,153 @@
+"""Latency of the shipped DeFT-Flatten kernels: work items over a persistent grid, then the merge.
+
+deft_flatten runs the Hopper Gluon kernel on sm_90 and the portable Triton kernel elsewhere
+(docs/iomodel.md, "The kernel model"). Both are persistent: ``PROGRAMS_PER_SM`` x SMs programs,
+program j taking work items j, j + programs, ... (a static stride), where the work items are the
+partitions x KV heads in plan order. A work item loads its query tile (the partition's queries x
+the KV head's query heads, packed into ``QUERY_TILE_ROWS`` rows), streams its partition's KV
+through shared memory one KV tile at a time, and writes its partial rows; a partition with more
+queries than one tile holds repeats the stream once per query tile. So, with the constants of
+`iomodel.constants.Constants`:
+
+1. A work item of t tokens and q queries costs ``item_us + steps x tile_us x (1 + contention x
+   busy)``: ``steps = ceil(q / queries per tile) x ceil(t / KV tile)`` is its serial chain of
+   tile steps (a step costs the same however many of the tile's rows are real queries), and
+   ``busy`` the fraction of SMs with a work item (more SMs streaming at once load memory more,
+   so each step waits longer). ``tile_us`` is a step of the Gluon kernel's 64-token tile; a
+   step of the portable kernel's 32-token tile is taken to cost half (the same per token).
+2. A program's time is the sum of its items, dealt longest first one per program in turn (the
+   kernel's static stride over plan order, where the shared prefix's items come first; a plan
+   and its aggregates, which keep no order, predict the same). SM s hosts programs s and
+   s + SMs, which share it: its time is ``max(a, b, (a + b) / pair_speedup)``. The kernel
+   takes the busiest SM's time, but never less than its HBM bytes at ``memory_efficiency`` x
+   bandwidth: every KV token some query sees read once (query groups of one chunk run side by
+   side and share it through L2), plus Q, mask, page indices and the partial rows written.
+3. The merge reads every partial row and writes the output: its bytes at ``memory_efficiency`` x
+   bandwidth, or, if longer, a merge program's serial chain over one query's partial rows,
+   ``merge_step_us`` per loop step (``MERGE_BLOCK_ROWS`` rows a step for the per-head merge, one
+   for the per-query merge, chosen as `deft.kernels.reduction.per_query_merge` does), the mean
+   partial rows per query standing in for the most.
+
+The kernels' shapes are copied here as plain numbers so the IO model needs neither torch nor
+triton; tests/test_iomodel.py checks them against the kernel modules.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from deft.plan import Plan
+from deft.plan_aggregates import PlanAggregates
+from iomodel.constants import Constants
+from iomodel.gpus import GpuSpec
+
+TILED_STRATEGIES = ("deft_flatten",)
+"""Strategies whose latency this model predicts (the others: `iomodel.latency`'s roofline)."""
+
+KERNEL_CONSTANTS = ("launch_us", "memory_efficiency", "item_us", "tile_us", "contention",
+                    "pair_speedup", "merge_step_us")
+"""The constants this model reads (`iomodel.constants.Constants`)."""
+
+QUERY_TILE_ROWS = 64
+"""Rows of a query tile (``BLOCK_M`` of both kernels, `deft.kernels.fill.TILE_ROWS`)."""
+
+KV_TILE_HOPPER = 64
+"""KV tokens per tile of the Gluon kernel (`deft.kernels.deft_flatten_sm90.BLOCK_N`)."""
+
+KV_TILE_PORTABLE = 32
+"""KV tokens per tile of the Triton kernel's default tile (`deft.kernels.partials.TileConfig`)."""
+
+PROGRAMS_PER_SM = 2
+"""Resident programs per SM (`deft.kernels.fill.PROGRAMS_PER_SM`)."""
+
+MERGE_BLOCK_ROWS = 16
+"""Partial rows one step of the per-head merge reads (`deft.kernels.reduction.BLOCK_E`)."""
+
+PER_QUERY_MAX_ROWS = 4
+"""Mean partial rows per query up to which the merge runs per query
+(`deft.kernels.reduction.PER_QUERY_MAX_ROWS`)."""
+
+
+def hopper(gpu: GpuSpec) -> bool:
+    """Whether `gpu` runs the Gluon kernel (compute capability 9.x)."""
+    return 9.0 <= gpu.compute_capability < 10.0
+
+
+def queries_per_tile(group: int, gpu: GpuSpec) -> int:
+    """Queries one query tile holds, each with its `group` query heads of one KV head."""
+    padded = 1 << (group - 1).bit_length()
+    if hopper(gpu):
+        return max(1, QUERY_TILE_ROWS // padded)
+    return max(QUERY_TILE_ROWS, padded) // group
+
+
+def kv_tile(gpu: GpuSpec) -> int:
+    """KV tokens per tile of the kernel `gpu` runs."""
+    return KV_TILE_HOPPER if hopper(gpu) else KV_TILE_PORTABLE
+
+
+def item_steps(plan: Plan | PlanAggregates, gpu: GpuSpec) -> np.ndarray:
+    """Tile steps of each partition's work items (one per KV head): query tiles x KV tiles. [P]"""
+    shape = plan.tree.attention
+    per_tile = queries_per_tile(shape.q_heads // shape.kv_heads, gpu)
+    return -(-plan.queries // per_tile) * -(-plan.tokens // kv_tile(gpu))
+
+
+def program_loads(plan: Plan | PlanAggregates, gpu: GpuSpec, c: Constants) -> np.ndarray:
+    """Seconds of work of every program of the persistent grid. [PROGRAMS_PER_SM x SMs]
+
+    The kernel deals work items (partitions x KV heads, in plan order) by a static stride;
+    `deft.plan_aggregates.PlanAggregates` keep no order, and a plan and its aggregates must
+    predict the same, so the items are dealt longest first, one per program in turn (the
+    plans put a tree's shared prefix, the longest items, first, so the two mostly agree).
+    """
+    copies = plan.count * plan.tree.attention.kv_heads  # work items per partition (class)
+    busy = min(int(copies.sum()), gpu.sm_count) / gpu.sm_count
+    # tile_us is a Hopper tile's step; the portable kernel's smaller tiles cost the same per
+    # token (an assumption: no card but the H200 has been measured)
+    step_s = c.tile_us * kv_tile(gpu) / KV_TILE_HOPPER * (1.0 + c.contention * busy) * 1e-6
+    cost = c.item_us * 1e-6 + item_steps(plan, gpu) * step_s  # [P]
+    order = np.argsort(-cost, kind="stable")
+    return _dealt_in_turn(copies[order], cost[order], PROGRAMS_PER_SM * gpu.sm_count)
+
+
+def _dealt_in_turn(runs: np.ndarray, values: np.ndarray, programs: int) -> np.ndarray:
+    """Sums per program of items dealt one per program in turn (item i to program
+    i % programs), run k holding runs[k] items of values[k], in closed form: a run covering
+    items [a, b) gives program j ``n(b, j) - n(a, j)`` of them, ``n(x, j) = x // programs +
+    [x % programs > j]``. [programs]"""
+    end = np.cumsum(runs)
+    start = end - runs
+    base = float(values @ (end // programs - start // programs))
+    marks = (np.bincount(end % programs, values, programs + 1)
+             - np.bincount(start % programs, values, programs + 1))
+    beyond = np.cumsum(marks[::-1])[::-1][1:]  # beyond[j]: marks at positions > j
+    return base + beyond
+
+
+def partials_seconds(plan, gpu: GpuSpec, c: Constants, hbm_bytes: float) -> tuple:
+    """Seconds of the partials kernel and its bound: ``"compute"`` (the busiest SM's chain of
+    tile steps) or ``"memory"`` (`hbm_bytes` at the kernel's share of the bandwidth)."""
+    loads = program_loads(plan, gpu, c)
+    first, second = loads[:gpu.sm_count], loads[gpu.sm_count:]
+    per_sm = np.maximum(np.maximum(first, second), (first + second) / c.pair_speedup)
+    chain = float(per_sm.max())
+    memory = hbm_bytes / (gpu.bandwidth * c.memory_efficiency)
+    return (chain, "compute") if chain >= memory else (memory, "memory")
+
+
+def merge_steps(plan: Plan | PlanAggregates, gpu: GpuSpec) -> int:
+    """Loop steps of a merge program over a query's partial rows, the mean rows per query
+    rounded up standing in for the most (aggregates do not say which query has which rows)."""
+    queries = plan.tree.num_queries
+    rows = int(plan.queries @ plan.count)
+    most = -(-rows // max(queries, 1))
+    per_query = queries >= gpu.sm_count and rows <= PER_QUERY_MAX_ROWS * queries
+    return most if per_query else -(-most // MERGE_BLOCK_ROWS)
+
+
+def merge_seconds(plan, gpu: GpuSpec, c: Constants, moved_bytes: float) -> float:
+    """Seconds of the merge: its bytes at the kernel share of the bandwidth, or its longest
+    chain of loop steps."""
+    return max(moved_bytes / (gpu.bandwidth * c.memory_efficiency),
+               merge_steps(plan, gpu) * c.merge_step_us * 1e-6)
