@@ -52,6 +52,9 @@ def autotune_table(table) -> Table:
                    caption="chosen: c chunk, g group, m/n block_m/block_n, w warps, s stages, "
                            "p programs per SM; speedup over the defaults (chunk 128, no group "
                            "cap, the kernel's tile)" + ("" if measured else ", predicted"))
+    model = (table.settings or {}).get("model") if not measured else None
+    if model:  # the error the ranking model has where it was measured (issue #19)
+        result.caption += "; " + model_caption(model)
     unit = "µs" if measured else "predicted µs"
     for column in ("strategy", "workload", "bucket", "chosen", unit, f"default {unit}",
                    "speedup", "candidates"):
@@ -64,3 +67,16 @@ def autotune_table(table) -> Table:
                            f"{entry['chosen'][key]:.1f}", f"{entry['default'][key]:.1f}",
                            f"{entry['speedup']:.2f}x", str(len(entry["candidates"])))
     return result
+
+
+def model_caption(model: dict) -> str:
+    """One line on the refit a predicted table ranked with: its card and its error there on
+    held-out trees (`autotune.tune.model_note`)."""
+    def share(x):
+        return "-" if x is None else f"{x:+.0%}" if x < 0 else f"{x:.0%}"
+
+    rho = model.get("held_out_min_spearman")
+    return (f"latency model fitted on {model['fitted_on']}: on its held-out trees there median "
+            f"|err| {share(model.get('held_out_median_abs_err'))}, worst "
+            f"{share(model.get('held_out_worst_err'))}, Spearman min "
+            f"{'-' if rho is None else f'{rho:.2f}'} (not measured on this card)")

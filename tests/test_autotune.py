@@ -476,6 +476,14 @@ def test_cli_predict_writes_a_labelled_predicted_table(monkeypatch, tmp_path):
     log = read_table(tmp_path / "logs" / "nvidia-a100-sxm4-80gb.predicted.json")
     assert log.source == "predicted" and log.strategies["deft_flatten"][KEY]["candidates"]
     assert '"source": "predicted"' in result.output
+    model = log.settings["model"]  # ranked with the shipped H200 refit, its error beside it
+    assert model["fitted_on"] == "NVIDIA H200" and model["held_out_worst_err"] is not None
+    printed = CliRunner().invoke(main, ["autotune", "--gpu", "a100", "--predict", "--workloads",
+                                        "fewshot_b20_P4000_L200", "--output", str(tmp_path)])
+    assert printed.exit_code == 0, printed.output
+    flat = " ".join(printed.output.split())
+    assert "fitted on NVIDIA H200" in flat and "not measured on this card" in flat
+    assert f"worst {model['held_out_worst_err']:+.0%}" in flat
 
 
 def test_cli_predict_never_replaces_a_measured_table(monkeypatch, isolated_tables):
