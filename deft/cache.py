@@ -206,6 +206,9 @@ class TreeCache:
             Slots of the tokens the step added, by node index then position in ``tree``: write
             their K and V with ``pool.write(slots, k, v)``.
         """
+        grown = self._grow_leaves(tree)
+        if grown is not None:
+            return grown
         ids = tree.node_ids.tolist()
         parents = [None if p < 0 else ids[p] for p in tree.parent.tolist()]
         tokens = tree.tokens.tolist()
@@ -240,7 +243,45 @@ class TreeCache:
             self.pool.free(chain.from_iterable(reversed(released)))
         self._add_grown(tree.preorder.tolist(), ids, parents, tokens)
         self._tree = tree
-        return torch.from_numpy(self._new_slots(ids, tree.tokens, before)).to(self.pool.device)
+        before = np.array(before, dtype=np.int64)
+        return torch.from_numpy(self._new_slots(tree.node_ids, tree.tokens, before)).to(
+            self.pool.device)
+
+    def _grow_leaves(self, tree: Tree):
+        """`apply` of a tree with the nodes of the last applied one, each holding as many tokens
+        or more (a decode step): only the grown nodes are touched, their new pages taken in one
+        allocation in preorder as `apply` takes them. None (nothing changed) for any other
+        tree, or one needing more pages than are free (`apply` then raises)."""
+        last = self._tree
+        if last is None or last.num_nodes != tree.num_nodes or (
+                last.node_ids is not tree.node_ids
+                and last.node_ids.tobytes() != tree.node_ids.tobytes()) or (
+                last.parent is not tree.parent and last.parent.tobytes() != tree.parent.tobytes()):
+            return None
+        tokens, before = tree.tokens, last.tokens
+        grown = np.flatnonzero(tokens != before)
+        tokens_after = tokens[grown]
+        tokens_before = before[grown]
+        if (tokens_after < tokens_before).any():
+            return None
+        page_size, held_pages = self.pool.page_size, self._pages
+        wanted = _ceil_div(tokens_after, page_size) - _ceil_div(tokens_before, page_size)
+        needing = np.flatnonzero(wanted)
+        taken = int(wanted[needing].sum())
+        if taken > self.pool.num_free:
+            return None
+        nodes = tree.node_ids[grown].tolist()
+        if taken:
+            needing = needing[np.argsort(tree.tin[grown[needing]])]  # preorder, as apply
+            pages = self.pool.allocate(taken)
+            taken = 0
+            for k, count in zip(needing.tolist(), wanted[needing].tolist()):
+                held_pages[nodes[k]] += pages[taken: taken + count]
+                taken += count
+        self._tokens.update(zip(nodes, tokens_after.tolist()))
+        self._tree = tree
+        return torch.from_numpy(self._new_slots(tree.node_ids, tokens, before)).to(
+            self.pool.device)
 
     def _release(self, pruned) -> list:
         """Drop each pruned node without held children, then each ancestor it was keeping;
@@ -286,20 +327,19 @@ class TreeCache:
                 taken += count
             held_tokens[node] = tokens[v]
 
-    def _new_slots(self, ids, tokens, before) -> np.ndarray:
-        """Slots of the tokens past ``before`` of every node, by node index then position.
+    def _new_slots(self, ids, tokens, start) -> np.ndarray:
+        """Slots of the tokens past ``start`` of every node, by node index then position.
 
-        tokens : int64 [nodes]; before : list of int [nodes]. Returns int64 [new tokens]
+        ids, tokens, start : int64 [nodes]. Returns int64 [new tokens]
         """
         page_size = self.pool.page_size
-        start = np.array(before, dtype=np.int64)
         grown = np.flatnonzero(tokens > start)
         if not len(grown):
             return np.zeros(0, dtype=np.int64)
         start, count = start[grown], tokens[grown] - start[grown]
         first_page = start // page_size
         page_count = (start + count - 1) // page_size + 1 - first_page
-        held_pages, nodes = self._pages, [ids[v] for v in grown.tolist()]
+        held_pages, nodes = self._pages, ids[grown].tolist()
         if (page_count == 1).all():  # a decode step: each node's new tokens on one page
             listed = [held_pages[node][first] for node, first in zip(nodes, first_page.tolist())]
         else:
