@@ -338,9 +338,12 @@ class TreeCache:
             return np.zeros(0, dtype=np.int64)
         start, count = start[grown], tokens[grown] - start[grown]
         first_page = start // page_size
-        page_count = (start + count - 1) // page_size + 1 - first_page
         held_pages, nodes = self._pages, ids[grown].tolist()
-        if (page_count == 1).all():  # a decode step: each node's new tokens on one page
+        if len(grown) == int(count.sum()):  # a decode step: one new token a node
+            listed = [held_pages[node][first] for node, first in zip(nodes, first_page.tolist())]
+            return np.array(listed, dtype=np.int64) * page_size + start % page_size
+        page_count = (start + count - 1) // page_size + 1 - first_page
+        if (page_count == 1).all():  # each node's new tokens on one page
             listed = [held_pages[node][first] for node, first in zip(nodes, first_page.tolist())]
         else:
             listed = chain.from_iterable(held_pages[node][first:]
