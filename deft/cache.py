@@ -46,6 +46,7 @@ class TreeCache:
         self._pages = {}  # id -> list of page ids
         self._live = set()
         self._tree = None  # the tree of the last apply(), while nothing else changed the cache
+        self._table = None  # host_node_pages(self._tree), once listed (read-only arrays)
         self._listing = PageListing()  # the planner's page table, from the last one's
 
     # ------------------------------------------------------------------ queries
@@ -115,9 +116,12 @@ class TreeCache:
 
     def host_node_pages(self, tree: Tree) -> tuple:
         """`node_pages` as int64 numpy arrays on the host (what the planner reads: no round
-        trip through the pool's device), with one pass of plain Python over the nodes."""
-        ids = tree.node_ids.tolist()
+        trip through the pool's device), with one pass of plain Python over the nodes. Those of
+        the last applied tree are kept, read-only, while its steps take no new page."""
         exact = tree is self._tree  # the last apply's tree: every node holds just its tokens
+        if exact and self._table is not None:
+            return self._table
+        ids = tree.node_ids.tolist()
         if not exact:
             wanted = tree.tokens.tolist()
             held = [self._tokens.get(node, 0) for node in ids]
@@ -132,7 +136,11 @@ class TreeCache:
             lists = [pages[:c] for pages, c in zip(lists, counts.tolist())]
             return page_ptr, np.fromiter(chain.from_iterable(lists), dtype=np.int64,
                                          count=int(page_ptr[-1]))
-        return page_ptr, self._listing(lists, counts.tolist(), int(page_ptr[-1]))
+        table = (page_ptr, self._listing(lists, counts.tolist(), int(page_ptr[-1])))
+        if tree is self._tree:
+            page_ptr.flags.writeable = False
+            self._table = table
+        return table
 
     def token_slots(self, tree: Tree) -> torch.Tensor:
         """Slot of every test-layout token of ``tree`` (by node index, then position).
@@ -166,7 +174,7 @@ class TreeCache:
         if parent is not None:
             self._children[parent].add(node_id)
         self._grow(node_id, tokens)
-        self._tree = None
+        self._tree = self._table = None
 
     def grow(self, node_id, n) -> None:
         """Append ``n`` tokens to a live node, allocating pages as needed (all or none)."""
@@ -176,7 +184,7 @@ class TreeCache:
             raise CacheError(f"node {node_id}: cannot grow by {n} tokens")
         self._check_space(self._pages_for(self._tokens[node_id] + n) - len(self._pages[node_id]))
         self._grow(node_id, n)
-        self._tree = None
+        self._tree = self._table = None
 
     def prune(self, node_id) -> None:
         """End a live node; its pages are freed once no live descendant needs them."""
@@ -185,7 +193,7 @@ class TreeCache:
         self._live.discard(node_id)
         for pages in self._release([node_id]):
             self.pool.free(pages)
-        self._tree = None
+        self._tree = self._table = None
 
     def write(self, node_id, positions, k, v) -> None:
         """Store K and V of tokens of one node. positions [n]; k, v [n, kv_heads, head_dim]"""
@@ -242,7 +250,7 @@ class TreeCache:
         if released:
             self.pool.free(chain.from_iterable(reversed(released)))
         self._add_grown(tree.preorder.tolist(), ids, parents, tokens)
-        self._tree = tree
+        self._tree, self._table = tree, None
         before = np.array(before, dtype=np.int64)
         return torch.from_numpy(self._new_slots(tree.node_ids, tree.tokens, before)).to(
             self.pool.device)
@@ -271,7 +279,8 @@ class TreeCache:
         if taken > self.pool.num_free:
             return None
         nodes = tree.node_ids[grown].tolist()
-        if taken:
+        if taken:  # else every node keeps its pages: the last tree's page table is this one's
+            self._table = None
             needing = needing[np.argsort(tree.tin[grown[needing]])]  # preorder, as apply
             pages = self.pool.allocate(taken)
             taken = 0

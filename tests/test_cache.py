@@ -220,6 +220,8 @@ def test_apply_of_grown_nodes_takes_the_pages_of_any_other_apply(page_size, data
         assert torch.equal(fast.apply(tree), general.apply(tree))
         assert state(fast) == state(general)
         fast.check()
+        for got, expected in zip(fast.host_node_pages(tree), general.node_pages(tree)):
+            assert np.array_equal(got, expected.numpy())
 
 
 def test_replay_fewshot():
