@@ -24,7 +24,7 @@ from itertools import chain
 import numpy as np
 import torch
 
-from deft.page_pool import CacheError, OutOfPagesError, PagedKVCache, PageListing
+from deft.page_pool import CacheError, OutOfPagesError, PagedKVCache, PageListing, new_slots
 from deft.tree import Tree
 
 __all__ = ["CacheError", "OutOfPagesError", "PagedKVCache", "TreeCache", "pages_for"]
@@ -251,9 +251,9 @@ class TreeCache:
             self.pool.free(chain.from_iterable(reversed(released)))
         self._add_grown(tree.preorder.tolist(), ids, parents, tokens)
         self._tree, self._table = tree, None
-        before = np.array(before, dtype=np.int64)
-        return torch.from_numpy(self._new_slots(tree.node_ids, tree.tokens, before)).to(
-            self.pool.device)
+        slots = new_slots(self._pages, tree.node_ids, tree.tokens,
+                          np.array(before, dtype=np.int64), self.pool.page_size)
+        return torch.from_numpy(slots).to(self.pool.device)
 
     def _grow_leaves(self, tree: Tree):
         """`apply` of a tree with the nodes of the last applied one, each holding as many tokens
@@ -289,8 +289,8 @@ class TreeCache:
                 taken += count
         self._tokens.update(zip(nodes, tokens_after.tolist()))
         self._tree = tree
-        return torch.from_numpy(self._new_slots(tree.node_ids, tokens, before)).to(
-            self.pool.device)
+        slots = new_slots(held_pages, tree.node_ids, tokens, before, page_size)
+        return torch.from_numpy(slots).to(self.pool.device)
 
     def _release(self, pruned) -> list:
         """Drop each pruned node without held children, then each ancestor it was keeping;
@@ -335,34 +335,6 @@ class TreeCache:
                 held_pages[node] += pages[taken: taken + count]
                 taken += count
             held_tokens[node] = tokens[v]
-
-    def _new_slots(self, ids, tokens, start) -> np.ndarray:
-        """Slots of the tokens past ``start`` of every node, by node index then position.
-
-        ids, tokens, start : int64 [nodes]. Returns int64 [new tokens]
-        """
-        page_size = self.pool.page_size
-        grown = np.flatnonzero(tokens > start)
-        if not len(grown):
-            return np.zeros(0, dtype=np.int64)
-        start, count = start[grown], tokens[grown] - start[grown]
-        first_page = start // page_size
-        held_pages, nodes = self._pages, ids[grown].tolist()
-        if len(grown) == int(count.sum()):  # a decode step: one new token a node
-            listed = [held_pages[node][first] for node, first in zip(nodes, first_page.tolist())]
-            return np.array(listed, dtype=np.int64) * page_size + start % page_size
-        page_count = (start + count - 1) // page_size + 1 - first_page
-        if (page_count == 1).all():  # each node's new tokens on one page
-            listed = [held_pages[node][first] for node, first in zip(nodes, first_page.tolist())]
-        else:
-            listed = chain.from_iterable(held_pages[node][first:]
-                                         for node, first in zip(nodes, first_page.tolist()))
-        pages = np.fromiter(listed, dtype=np.int64, count=int(page_count.sum()))
-        page_base = np.cumsum(page_count) - page_count - first_page
-        run_start = np.cumsum(count) - count
-        position = np.arange(int(run_start[-1] + count[-1])) + np.repeat(start - run_start, count)
-        page = pages[np.repeat(page_base, count) + position // page_size]
-        return page * page_size + position % page_size
 
     # ------------------------------------------------------------------ invariants
     def check(self) -> None:
