@@ -217,17 +217,18 @@ class TreeCache:
         grown = self._grow_leaves(tree)
         if grown is not None:
             return grown
-        ids = tree.node_ids.tolist()
-        parents = [None if p < 0 else ids[p] for p in tree.parent.tolist()]
-        tokens = tree.tokens.tolist()
+        ids, parent_index = tree.node_ids.tolist(), tree.parent.tolist()
+        tokens, page_counts = tree.tokens.tolist(), _ceil_div(tree.tokens, self.pool.page_size)
         held_parent, held_tokens, held_pages = self._parent, self._tokens, self._pages
         before = [held_tokens.get(node, 0) for node in ids]
-        needed = int(_ceil_div(tree.tokens, self.pool.page_size).sum())
+        wanted = page_counts.tolist()  # pages to take per node: less those held below
+        needed = int(page_counts.sum())
         for v, node in enumerate(ids):
-            if before[v] or node in held_parent:
-                if held_parent[node] != parents[v]:
+            if node in held_parent:
+                parent = None if parent_index[v] < 0 else ids[parent_index[v]]
+                if held_parent[node] != parent:
                     raise CacheError(
-                        f"node {node}: parent is {parents[v]} in the tree but "
+                        f"node {node}: parent is {parent} in the tree but "
                         f"{held_parent[node]} in the cache"
                     )
                 if tokens[v] < before[v]:
@@ -235,7 +236,9 @@ class TreeCache:
                         f"node {node}: the tree holds {tokens[v]} tokens, fewer than the "
                         f"{before[v]} cached; a cache never drops a node's tokens"
                     )
-                needed -= len(held_pages[node])
+                held = len(held_pages[node])
+                wanted[v] -= held
+                needed -= held
         gone = set(held_parent).difference(ids)  # whole subtrees: a tree holds its ancestors
         freed = sum(map(len, map(held_pages.__getitem__, gone)))
         if needed > self.pool.num_free + freed:
@@ -249,7 +252,7 @@ class TreeCache:
         released = self._release(gone)
         if released:
             self.pool.free(chain.from_iterable(reversed(released)))
-        self._add_grown(tree.preorder.tolist(), ids, parents, tokens)
+        self._add_grown(tree.preorder.tolist(), ids, parent_index, tokens, wanted, needed)
         self._tree, self._table = tree, None
         slots = new_slots(self._pages, tree.node_ids, tree.tokens,
                           np.array(before, dtype=np.int64), self.pool.page_size)
@@ -310,20 +313,18 @@ class TreeCache:
                 node = parent
         return released
 
-    def _add_grown(self, order, ids, parents, tokens) -> None:
+    def _add_grown(self, order, ids, parent_index, tokens, wanted, needed) -> None:
         """Add the missing nodes (parents first: ``order`` is a preorder) and grow every node
-        to its tokens, taking the pages in one allocation (space already checked)."""
+        to its tokens, taking the ``needed`` pages in one allocation (space already checked),
+        ``wanted[v]`` for node index v."""
         held_parent, held_pages, children = self._parent, self._pages, self._children
-        held_tokens, live, page_size = self._tokens, self._live, self.pool.page_size
-        empty = ()
-        wanted = [-(-tokens[v] // page_size) - len(held_pages.get(ids[v], empty))
-                  for v in order]
-        pages = self.pool.allocate(sum(wanted))
+        held_tokens, live = self._tokens, self._live
+        pages = self.pool.allocate(needed)
         taken = 0
-        for v, count in zip(order, wanted):
-            node = ids[v]
+        for v in order:
+            node, count = ids[v], wanted[v]
             if node not in held_parent:
-                parent = parents[v]
+                parent = None if parent_index[v] < 0 else ids[parent_index[v]]
                 held_parent[node] = parent
                 children[node] = set()
                 held_pages[node] = pages[taken: taken + count]
