@@ -24,7 +24,7 @@ from itertools import chain
 import numpy as np
 import torch
 
-from deft.page_pool import CacheError, OutOfPagesError, PagedKVCache, PageListing
+from deft.page_pool import CacheError, OutOfPagesError, PagedKVCache, PageListing, new_slots
 from deft.tree import Tree
 
 __all__ = ["CacheError", "OutOfPagesError", "PagedKVCache", "TreeCache", "pages_for"]
@@ -46,6 +46,7 @@ class TreeCache:
         self._pages = {}  # id -> list of page ids
         self._live = set()
         self._tree = None  # the tree of the last apply(), while nothing else changed the cache
+        self._table = None  # host_node_pages(self._tree), once listed (read-only arrays)
         self._listing = PageListing()  # the planner's page table, from the last one's
 
     # ------------------------------------------------------------------ queries
@@ -115,9 +116,12 @@ class TreeCache:
 
     def host_node_pages(self, tree: Tree) -> tuple:
         """`node_pages` as int64 numpy arrays on the host (what the planner reads: no round
-        trip through the pool's device), with one pass of plain Python over the nodes."""
-        ids = tree.node_ids.tolist()
+        trip through the pool's device), with one pass of plain Python over the nodes. Those of
+        the last applied tree are kept, read-only, while its steps take no new page."""
         exact = tree is self._tree  # the last apply's tree: every node holds just its tokens
+        if exact and self._table is not None:
+            return self._table
+        ids = tree.node_ids.tolist()
         if not exact:
             wanted = tree.tokens.tolist()
             held = [self._tokens.get(node, 0) for node in ids]
@@ -132,7 +136,11 @@ class TreeCache:
             lists = [pages[:c] for pages, c in zip(lists, counts.tolist())]
             return page_ptr, np.fromiter(chain.from_iterable(lists), dtype=np.int64,
                                          count=int(page_ptr[-1]))
-        return page_ptr, self._listing(lists, counts.tolist(), int(page_ptr[-1]))
+        table = (page_ptr, self._listing(lists, counts.tolist(), int(page_ptr[-1])))
+        if tree is self._tree:
+            page_ptr.flags.writeable = False
+            self._table = table
+        return table
 
     def token_slots(self, tree: Tree) -> torch.Tensor:
         """Slot of every test-layout token of ``tree`` (by node index, then position).
@@ -166,7 +174,7 @@ class TreeCache:
         if parent is not None:
             self._children[parent].add(node_id)
         self._grow(node_id, tokens)
-        self._tree = None
+        self._tree = self._table = None
 
     def grow(self, node_id, n) -> None:
         """Append ``n`` tokens to a live node, allocating pages as needed (all or none)."""
@@ -176,7 +184,7 @@ class TreeCache:
             raise CacheError(f"node {node_id}: cannot grow by {n} tokens")
         self._check_space(self._pages_for(self._tokens[node_id] + n) - len(self._pages[node_id]))
         self._grow(node_id, n)
-        self._tree = None
+        self._tree = self._table = None
 
     def prune(self, node_id) -> None:
         """End a live node; its pages are freed once no live descendant needs them."""
@@ -185,7 +193,7 @@ class TreeCache:
         self._live.discard(node_id)
         for pages in self._release([node_id]):
             self.pool.free(pages)
-        self._tree = None
+        self._tree = self._table = None
 
     def write(self, node_id, positions, k, v) -> None:
         """Store K and V of tokens of one node. positions [n]; k, v [n, kv_heads, head_dim]"""
@@ -206,17 +214,21 @@ class TreeCache:
             Slots of the tokens the step added, by node index then position in ``tree``: write
             their K and V with ``pool.write(slots, k, v)``.
         """
-        ids = tree.node_ids.tolist()
-        parents = [None if p < 0 else ids[p] for p in tree.parent.tolist()]
-        tokens = tree.tokens.tolist()
+        grown = self._grow_leaves(tree)
+        if grown is not None:
+            return grown
+        ids, parent_index = tree.node_ids.tolist(), tree.parent.tolist()
+        tokens, page_counts = tree.tokens.tolist(), _ceil_div(tree.tokens, self.pool.page_size)
         held_parent, held_tokens, held_pages = self._parent, self._tokens, self._pages
         before = [held_tokens.get(node, 0) for node in ids]
-        needed = int(_ceil_div(tree.tokens, self.pool.page_size).sum())
+        wanted = page_counts.tolist()  # pages to take per node: less those held below
+        needed = int(page_counts.sum())
         for v, node in enumerate(ids):
-            if before[v] or node in held_parent:
-                if held_parent[node] != parents[v]:
+            if node in held_parent:
+                parent = None if parent_index[v] < 0 else ids[parent_index[v]]
+                if held_parent[node] != parent:
                     raise CacheError(
-                        f"node {node}: parent is {parents[v]} in the tree but "
+                        f"node {node}: parent is {parent} in the tree but "
                         f"{held_parent[node]} in the cache"
                     )
                 if tokens[v] < before[v]:
@@ -224,7 +236,9 @@ class TreeCache:
                         f"node {node}: the tree holds {tokens[v]} tokens, fewer than the "
                         f"{before[v]} cached; a cache never drops a node's tokens"
                     )
-                needed -= len(held_pages[node])
+                held = len(held_pages[node])
+                wanted[v] -= held
+                needed -= held
         gone = set(held_parent).difference(ids)  # whole subtrees: a tree holds its ancestors
         freed = sum(map(len, map(held_pages.__getitem__, gone)))
         if needed > self.pool.num_free + freed:
@@ -238,9 +252,48 @@ class TreeCache:
         released = self._release(gone)
         if released:
             self.pool.free(chain.from_iterable(reversed(released)))
-        self._add_grown(tree.preorder.tolist(), ids, parents, tokens)
+        self._add_grown(tree.preorder.tolist(), ids, parent_index, tokens, wanted, needed)
+        self._tree, self._table = tree, None
+        slots = new_slots(self._pages, tree.node_ids, tree.tokens,
+                          np.array(before, dtype=np.int64), self.pool.page_size)
+        return torch.from_numpy(slots).to(self.pool.device)
+
+    def _grow_leaves(self, tree: Tree):
+        """`apply` of a tree with the nodes of the last applied one, each holding as many tokens
+        or more (a decode step): only the grown nodes are touched, their new pages taken in one
+        allocation in preorder as `apply` takes them. None (nothing changed) for any other
+        tree, or one needing more pages than are free (`apply` then raises)."""
+        last = self._tree
+        if last is None or last.num_nodes != tree.num_nodes or (
+                last.node_ids is not tree.node_ids
+                and last.node_ids.tobytes() != tree.node_ids.tobytes()) or (
+                last.parent is not tree.parent and last.parent.tobytes() != tree.parent.tobytes()):
+            return None
+        tokens, before = tree.tokens, last.tokens
+        grown = np.flatnonzero(tokens != before)
+        tokens_after = tokens[grown]
+        tokens_before = before[grown]
+        if (tokens_after < tokens_before).any():
+            return None
+        page_size, held_pages = self.pool.page_size, self._pages
+        wanted = _ceil_div(tokens_after, page_size) - _ceil_div(tokens_before, page_size)
+        needing = np.flatnonzero(wanted)
+        taken = int(wanted[needing].sum())
+        if taken > self.pool.num_free:
+            return None
+        nodes = tree.node_ids[grown].tolist()
+        if taken:  # else every node keeps its pages: the last tree's page table is this one's
+            self._table = None
+            needing = needing[np.argsort(tree.tin[grown[needing]])]  # preorder, as apply
+            pages = self.pool.allocate(taken)
+            taken = 0
+            for k, count in zip(needing.tolist(), wanted[needing].tolist()):
+                held_pages[nodes[k]] += pages[taken: taken + count]
+                taken += count
+        self._tokens.update(zip(nodes, tokens_after.tolist()))
         self._tree = tree
-        return torch.from_numpy(self._new_slots(ids, tree.tokens, before)).to(self.pool.device)
+        slots = new_slots(held_pages, tree.node_ids, tokens, before, page_size)
+        return torch.from_numpy(slots).to(self.pool.device)
 
     def _release(self, pruned) -> list:
         """Drop each pruned node without held children, then each ancestor it was keeping;
@@ -260,20 +313,18 @@ class TreeCache:
                 node = parent
         return released
 
-    def _add_grown(self, order, ids, parents, tokens) -> None:
+    def _add_grown(self, order, ids, parent_index, tokens, wanted, needed) -> None:
         """Add the missing nodes (parents first: ``order`` is a preorder) and grow every node
-        to its tokens, taking the pages in one allocation (space already checked)."""
+        to its tokens, taking the ``needed`` pages in one allocation (space already checked),
+        ``wanted[v]`` for node index v."""
         held_parent, held_pages, children = self._parent, self._pages, self._children
-        held_tokens, live, page_size = self._tokens, self._live, self.pool.page_size
-        empty = ()
-        wanted = [-(-tokens[v] // page_size) - len(held_pages.get(ids[v], empty))
-                  for v in order]
-        pages = self.pool.allocate(sum(wanted))
+        held_tokens, live = self._tokens, self._live
+        pages = self.pool.allocate(needed)
         taken = 0
-        for v, count in zip(order, wanted):
-            node = ids[v]
+        for v in order:
+            node, count = ids[v], wanted[v]
             if node not in held_parent:
-                parent = parents[v]
+                parent = None if parent_index[v] < 0 else ids[parent_index[v]]
                 held_parent[node] = parent
                 children[node] = set()
                 held_pages[node] = pages[taken: taken + count]
@@ -285,32 +336,6 @@ class TreeCache:
                 held_pages[node] += pages[taken: taken + count]
                 taken += count
             held_tokens[node] = tokens[v]
-
-    def _new_slots(self, ids, tokens, before) -> np.ndarray:
-        """Slots of the tokens past ``before`` of every node, by node index then position.
-
-        tokens : int64 [nodes]; before : list of int [nodes]. Returns int64 [new tokens]
-        """
-        page_size = self.pool.page_size
-        start = np.array(before, dtype=np.int64)
-        grown = np.flatnonzero(tokens > start)
-        if not len(grown):
-            return np.zeros(0, dtype=np.int64)
-        start, count = start[grown], tokens[grown] - start[grown]
-        first_page = start // page_size
-        page_count = (start + count - 1) // page_size + 1 - first_page
-        held_pages, nodes = self._pages, [ids[v] for v in grown.tolist()]
-        if (page_count == 1).all():  # a decode step: each node's new tokens on one page
-            listed = [held_pages[node][first] for node, first in zip(nodes, first_page.tolist())]
-        else:
-            listed = chain.from_iterable(held_pages[node][first:]
-                                         for node, first in zip(nodes, first_page.tolist()))
-        pages = np.fromiter(listed, dtype=np.int64, count=int(page_count.sum()))
-        page_base = np.cumsum(page_count) - page_count - first_page
-        run_start = np.cumsum(count) - count
-        position = np.arange(int(run_start[-1] + count[-1])) + np.repeat(start - run_start, count)
-        page = pages[np.repeat(page_base, count) + position // page_size]
-        return page * page_size + position % page_size
 
     # ------------------------------------------------------------------ invariants
     def check(self) -> None:

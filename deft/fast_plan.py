@@ -22,7 +22,9 @@ only on which queries see which chunks (partitions, entries, partial rows) is ke
 last plan, so a step that moves the chunks' bounds but not their queries reuses that too.
 The cache slots are laid out a page at a time (a page is a run of consecutive slots), from
 the first page run that differs from the last plan's; the plan buffers then rewrite only the
-slots from there and skip the entries kept (`deft.plan_buffers.PlanBuffers.fill`).
+slots from there and skip the entries kept (`deft.plan_buffers.PlanBuffers.fill`). A page
+table passed again, read-only (the tree cache's while the steps take no new page), keeps its
+pages in preorder from the last plan.
 """
 
 from __future__ import annotations
@@ -105,6 +107,7 @@ class NodePlanner:
         self._shapes, self._keep = {}, shapes
         self._last_entries = None  # (what the last plan's chunks saw, its entries)
         self._last_runs = None  # (page size, the last plan's page runs and slots)
+        self._last_page_runs = None  # (page table, its page runs: `_page_runs`)
         self._iota = np.arange(0)
 
     def shape(self, parent: np.ndarray, queries: np.ndarray) -> _Shape:
@@ -146,12 +149,12 @@ class NodePlanner:
         shape = self.shape(tree.parent, tree.queries)
         order = shape.order
         ordered = tokens[order]
-        through = np.cumsum(ordered)  # flattened end of each preorder node
+        through = ordered.cumsum()  # flattened end of each preorder node
         start = through - ordered  # flattened start of each preorder node
         total = int(through[-1])
         end = through[shape.last]  # flattened end of each preorder node's subtree
         query_flat = through[shape.query_order] + shape.query_shift
-        subtree_end = np.repeat(end, ordered)  # per flattened position
+        subtree_end = end.repeat(ordered)  # per flattened position
         chunk_start, chunk_end, chunk_reach = self._chunks(order, start, through, end, total,
                                                            chunk_size)
         part_chunk, part_entry, query_index, entry_row, query_row_ptr = self._entries(
@@ -232,8 +235,8 @@ class NodePlanner:
             chunk_start = np.arange(0, total, chunk)
             chunk_end = np.minimum(chunk_start + chunk, total)
             # the largest subtree end of the (preorder) nodes each chunk overlaps
-            first = np.searchsorted(through, chunk_start, side="right")
-            last = np.searchsorted(through, chunk_end - 1, side="right")
+            first = through.searchsorted(chunk_start, side="right")
+            last = through.searchsorted(chunk_end - 1, side="right")
             return chunk_start, chunk_end, np.maximum(np.maximum.reduceat(end, first), end[last])
         # deft_node, deft_node_chunk: each node's run by node index, cut into chunks
         by_index = np.empty_like(start)
@@ -247,6 +250,33 @@ class NodePlanner:
         chunk_start = node_start[node] + offset
         return chunk_start, np.minimum(chunk_start + chunk, node_end[node]), node_reach[node]
 
+    def _page_runs(self, shape, page_ptr, pages, page_size) -> tuple:
+        """(pages of each preorder node, int64 [nodes]; its first page's rank in preorder,
+        int64 [nodes]; page * page_size of every page in preorder, int64 [pages]; 0, 1, ...,
+        pages - 1), kept for a read-only page table passed again with the same shape (the
+        tree cache's, at a decode step that took no new page)."""
+        key, last = (shape, page_ptr, pages, page_size), self._last_page_runs
+        if last is not None and all(a is b for a, b in zip(key[:3], last[0][:3])) \
+                and page_size == last[0][3] and not page_ptr.flags.writeable \
+                and not pages.flags.writeable:
+            return last[1]
+        order = shape.order
+        counts = page_ptr[1:] - page_ptr[:-1]
+        if not shape.in_order:
+            counts = counts[order]
+        first_page, end_page = int(page_ptr[0]), int(page_ptr[-1])
+        # each preorder node's first page, in preorder
+        page_first = page_ptr[:-1] - first_page if shape.in_order else counts.cumsum() - counts
+        positions = self._positions(end_page - first_page)
+        if shape.in_order:  # the nodes' pages one after the other already
+            run_page = pages[first_page:end_page] * page_size
+        else:
+            run_page = pages[positions + (page_ptr[:-1][order] - page_first).repeat(counts)]
+            run_page *= page_size
+        run_page.flags.writeable = False
+        self._last_page_runs = (key, (counts, page_first, run_page, positions))
+        return self._last_page_runs[1]
+
     def _slots(self, shape, ordered, total, page_ptr, pages, page_size):
         """(cache slot of every flattened position, int64 [tokens] read-only; the largest;
         ``{"token_slot": (the last plan's slots, n)}`` where their first n slots are these)
@@ -257,35 +287,31 @@ class NodePlanner:
         shared with this one, up to the first that differs, keep the last plan's slots (a step
         that grows the last nodes of the preorder lays out only their pages).
         """
-        order = shape.order
-        counts = np.diff(page_ptr) if shape.in_order else np.diff(page_ptr)[order]
-        short = np.flatnonzero(counts * page_size < ordered)
-        if len(short):
-            raise ValueError(f"node index {order[short[0]]} holds {ordered[short[0]]} tokens but "
+        counts, page_first, run_page, positions = self._page_runs(shape, page_ptr, pages,
+                                                                  page_size)
+        if (counts * page_size < ordered).any():
+            short = (counts * page_size < ordered).nonzero()[0]
+            node = shape.order[short[0]]
+            raise ValueError(f"node index {node} holds {ordered[short[0]]} tokens but "
                              f"the page table gives it {counts[short[0]]} pages of {page_size}")
-        page_first = np.cumsum(counts) - counts  # each preorder node's first page, in preorder
-        first_page, end_page = int(page_ptr[0]), int(page_ptr[-1])
-        positions = self._positions(end_page - first_page)
-        if shape.in_order:  # the nodes' pages one after the other already
-            run_page = pages[first_page:end_page] * page_size
-        else:
-            run_page = pages[positions + np.repeat(page_ptr[:-1][order] - page_first, counts)]
-            run_page *= page_size
         # a page's run: its node's tokens past the node's pages before it, at most page_size
-        run = np.repeat(ordered + page_first * page_size, counts) - positions * page_size
-        run = np.minimum(np.maximum(run, 0), page_size)
-        run_start = np.cumsum(run) - run  # the flattened position of each page's first slot
+        run = (ordered + page_first * page_size).repeat(counts) - positions * page_size
+        np.minimum(np.maximum(run, 0, out=run), page_size, out=run)
+        run_start = run.cumsum() - run  # the flattened position of each page's first slot
         same = 0  # runs shared with the last plan
         if self._last_runs is not None and self._last_runs[0] == page_size:
             last_page, last_run, last_slots = self._last_runs[1:]
             n = min(len(run), len(last_run))
-            differ = np.flatnonzero((run_page[:n] != last_page[:n]) | (run[:n] != last_run[:n]))
+            differ = run[:n] != last_run[:n]
+            if run_page is not last_page:  # else the same pages as the last plan's
+                differ |= run_page[:n] != last_page[:n]
+            differ = differ.nonzero()[0]
             same = int(differ[0]) if len(differ) else n
         first = int(run_start[same]) if same < len(run) else total
         slots = np.empty(total, dtype=np.int64)
         if same:
             slots[:first] = last_slots[:first]
-        slots[first:] = np.repeat(run_page[same:] - run_start[same:], run[same:])
+        slots[first:] = (run_page[same:] - run_start[same:]).repeat(run[same:])
         slots[first:] += self._positions(total)[first:]
         slots.flags.writeable = False
         kept = {"token_slot": (last_slots, first)} if same else {}

@@ -29,7 +29,7 @@ def partitions(per_chunk: np.ndarray, group_size) -> tuple:
     """
     if group_size is None:
         has = per_chunk > 0
-        return np.flatnonzero(has), pointers(per_chunk[has])
+        return has.nonzero()[0], pointers(per_chunk[has])
     groups = -(-per_chunk // group_size)
     part_chunk = np.repeat(np.arange(len(per_chunk)), groups)
     rank = np.arange(len(part_chunk)) - np.repeat(np.cumsum(groups) - groups, groups)
@@ -39,7 +39,7 @@ def partitions(per_chunk: np.ndarray, group_size) -> tuple:
 def dense_rows(seen: np.ndarray, query_ids: np.ndarray) -> tuple:
     """(entry_query, entry_row: int64 [entries]; query_row_ptr: int64 [queries + 1]) of chunks
     the queries see as ``seen`` (bool [chunks, queries])."""
-    row_of = np.cumsum(seen.T.ravel()).reshape(seen.shape[1], seen.shape[0]).T
+    row_of = seen.T.ravel().cumsum().reshape(seen.shape[1], seen.shape[0]).T
     return (np.broadcast_to(query_ids, seen.shape)[seen], row_of[seen] - 1,
             pointers(seen.sum(axis=0)))
 

@@ -146,6 +146,7 @@ class TreeAttention:
         self._node_planner = NodePlanner(strategy) if strategy in FAST_STRATEGIES else None
         self.backend = deft_flatten_sm90.resolve_backend(strategy, backend, self.device)
         self._runs = RunCache(max_graphs)
+        self._multiprocessors = None  # the device's, on first use (`_sm_count`)
 
     # ------------------------------------------------------------------ plan
     @classmethod
@@ -394,7 +395,9 @@ class TreeAttention:
         return min(items, CPU_PROGRAMS)
 
     def _sm_count(self) -> int:
-        """Multiprocessors of the device (`CPU_PROGRAMS` under the interpreter)."""
-        if self.device.type == "cuda":
-            return torch.cuda.get_device_properties(self.device).multi_processor_count
-        return CPU_PROGRAMS
+        """Multiprocessors of the device (`CPU_PROGRAMS` under the interpreter), read once: a
+        plan asks for them, and torch's device query costs microseconds of host time."""
+        if self._multiprocessors is None:
+            self._multiprocessors = CPU_PROGRAMS if self.device.type != "cuda" else \
+                torch.cuda.get_device_properties(self.device).multi_processor_count
+        return self._multiprocessors

@@ -6,7 +6,7 @@ import json
 import numpy as np
 import pytest
 import torch
-from hypothesis import strategies as st
+from hypothesis import given, settings, strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, precondition, rule
 
 from deft import workloads as w
@@ -182,6 +182,46 @@ def test_apply_revives_a_pruned_node_it_keeps():
     slots = cache.apply(Tree([0], [None], [5]))  # node 1 goes, node 0 stays
     assert len(slots) == 0 and cache.page_table(0).tolist() == pages and cache.is_live(0)
     cache.check()
+
+
+def test_apply_of_grown_nodes_out_of_pages_leaves_the_cache_as_it_was():
+    cache = TreeCache(small_pool(3, page_size=4))
+    cache.apply(Tree([0, 1], [None, 0], [4, 4]))
+    before = state(cache)
+    with pytest.raises(OutOfPagesError, match=r"needs 2 more pages but only 1 of 3 are free"):
+        cache.apply(Tree([0, 1], [None, 0], [4, 12]))
+    assert state(cache) == before
+
+
+@settings(max_examples=60, deadline=None)
+@given(page_size=st.integers(1, 5), data=st.data())
+def test_apply_of_grown_nodes_takes_the_pages_of_any_other_apply(page_size, data):
+    """Steps that only grow nodes (apply's path for the nodes of the last applied tree), mixed
+    with branch and prune steps, give the same pages and slots as a cache changed in between
+    (a grow by 0 tokens: apply then takes its general path)."""
+    fast, general = TreeCache(small_pool(2000, page_size)), TreeCache(small_pool(2000, page_size))
+    parents, tokens, next_id = {0: None}, {0: data.draw(st.integers(1, 9))}, 1
+    for _ in range(data.draw(st.integers(1, 12))):
+        if data.draw(st.booleans()):  # prune some leaves, branch some nodes
+            leaves = sorted(set(parents) - set(parents.values()))
+            for node in data.draw(st.lists(st.sampled_from(leaves), max_size=len(leaves) - 1,
+                                           unique=True)):
+                del parents[node], tokens[node]
+            for parent in data.draw(st.lists(st.sampled_from(sorted(parents)), max_size=3)):
+                parents[next_id], tokens[next_id] = parent, data.draw(st.integers(1, 6))
+                next_id += 1
+        else:  # grow nodes, a few tokens each (some by none)
+            for node in sorted(tokens):
+                tokens[node] += data.draw(st.integers(0, page_size + 1))
+        ids = sorted(parents)
+        tree = Tree(ids, [parents[i] for i in ids], [tokens[i] for i in ids])
+        if len(general):
+            general.grow(next(i for i in general if general.is_live(i)), 0)
+        assert torch.equal(fast.apply(tree), general.apply(tree))
+        assert state(fast) == state(general)
+        fast.check()
+        for got, expected in zip(fast.host_node_pages(tree), general.node_pages(tree)):
+            assert np.array_equal(got, expected.numpy())
 
 
 def test_replay_fewshot():

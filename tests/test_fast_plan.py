@@ -217,7 +217,30 @@ def test_tree_cache_host_pages_equal_its_node_pages():
         cache.host_node_pages(Tree([5, 1, 9], [None, 5, 5], [9, 4, 20]))
 
 
+def mixed_steps(seed, steps=16) -> list:
+    """Trees of random steps: mostly the same nodes, each grown by a few tokens (the leaf-growth
+    paths of the tree cache and the planner), else some leaves pruned and some nodes branched."""
+    rng = np.random.default_rng(seed)
+    parents, tokens, next_id, trees = {0: None}, {0: int(rng.integers(1, 20))}, 1, []
+    for _ in range(steps):
+        if rng.random() < 0.3:
+            for leaf in sorted(set(parents) - set(parents.values()))[1:]:
+                if rng.random() < 0.4:
+                    del parents[leaf], tokens[leaf]
+            for parent in rng.choice(sorted(parents), size=int(rng.integers(0, 3))).tolist():
+                parents[next_id], tokens[next_id] = parent, int(rng.integers(1, 6))
+                next_id += 1
+        else:
+            for node in tokens:
+                tokens[node] += int(rng.integers(0, 3))
+        ids = sorted(parents)
+        trees.append(Tree(ids, [parents[i] for i in ids], [tokens[i] for i in ids]))
+    return trees
+
+
 def run_of(kind, seed):
+    if kind == "mixed":
+        return mixed_steps(seed)
     if kind == "tot":
         return wl.tot_run(seed, depth=3, branching=3, prompt_tokens=12, min_tokens=1,
                           max_tokens=5, keep=2)
@@ -229,7 +252,7 @@ def run_of(kind, seed):
 @settings(max_examples=40, deadline=None)
 @given(
     seed=st.integers(0, 50),
-    kind=st.sampled_from(["tot", "token_tree", "fewshot"]),
+    kind=st.sampled_from(["tot", "token_tree", "fewshot", "mixed"]),
     strategy=st.sampled_from(FAST_STRATEGIES),
     page_size=st.sampled_from([1, 4]),
     chunk=st.sampled_from([3, 16]),
@@ -283,7 +306,7 @@ def test_a_step_whose_chunks_keep_their_queries_reuses_the_entries():
 @settings(max_examples=30, deadline=None)
 @given(
     seed=st.integers(0, 50),
-    kind=st.sampled_from(["tot", "token_tree", "fewshot"]),
+    kind=st.sampled_from(["tot", "token_tree", "fewshot", "mixed"]),
     strategy=st.sampled_from(FAST_STRATEGIES),
     page_size=st.sampled_from([1, 4]),
     chunk=st.sampled_from([2, 16]),

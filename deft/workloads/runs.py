@@ -14,11 +14,15 @@ follow a run by id (`deft.cache.TreeCache.apply`).
 
 from __future__ import annotations
 
+from bisect import bisect_right
 from dataclasses import dataclass
 
 import numpy as np
 
-from deft.tree import Tree
+from deft.tree import AttentionShape, Tree
+
+DEFAULT_ATTENTION = AttentionShape()
+"""The attention shape of the steps' trees of a run given none (built once, shared)."""
 
 
 @dataclass(frozen=True)
@@ -88,6 +92,11 @@ class Run:
         i = self._step(i)
         return step_events(self._tree(i - 1) if i else None, self._tree(i))
 
+    def _step_tree(self, node_ids, parent, tokens, queries) -> Tree:
+        """`Tree.trusted` with the run's attention shape (``attention``, else the default)."""
+        attention = self.attention if self.attention is not None else DEFAULT_ATTENTION
+        return Tree.trusted(node_ids, parent, tokens, queries, attention)
+
     def _step(self, i: int) -> int:
         steps = len(self)
         if not -steps <= i < steps:
@@ -125,7 +134,7 @@ class FewshotRun(Run):
     def _tree(self, i):
         tokens = np.full(self.width + 1, i + 1, np.int64)
         tokens[0] = self.prompt_tokens
-        return Tree.trusted(self._ids, self._parent, tokens, self._queries, self.attention)
+        return self._step_tree(self._ids, self._parent, tokens, self._queries)
 
 
 class ReasoningRun(Run):
@@ -201,22 +210,39 @@ class ReasoningRun(Run):
         self.prompt_tokens = prompt_tokens
         self.attention = attention
         self.name, self.description = name, description
+        self._steps = int(last.max())
+        # The nodes present and the generating ones change only at these iterations: the
+        # steps between two of them share one segment's arrays (`_segment`).
+        self._changes = np.unique(np.concatenate([start, end + 1, last + 1])).tolist()
+        self._last_segment = (None, None)
 
     def __len__(self):
-        return int(self.last.max())
+        return self._steps
 
     def _tree(self, i):
         t = i + 1
+        ids, parent, first, length, queries = self._segment(bisect_right(self._changes, t))
+        tokens = np.minimum(t - first, length)  # first: the node's start less one
+        return self._step_tree(ids, parent, tokens, queries)
+
+    def _segment(self, k: int) -> tuple:
+        """(ids, parent index, start - 1, most tokens, queries: int64 [nodes], read-only) of the
+        tree at the iterations between change ``k - 1`` and change ``k``, kept for the next."""
+        if self._last_segment[0] == k:
+            return self._last_segment[1]
+        t = self._changes[k - 1]
         nodes = self._by_id
         present = (self.start[nodes] <= t) & (t <= self.last[nodes])
         nodes = nodes[present]
-        end = self.end[nodes]
-        tokens = np.minimum(t, end) - self.start[nodes] + 1
-        queries = (t <= end).astype(np.int64)
+        first, end = self.start[nodes] - 1, self.end[nodes]
         index = np.cumsum(present) - 1  # a present node's index in the step's tree
         parent = self._parent_rank[present]
         parent = np.where(parent < 0, -1, index[np.maximum(parent, 0)])
-        return Tree.trusted(self.ids[nodes], parent, tokens, queries, self.attention)
+        arrays = (self.ids[nodes], parent, first, end - first, (t <= end).astype(np.int64))
+        for array in arrays:
+            array.flags.writeable = False
+        self._last_segment = (k, arrays)
+        return arrays
 
 
 class SpeculativeRun(Run):
@@ -248,6 +274,8 @@ class SpeculativeRun(Run):
             raise ValueError(f"{name}: accept lengths must be a non-empty list of integers >= 1")
         self.root_tokens = prompt_tokens + np.concatenate([[0], np.cumsum(accept)[:-1]])
         self._parent = candidate_parents(self.parent_index)
+        self._queries = np.ones(len(self._parent), np.int64)
+        self._queries.flags.writeable = False
         self.prompt_tokens = prompt_tokens
         self.attention = attention
         self.name, self.description = name, description
@@ -261,7 +289,7 @@ class SpeculativeRun(Run):
         ids[0] = 0
         tokens = np.ones(n + 1, np.int64)
         tokens[0] = self.root_tokens[i]
-        return Tree.trusted(ids, self._parent, tokens, np.ones(n + 1, np.int64), self.attention)
+        return self._step_tree(ids, self._parent, tokens, self._queries)
 
 
 def fewshot(prompt_tokens=4000, width=20, iterations=400, attention=None) -> FewshotRun:
