@@ -9,16 +9,17 @@
 #    (inductor's compiles cost minutes; the compiled run's graph count is a test of step 1);
 # 3. plan: scripts/plan_overhead.py --device cuda over the first 40 steps of every run, then on
 #    four runs with PlanBuffers.fill copying one span (--coalesce) to compare the copies' cost
-#    (its JSON under $OUT/one-copy/);
+#    (plan_one_copy.txt: its records and table);
 # 4. eager: deft-cli bench --timing eager (L2 flushed) of DeFT-Flatten and the peers on the three
 #    smallest anchors at 32/8, where host time decides eager timing (last: FlashInfer's JIT,
 #    about 25 s per FlashInfer method cold: 110 s was too short on 2026-12-01).
 # Each step has its own timeout (about 7 min in all on a cold H200); each writes under $OUT:
-# tests.txt, host_overhead.json/.txt, bench-eager.json/.txt, plan_overhead.json/.txt.
+# tests.txt, host_overhead.json/.txt, plan_overhead.json/.txt, plan_one_copy.txt,
+# bench-eager.json/.txt (8 files: what the GPU machine hands back).
 # Peers come from .peer-wheels (scripts/peer-wheels.sh), as in scripts/bench_gpu.sh.
 set -uo pipefail
 out=${OUT:-host-path-out}
-mkdir -p "$out" "$out/one-copy"
+mkdir -p "$out"
 export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH} COLUMNS=${COLUMNS:-180}
 status=0
 step() {  # NAME SECONDS command...: run with a timeout, note the time and a failure
@@ -42,7 +43,7 @@ if compgen -G ".peer-wheels/*.whl" > /dev/null; then
 fi
 step plan_overhead 45 env OUT="$out" python3 scripts/plan_overhead.py --device cuda --steps 40
 # the fill's copies: one span (COALESCE past the whole allocation) against today's threshold
-step plan_one_copy 30 env OUT="$out/one-copy" python3 scripts/plan_overhead.py --device cuda \
+step plan_one_copy 30 env OUT= python3 scripts/plan_overhead.py --device cuda \
   --steps 40 --runs fewshot_b20,keywordToT,spec_t256,fewshot_b256_P55296 --coalesce 100000000
 step bench-eager 200 python3 -m cli bench --timing eager --heads 32/8 \
   --workloads fewshot_b20_P4000_L200,reason_10x500_P1104,spec_t64_P4000 \
