@@ -67,39 +67,38 @@ def check_inputs(q, k_cache, v_cache, plan, out, device, max_queries) -> None:
 
 def check_tensors(q, k_cache, v_cache, out, device) -> None:
     """What `check_inputs` checks without the plan (raise ValueError naming the problem)."""
-    fail = _fail
     for name, x, dims in (("q", q, 3), ("k_cache", k_cache, 4), ("v_cache", v_cache, 4)):
         if not isinstance(x, torch.Tensor) or x.dim() != dims:
-            fail(f"{name} must be a {dims}-D tensor, got "
-                 f"{getattr(x, 'shape', type(x).__name__)}")
+            _fail(f"{name} must be a {dims}-D tensor, got "
+                  f"{getattr(x, 'shape', type(x).__name__)}")
         if x.device != device:
-            fail(f"{name} is on {x.device}, this TreeAttention on {device}")
+            _fail(f"{name} is on {x.device}, this TreeAttention on {device}")
         if x.stride(-1) != 1:
-            fail(f"{name} must have a contiguous last (head_dim) dimension")
+            _fail(f"{name} must have a contiguous last (head_dim) dimension")
     if q.dtype not in DTYPES:
-        fail(f"q must be float16, bfloat16 or float32, got {q.dtype}")
+        _fail(f"q must be float16, bfloat16 or float32, got {q.dtype}")
     for name, x in (("k_cache", k_cache), ("v_cache", v_cache)):
         if x.dtype != q.dtype:
-            fail(f"{name} is {x.dtype} but q is {q.dtype}")
+            _fail(f"{name} is {x.dtype} but q is {q.dtype}")
         if x.stride(0) != x.shape[1] * x.stride(1):
-            fail(f"{name} must hold each page's tokens contiguously "
-                 "(stride(0) == page_size * stride(1))")
+            _fail(f"{name} must hold each page's tokens contiguously "
+                  "(stride(0) == page_size * stride(1))")
     if k_cache.shape != v_cache.shape:
-        fail(f"k_cache {list(k_cache.shape)} and v_cache {list(v_cache.shape)} differ")
+        _fail(f"k_cache {list(k_cache.shape)} and v_cache {list(v_cache.shape)} differ")
     _, q_heads, head_dim = q.shape
     kv_heads, cache_dim = k_cache.shape[2:]
     if cache_dim != head_dim:
-        fail(f"q has head_dim {head_dim}, the caches {cache_dim}")
+        _fail(f"q has head_dim {head_dim}, the caches {cache_dim}")
     if head_dim not in HEAD_DIMS:
-        fail(f"head_dim must be one of {HEAD_DIMS}, got {head_dim}")
+        _fail(f"head_dim must be one of {HEAD_DIMS}, got {head_dim}")
     if q_heads % kv_heads:
-        fail(f"q_heads ({q_heads}) must be a multiple of the caches' kv_heads ({kv_heads})")
+        _fail(f"q_heads ({q_heads}) must be a multiple of the caches' kv_heads ({kv_heads})")
     if out is not None:
         if out.shape != q.shape or out.dtype != q.dtype or out.device != q.device:
-            fail(f"out must be {q.dtype} {list(q.shape)} on {q.device}, got {out.dtype} "
-                 f"{list(out.shape)} on {out.device}")
+            _fail(f"out must be {q.dtype} {list(q.shape)} on {q.device}, got {out.dtype} "
+                  f"{list(out.shape)} on {out.device}")
         if out.stride(-1) != 1:
-            fail("out must have a contiguous last (head_dim) dimension")
+            _fail("out must have a contiguous last (head_dim) dimension")
 
 
 def check_plan_fits(q, k_cache, plan, max_queries) -> None:
@@ -207,25 +206,16 @@ class OpRun:
 
 def op_argument_key(q, k_cache, v_cache, plan_data, plan_layout, o_part, lse_part, out, lse,
                     flat, sm_scale, tile, num_programs, per_query_merge, gluon):
-    """The key of one custom-op call, or None when a tensor argument is not a tensor: what
-    `argument_key` holds of the `run` tensors, the plan buffers' and workspace's addresses and
-    shapes (and the plan buffers' dtype), and the launch settings.
-
-    One tuple built in one expression: the dispatcher calls the op with new lists on every
-    call, so this is built on every call too.
-    """
-    try:
-        return (q.data_ptr(), q.shape, q.stride(), q.dtype, q.get_device(),
-                k_cache.data_ptr(), k_cache.shape, k_cache.stride(), k_cache.dtype,
-                v_cache.data_ptr(), v_cache.shape, v_cache.stride(), v_cache.dtype,
-                out.data_ptr(), out.shape, out.stride(), out.dtype,
-                None if lse is None else (lse.data_ptr(), lse.shape, lse.stride()),
-                sm_scale, per_query_merge,
-                plan_data.data_ptr(), plan_data.shape, plan_data.dtype,
-                o_part.data_ptr(), o_part.shape, lse_part.data_ptr(), lse_part.shape,
-                tuple(plan_layout), tuple(tile), num_programs, flat, gluon)
-    except (AttributeError, TypeError):
+    """The key of one custom-op call, or None when a `run` tensor is not a tensor:
+    `argument_key` of the `run` tensors, then the plan buffers' and workspace's addresses and
+    shapes (and the plan buffers' dtype), and the launch settings (the schema makes those
+    tensors and lists)."""
+    key = argument_key(q, k_cache, v_cache, out, lse, sm_scale, per_query_merge)
+    if key is None:
         return None
+    return key + (plan_data.data_ptr(), plan_data.shape, plan_data.dtype,
+                  o_part.data_ptr(), o_part.shape, lse_part.data_ptr(), lse_part.shape,
+                  tuple(plan_layout), tuple(tile), num_programs, flat, gluon)
 
 
 class RunCache:
