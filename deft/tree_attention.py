@@ -19,6 +19,7 @@ import numpy as np
 import torch
 
 from deft.kernels import KERNELS, deft_flatten_sm90, flat as flat_addressing, tile_config
+from deft.kernels.fill import multiprocessors
 from deft.kernels.partials import TileConfig
 from deft.kernels.reduction import per_query_merge
 from deft.kernels.tree_attention_op import check_runnable, launch_tree_attention, register_owner
@@ -146,7 +147,6 @@ class TreeAttention:
         self._node_planner = NodePlanner(strategy) if strategy in FAST_STRATEGIES else None
         self.backend = deft_flatten_sm90.resolve_backend(strategy, backend, self.device)
         self._runs = RunCache(max_graphs)
-        self._multiprocessors = None  # the device's, on first use (`_sm_count`)
 
     # ------------------------------------------------------------------ plan
     @classmethod
@@ -395,9 +395,5 @@ class TreeAttention:
         return min(items, CPU_PROGRAMS)
 
     def _sm_count(self) -> int:
-        """Multiprocessors of the device (`CPU_PROGRAMS` under the interpreter), read once: a
-        plan asks for them, and torch's device query costs microseconds of host time."""
-        if self._multiprocessors is None:
-            self._multiprocessors = CPU_PROGRAMS if self.device.type != "cuda" else \
-                torch.cuda.get_device_properties(self.device).multi_processor_count
-        return self._multiprocessors
+        """Multiprocessors of the device (`CPU_PROGRAMS` under the interpreter)."""
+        return multiprocessors(self.device) if self.device.type == "cuda" else CPU_PROGRAMS

@@ -58,11 +58,17 @@ def fill_chunk(strategy: str, tree: Tree, programs: int) -> int:
                 FILL_CHUNKS[-1])
 
 
-@functools.lru_cache(maxsize=16)
 def resident_programs(device: torch.device) -> int:
-    """SMs of a CUDA device (read from the device) x `PROGRAMS_PER_SM`."""
+    """SMs of a CUDA device (`multiprocessors`) x `PROGRAMS_PER_SM`."""
+    return PROGRAMS_PER_SM * multiprocessors(device)
+
+
+@functools.lru_cache(maxsize=16)
+def multiprocessors(device: torch.device) -> int:
+    """SMs of a CUDA device, read from it once (torch's device query costs microseconds of
+    host time, and a plan asks)."""
     index = torch.cuda.current_device() if device.index is None else device.index
-    return PROGRAMS_PER_SM * torch.cuda.get_device_properties(index).multi_processor_count
+    return torch.cuda.get_device_properties(index).multi_processor_count
 
 
 def fill_group(tree: Tree) -> int:
