@@ -40,6 +40,7 @@ import torch
 
 from deft.tree import INDEX_LIMIT, Tree
 from deft.plan import Plan
+from deft.staged_upload import StagedUpload
 from deft.strategies import DEFAULT_CHUNK_SIZE
 
 FIELDS = (
@@ -61,10 +62,11 @@ ENTRY_FIELDS = {"part_start", "part_tokens", "part_entry", "entry_query", "entry
 SLOT_FIELDS = {"token_slot", "subtree_end"}
 
 
-COALESCE = 16384
+COALESCE = 65536
 """Unused int32 elements between two fields' used parts that `PlanBuffers.fill` copies along
-rather than issuing one more copy (64 KiB: a few microseconds of transfer, less than a copy's
-host time)."""
+rather than issuing one more copy: 256 KiB, about what the copy engine moves in the 7 us of
+host time a copy costs on an H200 host (`scripts/fill_probe.py`: at 16384, 2.2x the fill time
+on fewshot_b20, 1.5x on spec_t256)."""
 
 
 PATH_STRATEGIES = ("deft_node", "deft_node_chunk")
@@ -296,25 +298,26 @@ class PlanBuffers:
         self._limits[slot_name] = max_slots
         self._slot_name = slot_name
         self.device = torch.device(device)
+        if self.device.type not in ("cpu", "cuda"):
+            raise ValueError(f"plan buffers live on a CPU or CUDA device, not {self.device}")
         offsets = np.concatenate([[0], np.cumsum([self.capacity[n] for n in FIELDS])])
         self.offsets = [int(o) for o in offsets[:-1]]
         self.data = torch.zeros(int(offsets[-1]), dtype=torch.int32, device=self.device)
         self.views = {n: self.data[o: o + self.capacity[n]] for n, o in zip(FIELDS, self.offsets)}
-        if self.device.type == "cpu":  # the buffers are host memory: fill them directly
-            self._staging = None
+        if self.device.type == "cuda":  # pinned staging, uploaded span by span
+            self._upload = StagedUpload(self.data)
+            self._staging_host = self._upload.host
+        elif self.device.type == "cpu":  # host memory: fill the buffers directly
+            self._upload = None
             self._staging_host = self.data.numpy()
-        else:
-            self._staging = torch.zeros(len(self.data), dtype=torch.int32,
-                                        pin_memory=self.device.type == "cuda")
-            self._staging_host = self._staging.numpy()
-        self._copied = None  # event after the last staging -> device copies
         self._written = {}  # field -> the read-only array the buffers hold, where one does
 
     def fill(self, arrays: dict) -> None:
         """Copy a plan's arrays (`plan_arrays`) into the buffers; raise CapacityError if too big.
 
         The fields are written into the pinned staging area, then copied to the device in as
-        few non-blocking copies as the gaps between their used parts allow (`COALESCE`); on
+        few non-blocking copies as the gaps between their used parts allow (`COALESCE`,
+        `deft.staged_upload`); on
         the CPU straight into the buffers. A read-only field the buffers already hold (the
         very array of the last fill: `deft.fast_plan` keeps arrays between steps) is not
         written again, and ``arrays["kept"]``, ``{field: (array, n)}``, says that a field's
@@ -330,8 +333,19 @@ class PlanBuffers:
                     f"the plan needs {name} >= {need} but this TreeAttention was built with "
                     f"{name}={self._limits[name]}: pass {name}={need} (or more)"
                 )
-        if self._copied is not None:
-            self._copied.synchronize()  # the previous plan's copies have left the staging area
+        if self._upload is not None:
+            self._upload.wait()  # the previous plan's copies have left the staging area
+        try:
+            spans = self._write(arrays)
+        except BaseException:
+            self._written = {}  # a field may be half written: write every field next time
+            raise
+        if self._upload is not None:
+            self._upload.upload(spans)
+
+    def _write(self, arrays: dict) -> list:
+        """Write the fields that changed into the staging area (or the CPU buffers); return
+        the ``[lo, hi)`` spans of the allocation to upload, merged across gaps <= COALESCE."""
         kept_prefix = arrays.get("kept", {})
         spans = []
         for name, offset in zip(FIELDS, self.offsets):
@@ -350,13 +364,7 @@ class PlanBuffers:
                 else:
                     spans.append([lo, hi])
             self._written[name] = values if not values.flags.writeable else None
-        if self._staging is None:
-            return
-        for lo, hi in spans:
-            self.data[lo:hi].copy_(self._staging[lo:hi], non_blocking=True)
-        if self.device.type == "cuda" and spans:
-            self._copied = torch.cuda.Event()
-            self._copied.record()
+        return spans
 
     def layout(self) -> list:
         """Offsets of the fields inside `data`, in `FIELDS` order (what the custom op takes)."""

@@ -1,0 +1,138 @@
+#!/usr/bin/env python3
+"""Host cost of the pieces of PlanBuffers.fill on a GPU (issue #16), and of fill itself with
+the upload of `deft.staged_upload` against the one before it, interleaved in one process.
+
+    python scripts/fill_probe.py      # CUDA only; about 30 s; prints microseconds (medians)
+
+Each mode refills fresh buffers from the same 40 steps' plan arrays of four runs, six times
+round robin; every mode but writes_only must leave the device buffers equal to the last plan.
+"""
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from deft import plan_buffers, workloads as wl  # noqa: E402
+from deft.cache import PagedKVCache, TreeCache, pages_for  # noqa: E402
+from deft.tree_attention import TreeAttention  # noqa: E402
+from deft.plan import check_parameters  # noqa: E402
+from deft.staged_upload import StagedUpload  # noqa: E402
+
+
+def med(fn, reps=400):
+    out = []
+    for _ in range(reps):
+        t = time.perf_counter_ns()
+        fn()
+        out.append((time.perf_counter_ns() - t) / 1e3)
+    return round(statistics.median(out), 2)
+
+
+dev = torch.device("cuda")
+n = 1 << 20
+data = torch.zeros(n, dtype=torch.int32, device=dev)
+pinned = torch.zeros(n, dtype=torch.int32, pin_memory=True)
+plain = torch.zeros(n, dtype=torch.int32)
+reg = np.zeros(n, dtype=np.int32)
+torch.cuda.cudart().cudaHostRegister(reg.ctypes.data, reg.nbytes, 0)
+regt = torch.from_numpy(reg)
+ev = torch.cuda.Event()
+STREAM = torch.cuda.current_stream()
+ev.record()
+torch.cuda.synchronize()
+r = {}
+r["event_new_record"] = med(lambda: torch.cuda.Event().record())
+r["event_record_reused"] = med(lambda: ev.record())
+torch.cuda.synchronize()
+r["event_record_cached_stream"] = med(lambda: ev.record(STREAM))
+r["event_sync_done"] = med(lambda: ev.synchronize())
+r["two_slices"] = med(lambda: (data[100:5000], pinned[100:5000]))
+for size in (64, 4096, 65536):
+    d, p, q, g = data[:size], pinned[:size], plain[:size], regt[:size]
+    r[f"copy_pinned_{size}"] = med(lambda: d.copy_(p, non_blocking=True))
+    torch.cuda.synchronize()
+    r[f"copy_registered_{size}"] = med(lambda: d.copy_(g, non_blocking=True))
+    torch.cuda.synchronize()
+    r[f"copy_pageable_{size}"] = med(lambda: d.copy_(q, non_blocking=True))
+    torch.cuda.synchronize()
+    r[f"slice_copy_pinned_{size}"] = med(lambda: data[:size].copy_(pinned[:size],
+                                                                  non_blocking=True))
+    torch.cuda.synchronize()
+host = pinned.numpy()
+vals = np.arange(5000, dtype=np.int64)
+r["numpy_write_pinned_5000"] = med(lambda: host.__setitem__(slice(0, 5000), vals))
+r["numpy_write_plain_5000"] = med(lambda: reg.__setitem__(slice(0, 5000), vals))
+
+
+
+class LegacyUpload(StagedUpload):
+    """The upload before deft.staged_upload: two fresh slices per span, a fresh event."""
+
+    def upload(self, spans):
+        for lo, hi in spans:
+            self.data[lo:hi].copy_(self._staging[lo:hi], non_blocking=True)
+        if spans:
+            self._event = torch.cuda.Event()
+            self._event.record()
+            self._recorded = True
+
+
+class NoUpload(StagedUpload):
+    """Staging writes only (what fill costs without its copies)."""
+
+    def upload(self, spans):
+        pass
+
+
+MODES = {"legacy": (LegacyUpload, 16384), "cached": (StagedUpload, 16384),
+         "cached_c64k": (StagedUpload, 65536), "one_copy": (StagedUpload, 10**9),
+         "writes_only": (NoUpload, 16384)}
+runs = {"fewshot_b20": wl.fewshot(4000, 20, 400), "fewshot_b256_P55296": wl.fewshot(55296, 256, 40)}
+for name in ("keywordToT", "spec_t256"):
+    try:
+        runs[name] = (wl.reasoning(name, prompt_tokens=4000) if name.startswith("key")
+                      else wl.speculative(256, 4000))
+    except FileNotFoundError as missing:
+        print("skipping", name, missing)
+for run_name, run in runs.items():
+    trees = [run.tree(i) for i in range(40)]
+    big = max(trees, key=lambda t: t.num_tokens)
+    queries = max(256, max(t.num_queries for t in trees))
+    pool = PagedKVCache(4 * pages_for(big, 16) + 64, 16, 1, 16, device=dev)
+    cache = TreeCache(pool)
+    chunk, group, _ = check_parameters("deft_flatten", None, None, 1)
+    ta = TreeAttention("deft_flatten", chunk, group, max_queries=queries,
+                       max_tokens=2 * big.num_tokens)
+    arrays = []
+    for t in trees:
+        cache.apply(t)
+        arrays.append(ta._node_planner.arrays(t, *plan_buffers.host_node_pages(cache, t), 16,
+                                              chunk, group))
+    fills = {m: [] for m in MODES}
+    for rep in range(6):
+        for mode, (kind, coalesce) in MODES.items():
+            plan_buffers.COALESCE = coalesce
+            buf = plan_buffers.PlanBuffers(queries, ta.max_entries, 2 * big.num_tokens, True, dev)
+            buf._upload = kind(buf.data)
+            buf._staging_host = buf._upload.host
+            for a in arrays:
+                torch.cuda.synchronize()
+                t = time.perf_counter_ns()
+                buf.fill(a)
+                fills[mode].append((time.perf_counter_ns() - t) / 1e3)
+            torch.cuda.synchronize()
+            got = buf.data.cpu().numpy()
+            for field, off in zip(plan_buffers.FIELDS, buf.offsets):
+                want = np.asarray(arrays[-1][field])
+                if mode != "writes_only" and not (got[off:off + len(want)] == want).all():
+                    raise SystemExit(f"{run_name} {mode}: field {field} differs after the fills")
+    for mode, v in fills.items():
+        r[f"fill_{mode}_{run_name}"] = round(statistics.median(v), 2)
+r["stream_lookup"] = med(lambda: torch._C._cuda_getCurrentStream(0))
+r["current_stream"] = med(lambda: torch.cuda.current_stream())
+for k, v in r.items():
+    print(f"{k:40s} {v:8.2f} us")
