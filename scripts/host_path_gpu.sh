@@ -7,15 +7,12 @@
 #    the compiled-run tests of tests/test_kernels.py, tests/test_fast_plan.py's device buffers);
 # 2. host: scripts/host_overhead.py on fewshot_b20 and reason_10x500 at 32/8, no torch.compile
 #    (inductor's compiles cost minutes; the compiled run's graph count is a test of step 1);
-# 3. plan: scripts/plan_overhead.py --device cuda over the first 40 steps of every run, then on
-#    four runs with PlanBuffers.fill copying one span (--coalesce) to compare the copies' cost
-#    (plan_one_copy.txt: its records and table);
-# 4. eager: deft-cli bench --timing eager (L2 flushed) of DeFT-Flatten and the peers on the three
-#    smallest anchors at 32/8, where host time decides eager timing (last: FlashInfer's JIT,
-#    about 25 s per FlashInfer method cold: 110 s was too short on 2026-12-01).
-# Each step has its own timeout (about 7 min in all on a cold H200); each writes under $OUT:
-# tests.txt, host_overhead.json/.txt, plan_overhead.json/.txt, plan_one_copy.txt,
-# bench-eager.json/.txt (8 files: what the GPU machine hands back).
+# 3. plan: scripts/plan_overhead.py --device cuda over the first 40 steps of every run;
+# 4. eager: deft-cli bench --timing eager (L2 flushed) of DeFT-Flatten and the peers on the six
+#    anchors at EAGER_HEADS (default 32/8; e.g. EAGER_HEADS=32/8,4/1), last: FlashInfer's JIT
+#    costs about 25 s per FlashInfer method cold, and 32/8 and 4/1 share its kernels (group 4).
+# Each step has its own timeout (about 7 min in all on a cold H200 at 32/8); each writes under
+# $OUT: tests.txt, host_overhead.json/.txt, plan_overhead.json/.txt, bench-eager.json/.txt.
 # Peers come from .peer-wheels (scripts/peer-wheels.sh), as in scripts/bench_gpu.sh.
 set -uo pipefail
 out=${OUT:-host-path-out}
@@ -42,10 +39,7 @@ if compgen -G ".peer-wheels/*.whl" > /dev/null; then
     && export PYTHONPATH=$PYTHONPATH:/tmp/peers
 fi
 step plan_overhead 45 env OUT="$out" python3 scripts/plan_overhead.py --device cuda --steps 40
-# the fill's copies: one span (COALESCE past the whole allocation) against today's threshold
-step plan_one_copy 30 env OUT= python3 scripts/plan_overhead.py --device cuda \
-  --steps 40 --runs fewshot_b20,keywordToT,spec_t256,fewshot_b256_P55296 --coalesce 100000000
-step bench-eager 200 python3 -m cli bench --timing eager --heads 32/8 \
-  --workloads fewshot_b20_P4000_L200,reason_10x500_P1104,spec_t64_P4000 \
+step bench-eager "${EAGER_SECONDS:-300}" python3 -m cli bench --timing eager \
+  --heads "${EAGER_HEADS:-32/8}" \
   --methods deft_flatten,fi_decode,fi_mask,fi_cascade,sglang --json "$out/bench-eager.json"
 exit $status
