@@ -135,6 +135,9 @@ class TreeAttention:
         self.config = config
         self.tuned_from, self._tuned_config = None, None
         self.device = torch.device(device)
+        if self.device.type == "cuda" and not torch.cuda.is_available():
+            raise ValueError(f"device {device!r}: no CUDA device here (device=\"cpu\" plans on "
+                             "the host and runs the kernels under TRITON_INTERPRET=1)")
         if self.device.type == "cuda" and self.device.index is None:
             self.device = torch.device("cuda", torch.cuda.current_device())
         self.buffers = PlanBuffers(self.max_queries, self.max_entries, int(max_kv_slots), flat,

@@ -152,3 +152,14 @@ def test_bf16_kernels_refuse_the_interpreter():
     plan = attn.plan(tree, table)
     with pytest.raises(ValueError, match=message):
         attn.run(q, k_cache, v_cache, plan)
+
+
+def test_a_cuda_tree_attention_without_cuda_says_what_to_pass():
+    import torch
+
+    from deft import TreeAttention
+
+    if torch.cuda.is_available():
+        pytest.skip("this machine has a CUDA device")
+    with pytest.raises(ValueError, match='no CUDA device here .device="cpu"'):
+        TreeAttention("deft_flatten", max_queries=4, max_tokens=64)
