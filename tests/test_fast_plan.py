@@ -266,7 +266,8 @@ def test_a_planner_followed_over_a_whole_run_plans_every_step_exactly(
     reused when the chunks' queries did not change, its slots up to the first page run that
     changed) equals the reference at each step; the pages come from a tree cache following
     the run, or are shuffled afresh every step; the entries come from the dense comparison
-    or (``blocks``, as for a large plan) from `deft.plan_entries.block_rows`."""
+    or (``blocks``, as for a large plan) with the first chunks every query sees in closed
+    form (`deft.plan_entries.entry_rows`)."""
     with pytest.MonkeyPatch.context() as patch:
         if blocks:
             patch.setattr("deft.fast_plan.DENSE_LIMIT", 0)
@@ -346,22 +347,27 @@ def test_buffers_followed_over_a_whole_run_hold_every_step_from_scratch(
     positions=st.lists(st.integers(0, 60), min_size=1, max_size=12, unique=True),
     chunks=st.lists(st.one_of(st.just((0, 61)), st.tuples(st.integers(0, 60), st.integers(0, 61))),
                     min_size=1, max_size=40),
-    full_runs=st.sampled_from([0, 1, 16]),
+    closed=st.integers(0, 40),
 )
-def test_block_rows_equal_the_dense_comparison(positions, chunks, full_runs):
-    """The closed-form blocks of chunks every query sees (up to FULL_RUNS runs of them, then
-    compared like the others) give the dense comparison's entries and rows."""
-    from deft import plan_entries
+def test_entry_rows_equal_the_dense_comparison(positions, chunks, closed):
+    """The closed-form block of the first chunks every query sees (any number of them) and the
+    others compared query by query give the dense comparison's entries and rows: chunk-major
+    entries, rows numbered query by query."""
+    from deft.plan_entries import entry_rows
 
     query_flat = np.array(positions, dtype=np.int64)
-    query_ids = np.arange(len(query_flat))
     start, reach = (np.array(x, dtype=np.int64) for x in zip(*chunks))
     seen = (start[:, None] <= query_flat) & (query_flat < reach[:, None])
-    with pytest.MonkeyPatch.context() as patch:
-        patch.setattr(plan_entries, "FULL_RUNS", full_runs)
-        blocks = plan_entries.block_rows(start, reach, query_flat, query_ids, seen.sum(axis=1))
-    for got, want in zip(blocks, plan_entries.dense_rows(seen, query_ids)):
-        np.testing.assert_array_equal(got, want)
+    full = min(closed, int(seen.all(axis=1).cumprod().sum()))
+    grid = np.tile(np.arange(len(query_flat)), (len(chunks) + 1, 1))
+    got = entry_rows(full, seen[full:], grid)
+    chunk_of, query_of = seen.nonzero()  # chunk-major, a chunk's queries ascending
+    by_query = np.lexsort((chunk_of, query_of))  # query-major, a query's chunks ascending
+    row = np.empty(len(by_query), dtype=np.int64)
+    row[by_query] = np.arange(len(by_query))
+    row_ptr = np.concatenate([[0], np.cumsum(seen.sum(axis=0))])
+    for values, want in zip(got, (query_of, row, row_ptr)):
+        np.testing.assert_array_equal(values, want)
 
 
 @pytest.mark.gpu  # pinned staging and non-blocking copies
