@@ -110,6 +110,7 @@ class NodePlanner:
         self.strategy = strategy
         self._shapes, self._keep = {}, shapes
         self._last_entries = None  # (what the last plan's chunks saw, its entries)
+        self._kept_entries = None  # (the last entry_query, the values this one shares)
         self._last_runs = None  # (page size, the last plan's page runs and slots)
         self._last_page_runs = None  # (page table, its page runs: `_page_runs`)
         self._iota = np.arange(0)
@@ -162,6 +163,8 @@ class NodePlanner:
         part_chunk, part_entry, query_index, entry_row, query_row_ptr = self._entries(
             shape, chunk_start, chunk_reach, query_flat, group_size)
         slots, max_slot, kept = self._slots(shape, ordered, total, page_ptr, pages, page_size)
+        if self._kept_entries:
+            kept["entry_query"] = self._kept_entries
         if max_slot > INDEX_LIMIT:
             raise ValueError(f"cache slot {max_slot} is beyond the int32 limit")
         every_chunk = group_size is None and len(part_chunk) == len(chunk_start)
@@ -202,7 +205,9 @@ class NodePlanner:
     def _entries(self, shape, chunk_start, chunk_reach, query_flat, group_size) -> tuple:
         """The partitions and entries of a plan whose chunk ``c`` is seen by the queries at
         flattened positions ``chunk_start[c] <= F < chunk_reach[c]``, kept for the next step:
-        a decode step often changes the chunks' lengths but not who sees them.
+        a decode step often changes the chunks' lengths but not who sees them. A plan with as
+        many full chunks and queries as the last one shares its block of entry queries
+        (``_kept_entries``).
 
         A small plan compares every chunk with every query; a larger one first counts the
         chunks every query sees up front (a shared prompt's), which take a closed form
@@ -213,7 +218,7 @@ class NodePlanner:
         part_chunk : int64 [partitions]
             Chunk of each partition.
         part_entry : int64 [partitions + 1]
-        entry_query, entry_row : int32 [entries]
+        entry_query, entry_row : int [entries]
         query_row_ptr : int64 [queries + 1]
             As the plan buffers of the same names (read-only: shared between steps).
         """
@@ -227,11 +232,15 @@ class NodePlanner:
                 full = num_chunks
         seen = (chunk_start[full:, None] <= query_flat) & (query_flat < chunk_reach[full:, None])
         key = (full, seen.shape, seen.tobytes(), group_size)
-        if self._last_entries is not None and self._last_entries[0] == key:
-            return self._last_entries[1]
+        last = self._last_entries
+        self._kept_entries = None
+        if last is not None and last[0] == key:
+            return last[1]
+        if full and last is not None and last[0][0] == full and last[0][1][1] == num_queries:
+            self._kept_entries = (last[1][2], full * num_queries)  # the same block first
         per_chunk = np.empty(num_chunks, dtype=np.int64)
         per_chunk[:full] = num_queries
-        seen.sum(axis=1, out=per_chunk[full:])
+        np.add.reduce(seen, axis=1, out=per_chunk[full:])
         rows = entry_rows(full, seen, self._query_grid(num_queries, num_chunks - full))
         entries = (*partitions(per_chunk, group_size), *rows)
         for array in entries:
@@ -262,8 +271,7 @@ class NodePlanner:
         return chunk_start, np.minimum(chunk_start + chunk, node_end[node]), node_reach[node]
 
     def _page_runs(self, shape, page_ptr, pages, page_size) -> tuple:
-        """(pages of each preorder node, int64 [nodes]; the slots they hold, int64 [nodes];
-        page_size times its first page's rank in preorder, int64 [nodes]; page * page_size of
+        """(pages of each preorder node, int64 [nodes]; page_size times its first page's rank in preorder, int64 [nodes]; page * page_size of
         every page in preorder, int64 [pages]; page_size times 0, 1, ..., pages - 1), kept for
         a read-only page table passed again with the same shape (the tree cache's, at a decode
         step that took no new page)."""
@@ -286,8 +294,8 @@ class NodePlanner:
             run_page = pages[positions + (page_ptr[:-1][order] - page_first).repeat(counts)]
             run_page *= page_size
         run_page.flags.writeable = False
-        self._last_page_runs = (key, (counts, counts * page_size, page_first * page_size,
-                                      run_page, positions * page_size))
+        self._last_page_runs = (key, (counts, page_first * page_size, run_page,
+                                      positions * page_size))
         return self._last_page_runs[1]
 
     def _slots(self, shape, ordered, total, page_ptr, pages, page_size):
@@ -300,17 +308,18 @@ class NodePlanner:
         shared with this one, up to the first that differs, keep the last plan's slots (a step
         that grows the last nodes of the preorder lays out only their pages).
         """
-        counts, held, first_slot, run_page, run_base = self._page_runs(shape, page_ptr, pages,
-                                                                       page_size)
-        if (held < ordered).any():
-            short = (held < ordered).nonzero()[0]
-            node = shape.order[short[0]]
-            raise ValueError(f"node index {node} holds {ordered[short[0]]} tokens but "
-                             f"the page table gives it {counts[short[0]]} pages of {page_size}")
+        counts, first_slot, run_page, run_base = self._page_runs(shape, page_ptr, pages,
+                                                                 page_size)
         # a page's run: its node's tokens past the node's pages before it, at most page_size
         run = (ordered + first_slot).repeat(counts) - run_base
         np.minimum(np.maximum(run, 0, out=run), page_size, out=run)
-        run_start = run.cumsum() - run  # the flattened position of each page's first slot
+        run_end = run.cumsum()
+        if not len(run) or run_end[-1] < total:  # the runs hold fewer tokens than the nodes
+            short = (counts * page_size < ordered).nonzero()[0]
+            node = shape.order[short[0]]
+            raise ValueError(f"node index {node} holds {ordered[short[0]]} tokens but "
+                             f"the page table gives it {counts[short[0]]} pages of {page_size}")
+        run_start = run_end - run  # the flattened position of each page's first slot
         same = 0  # runs shared with the last plan
         if self._last_runs is not None and self._last_runs[0] == page_size:
             last_page, last_run, last_slots = self._last_runs[1:]

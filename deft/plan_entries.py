@@ -33,23 +33,30 @@ def partitions(per_chunk: np.ndarray, group_size) -> tuple:
 
 
 def entry_rows(full: int, seen: np.ndarray, query_grid: np.ndarray) -> tuple:
-    """(entry_query, entry_row: int32 [entries], int64 past 2**31 entries; query_row_ptr:
-    int64 [queries + 1]) of a plan whose first ``full`` chunks every query sees and whose
-    other chunks the queries see as ``seen`` (bool [chunks - full, queries]).
+    """(entry_query, entry_row: int [entries]; query_row_ptr: int64 [queries + 1]) of a plan
+    whose first ``full`` chunks every query sees and whose other chunks the queries see as
+    ``seen`` (bool [chunks - full, queries]).
 
     The first chunks are one block of entries: queries 0, 1, ... chunk after chunk, a query's
     row growing by one from a chunk to the next. ``query_grid`` (int [at least chunks - full,
-    queries]) holds the query ids 0, 1, ... in every row.
+    queries]) holds the query ids 0, 1, ... in every row. The entries are int32 (the plan
+    buffers' type, half the bytes to write) where there are full chunks and fewer than 2**31
+    entries, else int64.
     """
     rest, num_queries = seen.shape
     ids = query_grid[0]
     # the other chunks' entries numbered query-major, up to each one: [queries, rest]
     through = seen.T.ravel().cumsum().reshape(num_queries, rest)
+    query_row_ptr = np.zeros(num_queries + 1, dtype=np.int64)
+    if rest:
+        query_row_ptr[1:] = through[:, -1]
+    if not full:
+        rest_row = through.T[seen]
+        rest_row -= 1
+        return query_grid[:rest][seen], rest_row, query_row_ptr
     full_through = ids * full
-    full_through += full  # the full chunks' entries of each query and those before it
-    query_row_ptr = np.empty(num_queries + 1, dtype=np.int64)
-    query_row_ptr[0] = 0
-    query_row_ptr[1:] = full_through + through[:, -1] if rest else full_through
+    full_through += full  # the full chunks' entries of each query and of those before it
+    query_row_ptr[1:] += full_through
     full_through -= 1
     rest_row = (through.T + full_through)[seen]  # a query's rows: its full chunks' first
     block = full * num_queries
@@ -58,11 +65,10 @@ def entry_rows(full: int, seen: np.ndarray, query_grid: np.ndarray) -> tuple:
     entry_row = np.empty_like(entry_query)
     entry_query[block:] = query_grid[:rest][seen]
     entry_row[block:] = rest_row
-    if full:
-        entry_query[:block].reshape(full, num_queries)[:] = ids
-        np.add(query_row_ptr[:-1].astype(entry_row.dtype),
-               np.arange(full, dtype=entry_row.dtype)[:, None],
-               out=entry_row[:block].reshape(full, num_queries))
+    entry_query[:block].reshape(full, num_queries)[:] = ids
+    np.add(query_row_ptr[:-1].astype(entry_row.dtype),
+           np.arange(full, dtype=entry_row.dtype)[:, None],
+           out=entry_row[:block].reshape(full, num_queries))
     return entry_query, entry_row, query_row_ptr
 
 

@@ -295,6 +295,49 @@ def follow_a_run(seed, kind, strategy, page_size, chunk, group, followed):
         assert fast["max_slot"] == reference["max_slot"]
 
 
+@settings(max_examples=40, deadline=None)
+@given(
+    seed=st.integers(0, 50),
+    kind=st.sampled_from(["tot", "token_tree", "fewshot", "mixed"]),
+    strategy=st.sampled_from(FAST_STRATEGIES),
+    page_size=st.sampled_from([1, 4]),
+    sizes_by_step=st.lists(st.tuples(st.sampled_from([2, 3, 16]),
+                                     st.sampled_from([None, 1, 2])), min_size=1, max_size=4),
+    twice=st.lists(st.booleans(), min_size=16, max_size=16),
+    blocks=st.booleans(),
+)
+def test_kept_arrays_hold_what_they_claim_step_after_step(
+        seed, kind, strategy, page_size, sizes_by_step, twice, blocks):
+    """One planner over a run whose chunk and group sizes change from step to step, some trees
+    planned twice: every step equals the reference, and what it says it keeps from the last
+    step's arrays (the very same read-only array, or ``kept``'s shared prefix of one) holds."""
+    from deft.cache import PagedKVCache, TreeCache
+
+    cache = TreeCache(PagedKVCache(4096, page_size, 1, 4))
+    planner = NodePlanner(strategy, shapes=2)
+    last = {}
+    with pytest.MonkeyPatch.context() as patch:
+        if blocks:
+            patch.setattr("deft.fast_plan.DENSE_LIMIT", 0)
+        for step, tree in enumerate(run_of(kind, seed)):
+            cache.apply(tree)
+            page_ptr, pages = cache.host_node_pages(tree)
+            chunk, group = sizes(strategy, *sizes_by_step[step % len(sizes_by_step)])
+            reference = plan_arrays(build_plan(strategy, tree, chunk, group, page_size),
+                                    page_ptr, pages, flat=True)
+            for _ in range(2 if twice[step % 16] else 1):
+                fast = planner.arrays(tree, page_ptr, pages, page_size, chunk, group)
+                for name in FIELDS:
+                    np.testing.assert_array_equal(fast[name], reference[name],
+                                                  err_msg=f"step {step}: {name}")
+                    if fast[name] is last.get(name):
+                        assert not fast[name].flags.writeable
+                for name, (array, n) in fast["kept"].items():
+                    assert array is last[name] and not array.flags.writeable
+                    np.testing.assert_array_equal(array[:n], fast[name][:n])
+                last = {name: fast[name] for name in FIELDS}
+
+
 def test_a_step_whose_chunks_keep_their_queries_reuses_the_entries():
     planner = NodePlanner("deft_flatten")
     first, second = (planner.arrays(tree, *page_table(tree, 1, 0).host_node_pages(tree), 1,
