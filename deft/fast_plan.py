@@ -12,9 +12,10 @@ sees token f iff ``f <= F < end[f]``; every token's ``end[f] > f``. So a query s
 of a chunk ``[a, b)`` (a run inside the flattened order) iff ``a <= F < max(end[a:b])``: if
 F lies inside the chunk it sees its own token, if F is past the chunk it needs one token whose
 subtree reaches past F, and it sees nothing before its own position. Every chunk is then an
-interval test against the queries: one ``[chunks, queries]`` comparison for a small plan, and
-for a large one a range of the queries sorted by position, the chunks every query sees (a
-shared prompt's) written in closed form (`deft.plan_entries`).
+interval test against the queries: one ``[chunks, queries]`` comparison for a small plan; a
+large one first counts the leading chunks every query sees (a shared prompt's: those that
+start at or before the first query and reach past the last), writes their entries in closed
+form and compares only the others (`deft.plan_entries`).
 
 What depends only on the tree's shape (preorder, subtree ends in preorder positions, query
 nodes) is kept per shape, so a decode step that only grows nodes reuses it; and what depends
@@ -22,7 +23,8 @@ only on which queries see which chunks (partitions, entries, partial rows) is ke
 last plan, so a step that moves the chunks' bounds but not their queries reuses that too.
 The cache slots are laid out a page at a time (a page is a run of consecutive slots), from
 the first page run that differs from the last plan's; the plan buffers then rewrite only the
-slots from there and skip the entries kept (`deft.plan_buffers.PlanBuffers.fill`). A page
+slots from there, skip the entries kept, and the entry queries of the leading chunks every
+query sees where they are as many as the last plan's (`deft.plan_buffers.PlanBuffers.fill`). A page
 table passed again, read-only (the tree cache's while the steps take no new page), keeps its
 pages in preorder from the last plan.
 """
