@@ -240,9 +240,12 @@ class NodePlanner:
             return last[1]
         if full and last is not None and last[0][0] == full and last[0][1][1] == num_queries:
             self._kept_entries = (last[1][2], full * num_queries)  # the same block first
-        per_chunk = np.add.reduce(seen, axis=1)
         if full:
-            per_chunk = np.concatenate((np.full(full, num_queries), per_chunk))
+            per_chunk = np.empty(num_chunks, dtype=np.int64)
+            per_chunk[:full] = num_queries
+            np.add.reduce(seen, axis=1, out=per_chunk[full:])
+        else:
+            per_chunk = np.add.reduce(seen, axis=1)
         rows = entry_rows(full, seen, self._query_grid(num_queries, num_chunks - full))
         entries = (*partitions(per_chunk, group_size), *rows)
         for array in entries:
