@@ -24,9 +24,9 @@ last plan, so a step that moves the chunks' bounds but not their queries reuses 
 The cache slots are laid out a page at a time (a page is a run of consecutive slots), from
 the first page run that differs from the last plan's; the plan buffers then rewrite only the
 slots from there, skip the entries kept, and the entry queries of the leading chunks every
-query sees where they are as many as the last plan's (`deft.plan_buffers.PlanBuffers.fill`). A page
-table passed again, read-only (the tree cache's while the steps take no new page), keeps its
-pages in preorder from the last plan.
+query sees where they are as many as the last plan's (`deft.plan_buffers.PlanBuffers.fill`).
+A page table passed again, read-only (the tree cache's while the steps take no new page),
+keeps its pages in preorder from the last plan.
 """
 
 from __future__ import annotations
@@ -276,10 +276,10 @@ class NodePlanner:
         return chunk_start, np.minimum(chunk_start + chunk, node_end[node]), node_reach[node]
 
     def _page_runs(self, shape, page_ptr, pages, page_size) -> tuple:
-        """(pages of each preorder node, int64 [nodes]; page_size times its first page's rank in preorder, int64 [nodes]; page * page_size of
-        every page in preorder, int64 [pages]; page_size times 0, 1, ..., pages - 1), kept for
-        a read-only page table passed again with the same shape (the tree cache's, at a decode
-        step that took no new page)."""
+        """(pages of each preorder node, int64 [nodes]; page_size times its first page's rank
+        in preorder, int64 [nodes]; page * page_size of every page in preorder, int64 [pages];
+        page_size times 0, 1, ..., pages - 1), kept for a read-only page table passed again
+        with the same shape (the tree cache's, at a decode step that took no new page)."""
         key, last = (shape, page_ptr, pages, page_size), self._last_page_runs
         if last is not None and all(a is b for a, b in zip(key[:3], last[0][:3])) \
                 and page_size == last[0][3] and not page_ptr.flags.writeable \
