@@ -255,10 +255,10 @@ class NodePlanner:
 
     def _chunks(self, order, ordered, through, end, subtree_end, chunk):
         """(start, end, reach) of every chunk in plan order: its flattened run and the largest
-        subtree end of its tokens. int64 [chunks] each (the starts may be read-only)."""
+        subtree end of its tokens. int64 [chunks] each."""
         if self.strategy == "deft_flatten":  # the flattened order cut into even blocks
             total = len(subtree_end)
-            chunk_start = self._positions(total)[::chunk]
+            chunk_start = self._positions(total)[::chunk].copy()
             chunk_end = chunk_start + chunk
             chunk_end[-1] = total
             return chunk_start, chunk_end, np.maximum.reduceat(subtree_end, chunk_start)
