@@ -12,9 +12,10 @@ sees token f iff ``f <= F < end[f]``; every token's ``end[f] > f``. So a query s
 of a chunk ``[a, b)`` (a run inside the flattened order) iff ``a <= F < max(end[a:b])``: if
 F lies inside the chunk it sees its own token, if F is past the chunk it needs one token whose
 subtree reaches past F, and it sees nothing before its own position. Every chunk is then an
-interval test against the queries: one ``[chunks, queries]`` comparison for a small plan, and
-for a large one a range of the queries sorted by position, the chunks every query sees (a
-shared prompt's) written in closed form (`deft.plan_entries`).
+interval test against the queries: one ``[chunks, queries]`` comparison for a small plan; a
+large one first counts the leading chunks every query sees (a shared prompt's: those that
+start at or before the first query and reach past the last), writes their entries in closed
+form and compares only the others (`deft.plan_entries`).
 
 What depends only on the tree's shape (preorder, subtree ends in preorder positions, query
 nodes) is kept per shape, so a decode step that only grows nodes reuses it; and what depends
@@ -22,24 +23,26 @@ only on which queries see which chunks (partitions, entries, partial rows) is ke
 last plan, so a step that moves the chunks' bounds but not their queries reuses that too.
 The cache slots are laid out a page at a time (a page is a run of consecutive slots), from
 the first page run that differs from the last plan's; the plan buffers then rewrite only the
-slots from there and skip the entries kept (`deft.plan_buffers.PlanBuffers.fill`). A page
-table passed again, read-only (the tree cache's while the steps take no new page), keeps its
-pages in preorder from the last plan.
+slots from there, skip the entries kept, and the entry queries of the leading chunks every
+query sees where they are as many as the last plan's (`deft.plan_buffers.PlanBuffers.fill`).
+A page table passed again, read-only (the tree cache's while the steps take no new page),
+keeps its pages in preorder from the last plan.
 """
 
 from __future__ import annotations
 
 import numpy as np
 
-from deft.plan_entries import block_rows, dense_rows, partitions
+from deft.plan_entries import entry_rows, partitions
 from deft.tree import INDEX_LIMIT
 
 FAST_STRATEGIES = ("deft_node", "deft_node_chunk", "deft_flatten")
 """The strategies `NodePlanner` plans (the others go through `deft.plan.build_plan`)."""
 
-DENSE_LIMIT = 16384
+DENSE_LIMIT = 2048
 """Plans of at most this many (chunk, query) pairs compare each chunk with each query (fewer
-numpy calls); larger ones take `deft.plan_entries.block_rows`."""
+numpy calls); larger ones write the first chunks every query sees in closed form
+(`deft.plan_entries.entry_rows`)."""
 
 
 class _Shape:
@@ -59,8 +62,9 @@ class _Shape:
     in_order : bool
         Whether the preorder is the node-index order (a page table then lists its pages in
         preorder already).
-    query_ids : int64 [queries]
-        0, 1, ... (each query's index).
+    first_query, last_query : int
+        The queries at the lowest and the highest flattened position (a query's flattened
+        position grows with its node's preorder position, then with its own).
     """
 
     def __init__(self, parent: np.ndarray, queries: np.ndarray):
@@ -84,8 +88,10 @@ class _Shape:
         preorder_position = np.empty(n, dtype=np.int64)
         preorder_position[self.order] = np.arange(n)
         self.query_order = np.repeat(preorder_position, queries)
-        self.query_ids = np.arange(len(self.query_order))
-        self.query_shift = self.query_ids - np.repeat(np.cumsum(queries), queries)
+        query_ids = np.arange(len(self.query_order))
+        self.query_shift = query_ids - np.repeat(np.cumsum(queries), queries)
+        by_flat = np.lexsort((self.query_shift, self.query_order))
+        self.first_query, self.last_query = int(by_flat[0]), int(by_flat[-1])
         self.in_order = bool((self.order == np.arange(n)).all())
 
 
@@ -106,9 +112,11 @@ class NodePlanner:
         self.strategy = strategy
         self._shapes, self._keep = {}, shapes
         self._last_entries = None  # (what the last plan's chunks saw, its entries)
+        self._kept_entries = None  # (the last entry_query, the values this one shares)
         self._last_runs = None  # (page size, the last plan's page runs and slots)
         self._last_page_runs = None  # (page table, its page runs: `_page_runs`)
         self._iota = np.arange(0)
+        self._grid = np.zeros((0, 0), dtype=np.int64)  # `_query_grid`
 
     def shape(self, parent: np.ndarray, queries: np.ndarray) -> _Shape:
         """The shape of a tree with these parents and query counts (node arrays)."""
@@ -145,27 +153,28 @@ class NodePlanner:
         plan's (`deft.plan_buffers.PlanBuffers.fill`). Arrays the planner keeps between steps
         are read-only.
         """
-        tokens = tree.tokens
         shape = self.shape(tree.parent, tree.queries)
-        order = shape.order
-        ordered = tokens[order]
+        ordered = tree.tokens if shape.in_order else tree.tokens[shape.order]
         through = ordered.cumsum()  # flattened end of each preorder node
-        start = through - ordered  # flattened start of each preorder node
         total = int(through[-1])
         end = through[shape.last]  # flattened end of each preorder node's subtree
         query_flat = through[shape.query_order] + shape.query_shift
         subtree_end = end.repeat(ordered)  # per flattened position
-        chunk_start, chunk_end, chunk_reach = self._chunks(order, start, through, end, total,
-                                                           chunk_size)
+        chunk_start, chunk_end, chunk_reach = self._chunks(shape.order, ordered, through, end,
+                                                           subtree_end, chunk_size)
         part_chunk, part_entry, query_index, entry_row, query_row_ptr = self._entries(
-            chunk_start, chunk_reach, query_flat, shape.query_ids, group_size)
+            shape, chunk_start, chunk_reach, query_flat, group_size)
         slots, max_slot, kept = self._slots(shape, ordered, total, page_ptr, pages, page_size)
+        if self._kept_entries:
+            kept["entry_query"] = self._kept_entries
         if max_slot > INDEX_LIMIT:
             raise ValueError(f"cache slot {max_slot} is beyond the int32 limit")
+        every_chunk = group_size is None and len(part_chunk) == len(chunk_start)
         return dict(
             counts=np.array([len(part_chunk), len(query_flat)]),
-            part_start=chunk_start[part_chunk],
-            part_tokens=(chunk_end - chunk_start)[part_chunk],
+            part_start=chunk_start if every_chunk else chunk_start[part_chunk],
+            part_tokens=chunk_end - chunk_start if every_chunk
+            else (chunk_end - chunk_start)[part_chunk],
             part_entry=part_entry,
             entry_query=query_index,
             entry_row=entry_row,
@@ -186,62 +195,78 @@ class NodePlanner:
             self._iota.flags.writeable = False
         return self._iota[:total]
 
-    def _entries(self, chunk_start, chunk_reach, query_flat, query_ids, group_size) -> tuple:
+    def _query_grid(self, num_queries: int, rows: int) -> np.ndarray:
+        """The query ids 0, 1, ..., num_queries - 1 in each of at least ``rows`` rows (and one),
+        int64 [rows', num_queries] read-only, kept."""
+        if self._grid.shape[1] != num_queries or len(self._grid) < rows:
+            self._grid = np.empty((max(rows, 1), num_queries), dtype=np.int64)
+            self._grid[:] = np.arange(num_queries)
+            self._grid.flags.writeable = False
+        return self._grid
+
+    def _entries(self, shape, chunk_start, chunk_reach, query_flat, group_size) -> tuple:
         """The partitions and entries of a plan whose chunk ``c`` is seen by the queries at
         flattened positions ``chunk_start[c] <= F < chunk_reach[c]``, kept for the next step:
-        a decode step often changes the chunks' lengths but not who sees them.
+        a decode step often changes the chunks' lengths but not who sees them. A plan with as
+        many full chunks and queries as the last one shares its block of entry queries
+        (``_kept_entries``).
 
-        A small plan compares every chunk with every query (`deft.plan_entries.dense_rows`);
-        a larger one ranks the queries by position, so that a chunk's queries are one range
-        ``[lo, hi)`` of that order and the chunks every query sees take closed forms
-        (`deft.plan_entries.block_rows`).
+        A small plan compares every chunk with every query; a larger one first counts the
+        chunks every query sees up front (a shared prompt's), which take a closed form
+        (`deft.plan_entries.entry_rows`), and compares only the others.
 
         Returns
         -------
         part_chunk : int64 [partitions]
             Chunk of each partition.
         part_entry : int64 [partitions + 1]
-        entry_query, entry_row : int64 [entries]
+        entry_query, entry_row : int [entries]
         query_row_ptr : int64 [queries + 1]
             As the plan buffers of the same names (read-only: shared between steps).
         """
-        seen = None
-        if len(chunk_start) * len(query_flat) <= DENSE_LIMIT:
-            seen = (chunk_start[:, None] <= query_flat) & (query_flat < chunk_reach[:, None])
-            key = (seen.shape, seen.tobytes(), group_size)
+        num_chunks, num_queries = len(chunk_start), len(query_flat)
+        full = 0  # the first chunks, seen by every query
+        if num_chunks * num_queries > DENSE_LIMIT:
+            missed = (chunk_start > query_flat[shape.first_query]) \
+                | (chunk_reach <= query_flat[shape.last_query])
+            full = int(missed.argmax())
+            if not missed[full]:
+                full = num_chunks
+        seen = (chunk_start[full:, None] <= query_flat) & (query_flat < chunk_reach[full:, None])
+        key = (full, seen.shape, seen.tobytes(), group_size)
+        last = self._last_entries
+        self._kept_entries = None
+        if last is not None and last[0] == key:
+            return last[1]
+        if full and last is not None and last[0][0] == full and last[0][1][1] == num_queries:
+            self._kept_entries = (last[1][2], full * num_queries)  # the same block first
+        if full:
+            per_chunk = np.empty(num_chunks, dtype=np.int64)
+            per_chunk[:full] = num_queries
+            np.add.reduce(seen, axis=1, out=per_chunk[full:])
         else:
-            by_flat = np.argsort(query_flat)
-            ranked = query_flat[by_flat]
-            lo, hi = np.searchsorted(ranked, chunk_start), np.searchsorted(ranked, chunk_reach)
-            key = (lo.tobytes(), hi.tobytes(), by_flat.tobytes(), group_size)
-        if self._last_entries is not None and self._last_entries[0] == key:
-            return self._last_entries[1]
-        if seen is not None:
-            per_chunk = seen.sum(axis=1)
-            rows = dense_rows(seen, query_ids)
-        else:
-            per_chunk = hi - lo
-            rows = block_rows(chunk_start, chunk_reach, query_flat, query_ids, per_chunk)
+            per_chunk = np.add.reduce(seen, axis=1)
+        rows = entry_rows(full, seen, self._query_grid(num_queries, num_chunks - full))
         entries = (*partitions(per_chunk, group_size), *rows)
         for array in entries:
             array.flags.writeable = False
         self._last_entries = (key, entries)
         return entries
 
-    def _chunks(self, order, start, through, end, total, chunk):
+    def _chunks(self, order, ordered, through, end, subtree_end, chunk):
         """(start, end, reach) of every chunk in plan order: its flattened run and the largest
         subtree end of its tokens. int64 [chunks] each."""
         if self.strategy == "deft_flatten":  # the flattened order cut into even blocks
-            chunk_start = np.arange(0, total, chunk)
-            chunk_end = np.minimum(chunk_start + chunk, total)
-            # the largest subtree end of the (preorder) nodes each chunk overlaps
-            first = through.searchsorted(chunk_start, side="right")
-            last = through.searchsorted(chunk_end - 1, side="right")
-            return chunk_start, chunk_end, np.maximum(np.maximum.reduceat(end, first), end[last])
+            total = len(subtree_end)
+            chunk_start = self._positions(total)[::chunk].copy()
+            chunk_end = chunk_start + chunk
+            chunk_end[-1] = total
+            return chunk_start, chunk_end, np.maximum.reduceat(subtree_end, chunk_start)
         # deft_node, deft_node_chunk: each node's run by node index, cut into chunks
-        by_index = np.empty_like(start)
+        by_index = np.empty_like(order)
         by_index[order] = np.arange(len(order))
-        node_start, node_end, node_reach = (x[by_index] for x in (start, through, end))
+        node_start, node_end, node_reach = (x[by_index] for x in (through - ordered, through,
+                                                                   end))
         if chunk is None:
             return node_start, node_end, node_reach
         count = -(-(node_end - node_start) // chunk)
@@ -251,10 +276,10 @@ class NodePlanner:
         return chunk_start, np.minimum(chunk_start + chunk, node_end[node]), node_reach[node]
 
     def _page_runs(self, shape, page_ptr, pages, page_size) -> tuple:
-        """(pages of each preorder node, int64 [nodes]; its first page's rank in preorder,
-        int64 [nodes]; page * page_size of every page in preorder, int64 [pages]; 0, 1, ...,
-        pages - 1), kept for a read-only page table passed again with the same shape (the
-        tree cache's, at a decode step that took no new page)."""
+        """(pages of each preorder node, int64 [nodes]; page_size times its first page's rank
+        in preorder, int64 [nodes]; page * page_size of every page in preorder, int64 [pages];
+        page_size times 0, 1, ..., pages - 1), kept for a read-only page table passed again
+        with the same shape (the tree cache's, at a decode step that took no new page)."""
         key, last = (shape, page_ptr, pages, page_size), self._last_page_runs
         if last is not None and all(a is b for a, b in zip(key[:3], last[0][:3])) \
                 and page_size == last[0][3] and not page_ptr.flags.writeable \
@@ -274,7 +299,8 @@ class NodePlanner:
             run_page = pages[positions + (page_ptr[:-1][order] - page_first).repeat(counts)]
             run_page *= page_size
         run_page.flags.writeable = False
-        self._last_page_runs = (key, (counts, page_first, run_page, positions))
+        self._last_page_runs = (key, (counts, page_first * page_size, run_page,
+                                      positions * page_size))
         return self._last_page_runs[1]
 
     def _slots(self, shape, ordered, total, page_ptr, pages, page_size):
@@ -287,17 +313,18 @@ class NodePlanner:
         shared with this one, up to the first that differs, keep the last plan's slots (a step
         that grows the last nodes of the preorder lays out only their pages).
         """
-        counts, page_first, run_page, positions = self._page_runs(shape, page_ptr, pages,
-                                                                  page_size)
-        if (counts * page_size < ordered).any():
+        counts, first_slot, run_page, run_base = self._page_runs(shape, page_ptr, pages,
+                                                                 page_size)
+        # a page's run: its node's tokens past the node's pages before it, at most page_size
+        run = (ordered + first_slot).repeat(counts) - run_base
+        np.minimum(np.maximum(run, 0, out=run), page_size, out=run)
+        run_end = run.cumsum()
+        if not len(run) or run_end[-1] < total:  # the runs hold fewer tokens than the nodes
             short = (counts * page_size < ordered).nonzero()[0]
             node = shape.order[short[0]]
             raise ValueError(f"node index {node} holds {ordered[short[0]]} tokens but "
                              f"the page table gives it {counts[short[0]]} pages of {page_size}")
-        # a page's run: its node's tokens past the node's pages before it, at most page_size
-        run = (ordered + page_first * page_size).repeat(counts) - positions * page_size
-        np.minimum(np.maximum(run, 0, out=run), page_size, out=run)
-        run_start = run.cumsum() - run  # the flattened position of each page's first slot
+        run_start = run_end - run  # the flattened position of each page's first slot
         same = 0  # runs shared with the last plan
         if self._last_runs is not None and self._last_runs[0] == page_size:
             last_page, last_run, last_slots = self._last_runs[1:]

@@ -7,18 +7,14 @@ query) pair, chunk-major, a chunk's queries ascending) with their partial-result
 (numbered query by query, a query's entries in chunk order: the plan buffers' layout,
 `deft.plan_buffers`).
 
-`dense_rows` compares every chunk with every query; `block_rows` does the same in far fewer
-element operations when many chunks are seen by every query (a shared prompt's), which is
-what a plan of 256 queries over a 64k-token prompt is made of.
+`entry_rows` writes the first chunks, those every query sees (a shared prompt's), in closed
+form and compares only the others with each query: a plan of 256 queries over a 64k-token
+prompt is mostly made of the former.
 """
 
 from __future__ import annotations
 
 import numpy as np
-
-FULL_RUNS = 16
-"""Runs of chunks seen by every query that `block_rows` writes in closed form; past that it
-compares those chunks query by query like the others."""
 
 
 def partitions(per_chunk: np.ndarray, group_size) -> tuple:
@@ -36,72 +32,49 @@ def partitions(per_chunk: np.ndarray, group_size) -> tuple:
     return part_chunk, pointers(np.minimum(group_size, per_chunk[part_chunk] - rank * group_size))
 
 
-def dense_rows(seen: np.ndarray, query_ids: np.ndarray) -> tuple:
-    """(entry_query, entry_row: int64 [entries]; query_row_ptr: int64 [queries + 1]) of chunks
-    the queries see as ``seen`` (bool [chunks, queries])."""
-    row_of = seen.T.ravel().cumsum().reshape(seen.shape[1], seen.shape[0]).T
-    return (np.broadcast_to(query_ids, seen.shape)[seen], row_of[seen] - 1,
-            pointers(seen.sum(axis=0)))
+def entry_rows(full: int, seen: np.ndarray, query_grid: np.ndarray) -> tuple:
+    """(entry_query, entry_row: int [entries]; query_row_ptr: int64 [queries + 1]) of a plan
+    whose first ``full`` chunks every query sees and whose other chunks the queries see as
+    ``seen`` (bool [chunks - full, queries]).
 
-
-def block_rows(chunk_start, chunk_reach, query_flat, query_ids, per_chunk) -> tuple:
-    """`dense_rows` of the chunks ``chunk_start <= F < chunk_reach`` (int64 [chunks] each),
-    with ``per_chunk`` (int64 [chunks]) queries each.
-
-    A run of chunks every query sees is a block of entries: its queries are ``query_ids``
-    chunk after chunk, and a query's row grows by one from a chunk to the next. Only the other
-    chunks are compared query by query. ``entry_query`` and ``entry_row`` come as int32 (the
-    plan buffers' type) while the entries fit in it.
+    The first chunks are one block of entries: queries 0, 1, ... chunk after chunk, a query's
+    row growing by one from a chunk to the next. ``query_grid`` (int [at least chunks - full,
+    queries]) holds the query ids 0, 1, ... in every row. The entries are int32 (the plan
+    buffers' type, half the bytes to write) where there are full chunks and fewer than 2**31
+    entries, else int64.
     """
-    num_queries = len(query_flat)
-    full = per_chunk == num_queries
-    runs = _runs(full)
-    if len(runs) > FULL_RUNS:
-        full, runs = np.zeros_like(full), runs[:0]
-    num_full = int(full.sum())
-    full_before = np.cumsum(full) - full  # chunks every query sees, before each chunk
-    rest = np.flatnonzero(~full & (per_chunk > 0))
-    seen = (chunk_start[rest, None] <= query_flat) & (query_flat < chunk_reach[rest, None])
-    # the rest's entries numbered query-major: [queries, rest], entries up to each one
-    through = np.cumsum(seen.T.ravel()).reshape(num_queries, len(rest))
-    rest_through = through[:, -1] if len(rest) else np.zeros(num_queries, dtype=np.int64)
-    query_row_ptr = pointers(num_full + np.diff(rest_through, prepend=0))
-    full_rows = num_full * query_ids  # rows the queries before take in the full chunks
-    rest_query = np.broadcast_to(query_ids, seen.shape)[seen]
-    rest_row = (full_rows + full_before[rest][:, None] + through.T - 1)[seen]
-    entry_ptr = pointers(per_chunk)
-    # int32 (the plan buffers' type, half the bytes to write) while the rows fit in it
-    entry_query = np.empty(int(entry_ptr[-1]), dtype=np.int32 if entry_ptr[-1] < 2**31
-                           else np.int64)
+    rest, num_queries = seen.shape
+    ids = query_grid[0]
+    # the other chunks' entries numbered query-major, up to each one: [queries, rest]
+    through = seen.T.ravel().cumsum().reshape(num_queries, rest)
+    query_row_ptr = np.zeros(num_queries + 1, dtype=np.int64)
+    if rest:
+        query_row_ptr[1:] = through[:, -1]
+    if not full:
+        rest_row = through.T[seen]
+        rest_row -= 1
+        return query_grid[:rest][seen], rest_row, query_row_ptr
+    full_through = ids * full
+    full_through += full  # the full chunks' entries of each query and of those before it
+    query_row_ptr[1:] += full_through
+    full_through -= 1
+    rest_row = (through.T + full_through)[seen]  # a query's rows: its full chunks' first
+    block = full * num_queries
+    count = block + len(rest_row)
+    entry_query = np.empty(count, dtype=np.int32 if count < 2**31 else np.int64)
     entry_row = np.empty_like(entry_query)
-    taken = 0  # rest entries placed
-    for a, b in runs.tolist():
-        block_start = int(entry_ptr[a])
-        upto = block_start - num_queries * int(full_before[a])  # rest entries before chunk a
-        entry_query[block_start - (upto - taken): block_start] = rest_query[taken:upto]
-        entry_row[block_start - (upto - taken): block_start] = rest_row[taken:upto]
-        taken = upto
-        rest_before = int(np.searchsorted(rest, a))
-        before = full_rows + int(full_before[a])  # each query's row in chunk a
-        before += through[:, rest_before - 1] if rest_before else query_row_ptr[:-1] - full_rows
-        block = slice(block_start, block_start + (b - a) * num_queries)
-        entry_query[block].reshape(b - a, num_queries)[:] = query_ids
-        np.add(before, np.arange(b - a)[:, None], out=entry_row[block].reshape(b - a, -1))
-    entry_query[len(entry_query) - (len(rest_query) - taken):] = rest_query[taken:]
-    entry_row[len(entry_row) - (len(rest_row) - taken):] = rest_row[taken:]
+    entry_query[block:] = query_grid[:rest][seen]
+    entry_row[block:] = rest_row
+    entry_query[:block].reshape(full, num_queries)[:] = ids
+    np.add(query_row_ptr[:-1].astype(entry_row.dtype),
+           np.arange(full, dtype=entry_row.dtype)[:, None],
+           out=entry_row[:block].reshape(full, num_queries))
     return entry_query, entry_row, query_row_ptr
 
 
 def pointers(counts: np.ndarray) -> np.ndarray:
     """CSR offsets of consecutive runs of the given lengths. int64 [len(counts) + 1]"""
-    ptr = np.zeros(len(counts) + 1, dtype=np.int64)
-    np.cumsum(counts, out=ptr[1:])
+    ptr = np.empty(len(counts) + 1, dtype=np.int64)
+    ptr[0] = 0
+    np.add.accumulate(counts, out=ptr[1:])  # np.cumsum's wrapper costs more than the sum
     return ptr
-
-
-def _runs(mask: np.ndarray) -> np.ndarray:
-    """[start, end) of every run of True in a bool array. int64 [runs, 2]"""
-    edge = np.empty(len(mask) + 1, dtype=bool)
-    edge[0], edge[-1] = mask[0], mask[-1]
-    np.not_equal(mask[1:], mask[:-1], out=edge[1:-1])
-    return np.flatnonzero(edge).reshape(-1, 2)

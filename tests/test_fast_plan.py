@@ -266,7 +266,8 @@ def test_a_planner_followed_over_a_whole_run_plans_every_step_exactly(
     reused when the chunks' queries did not change, its slots up to the first page run that
     changed) equals the reference at each step; the pages come from a tree cache following
     the run, or are shuffled afresh every step; the entries come from the dense comparison
-    or (``blocks``, as for a large plan) from `deft.plan_entries.block_rows`."""
+    or (``blocks``, as for a large plan) with the first chunks every query sees in closed
+    form (`deft.plan_entries.entry_rows`)."""
     with pytest.MonkeyPatch.context() as patch:
         if blocks:
             patch.setattr("deft.fast_plan.DENSE_LIMIT", 0)
@@ -292,6 +293,49 @@ def follow_a_run(seed, kind, strategy, page_size, chunk, group, followed):
         for name in FIELDS:
             np.testing.assert_array_equal(fast[name], reference[name], err_msg=name)
         assert fast["max_slot"] == reference["max_slot"]
+
+
+@settings(max_examples=40, deadline=None)
+@given(
+    seed=st.integers(0, 50),
+    kind=st.sampled_from(["tot", "token_tree", "fewshot", "mixed"]),
+    strategy=st.sampled_from(FAST_STRATEGIES),
+    page_size=st.sampled_from([1, 4]),
+    sizes_by_step=st.lists(st.tuples(st.sampled_from([2, 3, 16]),
+                                     st.sampled_from([None, 1, 2])), min_size=1, max_size=4),
+    twice=st.lists(st.booleans(), min_size=16, max_size=16),
+    blocks=st.booleans(),
+)
+def test_kept_arrays_hold_what_they_claim_step_after_step(
+        seed, kind, strategy, page_size, sizes_by_step, twice, blocks):
+    """One planner over a run whose chunk and group sizes change from step to step, some trees
+    planned twice: every step equals the reference, and what it says it keeps from the last
+    step's arrays (the very same read-only array, or ``kept``'s shared prefix of one) holds."""
+    from deft.cache import PagedKVCache, TreeCache
+
+    cache = TreeCache(PagedKVCache(4096, page_size, 1, 4))
+    planner = NodePlanner(strategy, shapes=2)
+    last = {}
+    with pytest.MonkeyPatch.context() as patch:
+        if blocks:
+            patch.setattr("deft.fast_plan.DENSE_LIMIT", 0)
+        for step, tree in enumerate(run_of(kind, seed)):
+            cache.apply(tree)
+            page_ptr, pages = cache.host_node_pages(tree)
+            chunk, group = sizes(strategy, *sizes_by_step[step % len(sizes_by_step)])
+            reference = plan_arrays(build_plan(strategy, tree, chunk, group, page_size),
+                                    page_ptr, pages, flat=True)
+            for _ in range(2 if twice[step % 16] else 1):
+                fast = planner.arrays(tree, page_ptr, pages, page_size, chunk, group)
+                for name in FIELDS:
+                    np.testing.assert_array_equal(fast[name], reference[name],
+                                                  err_msg=f"step {step}: {name}")
+                    if fast[name] is last.get(name):
+                        assert not fast[name].flags.writeable
+                for name, (array, n) in fast["kept"].items():
+                    assert array is last[name] and not array.flags.writeable
+                    np.testing.assert_array_equal(array[:n], fast[name][:n])
+                last = {name: fast[name] for name in FIELDS}
 
 
 def test_a_step_whose_chunks_keep_their_queries_reuses_the_entries():
@@ -346,22 +390,27 @@ def test_buffers_followed_over_a_whole_run_hold_every_step_from_scratch(
     positions=st.lists(st.integers(0, 60), min_size=1, max_size=12, unique=True),
     chunks=st.lists(st.one_of(st.just((0, 61)), st.tuples(st.integers(0, 60), st.integers(0, 61))),
                     min_size=1, max_size=40),
-    full_runs=st.sampled_from([0, 1, 16]),
+    closed=st.integers(0, 40),
 )
-def test_block_rows_equal_the_dense_comparison(positions, chunks, full_runs):
-    """The closed-form blocks of chunks every query sees (up to FULL_RUNS runs of them, then
-    compared like the others) give the dense comparison's entries and rows."""
-    from deft import plan_entries
+def test_entry_rows_equal_the_dense_comparison(positions, chunks, closed):
+    """The closed-form block of the first chunks every query sees (any number of them) and the
+    others compared query by query give the dense comparison's entries and rows: chunk-major
+    entries, rows numbered query by query."""
+    from deft.plan_entries import entry_rows
 
     query_flat = np.array(positions, dtype=np.int64)
-    query_ids = np.arange(len(query_flat))
     start, reach = (np.array(x, dtype=np.int64) for x in zip(*chunks))
     seen = (start[:, None] <= query_flat) & (query_flat < reach[:, None])
-    with pytest.MonkeyPatch.context() as patch:
-        patch.setattr(plan_entries, "FULL_RUNS", full_runs)
-        blocks = plan_entries.block_rows(start, reach, query_flat, query_ids, seen.sum(axis=1))
-    for got, want in zip(blocks, plan_entries.dense_rows(seen, query_ids)):
-        np.testing.assert_array_equal(got, want)
+    full = min(closed, int(seen.all(axis=1).cumprod().sum()))
+    grid = np.tile(np.arange(len(query_flat)), (len(chunks) + 1, 1))
+    got = entry_rows(full, seen[full:], grid)
+    chunk_of, query_of = seen.nonzero()  # chunk-major, a chunk's queries ascending
+    by_query = np.lexsort((chunk_of, query_of))  # query-major, a query's chunks ascending
+    row = np.empty(len(by_query), dtype=np.int64)
+    row[by_query] = np.arange(len(by_query))
+    row_ptr = np.concatenate([[0], np.cumsum(seen.sum(axis=0))])
+    for values, want in zip(got, (query_of, row, row_ptr)):
+        np.testing.assert_array_equal(values, want)
 
 
 @pytest.mark.gpu  # pinned staging and non-blocking copies
