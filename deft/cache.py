@@ -24,7 +24,8 @@ from itertools import chain
 import numpy as np
 import torch
 
-from deft.page_pool import CacheError, OutOfPagesError, PagedKVCache, PageListing, new_slots
+from deft.page_pool import (CacheError, OutOfPagesError, PagedKVCache, PageListing, new_slots,
+                            on_device)
 from deft.tree import Tree
 
 __all__ = ["CacheError", "OutOfPagesError", "PagedKVCache", "TreeCache", "pages_for"]
@@ -81,7 +82,7 @@ class TreeCache:
         page_size = self.pool.page_size
         pages = np.asarray(self._pages[node_id], dtype=np.int64)
         slots = pages[positions // page_size] * page_size + positions % page_size
-        return torch.from_numpy(slots).to(self.pool.device)
+        return on_device(slots, self.pool.device)
 
     def tree(self) -> Tree:
         """The held nodes as a `Tree` (ids as given to the cache).
@@ -111,8 +112,8 @@ class TreeCache:
         """
         page_ptr, pages = self._node_pages(tree)
         device = self.pool.device
-        return (torch.from_numpy(page_ptr.astype(np.int32)).to(device),
-                torch.from_numpy(pages.astype(np.int32)).to(device))
+        return (on_device(page_ptr.astype(np.int32), device),
+                on_device(pages.astype(np.int32), device))
 
     def host_node_pages(self, tree: Tree) -> tuple:
         """`node_pages` as int64 numpy arrays on the host (what the planner reads: no round
@@ -147,7 +148,7 @@ class TreeCache:
 
         Returns int64 [tree.num_tokens]: ``page * page_size + offset``.
         """
-        return torch.from_numpy(self.host_token_slots(tree)).to(self.pool.device)
+        return on_device(self.host_token_slots(tree), self.pool.device)
 
     def host_token_slots(self, tree: Tree) -> np.ndarray:
         """`token_slots` as an int64 numpy array on the host (no round trip through the pool's
@@ -256,7 +257,7 @@ class TreeCache:
         self._tree, self._table = tree, None
         slots = new_slots(self._pages, tree.node_ids, tree.tokens,
                           np.array(before, dtype=np.int64), self.pool.page_size)
-        return torch.from_numpy(slots).to(self.pool.device)
+        return on_device(slots, self.pool.device)
 
     def _grow_leaves(self, tree: Tree):
         """`apply` of a tree with the nodes of the last applied one, each holding as many tokens
@@ -293,7 +294,7 @@ class TreeCache:
         self._tokens.update(zip(nodes, tokens_after.tolist()))
         self._tree = tree
         slots = new_slots(held_pages, tree.node_ids, tokens, before, page_size)
-        return torch.from_numpy(slots).to(self.pool.device)
+        return on_device(slots, self.pool.device)
 
     def _release(self, pruned) -> list:
         """Drop each pruned node without held children, then each ancestor it was keeping;

@@ -167,3 +167,13 @@ def new_slots(page_lists: dict, ids, tokens, start, page_size: int) -> np.ndarra
     position = np.arange(int(run_start[-1] + count[-1])) + np.repeat(start - run_start, count)
     page = pages[np.repeat(page_base, count) + position // page_size]
     return page * page_size + position % page_size
+
+
+def on_device(array: np.ndarray, device: torch.device) -> torch.Tensor:
+    """A host array as a tensor on ``device``. On a GPU through pinned memory and a
+    non-blocking copy: a copy from pageable memory first waits for all the work queued on the
+    stream, so a step's cache update would stall the host behind the GPU."""
+    tensor = torch.from_numpy(array)
+    if device.type == "cuda":
+        return tensor.pin_memory().to(device, non_blocking=True)
+    return tensor.to(device)

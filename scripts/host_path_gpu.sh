@@ -31,7 +31,8 @@ step() {  # NAME SECONDS command...: run with a timeout, note the time and a fai
 step tests 70 python3 -m pytest -q -p no:cacheprovider -o addopts="" tests/test_bound_run.py \
   tests/test_fast_plan.py::test_device_buffers_followed_over_a_run_hold_every_step \
   tests/test_kernels.py::test_compiled_run_takes_each_new_plan_without_recompiling \
-  tests/test_kernels.py::test_deterministic_and_compiles
+  tests/test_kernels.py::test_deterministic_and_compiles \
+  tests/test_cache.py::test_a_cuda_pool_hands_out_the_slots_a_host_pool_does tests/test_plan_buffers.py
 step host_overhead 60 env OUT="$out" python3 scripts/host_overhead.py --heads 32/8 --no-compile \
   --anchors fewshot_b20_P4000_L200,reason_10x500_P1104
 if compgen -G ".peer-wheels/*.whl" > /dev/null; then

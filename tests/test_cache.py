@@ -354,3 +354,19 @@ class CacheMachine(RuleBasedStateMachine):
 
 
 TestCacheMachine = CacheMachine.TestCase
+
+
+@pytest.mark.gpu  # pinned memory and non-blocking copies
+def test_a_cuda_pool_hands_out_the_slots_a_host_pool_does():
+    """`apply` on a pool on the GPU (its slots uploaded without waiting for the stream) gives
+    each step the slots a CPU pool's cache gives, and the page tables agree."""
+    run = w.fewshot(300, 4, 30)
+    on_gpu = TreeCache(PagedKVCache(512, 4, 1, 2, device="cuda"))
+    on_host = TreeCache(PagedKVCache(512, 4, 1, 2))
+    for step in range(len(run)):
+        tree = run.tree(step)
+        got, want = on_gpu.apply(tree), on_host.apply(tree)
+        assert got.device.type == "cuda"
+        np.testing.assert_array_equal(got.cpu().numpy(), want.numpy(), err_msg=f"step {step}")
+        for a, b in zip(on_gpu.node_pages(tree), on_host.node_pages(tree)):
+            np.testing.assert_array_equal(a.cpu().numpy(), b.numpy())
