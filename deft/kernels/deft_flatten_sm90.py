@@ -45,6 +45,10 @@ equal within 1% on fewshot_b20 and reason_10x500. Off: ``TWO_CONSUMERS``
 CTA per SM, 4 stages), 1.03-1.16x slower on all six anchors at 32/8, with or without
 ``SLOT_AHEAD`` = 2 (cache slots read two tiles ahead); not yet timed at the shard shapes.
 
+``FUSED_MERGE`` (off, a variant): the consumer also merges, the last CTA to store a query
+head's partial row combining that query head's rows into ``out`` (arrival counters, no merge
+kernel): `deft.kernels.deft_flatten_sm90_merge`.
+
 Gathers, not TMA boxes: a deft_flatten partition is a run of the flattened tree cut at
 multiples of the chunk size, so its tokens start anywhere inside a page and cross node ends,
 whose pages are padded; a box of page rows would need per-row fix-ups there. The cp.async
@@ -110,15 +114,21 @@ released as this kernel's CTAs exit."""
 TWO_CONSUMERS = False
 """True: run `deft.kernels.deft_flatten_sm90_split` instead (two consumer warpgroups per CTA
 splitting each work item's KV tiles, one CTA per SM, a 4-stage ring)."""
-MERGE_COLS = 32
+MERGE_COLS = 64
 """Columns of head_dim the fused merge combines per pass over a query's rows (the whole
 head_dim at once spills)."""
+FUSED_PRODUCER_REGS = 88
+"""PRODUCER_REGS of the fused-merge kernel: its consumer needs the 8 more registers (168; at
+160 ptxas spills a few bytes in both partitions under triton 3.6)."""
+FUSED_MAX_GROUP = 8
+"""Largest GROUP the fused merge takes (at 88 producer registers ptxas spills from GROUP 16 on,
+triton 3.9); larger groups run the unfused kernel and the merge kernel."""
 FUSED_MERGE = False
 """True: the kernel also merges the partial rows into ``out`` (the last CTA to store a query
 head's row merges it: `deft.kernels.deft_flatten_sm90_merge`), so no merge kernel runs. Read
 at launch (`partials`); a `TreeAttention` captures its launches in CUDA graphs, so change it
-before its first `run`. Not with ``TWO_CONSUMERS`` (that kernel leaves the merge to
-`deft.kernels.reduction`)."""
+before its first `run`. Not with ``TWO_CONSUMERS`` nor past ``FUSED_MAX_GROUP`` (those leave
+the merge to `deft.kernels.reduction`)."""
 
 
 def fits(q, k_cache, flat: bool) -> bool:
@@ -291,10 +301,6 @@ if HAS_GLUON:
                 s_slot = s_rows // GROUP_PAD
                 s_ok = ((s_slot < QUERIES_PER_TILE) & (entry0 + s_slot < entry_hi)
                         & (s_rows % GROUP_PAD < GROUP))
-                if FUSED_MERGE:  # the rows' queries and partial-row runs, used after the tile
-                    s_query = gl.load(entry_query_ptr + entry0 + s_slot, mask=s_ok, other=0)
-                    s_lo = gl.load(query_row_ptr + s_query, mask=s_ok, other=0)
-                    s_hi = gl.load(query_row_ptr + s_query + 1, mask=s_ok, other=0)
                 qs = qt % Q_STAGES
                 mbarrier.wait(q_ready.index(qs), (qt // Q_STAGES) & 1)
                 fence_async_shared()  # cp.async (generic proxy) -> wgmma (async proxy)
@@ -379,9 +385,10 @@ if HAS_GLUON:
                 if FUSED_MERGE:
                     fused._arrive_and_merge(
                         o_part_ptr, lse_part_ptr, out_ptr, lse_out_ptr, arrivals_ptr,
-                        s_query, s_lo, s_hi, s_ok, kv_head * GROUP + s_rows % GROUP_PAD,
+                        entry_query_ptr, query_row_ptr, entry0, entry_hi, kv_head,
                         stride_on, stride_oh, stride_ln, stride_lh,
-                        Q_HEADS, HEAD_DIM, BLOCK_M, MERGE_COLS, STORE_LSE, WARPS)
+                        GROUP, GROUP_PAD, Q_HEADS, HEAD_DIM, BLOCK_M, MERGE_COLS, STORE_LSE,
+                        WARPS)
 
     @gluon.jit
     def _partials_sm90_kernel(
@@ -459,8 +466,11 @@ def constexprs(kv_heads: int, group: int, head_dim: int, **overrides) -> dict:
                   THRESHOLD=RESCALE_THRESHOLD, LAZY=LAZY_RESCALE, SLOT_AHEAD=SLOT_AHEAD,
                   MASK_FREE=MASK_FREE, PRODUCER_WARPS=PRODUCER_WARPS,
                   PRODUCER_REGS=PRODUCER_REGS, EARLY_DEPENDENTS=EARLY_DEPENDENTS,
-                  FUSED_MERGE=FUSED_MERGE, MERGE_COLS=min(MERGE_COLS, head_dim), STORE_LSE=False)
+                  FUSED_MERGE=FUSED_MERGE and group <= FUSED_MAX_GROUP,
+                  MERGE_COLS=min(MERGE_COLS, head_dim), STORE_LSE=False)
     values.update(overrides)
+    if values["FUSED_MERGE"] and "PRODUCER_REGS" not in overrides:
+        values["PRODUCER_REGS"] = FUSED_PRODUCER_REGS
     return values
 
 
@@ -488,10 +498,12 @@ def launch_spec(kv_heads: int, group: int, head_dim: int, **overrides):
             CTAS_PER_SM)
 
 
-def fused_merge_applies(merge_into, q_heads: int) -> bool:
+def fused_merge_applies(merge_into, q_heads: int, group: int) -> bool:
     """Whether a `partials` call with ``merge_into`` = (out, lse, arrivals) or None merges
-    itself: ``FUSED_MERGE`` set, the one-consumer kernel, and a counter per (row, head)."""
-    return (FUSED_MERGE and not TWO_CONSUMERS and merge_into is not None
+    itself: ``FUSED_MERGE`` set, the one-consumer kernel, GROUP <= FUSED_MAX_GROUP and a
+    counter per (row, head)."""
+    return (FUSED_MERGE and not TWO_CONSUMERS and group <= FUSED_MAX_GROUP
+            and merge_into is not None
             and fused.counters_fit(merge_into[2], merge_into[0].shape[0], q_heads))
 
 
@@ -518,7 +530,7 @@ def partials(q, k_cache, v_cache, o_part, lse_part, buffers, *, flat: bool, sm_s
     kv_heads, head_dim = k_cache.shape[2], k_cache.shape[3]
     q_heads = q.shape[1]
     group = q_heads // kv_heads
-    fuse = fused_merge_applies(merge_into, q_heads)
+    fuse = fused_merge_applies(merge_into, q_heads, group)
     overrides = {} if TWO_CONSUMERS else dict(FUSED_MERGE=fuse)
     merge_args = ()
     if not TWO_CONSUMERS:  # the one-consumer kernel's merge arguments (unused unless fused)

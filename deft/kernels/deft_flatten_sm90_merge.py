@@ -6,28 +6,34 @@ dependency wait) serves a call: each (query, query head) has an int32 arrival co
 workspace of zeros (``max_queries x q_heads``, allocated beside the partial-result workspace,
 `arrival_counters`). After the consumer warpgroup stores a query tile's partial rows it
 
-1. makes them visible: a barrier over the consumer's 128 threads, then each real row's
-   counter is incremented by one thread with ``atom.add.acq_rel.gpu``. The barrier orders every
-   consumer thread's stores before the atomic at CTA scope, and the atomic's release part is
-   cumulative, so whoever acquires the counter sees all of them (the pattern of a grid barrier:
-   ``bar.sync``, then a release by one thread);
+1. makes them visible: a barrier over the consumer's 128 threads (``bar.sync 0, 128``), then
+   each real row's counter is incremented by one thread with ``atom.global.gpu.acq_rel.add``.
+   The barrier orders every consumer thread's stores before the atomic at CTA scope, and the
+   atomic's release is cumulative, so whoever acquires the counter sees all of them (the
+   pattern of a grid barrier: ``bar.sync``, then a release by one thread);
 2. finds the rows whose increment completed their query's count (the query's partial rows,
    ``query_row_ptr[q + 1] - query_row_ptr[q]``: every query has at least one, as every query
-   sees its own token). The atomic runs on a ``[BLOCK_M, 2]`` layout that gives every element to
-   exactly one thread (column 0 is the row's counter, column 1 masked off), so the returned old
-   value reaches the thread that uses it: Triton's lowering predicates an atomic to one thread
-   of each group that holds the same element ("redundant thread predicate"), and only that
-   thread's register receives the result; here no element is held twice. The "done" flag is
-   then a reduction over the two columns, which every thread holding the row receives. The last
-   arriver resets the counter to 0, so the workspace is zeros again for the next call (CUDA
-   graph replays included);
-3. after a second barrier (the acquire of step 1 was made by the atomic's threads; the barrier
+   sees its own token). Triton lowers a tensor atomic to one predicated ``atom`` per element
+   and thread, the predicate including a "redundant data" mask that keeps one thread of each
+   group holding the same element, and returns the ``atom``'s output register: a thread left
+   out by that mask gets no old value. So the atomic runs on a ``[BLOCK_M, 2]`` layout that
+   gives every element to exactly one thread (column 0 is the row's counter, column 1 masked
+   off; the mask is then only ours, visible in the PTX), and the "done" flag is a reduction
+   over the two columns, which both threads of the row receive. The last arriver resets the
+   counter to 0, so the workspace is zeros again for the next call (CUDA graph replays
+   included);
+3. after a second barrier (the acquire of step 1 was made by the atomics' threads; the barrier
    orders the other threads' loads after it, as a grid barrier's waiters read after
    ``bar.sync``), merges the done rows' partial rows in ascending order with the arithmetic of
    `deft.kernels.reduction._merge_query_kernel` (row by row, running max, ``exp``/``log``), all
    done rows of the tile at once: a loop over j < the most rows of a done query, masked loads
-   (``ld.global.cg``: from L2, never a line this SM's L1 holds from before), and writes out
-   (and lse).
+   (``ld.global.cg``: from L2, never a line this SM's L1 cached before the other CTAs wrote
+   it), MERGE_COLS columns per pass, and writes out (and lse).
+
+Registers: the kernel's consumer gets 168 (FUSED_PRODUCER_REGS 88 for the producer) and the
+row data of step 2 is computed after the tile's KV loop from an opaque copy of the row index,
+so nothing of it is hoisted and held across that loop; so the kernel compiles without spills
+with triton 3.6 and 3.9 up to GROUP 8 (FUSED_MAX_GROUP).
 
 Rows of ``out`` past the plan's queries get out = 0 and lse = -inf from `_pad_rows`, which
 each CTA's consumer runs on entry (grid-stride; no rows at all outside a padded CUDA graph).
@@ -85,56 +91,65 @@ if gc.HAS_GLUON:
 
     @gluon.jit
     def _arrive_and_merge(o_part_ptr, lse_part_ptr, out_ptr, lse_out_ptr, arrivals_ptr,
-                          query, lo, hi, row_ok, head,
+                          entry_query_ptr, query_row_ptr, entry0, entry_hi, kv_head,
                           stride_on, stride_oh, stride_ln, stride_lh,
-                          Q_HEADS: gl.constexpr, HEAD_DIM: gl.constexpr, BLOCK_M: gl.constexpr,
+                          GROUP: gl.constexpr, GROUP_PAD: gl.constexpr, Q_HEADS: gl.constexpr,
+                          HEAD_DIM: gl.constexpr, BLOCK_M: gl.constexpr,
                           MERGE_COLS: gl.constexpr, STORE_LSE: gl.constexpr,
                           WARPS: gl.constexpr):
-        """Count a query tile's stored partial rows in and merge the (query, head)s it
-        completes (module docstring). ``query``, ``lo``, ``hi`` (its rows' query_row_ptr run),
-        ``row_ok`` (a real row) and ``head`` (query head): [BLOCK_M], any layout."""
-        gl.static_assert(BLOCK_M == 16 * WARPS, "the arrival layout covers 16 rows per warp")
-        # one thread per element: rows over 16 lanes x WARPS warps, the two columns over lane
-        # pairs (column 1 only pads the tensor to one element per thread)
+        """Count the query tile of entries ``entry0 ..`` (< ``entry_hi``) of ``kv_head`` in,
+        its partial rows stored, and merge the (query, head)s it completes (module docstring).
+        """
+        gl.static_assert(BLOCK_M == 16 * WARPS, "the layouts below cover 16 rows per warp")
+        # the merge's layout: row r on lanes 2 (r % 16) and 2 (r % 16) + 1 of warp r // 16,
+        # MERGE_COLS / 2 columns each (acc and one loaded [BLOCK_M, MERGE_COLS] tile fit the
+        # consumer's registers, the whole head_dim does not)
+        merge_layout: gl.constexpr = gl.BlockedLayout([1, MERGE_COLS // 2], [16, 2],
+                                                      [WARPS, 1], [1, 0])
+        m_rows: gl.constexpr = gl.SliceLayout(1, merge_layout)
+        # the atomics' layout: the same rows, the two lanes of a row holding one element
+        # each of a [BLOCK_M, 2] tensor (column 0 the row's counter, column 1 masked off), so
+        # no element is held by two threads
         arrive_layout: gl.constexpr = gl.BlockedLayout([1, 1], [16, 2], [WARPS, 1], [1, 0])
         a_rows: gl.constexpr = gl.SliceLayout(1, arrive_layout)
+        # query slot x GROUP_PAD + head, through an opaque copy: what is derived from it stays
+        # here instead of being hoisted out of the tile loops and held across the KV loop
+        rows = gl.inline_asm_elementwise("mov.b32 $0, $1;", "=r,r",
+                                         [gl.arange(0, BLOCK_M, layout=m_rows)],
+                                         dtype=gl.int32, is_pure=False, pack=1)
+        slot = rows // GROUP_PAD
+        row_ok = ((slot < BLOCK_M // GROUP_PAD) & (entry0 + slot < entry_hi)
+                  & (rows % GROUP_PAD < GROUP))
+        query = gl.load(entry_query_ptr + entry0 + slot, mask=row_ok, other=0)
+        head = kv_head * GROUP + rows % GROUP_PAD
+        lo = gl.load(query_row_ptr + query, mask=row_ok, other=0)
+        count = gl.load(query_row_ptr + query + 1, mask=row_ok, other=0) - lo
         column = gl.arange(0, 2, layout=gl.SliceLayout(0, arrive_layout))
-        a_ok = gl.convert_layout(row_ok, a_rows)
-        a_count = gl.convert_layout(hi - lo, a_rows)
-        counter = arrivals_ptr + (gl.convert_layout(query, a_rows) * Q_HEADS
-                                  + gl.convert_layout(head, a_rows))
+        # m_rows -> a_rows: the same rows on the same lanes (no data moves)
+        counter = gl.convert_layout(arrivals_ptr + (query * Q_HEADS + head), a_rows)
         counters = counter[:, None] + column[None, :] * 0
-        mine = a_ok[:, None] & (column[None, :] == 0)
+        mine = gl.convert_layout(row_ok, a_rows)[:, None] & (column[None, :] == 0)
         cta_barrier()  # every consumer thread's partial-row stores precede the release below
         old = gl.atomic_add(counters, gl.full([BLOCK_M, 2], 1, gl.int32, arrive_layout),
                             mask=mine, sem="acq_rel", scope="gpu")
-        last = mine & (old + 1 == a_count[:, None])
+        last = mine & (old + 1 == gl.convert_layout(count, a_rows)[:, None])
         gl.store(counters, gl.zeros([BLOCK_M, 2], gl.int32, arrive_layout), mask=last)
-        done = gl.max(last.to(gl.int32), 1)  # a reduction: every thread holding a row has it
+        # a reduction over the two lanes of a row: both get the flag (the old value reached
+        # only the thread of column 0)
+        done = gl.convert_layout(gl.max(last.to(gl.int32), 1), m_rows) > 0
         cta_barrier()  # the loads below come after the acquiring atomics
-
-        # the merge, MERGE_COLS columns at a time (acc and one loaded tile of
-        # [BLOCK_M, MERGE_COLS] fit the consumer's registers, the whole head_dim does not)
-        merge_layout: gl.constexpr = gl.BlockedLayout(
-            [1, 4], [128 // MERGE_COLS, MERGE_COLS // 4], [WARPS, 1], [1, 0])
-        m_rows: gl.constexpr = gl.SliceLayout(1, merge_layout)
-        m_done = gl.convert_layout(done, m_rows) > 0
-        m_lo = gl.convert_layout(lo, m_rows)
-        count = gl.convert_layout(hi, m_rows) - m_lo
-        rows = gl.max(gl.where(m_done, count, 0), 0)
-        if rows > 0:  # uniform over the warpgroup (a reduction)
-            m_query = gl.convert_layout(query, m_rows).to(gl.int64)
-            m_head = gl.convert_layout(head, m_rows)
-            out_rows = m_query * stride_on + m_head * stride_oh
+        most_rows = gl.max(gl.where(done, count, 0), 0)
+        if most_rows > 0:  # uniform over the warpgroup (a reduction)
+            out_rows = query.to(gl.int64) * stride_on + head * stride_oh
             for c in gl.static_range(HEAD_DIM // MERGE_COLS):
                 dims = c * MERGE_COLS + gl.arange(0, MERGE_COLS,
                                                   layout=gl.SliceLayout(0, merge_layout))
                 m = gl.full([BLOCK_M], float("-inf"), gl.float32, m_rows)
                 total = gl.zeros([BLOCK_M], gl.float32, m_rows)
                 acc = gl.zeros([BLOCK_M, MERGE_COLS], gl.float32, merge_layout)
-                for j in range(0, rows):  # ascending rows, as `_merge_query_kernel`
-                    ok = m_done & (j < count)
-                    part = (m_lo + j).to(gl.int64) * Q_HEADS + m_head
+                for j in range(0, most_rows):  # ascending rows, as `_merge_query_kernel`
+                    ok = done & (j < count)
+                    part = (lo + j).to(gl.int64) * Q_HEADS + head
                     lse = gl.load(lse_part_ptr + part, mask=ok, other=float("-inf"),
                                   cache_modifier=".cg")
                     o = gl.load(o_part_ptr + part[:, None] * HEAD_DIM + dims[None, :],
@@ -150,10 +165,10 @@ if gc.HAS_GLUON:
                 total_safe = gl.where(seen, total, 1.0)
                 gl.store(out_ptr + out_rows[:, None] + dims[None, :],
                          (acc / total_safe[:, None]).to(out_ptr.dtype.element_ty),
-                         mask=m_done[:, None])
+                         mask=done[:, None])
                 if STORE_LSE and c == 0:
-                    gl.store(lse_out_ptr + m_query * stride_ln + m_head * stride_lh,
+                    gl.store(lse_out_ptr + query.to(gl.int64) * stride_ln + head * stride_lh,
                              gl.where(seen, m + gl.log(total_safe), float("-inf")),
-                             mask=m_done)
+                             mask=done)
 else:  # pragma: no cover - no Gluon in this triton
     _pad_rows = _arrive_and_merge = None
