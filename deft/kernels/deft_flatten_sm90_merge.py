@@ -10,7 +10,9 @@ workspace of zeros (``max_queries x q_heads``, allocated beside the partial-resu
    each real row's counter is incremented by one thread with ``atom.global.gpu.acq_rel.add``.
    The barrier orders every consumer thread's stores before the atomic at CTA scope, and the
    atomic's release is cumulative, so whoever acquires the counter sees all of them (the
-   pattern of a grid barrier: ``bar.sync``, then a release by one thread);
+   pattern of a grid barrier: ``bar.sync``, then a release by one thread). On sm_90a ptxas
+   emits ``MEMBAR.ALL.GPU`` before the ``ATOMG.E.ADD.STRONG.GPU`` and ``CCTL.IVALL`` (the
+   SM's L1 invalidated: the acquire) after it;
 2. finds the rows whose increment completed their query's count (the query's partial rows,
    ``query_row_ptr[q + 1] - query_row_ptr[q]``: every query has at least one, as every query
    sees its own token). Triton lowers a tensor atomic to one predicated ``atom`` per element
