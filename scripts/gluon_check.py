@@ -12,8 +12,10 @@ same plan): random trees and forests at several GQA shapes and odd sizes, page s
 output and the partial-result workspace are poisoned with NaN; every partial row of the plan
 must be written (finite) and the output must be finite; rel_err against the oracle <= 2e-3 fp16,
 <= 1e-2 bf16; two runs bit-identical, the second replayed from the CUDA graph `run` captures of
-itself (which must succeed); a CUDA graph of `run` replays to the eager result (its DOT dump
-says whether the merge's programmatic dependency survived capture). ``--variants``: every
+itself (which must succeed); a third run with 3 padding rows of q and the lse must give the
+same rows, a finite lse, and out = 0, lse = -inf on the padding rows; a CUDA graph of `run`
+replays to the eager result (its DOT dump says whether the merge's programmatic dependency
+survived capture). ``--variants``: every
 VARIANTS entry (or those named) is checked the same way (poisoned, oracle, written,
 deterministic, captured; Gluon only) on random trees, a forest, GQA groups 1/4/16, head_dim 64,
 page sizes 1, 3, 16, fp16 and bf16, and the few-shot anchor with 64-token chunks, then timed
@@ -80,6 +82,9 @@ VARIANTS = {
     # the partials kernel releases the merge on entry (griddepcontrol.launch_dependents), not
     # as its CTAs exit
     "pdl_early": dict(EARLY_DEPENDENTS=True),
+    # the merge fused into the partials kernel (the last CTA to store a query head's row
+    # merges it; no merge launch): deft.kernels.deft_flatten_sm90_merge
+    "fused_merge": dict(FUSED_MERGE=True),
 }
 VARIANT_MODULES = (sm90, reduction)
 """Where a variant's attributes live: each in the first of these modules that has it."""
@@ -128,15 +133,21 @@ def random_inputs(tree: Tree, dtype, seed: int):
     return q.to(dtype), k.to(dtype), v.to(dtype)
 
 
+PAD_ROWS = 3
+"""Rows past the plan's queries in `run_poisoned`'s padded call (out = 0, lse = -inf there)."""
+
+
 def attention_for(plan, tree, backend) -> TreeAttention:
     return TreeAttention("deft_flatten", plan.chunk_size, plan.group_size,
-                         max_queries=tree.num_queries, max_tokens=tree.num_tokens,
+                         max_queries=tree.num_queries + PAD_ROWS, max_tokens=tree.num_tokens,
                          max_entries=len(plan.query_index), device=DEVICE, backend=backend)
 
 
 def run_poisoned(attn, handle, q, k_cache, v_cache):
     """Run twice into NaN-poisoned out and workspace, the second time from the CUDA graph `run`
-    captures of itself on a second call: (out, partials all written, identical, captured)."""
+    captures of itself on a second call, then once with PAD_ROWS more rows of q and the lse:
+    (out, partials all written, identical, captured, padded call right: its real rows equal
+    out and have a finite lse, its padding rows out = 0 and lse = -inf)."""
     outs, written = [], True
     entries = handle.num_entries
     out = torch.empty_like(q)
@@ -150,7 +161,15 @@ def run_poisoned(attn, handle, q, k_cache, v_cache):
         written &= bool(torch.isfinite(o_part[:entries]).all()
                         and torch.isfinite(lse_part[:entries]).all())
         outs.append(out.clone())
-    return outs[0], written, torch.equal(outs[0], outs[1]), attn._runs.graphs() == 1
+    rows = q.shape[0]
+    q_pad = torch.cat([q, torch.randn(PAD_ROWS, *q.shape[1:], device=q.device).to(q.dtype)])
+    out_pad = torch.full_like(q_pad, float("nan"))
+    _, lse = attn.run(q_pad, k_cache, v_cache, handle, out=out_pad, return_lse=True)
+    torch.cuda.synchronize()
+    padded = bool(torch.equal(out_pad[:rows], outs[0]) and torch.isfinite(lse[:rows]).all()
+                  and (out_pad[rows:] == 0).all() and torch.isneginf(lse[rows:]).all())
+    return (outs[0], written, torch.equal(outs[0], outs[1]), attn._runs.graphs() == 1,
+            padded)
 
 
 def check_case(section, name, tree, page_sizes, dtypes, chunk=None, seed=0, kernel="default",
@@ -172,13 +191,14 @@ def check_case(section, name, tree, page_sizes, dtypes, chunk=None, seed=0, kern
                     attn = attention_for(plan, tree, backend)
                     handle = attn.plan(tree, table, plan)
                     with variant(kernel):
-                        out, written, same, captured = run_poisoned(attn, handle, q, k_cache,
-                                                                    v_cache)
+                        out, written, same, captured, padded = run_poisoned(
+                            attn, handle, q, k_cache, v_cache)
                     outs[backend] = out
                     record[f"{backend}_graph_captured"] = captured
                     record[f"{backend}_rel_err"] = float(f"{rel_err(out, ref):.3g}")
                     record[f"{backend}_written"] = written
                     record[f"{backend}_deterministic"] = same
+                    record[f"{backend}_padded"] = padded
                     record[f"{backend}_finite"] = bool(torch.isfinite(out).all())
                 if "triton" in outs:
                     between = rel_err(outs["gluon"], outs["triton"].double())
@@ -187,7 +207,8 @@ def check_case(section, name, tree, page_sizes, dtypes, chunk=None, seed=0, kern
                 record["ok"] = bool(record["gluon_rel_err"] <= TOLERANCE[dtype]
                                     and record["gluon_written"] and record["gluon_finite"]
                                     and record["gluon_deterministic"]
-                                    and record["gluon_graph_captured"])
+                                    and record["gluon_graph_captured"]
+                                    and record["gluon_padded"])
             except Exception as error:  # keep going; the record says what failed
                 record.update(ok=False, error=f"{type(error).__name__}: {error}"[:400],
                               trace=traceback.format_exc()[-1500:])
