@@ -205,18 +205,17 @@ class OpRun:
 
 
 def op_argument_key(q, k_cache, v_cache, plan_data, plan_layout, o_part, lse_part, out, lse,
-                    flat, sm_scale, tile, num_programs, per_query_merge, gluon, arrivals=None):
+                    flat, sm_scale, tile, num_programs, per_query_merge, gluon):
     """The key of one custom-op call, or None when a `run` tensor is not a tensor:
     `argument_key` of the `run` tensors, then the plan buffers' and workspace's addresses and
-    shapes (and the plan buffers' dtype), the launch settings (the schema makes those
-    tensors and lists) and the fused merge's arrival counters (address, or None)."""
+    shapes (and the plan buffers' dtype), and the launch settings (the schema makes those
+    tensors and lists)."""
     key = argument_key(q, k_cache, v_cache, out, lse, sm_scale, per_query_merge)
     if key is None:
         return None
     return key + (plan_data.data_ptr(), plan_data.shape, plan_data.dtype,
                   o_part.data_ptr(), o_part.shape, lse_part.data_ptr(), lse_part.shape,
-                  tuple(plan_layout), tuple(tile), num_programs, flat, gluon,
-                  None if arrivals is None else arrivals.data_ptr())
+                  tuple(plan_layout), tuple(tile), num_programs, flat, gluon)
 
 
 class RunCache:

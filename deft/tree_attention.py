@@ -19,7 +19,6 @@ import numpy as np
 import torch
 
 from deft.kernels import KERNELS, deft_flatten_sm90, flat as flat_addressing, tile_config
-from deft.kernels.deft_flatten_sm90_merge import arrival_counters
 from deft.kernels.fill import multiprocessors
 from deft.kernels.partials import TileConfig
 from deft.kernels.reduction import per_query_merge
@@ -326,8 +325,7 @@ class TreeAttention:
             self._runs.launch(bound, lambda: launch_tree_attention(
                 q, k_cache, v_cache, self.buffers.views, bound.o_part, bound.lse_part, out, lse,
                 self.flat, bound.sm_scale, bound.config, bound.num_programs,
-                plan.per_query_merge, self.backend == "gluon", self._workspace[2]),
-                self.device)
+                plan.per_query_merge, self.backend == "gluon"), self.device)
         return (out, lse) if return_lse else out
 
     def _bind(self, key, q, k_cache, v_cache, plan, out, sm_scale, config_source) -> BoundRun:
@@ -363,8 +361,7 @@ class TreeAttention:
         return (out, lse) if return_lse else out
 
     def _partials_workspace(self, q_heads: int, head_dim: int):
-        """(o_part, lse_part), allocated on first use for a head shape (warm-up), then reused;
-        the fused merge's arrival counters with them (`arrival_counters`).
+        """(o_part, lse_part), allocated on first use for a head shape (warm-up), then reused.
 
         A new head shape replaces them, and with them every argument set bound to the old ones.
         """
@@ -374,18 +371,8 @@ class TreeAttention:
             self._workspace = (
                 torch.empty(shape, dtype=torch.float32, device=self.device),
                 torch.empty(shape[:2], dtype=torch.float32, device=self.device),
-                arrival_counters(self.max_queries, q_heads, self.device),
             )
-        return self._workspace[:2]
-
-    def arrival_counters(self, o_part):
-        """The fused merge's arrival counters (`deft.kernels.deft_flatten_sm90_merge`) allocated
-        with the workspace whose o_part is ``o_part`` (int32 zeros [max_queries * q_heads]), or
-        None for another tensor."""
-        workspace = self._workspace
-        if workspace is None or workspace[0].data_ptr() != o_part.data_ptr():
-            return None
-        return workspace[2]
+        return self._workspace
 
     def _launch_config(self, head_dim: int, q_heads: int, kv_heads: int):
         """(TileConfig, persistent grid size, the config's `TileConfig.as_ints`) for a head

@@ -82,9 +82,6 @@ VARIANTS = {
     # the partials kernel releases the merge on entry (griddepcontrol.launch_dependents), not
     # as its CTAs exit
     "pdl_early": dict(EARLY_DEPENDENTS=True),
-    # the merge fused into the partials kernel (the last CTA to store a query head's row
-    # merges it; no merge launch): deft.kernels.deft_flatten_sm90_merge
-    "fused_merge": dict(FUSED_MERGE=True),
 }
 VARIANT_MODULES = (sm90, reduction)
 """Where a variant's attributes live: each in the first of these modules that has it."""

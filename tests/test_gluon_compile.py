@@ -52,7 +52,6 @@ MODULE_VARIANTS = {
     "split2": (dict(TWO_CONSUMERS=True), 1),
     "split2_ahead2": (dict(TWO_CONSUMERS=True, SLOT_AHEAD=2), 1),
     "masked": (dict(MASK_FREE=False), 2),
-    "fused_merge": (dict(FUSED_MERGE=True), 2),
 }
 
 
@@ -67,7 +66,7 @@ if os.environ.get("TRITON_INTERPRET") == "1":
         env[FRESH_PROCESS] = "1"
         result = subprocess.run(
             [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-o", "addopts=",
-             "-k", "without_spills or stays_off", __file__],
+             "-k", "without_spills", __file__],
             env=env, cwd=ROOT, capture_output=True, text=True, timeout=600)
         assert result.returncode == 0, result.stdout[-4000:] + result.stderr[-2000:]
         assert " passed" in result.stdout and " failed" not in result.stdout
@@ -123,72 +122,6 @@ else:
         assert consts["SLOT_AHEAD"] == sm90.SLOT_AHEAD and consts["MASK_FREE"] == sm90.MASK_FREE
         two = kernel is not sm90._partials_sm90_kernel
         assert two == sm90.TWO_CONSUMERS
-
-
-    @pytest.mark.parametrize("dtype,kv_heads,group,head_dim",
-                             [("fp16", 1, 8, 128), ("bf16", 1, 4, 128), ("fp16", 4, 7, 128),
-                              ("fp16", 8, 1, 64)])
-    def test_fused_merge_variant_compiles_without_spills(dtype, kv_heads, group, head_dim,
-                                                         monkeypatch):
-        """FUSED_MERGE: the arrival counters are bumped by a gpu-scope acq_rel atomic (the
-        release of the tile's partial rows, the acquire of the other CTAs'), between barriers
-        of the consumer's own 128 threads; the merge reads partial rows from L2 (ld.cg); no
-        spills at the fused kernel's register split (FUSED_PRODUCER_REGS)."""
-        monkeypatch.setattr(sm90, "FUSED_MERGE", True)
-        for store_lse in (False, True):
-            compiled = compile_for_sm90(dtype, kv_heads, group, head_dim, STORE_LSE=store_lse)
-            ptx = compiled.asm["ptx"]
-            assert "atom.global.gpu.acq_rel.add" in ptx
-            assert "ld.global.cg" in ptx
-            assert re.search(r"bar\.sync\s+0, 128;\s+[^\n]*\n(?:[^\n]*\n){0,8}?[^\n]*atom\.global",
-                             ptx)  # the release barrier shortly before the atomic
-            assert f"setmaxnreg.inc.sync.aligned.u32 \t{sm90.FUSED_PRODUCER_REGS};" in ptx
-            _ptxas_ok(compiled)
-            assert 2 * (compiled.metadata.shared + 1024) <= 233472, compiled.metadata.shared
-        default = compile_for_sm90(dtype, kv_heads, group, head_dim, FUSED_MERGE=False)
-        assert "atom." not in default.asm["ptx"]  # the unfused kernel has no counters
-
-
-    def test_fused_merge_stays_off_past_its_group(monkeypatch):
-        """Groups past FUSED_MAX_GROUP compile (and run) the unfused kernel under the flag."""
-        monkeypatch.setattr(sm90, "FUSED_MERGE", True)
-        _, consts, _, _ = sm90.launch_spec(2, 64, 128)
-        assert not consts["FUSED_MERGE"] and consts["PRODUCER_REGS"] == sm90.PRODUCER_REGS
-        _, consts, _, _ = sm90.launch_spec(1, 8, 128)
-        assert consts["FUSED_MERGE"] and consts["PRODUCER_REGS"] == sm90.FUSED_PRODUCER_REGS
-
-
-def test_fused_merge_host_logic(monkeypatch):
-    """When the Gluon kernel merges itself: FUSED_MERGE, the one-consumer kernel, and an int32
-    counter per (row, head) of out; TreeAttention keeps the counters (zeros) beside its
-    workspace."""
-    import torch
-
-    from deft.kernels.deft_flatten_sm90_merge import arrival_counters, counters_fit
-    from deft.tree_attention import TreeAttention
-
-    out = torch.empty(6, 4, 32)
-    counters = arrival_counters(6, 4, "cpu")
-    assert counters.dtype == torch.int32 and counters.shape == (24,) and not counters.any()
-    assert counters_fit(counters, 6, 4) and counters_fit(counters, 5, 4)
-    assert not counters_fit(counters, 7, 4) and not counters_fit(None, 1, 1)
-    assert not counters_fit(counters.float(), 6, 4)
-    assert not sm90.fused_merge_applies((out, None, counters), 4, 4)  # FUSED_MERGE off
-    monkeypatch.setattr(sm90, "FUSED_MERGE", True)
-    assert sm90.fused_merge_applies((out, None, counters), 4, 4)
-    assert not sm90.fused_merge_applies((out, None, counters), 4, sm90.FUSED_MAX_GROUP + 1)
-    assert not sm90.fused_merge_applies((out, None, counters[:20]), 4, 4)
-    assert not sm90.fused_merge_applies((out, None, None), 4, 4)
-    assert not sm90.fused_merge_applies(None, 4, 4)
-    monkeypatch.setattr(sm90, "TWO_CONSUMERS", True)
-    assert not sm90.fused_merge_applies((out, None, counters), 4, 4)
-
-    attn = TreeAttention("deft_flatten", max_queries=3, max_tokens=16, device="cpu")
-    o_part, lse_part = attn._partials_workspace(4, 32)
-    arrivals = attn.arrival_counters(o_part)
-    assert arrivals.shape == (12,) and arrivals.dtype == torch.int32 and not arrivals.any()
-    assert attn.arrival_counters(torch.empty_like(o_part)) is None
-    assert attn._partials_workspace(4, 32)[0] is o_part and attn.arrival_counters(o_part) is arrivals
 
 
 def test_backend_resolution_without_a_gpu():

@@ -45,10 +45,6 @@ equal within 1% on fewshot_b20 and reason_10x500. Off: ``TWO_CONSUMERS``
 CTA per SM, 4 stages), 1.03-1.16x slower on all six anchors at 32/8, with or without
 ``SLOT_AHEAD`` = 2 (cache slots read two tiles ahead); not yet timed at the shard shapes.
 
-``FUSED_MERGE`` (off, a variant): the consumer also merges, the last CTA to store a query
-head's partial row combining that query head's rows into ``out`` (arrival counters, no merge
-kernel): `deft.kernels.deft_flatten_sm90_merge`.
-
 Gathers, not TMA boxes: a deft_flatten partition is a run of the flattened tree cut at
 multiples of the chunk size, so its tokens start anywhere inside a page and cross node ends,
 whose pages are padded; a box of page rows would need per-row fix-ups there. The cp.async
@@ -65,7 +61,6 @@ from __future__ import annotations
 
 import torch
 
-from deft.kernels import deft_flatten_sm90_merge as fused
 from deft.kernels import gluon_compat as gc
 from deft.kernels.deft_flatten_sm90_backend import gluon_supported, resolve_backend  # noqa: F401
 from deft.kernels.gluon_compat import HAS_GLUON
@@ -114,21 +109,6 @@ released as this kernel's CTAs exit."""
 TWO_CONSUMERS = False
 """True: run `deft.kernels.deft_flatten_sm90_split` instead (two consumer warpgroups per CTA
 splitting each work item's KV tiles, one CTA per SM, a 4-stage ring)."""
-MERGE_COLS = 64
-"""Columns of head_dim the fused merge combines per pass over a query's rows (the whole
-head_dim at once spills)."""
-FUSED_PRODUCER_REGS = 88
-"""PRODUCER_REGS of the fused-merge kernel: its consumer needs the 8 more registers (168; at
-160 ptxas spills a few bytes in both partitions under triton 3.6)."""
-FUSED_MAX_GROUP = 8
-"""Largest GROUP the fused merge takes (at 88 producer registers ptxas spills from GROUP 16 on,
-triton 3.9); larger groups run the unfused kernel and the merge kernel."""
-FUSED_MERGE = False
-"""True: the kernel also merges the partial rows into ``out`` (the last CTA to store a query
-head's row merges it: `deft.kernels.deft_flatten_sm90_merge`), so no merge kernel runs. Read
-at launch (`partials`); a `TreeAttention` captures its launches in CUDA graphs, so change it
-before its first `run`. Not with ``TWO_CONSUMERS`` nor past ``FUSED_MAX_GROUP`` (those leave
-the merge to `deft.kernels.reduction`)."""
 
 
 def fits(q, k_cache, flat: bool) -> bool:
@@ -258,16 +238,13 @@ if HAS_GLUON:
     @gluon.jit
     def _consumer(o_part_ptr, lse_part_ptr, counts_ptr, part_start_ptr, part_tokens_ptr,
                   part_entry_ptr, qk_scale,
-                  out_ptr, lse_out_ptr, arrivals_ptr, entry_query_ptr, query_row_ptr, num_rows,
-                  stride_on, stride_oh, stride_ln, stride_lh,
                   q_smem, qf_smem, row_smem, k_smem, v_smem, end_smem,
                   q_ready, q_empty, k_ready, v_ready, empty,
                   KV_HEADS: gl.constexpr, GROUP: gl.constexpr, GROUP_PAD: gl.constexpr,
                   HEAD_DIM: gl.constexpr,
                   BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr, NUM_STAGES: gl.constexpr,
                   Q_STAGES: gl.constexpr, THRESHOLD: gl.constexpr, LAZY: gl.constexpr,
-                  MASK_FREE: gl.constexpr, FUSED_MERGE: gl.constexpr, MERGE_COLS: gl.constexpr,
-                  STORE_LSE: gl.constexpr, DTYPE: gl.constexpr, WARPS: gl.constexpr):
+                  MASK_FREE: gl.constexpr, DTYPE: gl.constexpr, WARPS: gl.constexpr):
         QUERIES_PER_TILE: gl.constexpr = BLOCK_M // GROUP_PAD
         Q_HEADS: gl.constexpr = KV_HEADS * GROUP
         s_layout: gl.constexpr = gl.NVMMADistributedLayout(
@@ -284,9 +261,6 @@ if HAS_GLUON:
         o_rows = gl.arange(0, BLOCK_M, layout=o_rows_layout)
         o_dims = gl.arange(0, HEAD_DIM, layout=gl.SliceLayout(0, o_layout))
 
-        if FUSED_MERGE:  # no merge kernel runs: the padding rows of out are written here
-            fused._pad_rows(out_ptr, lse_out_ptr, counts_ptr, num_rows, stride_on, stride_oh,
-                            stride_ln, stride_lh, Q_HEADS, HEAD_DIM, BLOCK_M, STORE_LSE, WARPS)
         num_items = gl.load(counts_ptr) * KV_HEADS
         it = 0
         qt = 0
@@ -382,13 +356,6 @@ if HAS_GLUON:
                          + o_rows % GROUP_PAD) * HEAD_DIM
                 o = acc / gl.convert_layout(l_safe, o_rows_layout)[:, None]
                 gl.store(o_part_ptr + o_off[:, None] + o_dims[None, :], o, mask=o_ok[:, None])
-                if FUSED_MERGE:
-                    fused._arrive_and_merge(
-                        o_part_ptr, lse_part_ptr, out_ptr, lse_out_ptr, arrivals_ptr,
-                        entry_query_ptr, query_row_ptr, entry0, entry_hi, kv_head,
-                        stride_on, stride_oh, stride_ln, stride_lh,
-                        GROUP, GROUP_PAD, Q_HEADS, HEAD_DIM, BLOCK_M, MERGE_COLS, STORE_LSE,
-                        WARPS)
 
     @gluon.jit
     def _partials_sm90_kernel(
@@ -397,16 +364,12 @@ if HAS_GLUON:
         entry_row_ptr, query_flat_ptr, token_slot_ptr, subtree_end_ptr,
         stride_qn, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh,
         qk_scale,
-        out_ptr, lse_out_ptr, arrivals_ptr, query_row_ptr, num_rows,
-        stride_on, stride_oh, stride_ln, stride_lh,
         KV_HEADS: gl.constexpr, GROUP: gl.constexpr, GROUP_PAD: gl.constexpr,
                   HEAD_DIM: gl.constexpr,
         BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr, NUM_STAGES: gl.constexpr,
         Q_STAGES: gl.constexpr, THRESHOLD: gl.constexpr, LAZY: gl.constexpr,
         SLOT_AHEAD: gl.constexpr, MASK_FREE: gl.constexpr, PRODUCER_WARPS: gl.constexpr,
-        PRODUCER_REGS: gl.constexpr, EARLY_DEPENDENTS: gl.constexpr,
-        FUSED_MERGE: gl.constexpr, MERGE_COLS: gl.constexpr, STORE_LSE: gl.constexpr,
-        num_warps: gl.constexpr,
+        PRODUCER_REGS: gl.constexpr, EARLY_DEPENDENTS: gl.constexpr, num_warps: gl.constexpr,
     ):
         if EARLY_DEPENDENTS:  # the merge may launch now; griddepcontrol.wait holds it back
             gl.inline_asm_elementwise("griddepcontrol.launch_dependents; // $0", "=r", [],
@@ -437,14 +400,11 @@ if HAS_GLUON:
         gl.warp_specialize([
             (_consumer, (o_part_ptr, lse_part_ptr, counts_ptr, part_start_ptr, part_tokens_ptr,
                          part_entry_ptr, qk_scale,
-                         out_ptr, lse_out_ptr, arrivals_ptr, entry_query_ptr, query_row_ptr,
-                         num_rows, stride_on, stride_oh, stride_ln, stride_lh,
                          q_smem, qf_smem, row_smem, k_smem, v_smem, end_smem,
                          q_ready, q_empty, k_ready, v_ready, empty,
                          KV_HEADS, GROUP, GROUP_PAD, HEAD_DIM, BLOCK_M, BLOCK_N, NUM_STAGES,
                          Q_STAGES,
-                         THRESHOLD, LAZY, MASK_FREE, FUSED_MERGE, MERGE_COLS, STORE_LSE, dtype,
-                         num_warps)),
+                         THRESHOLD, LAZY, MASK_FREE, dtype, num_warps)),
             (_producer, (q_ptr, k_ptr, v_ptr, counts_ptr, part_start_ptr, part_tokens_ptr,
                          part_entry_ptr, entry_query_ptr, entry_row_ptr, query_flat_ptr,
                          token_slot_ptr, subtree_end_ptr,
@@ -465,12 +425,8 @@ def constexprs(kv_heads: int, group: int, head_dim: int, **overrides) -> dict:
                   BLOCK_N=BLOCK_N, NUM_STAGES=NUM_STAGES, Q_STAGES=Q_STAGES,
                   THRESHOLD=RESCALE_THRESHOLD, LAZY=LAZY_RESCALE, SLOT_AHEAD=SLOT_AHEAD,
                   MASK_FREE=MASK_FREE, PRODUCER_WARPS=PRODUCER_WARPS,
-                  PRODUCER_REGS=PRODUCER_REGS, EARLY_DEPENDENTS=EARLY_DEPENDENTS,
-                  FUSED_MERGE=FUSED_MERGE and group <= FUSED_MAX_GROUP,
-                  MERGE_COLS=min(MERGE_COLS, head_dim), STORE_LSE=False)
+                  PRODUCER_REGS=PRODUCER_REGS, EARLY_DEPENDENTS=EARLY_DEPENDENTS)
     values.update(overrides)
-    if values["FUSED_MERGE"] and "PRODUCER_REGS" not in overrides:
-        values["PRODUCER_REGS"] = FUSED_PRODUCER_REGS
     return values
 
 
@@ -498,48 +454,21 @@ def launch_spec(kv_heads: int, group: int, head_dim: int, **overrides):
             CTAS_PER_SM)
 
 
-def fused_merge_applies(merge_into, q_heads: int, group: int) -> bool:
-    """Whether a `partials` call with ``merge_into`` = (out, lse, arrivals) or None merges
-    itself: ``FUSED_MERGE`` set, the one-consumer kernel, GROUP <= FUSED_MAX_GROUP and a
-    counter per (row, head)."""
-    return (FUSED_MERGE and not TWO_CONSUMERS and group <= FUSED_MAX_GROUP
-            and merge_into is not None
-            and fused.counters_fit(merge_into[2], merge_into[0].shape[0], q_heads))
-
-
 def partials(q, k_cache, v_cache, o_part, lse_part, buffers, *, flat: bool, sm_scale: float,
-             config, num_programs: int, merge_into=None) -> bool:
+             config, num_programs: int) -> None:
     """`deft.kernels.partials.partials` on the Gluon kernel (same arguments, same outputs).
 
     Calls the Triton kernel instead where the Gluon kernel does not take the inputs (`fits`).
-    With ``merge_into`` = (out [rows, q_heads, head_dim], lse fp32 [rows, q_heads] or None,
-    arrivals: `deft_flatten_sm90_merge.arrival_counters`) and `fused_merge_applies`, the kernel
-    also writes every row of out (and lse) as `deft.kernels.reduction.merge` would.
-
-    Returns
-    -------
-    bool
-        Whether out was written (else the caller merges).
     """
     if not fits(q, k_cache, flat):
         from deft.kernels.partials import partials as triton_partials
 
         triton_partials(q, k_cache, v_cache, o_part, lse_part, buffers, flat=flat,
                         sm_scale=sm_scale, config=config, num_programs=num_programs)
-        return False
+        return
     kv_heads, head_dim = k_cache.shape[2], k_cache.shape[3]
-    q_heads = q.shape[1]
-    group = q_heads // kv_heads
-    fuse = fused_merge_applies(merge_into, q_heads, group)
-    overrides = {} if TWO_CONSUMERS else dict(FUSED_MERGE=fuse)
-    merge_args = ()
-    if not TWO_CONSUMERS:  # the one-consumer kernel's merge arguments (unused unless fused)
-        out, lse, arrivals = merge_into if fuse else (o_part, None, buffers["counts"])
-        overrides["STORE_LSE"] = lse is not None
-        merge_args = (out, lse_part if lse is None else lse, arrivals, buffers["query_row_ptr"],
-                      out.shape[0], out.stride(0), out.stride(1),
-                      0 if lse is None else lse.stride(0), 0 if lse is None else lse.stride(1))
-    kernel, consts, max_regs, ctas_per_sm = launch_spec(kv_heads, group, head_dim, **overrides)
+    group = q.shape[1] // kv_heads
+    kernel, consts, max_regs, ctas_per_sm = launch_spec(kv_heads, group, head_dim)
     num_programs = min(num_programs, ctas_per_sm * _sm_count(q.device))
     kernel[(num_programs,)](
         q, k_cache, v_cache, o_part, lse_part,
@@ -548,8 +477,7 @@ def partials(q, k_cache, v_cache, o_part, lse_part, buffers, *, flat: bool, sm_s
         buffers["subtree_end"],
         q.stride(0), q.stride(1), k_cache.stride(1), k_cache.stride(2),
         v_cache.stride(1), v_cache.stride(2),
-        sm_scale * LOG2E, *merge_args,
+        sm_scale * LOG2E,
         **consts,
         num_warps=CONSUMER_WARPS, maxnreg=max_regs,
     )
-    return fuse

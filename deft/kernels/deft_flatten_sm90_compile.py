@@ -17,9 +17,6 @@ _ARG_TYPES = dict(
     entry_query_ptr="*i32", entry_row_ptr="*i32", query_flat_ptr="*i32", token_slot_ptr="*i32",
     subtree_end_ptr="*i32", stride_qn="i32", stride_qh="i32", stride_kt="i32", stride_kh="i32",
     stride_vt="i32", stride_vh="i32", qk_scale="fp32",
-    # the fused merge's (`deft_flatten_sm90.FUSED_MERGE`; out_ptr takes q's dtype)
-    lse_out_ptr="*fp32", arrivals_ptr="*i32", query_row_ptr="*i32", num_rows="i32",
-    stride_on="i32", stride_oh="i32", stride_ln="i32", stride_lh="i32",
 )
 
 
@@ -38,8 +35,7 @@ def compile_for_sm90(dtype: str = "fp16", kv_heads: int = 8, group: int = 4,
     from triton.backends.compiler import GPUTarget
     from triton.experimental.gluon._runtime import GluonASTSource
 
-    signature = dict(q_ptr=f"*{dtype}", k_ptr=f"*{dtype}", v_ptr=f"*{dtype}",
-                     out_ptr=f"*{dtype}", **_ARG_TYPES)
+    signature = dict(q_ptr=f"*{dtype}", k_ptr=f"*{dtype}", v_ptr=f"*{dtype}", **_ARG_TYPES)
     kernel, consts, max_regs, _ = sm90.launch_spec(kv_heads, group, head_dim, **overrides)
     consts["num_warps"] = sm90.CONSUMER_WARPS
     names = kernel.arg_names

@@ -19,9 +19,7 @@ sm_90+): launched with ``launch_pdl`` it may start while the partials kernel is 
 so its launch latency and ramp leave the critical path; its first instruction,
 ``griddepcontrol.wait`` (`WAIT_FOR_PRIOR_GRID`), holds it until the partials kernel has completed
 and its writes are visible. Without ``launch_pdl`` that wait returns at once, so the result
-never depends on it. `PDL_MERGE` switches it off for A/B timing. With
-`deft.kernels.deft_flatten_sm90.FUSED_MERGE` the Gluon kernel merges itself and this merge does
-not run.
+never depends on it. `PDL_MERGE` switches it off for A/B timing.
 
 `merge_states` is the same merge for two states in PyTorch (cascade-style composition).
 """

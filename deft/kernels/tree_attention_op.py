@@ -58,23 +58,15 @@ def check_runnable(device: torch.device, dtype: str | torch.dtype | None = None)
 
 def launch_tree_attention(q, k_cache, v_cache, buffers, o_part, lse_part, out, lse, flat,
                           sm_scale, config, num_programs, per_query_merge,
-                          gluon=False, arrivals=None) -> None:
-    """Partial results (the Hopper Gluon kernel where ``gluon``), then the merge, unless the
-    Gluon kernel merged itself (``deft_flatten_sm90.FUSED_MERGE``, read here at each launch,
-    with ``arrivals``: the workspace's `deft_flatten_sm90_merge.arrival_counters`)."""
+                          gluon=False) -> None:
+    """Partial results (the Hopper Gluon kernel where ``gluon``), then the merge."""
     other_device = q.is_cuda and q.device.index != torch.cuda.current_device()
     with torch.cuda.device(q.device) if other_device else contextlib.nullcontext():
-        merged = False
-        if gluon:
-            merged = deft_flatten_sm90.partials(
-                q, k_cache, v_cache, o_part, lse_part, buffers, flat=flat, sm_scale=sm_scale,
-                config=config, num_programs=num_programs, merge_into=(out, lse, arrivals))
-        else:
-            partials(q, k_cache, v_cache, o_part, lse_part, buffers, flat=flat,
-                     sm_scale=sm_scale, config=config, num_programs=num_programs)
-        if not merged:
-            merge(o_part, lse_part, buffers, out, lse, per_query=per_query_merge,
-                  dependent_launch=gluon)
+        (deft_flatten_sm90.partials if gluon else partials)(
+            q, k_cache, v_cache, o_part, lse_part, buffers, flat=flat, sm_scale=sm_scale,
+            config=config, num_programs=num_programs)
+        merge(o_part, lse_part, buffers, out, lse, per_query=per_query_merge,
+              dependent_launch=gluon)
 
 
 OP_SIGNATURE = (
@@ -116,8 +108,7 @@ def tree_attention_op(q, k_cache, v_cache, plan_data, plan_layout, o_part, lse_p
         0, or the `register_owner` handle of the `TreeAttention` whose buffers these are: then
         its latest plan is checked against ``q`` and the caches (`check_plan_fits`) and gives
         ``per_query_merge`` (what `TreeAttention.run` passes under torch.compile, so that a new
-        plan changes nothing dynamo guards on), and, with ``gluon``, the arrival counters of
-        its workspace (the fused merge; without an owner the merge kernel runs).
+        plan changes nothing dynamo guards on).
     """
     if owner:
         attention = OWNERS.get(owner)
@@ -127,12 +118,8 @@ def tree_attention_op(q, k_cache, v_cache, plan_data, plan_layout, o_part, lse_p
         plan = attention.latest_plan
         check_plan_fits(q, k_cache, plan, attention.max_queries)
         per_query_merge = plan.per_query_merge
-        arrivals = attention.arrival_counters(o_part) if gluon else None
-    else:
-        arrivals = None
     key = op_argument_key(q, k_cache, v_cache, plan_data, plan_layout, o_part, lse_part, out,
-                          lse, flat, sm_scale, tile, num_programs, per_query_merge, gluon,
-                          arrivals)
+                          lse, flat, sm_scale, tile, num_programs, per_query_merge, gluon)
     bound = OP_RUNS.get(key)
     if bound is None:
         bound = OpRun(views_of(plan_data, plan_layout), TileConfig.from_ints(tile))
@@ -142,7 +129,7 @@ def tree_attention_op(q, k_cache, v_cache, plan_data, plan_layout, o_part, lse_p
         return
     OP_RUNS.launch(bound, lambda: launch_tree_attention(
         q, k_cache, v_cache, bound.views, o_part, lse_part, out, lse, flat, sm_scale,
-        bound.config, num_programs, per_query_merge, gluon, arrivals), q.device)
+        bound.config, num_programs, per_query_merge, gluon), q.device)
 
 
 _LIBRARY.impl("tree_attention", tree_attention_op, "CompositeExplicitAutograd")
