@@ -100,7 +100,7 @@ class Bucket:
 def bucket_of(tree: Tree) -> Bucket:
     """The bucket of `tree`."""
     shape = tree.attention
-    sharing = float(tree.visible_tokens.sum()) / max(1, tree.num_tokens)
+    sharing = tree.visible_token_sum / max(1, tree.num_tokens)
     return Bucket(
         queries=_power_of_two(tree.num_queries),
         tokens=_power_of_two(tree.num_tokens),

@@ -42,7 +42,7 @@ def split_tokens(strategy: str, tree: Tree) -> int:
         return tree.num_tokens
     if strategy == "tree_attention_s":
         return tree.num_tokens * tree.num_queries
-    return int(tree.visible_tokens.sum())
+    return tree.visible_token_sum
 
 
 def work_items(strategy: str, tree: Tree, chunk: int) -> int:
