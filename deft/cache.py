@@ -395,7 +395,6 @@ class TreeCache:
         pages += self.pool.allocate(self._pages_for(tokens) - len(pages))
         self._tokens[node_id] = tokens
 
-
     def _node_pages(self, tree: Tree) -> tuple:
         """int64 numpy ``(page_ptr [nodes + 1], pages)`` of the tree's nodes."""
         counts = _ceil_div(tree.tokens, self.pool.page_size)

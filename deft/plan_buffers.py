@@ -307,7 +307,7 @@ class PlanBuffers:
         if self.device.type == "cuda":  # pinned staging, uploaded span by span
             self._upload = StagedUpload(self.data)
             self._staging_host = self._upload.host
-        elif self.device.type == "cpu":  # host memory: fill the buffers directly
+        else:  # the CPU: the buffers are host memory, filled directly
             self._upload = None
             self._staging_host = self.data.numpy()
         self._written = {}  # field -> the read-only array the buffers hold, where one does
@@ -317,8 +317,7 @@ class PlanBuffers:
 
         The fields are written into the pinned staging area, then copied to the device in as
         few non-blocking copies as the gaps between their used parts allow (`COALESCE`,
-        `deft.staged_upload`); on
-        the CPU straight into the buffers. A read-only field the buffers already hold (the
+        `deft.staged_upload`); on the CPU straight into the buffers. A read-only field the buffers already hold (the
         very array of the last fill: `deft.fast_plan` keeps arrays between steps) is not
         written again, and ``arrays["kept"]``, ``{field: (array, n)}``, says that a field's
         first n values are those of a read-only array of an earlier fill: where the buffers
