@@ -65,8 +65,8 @@ for size in (64, 4096, 65536):
 host = pinned.numpy()
 vals = np.arange(5000, dtype=np.int64)
 r["numpy_write_pinned_5000"] = med(lambda: host.__setitem__(slice(0, 5000), vals))
-r["numpy_write_plain_5000"] = med(lambda: reg.__setitem__(slice(0, 5000), vals))
-
+r["numpy_write_registered_5000"] = med(lambda: reg.__setitem__(slice(0, 5000), vals))
+r["numpy_write_plain_5000"] = med(lambda: plain.numpy().__setitem__(slice(0, 5000), vals))
 
 
 class LegacyUpload(StagedUpload):
