@@ -3,8 +3,10 @@
 #
 #   OUT=/some/dir scripts/host_path_gpu.sh
 #
-# 1. tests: the GPU tests of the run path and the device plan buffers (tests/test_bound_run.py,
-#    the compiled-run tests of tests/test_kernels.py, tests/test_fast_plan.py's device buffers);
+# 1. tests: the GPU tests of the run path, the device plan buffers and the cache's uploads
+#    (tests/test_bound_run.py, the compiled-run tests of tests/test_kernels.py,
+#    tests/test_fast_plan.py's device buffers, tests/test_cache.py's cuda pool,
+#    tests/test_plan_buffers.py);
 # 2. host: scripts/host_overhead.py on fewshot_b20 and reason_10x500 at 32/8, no torch.compile
 #    (inductor's compiles cost minutes; the compiled run's graph count is a test of step 1);
 # 3. plan: scripts/plan_overhead.py --device cuda over the first 40 steps of every run;
