@@ -116,12 +116,12 @@ def check_plan_fits(q, k_cache, plan, max_queries) -> None:
               f"and max_queries={max_queries}")
 
 
-def argument_key(q, k_cache, v_cache, out, lse, sm_scale, per_query_merge):
+def argument_key(q, k_cache, v_cache, out, lse, sm_scale, per_query_merge, small_grid=False):
     """The key of one `run` call's arguments, or None when one of them is not a tensor.
 
     Every tensor's address, shape, strides and dtype (``lse`` may be None), and q's device
     (the others must be on it, checked when the set is bound; with unified addressing no two
-    devices share an address).
+    devices share an address), then the plan's launch choices.
     """
     try:
         return (q.data_ptr(), q.shape, q.stride(), q.dtype, q.get_device(),
@@ -129,7 +129,7 @@ def argument_key(q, k_cache, v_cache, out, lse, sm_scale, per_query_merge):
                 v_cache.data_ptr(), v_cache.shape, v_cache.stride(), v_cache.dtype,
                 out.data_ptr(), out.shape, out.stride(), out.dtype,
                 None if lse is None else (lse.data_ptr(), lse.shape, lse.stride()),
-                sm_scale, per_query_merge)
+                sm_scale, per_query_merge, small_grid)
     except (AttributeError, TypeError):
         return None
 
@@ -205,12 +205,13 @@ class OpRun:
 
 
 def op_argument_key(q, k_cache, v_cache, plan_data, plan_layout, o_part, lse_part, out, lse,
-                    flat, sm_scale, tile, num_programs, per_query_merge, gluon):
+                    flat, sm_scale, tile, num_programs, per_query_merge, gluon,
+                    small_grid=False):
     """The key of one custom-op call, or None when a `run` tensor is not a tensor:
     `argument_key` of the `run` tensors, then the plan buffers' and workspace's addresses and
     shapes (and the plan buffers' dtype), and the launch settings (the schema makes those
     tensors and lists)."""
-    key = argument_key(q, k_cache, v_cache, out, lse, sm_scale, per_query_merge)
+    key = argument_key(q, k_cache, v_cache, out, lse, sm_scale, per_query_merge, small_grid)
     if key is None:
         return None
     return key + (plan_data.data_ptr(), plan_data.shape, plan_data.dtype,

@@ -256,6 +256,8 @@ class TreeAttention:
             page_size=page_size, num_queries=tree.num_queries,
             num_partitions=int(arrays["counts"][0]), num_entries=entries,
             per_query_merge=per_query_merge(tree.num_queries, entries, self._sm_count()),
+            small_grid=self.backend == "gluon" and int(arrays["counts"][0])
+            * tree.attention.kv_heads <= self._sm_count(),
             max_slot=arrays["max_slot"], generation=self._generation, owner=self,
             _reference=reference, _slots=arrays["slots"], _slots_flat=reference is None,
         )
@@ -314,7 +316,8 @@ class TreeAttention:
             out = torch.empty_like(q, memory_format=torch.contiguous_format)
         lse = torch.empty(q.shape[:2], dtype=torch.float32, device=q.device) if return_lse \
             else None
-        key = argument_key(q, k_cache, v_cache, out, lse, sm_scale, plan.per_query_merge)
+        key = argument_key(q, k_cache, v_cache, out, lse, sm_scale, plan.per_query_merge,
+                           plan.small_grid)
         bound = self._runs.get(key) if key is not None else None
         config_source = (self.config, self._tuned_config)
         if bound is None or not bound.fits(plan, config_source):
@@ -325,7 +328,7 @@ class TreeAttention:
             self._runs.launch(bound, lambda: launch_tree_attention(
                 q, k_cache, v_cache, self.buffers.views, bound.o_part, bound.lse_part, out, lse,
                 self.flat, bound.sm_scale, bound.config, bound.num_programs,
-                plan.per_query_merge, self.backend == "gluon"), self.device)
+                plan.per_query_merge, self.backend == "gluon", plan.small_grid), self.device)
         return (out, lse) if return_lse else out
 
     def _bind(self, key, q, k_cache, v_cache, plan, out, sm_scale, config_source) -> BoundRun:
@@ -357,7 +360,7 @@ class TreeAttention:
         torch.ops.deft.tree_attention(
             q, k_cache, v_cache, self.buffers.data, self.buffers.layout(), o_part, lse_part,
             out, lse, self.flat, sm_scale, tile, num_programs, False, self.backend == "gluon",
-            self._handle)
+            False, self._handle)
         return (out, lse) if return_lse else out
 
     def _partials_workspace(self, q_heads: int, head_dim: int):

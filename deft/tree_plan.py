@@ -26,6 +26,11 @@ class TreePlan:
         The sizes the plan was built with.
     page_size : int
     num_queries, num_partitions, num_entries : int
+    per_query_merge : bool
+        The merge runs one program per query (`deft.kernels.reduction.per_query_merge`).
+    small_grid : bool
+        The Gluon backend runs its small-grid kernel: the work items (partitions x the tree's
+        KV heads) fit one CTA per SM (`deft.kernels.deft_flatten_sm90.launch_spec`).
     max_slot : int
         The largest cache slot the plan reads (``k_cache`` must hold more rows).
     generation : int
@@ -47,6 +52,7 @@ class TreePlan:
     num_partitions: int
     num_entries: int
     per_query_merge: bool
+    small_grid: bool
     max_slot: int
     generation: int
     owner: "TreeAttention"

@@ -82,6 +82,17 @@ VARIANTS = {
     # the partials kernel releases the merge on entry (griddepcontrol.launch_dependents), not
     # as its CTAs exit
     "pdl_early": dict(EARLY_DEPENDENTS=True),
+    # the consumer's tile loop software-pipelined (PIPELINE: tile j's Q K^T issued before tile
+    # j-1's P V, K and V stages released apart) at two CTAs per SM, which at 64-token tiles
+    # spills (160 consumer registers), so with 32-token tiles. Measured 2026-12-01, H200, all
+    # 24 cells: 1.02-1.26x slower than the default. One CTA per SM with 4 or 5 stages of 64
+    # tokens (240 consumer registers) was 0.85-1.02x the default where the work items fit one
+    # CTA per SM and 1.14-1.28x elsewhere: the small-grid kernel (SMALL_GRID); with 8 stages of
+    # 32 tokens, slower on 21 of 24.
+    "pipe_n32s4": dict(PIPELINE=True, BLOCK_N=32, NUM_STAGES=4),
+    # plans whose work items fit one CTA per SM run the default two-CTA kernel, not the
+    # pipelined small-grid one
+    "serial_small": dict(SMALL_GRID_PIPELINE=False),
 }
 VARIANT_MODULES = (sm90, reduction)
 """Where a variant's attributes live: each in the first of these modules that has it."""
@@ -111,6 +122,15 @@ def filling_chunk(tree, kv_heads, ctas) -> int:
         if build_plan("deft_flatten", tree, chunk, None, 16).num_partitions * kv_heads >= ctas:
             return chunk
     return 64
+
+
+def small_grid_chunk(tree, kv_heads, sms) -> int:
+    """The smallest power-of-two chunk (64..2048) whose plan has <= sms work items (the
+    small-grid kernel's), 2048 if none."""
+    for chunk in (64, 128, 256, 512, 1024, 2048):
+        if build_plan("deft_flatten", tree, chunk, None, 16).num_partitions * kv_heads <= sms:
+            return chunk
+    return 2048
 
 
 def save(info=None):
@@ -191,6 +211,7 @@ def check_case(section, name, tree, page_sizes, dtypes, chunk=None, seed=0, kern
                         out, written, same, captured, padded = run_poisoned(
                             attn, handle, q, k_cache, v_cache)
                     outs[backend] = out
+                    record[f"{backend}_small_grid"] = handle.small_grid
                     record[f"{backend}_graph_captured"] = captured
                     record[f"{backend}_rel_err"] = float(f"{rel_err(out, ref):.3g}")
                     record[f"{backend}_written"] = written
@@ -300,11 +321,10 @@ def time_anchor(name, shape_name, page_size=16, copies=4, timing_variants=(),
     record = dict(section="timing", case=name, shape=shape_name, page_size=page_size)
     runs = [("gluon", "gluon", "default", None), ("triton", "triton", "default", None)]
     runs += [(f"gluon_{v}", "gluon", v, None) for v in timing_variants]
-    if fill_chunks:
-        fill = filling_chunk(tree, kvh, sm90.CTAS_PER_SM
-                             * torch.cuda.get_device_properties(0).multi_processor_count)
-        runs += [("gluon_fill", "gluon", "default", fill),
-                 ("triton_fill", "triton", "default", fill)]
+    if fill_chunks:  # the chunk whose work items fill two CTAs per SM; the most items of one
+        sms = torch.cuda.get_device_properties(0).multi_processor_count
+        runs += [("gluon_fill", "gluon", "default", filling_chunk(tree, kvh, 2 * sms)),
+                 ("gluon_small", "gluon", "default", small_grid_chunk(tree, kvh, sms))]
     for key, backend, kernel, chunk in runs:
         try:
             # chunk None: the tuned plan (autotune table: chunk and group per tree), the same
@@ -348,7 +368,8 @@ def main():
     parser.add_argument("--shapes", default=",".join(SHAPES),
                         help=f"the timing shapes, comma-separated (of {', '.join(SHAPES)})")
     parser.add_argument("--fill", action="store_true",
-                        help="also time both kernels with the chunk that fills the SMs")
+                        help="also time the Gluon kernel with the chunk whose work items fill "
+                             "two CTAs per SM, and with the smallest that fits one CTA per SM")
     parser.add_argument("--compile-only", action="store_true",
                         help="no GPU: compile the default and every variant for sm_90a")
     args = parser.parse_args()
@@ -494,11 +515,14 @@ def summarize(info):
         if r.get("section") == "timing":
             keys += [k[:-3] for k in r if k.endswith("_us") and k[:-3] not in keys]
     print("timing, graph mode, us per call (4 KV copies), page size 16:")
-    print(f"{'anchor':24} {'shape':9}" + "".join(f"{k:>13}" for k in keys) + f"{'speedup':>8}")
+    widths = [max(13, len(k) + 1) for k in keys]
+    print(f"{'anchor':24} {'shape':9}" + "".join(f"{k:>{w}}" for k, w in zip(keys, widths))
+          + f"{'speedup':>8}")
     for r in RECORDS:
         if r.get("section") == "timing" and "gluon_us" in r:
             print(f"{r['case']:24} {r['shape']:9}"
-                  + "".join(f"{r.get(k + '_us', float('nan')):13.2f}" for k in keys)
+                  + "".join(f"{r.get(k + '_us', float('nan')):{w}.2f}"
+                            for k, w in zip(keys, widths))
                   + f"{r.get('speedup', float('nan')):8.3f}")
 
 

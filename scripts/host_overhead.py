@@ -255,7 +255,7 @@ def measure(name, tree, device, calls, compile_runs) -> dict:
     views = attn.buffers.views
     op_args = (q, k_cache, v_cache, attn.buffers.data, attn.buffers.layout(), o_part,
                lse_part, out, None, True, s.head_dim ** -0.5, tile, programs,
-               plan.per_query_merge)
+               plan.per_query_merge, attn.backend == "gluon", plan.small_grid)
     rec = dict(
         anchor=name, tuned_from=attn.tuned_from, config=str(config),
         plan_fixed_host_us=host_us(lambda: fixed.plan(tree, table), calls, device),
@@ -277,9 +277,11 @@ def measure(name, tree, device, calls, compile_runs) -> dict:
         graphs=attn._runs.graphs(),
         run_profile=profile_us(run, calls, device),
         key_host_us=host_us(lambda: argument_key(q, k_cache, v_cache, out, None, None,
-                                                 plan.per_query_merge), CALLS, device),
+                                                 plan.per_query_merge, plan.small_grid),
+                            CALLS, device),
     )
-    entries = [attn._runs.get(argument_key(q, *caches, out, None, None, plan.per_query_merge))
+    entries = [attn._runs.get(argument_key(q, *caches, out, None, None, plan.per_query_merge,
+                                           plan.small_grid))
                for caches in layers]
     bound = entries[0]
     rec.update(

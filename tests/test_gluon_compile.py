@@ -52,6 +52,7 @@ MODULE_VARIANTS = {
     "split2": (dict(TWO_CONSUMERS=True), 1),
     "split2_ahead2": (dict(TWO_CONSUMERS=True, SLOT_AHEAD=2), 1),
     "masked": (dict(MASK_FREE=False), 2),
+    "pipe_n32s4": (dict(PIPELINE=True, BLOCK_N=32, NUM_STAGES=4), 2),
 }
 
 
@@ -93,6 +94,18 @@ else:
         _ptxas_ok(compiled)
         # both CTAs of an SM fit its shared memory (227 KB, 1 KB reserved per CTA)
         assert 2 * (compiled.metadata.shared + 1024) <= 233472, compiled.metadata.shared
+
+
+    @pytest.mark.parametrize("dtype,kv_heads,group,head_dim", VARIANTS)
+    def test_gluon_small_grid_kernel_compiles_without_spills(dtype, kv_heads, group, head_dim):
+        """The kernel a plan with at most one work item per SM runs: the pipelined consumer,
+        one CTA per SM."""
+        kernel, consts, _, ctas = sm90.launch_spec(kv_heads, group, head_dim, small_grid=True)
+        assert consts["PIPELINE"] and ctas == 1
+        compiled = compile_for_sm90(dtype, kv_heads, group, head_dim, small_grid=True)
+        assert "wgmma.mma_async" in compiled.asm["ptx"]
+        _ptxas_ok(compiled)
+        assert compiled.metadata.shared + 1024 <= 233472, compiled.metadata.shared
 
 
     @pytest.mark.parametrize("name", sorted(CONFIGS))

@@ -29,7 +29,11 @@ Structure (one CTA = 8 warps; persistent over work items like the Triton kernel)
 
 Two CTAs per SM (2 KV stages + 2 Q tiles each: 100 KB shared memory, 128 registers per thread:
 160 for the consumer, 96 for the producer by setmaxnreg), so one CTA's softmax overlaps the
-other's loads and wgmma. Measured on an H200 (scripts/gluon_check.py, triton 3.6, CUDA graph of
+other's loads and wgmma. A plan whose work items fit one CTA per SM (`TreePlan.small_grid`)
+has no second CTA to overlap with: it runs the small-grid form, one CTA per SM with a 4-stage
+ring and the consumer's tile loop software-pipelined (`_consumer_pipelined`: tile j's Q K^T is
+issued before tile j-1's P V, so one tile's softmax runs while the other's wgmma does; 240
+consumer registers, which two CTAs per SM cannot give it). Measured on an H200 (scripts/gluon_check.py, triton 3.6, CUDA graph of
 4 calls on 4 KV copies, page size 16, the tuned plans): 1.16-1.62x faster than the Triton kernel
 on every anchor at 32/8/128, 16/2/128, 8/1/128 and 4/1/128 (geomean 1.31x over the 24 cells).
 Slower or no better there: 32-token tiles x 4 stages; one CTA per SM with 5 stages (better on
@@ -63,6 +67,7 @@ import torch
 
 from deft.kernels import gluon_compat as gc
 from deft.kernels.deft_flatten_sm90_backend import gluon_supported, resolve_backend  # noqa: F401
+from deft.kernels.fill import multiprocessors
 from deft.kernels.gluon_compat import HAS_GLUON
 
 LOG2E = 1.4426950408889634
@@ -106,6 +111,19 @@ EARLY_DEPENDENTS = False
 as a programmatic dependent, `deft.kernels.reduction.PDL_MERGE`) may be scheduled while this
 kernel runs, its CTAs held at ``griddepcontrol.wait`` until this grid ends; False: the merge is
 released as this kernel's CTAs exit."""
+PIPELINE = False
+"""True: the consumer's tile loop is software-pipelined (`_consumer_pipelined`): tile j's
+Q K^T is issued before tile j-1's P V, so the softmax of one tile overlaps the other's wgmma; K
+and V stages are released apart (``v_empty``), so 2 stages still keep a tile of slack."""
+SMALL_GRID_PIPELINE = True
+"""True: a plan whose work items fit one CTA per SM (`deft.tree_plan.TreePlan.small_grid`) runs
+the kernel with SMALL_GRID's parameters, one CTA per SM with SMALL_GRID_MAX_REGS registers a
+thread (240 for the consumer): the pipelined consumer, which needs more registers than two CTAs
+per SM leave. Measured on an H200 (scripts/gluon_check.py, 2026-12-01): 0.87-1.02x the time of
+the two-CTA kernel on the six cells of the anchors with at most 132 work items, 1.14-1.28x on
+the eighteen with more (two CTAs per SM then hide each other's latency)."""
+SMALL_GRID = dict(PIPELINE=True, NUM_STAGES=4)
+SMALL_GRID_MAX_REGS = 168
 TWO_CONSUMERS = False
 """True: run `deft.kernels.deft_flatten_sm90_split` instead (two consumer warpgroups per CTA
 splitting each work item's KV tiles, one CTA per SM, a 4-stage ring)."""
@@ -132,11 +150,12 @@ if HAS_GLUON:
                   token_slot_ptr, subtree_end_ptr,
                   stride_qn, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh,
                   q_smem, qf_smem, row_smem, k_smem, v_smem, end_smem,
-                  q_ready, q_empty, k_ready, v_ready, empty,
+                  q_ready, q_empty, k_ready, v_ready, empty, v_empty,
                   KV_HEADS: gl.constexpr, GROUP: gl.constexpr, GROUP_PAD: gl.constexpr,
                   HEAD_DIM: gl.constexpr,
                   BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr, NUM_STAGES: gl.constexpr,
-                  Q_STAGES: gl.constexpr, SLOT_AHEAD: gl.constexpr, WARPS: gl.constexpr):
+                  Q_STAGES: gl.constexpr, SLOT_AHEAD: gl.constexpr, PIPELINE: gl.constexpr,
+                  WARPS: gl.constexpr):
         QUERIES_PER_TILE: gl.constexpr = BLOCK_M // GROUP_PAD
         VEC: gl.constexpr = 8  # 16-byte copies of 16-bit elements
         TPR: gl.constexpr = HEAD_DIM // VEC  # threads along a row
@@ -156,6 +175,8 @@ if HAS_GLUON:
             kv_head = item % KV_HEADS
             token_start = gl.load(part_start_ptr + part)
             num_tokens = gl.load(part_tokens_ptr + part)
+            # (PIPELINE) at least one tile a query tile, all masked if the partition is empty
+            span = gl.maximum(num_tokens, 1) if PIPELINE else num_tokens
             entry_lo = gl.load(part_entry_ptr + part)
             entry_hi = gl.load(part_entry_ptr + part + 1)
             k_head = k_ptr + kv_head.to(gl.int64) * stride_kh
@@ -191,7 +212,7 @@ if HAS_GLUON:
                 async_load(row_smem.index(qs), entry_row_ptr + m_entry, mask=m_ok)
                 async_copy.mbarrier_arrive(q_ready.index(qs), increment_count=False)
                 qt += 1
-                for n0 in range(0, num_tokens, BLOCK_N):
+                for n0 in range(0, span, BLOCK_N):
                     ok = row < num_tokens
                     k_ptrs = k_head + (slot.to(gl.int64)[:, None] * stride_kt + dims[None, :])
                     v_ptrs = v_head + (slot.to(gl.int64)[:, None] * stride_vt + dims[None, :])
@@ -210,6 +231,8 @@ if HAS_GLUON:
                     async_load(end_smem.index(stage), end_base + col, mask=col < num_tokens)
                     async_load(k_smem.index(stage), k_ptrs, mask=ok[:, None])
                     async_copy.mbarrier_arrive(k_ready.index(stage), increment_count=False)
+                    if PIPELINE:  # V stages are released apart from K stages
+                        mbarrier.wait(v_empty.index(stage), ((it // NUM_STAGES) & 1) ^ 1)
                     async_load(v_smem.index(stage), v_ptrs, mask=ok[:, None])
                     async_copy.mbarrier_arrive(v_ready.index(stage), increment_count=False)
                     it += 1
@@ -236,7 +259,7 @@ if HAS_GLUON:
         return s
 
     @gluon.jit
-    def _consumer(o_part_ptr, lse_part_ptr, counts_ptr, part_start_ptr, part_tokens_ptr,
+    def _consumer_serial(o_part_ptr, lse_part_ptr, counts_ptr, part_start_ptr, part_tokens_ptr,
                   part_entry_ptr, qk_scale,
                   q_smem, qf_smem, row_smem, k_smem, v_smem, end_smem,
                   q_ready, q_empty, k_ready, v_ready, empty,
@@ -358,6 +381,182 @@ if HAS_GLUON:
                 gl.store(o_part_ptr + o_off[:, None] + o_dims[None, :], o, mask=o_ok[:, None])
 
     @gluon.jit
+    def _mask_tile(s, end, flat0, s_cols, query_flat, qf_lo, qf_hi, BLOCK_N: gl.constexpr,
+                   MASK_FREE: gl.constexpr):
+        """S with the Euler-tour mask applied: `_mask_unless_whole` (MASK_FREE) or on every
+        tile."""
+        if MASK_FREE:
+            s = _mask_unless_whole(s, end, flat0, s_cols, query_flat, qf_lo, qf_hi, BLOCK_N)
+        else:
+            flat = flat0 + s_cols
+            visible = (flat[None, :] <= query_flat[:, None]) & (query_flat[:, None] < end[None, :])
+            s = gl.where(visible, s, float("-inf"))
+        return s
+
+    @gluon.jit
+    def _online_softmax(s, m_i, l_i, qk_scale, THRESHOLD: gl.constexpr):
+        """One tile of the online softmax, exact with a lazy max: (p, alpha, m, l).
+
+        s [BLOCK_M, BLOCK_N] raw scores (masked columns -inf); m_i, l_i [BLOCK_M] the running
+        raw max and sum. A row's max moves only when the tile's passes it by more than
+        THRESHOLD (log2 units: then p <= 2**THRESHOLD); a -inf max is always replaced. p is
+        exp2 of the scaled scores minus the scaled max, alpha what the running O and l are
+        multiplied by (1 where the max stays).
+        """
+        m_tile = gl.max(s, 1)
+        grow = (m_tile - m_i) * qk_scale > THRESHOLD
+        m_new = gl.where(grow, gl.maximum(m_i, m_tile), m_i)
+        m_scaled = gl.where(m_new == float("-inf"), 0.0, m_new) * qk_scale
+        p = gl.exp2(s * qk_scale - m_scaled[:, None])
+        alpha = gl.where(m_i == m_new, 1.0, gl.exp2(m_i * qk_scale - m_scaled))
+        return p, alpha, m_new, l_i * alpha + gl.sum(p, 1)
+
+    @gluon.jit
+    def _consumer_pipelined(o_part_ptr, lse_part_ptr, counts_ptr, part_start_ptr,
+                            part_tokens_ptr, part_entry_ptr, qk_scale,
+                            q_smem, qf_smem, row_smem, k_smem, v_smem, end_smem,
+                            q_ready, q_empty, k_ready, v_ready, empty, v_empty,
+                            KV_HEADS: gl.constexpr, GROUP: gl.constexpr,
+                            GROUP_PAD: gl.constexpr, HEAD_DIM: gl.constexpr,
+                            BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr,
+                            NUM_STAGES: gl.constexpr, Q_STAGES: gl.constexpr,
+                            THRESHOLD: gl.constexpr, MASK_FREE: gl.constexpr,
+                            DTYPE: gl.constexpr, WARPS: gl.constexpr):
+        """`_consumer` with the tile loop software-pipelined (FlashAttention-3's intra-warpgroup
+        overlap): tile j's S = Q K^T is issued, then tile j-1's O += P V, and tile j's mask and
+        softmax run while that wgmma does. A K stage (`empty`) is released once its S is read,
+        a V stage (`v_empty`) once its P V is done; a query tile has at least one KV tile (the
+        producer sends one all-masked tile for an empty partition)."""
+        QUERIES_PER_TILE: gl.constexpr = BLOCK_M // GROUP_PAD
+        Q_HEADS: gl.constexpr = KV_HEADS * GROUP
+        s_layout: gl.constexpr = gl.NVMMADistributedLayout(
+            version=[3, 0], warps_per_cta=[WARPS, 1], instr_shape=[16, BLOCK_N, 16])
+        o_layout: gl.constexpr = gl.NVMMADistributedLayout(
+            version=[3, 0], warps_per_cta=[WARPS, 1], instr_shape=[16, HEAD_DIM, 16])
+        p_layout: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=o_layout,
+                                                     k_width=2)
+        s_rows_layout: gl.constexpr = gl.SliceLayout(1, s_layout)
+        o_rows_layout: gl.constexpr = gl.SliceLayout(1, o_layout)
+        end_layout: gl.constexpr = gl.SliceLayout(0, s_layout)
+
+        s_rows = gl.arange(0, BLOCK_M, layout=s_rows_layout)
+        s_cols = gl.arange(0, BLOCK_N, layout=end_layout)
+        o_rows = gl.arange(0, BLOCK_M, layout=o_rows_layout)
+        o_dims = gl.arange(0, HEAD_DIM, layout=gl.SliceLayout(0, o_layout))
+
+        num_items = gl.load(counts_ptr) * KV_HEADS
+        it = 0
+        qt = 0
+        for item in range(gl.program_id(0), num_items, gl.num_programs(0)):
+            part = item // KV_HEADS
+            kv_head = item % KV_HEADS
+            token_start = gl.load(part_start_ptr + part)
+            span = gl.maximum(gl.load(part_tokens_ptr + part), 1)
+            entry_lo = gl.load(part_entry_ptr + part)
+            entry_hi = gl.load(part_entry_ptr + part + 1)
+            for entry0 in range(entry_lo, entry_hi, QUERIES_PER_TILE):
+                s_slot = s_rows // GROUP_PAD
+                s_ok = ((s_slot < QUERIES_PER_TILE) & (entry0 + s_slot < entry_hi)
+                        & (s_rows % GROUP_PAD < GROUP))
+                qs = qt % Q_STAGES
+                mbarrier.wait(q_ready.index(qs), (qt // Q_STAGES) & 1)
+                fence_async_shared()  # cp.async (generic proxy) -> wgmma (async proxy)
+                q_tile = q_smem.index(qs)
+                # -1: a padding row sees nothing (f <= -1 never holds)
+                query_flat = gl.where(s_ok, qf_smem.index(qs).load(s_rows_layout), -1)
+                qf_lo, qf_hi = _query_span(query_flat, s_ok)
+                # tile 0: S and its softmax; its P V waits for the loop (or the tail)
+                stage = it % NUM_STAGES
+                mbarrier.wait(k_ready.index(stage), (it // NUM_STAGES) & 1)
+                fence_async_shared()
+                s = warpgroup_mma(q_tile, k_smem.index(stage).permute((1, 0)), gl.zeros([BLOCK_M, BLOCK_N], gl.float32, layout=s_layout),
+                                  use_acc=False, is_async=True)
+                end = end_smem.index(stage).load(end_layout)
+                s = warpgroup_mma_wait(0, deps=[s])
+                mbarrier.arrive(empty.index(stage), count=1)
+                s = _mask_tile(s, end, token_start, s_cols, query_flat, qf_lo, qf_hi,
+                               BLOCK_N, MASK_FREE)
+                p, alpha, m_i, l_i = _online_softmax(
+                    s, gl.full([BLOCK_M], float("-inf"), gl.float32, layout=s_rows_layout),
+                    gl.zeros([BLOCK_M], gl.float32, layout=s_rows_layout), qk_scale, THRESHOLD)
+                p16 = gl.convert_layout(p.to(DTYPE), p_layout)
+                acc = gl.zeros([BLOCK_M, HEAD_DIM], gl.float32, layout=o_layout)
+                it += 1
+                for n0 in range(BLOCK_N, span, BLOCK_N):
+                    stage = it % NUM_STAGES
+                    last = (it - 1) % NUM_STAGES
+                    mbarrier.wait(k_ready.index(stage), (it // NUM_STAGES) & 1)
+                    fence_async_shared()
+                    s = warpgroup_mma(q_tile, k_smem.index(stage).permute((1, 0)), gl.zeros([BLOCK_M, BLOCK_N], gl.float32, layout=s_layout),
+                                      use_acc=False, is_async=True)
+                    acc = acc * gl.convert_layout(alpha, o_rows_layout)[:, None]
+                    mbarrier.wait(v_ready.index(last), ((it - 1) // NUM_STAGES) & 1)
+                    fence_async_shared()
+                    acc = warpgroup_mma(p16, v_smem.index(last), acc, is_async=True)
+                    end = end_smem.index(stage).load(end_layout)
+                    s = warpgroup_mma_wait(1, deps=[s])  # this tile's S; the last P V may run
+                    mbarrier.arrive(empty.index(stage), count=1)
+                    s = _mask_tile(s, end, token_start + n0, s_cols, query_flat, qf_lo, qf_hi,
+                                   BLOCK_N, MASK_FREE)
+                    p, alpha, m_i, l_i = _online_softmax(s, m_i, l_i, qk_scale, THRESHOLD)
+                    acc, p16 = warpgroup_mma_wait(0, deps=[acc, p16])
+                    mbarrier.arrive(v_empty.index(last), count=1)
+                    p16 = gl.convert_layout(p.to(DTYPE), p_layout)
+                    it += 1
+                # the last tile's P V
+                last = (it - 1) % NUM_STAGES
+                acc = acc * gl.convert_layout(alpha, o_rows_layout)[:, None]
+                mbarrier.wait(v_ready.index(last), ((it - 1) // NUM_STAGES) & 1)
+                fence_async_shared()
+                acc = warpgroup_mma(p16, v_smem.index(last), acc, is_async=True)
+                acc, p16 = warpgroup_mma_wait(0, deps=[acc, p16])
+                mbarrier.arrive(v_empty.index(last), count=1)
+                seen = l_i > 0
+                l_safe = gl.where(seen, l_i, 1.0)
+                lse = gl.where(seen, (m_i * qk_scale + gl.log2(l_safe)) * 0.6931471805599453,
+                               float("-inf"))
+                row = row_smem.index(qs).load(s_rows_layout)
+                o_row = row_smem.index(qs).load(o_rows_layout)
+                mbarrier.arrive(q_empty.index(qs), count=1)  # Q tile and row data consumed
+                qt += 1
+                lse_rows = row.to(gl.int64) * Q_HEADS + kv_head * GROUP + s_rows % GROUP_PAD
+                gl.store(lse_part_ptr + lse_rows, lse, mask=s_ok)
+                o_slot = o_rows // GROUP_PAD
+                o_ok = ((o_slot < QUERIES_PER_TILE) & (entry0 + o_slot < entry_hi)
+                        & (o_rows % GROUP_PAD < GROUP))
+                o_off = (o_row.to(gl.int64) * Q_HEADS + kv_head * GROUP
+                         + o_rows % GROUP_PAD) * HEAD_DIM
+                o = acc / gl.convert_layout(l_safe, o_rows_layout)[:, None]
+                gl.store(o_part_ptr + o_off[:, None] + o_dims[None, :], o, mask=o_ok[:, None])
+
+    @gluon.jit
+    def _consumer(o_part_ptr, lse_part_ptr, counts_ptr, part_start_ptr, part_tokens_ptr,
+                  part_entry_ptr, qk_scale,
+                  q_smem, qf_smem, row_smem, k_smem, v_smem, end_smem,
+                  q_ready, q_empty, k_ready, v_ready, empty, v_empty,
+                  KV_HEADS: gl.constexpr, GROUP: gl.constexpr, GROUP_PAD: gl.constexpr,
+                  HEAD_DIM: gl.constexpr,
+                  BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr, NUM_STAGES: gl.constexpr,
+                  Q_STAGES: gl.constexpr, THRESHOLD: gl.constexpr, LAZY: gl.constexpr,
+                  MASK_FREE: gl.constexpr, PIPELINE: gl.constexpr, DTYPE: gl.constexpr,
+                  WARPS: gl.constexpr):
+        """The consumer partition: `_consumer_pipelined` (PIPELINE) or `_consumer_serial`."""
+        if PIPELINE:
+            _consumer_pipelined(o_part_ptr, lse_part_ptr, counts_ptr, part_start_ptr,
+                                part_tokens_ptr, part_entry_ptr, qk_scale,
+                                q_smem, qf_smem, row_smem, k_smem, v_smem, end_smem,
+                                q_ready, q_empty, k_ready, v_ready, empty, v_empty,
+                                KV_HEADS, GROUP, GROUP_PAD, HEAD_DIM, BLOCK_M, BLOCK_N,
+                                NUM_STAGES, Q_STAGES, THRESHOLD, MASK_FREE, DTYPE, WARPS)
+        else:
+            _consumer_serial(o_part_ptr, lse_part_ptr, counts_ptr, part_start_ptr,
+                             part_tokens_ptr, part_entry_ptr, qk_scale,
+                             q_smem, qf_smem, row_smem, k_smem, v_smem, end_smem,
+                             q_ready, q_empty, k_ready, v_ready, empty,
+                             KV_HEADS, GROUP, GROUP_PAD, HEAD_DIM, BLOCK_M, BLOCK_N, NUM_STAGES,
+                             Q_STAGES, THRESHOLD, LAZY, MASK_FREE, DTYPE, WARPS)
+
+    @gluon.jit
     def _partials_sm90_kernel(
         q_ptr, k_ptr, v_ptr, o_part_ptr, lse_part_ptr,
         counts_ptr, part_start_ptr, part_tokens_ptr, part_entry_ptr, entry_query_ptr,
@@ -368,8 +567,9 @@ if HAS_GLUON:
                   HEAD_DIM: gl.constexpr,
         BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr, NUM_STAGES: gl.constexpr,
         Q_STAGES: gl.constexpr, THRESHOLD: gl.constexpr, LAZY: gl.constexpr,
-        SLOT_AHEAD: gl.constexpr, MASK_FREE: gl.constexpr, PRODUCER_WARPS: gl.constexpr,
-        PRODUCER_REGS: gl.constexpr, EARLY_DEPENDENTS: gl.constexpr, num_warps: gl.constexpr,
+        SLOT_AHEAD: gl.constexpr, MASK_FREE: gl.constexpr, PIPELINE: gl.constexpr,
+        PRODUCER_WARPS: gl.constexpr, PRODUCER_REGS: gl.constexpr,
+        EARLY_DEPENDENTS: gl.constexpr, num_warps: gl.constexpr,
     ):
         if EARLY_DEPENDENTS:  # the merge may launch now; griddepcontrol.wait holds it back
             gl.inline_asm_elementwise("griddepcontrol.launch_dependents; // $0", "=r", [],
@@ -390,6 +590,10 @@ if HAS_GLUON:
         k_ready = gl.allocate_shared_memory(gl.int64, [NUM_STAGES, 1], bar_layout)
         v_ready = gl.allocate_shared_memory(gl.int64, [NUM_STAGES, 1], bar_layout)
         empty = gl.allocate_shared_memory(gl.int64, [NUM_STAGES, 1], bar_layout)
+        if PIPELINE:  # V stages released apart from K stages
+            v_empty = gl.allocate_shared_memory(gl.int64, [NUM_STAGES, 1], bar_layout)
+        else:
+            v_empty = empty
         for i in gl.static_range(Q_STAGES):
             mbarrier.init(q_ready.index(i), count=PRODUCER_WARPS * 32)
             mbarrier.init(q_empty.index(i), count=1)
@@ -397,22 +601,23 @@ if HAS_GLUON:
             mbarrier.init(k_ready.index(i), count=PRODUCER_WARPS * 32)
             mbarrier.init(v_ready.index(i), count=PRODUCER_WARPS * 32)
             mbarrier.init(empty.index(i), count=1)
+            if PIPELINE:
+                mbarrier.init(v_empty.index(i), count=1)
         gl.warp_specialize([
             (_consumer, (o_part_ptr, lse_part_ptr, counts_ptr, part_start_ptr, part_tokens_ptr,
                          part_entry_ptr, qk_scale,
                          q_smem, qf_smem, row_smem, k_smem, v_smem, end_smem,
-                         q_ready, q_empty, k_ready, v_ready, empty,
+                         q_ready, q_empty, k_ready, v_ready, empty, v_empty,
                          KV_HEADS, GROUP, GROUP_PAD, HEAD_DIM, BLOCK_M, BLOCK_N, NUM_STAGES,
-                         Q_STAGES,
-                         THRESHOLD, LAZY, MASK_FREE, dtype, num_warps)),
+                         Q_STAGES, THRESHOLD, LAZY, MASK_FREE, PIPELINE, dtype, num_warps)),
             (_producer, (q_ptr, k_ptr, v_ptr, counts_ptr, part_start_ptr, part_tokens_ptr,
                          part_entry_ptr, entry_query_ptr, entry_row_ptr, query_flat_ptr,
                          token_slot_ptr, subtree_end_ptr,
                          stride_qn, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh,
                          q_smem, qf_smem, row_smem, k_smem, v_smem, end_smem,
-                         q_ready, q_empty, k_ready, v_ready, empty,
+                         q_ready, q_empty, k_ready, v_ready, empty, v_empty,
                          KV_HEADS, GROUP, GROUP_PAD, HEAD_DIM, BLOCK_M, BLOCK_N, NUM_STAGES,
-                         Q_STAGES, SLOT_AHEAD, PRODUCER_WARPS)),
+                         Q_STAGES, SLOT_AHEAD, PIPELINE, PRODUCER_WARPS)),
         ], [PRODUCER_WARPS], [PRODUCER_REGS])
 else:  # pragma: no cover - no Gluon in this triton
     _partials_sm90_kernel = None
@@ -424,39 +629,37 @@ def constexprs(kv_heads: int, group: int, head_dim: int, **overrides) -> dict:
                   HEAD_DIM=head_dim, BLOCK_M=BLOCK_M,
                   BLOCK_N=BLOCK_N, NUM_STAGES=NUM_STAGES, Q_STAGES=Q_STAGES,
                   THRESHOLD=RESCALE_THRESHOLD, LAZY=LAZY_RESCALE, SLOT_AHEAD=SLOT_AHEAD,
-                  MASK_FREE=MASK_FREE, PRODUCER_WARPS=PRODUCER_WARPS,
+                  MASK_FREE=MASK_FREE, PIPELINE=PIPELINE, PRODUCER_WARPS=PRODUCER_WARPS,
                   PRODUCER_REGS=PRODUCER_REGS, EARLY_DEPENDENTS=EARLY_DEPENDENTS)
     values.update(overrides)
     return values
 
 
-_SM_COUNT = {}
-
-
-def _sm_count(device) -> int:
-    index = device.index if device.index is not None else torch.cuda.current_device()
-    if index not in _SM_COUNT:
-        _SM_COUNT[index] = torch.cuda.get_device_properties(index).multi_processor_count
-    return _SM_COUNT[index]
-
-
-def launch_spec(kv_heads: int, group: int, head_dim: int, **overrides):
+def launch_spec(kv_heads: int, group: int, head_dim: int, small_grid: bool = False,
+                **overrides):
     """(kernel, its constexprs, maxnreg, CTAs per SM) of the kernel the module parameters pick.
 
-    `_partials_sm90_kernel`, or with ``TWO_CONSUMERS`` the two-consumer kernel of
-    `deft.kernels.deft_flatten_sm90_split`; both take the same run-time arguments.
+    `_partials_sm90_kernel`; with ``small_grid`` (the plan's work items fit one CTA per SM) and
+    ``SMALL_GRID_PIPELINE``, with SMALL_GRID's parameters at one CTA per SM; with
+    ``TWO_CONSUMERS`` the two-consumer kernel of `deft.kernels.deft_flatten_sm90_split`. All
+    take the same run-time arguments.
     """
     if TWO_CONSUMERS:
         from deft.kernels import deft_flatten_sm90_split as split
 
         return split.launch_spec(kv_heads, group, head_dim, **overrides)
+    if small_grid and SMALL_GRID_PIPELINE:
+        return (_partials_sm90_kernel,
+                constexprs(kv_heads, group, head_dim, **{**SMALL_GRID, **overrides}),
+                SMALL_GRID_MAX_REGS, 1)
     return (_partials_sm90_kernel, constexprs(kv_heads, group, head_dim, **overrides), MAX_REGS,
             CTAS_PER_SM)
 
 
 def partials(q, k_cache, v_cache, o_part, lse_part, buffers, *, flat: bool, sm_scale: float,
-             config, num_programs: int) -> None:
-    """`deft.kernels.partials.partials` on the Gluon kernel (same arguments, same outputs).
+             config, num_programs: int, small_grid: bool = False) -> None:
+    """`deft.kernels.partials.partials` on the Gluon kernel (same arguments, same outputs);
+    ``small_grid``: the plan's work items fit one CTA per SM (`launch_spec`).
 
     Calls the Triton kernel instead where the Gluon kernel does not take the inputs (`fits`).
     """
@@ -468,8 +671,8 @@ def partials(q, k_cache, v_cache, o_part, lse_part, buffers, *, flat: bool, sm_s
         return
     kv_heads, head_dim = k_cache.shape[2], k_cache.shape[3]
     group = q.shape[1] // kv_heads
-    kernel, consts, max_regs, ctas_per_sm = launch_spec(kv_heads, group, head_dim)
-    num_programs = min(num_programs, ctas_per_sm * _sm_count(q.device))
+    kernel, consts, max_regs, ctas_per_sm = launch_spec(kv_heads, group, head_dim, small_grid)
+    num_programs = min(num_programs, ctas_per_sm * multiprocessors(q.device))
     kernel[(num_programs,)](
         q, k_cache, v_cache, o_part, lse_part,
         buffers["counts"], buffers["part_start"], buffers["part_tokens"], buffers["part_entry"],

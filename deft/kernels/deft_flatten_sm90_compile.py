@@ -21,12 +21,12 @@ _ARG_TYPES = dict(
 
 
 def compile_for_sm90(dtype: str = "fp16", kv_heads: int = 8, group: int = 4,
-                     head_dim: int = 128, **overrides):
+                     head_dim: int = 128, small_grid: bool = False, **overrides):
     """Compile the Gluon partials kernel for sm_90a without a GPU (triton's own ptxas).
 
     The kernel and its parameters are those `deft_flatten_sm90.launch_spec` picks from the
-    module parameters (``TWO_CONSUMERS``: the two-consumer kernel); ``overrides`` replace
-    constexprs.
+    module parameters (``TWO_CONSUMERS``: the two-consumer kernel) for a plan with a small grid
+    or not; ``overrides`` replace constexprs.
 
     Returns the `CompiledKernel` (``asm["ptx"]``, ``asm["cubin"]``); `ptxas_report` reads its
     register and spill counts.
@@ -36,7 +36,8 @@ def compile_for_sm90(dtype: str = "fp16", kv_heads: int = 8, group: int = 4,
     from triton.experimental.gluon._runtime import GluonASTSource
 
     signature = dict(q_ptr=f"*{dtype}", k_ptr=f"*{dtype}", v_ptr=f"*{dtype}", **_ARG_TYPES)
-    kernel, consts, max_regs, _ = sm90.launch_spec(kv_heads, group, head_dim, **overrides)
+    kernel, consts, max_regs, _ = sm90.launch_spec(kv_heads, group, head_dim, small_grid,
+                                                   **overrides)
     consts["num_warps"] = sm90.CONSUMER_WARPS
     names = kernel.arg_names
     signature = {n: signature.get(n, "constexpr") for n in names}

@@ -240,9 +240,9 @@ if gc.HAS_GLUON:
                               token_slot_ptr, subtree_end_ptr,
                               stride_qn, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh,
                               q_smem, qf_smem, row_smem, k_smem, v_smem, end_smem,
-                              q_ready, q_empty, k_ready, v_ready, empty,
+                              q_ready, q_empty, k_ready, v_ready, empty, empty,
                               KV_HEADS, GROUP, GROUP_PAD, HEAD_DIM, BLOCK_M, BLOCK_N,
-                              NUM_STAGES, Q_STAGES, SLOT_AHEAD, PRODUCER_WARPS)),
+                              NUM_STAGES, Q_STAGES, SLOT_AHEAD, False, PRODUCER_WARPS)),
         ], [num_warps, PRODUCER_WARPS], [CONSUMER_REGS, PRODUCER_REGS])
 else:  # pragma: no cover - no Gluon in this triton
     _partials_split_kernel = None

@@ -58,13 +58,18 @@ def check_runnable(device: torch.device, dtype: str | torch.dtype | None = None)
 
 def launch_tree_attention(q, k_cache, v_cache, buffers, o_part, lse_part, out, lse, flat,
                           sm_scale, config, num_programs, per_query_merge,
-                          gluon=False) -> None:
-    """Partial results (the Hopper Gluon kernel where ``gluon``), then the merge."""
+                          gluon=False, small_grid=False) -> None:
+    """Partial results (the Hopper Gluon kernel where ``gluon``, its small-grid form where
+    ``small_grid``: `deft.tree_plan.TreePlan.small_grid`), then the merge."""
     other_device = q.is_cuda and q.device.index != torch.cuda.current_device()
     with torch.cuda.device(q.device) if other_device else contextlib.nullcontext():
-        (deft_flatten_sm90.partials if gluon else partials)(
-            q, k_cache, v_cache, o_part, lse_part, buffers, flat=flat, sm_scale=sm_scale,
-            config=config, num_programs=num_programs)
+        if gluon:
+            deft_flatten_sm90.partials(
+                q, k_cache, v_cache, o_part, lse_part, buffers, flat=flat, sm_scale=sm_scale,
+                config=config, num_programs=num_programs, small_grid=small_grid)
+        else:
+            partials(q, k_cache, v_cache, o_part, lse_part, buffers, flat=flat,
+                     sm_scale=sm_scale, config=config, num_programs=num_programs)
         merge(o_part, lse_part, buffers, out, lse, per_query=per_query_merge,
               dependent_launch=gluon)
 
@@ -73,7 +78,7 @@ OP_SIGNATURE = (
     "(Tensor q, Tensor k_cache, Tensor v_cache, Tensor plan_data, "
     "int[] plan_layout, Tensor(a!) o_part, Tensor(b!) lse_part, Tensor(c!) out, "
     "Tensor(d!)? lse, bool flat, float sm_scale, int[] tile, int num_programs, "
-    "bool per_query_merge, bool gluon=False, int owner=0) -> ()")
+    "bool per_query_merge, bool gluon=False, bool small_grid=False, int owner=0) -> ()")
 """The op's schema after its name (``scripts/host_overhead.py`` times a no-op op of it)."""
 
 _LIBRARY = torch.library.Library("deft", "DEF")
@@ -82,7 +87,7 @@ _LIBRARY.define("tree_attention" + OP_SIGNATURE)
 
 def tree_attention_op(q, k_cache, v_cache, plan_data, plan_layout, o_part, lse_part, out, lse,
                       flat, sm_scale, tile, num_programs, per_query_merge, gluon=False,
-                      owner=0) -> None:
+                      small_grid=False, owner=0) -> None:
     """``torch.ops.deft.tree_attention``: the two kernels of one `TreeAttention.run`, as an
     opaque op for torch.compile; a replayed CUDA graph from an argument set's second call.
 
@@ -102,12 +107,12 @@ def tree_attention_op(q, k_cache, v_cache, plan_data, plan_layout, o_part, lse_p
     o_part : fp32 [max_entries, q_heads, head_dim], lse_part : fp32 [max_entries, q_heads]
         The partial-result workspace (written).
     out : [rows, q_heads, head_dim] (written), lse : fp32 [rows, q_heads] or None (written)
-    flat, sm_scale, tile, num_programs, per_query_merge, gluon :
+    flat, sm_scale, tile, num_programs, per_query_merge, gluon, small_grid :
         As for `launch_tree_attention` (``tile``: `TileConfig.as_ints`).
     owner : int
         0, or the `register_owner` handle of the `TreeAttention` whose buffers these are: then
         its latest plan is checked against ``q`` and the caches (`check_plan_fits`) and gives
-        ``per_query_merge`` (what `TreeAttention.run` passes under torch.compile, so that a new
+        ``per_query_merge`` and ``small_grid`` (what `TreeAttention.run` passes under torch.compile, so that a new
         plan changes nothing dynamo guards on).
     """
     if owner:
@@ -117,9 +122,10 @@ def tree_attention_op(q, k_cache, v_cache, plan_data, plan_layout, o_part, lse_p
                              "not planned yet")
         plan = attention.latest_plan
         check_plan_fits(q, k_cache, plan, attention.max_queries)
-        per_query_merge = plan.per_query_merge
+        per_query_merge, small_grid = plan.per_query_merge, plan.small_grid
     key = op_argument_key(q, k_cache, v_cache, plan_data, plan_layout, o_part, lse_part, out,
-                          lse, flat, sm_scale, tile, num_programs, per_query_merge, gluon)
+                          lse, flat, sm_scale, tile, num_programs, per_query_merge, gluon,
+                          small_grid)
     bound = OP_RUNS.get(key)
     if bound is None:
         bound = OpRun(views_of(plan_data, plan_layout), TileConfig.from_ints(tile))
@@ -129,7 +135,7 @@ def tree_attention_op(q, k_cache, v_cache, plan_data, plan_layout, o_part, lse_p
         return
     OP_RUNS.launch(bound, lambda: launch_tree_attention(
         q, k_cache, v_cache, bound.views, o_part, lse_part, out, lse, flat, sm_scale,
-        bound.config, num_programs, per_query_merge, gluon), q.device)
+        bound.config, num_programs, per_query_merge, gluon, small_grid), q.device)
 
 
 _LIBRARY.impl("tree_attention", tree_attention_op, "CompositeExplicitAutograd")
@@ -137,5 +143,5 @@ _LIBRARY.impl("tree_attention", tree_attention_op, "CompositeExplicitAutograd")
 
 @torch.library.register_fake("deft::tree_attention", lib=_LIBRARY)
 def _(q, k_cache, v_cache, plan_data, plan_layout, o_part, lse_part, out, lse, flat, sm_scale,
-      tile, num_programs, per_query_merge, gluon=False, owner=0) -> None:
+      tile, num_programs, per_query_merge, gluon=False, small_grid=False, owner=0) -> None:
     return None
