@@ -2,7 +2,7 @@
 """Which chunk and group a selection rule picks, replayed on measured size sweeps (no GPU).
 
     python3 scripts/select_on_sweeps.py [docs/autotune-h200-session5/heldout.json]
-        [--log autotune/logs/nvidia-h200.json] [--json OUT.json]
+        [--log autotune/logs/nvidia-h200.json] [--json OUT.json] [--time]
 
 For every row of a ``deft-sweep/1`` file (`autotune.heldout`): what each rule picks for the
 row's tree from what a plan knows (the tree and its heads, the card's programs: SMs from the
@@ -24,7 +24,10 @@ tuned tile, so a pick is read off the swept size with the same plan. Rules:
 Then two checks that the waves rule's parameters (the item overhead, the least chunk) are not
 fitted to the held-out rows: a scan on the tuning log (the rule's pick on each tuning tree,
 among the candidates the tuner measured there, over the tuned choice), and a split (chosen on
-some held-out tree kinds, judged on the others).
+some held-out tree kinds, judged on the others). ``--time`` times the lookup per plan, as
+stored and with the waves rule (host time, this machine); ``--check`` exits 1 where the waves
+rule holds fewer rows within 5% than the table rule (held out or tuning): the verdict on a new
+GPU sweep (docs/autotune.md, "Session 7").
 """
 
 from __future__ import annotations
@@ -36,6 +39,7 @@ import math
 import os
 import statistics
 import sys
+import time
 import warnings
 from pathlib import Path
 
@@ -50,7 +54,7 @@ from deft.kernels.tuned import TunedConfigWarning, tuned_config  # noqa: E402
 from deft.kernels.waves import ITEM_OVERHEAD, WAVE_CHUNKS, flatten_work_items  # noqa: E402
 from deft.kernels.waves import wave_chunk  # noqa: E402
 from deft.plan import build_plan  # noqa: E402
-from deft.tree_format import tree_from_dict  # noqa: E402
+from deft.tree_format import tree_from_dict, tree_to_dict  # noqa: E402
 from harness.bench import parse_workloads  # noqa: E402
 from harness.bench.calibrate import tree_family  # noqa: E402
 
@@ -201,12 +205,35 @@ def tuning_log_scan(ctx, overhead: int, least: int) -> dict:
             "worst": max(ratios)}
 
 
+def lookup_us(rows, ctx, programs, repeats: int = 5, calls: int = 100) -> float:
+    """Median over the rows of `tuned_config`'s host time per call on fresh trees (the best of
+    `repeats` runs of `calls`), microseconds; `programs` None: the table as stored."""
+    per_row = []
+    for row in rows:
+        tree_dict = tree_to_dict(row.tree)
+        best = float("inf")
+        for _ in range(repeats):
+            trees = [tree_from_dict(tree_dict) for _ in range(calls)]
+            start = time.perf_counter()
+            for tree in trees:
+                tuned_config(STRATEGY, tree, ctx.device["name"], ctx.device["capability"],
+                             programs)
+            best = min(best, (time.perf_counter() - start) / calls)
+        per_row.append(best * 1e6)
+    return statistics.median(per_row)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("sweep", nargs="?",
                         default=str(ROOT / "docs/autotune-h200-session5/heldout.json"))
     parser.add_argument("--log", default=str(ROOT / "autotune/logs/nvidia-h200.json"))
     parser.add_argument("--json", help="write the summaries here")
+    parser.add_argument("--check", action="store_true",
+                        help="exit 1 unless the waves rule has at least as many rows within 5%% "
+                             "as the table rule, held out and tuning")
+    parser.add_argument("--time", action="store_true",
+                        help="also time the lookup per plan, as stored and with the waves rule")
     args = parser.parse_args()
     warnings.simplefilter("ignore", TunedConfigWarning)  # tiles of other versions: sizes stay
     sweep, log = (json.loads(Path(p).read_text()) for p in (args.sweep, args.log))
@@ -225,13 +252,17 @@ def main() -> None:
         print(f"{row.row['workload'][:58]:<58} {row.row['role']:<8} {ctx.stored(row.tree)[2]:<6}"
               + "".join(f" {sizes(p[1], p[2]):>11} {p[3]:>6.3f}"
                         for p in (picks[name][i] for name in RULES)))
-    recorded = [p for p in picks["table"] if p[0].picks_recorded(p[1], p[2])]
-    swept = [p for p in recorded if (p[1], p[2]) in p[0].us]
-    exact = sum(abs(p[3] - p[0].row["tuned_over_best"]) < 1e-9 for p in swept)
-    print(f"\ntable rule: picks the recorded tuned sizes on {len(recorded)} of {len(rows)} rows, "
-          f"{len(swept)} of them swept as they are (the others share a swept size's plan); it "
-          f"reproduces the recorded tuned / best on {exact} of those {len(swept)}")
-    report = {}
+    print()
+    report = {"recorded": {}}
+    for name in ("table", "waves"):
+        recorded = [p for p in picks[name] if p[0].picks_recorded(p[1], p[2])]
+        swept = [p for p in recorded if (p[1], p[2]) in p[0].us]
+        same = sum(abs(p[3] - p[0].row["tuned_over_best"]) < 1e-9 for p in swept)
+        report["recorded"][name] = {"picks": len(recorded), "swept": len(swept),
+                                    "reproduced": same}
+        print(f"{name} rule: picks the recorded tuned sizes on {len(recorded)} of {len(rows)} "
+              f"rows, {len(swept)} of them swept as they are (the others share a swept size's "
+              f"plan), and there reproduces the recorded tuned / best on {same}")
     for name, rule_picks in picks.items():
         report[name] = {}
         print(f"\n{name}:")
@@ -245,7 +276,8 @@ def main() -> None:
                                           for k, s in report[name][role][attribute].items()))
 
     grid = list(itertools.product(OVERHEADS, LEAST_CHUNKS))
-    print(f"\nwaves parameters on the tuning log ({args.log}): within 5% of the tuned choice")
+    print(f"\nwaves parameters on the tuning log ({os.path.relpath(args.log, ROOT)}): within 5% "
+          "of the tuned choice")
     scan = {f"{o}/{least}": tuning_log_scan(ctx, o, least) for o, least in grid}
     for least in LEAST_CHUNKS:
         print(f"  least chunk {least:>3}: " + ", ".join(
@@ -266,8 +298,21 @@ def main() -> None:
               f"{'+'.join(test)}: {text(on(chosen, test))}")
     print(f"  shipped: overhead {ITEM_OVERHEAD}, least chunk {WAVE_CHUNKS[0]}")
     report["tuning_log_scan"] = scan
+    if args.time:
+        report["lookup_us"] = {"stored": lookup_us(rows, ctx, None),
+                               "waves": lookup_us(rows, ctx, ctx.programs)}
+        print(f"\nlookup per plan (tuned_config on fresh trees, median over the rows): as stored "
+              f"{report['lookup_us']['stored']:.1f} us, with the waves rule "
+              f"{report['lookup_us']['waves']:.1f} us")
     if args.json:
         Path(args.json).write_text(json.dumps(report, indent=1, default=str))
+    if args.check:
+        worse = [role for role in ("held_out", "tuning") if report["waves"][role]["all"] and
+                 report["waves"][role]["all"]["within_5pct"]
+                 < report["table"][role]["all"]["within_5pct"]]
+        print("\ncheck: " + (f"the waves rule has fewer rows within 5% ({', '.join(worse)})"
+                             if worse else "the waves rule holds at least as many rows"))
+        sys.exit(1 if worse else 0)
 
 
 if __name__ == "__main__":

@@ -1,6 +1,11 @@
 """The wave rule (`deft.kernels.waves`): DeFT-Flatten's work items counted exactly, the chunk
 that runs them in the fewest, shortest waves, and the lookup moving a table's chunk to it."""
 
+import json
+import subprocess
+import sys
+from pathlib import Path
+
 import numpy as np
 import pytest
 from hypothesis import given, strategies as st
@@ -118,3 +123,21 @@ def test_the_fill_rung_moves_its_flatten_chunk_too(q_heads, kv_heads):
     found = tuned_config("deft_flatten", tree, H200.name, (9, 0), programs=PROGRAMS)
     assert (found.rung, found.group_size) == ("fill", fill_group(tree))
     assert found.chunk_size == wave_chunk(tree, fill_group(tree), PROGRAMS)
+
+
+def test_replay_on_the_session_5_sweeps_gives_the_documented_counts(tmp_path):
+    """scripts/select_on_sweeps.py on the committed H200 sweeps: the numbers docs/autotune.md
+    quotes (session 7), the stored chunks reproducing the recorded tuned / best."""
+    root = Path(__file__).resolve().parents[1]
+    report = tmp_path / "select.json"
+    done = subprocess.run([sys.executable, "scripts/select_on_sweeps.py", "--check", "--json",
+                           str(report)], cwd=root, capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr
+    data = json.loads(report.read_text())
+    counts = {rule: (data[rule]["held_out"]["all"]["within_5pct"],
+                     data[rule]["tuning"]["all"]["within_5pct"]) for rule in
+              ("table", "tokens", "items", "waves")}
+    assert counts == {"table": (28, 11), "tokens": (31, 11), "items": (34, 11),
+                      "waves": (51, 12)}
+    assert data["waves"]["held_out"]["all"]["rows"] == 52
+    assert data["recorded"]["table"] == {"picks": 64, "swept": 58, "reproduced": 58}
