@@ -152,8 +152,9 @@ class Row:
 
     def ratio(self, chunk, group) -> float:
         """Measured time of these sizes (the swept size of the same plan) over the best."""
-        us = self.us.get((chunk, group)) or self.by_plan[self._signature(chunk, group)]
-        return us / self.best
+        if (chunk, group) in self.us:
+            return self.us[chunk, group] / self.best
+        return self.by_plan[self._signature(chunk, group)] / self.best
 
     def picks_recorded(self, chunk, group) -> bool:
         """Whether these are the sizes the row records as tuned."""

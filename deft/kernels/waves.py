@@ -6,7 +6,7 @@ rounds, each as long as one item, which streams ``chunk`` KV tokens and pays a f
 worth about `ITEM_OVERHEAD` tokens. So `wave_chunk` takes, of `WAVE_CHUNKS`, the chunk with the
 least ``ceil(items / programs) x (chunk + ITEM_OVERHEAD)``, counting the items of the tree at
 hand exactly (`flatten_work_items`): a tuned table's chunk, tuned on a tree of other tokens
-per work item, does not carry over (docs/autotune.md, "session 7: selection rule"), its group
+per work item, does not carry over (docs/autotune.md, "Session 7"), its group
 size does.
 
 Replayed on the H200's measured size sweeps of session 5 (`scripts/select_on_sweeps.py`), the
