@@ -46,7 +46,8 @@ def parse_heads(text: str) -> tuple:
 
 def table_lookup(device: dict):
     """The ``lookup`` of `autotune.heldout.evaluate` for this card: what `deft.TreeAttention`
-    runs here (`deft.kernels.tuned.tuned_config`, the fill rung with the card's SMs)."""
+    runs here (`deft.kernels.tuned.tuned_config` with the card's programs: the fill rung, and
+    deft_flatten's chunk moved to the tree's waves)."""
     programs = PROGRAMS_PER_SM * device["sm_count"]
 
     def lookup(strategy, tree):

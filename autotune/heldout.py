@@ -44,10 +44,16 @@ HELD_OUT = (
     "reasoning:path=docmergeToT:step=400", "token_tree:seed=3:size=48:prompt_tokens=2000",
     "star:leaves=100:root_tokens=8000:leaf_tokens=50",
     "random:seed=9:nodes=60:max_tokens=512:roots=2:max_queries=3",
+    "token_tree:seed=11:size=64:prompt_tokens=3000",
+    "star:leaves=60:root_tokens=5000:leaf_tokens=120",
+    "random:seed=13:nodes=120:max_tokens=384:roots=3:max_queries=2",
+    "speculative:path=128:step=150",
 )
-"""Held-out workloads (``--workloads`` syntax), none in any tuning set. The last four joined
-after the first held-out run on an H200 (2026-12-01) had shaped the fill rung's group cap, so
-that the next run judges the rules on trees no choice was made from."""
+"""Held-out workloads (``--workloads`` syntax), none in any tuning set. Four (from
+``docmergeToT:step=400``) joined after the first held-out run on an H200 (2026-12-01) had
+shaped the fill rung's group cap, and the last four after session 7 chose the wave rule
+(`deft.kernels.waves`) on the session-5 sweeps of the others, one per family it moved: so that
+each next run judges the rules on trees no choice was made from."""
 
 CHECK_TREES = ("fewshot_b20_P4000_L200", "reasoning:path=sorting128ToT:step=1800",
                "speculative:path=64:step=200")

@@ -146,7 +146,7 @@ def rank_sizes(strategy: str, tree: Tree, gpu: GpuSpec, page_size: int) -> list[
     seen, predicted = set(), []
     for chunk, group in size_space(strategy):
         plan = build_plan(strategy, tree, chunk, group, page_size)
-        signature = _plan_signature(plan)
+        signature = plan_signature(plan)
         if signature not in seen:
             seen.add(signature)
             predicted.append((predict_latency(plan, gpu)["predicted_us"], chunk, group))
@@ -209,7 +209,7 @@ def neighbours(tile: TileConfig, knobs, space: list[TileConfig]) -> list[TileCon
             if all(getattr(t, f) == getattr(tile, f) for f in others)]
 
 
-def _plan_signature(plan) -> bytes:
+def plan_signature(plan) -> bytes:
     """A digest of the partitions (queries and token segments) of a plan."""
     digest = hashlib.blake2b(digest_size=16)
     for array in (plan.query_ptr, plan.query_index, plan.segment_ptr, plan.segment_node,

@@ -43,6 +43,7 @@ from deft.kernels.tuned import (  # noqa: E402
     tuned_config,
     tuned_plan,
 )
+from deft.kernels.waves import wave_chunk  # noqa: E402
 from deft.tree import AttentionShape  # noqa: E402
 from deft.workloads import ANCHORS, anchor, star  # noqa: E402
 from iomodel.gpus import BUILTIN  # noqa: E402
@@ -322,11 +323,14 @@ def test_tuned_plan_respects_capacity(monkeypatch, isolated_tables):
     write_configs(table(chunk=32), store.table_path(H100.name))
     monkeypatch.setattr(tuned_module, "_identity",
                         lambda device: (H100.name, (9, 0)) if device.type == "cuda" else None)
+    monkeypatch.setattr(tuned_module, "resident_programs", lambda device: H100.sm_count * 2)
     cuda = torch.device("cuda", 0)
     plan, tuned = tuned_plan("deft_flatten", TREE, 16, cuda, max_entries=10**6)
-    assert (tuned.rung, plan.chunk_size, tuned.config) == ("exact", 32, TILE)
+    moved = wave_chunk(TREE, None, H100.sm_count * 2)  # the stored c32, moved to this tree
+    assert (tuned.rung, plan.chunk_size, tuned.config) == ("exact", moved, TILE)
     with pytest.warns(TunedConfigWarning, match="planning with the defaults"):
-        plan, tuned = tuned_plan("deft_flatten", TREE, 16, cuda, max_entries=1000)
+        plan, tuned = tuned_plan("deft_flatten", TREE, 16, cuda,
+                                 max_entries=len(plan.query_index) - 1)
     assert (tuned.rung, plan.chunk_size, tuned.config) == ("default", 128, None)
     plan, tuned = tuned_plan("deft_flatten", TREE, 16, torch.device("cpu"), 10**6)
     assert tuned.rung == "default" and plan.chunk_size == 128
@@ -565,10 +569,12 @@ def test_tuned_tree_attention_reports_the_sizes_its_plans_use(monkeypatch, isola
     write_configs(table(chunk=1024, group=16, key=bucket_of(tree).key),
                   store.table_path(H100.name))
     monkeypatch.setattr(tuned_module, "_identity", lambda device: (H100.name, (9, 0)))
+    monkeypatch.setattr(tuned_module, "resident_programs", lambda device: H100.sm_count * 2)
     attention = TreeAttention("deft_flatten", max_queries=2, max_tokens=56, device="cpu")
     plan = attention.plan(tree, pages)
     assert attention.tuned_from == "exact" and attention._tuned_config == TILE
-    assert (plan.chunk_size, plan.group_size) == (1024, 16) == (
+    moved = wave_chunk(tree, 16, H100.sm_count * 2)  # the stored chunk moved to this tree
+    assert (plan.chunk_size, plan.group_size) == (moved, 16) == (
         plan.reference.chunk_size, plan.reference.group_size)
     assert (attention.chunk_size, attention.group_size) == (None, None)  # per plan, tuned
 
@@ -583,6 +589,7 @@ from deft.kernels import tuned
 from deft.plan_buffers import paged_cache
 from deft.workloads import star
 tuned._identity = lambda device: ("NVIDIA H200", (9, 0))
+tuned.resident_programs = lambda device: 264
 tree = star(20, 4000, 200)
 kv = torch.zeros(tree.num_tokens, 1, 1)
 _, _, pages = paged_cache(tree, kv, kv, 16)

@@ -20,6 +20,7 @@ from deft.kernels import fill
 from deft.kernels import tuned as tuned_module
 from deft.kernels.buckets import Bucket, bucket_of
 from deft.kernels.tuned import TunedConfigWarning, tuned_config
+from deft.kernels.waves import wave_chunk
 from deft.plan import build_plan
 from deft.tree import AttentionShape
 from deft.tree_format import tree_to_dict
@@ -99,12 +100,14 @@ def test_fill_reaches_the_programs_where_the_tree_allows(q_heads, kv_heads):
 def test_fill_never_goes_below_64_tokens_and_is_the_fill_rung():
     small = star(2, 100, 10, attention=AttentionShape(4, 1, 128))
     assert fill.fill_chunk("deft_flatten", small, 264) == 64
-    found = tuned_config("deft_flatten", heldout.with_heads(TREE, 4, 1), H200.name, (9, 0),
+    # deft_flatten's fill chunk is moved to the tree's waves (tests/test_waves.py); the other
+    # chunked strategies keep fill_chunk's
+    found = tuned_config("deft_node_chunk", heldout.with_heads(TREE, 4, 1), H200.name, (9, 0),
                          programs=264)
     assert (found.rung, found.chunk_size, found.group_size, found.config) == (
         "fill", 64, 16, None)  # 8000 tokens x 1 head: 125 items at 64, the least chunk;
     # GQA 4: 16 queries x 4 heads fill a 64-row tile
-    at_32_8 = tuned_config("deft_flatten", TREE, H200.name, (9, 0), programs=lambda: 264)
+    at_32_8 = tuned_config("deft_node_chunk", TREE, H200.name, (9, 0), programs=lambda: 264)
     assert (at_32_8.rung, at_32_8.chunk_size) == ("fill", 128)  # 63 x 8; 256: 32 x 8 < 264
     at_8_1 = tuned_config("deft_flatten", heldout.with_heads(TREE, 8, 1), H200.name, (9, 0),
                           programs=264)
@@ -120,12 +123,12 @@ def test_a_fill_chunk_too_fine_for_the_capacities_doubles_until_it_fits(monkeypa
     tree = heldout.with_heads(TREE, 4, 1)
     monkeypatch.setattr(tuned_module, "_identity", lambda device: (H200.name, (9, 0)))
     monkeypatch.setattr(tuned_module, "resident_programs", lambda device: 264)
-    fits_128 = len(build_plan("deft_flatten", tree, 128, None, 16).query_index)
-    assert len(build_plan("deft_flatten", tree, 64, None, 16).query_index) > fits_128
+    fits_128 = len(build_plan("deft_node_chunk", tree, 128, None, 16).query_index)
+    assert len(build_plan("deft_node_chunk", tree, 64, None, 16).query_index) > fits_128
     with warnings.catch_warnings():
         warnings.simplefilter("error", TunedConfigWarning)
-        plan, found = tuned_module.tuned_plan("deft_flatten", tree, 16, torch.device("cuda", 0),
-                                              max_entries=fits_128)
+        plan, found = tuned_module.tuned_plan("deft_node_chunk", tree, 16,
+                                              torch.device("cuda", 0), max_entries=fits_128)
     assert (found.rung, found.chunk_size, plan.chunk_size) == ("fill", 128, 128)
 
 
@@ -200,7 +203,9 @@ def test_cli_check_runs_on_the_card(monkeypatch, tmp_path):
                                        "--report", str(report)])
     assert result.exit_code == 0, result.output
     data = json.loads(report.read_text())
-    assert data["rows"][0]["rung"] == "exact" and data["rows"][0]["tuned_over_best"] == 1.0
+    row = data["rows"][0]  # the stored c256 moved to the tree's waves, c384: 12 us over 10
+    assert row["tuned"]["chunk_size"] == wave_chunk(TREE, 16, 2 * DEVICE["sm_count"]) == 384
+    assert row["rung"] == "exact" and row["tuned_over_best"] == pytest.approx(12.0 / 10.0)
     assert "fewshot_b20_P4000_L200@32/8" in result.output
     bad = CliRunner().invoke(main, ["autotune", "--gpu", "auto", "--check", "--heads", "32/5"])
     assert bad.exit_code == 2 and "multiple of KV heads" in bad.output

@@ -7,7 +7,9 @@ the ``fill`` rung of `deft.kernels.tuned` picks the largest chunk whose work ite
 programs, never below 64 tokens, and caps a partition's queries at one query tile of rows
 (`fill_group`): on an H200 every tuned bucket but few chose a group cap, and without one the
 fill rung ran a 256-query forest 2.2-3.1x slower than the best chunk x group (autotune
-held-out run of 2026-12-01, docs/autotune.md).
+held-out run of 2026-12-01, docs/autotune.md). For deft_flatten the lookup then moves the fill
+chunk, like a table's, to the one whose items run in the fewest, shortest waves
+(`deft.kernels.waves`).
 """
 
 from __future__ import annotations

@@ -18,7 +18,9 @@ name in lower case with other characters as ``-``; ``deft-cli autotune`` writes 
 ``tile`` null means the kernel's own (`deft.kernels.tile_config`). Bucket keys carry the
 head shape (`deft.kernels.buckets`; keys without KV heads read as tuned at 32 query heads).
 Lookup (`tuned_config`): the first rung with a config for the tree's bucket, or for the
-nearest stored bucket within `deft.kernels.buckets.MAX_DISTANCE`, answers:
+nearest stored bucket within `deft.kernels.buckets.MAX_DISTANCE`, answers (for deft_flatten,
+where the card's programs are known, its chunk is then moved to the tree at hand,
+`deft.kernels.waves.wave_chunk`; the group size and tile stay the rung's):
 
 1. ``exact``: a table of this card (same device name), measured before predicted;
 2. ``sibling``: a table of another card of the same compute capability (an H200's on an H100),
@@ -32,7 +34,8 @@ nearest stored bucket within `deft.kernels.buckets.MAX_DISTANCE`, answers:
    device is not CUDA.
 
 The tables are read once per process, and each (strategy, bucket, card) is looked up once, so a
-`plan` pays a bucket and a dictionary look-up. Reading never raises: a corrupted table or one of
+`plan` pays a bucket, a dictionary look-up and, for deft_flatten, the wave count of ten chunk
+sizes (a few tens of numpy calls). Reading never raises: a corrupted table or one of
 another format is skipped with a `TunedConfigWarning`. A measured table from other torch or
 triton versions (major.minor) is used with a one-line `TunedConfigWarning`: its sizes carry
 over (they follow the tree), its tiles are dropped to the kernel's own (they follow the
@@ -55,12 +58,16 @@ from deft.kernels.buckets import Bucket, bucket_of, nearest
 from deft.kernels.fill import fill_chunk, fill_group, resident_programs
 from deft.kernels.partials import TileConfig
 from deft.kernels.table_format import TableError, check_table
+from deft.kernels.waves import wave_chunk
 from deft.plan import build_plan, check_parameters
 from deft.strategies import USES_CHUNK_SIZE, USES_GROUP_SIZE
 from deft.tree import Tree
 
 FORMAT = "deft-configs/1"
 RUNGS = ("exact", "sibling", "fill", "default")
+WAVE_STRATEGY = "deft_flatten"
+"""The strategy whose chunk `tuned_config` moves to the tree at hand
+(`deft.kernels.waves.wave_chunk`) wherever the card's programs are known."""
 
 
 CONFIG_DIR = Path(__file__).resolve().parent / "configs"
@@ -213,14 +220,23 @@ def tuned_config(strategy: str, tree: Tree, device_name: str, capability,
         The card's compute capability (siblings share it).
     programs : int or callable, optional
         Resident programs of the card (`deft.kernels.fill.resident_programs`), or a callable
-        giving them, called only when no table applies; without it ``fill`` is skipped.
+        giving them. With them, ``fill`` answers where no table applies, and a deft_flatten
+        chunk (a table's or the fill rung's) is moved to the tree at hand: the chunk whose work
+        items run in the fewest, shortest waves (`deft.kernels.waves.wave_chunk`), at the
+        rung's group size. Without them ``fill`` is skipped and a table's chunk is used as
+        stored.
     """
     found = _lookup(strategy, bucket_of(tree), device_name, tuple(capability), config_dirs())
-    if found.rung != "default" or programs is None or strategy not in USES_CHUNK_SIZE:
+    if programs is None or strategy not in USES_CHUNK_SIZE:
         return found
-    chunk = fill_chunk(strategy, tree, programs() if callable(programs) else programs)
-    group = fill_group(tree) if strategy in USES_GROUP_SIZE else None
-    return dataclasses.replace(found, chunk_size=chunk, group_size=group, rung="fill")
+    programs = programs() if callable(programs) else programs
+    if found.rung == "default":
+        group = fill_group(tree) if strategy in USES_GROUP_SIZE else None
+        found = dataclasses.replace(found, chunk_size=fill_chunk(strategy, tree, programs),
+                                    group_size=group, rung="fill")
+    if strategy == WAVE_STRATEGY:
+        found = dataclasses.replace(found, chunk_size=wave_chunk(tree, found.group_size, programs))
+    return found
 
 
 def config_dirs() -> tuple[Path, ...]:

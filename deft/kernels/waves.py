@@ -1,0 +1,108 @@
+"""The chunk that runs DeFT-Flatten's work items in the fewest, shortest waves.
+
+The partials kernel runs a persistent grid of ``programs`` (SMs x programs per SM) over
+partitions x KV heads work items. Its time follows the waves: ``ceil(items / programs)``
+rounds, each as long as one item, which streams ``chunk`` KV tokens and pays a fixed cost
+worth about `ITEM_OVERHEAD` tokens. So `wave_chunk` takes, of `WAVE_CHUNKS`, the chunk with the
+least ``ceil(items / programs) x (chunk + ITEM_OVERHEAD)``, counting the items of the tree at
+hand exactly (`flatten_work_items`): a tuned table's chunk, tuned on a tree of other tokens
+per work item, does not carry over (docs/autotune.md, "Session 7"), its group
+size does.
+
+Replayed on the H200's measured size sweeps of session 5 (`scripts/select_on_sweeps.py`), the
+rule lands within 5% of the best chunk x group on 51 of 52 held-out tree-shapes (the stored
+chunks: 28) and on all 12 tuning ones (the stored chunks: 11). `ITEM_OVERHEAD` and the least
+chunk were chosen on the tuning run's log alone (any overhead from 128 to 768 tokens gives the
+same count there).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from deft.tree import Tree
+
+WAVE_CHUNKS = (128, 256, 384, 512, 768, 1024, 1536, 2048, 3072, 4096)
+"""Chunks `wave_chunk` chooses from: the tuner's from 128 (from 64, the rule's picks on the
+tuning log fall from 50 to 38 of 52 within 5%: the partials' merge outweighs the fuller
+grid)."""
+
+ITEM_OVERHEAD = 256
+"""Fixed cost of one work item, in KV tokens streamed in the same time."""
+
+
+def flatten_work_items(tree: Tree, chunks, group_size: int | None) -> np.ndarray:
+    """Work items (partitions x KV heads) of deft_flatten's plan of `tree` at each chunk size,
+    exactly as `deft.plan.build_plan` partitions it.
+
+    A chunk is a run ``[a, b)`` of the flattened (DFS preorder) tokens; a query at flattened
+    position F sees it iff ``a <= F < max(subtree end of its nodes)``, and its seeing queries
+    split into ``ceil(seen / group_size)`` partitions (one where no group cap, none where no
+    query sees it).
+
+    Parameters
+    ----------
+    tree : Tree
+    chunks : sequence of int
+        Chunk sizes (tokens), each >= 1.
+    group_size : int or None
+
+    Returns
+    -------
+    int64 [len(chunks)]
+    """
+    order = tree.preorder
+    tokens = tree.tokens[order]
+    queries = tree.queries[order]
+    token_end = np.cumsum(tokens)  # flattened end of each node's tokens, in preorder
+    total, nodes = int(token_end[-1]), len(tokens)
+    subtree_last = np.append(tree.tout[order], nodes)  # preorder position of its last node
+    queries_before = np.cumsum(queries)  # queries at flattened positions below token_end
+    sizes = np.asarray(chunks, dtype=np.int64)
+    counts = -(-total // sizes)
+    ends = np.cumsum(counts)  # past the last chunk of each size
+    size_of = np.repeat(np.arange(len(sizes)), counts)
+    start = (np.arange(ends[-1]) - (ends - counts)[size_of]) * sizes[size_of]
+    first_node = np.searchsorted(token_end, start, side="right")
+    # a chunk's last node: the next chunk's first, one before where that chunk starts a node
+    next_first = first_node[1:]
+    last_node = np.append(next_first - (start[1:] == (token_end - tokens)[next_first]), 0)
+    last_node[ends - 1] = nodes - 1
+    # the farthest subtree end over first_node..last_node: one reduceat over every size's
+    # chunks, each size's run closed by a stop at the padding past the last node
+    slot = np.arange(ends[-1]) + size_of
+    index = np.full(ends[-1] + len(sizes), nodes)
+    index[slot] = first_node
+    reach = np.maximum(np.maximum.reduceat(subtree_last, index)[slot], subtree_last[last_node])
+    # a node's queries sit on its last tokens: those at or past the chunk's start see it
+    on_first = np.minimum(queries[first_node], token_end[first_node] - start)
+    seen = queries_before[reach] - queries_before[first_node] + on_first
+    parts = (seen > 0) if group_size is None else -(-seen // group_size)
+    per_size = np.add.reduceat(parts.astype(np.int64), ends - counts)
+    return per_size * tree.attention.kv_heads
+
+
+def wave_chunk(tree: Tree, group_size: int | None, programs: int,
+               chunks=WAVE_CHUNKS, overhead: int = ITEM_OVERHEAD) -> int:
+    """The chunk of `chunks` with the least ``ceil(items / programs) x (chunk + overhead)``
+    (module docstring), the smaller on a tie.
+
+    Parameters
+    ----------
+    tree : Tree
+    group_size : int or None
+        The group cap the plan will use.
+    programs : int
+        Resident programs of the card (`deft.kernels.fill.resident_programs`).
+    chunks : sequence of int, ascending
+    overhead : int
+        Fixed cost of a work item, in tokens (`ITEM_OVERHEAD`).
+    """
+    programs = max(1, int(programs))
+    groups = 1 if group_size is None else -(-tree.num_queries // group_size)
+    if -(-tree.num_tokens // chunks[0]) * groups * tree.attention.kv_heads <= programs:
+        return int(chunks[0])  # at most that many items: one wave at the least chunk, unbeaten
+    items = flatten_work_items(tree, chunks, group_size)
+    waves = -(-items // programs)
+    cost = waves * (np.asarray(chunks, dtype=np.int64) + overhead)
+    return int(chunks[int(np.argmin(cost))])

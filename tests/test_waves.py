@@ -1,0 +1,143 @@
+"""The wave rule (`deft.kernels.waves`): DeFT-Flatten's work items counted exactly, the chunk
+that runs them in the fewest, shortest waves, and the lookup moving a table's chunk to it."""
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+from hypothesis import given, strategies as st
+
+from autotune import store
+from autotune.heldout import with_heads
+from autotune.store import Table, write_configs
+from deft.kernels import tuned as tuned_module
+from deft.kernels.buckets import bucket_of
+from deft.kernels.fill import fill_group
+from deft.kernels.tuned import tuned_config
+from deft.kernels.waves import ITEM_OVERHEAD, WAVE_CHUNKS, flatten_work_items, wave_chunk
+from deft.plan import build_plan
+from deft.tree import AttentionShape
+from deft.workloads import star
+from iomodel.gpus import BUILTIN
+from tests.trees import trees
+
+H200 = BUILTIN["h200"]
+PROGRAMS = 2 * H200.sm_count
+GROUPS = st.sampled_from([None, 1, 2, 3, 8, 16])
+
+
+def plan_items(tree, chunk, group):
+    """The oracle: partitions of the normative plan x KV heads."""
+    return build_plan("deft_flatten", tree, chunk, group).num_partitions * tree.attention.kv_heads
+
+
+@pytest.fixture(autouse=True)
+def isolated_tables(tmp_path, monkeypatch):
+    configs = tmp_path / "configs"
+    configs.mkdir()
+    monkeypatch.setattr(tuned_module, "CONFIG_DIR", configs)
+    monkeypatch.delenv(tuned_module.CONFIG_ENV, raising=False)
+    tuned_module._tables.cache_clear()
+    tuned_module._lookup.cache_clear()
+    yield configs
+    tuned_module._tables.cache_clear()
+    tuned_module._lookup.cache_clear()
+
+
+def write(strategy, key, chunk, group, tile=None):
+    chosen = {"chunk_size": chunk, "group_size": group, "tile": tile, "us": 10.0}
+    device = {"name": H200.name, "capability": [9, 0], "sm_count": H200.sm_count}
+    table = Table("measured", device, tuned_module.current_versions(),
+                  {strategy: {key: {"workload": "w", "chosen": chosen, "candidates": []}}})
+    write_configs(table, store.table_path(H200.name))
+
+
+@given(trees(attention=AttentionShape(8, 2, 16)),
+       st.lists(st.integers(1, 300), min_size=1, max_size=6), GROUPS)
+def test_work_items_are_the_plans_partitions_times_kv_heads(tree, chunks, group):
+    got = flatten_work_items(tree, chunks, group)
+    assert got.dtype == np.int64
+    assert got.tolist() == [plan_items(tree, c, group) for c in chunks]
+
+
+@given(trees(max_nodes=40, max_tokens=400, attention=AttentionShape(8, 2, 16)), GROUPS,
+       st.integers(1, 64))
+def test_wave_chunk_has_the_least_waves_times_item_cost(tree, group, programs):
+    cost = {c: -(-plan_items(tree, c, group) // programs) * (c + ITEM_OVERHEAD)
+            for c in WAVE_CHUNKS}
+    least = min(cost.values())
+    assert wave_chunk(tree, group, programs) == min(c for c in WAVE_CHUNKS if cost[c] == least)
+
+
+@given(trees(max_nodes=40, max_tokens=400, attention=AttentionShape(4, 1, 16)), GROUPS,
+       st.integers(1, 64), st.integers(2, 8))
+def test_wave_chunk_follows_work_items_per_program(tree, group, programs, times):
+    """KV heads x n and programs x n: the same waves, the same chunk."""
+    more_heads = with_heads(tree, 4 * times, times)
+    assert wave_chunk(more_heads, group, programs * times) == wave_chunk(tree, group, programs)
+
+
+@given(trees(attention=AttentionShape(8, 2, 16)), GROUPS)
+def test_a_tree_that_fits_one_wave_takes_the_least_chunk(tree, group):
+    programs = int(flatten_work_items(tree, WAVE_CHUNKS[:1], group)[0])
+    assert wave_chunk(tree, group, programs) == WAVE_CHUNKS[0]
+
+
+def test_more_queries_than_programs_take_a_longer_chunk():
+    """95 one-token leaves on a 6000-token prompt (a token tree's shape) at 32/8 heads, group
+    16: 6 groups x 8 heads a chunk, so one wave of an H200's 264 programs holds 5 chunks (c1536
+    for 6095 tokens); 20 leaves (fewshot_b20), 2 groups a chunk: c384, the best of session 5's
+    sweep there (the table had c512)."""
+    tree = star(95, 6000, 1)
+    assert flatten_work_items(tree, [1536], 16)[0] <= PROGRAMS < flatten_work_items(
+        tree, [1024], 16)[0]
+    assert wave_chunk(tree, 16, PROGRAMS) == 1536
+    assert wave_chunk(star(20, 4000, 200), 16, PROGRAMS) == 384
+
+
+def test_lookup_moves_the_flatten_chunk_and_keeps_group_tile_and_rung():
+    tree = star(20, 4000, 200)
+    tile = {"block_m": 64, "block_n": 32, "num_warps": 4, "num_stages": 3, "programs_per_sm": 2}
+    write("deft_flatten", bucket_of(tree).key, chunk=512, group=16, tile=tile)
+    stored = tuned_config("deft_flatten", tree, H200.name, (9, 0))
+    moved = tuned_config("deft_flatten", tree, H200.name, (9, 0), programs=lambda: PROGRAMS)
+    assert (stored.rung, stored.chunk_size) == ("exact", 512)  # programs unknown: as stored
+    assert moved.chunk_size == wave_chunk(tree, 16, PROGRAMS)
+    assert (moved.rung, moved.group_size, moved.config, moved.matched) == (
+        stored.rung, stored.group_size, stored.config, stored.matched)
+
+
+def test_other_strategies_keep_the_stored_chunk():
+    tree = star(20, 4000, 200)
+    write("deft_node_chunk", bucket_of(tree).key, chunk=512, group=16)
+    found = tuned_config("deft_node_chunk", tree, H200.name, (9, 0), programs=PROGRAMS)
+    assert (found.rung, found.chunk_size, found.group_size) == ("exact", 512, 16)
+
+
+@pytest.mark.parametrize("q_heads, kv_heads", [(32, 8), (16, 2), (8, 1), (4, 1)])
+def test_the_fill_rung_moves_its_flatten_chunk_too(q_heads, kv_heads):
+    tree = with_heads(star(20, 4000, 200), q_heads, kv_heads)
+    found = tuned_config("deft_flatten", tree, H200.name, (9, 0), programs=PROGRAMS)
+    assert (found.rung, found.group_size) == ("fill", fill_group(tree))
+    assert found.chunk_size == wave_chunk(tree, fill_group(tree), PROGRAMS)
+
+
+def test_replay_on_the_session_5_sweeps_gives_the_documented_counts(tmp_path):
+    """scripts/select_on_sweeps.py on the committed H200 sweeps: the numbers docs/autotune.md
+    quotes (session 7), the stored chunks reproducing the recorded tuned / best."""
+    root = Path(__file__).resolve().parents[1]
+    report = tmp_path / "select.json"
+    done = subprocess.run([sys.executable, "scripts/select_on_sweeps.py", "--check", "--json",
+                           str(report)], cwd=root, capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr
+    data = json.loads(report.read_text())
+    counts = {rule: (data[rule]["held_out"]["all"]["within_5pct"],
+                     data[rule]["tuning"]["all"]["within_5pct"]) for rule in
+              ("table", "tokens", "items", "waves")}
+    assert counts == {"table": (28, 11), "tokens": (31, 11), "items": (34, 11),
+                      "waves": (51, 12)}
+    assert data["waves"]["held_out"]["all"]["rows"] == 52
+    assert data["recorded"]["table"] == {"picks": 64, "swept": 58, "reproduced": 58}
