@@ -48,7 +48,8 @@ def main() -> None:
                 attn.run(q, k_cache, v_cache, plan, out=out)
             torch.cuda.synchronize()
             print(f"{name} {shape}/{args.head_dim}: chunk {plan.reference.chunk_size} group "
-                  f"{plan.reference.group_size} partitions {plan.num_partitions}", flush=True)
+                  f"{plan.reference.group_size} partitions {plan.num_partitions} small_grid "
+                  f"{plan.small_grid}", flush=True)
 
 
 if __name__ == "__main__":
