@@ -29,17 +29,19 @@ Structure (one CTA = 8 warps; persistent over work items like the Triton kernel)
 
 Two CTAs per SM (2 KV stages + 2 Q tiles each: 100 KB shared memory, 128 registers per thread:
 160 for the consumer, 96 for the producer by setmaxnreg), so one CTA's softmax overlaps the
-other's loads and wgmma. A plan whose work items fit one CTA per SM (`TreePlan.small_grid`)
-has no second CTA to overlap with: it runs the small-grid form, one CTA per SM with a 4-stage
-ring and the consumer's tile loop software-pipelined (`_consumer_pipelined`: tile j's Q K^T is
-issued before tile j-1's P V, so one tile's softmax runs while the other's wgmma does; 240
-consumer registers, which two CTAs per SM cannot give it). Measured on an H200 (scripts/gluon_check.py, triton 3.6, CUDA graph of
+other's loads and wgmma. Measured on an H200 (scripts/gluon_check.py, triton 3.6, CUDA graph of
 4 calls on 4 KV copies, page size 16, the tuned plans): 1.16-1.62x faster than the Triton kernel
 on every anchor at 32/8/128, 16/2/128, 8/1/128 and 4/1/128 (geomean 1.31x over the 24 cells).
-Slower or no better there: 32-token tiles x 4 stages; one CTA per SM with 5 stages (better on
-a few 16/2 and 8/1 cells, worse at 32/8); chunks shrunk until the work items fill the SMs (the
+Slower or no better there: 32-token tiles x 4 stages; one CTA per SM with 5 stages (better on a
+few 16/2 and 8/1 cells, worse at 32/8); chunks shrunk until the work items fill the SMs (the
 tuned chunks leave SMs idle at 1 KV head, yet smaller chunks cost more in re-read query tiles
 and merge than the idle SMs do).
+
+A plan whose work items fit one CTA per SM (`TreePlan.small_grid`) has no second CTA to overlap
+with: it runs the small-grid form, one CTA per SM (`SMALL_GRID`) with a 4-stage ring and the
+consumer's tile loop software-pipelined (`deft.kernels.deft_flatten_sm90_pipelined`: tile j's Q
+K^T is issued before tile j-1's P V, so one tile's softmax runs while the other's wgmma does;
+240 consumer registers, which two CTAs per SM cannot give it).
 
 Variants for issue #15 (`scripts/gluon_check.py --variants`, H200, 2026-12-01, CUDA graph over
 4 KV copies, 32/8/128): ``MASK_FREE`` (no mask on tiles every row sees whole) is the default:
@@ -67,6 +69,8 @@ import torch
 
 from deft.kernels import gluon_compat as gc
 from deft.kernels.deft_flatten_sm90_backend import gluon_supported, resolve_backend  # noqa: F401
+from deft.kernels.deft_flatten_sm90_pipelined import consumer_pipelined
+from deft.kernels.deft_flatten_sm90_tiles import mask_unless_whole, query_span
 from deft.kernels.fill import multiprocessors
 from deft.kernels.gluon_compat import HAS_GLUON
 
@@ -112,9 +116,10 @@ as a programmatic dependent, `deft.kernels.reduction.PDL_MERGE`) may be schedule
 kernel runs, its CTAs held at ``griddepcontrol.wait`` until this grid ends; False: the merge is
 released as this kernel's CTAs exit."""
 PIPELINE = False
-"""True: the consumer's tile loop is software-pipelined (`_consumer_pipelined`): tile j's
-Q K^T is issued before tile j-1's P V, so the softmax of one tile overlaps the other's wgmma; K
-and V stages are released apart (``v_empty``), so 2 stages still keep a tile of slack."""
+"""True: the consumer's tile loop is software-pipelined
+(`deft.kernels.deft_flatten_sm90_pipelined`): tile j's Q K^T is issued before tile j-1's P V,
+so the softmax of one tile overlaps the other's wgmma; K and V stages are released apart
+(``v_empty``), so 2 stages still keep a tile of slack."""
 SMALL_GRID_PIPELINE = True
 """True: a plan whose work items fit one CTA per SM (`deft.tree_plan.TreePlan.small_grid`) runs
 the kernel with SMALL_GRID's parameters, one CTA per SM with SMALL_GRID_MAX_REGS registers a
@@ -238,27 +243,6 @@ if HAS_GLUON:
                     it += 1
 
     @gluon.jit
-    def _query_span(query_flat, row_ok):
-        """(min, max) query_flat over a query tile's real rows ([BLOCK_M] -> two scalars)."""
-        lo = gl.min(gl.where(row_ok, query_flat, 2147483647), 0)
-        return lo, gl.max(query_flat, 0)
-
-    @gluon.jit
-    def _mask_unless_whole(s, end, flat0, s_cols, query_flat, qf_lo, qf_hi,
-                           BLOCK_N: gl.constexpr):
-        """S [BLOCK_M, BLOCK_N] with the columns a row does not see set to -inf, skipped (one
-        branch, uniform over the warpgroup) when every real row sees every column: the tile's
-        last position <= the rows' lowest query_flat and the rows' highest query_flat < every
-        column's subtree_end (a column past the partition has subtree_end 0, so a tile with one
-        is always masked). Padding rows then keep finite scores; they are never stored."""
-        if (flat0 + BLOCK_N - 1 > qf_lo) | (qf_hi >= gl.min(end, 0)):
-            flat = flat0 + s_cols
-            visible = (flat[None, :] <= query_flat[:, None]) & (
-                query_flat[:, None] < end[None, :])
-            s = gl.where(visible, s, float("-inf"))
-        return s
-
-    @gluon.jit
     def _consumer_serial(o_part_ptr, lse_part_ptr, counts_ptr, part_start_ptr, part_tokens_ptr,
                   part_entry_ptr, qk_scale,
                   q_smem, qf_smem, row_smem, k_smem, v_smem, end_smem,
@@ -305,7 +289,7 @@ if HAS_GLUON:
                 # -1: a padding row sees nothing (f <= -1 never holds)
                 query_flat = gl.where(s_ok, qf_smem.index(qs).load(s_rows_layout), -1)
                 if MASK_FREE:
-                    qf_lo, qf_hi = _query_span(query_flat, s_ok)
+                    qf_lo, qf_hi = query_span(query_flat, s_ok)
                 # raw (unscaled) scores; a row that has seen nothing keeps m = -inf
                 m_i = gl.full([BLOCK_M], float("-inf"), gl.float32, layout=s_rows_layout)
                 # (LAZY) the running max times the scale, 0 while the max is -inf
@@ -323,7 +307,7 @@ if HAS_GLUON:
                     end = end_smem.index(stage).load(gl.SliceLayout(0, s_layout))
                     if MASK_FREE:
                         s = warpgroup_mma_wait(0, deps=[s])
-                        s = _mask_unless_whole(s, end, token_start + n0, s_cols, query_flat,
+                        s = mask_unless_whole(s, end, token_start + n0, s_cols, query_flat,
                                                qf_lo, qf_hi, BLOCK_N)
                     else:
                         flat = token_start + n0 + s_cols
@@ -381,155 +365,6 @@ if HAS_GLUON:
                 gl.store(o_part_ptr + o_off[:, None] + o_dims[None, :], o, mask=o_ok[:, None])
 
     @gluon.jit
-    def _mask_tile(s, end, flat0, s_cols, query_flat, qf_lo, qf_hi, BLOCK_N: gl.constexpr,
-                   MASK_FREE: gl.constexpr):
-        """S with the Euler-tour mask applied: `_mask_unless_whole` (MASK_FREE) or on every
-        tile."""
-        if MASK_FREE:
-            s = _mask_unless_whole(s, end, flat0, s_cols, query_flat, qf_lo, qf_hi, BLOCK_N)
-        else:
-            flat = flat0 + s_cols
-            visible = (flat[None, :] <= query_flat[:, None]) & (query_flat[:, None] < end[None, :])
-            s = gl.where(visible, s, float("-inf"))
-        return s
-
-    @gluon.jit
-    def _online_softmax(s, m_i, l_i, qk_scale, THRESHOLD: gl.constexpr):
-        """One tile of the online softmax, exact with a lazy max: (p, alpha, m, l).
-
-        s [BLOCK_M, BLOCK_N] raw scores (masked columns -inf); m_i, l_i [BLOCK_M] the running
-        raw max and sum. A row's max moves only when the tile's passes it by more than
-        THRESHOLD (log2 units: then p <= 2**THRESHOLD); a -inf max is always replaced. p is
-        exp2 of the scaled scores minus the scaled max, alpha what the running O and l are
-        multiplied by (1 where the max stays).
-        """
-        m_tile = gl.max(s, 1)
-        grow = (m_tile - m_i) * qk_scale > THRESHOLD
-        m_new = gl.where(grow, gl.maximum(m_i, m_tile), m_i)
-        m_scaled = gl.where(m_new == float("-inf"), 0.0, m_new) * qk_scale
-        p = gl.exp2(s * qk_scale - m_scaled[:, None])
-        alpha = gl.where(m_i == m_new, 1.0, gl.exp2(m_i * qk_scale - m_scaled))
-        return p, alpha, m_new, l_i * alpha + gl.sum(p, 1)
-
-    @gluon.jit
-    def _consumer_pipelined(o_part_ptr, lse_part_ptr, counts_ptr, part_start_ptr,
-                            part_tokens_ptr, part_entry_ptr, qk_scale,
-                            q_smem, qf_smem, row_smem, k_smem, v_smem, end_smem,
-                            q_ready, q_empty, k_ready, v_ready, empty, v_empty,
-                            KV_HEADS: gl.constexpr, GROUP: gl.constexpr,
-                            GROUP_PAD: gl.constexpr, HEAD_DIM: gl.constexpr,
-                            BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr,
-                            NUM_STAGES: gl.constexpr, Q_STAGES: gl.constexpr,
-                            THRESHOLD: gl.constexpr, MASK_FREE: gl.constexpr,
-                            DTYPE: gl.constexpr, WARPS: gl.constexpr):
-        """`_consumer` with the tile loop software-pipelined (FlashAttention-3's intra-warpgroup
-        overlap): tile j's S = Q K^T is issued, then tile j-1's O += P V, and tile j's mask and
-        softmax run while that wgmma does. A K stage (`empty`) is released once its S is read,
-        a V stage (`v_empty`) once its P V is done; a query tile has at least one KV tile (the
-        producer sends one all-masked tile for an empty partition)."""
-        QUERIES_PER_TILE: gl.constexpr = BLOCK_M // GROUP_PAD
-        Q_HEADS: gl.constexpr = KV_HEADS * GROUP
-        s_layout: gl.constexpr = gl.NVMMADistributedLayout(
-            version=[3, 0], warps_per_cta=[WARPS, 1], instr_shape=[16, BLOCK_N, 16])
-        o_layout: gl.constexpr = gl.NVMMADistributedLayout(
-            version=[3, 0], warps_per_cta=[WARPS, 1], instr_shape=[16, HEAD_DIM, 16])
-        p_layout: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=o_layout,
-                                                     k_width=2)
-        s_rows_layout: gl.constexpr = gl.SliceLayout(1, s_layout)
-        o_rows_layout: gl.constexpr = gl.SliceLayout(1, o_layout)
-        end_layout: gl.constexpr = gl.SliceLayout(0, s_layout)
-
-        s_rows = gl.arange(0, BLOCK_M, layout=s_rows_layout)
-        s_cols = gl.arange(0, BLOCK_N, layout=end_layout)
-        o_rows = gl.arange(0, BLOCK_M, layout=o_rows_layout)
-        o_dims = gl.arange(0, HEAD_DIM, layout=gl.SliceLayout(0, o_layout))
-
-        num_items = gl.load(counts_ptr) * KV_HEADS
-        it = 0
-        qt = 0
-        for item in range(gl.program_id(0), num_items, gl.num_programs(0)):
-            part = item // KV_HEADS
-            kv_head = item % KV_HEADS
-            token_start = gl.load(part_start_ptr + part)
-            span = gl.maximum(gl.load(part_tokens_ptr + part), 1)
-            entry_lo = gl.load(part_entry_ptr + part)
-            entry_hi = gl.load(part_entry_ptr + part + 1)
-            for entry0 in range(entry_lo, entry_hi, QUERIES_PER_TILE):
-                s_slot = s_rows // GROUP_PAD
-                s_ok = ((s_slot < QUERIES_PER_TILE) & (entry0 + s_slot < entry_hi)
-                        & (s_rows % GROUP_PAD < GROUP))
-                qs = qt % Q_STAGES
-                mbarrier.wait(q_ready.index(qs), (qt // Q_STAGES) & 1)
-                fence_async_shared()  # cp.async (generic proxy) -> wgmma (async proxy)
-                q_tile = q_smem.index(qs)
-                # -1: a padding row sees nothing (f <= -1 never holds)
-                query_flat = gl.where(s_ok, qf_smem.index(qs).load(s_rows_layout), -1)
-                qf_lo, qf_hi = _query_span(query_flat, s_ok)
-                # tile 0: S and its softmax; its P V waits for the loop (or the tail)
-                stage = it % NUM_STAGES
-                mbarrier.wait(k_ready.index(stage), (it // NUM_STAGES) & 1)
-                fence_async_shared()
-                s = warpgroup_mma(q_tile, k_smem.index(stage).permute((1, 0)), gl.zeros([BLOCK_M, BLOCK_N], gl.float32, layout=s_layout),
-                                  use_acc=False, is_async=True)
-                end = end_smem.index(stage).load(end_layout)
-                s = warpgroup_mma_wait(0, deps=[s])
-                mbarrier.arrive(empty.index(stage), count=1)
-                s = _mask_tile(s, end, token_start, s_cols, query_flat, qf_lo, qf_hi,
-                               BLOCK_N, MASK_FREE)
-                p, alpha, m_i, l_i = _online_softmax(
-                    s, gl.full([BLOCK_M], float("-inf"), gl.float32, layout=s_rows_layout),
-                    gl.zeros([BLOCK_M], gl.float32, layout=s_rows_layout), qk_scale, THRESHOLD)
-                p16 = gl.convert_layout(p.to(DTYPE), p_layout)
-                acc = gl.zeros([BLOCK_M, HEAD_DIM], gl.float32, layout=o_layout)
-                it += 1
-                for n0 in range(BLOCK_N, span, BLOCK_N):
-                    stage = it % NUM_STAGES
-                    last = (it - 1) % NUM_STAGES
-                    mbarrier.wait(k_ready.index(stage), (it // NUM_STAGES) & 1)
-                    fence_async_shared()
-                    s = warpgroup_mma(q_tile, k_smem.index(stage).permute((1, 0)), gl.zeros([BLOCK_M, BLOCK_N], gl.float32, layout=s_layout),
-                                      use_acc=False, is_async=True)
-                    acc = acc * gl.convert_layout(alpha, o_rows_layout)[:, None]
-                    mbarrier.wait(v_ready.index(last), ((it - 1) // NUM_STAGES) & 1)
-                    fence_async_shared()
-                    acc = warpgroup_mma(p16, v_smem.index(last), acc, is_async=True)
-                    end = end_smem.index(stage).load(end_layout)
-                    s = warpgroup_mma_wait(1, deps=[s])  # this tile's S; the last P V may run
-                    mbarrier.arrive(empty.index(stage), count=1)
-                    s = _mask_tile(s, end, token_start + n0, s_cols, query_flat, qf_lo, qf_hi,
-                                   BLOCK_N, MASK_FREE)
-                    p, alpha, m_i, l_i = _online_softmax(s, m_i, l_i, qk_scale, THRESHOLD)
-                    acc, p16 = warpgroup_mma_wait(0, deps=[acc, p16])
-                    mbarrier.arrive(v_empty.index(last), count=1)
-                    p16 = gl.convert_layout(p.to(DTYPE), p_layout)
-                    it += 1
-                # the last tile's P V
-                last = (it - 1) % NUM_STAGES
-                acc = acc * gl.convert_layout(alpha, o_rows_layout)[:, None]
-                mbarrier.wait(v_ready.index(last), ((it - 1) // NUM_STAGES) & 1)
-                fence_async_shared()
-                acc = warpgroup_mma(p16, v_smem.index(last), acc, is_async=True)
-                acc, p16 = warpgroup_mma_wait(0, deps=[acc, p16])
-                mbarrier.arrive(v_empty.index(last), count=1)
-                seen = l_i > 0
-                l_safe = gl.where(seen, l_i, 1.0)
-                lse = gl.where(seen, (m_i * qk_scale + gl.log2(l_safe)) * 0.6931471805599453,
-                               float("-inf"))
-                row = row_smem.index(qs).load(s_rows_layout)
-                o_row = row_smem.index(qs).load(o_rows_layout)
-                mbarrier.arrive(q_empty.index(qs), count=1)  # Q tile and row data consumed
-                qt += 1
-                lse_rows = row.to(gl.int64) * Q_HEADS + kv_head * GROUP + s_rows % GROUP_PAD
-                gl.store(lse_part_ptr + lse_rows, lse, mask=s_ok)
-                o_slot = o_rows // GROUP_PAD
-                o_ok = ((o_slot < QUERIES_PER_TILE) & (entry0 + o_slot < entry_hi)
-                        & (o_rows % GROUP_PAD < GROUP))
-                o_off = (o_row.to(gl.int64) * Q_HEADS + kv_head * GROUP
-                         + o_rows % GROUP_PAD) * HEAD_DIM
-                o = acc / gl.convert_layout(l_safe, o_rows_layout)[:, None]
-                gl.store(o_part_ptr + o_off[:, None] + o_dims[None, :], o, mask=o_ok[:, None])
-
-    @gluon.jit
     def _consumer(o_part_ptr, lse_part_ptr, counts_ptr, part_start_ptr, part_tokens_ptr,
                   part_entry_ptr, qk_scale,
                   q_smem, qf_smem, row_smem, k_smem, v_smem, end_smem,
@@ -540,9 +375,10 @@ if HAS_GLUON:
                   Q_STAGES: gl.constexpr, THRESHOLD: gl.constexpr, LAZY: gl.constexpr,
                   MASK_FREE: gl.constexpr, PIPELINE: gl.constexpr, DTYPE: gl.constexpr,
                   WARPS: gl.constexpr):
-        """The consumer partition: `_consumer_pipelined` (PIPELINE) or `_consumer_serial`."""
+        """The consumer partition: `deft.kernels.deft_flatten_sm90_pipelined` (PIPELINE) or
+        `_consumer_serial`."""
         if PIPELINE:
-            _consumer_pipelined(o_part_ptr, lse_part_ptr, counts_ptr, part_start_ptr,
+            consumer_pipelined(o_part_ptr, lse_part_ptr, counts_ptr, part_start_ptr,
                                 part_tokens_ptr, part_entry_ptr, qk_scale,
                                 q_smem, qf_smem, row_smem, k_smem, v_smem, end_smem,
                                 q_ready, q_empty, k_ready, v_ready, empty, v_empty,

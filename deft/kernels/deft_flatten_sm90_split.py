@@ -29,6 +29,7 @@ from __future__ import annotations
 
 from deft.kernels import deft_flatten_sm90 as sm90
 from deft.kernels import gluon_compat as gc
+from deft.kernels.deft_flatten_sm90_tiles import mask_unless_whole, query_span
 
 NUM_STAGES = 4
 """K/V ring depth (even: each consumer owns every other stage)."""
@@ -93,7 +94,7 @@ if gc.HAS_GLUON:
                 q_tile = q_smem.index(qs)
                 query_flat = gl.where(s_ok, qf_smem.index(qs).load(s_rows_layout), -1)
                 if MASK_FREE:
-                    qf_lo, qf_hi = sm90._query_span(query_flat, s_ok)
+                    qf_lo, qf_hi = query_span(query_flat, s_ok)
                 m_i = gl.full([BLOCK_M], float("-inf"), gl.float32, layout=s_rows_layout)
                 l_i = gl.zeros([BLOCK_M], gl.float32, layout=s_rows_layout)
                 acc = gl.zeros([BLOCK_M, HEAD_DIM], gl.float32, layout=o_layout)
@@ -110,7 +111,7 @@ if gc.HAS_GLUON:
                     end = end_smem.index(stage).load(gl.SliceLayout(0, s_layout))
                     if MASK_FREE:
                         s = warpgroup_mma_wait(0, deps=[s])
-                        s = sm90._mask_unless_whole(s, end, token_start + n0, s_cols,
+                        s = mask_unless_whole(s, end, token_start + n0, s_cols,
                                                     query_flat, qf_lo, qf_hi, BLOCK_N)
                     else:
                         flat = token_start + n0 + s_cols

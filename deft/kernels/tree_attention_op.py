@@ -112,8 +112,8 @@ def tree_attention_op(q, k_cache, v_cache, plan_data, plan_layout, o_part, lse_p
     owner : int
         0, or the `register_owner` handle of the `TreeAttention` whose buffers these are: then
         its latest plan is checked against ``q`` and the caches (`check_plan_fits`) and gives
-        ``per_query_merge`` and ``small_grid`` (what `TreeAttention.run` passes under torch.compile, so that a new
-        plan changes nothing dynamo guards on).
+        ``per_query_merge`` and ``small_grid`` (what `TreeAttention.run` passes under
+        torch.compile, so that a new plan changes nothing dynamo guards on).
     """
     if owner:
         attention = OWNERS.get(owner)
