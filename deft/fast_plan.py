@@ -35,6 +35,7 @@ import numpy as np
 
 from deft.plan_entries import entry_rows, partitions
 from deft.tree import INDEX_LIMIT
+from deft.turn_buffers import TurnBuffers
 
 FAST_STRATEGIES = ("deft_node", "deft_node_chunk", "deft_flatten")
 """The strategies `NodePlanner` plans (the others go through `deft.plan.build_plan`)."""
@@ -114,6 +115,7 @@ class NodePlanner:
         self._last_entries = None  # (what the last plan's chunks saw, its entries)
         self._kept_entries = None  # (the last entry_query, the values this one shares)
         self._last_runs = None  # (page size, the last plan's page runs and slots)
+        self._slot_turns = TurnBuffers(np.int64)  # the slots, written in turns
         self._last_page_runs = None  # (page table, its page runs: `_page_runs`)
         self._iota = np.arange(0)
         self._grid = np.zeros((0, 0), dtype=np.int64)  # `_query_grid`
@@ -325,7 +327,7 @@ class NodePlanner:
             raise ValueError(f"node index {node} holds {ordered[short[0]]} tokens but "
                              f"the page table gives it {counts[short[0]]} pages of {page_size}")
         run_start = run_end - run  # the flattened position of each page's first slot
-        same = 0  # runs shared with the last plan
+        same, first, last_slots = 0, 0, None  # runs shared with the last plan
         if self._last_runs is not None and self._last_runs[0] == page_size:
             last_page, last_run, last_slots = self._last_runs[1:]
             n = min(len(run), len(last_run))
@@ -335,12 +337,13 @@ class NodePlanner:
             differ = differ.nonzero()[0]
             same = int(differ[0]) if len(differ) else n
         first = int(run_start[same]) if same < len(run) else total
-        slots = np.empty(total, dtype=np.int64)
-        if same:
-            slots[:first] = last_slots[:first]
-        slots[first:] = (run_page[same:] - run_start[same:]).repeat(run[same:])
-        slots[first:] += self._positions(total)[first:]
-        slots.flags.writeable = False
+        if same and same == len(run) and first == len(last_slots):  # the last plan's slots exactly
+            slots = last_slots
+        else:  # in turns: the step before the last left most of the prefix in place
+            slots = self._slot_turns.begin(total, first)
+            slots[first:] = (run_page[same:] - run_start[same:]).repeat(run[same:])
+            slots[first:] += self._positions(total)[first:]
+            slots = self._slot_turns.finish(total, first)
         kept = {"token_slot": (last_slots, first)} if same else {}
         self._last_runs = (page_size, run_page, run, slots)
         return slots, int((run_page + run)[run > 0].max()) - 1, kept
