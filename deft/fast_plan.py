@@ -116,6 +116,7 @@ class NodePlanner:
         self._kept_entries = None  # (the last entry_query, the values this one shares)
         self._last_runs = None  # (page size, the last plan's page runs and slots)
         self._slot_turns = TurnBuffers(np.int64)  # the slots, written in turns
+        self._entry_turns = TurnBuffers(np.int32)  # entry_query of plans with full chunks
         self._last_page_runs = None  # (page table, its page runs: `_page_runs`)
         self._iota = np.arange(0)
         self._grid = np.zeros((0, 0), dtype=np.int64)  # `_query_grid`
@@ -240,7 +241,9 @@ class NodePlanner:
         self._kept_entries = None
         if last is not None and last[0] == key:
             return last[1]
-        if full and last is not None and last[0][0] == full and last[0][1][1] == num_queries:
+        block_kept = bool(full) and last is not None and last[0][0] == full \
+            and last[0][1][1] == num_queries
+        if block_kept:
             self._kept_entries = (last[1][2], full * num_queries)  # the same block first
         if full:
             per_chunk = np.empty(num_chunks, dtype=np.int64)
@@ -248,7 +251,9 @@ class NodePlanner:
             np.add.reduce(seen, axis=1, out=per_chunk[full:])
         else:
             per_chunk = np.add.reduce(seen, axis=1)
-        rows = entry_rows(full, seen, self._query_grid(num_queries, num_chunks - full))
+        rows = entry_rows(full, seen, self._query_grid(num_queries, num_chunks - full),
+                          self._entry_turns,
+                          block_kept and last[1][2] is self._entry_turns.latest)
         entries = (*partitions(per_chunk, group_size), *rows)
         for array in entries:
             array.flags.writeable = False
@@ -260,7 +265,7 @@ class NodePlanner:
         subtree end of its tokens. int64 [chunks] each."""
         if self.strategy == "deft_flatten":  # the flattened order cut into even blocks
             total = len(subtree_end)
-            chunk_start = self._positions(total)[::chunk].copy()
+            chunk_start = np.arange(0, total, chunk)  # a strided read of `_positions` misses cache
             chunk_end = chunk_start + chunk
             chunk_end[-1] = total
             return chunk_start, chunk_end, np.maximum.reduceat(subtree_end, chunk_start)
@@ -283,9 +288,9 @@ class NodePlanner:
         page_size times 0, 1, ..., pages - 1), kept for a read-only page table passed again
         with the same shape (the tree cache's, at a decode step that took no new page)."""
         key, last = (shape, page_ptr, pages, page_size), self._last_page_runs
-        if last is not None and all(a is b for a, b in zip(key[:3], last[0][:3])) \
-                and page_size == last[0][3] and not page_ptr.flags.writeable \
-                and not pages.flags.writeable:
+        if last is not None and shape is last[0][0] and page_ptr is last[0][1] \
+                and pages is last[0][2] and page_size == last[0][3] \
+                and not page_ptr.flags.writeable and not pages.flags.writeable:
             return last[1]
         order = shape.order
         counts = page_ptr[1:] - page_ptr[:-1]

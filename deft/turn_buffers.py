@@ -38,7 +38,7 @@ class TurnBuffers:
         they are already in it (copied where the array did not hold them yet)."""
         k = self._turn
         if len(self._arrays[k]) < n:
-            self._arrays[k] = np.empty(max(n, 2 * len(self._arrays[k])),
+            self._arrays[k] = np.empty(max(n + n // 2, 2 * len(self._arrays[k])),
                                        dtype=self._arrays[k].dtype)
             self._same[k] = 0
         array = self._arrays[k]
