@@ -48,6 +48,7 @@ class TreeCache:
         self._live = set()
         self._tree = None  # the tree of the last apply(), while nothing else changed the cache
         self._table = None  # host_node_pages(self._tree), once listed (read-only arrays)
+        self._taken = None  # what the last general apply took, while _tree is its tree
         self._listing = PageListing()  # the planner's page table, from the last one's
 
     # ------------------------------------------------------------------ queries
@@ -122,6 +123,9 @@ class TreeCache:
         exact = tree is self._tree  # the last apply's tree: every node holds just its tokens
         if exact and self._table is not None:
             return self._table
+        if exact and self._taken is not None:
+            page_ptr, pages = self._table = self._applied_table(tree)
+            return page_ptr, pages
         ids = tree.node_ids.tolist()
         if not exact:
             wanted = tree.tokens.tolist()
@@ -132,7 +136,7 @@ class TreeCache:
         counts = _ceil_div(tree.tokens, self.pool.page_size)
         page_ptr = np.zeros(len(ids) + 1, dtype=np.int64)
         np.cumsum(counts, out=page_ptr[1:])
-        lists = [self._pages[node] for node in ids]
+        lists = list(map(self._pages.__getitem__, ids))
         if not exact:  # nodes holding more tokens than the tree uses: their first pages
             lists = [pages[:c] for pages, c in zip(lists, counts.tolist())]
             return page_ptr, np.fromiter(chain.from_iterable(lists), dtype=np.int64,
@@ -175,7 +179,7 @@ class TreeCache:
         if parent is not None:
             self._children[parent].add(node_id)
         self._grow(node_id, tokens)
-        self._tree = self._table = None
+        self._tree = self._table = self._taken = None
 
     def grow(self, node_id, n) -> None:
         """Append ``n`` tokens to a live node, allocating pages as needed (all or none)."""
@@ -185,7 +189,7 @@ class TreeCache:
             raise CacheError(f"node {node_id}: cannot grow by {n} tokens")
         self._check_space(self._pages_for(self._tokens[node_id] + n) - len(self._pages[node_id]))
         self._grow(node_id, n)
-        self._tree = self._table = None
+        self._tree = self._table = self._taken = None
 
     def prune(self, node_id) -> None:
         """End a live node; its pages are freed once no live descendant needs them."""
@@ -194,7 +198,7 @@ class TreeCache:
         self._live.discard(node_id)
         for pages in self._release([node_id]):
             self.pool.free(pages)
-        self._tree = self._table = None
+        self._tree = self._table = self._taken = None
 
     def write(self, node_id, positions, k, v) -> None:
         """Store K and V of tokens of one node. positions [n]; k, v [n, kv_heads, head_dim]"""
@@ -253,8 +257,10 @@ class TreeCache:
         released = self._release(gone)
         if released:
             self.pool.free(chain.from_iterable(reversed(released)))
-        self._add_grown(tree.preorder.tolist(), ids, parent_index, tokens, wanted, needed)
+        taken = self._add_grown(tree.preorder.tolist(), ids, parent_index, tokens, wanted,
+                                needed)
         self._tree, self._table = tree, None
+        self._taken = (page_counts, np.array(wanted, dtype=np.int64), taken)
         slots = new_slots(self._pages, tree.node_ids, tree.tokens,
                           np.array(before, dtype=np.int64), self.pool.page_size)
         return on_device(slots, self.pool.device)
@@ -284,7 +290,7 @@ class TreeCache:
             return None
         nodes = tree.node_ids[grown].tolist()
         if taken:  # else every node keeps its pages: the last tree's page table is this one's
-            self._table = None
+            self._table = self._taken = None
             needing = needing[np.argsort(tree.tin[grown[needing]])]  # preorder, as apply
             pages = self.pool.allocate(taken)
             taken = 0
@@ -317,7 +323,8 @@ class TreeCache:
     def _add_grown(self, order, ids, parent_index, tokens, wanted, needed) -> None:
         """Add the missing nodes (parents first: ``order`` is a preorder) and grow every node
         to its tokens, taking the ``needed`` pages in one allocation (space already checked),
-        ``wanted[v]`` for node index v."""
+        ``wanted[v]`` for node index v; return the pages taken, in the order they were handed
+        out (node after node in ``order``)."""
         held_parent, held_pages, children = self._parent, self._pages, self._children
         held_tokens, live = self._tokens, self._live
         pages = self.pool.allocate(needed)
@@ -337,6 +344,7 @@ class TreeCache:
                 held_pages[node] += pages[taken: taken + count]
                 taken += count
             held_tokens[node] = tokens[v]
+        return pages
 
     # ------------------------------------------------------------------ invariants
     def check(self) -> None:
@@ -394,6 +402,31 @@ class TreeCache:
         pages = self._pages[node_id]
         pages += self.pool.allocate(self._pages_for(tokens) - len(pages))
         self._tokens[node_id] = tokens
+
+    def _applied_table(self, tree: Tree) -> tuple:
+        """`host_node_pages` of the last general apply's tree, read-only, from what it took:
+        each node's pages held before, then its share of the one allocation (handed out in
+        preorder), with a few numpy calls over the pages taken and a loop over the nodes held
+        before only (a speculative step renames every candidate: one node held)."""
+        page_counts, wanted, taken = self._taken
+        page_ptr = np.zeros(len(page_counts) + 1, dtype=np.int64)
+        np.add.accumulate(page_counts, out=page_ptr[1:])
+        pages = np.empty(int(page_ptr[-1]), dtype=np.int64)
+        held = page_counts - wanted  # pages each node held before the apply
+        if taken:
+            order = tree.preorder
+            handed = wanted[order]
+            # allocation element j of preorder node v goes to page_ptr[v] + held[v] + its rank
+            shift = (page_ptr[:-1] + held)[order] - (handed.cumsum() - handed)
+            pages[np.arange(len(taken)) + shift.repeat(handed)] = taken
+        nodes = held.nonzero()[0]
+        for v, node, count in zip(nodes.tolist(), tree.node_ids[nodes].tolist(),
+                                  held[nodes].tolist()):
+            pages[page_ptr[v]: page_ptr[v] + count] = self._pages[node][:count]
+        page_ptr.flags.writeable = False
+        pages.flags.writeable = False
+        self._taken = None
+        return page_ptr, pages
 
     def _node_pages(self, tree: Tree) -> tuple:
         """int64 numpy ``(page_ptr [nodes + 1], pages)`` of the tree's nodes."""
