@@ -19,13 +19,13 @@ pages through `TreeCache.node_pages` and `TreeCache.token_slots`::
 
 from __future__ import annotations
 
-from itertools import chain
+from itertools import chain, compress, repeat
 
 import numpy as np
 import torch
 
 from deft.page_pool import (CacheError, OutOfPagesError, PagedKVCache, PageListing, new_slots,
-                            on_device)
+                            on_device, table_slots)
 from deft.tree import Tree
 
 __all__ = ["CacheError", "OutOfPagesError", "PagedKVCache", "TreeCache", "pages_for"]
@@ -48,7 +48,6 @@ class TreeCache:
         self._live = set()
         self._tree = None  # the tree of the last apply(), while nothing else changed the cache
         self._table = None  # host_node_pages(self._tree), once listed (read-only arrays)
-        self._taken = None  # what the last general apply took, while _tree is its tree
         self._listing = PageListing()  # the planner's page table, from the last one's
 
     # ------------------------------------------------------------------ queries
@@ -123,9 +122,6 @@ class TreeCache:
         exact = tree is self._tree  # the last apply's tree: every node holds just its tokens
         if exact and self._table is not None:
             return self._table
-        if exact and self._taken is not None:
-            page_ptr, pages = self._table = self._applied_table(tree)
-            return page_ptr, pages
         ids = tree.node_ids.tolist()
         if not exact:
             wanted = tree.tokens.tolist()
@@ -179,7 +175,7 @@ class TreeCache:
         if parent is not None:
             self._children[parent].add(node_id)
         self._grow(node_id, tokens)
-        self._tree = self._table = self._taken = None
+        self._tree = self._table = None
 
     def grow(self, node_id, n) -> None:
         """Append ``n`` tokens to a live node, allocating pages as needed (all or none)."""
@@ -189,7 +185,7 @@ class TreeCache:
             raise CacheError(f"node {node_id}: cannot grow by {n} tokens")
         self._check_space(self._pages_for(self._tokens[node_id] + n) - len(self._pages[node_id]))
         self._grow(node_id, n)
-        self._tree = self._table = self._taken = None
+        self._tree = self._table = None
 
     def prune(self, node_id) -> None:
         """End a live node; its pages are freed once no live descendant needs them."""
@@ -198,7 +194,7 @@ class TreeCache:
         self._live.discard(node_id)
         for pages in self._release([node_id]):
             self.pool.free(pages)
-        self._tree = self._table = self._taken = None
+        self._tree = self._table = None
 
     def write(self, node_id, positions, k, v) -> None:
         """Store K and V of tokens of one node. positions [n]; k, v [n, kv_heads, head_dim]"""
@@ -225,25 +221,25 @@ class TreeCache:
         ids, parent_index = tree.node_ids.tolist(), tree.parent.tolist()
         tokens, page_counts = tree.tokens.tolist(), _ceil_div(tree.tokens, self.pool.page_size)
         held_parent, held_tokens, held_pages = self._parent, self._tokens, self._pages
-        before = [held_tokens.get(node, 0) for node in ids]
+        before = list(map(held_tokens.get, ids, repeat(0)))
         wanted = page_counts.tolist()  # pages to take per node: less those held below
         needed = int(page_counts.sum())
-        for v, node in enumerate(ids):
-            if node in held_parent:
-                parent = None if parent_index[v] < 0 else ids[parent_index[v]]
-                if held_parent[node] != parent:
-                    raise CacheError(
-                        f"node {node}: parent is {parent} in the tree but "
-                        f"{held_parent[node]} in the cache"
-                    )
-                if tokens[v] < before[v]:
-                    raise CacheError(
-                        f"node {node}: the tree holds {tokens[v]} tokens, fewer than the "
-                        f"{before[v]} cached; a cache never drops a node's tokens"
-                    )
-                held = len(held_pages[node])
-                wanted[v] -= held
-                needed -= held
+        for v in compress(range(len(ids)), map(held_parent.__contains__, ids)):
+            node = ids[v]
+            parent = None if parent_index[v] < 0 else ids[parent_index[v]]
+            if held_parent[node] != parent:
+                raise CacheError(
+                    f"node {node}: parent is {parent} in the tree but "
+                    f"{held_parent[node]} in the cache"
+                )
+            if tokens[v] < before[v]:
+                raise CacheError(
+                    f"node {node}: the tree holds {tokens[v]} tokens, fewer than the "
+                    f"{before[v]} cached; a cache never drops a node's tokens"
+                )
+            held = len(held_pages[node])
+            wanted[v] -= held
+            needed -= held
         gone = set(held_parent).difference(ids)  # whole subtrees: a tree holds its ancestors
         freed = sum(map(len, map(held_pages.__getitem__, gone)))
         if needed > self.pool.num_free + freed:
@@ -259,10 +255,11 @@ class TreeCache:
             self.pool.free(chain.from_iterable(reversed(released)))
         taken = self._add_grown(tree.preorder.tolist(), ids, parent_index, tokens, wanted,
                                 needed)
-        self._tree, self._table = tree, None
-        self._taken = (page_counts, np.array(wanted, dtype=np.int64), taken)
-        slots = new_slots(self._pages, tree.node_ids, tree.tokens,
-                          np.array(before, dtype=np.int64), self.pool.page_size)
+        self._tree = tree
+        self._table = self._applied_table(tree, page_counts, np.array(wanted, dtype=np.int64),
+                                          taken)
+        slots = table_slots(*self._table, tree.tokens, np.array(before, dtype=np.int64),
+                            self.pool.page_size)
         return on_device(slots, self.pool.device)
 
     def _grow_leaves(self, tree: Tree):
@@ -290,7 +287,7 @@ class TreeCache:
             return None
         nodes = tree.node_ids[grown].tolist()
         if taken:  # else every node keeps its pages: the last tree's page table is this one's
-            self._table = self._taken = None
+            self._table = None
             needing = needing[np.argsort(tree.tin[grown[needing]])]  # preorder, as apply
             pages = self.pool.allocate(taken)
             taken = 0
@@ -403,12 +400,12 @@ class TreeCache:
         pages += self.pool.allocate(self._pages_for(tokens) - len(pages))
         self._tokens[node_id] = tokens
 
-    def _applied_table(self, tree: Tree) -> tuple:
-        """`host_node_pages` of the last general apply's tree, read-only, from what it took:
-        each node's pages held before, then its share of the one allocation (handed out in
-        preorder), with a few numpy calls over the pages taken and a loop over the nodes held
-        before only (a speculative step renames every candidate: one node held)."""
-        page_counts, wanted, taken = self._taken
+    def _applied_table(self, tree: Tree, page_counts, wanted, taken) -> tuple:
+        """`host_node_pages` of a general apply's tree, read-only, from what it took: each
+        node's pages held before, then its share of the one allocation (``taken``, handed out
+        in preorder, ``wanted`` [nodes] to each), with a few numpy calls over the pages taken
+        and a loop over the nodes held before only (a speculative step renames every
+        candidate: one node held)."""
         page_ptr = np.zeros(len(page_counts) + 1, dtype=np.int64)
         np.add.accumulate(page_counts, out=page_ptr[1:])
         pages = np.empty(int(page_ptr[-1]), dtype=np.int64)
@@ -425,7 +422,6 @@ class TreeCache:
             pages[page_ptr[v]: page_ptr[v] + count] = self._pages[node][:count]
         page_ptr.flags.writeable = False
         pages.flags.writeable = False
-        self._taken = None
         return page_ptr, pages
 
     def _node_pages(self, tree: Tree) -> tuple:

@@ -1,6 +1,7 @@
 """The paged KV pool: K and V pages and their free list (`PagedKVCache`), the errors of the
 paged caches, `PageListing`, nodes' page lists laid end to end step after step, and
-`new_slots`, the slots of the tokens a step adds to nodes' page lists.
+`new_slots` and `table_slots`, the slots of the tokens a step adds to nodes' page lists or to a
+page table.
 `deft.cache.TreeCache` maps decoding-tree nodes onto the pool's pages."""
 
 from __future__ import annotations
@@ -166,6 +167,17 @@ def new_slots(page_lists: dict, ids, tokens, start, page_size: int) -> np.ndarra
     run_start = np.cumsum(count) - count
     position = np.arange(int(run_start[-1] + count[-1])) + np.repeat(start - run_start, count)
     page = pages[np.repeat(page_base, count) + position // page_size]
+    return page * page_size + position % page_size
+
+
+def table_slots(page_ptr, pages, tokens, start, page_size: int) -> np.ndarray:
+    """`new_slots` read from a page table (``page_ptr`` [nodes + 1], ``pages``) in a few
+    numpy calls, with no loop over the nodes. tokens, start : int64 [nodes]"""
+    grown = np.flatnonzero(tokens > start)
+    start, count = start[grown], tokens[grown] - start[grown]
+    run_start = np.cumsum(count) - count
+    position = np.arange(int(count.sum())) + np.repeat(start - run_start, count)
+    page = pages[np.repeat(page_ptr[grown], count) + position // page_size]
     return page * page_size + position % page_size
 
 
