@@ -338,6 +338,52 @@ def test_kept_arrays_hold_what_they_claim_step_after_step(
                 last = {name: fast[name] for name in FIELDS}
 
 
+@settings(max_examples=40, deadline=None)
+@given(
+    seed=st.integers(0, 50),
+    kind=st.sampled_from(["tot", "token_tree", "fewshot", "mixed"]),
+    strategy=st.sampled_from(FAST_STRATEGIES),
+    page_size=st.sampled_from([1, 4]),
+    sizes_by_step=st.lists(st.tuples(st.sampled_from([2, 3, 16]),
+                                     st.sampled_from([None, 1, 2])), min_size=1, max_size=4),
+    blocks=st.booleans(),
+)
+def test_a_call_s_arrays_hold_their_values_through_the_next_call(
+        seed, kind, strategy, page_size, sizes_by_step, blocks):
+    """The planner writes its slots and entry queries in turns (`deft.turn_buffers`): the
+    arrays one call returns keep their values through the next call (a plan is read while the
+    next one is built), over runs whose branches die and whose sizes change."""
+    from deft.cache import PagedKVCache, TreeCache
+
+    cache = TreeCache(PagedKVCache(4096, page_size, 1, 4))
+    planner = NodePlanner(strategy, shapes=2)
+    previous = None
+    with pytest.MonkeyPatch.context() as patch:
+        if blocks:
+            patch.setattr("deft.fast_plan.DENSE_LIMIT", 0)
+        for step, tree in enumerate(run_of(kind, seed)):
+            cache.apply(tree)
+            page_ptr, pages = cache.host_node_pages(tree)
+            chunk, group = sizes(strategy, *sizes_by_step[step % len(sizes_by_step)])
+            fast = planner.arrays(tree, page_ptr, pages, page_size, chunk, group)
+            if previous is not None:
+                for name in (*FIELDS, "slots"):
+                    np.testing.assert_array_equal(previous[0][name], previous[1][name],
+                                                  err_msg=f"step {step - 1}: {name}")
+            previous = (fast, {name: np.array(fast[name]) for name in (*FIELDS, "slots")})
+
+
+def test_a_stale_plan_s_slots_are_refused():
+    """The node planner's slots are written in turns: a plan's slots are read while it is
+    the latest plan (as its partitions are)."""
+    tree, grown = wl.star(3, 20, 2), wl.star(3, 20, 3)
+    attn = TreeAttention("deft_flatten", 4, 2, max_queries=3, max_tokens=40, device="cpu")
+    first = attn.plan(tree, page_table(tree, 2, 0))
+    attn.plan(grown, page_table(grown, 2, 0))
+    with pytest.raises(ValueError, match="plan is stale"):
+        first.slots
+
+
 def test_a_step_whose_chunks_keep_their_queries_reuses_the_entries():
     planner = NodePlanner("deft_flatten")
     first, second = (planner.arrays(tree, *page_table(tree, 1, 0).host_node_pages(tree), 1,
