@@ -186,6 +186,8 @@ def on_device(array: np.ndarray, device: torch.device) -> torch.Tensor:
     non-blocking copy: a copy from pageable memory first waits for all the work queued on the
     stream, so a step's cache update would stall the host behind the GPU."""
     tensor = torch.from_numpy(array)
+    if device.type == "cpu":  # already there (``to`` would return it, after a few us)
+        return tensor
     if device.type == "cuda" and tensor.numel():
         return tensor.pin_memory().to(device, non_blocking=True)
     return tensor.to(device)
