@@ -112,6 +112,7 @@ class NodePlanner:
             raise ValueError(f"NodePlanner plans {', '.join(FAST_STRATEGIES)}, not {strategy!r}")
         self.strategy = strategy
         self._shapes, self._keep = {}, shapes
+        self._last_shape = None  # (parent, queries, their shape) of the last lookup
         self._last_entries = None  # (what the last plan's chunks saw, its entries)
         self._kept_entries = None  # (the last entry_query, the values this one shares)
         self._last_runs = None  # (page size, the last plan's page runs and slots)
@@ -122,7 +123,13 @@ class NodePlanner:
         self._grid = np.zeros((0, 0), dtype=np.int64)  # `_query_grid`
 
     def shape(self, parent: np.ndarray, queries: np.ndarray) -> _Shape:
-        """The shape of a tree with these parents and query counts (node arrays)."""
+        """The shape of a tree with these parents and query counts (node arrays); read-only
+        arrays passed again (a reasoning run's steps share their segment's) give the last
+        shape without being read."""
+        last = self._last_shape
+        if last is not None and parent is last[0] and queries is last[1] \
+                and not parent.flags.writeable and not queries.flags.writeable:
+            return last[2]
         key = (parent.tobytes(), queries.tobytes())
         found = self._shapes.pop(key, None)
         if found is None:
@@ -130,6 +137,7 @@ class NodePlanner:
             if len(self._shapes) >= self._keep:
                 del self._shapes[next(iter(self._shapes))]
         self._shapes[key] = found  # most recent last
+        self._last_shape = (parent, queries, found)
         return found
 
     def arrays(self, tree, page_ptr: np.ndarray, pages: np.ndarray, page_size: int,
