@@ -293,8 +293,9 @@ class NodePlanner:
     def _page_runs(self, shape, page_ptr, pages, page_size) -> tuple:
         """(pages of each preorder node, int64 [nodes]; page_size times its first page's rank
         in preorder, int64 [nodes]; page * page_size of every page in preorder, int64 [pages];
-        page_size times 0, 1, ..., pages - 1), kept for a read-only page table passed again
-        with the same shape (the tree cache's, at a decode step that took no new page)."""
+        page_size times 0, 1, ..., pages - 1; the rank of the largest page where no other
+        rank holds it, else -1), kept for a read-only page table passed again with the same
+        shape (the tree cache's, at a decode step that took no new page)."""
         key, last = (shape, page_ptr, pages, page_size), self._last_page_runs
         if last is not None and shape is last[0][0] and page_ptr is last[0][1] \
                 and pages is last[0][2] and page_size == last[0][3] \
@@ -314,8 +315,11 @@ class NodePlanner:
             run_page = pages[positions + (page_ptr[:-1][order] - page_first).repeat(counts)]
             run_page *= page_size
         run_page.flags.writeable = False
+        top = int(run_page.argmax()) if len(run_page) else -1
+        if top >= 0 and np.count_nonzero(run_page == run_page[top]) > 1:
+            top = -1
         self._last_page_runs = (key, (counts, page_first * page_size, run_page,
-                                      positions * page_size))
+                                      positions * page_size, top))
         return self._last_page_runs[1]
 
     def _slots(self, shape, ordered, total, page_ptr, pages, page_size):
@@ -326,10 +330,12 @@ class NodePlanner:
         pages are put in preorder and each page's run (``page_size`` slots, fewer for a node's
         last page, none past its tokens) is laid out with one repeat. The runs the last plan
         shared with this one, up to the first that differs, keep the last plan's slots (a step
-        that grows the last nodes of the preorder lays out only their pages).
+        that grows the last nodes of the preorder lays out only their pages; the slots are
+        written in turns, `deft.turn_buffers`, so the prefix is mostly in place already). The
+        largest slot lies on the largest page where that page is used and held once.
         """
-        counts, first_slot, run_page, run_base = self._page_runs(shape, page_ptr, pages,
-                                                                 page_size)
+        counts, first_slot, run_page, run_base, top = self._page_runs(shape, page_ptr, pages,
+                                                                      page_size)
         # a page's run: its node's tokens past the node's pages before it, at most page_size
         run = (ordered + first_slot).repeat(counts) - run_base
         np.minimum(np.maximum(run, 0, out=run), page_size, out=run)
@@ -359,5 +365,7 @@ class NodePlanner:
             slots = self._slot_turns.finish(total, first)
         kept = {"token_slot": (last_slots, first)} if same else {}
         self._last_runs = (page_size, run_page, run, slots)
+        if top >= 0 and run[top] > 0:  # the largest slot lies on the largest page
+            return slots, int(run_page[top] + run[top]) - 1, kept
         return slots, int((run_page + run)[run > 0].max()) - 1, kept
 

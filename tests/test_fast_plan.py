@@ -92,6 +92,19 @@ def test_kept_entries_follow_each_chunk_s_queries(dense_limit, monkeypatch):
             np.testing.assert_array_equal(fast[name], reference[name], err_msg=name)
 
 
+@pytest.mark.parametrize("page_ptr,pages", [
+    ([0, 3, 4, 5], [1, 2, 99, 3, 4]),  # the largest page is node 0's third: unused
+    ([0, 2, 3, 4], [1, 9, 3, 9]),  # the largest page held twice
+    ([0, 2, 3, 4], [1, 9, 3, 5]),  # the largest page used and held once
+])
+def test_the_largest_slot_of_unusual_page_tables(page_ptr, pages):
+    tree = Tree([0, 1, 2], [None, 0, 0], [5, 3, 2])
+    page_ptr, pages = np.array(page_ptr), np.array(pages)
+    reference = plan_arrays(build_plan("deft_flatten", tree, 4, None, 4), page_ptr, pages, True)
+    fast = NodePlanner("deft_flatten").arrays(tree, page_ptr, pages, 4, 4)
+    assert fast["max_slot"] == reference["max_slot"]
+
+
 def test_node_planner_refuses_short_page_tables_and_other_strategies():
     tree = wl.star(2, 10, 3)
     with pytest.raises(ValueError, match="holds 10 tokens but the page table gives it 2 pages"):
