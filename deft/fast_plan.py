@@ -360,8 +360,8 @@ class NodePlanner:
             slots = last_slots
         else:  # in turns: the step before the last left most of the prefix in place
             slots = self._slot_turns.begin(total, first)
-            slots[first:] = (run_page[same:] - run_start[same:]).repeat(run[same:])
-            slots[first:] += self._positions(total)[first:]
+            np.add((run_page[same:] - run_start[same:]).repeat(run[same:]),
+                   self._positions(total)[first:], out=slots[first:])
             slots = self._slot_turns.finish(total, first)
         kept = {"token_slot": (last_slots, first)} if same else {}
         self._last_runs = (page_size, run_page, run, slots)
