@@ -24,8 +24,8 @@ from itertools import chain, compress, repeat
 import numpy as np
 import torch
 
-from deft.page_pool import (CacheError, OutOfPagesError, PagedKVCache, PageListing, new_slots,
-                            on_device, table_slots)
+from deft.page_pool import (CacheError, OutOfPagesError, PagedKVCache, PageListing,
+                            applied_table, new_slots, on_device, table_slots)
 from deft.tree import Tree
 
 __all__ = ["CacheError", "OutOfPagesError", "PagedKVCache", "TreeCache", "pages_for"]
@@ -256,8 +256,8 @@ class TreeCache:
         taken = self._add_grown(tree.preorder.tolist(), ids, parent_index, tokens, wanted,
                                 needed)
         self._tree = tree
-        self._table = self._applied_table(tree, page_counts, np.array(wanted, dtype=np.int64),
-                                          taken)
+        self._table = applied_table(page_counts, np.array(wanted, dtype=np.int64), taken,
+                                    tree.preorder, tree.node_ids, self._pages)
         slots = table_slots(*self._table, tree.tokens, np.array(before, dtype=np.int64),
                             self.pool.page_size)
         return on_device(slots, self.pool.device)
@@ -399,30 +399,6 @@ class TreeCache:
         pages = self._pages[node_id]
         pages += self.pool.allocate(self._pages_for(tokens) - len(pages))
         self._tokens[node_id] = tokens
-
-    def _applied_table(self, tree: Tree, page_counts, wanted, taken) -> tuple:
-        """`host_node_pages` of a general apply's tree, read-only, from what it took: each
-        node's pages held before, then its share of the one allocation (``taken``, handed out
-        in preorder, ``wanted`` [nodes] to each), with a few numpy calls over the pages taken
-        and a loop over the nodes held before only (a speculative step renames every
-        candidate: one node held)."""
-        page_ptr = np.zeros(len(page_counts) + 1, dtype=np.int64)
-        np.add.accumulate(page_counts, out=page_ptr[1:])
-        pages = np.empty(int(page_ptr[-1]), dtype=np.int64)
-        held = page_counts - wanted  # pages each node held before the apply
-        if taken:
-            order = tree.preorder
-            handed = wanted[order]
-            # allocation element j of preorder node v goes to page_ptr[v] + held[v] + its rank
-            shift = (page_ptr[:-1] + held)[order] - (handed.cumsum() - handed)
-            pages[np.arange(len(taken)) + shift.repeat(handed)] = taken
-        nodes = held.nonzero()[0]
-        for v, node, count in zip(nodes.tolist(), tree.node_ids[nodes].tolist(),
-                                  held[nodes].tolist()):
-            pages[page_ptr[v]: page_ptr[v] + count] = self._pages[node][:count]
-        page_ptr.flags.writeable = False
-        pages.flags.writeable = False
-        return page_ptr, pages
 
     def _node_pages(self, tree: Tree) -> tuple:
         """int64 numpy ``(page_ptr [nodes + 1], pages)`` of the tree's nodes."""

@@ -25,6 +25,10 @@ The cache slots are laid out a page at a time (a page is a run of consecutive sl
 the first page run that differs from the last plan's; the plan buffers then rewrite only the
 slots from there, skip the entries kept, and the entry queries of the leading chunks every
 query sees where they are as many as the last plan's (`deft.plan_buffers.PlanBuffers.fill`).
+The slots and those entry queries are written in turns into two kept arrays
+(`deft.turn_buffers`): the one a step writes already holds the step before the last's, so
+the unchanged prefix (most of a 64k-token tree) is neither copied nor rewritten; an array
+`arrays` returns keeps its values through the next call, not the one after.
 A page table passed again, read-only (the tree cache's while the steps take no new page),
 keeps its pages in preorder from the last plan.
 """

@@ -1,7 +1,7 @@
 """The paged KV pool: K and V pages and their free list (`PagedKVCache`), the errors of the
 paged caches, `PageListing`, nodes' page lists laid end to end step after step, and
-`new_slots` and `table_slots`, the slots of the tokens a step adds to nodes' page lists or to a
-page table.
+`applied_table`, a page table from what an apply took, and `new_slots` and `table_slots`, the
+slots of the tokens a step adds to nodes' page lists or to a page table.
 `deft.cache.TreeCache` maps decoding-tree nodes onto the pool's pages."""
 
 from __future__ import annotations
@@ -168,6 +168,32 @@ def new_slots(page_lists: dict, ids, tokens, start, page_size: int) -> np.ndarra
     position = np.arange(int(run_start[-1] + count[-1])) + np.repeat(start - run_start, count)
     page = pages[np.repeat(page_base, count) + position // page_size]
     return page * page_size + position % page_size
+
+
+def applied_table(page_counts, wanted, taken: list, preorder, node_ids, page_lists: dict) -> tuple:
+    """The read-only page table ``(page_ptr [nodes + 1], pages)`` of a tree whose nodes each
+    hold their pages from before (the first ``page_counts - wanted`` of their page lists) and
+    then their share of one allocation, ``taken``, handed out node after node in preorder
+    (``wanted`` [nodes] to each): a few numpy calls over the pages taken and a loop over the
+    nodes held before only (a speculative step renames every candidate: one node held).
+
+    page_counts, wanted, preorder, node_ids : int64 [nodes]; page_lists : node id -> pages.
+    """
+    page_ptr = np.zeros(len(page_counts) + 1, dtype=np.int64)
+    np.add.accumulate(page_counts, out=page_ptr[1:])
+    pages = np.empty(int(page_ptr[-1]), dtype=np.int64)
+    held = page_counts - wanted  # pages each node held before
+    if taken:
+        handed = wanted[preorder]
+        # allocation element j of preorder node v goes to page_ptr[v] + held[v] + its rank
+        shift = (page_ptr[:-1] + held)[preorder] - (handed.cumsum() - handed)
+        pages[np.arange(len(taken)) + shift.repeat(handed)] = taken
+    nodes = held.nonzero()[0]
+    for v, node, count in zip(nodes.tolist(), node_ids[nodes].tolist(), held[nodes].tolist()):
+        pages[page_ptr[v]: page_ptr[v] + count] = page_lists[node][:count]
+    page_ptr.flags.writeable = False
+    pages.flags.writeable = False
+    return page_ptr, pages
 
 
 def table_slots(page_ptr, pages, tokens, start, page_size: int) -> np.ndarray:
