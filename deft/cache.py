@@ -218,6 +218,9 @@ class TreeCache:
         grown = self._grow_leaves(tree)
         if grown is not None:
             return grown
+        # the last tree's page table lists the pages every node of this one held before
+        last = None if self._tree is None or self._table is None else (
+            self._tree.node_ids, *self._table)
         ids, parent_index = tree.node_ids.tolist(), tree.parent.tolist()
         tokens, page_counts = tree.tokens.tolist(), _ceil_div(tree.tokens, self.pool.page_size)
         held_parent, held_tokens, held_pages = self._parent, self._tokens, self._pages
@@ -257,7 +260,7 @@ class TreeCache:
                                 needed)
         self._tree = tree
         self._table = applied_table(page_counts, np.array(wanted, dtype=np.int64), taken,
-                                    tree.preorder, tree.node_ids, self._pages)
+                                    tree.preorder, tree.node_ids, self._pages, last)
         slots = table_slots(*self._table, tree.tokens, np.array(before, dtype=np.int64),
                             self.pool.page_size)
         return on_device(slots, self.pool.device)

@@ -170,7 +170,8 @@ def new_slots(page_lists: dict, ids, tokens, start, page_size: int) -> np.ndarra
     return page * page_size + position % page_size
 
 
-def applied_table(page_counts, wanted, taken: list, preorder, node_ids, page_lists: dict) -> tuple:
+def applied_table(page_counts, wanted, taken: list, preorder, node_ids, page_lists: dict,
+                  last=None) -> tuple:
     """The read-only page table ``(page_ptr [nodes + 1], pages)`` of a tree whose nodes each
     hold their pages from before (the first ``page_counts - wanted`` of their page lists) and
     then their share of one allocation, ``taken``, handed out node after node in preorder
@@ -178,6 +179,10 @@ def applied_table(page_counts, wanted, taken: list, preorder, node_ids, page_lis
     nodes held before only (a speculative step renames every candidate: one node held).
 
     page_counts, wanted, preorder, node_ids : int64 [nodes]; page_lists : node id -> pages.
+    last : (node_ids, page_ptr, pages), optional
+        The page table of the tree the nodes held before come from, every one of them in it
+        with the pages it holds: their pages are copied from it (a 63k-token prompt's 4k pages
+        would otherwise be converted from its list every step).
     """
     page_ptr = np.zeros(len(page_counts) + 1, dtype=np.int64)
     np.add.accumulate(page_counts, out=page_ptr[1:])
@@ -189,8 +194,15 @@ def applied_table(page_counts, wanted, taken: list, preorder, node_ids, page_lis
         shift = (page_ptr[:-1] + held)[preorder] - (handed.cumsum() - handed)
         pages[np.arange(len(taken)) + shift.repeat(handed)] = taken
     nodes = held.nonzero()[0]
-    for v, node, count in zip(nodes.tolist(), node_ids[nodes].tolist(), held[nodes].tolist()):
-        pages[page_ptr[v]: page_ptr[v] + count] = page_lists[node][:count]
+    if last is None:
+        for v, node, count in zip(nodes.tolist(), node_ids[nodes].tolist(),
+                                  held[nodes].tolist()):
+            pages[page_ptr[v]: page_ptr[v] + count] = page_lists[node][:count]
+    else:
+        last_ids, last_ptr, last_pages = last
+        where = last_ptr[np.searchsorted(last_ids, node_ids[nodes])].tolist()
+        for v, u, count in zip(nodes.tolist(), where, held[nodes].tolist()):
+            pages[page_ptr[v]: page_ptr[v] + count] = last_pages[u: u + count]
     page_ptr.flags.writeable = False
     pages.flags.writeable = False
     return page_ptr, pages
