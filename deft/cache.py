@@ -118,7 +118,8 @@ class TreeCache:
     def host_node_pages(self, tree: Tree) -> tuple:
         """`node_pages` as int64 numpy arrays on the host (what the planner reads: no round
         trip through the pool's device), with one pass of plain Python over the nodes. Those of
-        the last applied tree are kept, read-only, while its steps take no new page."""
+        the last applied tree are kept, read-only, while its steps take no new page; an apply
+        that took its general path built them as it applied (`page_pool.applied_table`)."""
         exact = tree is self._tree  # the last apply's tree: every node holds just its tokens
         if exact and self._table is not None:
             return self._table
