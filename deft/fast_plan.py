@@ -123,6 +123,7 @@ class NodePlanner:
         self._slot_turns = TurnBuffers(np.int64)  # the slots, written in turns
         self._entry_turns = TurnBuffers(np.int32)  # entry_query of plans with full chunks
         self._last_page_runs = None  # (page table, its page runs: `_page_runs`)
+        self._last_page_layout = None  # (shape, page_ptr, what they fix: `_page_layout`)
         self._iota = np.arange(0)
         self._grid = np.zeros((0, 0), dtype=np.int64)  # `_query_grid`
 
@@ -299,25 +300,16 @@ class NodePlanner:
         in preorder, int64 [nodes]; page * page_size of every page in preorder, int64 [pages];
         page_size times 0, 1, ..., pages - 1; the rank of the largest page where no other
         rank holds it, else -1), kept for a read-only page table passed again with the same
-        shape (the tree cache's, at a decode step that took no new page)."""
+        shape (the tree cache's, at a decode step that took no new page). Where only its pages
+        are new (a speculative step's renamed candidates, on as many pages as before), what
+        the shape and the read-only ``page_ptr`` fix is kept (`_page_layout`)."""
         key, last = (shape, page_ptr, pages, page_size), self._last_page_runs
         if last is not None and shape is last[0][0] and page_ptr is last[0][1] \
                 and pages is last[0][2] and page_size == last[0][3] \
                 and not page_ptr.flags.writeable and not pages.flags.writeable:
             return last[1]
-        order = shape.order
-        counts = page_ptr[1:] - page_ptr[:-1]
-        if not shape.in_order:
-            counts = counts[order]
-        first_page, end_page = int(page_ptr[0]), int(page_ptr[-1])
-        # each preorder node's first page, in preorder
-        page_first = page_ptr[:-1] - first_page if shape.in_order else counts.cumsum() - counts
-        positions = self._positions(end_page - first_page)
-        if shape.in_order:  # the nodes' pages one after the other already
-            run_page = pages[first_page:end_page] * page_size
-        else:
-            run_page = pages[positions + (page_ptr[:-1][order] - page_first).repeat(counts)]
-            run_page *= page_size
+        counts, page_first, where, positions = self._page_layout(shape, page_ptr)
+        run_page = pages[where] * page_size  # the pages in preorder
         run_page.flags.writeable = False
         top = int(run_page.argmax()) if len(run_page) else -1
         if top >= 0 and np.count_nonzero(run_page == run_page[top]) > 1:
@@ -325,6 +317,26 @@ class NodePlanner:
         self._last_page_runs = (key, (counts, page_first * page_size, run_page,
                                       positions * page_size, top))
         return self._last_page_runs[1]
+
+    def _page_layout(self, shape, page_ptr) -> tuple:
+        """(pages of each preorder node; each one's first page's rank in preorder; where the
+        pages in preorder are in the page table, a slice or int64 [pages]; 0, 1, ...,
+        pages - 1), kept for a read-only ``page_ptr`` passed again with the same shape."""
+        last = self._last_page_layout
+        if last is not None and shape is last[0] and page_ptr is last[1] \
+                and not page_ptr.flags.writeable:
+            return last[2]
+        counts = page_ptr[1:] - page_ptr[:-1]
+        first_page, end_page = int(page_ptr[0]), int(page_ptr[-1])
+        positions = self._positions(end_page - first_page)
+        if shape.in_order:  # the nodes' pages one after the other already
+            page_first, where = page_ptr[:-1] - first_page, slice(first_page, end_page)
+        else:
+            counts = counts[shape.order]
+            page_first = counts.cumsum() - counts
+            where = positions + (page_ptr[:-1][shape.order] - page_first).repeat(counts)
+        self._last_page_layout = (shape, page_ptr, (counts, page_first, where, positions))
+        return self._last_page_layout[2]
 
     def _slots(self, shape, ordered, total, page_ptr, pages, page_size):
         """(cache slot of every flattened position, int64 [tokens] read-only; the largest;

@@ -186,6 +186,8 @@ def applied_table(page_counts, wanted, taken: list, preorder, node_ids, page_lis
     """
     page_ptr = np.zeros(len(page_counts) + 1, dtype=np.int64)
     np.add.accumulate(page_counts, out=page_ptr[1:])
+    if last is not None and len(last[1]) == len(page_ptr) and (last[1] == page_ptr).all():
+        page_ptr = last[1]  # the last one, read-only: a planner keeps what it fixes
     pages = np.empty(int(page_ptr[-1]), dtype=np.int64)
     held = page_counts - wanted  # pages each node held before
     if taken:
