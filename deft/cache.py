@@ -19,13 +19,13 @@ pages through `TreeCache.node_pages` and `TreeCache.token_slots`::
 
 from __future__ import annotations
 
-from itertools import chain
+from itertools import chain, compress, repeat
 
 import numpy as np
 import torch
 
-from deft.page_pool import (CacheError, OutOfPagesError, PagedKVCache, PageListing, new_slots,
-                            on_device)
+from deft.page_pool import (CacheError, OutOfPagesError, PagedKVCache, PageListing,
+                            applied_table, new_slots, on_device, table_slots)
 from deft.tree import Tree
 
 __all__ = ["CacheError", "OutOfPagesError", "PagedKVCache", "TreeCache", "pages_for"]
@@ -118,7 +118,8 @@ class TreeCache:
     def host_node_pages(self, tree: Tree) -> tuple:
         """`node_pages` as int64 numpy arrays on the host (what the planner reads: no round
         trip through the pool's device), with one pass of plain Python over the nodes. Those of
-        the last applied tree are kept, read-only, while its steps take no new page."""
+        the last applied tree are kept, read-only, while its steps take no new page; an apply
+        that took its general path built them as it applied (`page_pool.applied_table`)."""
         exact = tree is self._tree  # the last apply's tree: every node holds just its tokens
         if exact and self._table is not None:
             return self._table
@@ -132,7 +133,7 @@ class TreeCache:
         counts = _ceil_div(tree.tokens, self.pool.page_size)
         page_ptr = np.zeros(len(ids) + 1, dtype=np.int64)
         np.cumsum(counts, out=page_ptr[1:])
-        lists = [self._pages[node] for node in ids]
+        lists = list(map(self._pages.__getitem__, ids))
         if not exact:  # nodes holding more tokens than the tree uses: their first pages
             lists = [pages[:c] for pages, c in zip(lists, counts.tolist())]
             return page_ptr, np.fromiter(chain.from_iterable(lists), dtype=np.int64,
@@ -218,28 +219,31 @@ class TreeCache:
         grown = self._grow_leaves(tree)
         if grown is not None:
             return grown
+        # the last tree's page table lists the pages every node of this one held before
+        last = None if self._tree is None or self._table is None else (
+            self._tree.node_ids, *self._table)
         ids, parent_index = tree.node_ids.tolist(), tree.parent.tolist()
         tokens, page_counts = tree.tokens.tolist(), _ceil_div(tree.tokens, self.pool.page_size)
         held_parent, held_tokens, held_pages = self._parent, self._tokens, self._pages
-        before = [held_tokens.get(node, 0) for node in ids]
+        before = list(map(held_tokens.get, ids, repeat(0)))
         wanted = page_counts.tolist()  # pages to take per node: less those held below
         needed = int(page_counts.sum())
-        for v, node in enumerate(ids):
-            if node in held_parent:
-                parent = None if parent_index[v] < 0 else ids[parent_index[v]]
-                if held_parent[node] != parent:
-                    raise CacheError(
-                        f"node {node}: parent is {parent} in the tree but "
-                        f"{held_parent[node]} in the cache"
-                    )
-                if tokens[v] < before[v]:
-                    raise CacheError(
-                        f"node {node}: the tree holds {tokens[v]} tokens, fewer than the "
-                        f"{before[v]} cached; a cache never drops a node's tokens"
-                    )
-                held = len(held_pages[node])
-                wanted[v] -= held
-                needed -= held
+        for v in compress(range(len(ids)), map(held_parent.__contains__, ids)):
+            node = ids[v]
+            parent = None if parent_index[v] < 0 else ids[parent_index[v]]
+            if held_parent[node] != parent:
+                raise CacheError(
+                    f"node {node}: parent is {parent} in the tree but "
+                    f"{held_parent[node]} in the cache"
+                )
+            if tokens[v] < before[v]:
+                raise CacheError(
+                    f"node {node}: the tree holds {tokens[v]} tokens, fewer than the "
+                    f"{before[v]} cached; a cache never drops a node's tokens"
+                )
+            held = len(held_pages[node])
+            wanted[v] -= held
+            needed -= held
         gone = set(held_parent).difference(ids)  # whole subtrees: a tree holds its ancestors
         freed = sum(map(len, map(held_pages.__getitem__, gone)))
         if needed > self.pool.num_free + freed:
@@ -253,10 +257,13 @@ class TreeCache:
         released = self._release(gone)
         if released:
             self.pool.free(chain.from_iterable(reversed(released)))
-        self._add_grown(tree.preorder.tolist(), ids, parent_index, tokens, wanted, needed)
-        self._tree, self._table = tree, None
-        slots = new_slots(self._pages, tree.node_ids, tree.tokens,
-                          np.array(before, dtype=np.int64), self.pool.page_size)
+        taken = self._add_grown(tree.preorder.tolist(), ids, parent_index, tokens, wanted,
+                                needed)
+        self._tree = tree
+        self._table = applied_table(page_counts, np.array(wanted, dtype=np.int64), taken,
+                                    tree.preorder, tree.node_ids, self._pages, last)
+        slots = table_slots(*self._table, tree.tokens, np.array(before, dtype=np.int64),
+                            self.pool.page_size)
         return on_device(slots, self.pool.device)
 
     def _grow_leaves(self, tree: Tree):
@@ -317,7 +324,8 @@ class TreeCache:
     def _add_grown(self, order, ids, parent_index, tokens, wanted, needed) -> None:
         """Add the missing nodes (parents first: ``order`` is a preorder) and grow every node
         to its tokens, taking the ``needed`` pages in one allocation (space already checked),
-        ``wanted[v]`` for node index v."""
+        ``wanted[v]`` for node index v; return the pages taken, in the order they were handed
+        out (node after node in ``order``)."""
         held_parent, held_pages, children = self._parent, self._pages, self._children
         held_tokens, live = self._tokens, self._live
         pages = self.pool.allocate(needed)
@@ -337,6 +345,7 @@ class TreeCache:
                 held_pages[node] += pages[taken: taken + count]
                 taken += count
             held_tokens[node] = tokens[v]
+        return pages
 
     # ------------------------------------------------------------------ invariants
     def check(self) -> None:

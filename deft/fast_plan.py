@@ -25,6 +25,10 @@ The cache slots are laid out a page at a time (a page is a run of consecutive sl
 the first page run that differs from the last plan's; the plan buffers then rewrite only the
 slots from there, skip the entries kept, and the entry queries of the leading chunks every
 query sees where they are as many as the last plan's (`deft.plan_buffers.PlanBuffers.fill`).
+The slots and those entry queries are written in turns into two kept arrays
+(`deft.turn_buffers`): the one a step writes already holds the step before the last's, so
+the unchanged prefix (most of a 64k-token tree) is neither copied nor rewritten; an array
+`arrays` returns keeps its values through the next call, not the one after.
 A page table passed again, read-only (the tree cache's while the steps take no new page),
 keeps its pages in preorder from the last plan.
 """
@@ -35,6 +39,7 @@ import numpy as np
 
 from deft.plan_entries import entry_rows, partitions
 from deft.tree import INDEX_LIMIT
+from deft.turn_buffers import TurnBuffers
 
 FAST_STRATEGIES = ("deft_node", "deft_node_chunk", "deft_flatten")
 """The strategies `NodePlanner` plans (the others go through `deft.plan.build_plan`)."""
@@ -111,15 +116,25 @@ class NodePlanner:
             raise ValueError(f"NodePlanner plans {', '.join(FAST_STRATEGIES)}, not {strategy!r}")
         self.strategy = strategy
         self._shapes, self._keep = {}, shapes
+        self._last_shape = None  # (parent, queries, their shape) of the last lookup
         self._last_entries = None  # (what the last plan's chunks saw, its entries)
         self._kept_entries = None  # (the last entry_query, the values this one shares)
         self._last_runs = None  # (page size, the last plan's page runs and slots)
+        self._slot_turns = TurnBuffers(np.int64)  # the slots, written in turns
+        self._entry_turns = TurnBuffers(np.int32)  # entry_query of plans with full chunks
         self._last_page_runs = None  # (page table, its page runs: `_page_runs`)
+        self._last_page_layout = None  # (shape, page_ptr, what they fix: `_page_layout`)
         self._iota = np.arange(0)
         self._grid = np.zeros((0, 0), dtype=np.int64)  # `_query_grid`
 
     def shape(self, parent: np.ndarray, queries: np.ndarray) -> _Shape:
-        """The shape of a tree with these parents and query counts (node arrays)."""
+        """The shape of a tree with these parents and query counts (node arrays); read-only
+        arrays passed again (a reasoning run's steps share their segment's) give the last
+        shape without being read."""
+        last = self._last_shape
+        if last is not None and parent is last[0] and queries is last[1] \
+                and not parent.flags.writeable and not queries.flags.writeable:
+            return last[2]
         key = (parent.tobytes(), queries.tobytes())
         found = self._shapes.pop(key, None)
         if found is None:
@@ -127,6 +142,7 @@ class NodePlanner:
             if len(self._shapes) >= self._keep:
                 del self._shapes[next(iter(self._shapes))]
         self._shapes[key] = found  # most recent last
+        self._last_shape = (parent, queries, found)
         return found
 
     def arrays(self, tree, page_ptr: np.ndarray, pages: np.ndarray, page_size: int,
@@ -238,7 +254,9 @@ class NodePlanner:
         self._kept_entries = None
         if last is not None and last[0] == key:
             return last[1]
-        if full and last is not None and last[0][0] == full and last[0][1][1] == num_queries:
+        block_kept = bool(full) and last is not None and last[0][0] == full \
+            and last[0][1][1] == num_queries
+        if block_kept:
             self._kept_entries = (last[1][2], full * num_queries)  # the same block first
         if full:
             per_chunk = np.empty(num_chunks, dtype=np.int64)
@@ -246,7 +264,9 @@ class NodePlanner:
             np.add.reduce(seen, axis=1, out=per_chunk[full:])
         else:
             per_chunk = np.add.reduce(seen, axis=1)
-        rows = entry_rows(full, seen, self._query_grid(num_queries, num_chunks - full))
+        rows = entry_rows(full, seen, self._query_grid(num_queries, num_chunks - full),
+                          self._entry_turns,
+                          block_kept and last[1][2] is self._entry_turns.latest)
         entries = (*partitions(per_chunk, group_size), *rows)
         for array in entries:
             array.flags.writeable = False
@@ -258,7 +278,7 @@ class NodePlanner:
         subtree end of its tokens. int64 [chunks] each."""
         if self.strategy == "deft_flatten":  # the flattened order cut into even blocks
             total = len(subtree_end)
-            chunk_start = self._positions(total)[::chunk].copy()
+            chunk_start = np.arange(0, total, chunk)  # a strided read of `_positions` misses cache
             chunk_end = chunk_start + chunk
             chunk_end[-1] = total
             return chunk_start, chunk_end, np.maximum.reduceat(subtree_end, chunk_start)
@@ -278,30 +298,45 @@ class NodePlanner:
     def _page_runs(self, shape, page_ptr, pages, page_size) -> tuple:
         """(pages of each preorder node, int64 [nodes]; page_size times its first page's rank
         in preorder, int64 [nodes]; page * page_size of every page in preorder, int64 [pages];
-        page_size times 0, 1, ..., pages - 1), kept for a read-only page table passed again
-        with the same shape (the tree cache's, at a decode step that took no new page)."""
+        page_size times 0, 1, ..., pages - 1; the rank of the largest page where no other
+        rank holds it, else -1), kept for a read-only page table passed again with the same
+        shape (the tree cache's, at a decode step that took no new page). Where only its pages
+        are new (a speculative step's renamed candidates, on as many pages as before), what
+        the shape and the read-only ``page_ptr`` fix is kept (`_page_layout`)."""
         key, last = (shape, page_ptr, pages, page_size), self._last_page_runs
-        if last is not None and all(a is b for a, b in zip(key[:3], last[0][:3])) \
-                and page_size == last[0][3] and not page_ptr.flags.writeable \
-                and not pages.flags.writeable:
+        if last is not None and shape is last[0][0] and page_ptr is last[0][1] \
+                and pages is last[0][2] and page_size == last[0][3] \
+                and not page_ptr.flags.writeable and not pages.flags.writeable:
             return last[1]
-        order = shape.order
+        counts, page_first, where, positions = self._page_layout(shape, page_ptr)
+        run_page = pages[where] * page_size  # the pages in preorder
+        run_page.flags.writeable = False
+        top = int(run_page.argmax()) if len(run_page) else -1
+        if top >= 0 and np.count_nonzero(run_page == run_page[top]) > 1:
+            top = -1
+        self._last_page_runs = (key, (counts, page_first * page_size, run_page,
+                                      positions * page_size, top))
+        return self._last_page_runs[1]
+
+    def _page_layout(self, shape, page_ptr) -> tuple:
+        """(pages of each preorder node; each one's first page's rank in preorder; where the
+        pages in preorder are in the page table, a slice or int64 [pages]; 0, 1, ...,
+        pages - 1), kept for a read-only ``page_ptr`` passed again with the same shape."""
+        last = self._last_page_layout
+        if last is not None and shape is last[0] and page_ptr is last[1] \
+                and not page_ptr.flags.writeable:
+            return last[2]
         counts = page_ptr[1:] - page_ptr[:-1]
-        if not shape.in_order:
-            counts = counts[order]
         first_page, end_page = int(page_ptr[0]), int(page_ptr[-1])
-        # each preorder node's first page, in preorder
-        page_first = page_ptr[:-1] - first_page if shape.in_order else counts.cumsum() - counts
         positions = self._positions(end_page - first_page)
         if shape.in_order:  # the nodes' pages one after the other already
-            run_page = pages[first_page:end_page] * page_size
+            page_first, where = page_ptr[:-1] - first_page, slice(first_page, end_page)
         else:
-            run_page = pages[positions + (page_ptr[:-1][order] - page_first).repeat(counts)]
-            run_page *= page_size
-        run_page.flags.writeable = False
-        self._last_page_runs = (key, (counts, page_first * page_size, run_page,
-                                      positions * page_size))
-        return self._last_page_runs[1]
+            counts = counts[shape.order]
+            page_first = counts.cumsum() - counts
+            where = positions + (page_ptr[:-1][shape.order] - page_first).repeat(counts)
+        self._last_page_layout = (shape, page_ptr, (counts, page_first, where, positions))
+        return self._last_page_layout[2]
 
     def _slots(self, shape, ordered, total, page_ptr, pages, page_size):
         """(cache slot of every flattened position, int64 [tokens] read-only; the largest;
@@ -311,10 +346,12 @@ class NodePlanner:
         pages are put in preorder and each page's run (``page_size`` slots, fewer for a node's
         last page, none past its tokens) is laid out with one repeat. The runs the last plan
         shared with this one, up to the first that differs, keep the last plan's slots (a step
-        that grows the last nodes of the preorder lays out only their pages).
+        that grows the last nodes of the preorder lays out only their pages; the slots are
+        written in turns, `deft.turn_buffers`, so the prefix is mostly in place already). The
+        largest slot lies on the largest page where that page is used and held once.
         """
-        counts, first_slot, run_page, run_base = self._page_runs(shape, page_ptr, pages,
-                                                                 page_size)
+        counts, first_slot, run_page, run_base, top = self._page_runs(shape, page_ptr, pages,
+                                                                      page_size)
         # a page's run: its node's tokens past the node's pages before it, at most page_size
         run = (ordered + first_slot).repeat(counts) - run_base
         np.minimum(np.maximum(run, 0, out=run), page_size, out=run)
@@ -325,7 +362,7 @@ class NodePlanner:
             raise ValueError(f"node index {node} holds {ordered[short[0]]} tokens but "
                              f"the page table gives it {counts[short[0]]} pages of {page_size}")
         run_start = run_end - run  # the flattened position of each page's first slot
-        same = 0  # runs shared with the last plan
+        same, first, last_slots = 0, 0, None  # runs shared with the last plan
         if self._last_runs is not None and self._last_runs[0] == page_size:
             last_page, last_run, last_slots = self._last_runs[1:]
             n = min(len(run), len(last_run))
@@ -335,13 +372,16 @@ class NodePlanner:
             differ = differ.nonzero()[0]
             same = int(differ[0]) if len(differ) else n
         first = int(run_start[same]) if same < len(run) else total
-        slots = np.empty(total, dtype=np.int64)
-        if same:
-            slots[:first] = last_slots[:first]
-        slots[first:] = (run_page[same:] - run_start[same:]).repeat(run[same:])
-        slots[first:] += self._positions(total)[first:]
-        slots.flags.writeable = False
+        if same and same == len(run) and first == len(last_slots):  # the last plan's slots exactly
+            slots = last_slots
+        else:  # in turns: the step before the last left most of the prefix in place
+            slots = self._slot_turns.begin(total, first)
+            np.add((run_page[same:] - run_start[same:]).repeat(run[same:]),
+                   self._positions(total)[first:], out=slots[first:])
+            slots = self._slot_turns.finish(total, first)
         kept = {"token_slot": (last_slots, first)} if same else {}
         self._last_runs = (page_size, run_page, run, slots)
+        if top >= 0 and run[top] > 0:  # the largest slot lies on the largest page
+            return slots, int(run_page[top] + run[top]) - 1, kept
         return slots, int((run_page + run)[run > 0].max()) - 1, kept
 

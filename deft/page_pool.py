@@ -1,6 +1,7 @@
 """The paged KV pool: K and V pages and their free list (`PagedKVCache`), the errors of the
 paged caches, `PageListing`, nodes' page lists laid end to end step after step, and
-`new_slots`, the slots of the tokens a step adds to nodes' page lists.
+`applied_table`, a page table from what an apply took, and `new_slots` and `table_slots`, the
+slots of the tokens a step adds to nodes' page lists or to a page table.
 `deft.cache.TreeCache` maps decoding-tree nodes onto the pool's pages."""
 
 from __future__ import annotations
@@ -169,11 +170,64 @@ def new_slots(page_lists: dict, ids, tokens, start, page_size: int) -> np.ndarra
     return page * page_size + position % page_size
 
 
+def applied_table(page_counts, wanted, taken: list, preorder, node_ids, page_lists: dict,
+                  last=None) -> tuple:
+    """The read-only page table ``(page_ptr [nodes + 1], pages)`` of a tree whose nodes each
+    hold their pages from before (the first ``page_counts - wanted`` of their page lists) and
+    then their share of one allocation, ``taken``, handed out node after node in preorder
+    (``wanted`` [nodes] to each): a few numpy calls over the pages taken and a loop over the
+    nodes held before only (a speculative step renames every candidate: one node held).
+
+    page_counts, wanted, preorder, node_ids : int64 [nodes]; page_lists : node id -> pages.
+    last : (node_ids, page_ptr, pages), optional
+        The page table of the tree the nodes held before come from, every one of them in it
+        with the pages it holds: their pages are copied from it (a 63k-token prompt's 4k pages
+        would otherwise be converted from its list every step).
+    """
+    page_ptr = np.zeros(len(page_counts) + 1, dtype=np.int64)
+    np.add.accumulate(page_counts, out=page_ptr[1:])
+    if last is not None and len(last[1]) == len(page_ptr) and (last[1] == page_ptr).all():
+        page_ptr = last[1]  # the last one, read-only: a planner keeps what it fixes
+    pages = np.empty(int(page_ptr[-1]), dtype=np.int64)
+    held = page_counts - wanted  # pages each node held before
+    if taken:
+        handed = wanted[preorder]
+        # allocation element j of preorder node v goes to page_ptr[v] + held[v] + its rank
+        shift = (page_ptr[:-1] + held)[preorder] - (handed.cumsum() - handed)
+        pages[np.arange(len(taken)) + shift.repeat(handed)] = taken
+    nodes = held.nonzero()[0]
+    if last is None:
+        for v, node, count in zip(nodes.tolist(), node_ids[nodes].tolist(),
+                                  held[nodes].tolist()):
+            pages[page_ptr[v]: page_ptr[v] + count] = page_lists[node][:count]
+    else:
+        last_ids, last_ptr, last_pages = last
+        where = last_ptr[np.searchsorted(last_ids, node_ids[nodes])].tolist()
+        for v, u, count in zip(nodes.tolist(), where, held[nodes].tolist()):
+            pages[page_ptr[v]: page_ptr[v] + count] = last_pages[u: u + count]
+    page_ptr.flags.writeable = False
+    pages.flags.writeable = False
+    return page_ptr, pages
+
+
+def table_slots(page_ptr, pages, tokens, start, page_size: int) -> np.ndarray:
+    """`new_slots` read from a page table (``page_ptr`` [nodes + 1], ``pages``) in a few
+    numpy calls, with no loop over the nodes. tokens, start : int64 [nodes]"""
+    grown = np.flatnonzero(tokens > start)
+    start, count = start[grown], tokens[grown] - start[grown]
+    run_start = np.cumsum(count) - count
+    position = np.arange(int(count.sum())) + np.repeat(start - run_start, count)
+    page = pages[np.repeat(page_ptr[grown], count) + position // page_size]
+    return page * page_size + position % page_size
+
+
 def on_device(array: np.ndarray, device: torch.device) -> torch.Tensor:
     """A host array as a tensor on ``device``. On a GPU through pinned memory and a
     non-blocking copy: a copy from pageable memory first waits for all the work queued on the
     stream, so a step's cache update would stall the host behind the GPU."""
     tensor = torch.from_numpy(array)
+    if device.type == "cpu":  # already there (``to`` would return it, after a few us)
+        return tensor
     if device.type == "cuda" and tensor.numel():
         return tensor.pin_memory().to(device, non_blocking=True)
     return tensor.to(device)

@@ -32,7 +32,8 @@ def partitions(per_chunk: np.ndarray, group_size) -> tuple:
     return part_chunk, pointers(np.minimum(group_size, per_chunk[part_chunk] - rank * group_size))
 
 
-def entry_rows(full: int, seen: np.ndarray, query_grid: np.ndarray) -> tuple:
+def entry_rows(full: int, seen: np.ndarray, query_grid: np.ndarray, turns=None,
+               block_kept: bool = False) -> tuple:
     """(entry_query, entry_row: int [entries]; query_row_ptr: int64 [queries + 1]) of a plan
     whose first ``full`` chunks every query sees and whose other chunks the queries see as
     ``seen`` (bool [chunks - full, queries]).
@@ -41,7 +42,9 @@ def entry_rows(full: int, seen: np.ndarray, query_grid: np.ndarray) -> tuple:
     row growing by one from a chunk to the next. ``query_grid`` (int [at least chunks - full,
     queries]) holds the query ids 0, 1, ... in every row. The entries are int32 (the plan
     buffers' type, half the bytes to write) where there are full chunks and fewer than 2**31
-    entries, else int64.
+    entries, else int64. ``turns`` (int32 `deft.turn_buffers.TurnBuffers`, optional) then
+    holds entry_query; ``block_kept``: its latest array starts with this plan's block (as
+    many full chunks and queries), which is then not written again.
     """
     rest, num_queries = seen.shape
     ids = query_grid[0]
@@ -61,11 +64,16 @@ def entry_rows(full: int, seen: np.ndarray, query_grid: np.ndarray) -> tuple:
     rest_row = (through.T + full_through)[seen]  # a query's rows: its full chunks' first
     block = full * num_queries
     count = block + len(rest_row)
-    entry_query = np.empty(count, dtype=np.int32 if count < 2**31 else np.int64)
-    entry_row = np.empty_like(entry_query)
+    entry_row = np.empty(count, dtype=np.int32 if count < 2**31 else np.int64)
+    in_turns = turns is not None and entry_row.dtype == np.int32
+    kept = block if in_turns and block_kept else 0
+    entry_query = turns.begin(count, kept) if in_turns else np.empty_like(entry_row)
     entry_query[block:] = query_grid[:rest][seen]
     entry_row[block:] = rest_row
-    entry_query[:block].reshape(full, num_queries)[:] = ids
+    if not kept:
+        entry_query[:block].reshape(full, num_queries)[:] = ids
+    if in_turns:
+        entry_query = turns.finish(count, kept)
     np.add(query_row_ptr[:-1].astype(entry_row.dtype),
            np.arange(full, dtype=entry_row.dtype)[:, None],
            out=entry_row[:block].reshape(full, num_queries))

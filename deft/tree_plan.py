@@ -40,7 +40,8 @@ class TreePlan:
         The normative partitions the buffers encode (built on first use where `plan` took the
         node planner's fast path, `deft.fast_plan`).
     slots : int64 [tokens]
-        Cache slot of every test-layout token (computed on first use).
+        Cache slot of every test-layout token (computed on first use, while the plan is
+        current: the node planner writes its slots in turns, `deft.turn_buffers`).
     """
 
     strategy: str
@@ -71,6 +72,7 @@ class TreePlan:
     def slots(self) -> np.ndarray:
         if not self._slots_flat:
             return self._slots
+        self.owner._check_current(self)
         slots = np.empty_like(self._slots)
         slots[self.tree.flat_tokens] = self._slots
         return slots

@@ -92,6 +92,19 @@ def test_kept_entries_follow_each_chunk_s_queries(dense_limit, monkeypatch):
             np.testing.assert_array_equal(fast[name], reference[name], err_msg=name)
 
 
+@pytest.mark.parametrize("page_ptr,pages", [
+    ([0, 3, 4, 5], [1, 2, 99, 3, 4]),  # the largest page is node 0's third: unused
+    ([0, 2, 3, 4], [1, 9, 3, 9]),  # the largest page held twice
+    ([0, 2, 3, 4], [1, 9, 3, 5]),  # the largest page used and held once
+])
+def test_the_largest_slot_of_unusual_page_tables(page_ptr, pages):
+    tree = Tree([0, 1, 2], [None, 0, 0], [5, 3, 2])
+    page_ptr, pages = np.array(page_ptr), np.array(pages)
+    reference = plan_arrays(build_plan("deft_flatten", tree, 4, None, 4), page_ptr, pages, True)
+    fast = NodePlanner("deft_flatten").arrays(tree, page_ptr, pages, 4, 4)
+    assert fast["max_slot"] == reference["max_slot"]
+
+
 def test_node_planner_refuses_short_page_tables_and_other_strategies():
     tree = wl.star(2, 10, 3)
     with pytest.raises(ValueError, match="holds 10 tokens but the page table gives it 2 pages"):
@@ -336,6 +349,52 @@ def test_kept_arrays_hold_what_they_claim_step_after_step(
                     assert array is last[name] and not array.flags.writeable
                     np.testing.assert_array_equal(array[:n], fast[name][:n])
                 last = {name: fast[name] for name in FIELDS}
+
+
+@settings(max_examples=40, deadline=None)
+@given(
+    seed=st.integers(0, 50),
+    kind=st.sampled_from(["tot", "token_tree", "fewshot", "mixed"]),
+    strategy=st.sampled_from(FAST_STRATEGIES),
+    page_size=st.sampled_from([1, 4]),
+    sizes_by_step=st.lists(st.tuples(st.sampled_from([2, 3, 16]),
+                                     st.sampled_from([None, 1, 2])), min_size=1, max_size=4),
+    blocks=st.booleans(),
+)
+def test_a_call_s_arrays_hold_their_values_through_the_next_call(
+        seed, kind, strategy, page_size, sizes_by_step, blocks):
+    """The planner writes its slots and entry queries in turns (`deft.turn_buffers`): the
+    arrays one call returns keep their values through the next call (a plan is read while the
+    next one is built), over runs whose branches die and whose sizes change."""
+    from deft.cache import PagedKVCache, TreeCache
+
+    cache = TreeCache(PagedKVCache(4096, page_size, 1, 4))
+    planner = NodePlanner(strategy, shapes=2)
+    previous = None
+    with pytest.MonkeyPatch.context() as patch:
+        if blocks:
+            patch.setattr("deft.fast_plan.DENSE_LIMIT", 0)
+        for step, tree in enumerate(run_of(kind, seed)):
+            cache.apply(tree)
+            page_ptr, pages = cache.host_node_pages(tree)
+            chunk, group = sizes(strategy, *sizes_by_step[step % len(sizes_by_step)])
+            fast = planner.arrays(tree, page_ptr, pages, page_size, chunk, group)
+            if previous is not None:
+                for name in (*FIELDS, "slots"):
+                    np.testing.assert_array_equal(previous[0][name], previous[1][name],
+                                                  err_msg=f"step {step - 1}: {name}")
+            previous = (fast, {name: np.array(fast[name]) for name in (*FIELDS, "slots")})
+
+
+def test_a_stale_plan_s_slots_are_refused():
+    """The node planner's slots are written in turns: a plan's slots are read while it is
+    the latest plan (as its partitions are)."""
+    tree, grown = wl.star(3, 20, 2), wl.star(3, 20, 3)
+    attn = TreeAttention("deft_flatten", 4, 2, max_queries=3, max_tokens=40, device="cpu")
+    first = attn.plan(tree, page_table(tree, 2, 0))
+    attn.plan(grown, page_table(grown, 2, 0))
+    with pytest.raises(ValueError, match="plan is stale"):
+        first.slots
 
 
 def test_a_step_whose_chunks_keep_their_queries_reuses_the_entries():
