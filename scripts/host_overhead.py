@@ -305,7 +305,7 @@ def measure(name, tree, device, calls, compile_runs) -> dict:
                                           calls, device, BATCH),
         custom_op_graphs=OP_RUNS.graphs(),
         custom_op_lookup_host_us=stubbed_replay_us(
-            [OP_RUNS.get(op_argument_key(*op_args, False))],
+            [OP_RUNS.get(op_argument_key(*op_args))],
             lambda: torch.ops.deft.tree_attention(*op_args), device),
         custom_op_profile=profile_us(lambda: torch.ops.deft.tree_attention(*op_args), calls,
                                      device),
