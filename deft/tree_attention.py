@@ -23,7 +23,7 @@ from deft.kernels.fill import multiprocessors
 from deft.kernels.partials import TileConfig
 from deft.kernels.reduction import per_query_merge
 from deft.kernels.tree_attention_op import check_runnable, launch_tree_attention, register_owner
-from deft.kernels.tuned import tuned_plan
+from deft.kernels.tuned import reuse_key, tuned_plan
 from deft.bound_run import BoundRun, RunCache, argument_key, check_inputs, check_tensors
 from deft.fast_plan import FAST_STRATEGIES, NodePlanner
 from deft.plan_buffers import (
@@ -57,7 +57,9 @@ class TreeAttention:
         strategy takes none). When chunk_size, group_size and config are all None, each
         `plan` takes the sizes and the tile from the tuned configs of this GPU for the tree's
         bucket (`deft.kernels.tuned`: exact card, same-architecture sibling, else the chunk
-        that fills the GPU, else the defaults); ``tuned_from`` then names the rung used.
+        that fills the GPU, else the defaults); ``tuned_from`` then names the rung used. A
+        plan of a tree with the last one's `deft.kernels.tuned.reuse_key` (a decode step's)
+        reuses the last choice.
     max_queries : int
         Most queries of a plan (rows of ``q`` and ``out``).
     max_tokens : int
@@ -134,6 +136,7 @@ class TreeAttention:
         self.max_entries = int(max_entries)
         self.config = config
         self.tuned_from, self._tuned_config = None, None
+        self._last_tuned = None  # (reuse_key, Tuned) of the last tuned plan
         self.device = torch.device(device)
         if self.device.type == "cuda" and not torch.cuda.is_available():
             raise ValueError(f"device {device!r}: no CUDA device here (device=\"cpu\" plans on "
@@ -229,8 +232,11 @@ class TreeAttention:
             build = None if self._node_planner is None else (
                 lambda chunk, group: self._node_arrays(tree, page_ptr, pages, page_size, chunk,
                                                        group))
+            key, last = reuse_key(tree), self._last_tuned
             built, tuned = tuned_plan(self.strategy, tree, page_size, self.device,
-                                      self.max_entries, build)
+                                      self.max_entries, build,
+                                      last[1] if last is not None and last[0] == key else None)
+            self._last_tuned = (key, tuned)
             self.tuned_from, self._tuned_config = tuned.rung, tuned.config
             chunk, group = tuned.chunk_size, tuned.group_size
             reference, arrays = (built, None) if build is None else (None, built)

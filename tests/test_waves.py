@@ -141,3 +141,43 @@ def test_replay_on_the_session_5_sweeps_gives_the_documented_counts(tmp_path):
                       "waves": (51, 12)}
     assert data["waves"]["held_out"]["all"]["rows"] == 52
     assert data["recorded"]["table"] == {"picks": 64, "swept": 58, "reproduced": 58}
+
+
+def test_tree_attention_reuses_its_tuned_choice_over_decode_steps(monkeypatch):
+    """A decode step of the same structure whose tokens stay in their `reuse_key` bucket plans
+    with the last tuned choice (no lookup, no wave count); a forked branch or tokens past the
+    bucket look it up again, and the choice then is the fresh one's."""
+    import torch
+
+    from deft.plan_buffers import paged_cache
+    from deft.tree import Tree
+    from deft.tree_attention import TreeAttention
+
+    monkeypatch.setattr(tuned_module, "_identity", lambda device: (H200.name, (9, 0)))
+    monkeypatch.setattr(tuned_module, "resident_programs", lambda device: PROGRAMS)
+    looked_up = []
+    real = tuned_module.tuned_config
+    monkeypatch.setattr(tuned_module, "tuned_config",
+                        lambda *a, **k: looked_up.append(a[1]) or real(*a, **k))
+    shape = AttentionShape(32, 8, 128)
+
+    def step(leaf_tokens, leaves=4):
+        return Tree(list(range(leaves + 1)), [None] + [0] * leaves,
+                    [1000] + [leaf_tokens] * leaves, None, shape)
+
+    def plan(tree):
+        kv = torch.zeros(tree.num_tokens, 8, 1)
+        return attn.plan(tree, paged_cache(tree, kv, kv, 16)[2])
+
+    attn = TreeAttention("deft_flatten", max_queries=8, max_tokens=4096, device="cpu")
+    first = plan(step(10))
+    assert tuned_module.reuse_key(step(10)) == tuned_module.reuse_key(step(11))
+    again = plan(step(11))  # one token per leaf: same bucket
+    assert len(looked_up) == 1
+    assert (again.chunk_size, again.group_size) == (first.chunk_size, first.group_size)
+    for tree in (step(11, leaves=5), step(60)):  # a new branch; 4 x 49 more tokens
+        assert tuned_module.reuse_key(tree) != tuned_module.reuse_key(step(11))
+        planned = plan(tree)
+        fresh = real("deft_flatten", tree, H200.name, (9, 0), programs=PROGRAMS)
+        assert (planned.chunk_size, planned.group_size) == (fresh.chunk_size, fresh.group_size)
+    assert len(looked_up) == 3

@@ -161,8 +161,25 @@ class Configs:
 
 
 # ---------------------------------------------------------------------------- lookup
+REUSE_TOKENS = 128
+"""The token bucket of `reuse_key`: the least chunk `deft.kernels.waves.wave_chunk` picks."""
+
+
+def reuse_key(tree: Tree) -> tuple:
+    """What `deft.TreeAttention.plan` reuses its last tuned choice under: the tree's structure
+    (parents and query counts), its attention shape, and its token count in buckets of
+    `REUSE_TOKENS`.
+
+    A decode step adds a token per query, so a run's steps reuse the choice until a branch forks
+    or dies or the tokens cross a bucket; the steps between skip the lookup and the wave count
+    (tens of µs of numpy a plan).
+    """
+    return (tree.parent.tobytes(), tree.queries.tobytes(), tree.num_tokens // REUSE_TOKENS,
+            tree.attention)
+
+
 def tuned_plan(strategy: str, tree: Tree, page_size: int, device: torch.device,
-               max_entries: int, build=None):
+               max_entries: int, build=None, tuned=None):
     """The plan `deft.TreeAttention.plan` runs when its caller fixed no size and no tile.
 
     Looks the config up for `device` (CUDA only; elsewhere the defaults) and builds its plan.
@@ -176,6 +193,9 @@ def tuned_plan(strategy: str, tree: Tree, page_size: int, device: torch.device,
     build : callable, optional
         ``build(chunk_size, group_size) -> (plan, entries)``; default: `deft.plan.build_plan`
         (`TreeAttention` passes its node planner, which builds the device arrays directly).
+    tuned : Tuned, optional
+        A choice returned before for a tree of the same `reuse_key`: built as it is (and fitted
+        to ``max_entries`` as a fresh one is), without a lookup.
 
     Returns
     -------
@@ -187,9 +207,11 @@ def tuned_plan(strategy: str, tree: Tree, page_size: int, device: torch.device,
             plan = build_plan(strategy, tree, chunk, group, page_size)
             return plan, len(plan.query_index)
 
-    identity = _identity(device)
-    tuned = (tuned_config(strategy, tree, *identity, programs=lambda: resident_programs(device))
-             if identity is not None else _defaults(strategy, bucket_of(tree).key))
+    if tuned is None:
+        identity = _identity(device)
+        tuned = (tuned_config(strategy, tree, *identity,
+                              programs=lambda: resident_programs(device))
+                 if identity is not None else _defaults(strategy, bucket_of(tree).key))
     plan, entries = build(tuned.chunk_size, tuned.group_size)
     if tuned.rung == "fill" and entries > max_entries:
         # the capacities are sized for the default chunk: the fill rung doubles up to it
