@@ -70,7 +70,8 @@ import torch
 from deft.kernels import gluon_compat as gc
 from deft.kernels.deft_flatten_sm90_backend import gluon_supported, resolve_backend  # noqa: F401
 from deft.kernels.deft_flatten_sm90_pipelined import consumer_pipelined
-from deft.kernels.deft_flatten_sm90_tiles import mask_unless_whole, query_span
+from deft.kernels.deft_flatten_sm90_tiles import (mask_unless_whole, query_span, row_results,
+                                                  store_rows)
 from deft.kernels.fill import multiprocessors
 from deft.kernels.gluon_compat import HAS_GLUON
 
@@ -330,7 +331,7 @@ if HAS_GLUON:
                             m_sc = m_sc_new
                         p = gl.exp2(s * qk_scale - m_sc[:, None])
                         l_i = l_i + gl.sum(p, 1)
-                    else:
+                    else:  # `online_softmax` inline, in the order of selects that was timed
                         m_new = gl.where(grow, gl.maximum(m_i, m_tile), m_i)
                         m_scaled = gl.where(m_new == float("-inf"), 0.0, m_new) * qk_scale
                         p = gl.exp2(s * qk_scale - m_scaled[:, None])
@@ -346,23 +347,14 @@ if HAS_GLUON:
                     acc = warpgroup_mma_wait(0, deps=[acc])
                     mbarrier.arrive(empty.index(stage), count=1)
                     it += 1
-                seen = l_i > 0
-                l_safe = gl.where(seen, l_i, 1.0)
-                lse = gl.where(seen, (m_i * qk_scale + gl.log2(l_safe)) * 0.6931471805599453,
-                               float("-inf"))
+                l_safe, lse = row_results(m_i, l_i, qk_scale)
                 row = row_smem.index(qs).load(s_rows_layout)
                 o_row = row_smem.index(qs).load(o_rows_layout)
                 mbarrier.arrive(q_empty.index(qs), count=1)  # Q tile and row data consumed
                 qt += 1
-                lse_rows = row.to(gl.int64) * Q_HEADS + kv_head * GROUP + s_rows % GROUP_PAD
-                gl.store(lse_part_ptr + lse_rows, lse, mask=s_ok)
-                o_slot = o_rows // GROUP_PAD
-                o_ok = ((o_slot < QUERIES_PER_TILE) & (entry0 + o_slot < entry_hi)
-                        & (o_rows % GROUP_PAD < GROUP))
-                o_off = (o_row.to(gl.int64) * Q_HEADS + kv_head * GROUP
-                         + o_rows % GROUP_PAD) * HEAD_DIM
-                o = acc / gl.convert_layout(l_safe, o_rows_layout)[:, None]
-                gl.store(o_part_ptr + o_off[:, None] + o_dims[None, :], o, mask=o_ok[:, None])
+                store_rows(o_part_ptr, lse_part_ptr, acc, l_safe, lse, row, o_row, s_rows, o_rows,
+                           o_dims, s_ok, kv_head, entry0, entry_hi, o_rows_layout,
+                           QUERIES_PER_TILE, GROUP, GROUP_PAD, Q_HEADS, HEAD_DIM)
 
     @gluon.jit
     def _consumer(o_part_ptr, lse_part_ptr, counts_ptr, part_start_ptr, part_tokens_ptr,

@@ -9,7 +9,8 @@ per SM as a variant. Same inputs, barriers and outputs as the serial consumer, p
 from __future__ import annotations
 
 from deft.kernels import gluon_compat as gc
-from deft.kernels.deft_flatten_sm90_tiles import mask_tile, online_softmax, query_span
+from deft.kernels.deft_flatten_sm90_tiles import (mask_tile, online_softmax, query_span,
+                                                  row_results, store_rows)
 from deft.kernels.gluon_compat import HAS_GLUON
 
 if HAS_GLUON:
@@ -121,23 +122,14 @@ if HAS_GLUON:
                 acc = warpgroup_mma(p16, v_smem.index(last), acc, is_async=True)
                 acc, p16 = warpgroup_mma_wait(0, deps=[acc, p16])
                 mbarrier.arrive(v_empty.index(last), count=1)
-                seen = l_i > 0
-                l_safe = gl.where(seen, l_i, 1.0)
-                lse = gl.where(seen, (m_i * qk_scale + gl.log2(l_safe)) * 0.6931471805599453,
-                               float("-inf"))
+                l_safe, lse = row_results(m_i, l_i, qk_scale)
                 row = row_smem.index(qs).load(s_rows_layout)
                 o_row = row_smem.index(qs).load(o_rows_layout)
                 mbarrier.arrive(q_empty.index(qs), count=1)  # Q tile and row data consumed
                 qt += 1
-                lse_rows = row.to(gl.int64) * Q_HEADS + kv_head * GROUP + s_rows % GROUP_PAD
-                gl.store(lse_part_ptr + lse_rows, lse, mask=s_ok)
-                o_slot = o_rows // GROUP_PAD
-                o_ok = ((o_slot < QUERIES_PER_TILE) & (entry0 + o_slot < entry_hi)
-                        & (o_rows % GROUP_PAD < GROUP))
-                o_off = (o_row.to(gl.int64) * Q_HEADS + kv_head * GROUP
-                         + o_rows % GROUP_PAD) * HEAD_DIM
-                o = acc / gl.convert_layout(l_safe, o_rows_layout)[:, None]
-                gl.store(o_part_ptr + o_off[:, None] + o_dims[None, :], o, mask=o_ok[:, None])
+                store_rows(o_part_ptr, lse_part_ptr, acc, l_safe, lse, row, o_row, s_rows, o_rows,
+                           o_dims, s_ok, kv_head, entry0, entry_hi, o_rows_layout,
+                           QUERIES_PER_TILE, GROUP, GROUP_PAD, Q_HEADS, HEAD_DIM)
 
 else:  # pragma: no cover - no Gluon in this triton
     consumer_pipelined = None

@@ -29,7 +29,7 @@ from __future__ import annotations
 
 from deft.kernels import deft_flatten_sm90 as sm90
 from deft.kernels import gluon_compat as gc
-from deft.kernels.deft_flatten_sm90_tiles import mask_unless_whole, query_span
+from deft.kernels.deft_flatten_sm90_tiles import mask_unless_whole, online_softmax, query_span
 
 NUM_STAGES = 4
 """K/V ring depth (even: each consumer owns every other stage)."""
@@ -119,14 +119,7 @@ if gc.HAS_GLUON:
                             query_flat[:, None] < end[None, :])
                         s = warpgroup_mma_wait(0, deps=[s])
                         s = gl.where(visible, s, float("-inf"))
-                    m_tile = gl.max(s, 1)
-                    grow = (m_tile - m_i) * qk_scale > THRESHOLD
-                    m_new = gl.where(grow, gl.maximum(m_i, m_tile), m_i)
-                    m_scaled = gl.where(m_new == float("-inf"), 0.0, m_new) * qk_scale
-                    p = gl.exp2(s * qk_scale - m_scaled[:, None])
-                    alpha = gl.where(m_i == m_new, 1.0, gl.exp2(m_i * qk_scale - m_scaled))
-                    l_i = l_i * alpha + gl.sum(p, 1)
-                    m_i = m_new
+                    p, alpha, m_i, l_i = online_softmax(s, m_i, l_i, qk_scale, THRESHOLD)
                     acc = acc * gl.convert_layout(alpha, o_rows_layout)[:, None]
                     p16 = gl.convert_layout(p.to(DTYPE), p_layout)
                     mbarrier.wait(v_ready.index(stage), phase)

@@ -1,6 +1,7 @@
 """Per-tile math the Hopper Gluon DeFT-Flatten consumers share (`deft.kernels.deft_flatten_sm90`,
 `deft.kernels.deft_flatten_sm90_pipelined`, `deft.kernels.deft_flatten_sm90_split`): the
-Euler-tour mask of one S tile and one step of the online softmax.
+Euler-tour mask of one S tile, one step of the online softmax, and a query tile's partial rows
+(its lse and normalised o) stored.
 
 Tensors are in the consumer's wgmma layouts: S [BLOCK_M, BLOCK_N] (query-tile rows x KV-tile
 columns), per-row vectors [BLOCK_M], per-column vectors [BLOCK_N].
@@ -66,5 +67,33 @@ if HAS_GLUON:
         alpha = gl.where(m_i == m_new, 1.0, gl.exp2(m_i * qk_scale - m_scaled))
         return p, alpha, m_new, l_i * alpha + gl.sum(p, 1)
 
+    @gluon.jit
+    def row_results(m_i, l_i, qk_scale):
+        """(l, lse) of a query tile's rows from the running raw max and sum [BLOCK_M]: l with 1
+        where a row saw nothing, the natural-log lse with -inf there."""
+        seen = l_i > 0
+        l_safe = gl.where(seen, l_i, 1.0)
+        lse = gl.where(seen, (m_i * qk_scale + gl.log2(l_safe)) * 0.6931471805599453,
+                       float("-inf"))
+        return l_safe, lse
+
+    @gluon.jit
+    def store_rows(o_part_ptr, lse_part_ptr, acc, l_safe, lse, row, o_row, s_rows, o_rows, o_dims,
+                   s_ok, kv_head, entry0, entry_hi, o_rows_layout: gl.constexpr,
+                   QUERIES_PER_TILE: gl.constexpr, GROUP: gl.constexpr, GROUP_PAD: gl.constexpr,
+                   Q_HEADS: gl.constexpr, HEAD_DIM: gl.constexpr):
+        """Store a query tile's partial rows: lse [BLOCK_M] and o = acc / l [BLOCK_M, HEAD_DIM]
+        at the rows' entry rows (``row``, ``o_row``: the same in the S and O row layouts) x
+        Q_HEADS + the KV head's query heads; padding rows are not stored."""
+        lse_rows = row.to(gl.int64) * Q_HEADS + kv_head * GROUP + s_rows % GROUP_PAD
+        gl.store(lse_part_ptr + lse_rows, lse, mask=s_ok)
+        o_slot = o_rows // GROUP_PAD
+        o_ok = ((o_slot < QUERIES_PER_TILE) & (entry0 + o_slot < entry_hi)
+                & (o_rows % GROUP_PAD < GROUP))
+        o_off = (o_row.to(gl.int64) * Q_HEADS + kv_head * GROUP
+                 + o_rows % GROUP_PAD) * HEAD_DIM
+        o = acc / gl.convert_layout(l_safe, o_rows_layout)[:, None]
+        gl.store(o_part_ptr + o_off[:, None] + o_dims[None, :], o, mask=o_ok[:, None])
 else:  # pragma: no cover - no Gluon in this triton
     query_span = mask_unless_whole = mask_tile = online_softmax = None
+    row_results = store_rows = None
