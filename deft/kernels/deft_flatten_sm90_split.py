@@ -29,7 +29,8 @@ from __future__ import annotations
 
 from deft.kernels import deft_flatten_sm90 as sm90
 from deft.kernels import gluon_compat as gc
-from deft.kernels.deft_flatten_sm90_tiles import mask_unless_whole, online_softmax, query_span
+from deft.kernels.deft_flatten_sm90_tiles import (mask_unless_whole, online_softmax, query_span,
+                                                  store_rows)
 
 NUM_STAGES = 4
 """K/V ring depth (even: each consumer owns every other stage)."""
@@ -160,16 +161,9 @@ if gc.HAS_GLUON:
                     l_safe = gl.where(seen, l_sum, 1.0)
                     lse = gl.where(seen, (m_ref + gl.log2(l_safe)) * 0.6931471805599453,
                                    float("-inf"))
-                    lse_rows = row.to(gl.int64) * Q_HEADS + kv_head * GROUP + s_rows % GROUP_PAD
-                    gl.store(lse_part_ptr + lse_rows, lse, mask=s_ok)
-                    o_slot = o_rows // GROUP_PAD
-                    o_ok = ((o_slot < QUERIES_PER_TILE) & (entry0 + o_slot < entry_hi)
-                            & (o_rows % GROUP_PAD < GROUP))
-                    o_off = (o_row.to(gl.int64) * Q_HEADS + kv_head * GROUP
-                             + o_rows % GROUP_PAD) * HEAD_DIM
-                    o = acc / gl.convert_layout(l_safe, o_rows_layout)[:, None]
-                    gl.store(o_part_ptr + o_off[:, None] + o_dims[None, :], o,
-                             mask=o_ok[:, None])
+                    store_rows(o_part_ptr, lse_part_ptr, acc, l_safe, lse, row, o_row, s_rows,
+                               o_rows, o_dims, s_ok, kv_head, entry0, entry_hi, o_rows_layout,
+                               QUERIES_PER_TILE, GROUP, GROUP_PAD, Q_HEADS, HEAD_DIM)
                 qt += 1
 
     @gluon.jit
