@@ -1,7 +1,7 @@
 #!/usr/bin/env python3
 """Which chunk and group a selection rule picks, replayed on measured size sweeps (no GPU).
 
-    python3 scripts/select_on_sweeps.py [docs/autotune-h200-session5/heldout.json]
+    python3 scripts/select_on_sweeps.py [docs/autotune-h200-session7/heldout.json]
         [--log autotune/logs/nvidia-h200.json] [--json OUT.json] [--time]
 
 For every row of a ``deft-sweep/1`` file (`autotune.heldout`): what each rule picks for the
@@ -19,7 +19,12 @@ tuned tile, so a pick is read off the swept size with the same plan. Rules:
 - ``items``: the stored group; the chunk whose work items are nearest the tuning tree's at its
   tuned chunk (`deft.kernels.waves.flatten_work_items`).
 - ``waves``: the lookup as it ships (`deft.kernels.tuned.tuned_config` with the card's
-  programs): the rung's group, the chunk of `deft.kernels.waves.wave_chunk`.
+  programs): the rung's group, the chunk of `deft.kernels.waves.wave_chunk` (on sm_90, items
+  that fit the SMs cost `SMALL_GRID_COST`: the small-grid kernel).
+
+The default sweep is session 7's, measured with the kernels that ship (its ``tuned`` column is
+the waves rule before its small-grid term); session 5's (`autotune-h200-session5/heldout.json`)
+predates the small-grid kernel, so the rule's small-grid term does not hold there.
 
 Then two checks that the waves rule's parameters (the item overhead, the least chunk) are not
 fitted to the held-out rows: a scan on the tuning log (the rule's pick on each tuning tree,
@@ -72,6 +77,8 @@ class Context:
     def __init__(self, sweep: dict, log: dict):
         self.device = sweep["device"]
         self.programs = PROGRAMS_PER_SM * self.device["sm_count"]
+        # Hopper's small-grid kernel, as `deft.kernels.tuned.tuned_config` counts it
+        self.small_grid_sms = self.device["sm_count"] if self.device["capability"][0] == 9 else 0
         self.log = log["strategies"][STRATEGY]
         self._trees = {}
 
@@ -127,7 +134,7 @@ def waves_with(overhead: int, least: int):
 
     def rule(tree, ctx):
         chunk, group, _, _ = ctx.stored(tree)
-        return wave_chunk(tree, group, ctx.programs, chunks, overhead), group
+        return wave_chunk(tree, group, ctx.programs, chunks, overhead, ctx.small_grid_sms), group
 
     return rule
 
@@ -200,7 +207,8 @@ def tuning_log_scan(ctx, overhead: int, least: int) -> dict:
                     if c["status"] == "ok" and c.get("us") and c["group_size"] == group
                     and c["chunk_size"] >= least}
         chunks = sorted(measured)
-        pick = wave_chunk(ctx.tuning_tree(key), group, ctx.programs, chunks, overhead)
+        pick = wave_chunk(ctx.tuning_tree(key), group, ctx.programs, chunks, overhead,
+                          ctx.small_grid_sms)
         ratios.append(measured[pick] / entry["chosen"]["us"])
     return {"buckets": len(ratios), "within_5pct": sum(r <= WITHIN for r in ratios),
             "worst": max(ratios)}
@@ -227,7 +235,7 @@ def lookup_us(rows, ctx, programs, repeats: int = 5, calls: int = 100) -> float:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("sweep", nargs="?",
-                        default=str(ROOT / "docs/autotune-h200-session5/heldout.json"))
+                        default=str(ROOT / "docs/autotune-h200-session7/heldout.json"))
     parser.add_argument("--log", default=str(ROOT / "autotune/logs/nvidia-h200.json"))
     parser.add_argument("--json", help="write the summaries here")
     parser.add_argument("--check", action="store_true",

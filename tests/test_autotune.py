@@ -326,7 +326,8 @@ def test_tuned_plan_respects_capacity(monkeypatch, isolated_tables):
     monkeypatch.setattr(tuned_module, "resident_programs", lambda device: H100.sm_count * 2)
     cuda = torch.device("cuda", 0)
     plan, tuned = tuned_plan("deft_flatten", TREE, 16, cuda, max_entries=10**6)
-    moved = wave_chunk(TREE, None, H100.sm_count * 2)  # the stored c32, moved to this tree
+    moved = wave_chunk(TREE, None, H100.sm_count * 2,  # the stored c32, moved to this tree
+                       small_grid_sms=H100.sm_count)
     assert (tuned.rung, plan.chunk_size, tuned.config) == ("exact", moved, TILE)
     with pytest.warns(TunedConfigWarning, match="planning with the defaults"):
         plan, tuned = tuned_plan("deft_flatten", TREE, 16, cuda,
@@ -573,7 +574,8 @@ def test_tuned_tree_attention_reports_the_sizes_its_plans_use(monkeypatch, isola
     attention = TreeAttention("deft_flatten", max_queries=2, max_tokens=56, device="cpu")
     plan = attention.plan(tree, pages)
     assert attention.tuned_from == "exact" and attention._tuned_config == TILE
-    moved = wave_chunk(tree, 16, H100.sm_count * 2)  # the stored chunk moved to this tree
+    moved = wave_chunk(tree, 16, H100.sm_count * 2,  # the stored chunk moved to this tree
+                       small_grid_sms=H100.sm_count)
     assert (plan.chunk_size, plan.group_size) == (moved, 16) == (
         plan.reference.chunk_size, plan.reference.group_size)
     assert (attention.chunk_size, attention.group_size) == (None, None)  # per plan, tuned

@@ -204,7 +204,8 @@ def test_cli_check_runs_on_the_card(monkeypatch, tmp_path):
     assert result.exit_code == 0, result.output
     data = json.loads(report.read_text())
     row = data["rows"][0]  # the stored c256 moved to the tree's waves, c384: 12 us over 10
-    assert row["tuned"]["chunk_size"] == wave_chunk(TREE, 16, 2 * DEVICE["sm_count"]) == 384
+    assert row["tuned"]["chunk_size"] == wave_chunk(TREE, 16, 2 * DEVICE["sm_count"],
+                                                    small_grid_sms=DEVICE["sm_count"]) == 384
     assert row["rung"] == "exact" and row["tuned_over_best"] == pytest.approx(12.0 / 10.0)
     assert "fewshot_b20_P4000_L200@32/8" in result.output
     bad = CliRunner().invoke(main, ["autotune", "--gpu", "auto", "--check", "--heads", "32/5"])

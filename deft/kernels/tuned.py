@@ -55,7 +55,7 @@ from pathlib import Path
 import torch
 
 from deft.kernels.buckets import Bucket, bucket_of, nearest
-from deft.kernels.fill import fill_chunk, fill_group, resident_programs
+from deft.kernels.fill import PROGRAMS_PER_SM, fill_chunk, fill_group, resident_programs
 from deft.kernels.partials import TileConfig
 from deft.kernels.table_format import TableError, check_table
 from deft.kernels.waves import wave_chunk
@@ -166,16 +166,18 @@ REUSE_TOKENS = 128
 
 
 def reuse_key(tree: Tree) -> tuple:
-    """What `deft.TreeAttention.plan` reuses its last tuned choice under: the tree's structure
-    (parents and query counts), its attention shape, and its token count in buckets of
-    `REUSE_TOKENS`.
+    """What `deft.TreeAttention.plan` reuses its last tuned choice under: the tree's table
+    bucket (`deft.kernels.buckets.bucket_of`, so the group size and tile are the lookup's), its
+    structure (parents and query counts), its attention shape, and its token count in buckets
+    of `REUSE_TOKENS`.
 
     A decode step adds a token per query, so a run's steps reuse the choice until a branch forks
-    or dies or the tokens cross a bucket; the steps between skip the lookup and the wave count
-    (tens of µs of numpy a plan).
+    or dies, the tokens cross a bucket or the tree changes table bucket; the steps between skip
+    the wave count (tens of µs of numpy a plan), whose chunk may then be up to REUSE_TOKENS
+    tokens old: an approximation of the waves rule, not the rule itself.
     """
-    return (tree.parent.tobytes(), tree.queries.tobytes(), tree.num_tokens // REUSE_TOKENS,
-            tree.attention)
+    return (bucket_of(tree).key, tree.parent.tobytes(), tree.queries.tobytes(),
+            tree.num_tokens // REUSE_TOKENS, tree.attention)
 
 
 def tuned_plan(strategy: str, tree: Tree, page_size: int, device: torch.device,
@@ -257,7 +259,10 @@ def tuned_config(strategy: str, tree: Tree, device_name: str, capability,
         found = dataclasses.replace(found, chunk_size=fill_chunk(strategy, tree, programs),
                                     group_size=group, rung="fill")
     if strategy == WAVE_STRATEGY:
-        found = dataclasses.replace(found, chunk_size=wave_chunk(tree, found.group_size, programs))
+        # Hopper runs plans of at most one work item per SM on its small-grid kernel
+        sms = programs // PROGRAMS_PER_SM if tuple(capability)[0] == 9 else 0
+        found = dataclasses.replace(found, chunk_size=wave_chunk(tree, found.group_size, programs,
+                                                                 small_grid_sms=sms))
     return found
 
 

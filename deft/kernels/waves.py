@@ -30,6 +30,13 @@ grid)."""
 ITEM_OVERHEAD = 256
 """Fixed cost of one work item, in KV tokens streamed in the same time."""
 
+SMALL_GRID_COST = 0.65
+"""Time of a work item where the plan has at most one per SM (Hopper's small-grid kernel: one
+CTA per SM, its consumer pipelined, `deft.kernels.deft_flatten_sm90`) over its time in a wave of
+two CTAs per SM, which share the SM. Measured on an H200 (session 7, docs/autotune.md): the
+one-CTA kernel over the two-CTA one on anchors of 132-264 items, two rounds against one, gives
+0.57-0.62; the fresh sweep's tuning rows are all within 5% for 0.6-0.7 (this is its middle)."""
+
 
 def flatten_work_items(tree: Tree, chunks, group_size: int | None) -> np.ndarray:
     """Work items (partitions x KV heads) of deft_flatten's plan of `tree` at each chunk size,
@@ -83,9 +90,10 @@ def flatten_work_items(tree: Tree, chunks, group_size: int | None) -> np.ndarray
 
 
 def wave_chunk(tree: Tree, group_size: int | None, programs: int,
-               chunks=WAVE_CHUNKS, overhead: int = ITEM_OVERHEAD) -> int:
+               chunks=WAVE_CHUNKS, overhead: int = ITEM_OVERHEAD, small_grid_sms: int = 0) -> int:
     """The chunk of `chunks` with the least ``ceil(items / programs) x (chunk + overhead)``
-    (module docstring), the smaller on a tie.
+    (module docstring), that cost times `SMALL_GRID_COST` where the items fit
+    ``small_grid_sms``, the smaller chunk on a tie.
 
     Parameters
     ----------
@@ -97,12 +105,16 @@ def wave_chunk(tree: Tree, group_size: int | None, programs: int,
     chunks : sequence of int, ascending
     overhead : int
         Fixed cost of a work item, in tokens (`ITEM_OVERHEAD`).
+    small_grid_sms : int
+        The SMs where plans of at most that many items run the small-grid kernel (0: none).
     """
     programs = max(1, int(programs))
     groups = 1 if group_size is None else -(-tree.num_queries // group_size)
-    if -(-tree.num_tokens // chunks[0]) * groups * tree.attention.kv_heads <= programs:
+    most = -(-tree.num_tokens // chunks[0]) * groups * tree.attention.kv_heads
+    if most <= (small_grid_sms or programs):
         return int(chunks[0])  # at most that many items: one wave at the least chunk, unbeaten
     items = flatten_work_items(tree, chunks, group_size)
     waves = -(-items // programs)
-    cost = waves * (np.asarray(chunks, dtype=np.int64) + overhead)
+    cost = (waves * (np.asarray(chunks, dtype=np.int64) + overhead)
+            * np.where(items <= small_grid_sms, SMALL_GRID_COST, 1.0))
     return int(chunks[int(np.argmin(cost))])
