@@ -18,8 +18,7 @@ from autotune.heldout import (
     small_sweep,
 )
 from autotune.measure import PAGE_SIZE
-from autotune.tune import Reporter
-from deft.kernels.fill import PROGRAMS_PER_SM
+from autotune.tune import Reporter, card_programs
 from deft.kernels.tuned import current_versions, tuned_config
 from deft.tree_format import tree_to_dict
 from harness.inputs import TREE_DTYPE
@@ -48,7 +47,7 @@ def table_lookup(device: dict):
     """The ``lookup`` of `autotune.heldout.evaluate` for this card: what `deft.TreeAttention`
     runs here (`deft.kernels.tuned.tuned_config` with the card's programs: the fill rung, and
     deft_flatten's chunk moved to the tree's waves)."""
-    programs = PROGRAMS_PER_SM * device["sm_count"]
+    programs = card_programs(device)
 
     def lookup(strategy, tree):
         found = tuned_config(strategy, tree, device["name"], device["capability"], programs)

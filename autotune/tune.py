@@ -16,14 +16,12 @@ of a bucket already tuned is skipped), measured:
    (`autotune.measure.LEADER_ROUNDS` interleaved rounds); the fastest re-timed is chosen, and its
    speedup over the defaults comes from those same rounds.
 
-For deft_flatten the search keeps to what the lookup runs: `deft.kernels.tuned.tuned_config`
-moves a stored chunk to the tree's waves (`deft.kernels.waves.wave_chunk`), so a candidate's
-sizes are a group size and its wave chunk on the tuning tree, at the card's resident programs
-(`card_programs`). Step 1 measures those sizes (`autotune.space.rank_wave_sizes`, one per group
-whose plan differs, `TOP_K` at most, IO-model order) and the stored configs at their groups'
-wave chunks; step 3 measures the other groups' at the descent's tile instead of the neighbour
-chunks; only such candidates (and the defaults where they are one) are chosen, so looking the
-stored entry up for the same tree runs the chosen chunk, group and tile.
+deft_flatten's search keeps to what the lookup runs: `deft.kernels.tuned.tuned_config` moves
+a stored chunk to the tree's waves (`deft.kernels.waves.wave_chunk`), so its sizes are group
+sizes at their wave chunks on the tuning tree and the card's programs (`card_programs`,
+`autotune.space.rank_wave_sizes`), in steps 1 (the stored configs' groups too) and 4; step 3
+measures the other groups at the descent's tile instead. Looking the stored entry up for the
+same tree then runs the chunk, group and tile chosen.
 
 ``exhaustive`` measures every size in step 1 and every fitting tile at the fastest size in
 step 2. The time budget is shared evenly by the (strategy, workload) jobs still to run; a job
@@ -238,9 +236,8 @@ def tune_workload(strategy, name, tree, gpu, make_bench, *, top_k=TOP_K, exhaust
                   programs=None) -> dict:
     """Steps 1-4 (module docstring) on one tree: the bucket's table entry. `seeds` (configs
     stored for the bucket, e.g. a sibling card's) are measured with the sizes, so the tile
-    descent starts from the best of both; without `tiles` step 2 is skipped. `programs` (the
-    card's resident programs, `card_programs`) is required for deft_flatten: its candidates are
-    group sizes at their wave chunks on `tree`."""
+    descent starts from the best of both; without `tiles` step 2 is skipped. deft_flatten
+    needs `programs` (`card_programs`) for its wave chunks."""
     reporter = reporter or Reporter()
     start = time.perf_counter()
     ranked = rank_sizes(strategy, tree, gpu, PAGE_SIZE)
@@ -248,18 +245,14 @@ def tune_workload(strategy, name, tree, gpu, make_bench, *, top_k=TOP_K, exhaust
     default = default_candidate(strategy, tree)
     records = {}
     waves = strategy == WAVE_STRATEGY
+    searched = rank_wave_sizes(tree, gpu, PAGE_SIZE, programs) if waves else ranked
+    prediction.update((r.sizes, r) for r in searched)
     if waves:
-        searched = rank_wave_sizes(tree, gpu, PAGE_SIZE, programs)
-        prediction.update((r.sizes, r) for r in searched)
         seeds = [Candidate(wave_chunk(tree, s.group_size, programs), s.group_size, s.tile)
                  for s in seeds]
-    else:
-        searched = ranked
 
-    def runs(candidate) -> bool:
-        """Whether the lookup, given this candidate's stored sizes, runs them on `tree`."""
-        return not waves or candidate.chunk_size == wave_chunk(tree, candidate.group_size,
-                                                               programs)
+    def runs(c) -> bool:  # whether the lookup, given c's sizes, runs them on this tree
+        return not waves or c.chunk_size == wave_chunk(tree, c.group_size, programs)
 
     def run(candidates, stage, rounds=ROUNDS):
         reporter.expect(len([c for c in dict.fromkeys(candidates) if c not in records]))
@@ -274,7 +267,7 @@ def tune_workload(strategy, name, tree, gpu, make_bench, *, top_k=TOP_K, exhaust
     try:
         sizes = searched if exhaustive else searched[:top_k]
         run([default, *seeds] + [Candidate(*r.sizes, default.tile) for r in sizes], "sizes")
-        best = _fastest(records, runs)
+        best = _leaders(records, runs, 1)[0]
         space = tile_space(tree, gpu)
         if exhaustive:
             run([Candidate(*best.sizes, tile) for tile in space], "tiles")
@@ -294,9 +287,7 @@ def tune_workload(strategy, name, tree, gpu, make_bench, *, top_k=TOP_K, exhaust
             elif strategy in USES_CHUNK_SIZE and time.perf_counter() <= deadline:
                 run([Candidate(c, best.group_size, current)
                      for c in neighbour_chunks(best.chunk_size)], "chunks")
-        ok = sorted((c for c in records if records[c]["measurement"].status == "ok" and runs(c)),
-                    key=lambda c: statistics.median(records[c]["rounds_us"]))
-        retimed = run([default] + ok[:LEADERS], "leaders", LEADER_ROUNDS)
+        retimed = run([default] + _leaders(records, runs), "leaders", LEADER_ROUNDS)
     finally:
         bench.close()
     chosen = min((c for c in retimed if runs(c)), key=retimed.get)
@@ -401,9 +392,11 @@ def _settings(workloads, strategies, dtype, **extra) -> dict:
             "dtype": TREE_DTYPE[dtype], "page_size": PAGE_SIZE, **extra}
 
 
-def _fastest(records, runs) -> Candidate:
-    """The fastest measured candidate that `runs` admits; ValueError where none measured ok."""
-    ok = [c for c, r in records.items() if r["measurement"].status == "ok" and runs(c)]
+def _leaders(records, runs, count: int = LEADERS) -> list[Candidate]:
+    """The `count` fastest measured candidates that `runs` admits, fastest first; ValueError
+    where none measured ok."""
+    ok = sorted((c for c, r in records.items() if r["measurement"].status == "ok" and runs(c)),
+                key=lambda c: statistics.median(records[c]["rounds_us"]))
     if not ok:
         raise ValueError("no candidate the lookup would run measured ok")
-    return min(ok, key=lambda c: statistics.median(records[c]["rounds_us"]))
+    return ok[:count]
