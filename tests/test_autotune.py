@@ -484,6 +484,22 @@ def test_flatten_choice_looked_up_for_its_tree_runs_as_measured(isolated_tables,
         assert chosen.group_size == 16  # the trap is never measured: the lookup would not run it
 
 
+def test_lookup_mismatches_finds_entries_the_lookup_does_not_reproduce(isolated_tables):
+    from autotune.evaluation import lookup_mismatches
+
+    workloads = [("w@32/8", TREE), ("w@4/1", with_heads(TREE, 4, 1))]
+    t = tune.autotune(workloads, ["deft_flatten", CHUNKED], H200, device(H200), GroupBench)
+    write_configs(t, store.table_path(H200.name))
+    forget_tables()
+    assert lookup_mismatches(t, workloads) == []
+    entry = t.strategies["deft_flatten"][KEY]
+    wave = entry["chosen"]["chunk_size"]
+    entry["chosen"] = {**entry["chosen"], "chunk_size": 2 * wave}  # a chunk the lookup moves
+    assert lookup_mismatches(t, workloads) == [
+        f"deft_flatten on w@32/8 ({KEY}): chose c{2 * wave} g{entry['chosen']['group_size']}, "
+        f"the lookup (exact) runs c{wave} g{entry['chosen']['group_size']}"]
+
+
 def test_flatten_candidates_are_wave_chunks_of_their_groups():
     FakeBench.made.clear()
     card = device(H100)
