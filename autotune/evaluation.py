@@ -1,6 +1,7 @@
 """What ``deft-cli autotune --held-out``, ``--check`` and ``--refit`` run (docs/autotune.md,
 "Held out", "Check"; docs/iomodel.md, "Refit"): the runs of `autotune.heldout` on this card's
-tables, and the latency model's refit to their sweeps."""
+tables, and the latency model's refit to their sweeps; and `lookup_mismatches`, whether a
+tuning run's table gives its tuning trees what it measured."""
 
 from __future__ import annotations
 
@@ -18,11 +19,11 @@ from autotune.heldout import (
     small_sweep,
 )
 from autotune.measure import PAGE_SIZE
-from autotune.tune import Reporter
-from deft.kernels.fill import PROGRAMS_PER_SM
+from autotune.space import Candidate
+from autotune.tune import Reporter, card_programs
 from deft.kernels.tuned import current_versions, tuned_config
 from deft.tree_format import tree_to_dict
-from harness.inputs import TREE_DTYPE
+from harness.inputs import TREE_DTYPE, with_dtype
 
 REFERENCE_FIT = "nvidia-h200.json"
 """The refit `--predict` uses for a card without its own (the card the kernels are tuned on)."""
@@ -48,13 +49,50 @@ def table_lookup(device: dict):
     """The ``lookup`` of `autotune.heldout.evaluate` for this card: what `deft.TreeAttention`
     runs here (`deft.kernels.tuned.tuned_config` with the card's programs: the fill rung, and
     deft_flatten's chunk moved to the tree's waves)."""
-    programs = PROGRAMS_PER_SM * device["sm_count"]
+    programs = card_programs(device)
 
     def lookup(strategy, tree):
         found = tuned_config(strategy, tree, device["name"], device["capability"], programs)
         return found.chunk_size, found.group_size, found.config, found.rung
 
     return lookup
+
+
+def lookup_mismatches(table, workloads) -> list[str]:
+    """Where a tuning run's chosen config is not what the lookup gives the tree it was tuned on.
+
+    Each (strategy, bucket) entry of `table` (an `autotune.store.Table`, measured or predicted)
+    is looked up for its workload's tree by `table_lookup` (the card's programs: deft_flatten's
+    chunk moved to the tree's waves) in the tables `deft.kernels.tuned` reads, which must hold
+    this table's configs (e.g. ``$DEFT_TUNED_CONFIGS`` pointing where it was written).
+
+    Parameters
+    ----------
+    table : Table
+    workloads : list of (str, Tree)
+        The tuning run's workloads, by the names its entries record.
+
+    Returns
+    -------
+    list of str
+        One line per entry whose looked-up chunk, group or tile (None: the kernel's own) differs
+        from the chosen one; empty when every entry reproduces.
+    """
+    dtype = {name: torch_dtype for torch_dtype, name in TREE_DTYPE.items()}[
+        table.settings["dtype"]]
+    trees, lookup, lines = dict(workloads), table_lookup(table.device), []
+    for strategy, buckets in table.strategies.items():
+        for key, entry in buckets.items():
+            tree = with_dtype(trees[entry["workload"]], dtype)
+            chunk, group, tile, rung = lookup(strategy, tree)
+            chosen = entry["chosen"]
+            tuned = (chosen["chunk_size"], chosen["group_size"], None if chosen["tile"] is None
+                     else Candidate.from_dict(chosen).tile)
+            if (chunk, group, tile) != tuned:
+                lines.append(f"{strategy} on {entry['workload']} ({key}): chose c{tuned[0]} "
+                             f"g{tuned[1]}, the lookup ({rung}) runs c{chunk} g{group}"
+                             + ("" if tile == tuned[2] else " at another tile"))
+    return lines
 
 
 def judge(mode: str, strategy: str, gpu, device: dict, make_bench, dtype, shapes, *,

@@ -8,6 +8,9 @@ num_warps, num_stages and programs_per_sm). The two halves are searched differen
   (`deft.plan.build_plan`), sizes whose plans are identical are kept once (a group cap
   above every partition's queries is no cap), and the rest are ordered by
   `iomodel.predict_latency` on the card's spec;
+- for deft_flatten the lookup does not run a stored chunk: it moves it to the tree's waves
+  (`deft.kernels.waves.wave_chunk`), so the sizes it can run on a tree are one per group size,
+  each at its wave chunk (`rank_wave_sizes`), ranked the same way;
 - tiles leave the plan alone and the IO model cannot see them, so they are only filtered: a
   tile whose estimated shared memory (`smem_bytes`) exceeds what one program may use, or whose
   ``programs_per_sm`` programs do not fit one SM together, is dropped before any run.
@@ -25,6 +28,7 @@ import triton
 
 from deft.kernels import tile_config
 from deft.kernels.partials import TileConfig
+from deft.kernels.waves import wave_chunk
 from deft.tree import Tree
 from iomodel.gpus import GpuSpec
 from iomodel.latency import predict_latency
@@ -143,8 +147,36 @@ def rank_sizes(strategy: str, tree: Tree, gpu: GpuSpec, page_size: int) -> list[
     Of sizes with identical plans the first of `size_space` is kept, so the defaults always
     stand for their class. Ties in prediction keep `size_space` order.
     """
+    return rank_plans(strategy, tree, gpu, page_size, size_space(strategy))
+
+
+def rank_wave_sizes(tree: Tree, gpu: GpuSpec, page_size: int,
+                    programs: int) -> list[RankedSizes]:
+    """deft_flatten's sizes that the lookup runs on `tree`: each group size of `GROUP_SIZES`
+    at its wave chunk (`deft.kernels.waves.wave_chunk` at `programs`, as
+    `deft.kernels.tuned.tuned_config` moves a stored chunk), fastest predicted first.
+
+    Of groups whose plans are identical there (a cap above every partition's queries is no cap)
+    the first of `GROUP_SIZES` is kept; ties in prediction keep that order.
+
+    Parameters
+    ----------
+    tree : Tree
+    gpu : GpuSpec
+    page_size : int
+    programs : int
+        Resident programs of the card (SMs x `deft.kernels.fill.PROGRAMS_PER_SM`).
+    """
+    sizes = [(wave_chunk(tree, group, programs), group) for group in GROUP_SIZES]
+    return rank_plans("deft_flatten", tree, gpu, page_size, sizes)
+
+
+def rank_plans(strategy: str, tree: Tree, gpu: GpuSpec, page_size: int,
+           sizes) -> list[RankedSizes]:
+    """`sizes` ((chunk_size, group_size) pairs) whose plans differ, the first of each plan kept,
+    ordered by `iomodel.predict_latency` on `gpu` (ties keep the order given)."""
     seen, predicted = set(), []
-    for chunk, group in size_space(strategy):
+    for chunk, group in sizes:
         plan = build_plan(strategy, tree, chunk, group, page_size)
         signature = plan_signature(plan)
         if signature not in seen:

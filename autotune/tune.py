@@ -16,6 +16,13 @@ of a bucket already tuned is skipped), measured:
    (`autotune.measure.LEADER_ROUNDS` interleaved rounds); the fastest re-timed is chosen, and its
    speedup over the defaults comes from those same rounds.
 
+deft_flatten's search keeps to what the lookup runs: `deft.kernels.tuned.tuned_config` moves
+a stored chunk to the tree's waves (`deft.kernels.waves.wave_chunk`), so its sizes are group
+sizes at their wave chunks on the tuning tree and the card's programs (`card_programs`,
+`autotune.space.rank_wave_sizes`), in steps 1 (the stored configs' groups too) and 4; step 3
+measures the other groups at the descent's tile instead. Looking the stored entry up for the
+same tree then runs the chunk, group and tile chosen.
+
 ``exhaustive`` measures every size in step 1 and every fitting tile at the fastest size in
 step 2. The time budget is shared evenly by the (strategy, workload) jobs still to run; a job
 past its share skips the rest of steps 2 and 3 (steps 1 and 4 always run, so the budget is
@@ -42,11 +49,14 @@ from autotune.space import (
     fits,
     neighbours,
     rank_sizes,
+    rank_wave_sizes,
     tile_space,
 )
 from autotune.store import CAPABILITIES, Table, detect_device, sanitise
 from deft.kernels.buckets import bucket_of
-from deft.kernels.tuned import current_versions, readable_configs
+from deft.kernels.fill import PROGRAMS_PER_SM
+from deft.kernels.tuned import WAVE_STRATEGY, current_versions, readable_configs
+from deft.kernels.waves import wave_chunk
 from harness.inputs import TREE_DTYPE, with_dtype
 from deft.strategies import USES_CHUNK_SIZE
 from deft.tree import Tree
@@ -88,6 +98,13 @@ def card_spec(device_name: str):
     words = sanitise(device_name).split("-")
     return builtin_gpu(device_name) or next(
         (spec for alias, spec in BUILTIN.items() if alias in words), None)
+
+
+def card_programs(device: dict) -> int:
+    """Resident programs of the card a table is for: its ``sm_count`` x
+    `deft.kernels.fill.PROGRAMS_PER_SM`, what `deft.kernels.fill.resident_programs` gives the
+    lookup on that card (the detected card's SMs; the spec's where the IO model predicts)."""
+    return PROGRAMS_PER_SM * device["sm_count"]
 
 
 def stored_configs(strategy: str, tree: Tree) -> list:
@@ -179,9 +196,11 @@ def autotune(workloads, strategies, gpu: GpuSpec, device: dict, make_bench, *,
     reporter = reporter or Reporter()
     start = time.perf_counter()
     jobs = _jobs(workloads, strategies, dtype, reporter)
+    programs = card_programs(device)
     table = Table("measured", device, current_versions(), settings=_settings(
         workloads, strategies, dtype, budget_s=budget_s, exhaustive=exhaustive, top_k=top_k,
-        tiles=tiles, rounds=ROUNDS, leader_rounds=LEADER_ROUNDS, leaders=LEADERS))
+        tiles=tiles, rounds=ROUNDS, leader_rounds=LEADER_ROUNDS, leaders=LEADERS,
+        programs=programs))
     for done, (strategy, name, tree) in enumerate(jobs):
         left = budget_s - (time.perf_counter() - start)
         deadline = time.perf_counter() + max(0.0, left) / (len(jobs) - done)
@@ -192,7 +211,8 @@ def autotune(workloads, strategies, gpu: GpuSpec, device: dict, make_bench, *,
         try:
             entry = tune_workload(strategy, name, tree, gpu, make_bench, top_k=top_k,
                                   exhaustive=exhaustive, deadline=deadline, reporter=reporter,
-                                  seeds=seeds if tiles else (), tiles=tiles)
+                                  seeds=seeds if tiles else (), tiles=tiles,
+                                  programs=programs)
         except Exception as error:  # noqa: BLE001 - one failing job never stops the run
             reporter.log(f"  failed: {type(error).__name__}: {error}")
             continue
@@ -212,16 +232,27 @@ def neighbour_chunks(chunk: int, steps: int = CHUNK_STEPS) -> list[int]:
 
 
 def tune_workload(strategy, name, tree, gpu, make_bench, *, top_k=TOP_K, exhaustive=False,
-                  deadline=float("inf"), reporter=None, seeds=(), tiles=True) -> dict:
+                  deadline=float("inf"), reporter=None, seeds=(), tiles=True,
+                  programs=None) -> dict:
     """Steps 1-4 (module docstring) on one tree: the bucket's table entry. `seeds` (configs
     stored for the bucket, e.g. a sibling card's) are measured with the sizes, so the tile
-    descent starts from the best of both; without `tiles` step 2 is skipped."""
+    descent starts from the best of both; without `tiles` step 2 is skipped. deft_flatten
+    needs `programs` (`card_programs`) for its wave chunks."""
     reporter = reporter or Reporter()
     start = time.perf_counter()
     ranked = rank_sizes(strategy, tree, gpu, PAGE_SIZE)
     prediction = {r.sizes: r for r in ranked}
     default = default_candidate(strategy, tree)
     records = {}
+    waves = strategy == WAVE_STRATEGY
+    searched = rank_wave_sizes(tree, gpu, PAGE_SIZE, programs) if waves else ranked
+    prediction.update((r.sizes, r) for r in searched)
+    if waves:
+        seeds = [Candidate(wave_chunk(tree, s.group_size, programs), s.group_size, s.tile)
+                 for s in seeds]
+
+    def runs(c) -> bool:  # whether the lookup, given c's sizes, runs them on this tree
+        return not waves or c.chunk_size == wave_chunk(tree, c.group_size, programs)
 
     def run(candidates, stage, rounds=ROUNDS):
         reporter.expect(len([c for c in dict.fromkeys(candidates) if c not in records]))
@@ -234,9 +265,9 @@ def tune_workload(strategy, name, tree, gpu, make_bench, *, top_k=TOP_K, exhaust
 
     bench = make_bench(strategy, tree, default)
     try:
-        sizes = ranked if exhaustive else ranked[:top_k]
+        sizes = searched if exhaustive else searched[:top_k]
         run([default, *seeds] + [Candidate(*r.sizes, default.tile) for r in sizes], "sizes")
-        best = _fastest(records)
+        best = _leaders(records, runs, 1)[0]
         space = tile_space(tree, gpu)
         if exhaustive:
             run([Candidate(*best.sizes, tile) for tile in space], "tiles")
@@ -249,15 +280,17 @@ def tune_workload(strategy, name, tree, gpu, make_bench, *, top_k=TOP_K, exhaust
                             "tiles")
                 if times:
                     current = min(times, key=times.get).tile
-            if strategy in USES_CHUNK_SIZE and time.perf_counter() <= deadline:
+            if waves:
+                others = [c for r in sizes if (c := Candidate(*r.sizes, current)) not in records]
+                if others and time.perf_counter() <= deadline:
+                    run(others, "groups")
+            elif strategy in USES_CHUNK_SIZE and time.perf_counter() <= deadline:
                 run([Candidate(c, best.group_size, current)
                      for c in neighbour_chunks(best.chunk_size)], "chunks")
-        ok = sorted((c for c in records if records[c]["measurement"].status == "ok"),
-                    key=lambda c: statistics.median(records[c]["rounds_us"]))
-        retimed = run([default] + ok[:LEADERS], "leaders", LEADER_ROUNDS)
+        retimed = run([default] + _leaders(records, runs), "leaders", LEADER_ROUNDS)
     finally:
         bench.close()
-    chosen = min(retimed, key=retimed.get)
+    chosen = min((c for c in retimed if runs(c)), key=retimed.get)
 
     def config(candidate, us=None):
         sizes = prediction.get(candidate.sizes)
@@ -293,23 +326,25 @@ def predict(workloads, strategies, gpu: GpuSpec, device: dict, *,
             dtype=torch.float16, fit: dict | None = None) -> Table:
     """The IO model's ranking of every strategy's sizes per bucket: a predicted table.
 
-    The chosen config of a bucket is the fastest predicted; its ``tile`` is null (the kernel's
-    own), and every ranked size is listed with its prediction. With `fit` (a ``deft-refit/1``
-    result, `harness.bench.calibrate.calibrate_sweep`, of this card or another) the model runs
-    with its constants, and the table's ``settings.model`` says which card they were fitted on
-    and the error they have there on held-out trees.
+    The chosen config of a bucket is the fastest predicted (for deft_flatten, of the group sizes
+    at their wave chunks on the card's programs, `card_programs`: what the lookup runs); its
+    ``tile`` is null (the kernel's own), and every size searched is listed with its prediction.
+    With `fit` (a ``deft-refit/1`` result, `harness.bench.calibrate.calibrate_sweep`, of this
+    card or another) the model runs with its constants, and the table's ``settings.model`` says
+    which card they were fitted on and the error they have there on held-out trees.
     """
     jobs = _jobs(workloads, strategies, dtype, Reporter())
     extra = {}
     if fit is not None:
         gpu = dataclasses.replace(gpu, calibration=fit["constants"])
         extra["model"] = model_note(fit)
-    table = Table("predicted", device, current_versions(),
-                  settings=_settings(workloads, strategies, dtype, **extra))
+    table = Table("predicted", device, current_versions(), settings=_settings(
+        workloads, strategies, dtype, programs=card_programs(device), **extra))
     for strategy, name, tree in jobs:
         ranked = rank_sizes(strategy, tree, gpu, PAGE_SIZE)
-        by_sizes = {r.sizes: r for r in ranked}
-        default = by_sizes.get(default_sizes(strategy))
+        default = {r.sizes: r for r in ranked}[default_sizes(strategy)]
+        if strategy == WAVE_STRATEGY:
+            ranked = rank_wave_sizes(tree, gpu, PAGE_SIZE, card_programs(device))
 
         def config(r):
             return {"chunk_size": r.chunk_size, "group_size": r.group_size, "tile": None,
@@ -357,6 +392,11 @@ def _settings(workloads, strategies, dtype, **extra) -> dict:
             "dtype": TREE_DTYPE[dtype], "page_size": PAGE_SIZE, **extra}
 
 
-def _fastest(records) -> Candidate:
-    ok = [c for c, r in records.items() if r["measurement"].status == "ok"]
-    return min(ok, key=lambda c: statistics.median(records[c]["rounds_us"]))
+def _leaders(records, runs, count: int = LEADERS) -> list[Candidate]:
+    """The `count` fastest measured candidates that `runs` admits, fastest first; ValueError
+    where none measured ok."""
+    ok = sorted((c for c, r in records.items() if r["measurement"].status == "ok" and runs(c)),
+                key=lambda c: statistics.median(records[c]["rounds_us"]))
+    if not ok:
+        raise ValueError("no candidate the lookup would run measured ok")
+    return ok[:count]

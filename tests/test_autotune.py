@@ -25,6 +25,7 @@ from autotune.space import (  # noqa: E402
     fits,
     neighbours,
     rank_sizes,
+    rank_wave_sizes,
     size_space,
     smem_bytes,
     tile_space,
@@ -49,6 +50,9 @@ from deft.workloads import ANCHORS, anchor, star  # noqa: E402
 from iomodel.gpus import BUILTIN  # noqa: E402
 
 H100, H200, A100 = BUILTIN["h100"], BUILTIN["h200"], BUILTIN["a100"]
+CHUNKED = "deft_node_chunk"
+"""A strategy taking a chunk and a group whose stored chunk the lookup runs as it is: the
+tuner's search of it is the general one (deft_flatten's keeps to wave chunks)."""
 TREE = star(20, 4000, 200)  # fewshot_b20_P4000_L200
 KEY = "q32-n8192-s16-h8-g4-d128-float16"
 TILE = TileConfig(32, 64, 8, 3, 1)
@@ -81,11 +85,11 @@ def device(spec, capability=(9, 0)):
 
 
 def table(spec=H100, source="measured", chunk=1024, group=None, tile=TILE, key=KEY,
-          versions=None, capability=(9, 0)) -> Table:
+          versions=None, capability=(9, 0), strategy="deft_flatten") -> Table:
     chosen = {"chunk_size": chunk, "group_size": group,
               "tile": None if tile is None else vars(tile).copy(), "us": 10.0}
     return Table(source, device(spec, capability), versions or tuned_module.current_versions(),
-                 {"deft_flatten": {key: {"workload": "w", "chosen": chosen, "candidates": []}}})
+                 {strategy: {key: {"workload": "w", "chosen": chosen, "candidates": []}}})
 
 
 # ---------------------------------------------------------------------------- buckets
@@ -163,8 +167,8 @@ def test_neighbour_chunks_and_the_chunk_stage():
     assert tune.neighbour_chunks(512) == [256, 384, 768, 1024]
     assert tune.neighbour_chunks(32) == [64, 128] and tune.neighbour_chunks(100) == []
     FakeBench.made.clear()
-    t = tune.autotune([("w", TREE)], ["deft_flatten"], H100, device(H100), FakeBench, top_k=1)
-    entry = t.strategies["deft_flatten"][KEY]
+    t = tune.autotune([("w", TREE)], [CHUNKED], H100, device(H100), FakeBench, top_k=1)
+    entry = t.strategies[CHUNKED][KEY]
     sizes, _ = FakeBench.made[0].calls[0]
     best = min(sizes, key=FakeBench.us)  # the default included
     chunks = {c["chunk_size"] for c in entry["candidates"] if c["stage"] == "chunks"}
@@ -175,13 +179,27 @@ def test_search_starts_from_the_stored_configs_of_the_bucket(isolated_tables):
     """A sibling card's choice is measured with the sizes: here (chunk 512, 2 stages) it is
     the fake bench's optimum and wins, though the IO model's top sizes may not hold it."""
     seed = TileConfig(64, 32, 4, 2, 2)
-    write_configs(table(H200, chunk=512, group=16, tile=seed), isolated_tables / "h200.json")
+    write_configs(table(H200, chunk=512, group=16, tile=seed, strategy=CHUNKED),
+                  isolated_tables / "h200.json")
     FakeBench.made.clear()
-    t = tune.autotune([("w", TREE)], ["deft_flatten"], H100, device(H100), FakeBench, top_k=1)
+    t = tune.autotune([("w", TREE)], [CHUNKED], H100, device(H100), FakeBench, top_k=1)
     sizes, _ = FakeBench.made[0].calls[0]
     assert Candidate(512, 16, seed) in sizes
-    chosen = Candidate.from_dict(t.strategies["deft_flatten"][KEY]["chosen"])
+    chosen = Candidate.from_dict(t.strategies[CHUNKED][KEY]["chosen"])
     assert FakeBench.us(chosen) == FakeBench.us(Candidate(512, 16, seed))
+
+
+def test_flatten_measures_the_stored_configs_at_their_wave_chunks(isolated_tables):
+    """For deft_flatten a stored config's group and tile are measured at the chunk the lookup
+    would run them with on the tuning tree, not at the stored chunk."""
+    seed = TileConfig(64, 32, 4, 2, 2)
+    write_configs(table(H200, chunk=512, group=16, tile=seed), isolated_tables / "h200.json")
+    FakeBench.made.clear()
+    tune.autotune([("w", TREE)], ["deft_flatten"], H100, device(H100), FakeBench, top_k=1)
+    sizes, _ = FakeBench.made[0].calls[0]
+    wave = wave_chunk(TREE, 16, tune.card_programs(device(H100)))
+    assert wave != 512 and Candidate(wave, 16, seed) in sizes
+    assert Candidate(512, 16, seed) not in sizes
 
 # ---------------------------------------------------------------------------- store
 def test_table_round_trip_and_atomic_write(tmp_path, monkeypatch):
@@ -369,13 +387,13 @@ class FakeBench:
 
 def test_search_measures_top_k_then_tiles_then_leaders():
     FakeBench.made.clear()
-    t = tune.autotune([("w", TREE)], ["deft_flatten"], H100, device(H100), FakeBench, top_k=4)
-    entry = t.strategies["deft_flatten"][KEY]
+    t = tune.autotune([("w", TREE)], [CHUNKED], H100, device(H100), FakeBench, top_k=4)
+    entry = t.strategies[CHUNKED][KEY]
     bench = FakeBench.made[0]
-    assert bench.reference == default_candidate("deft_flatten", TREE)
+    assert bench.reference == default_candidate(CHUNKED, TREE)
     sizes, rounds = bench.calls[0]
     assert sizes[0] == bench.reference and len(sizes) <= 5 and rounds == 3
-    ranked = rank_sizes("deft_flatten", TREE, H100, 16)
+    ranked = rank_sizes(CHUNKED, TREE, H100, 16)
     assert {c.sizes for c in sizes[1:]} == {r.sizes for r in ranked[:4]}
     leaders, rounds = bench.calls[-1]
     assert leaders[0] == bench.reference and len(leaders) == 4 and rounds == 5
@@ -402,17 +420,105 @@ def test_sizes_only_keeps_the_kernel_tile_and_tunes_each_head_shape():
 
 def test_exhaustive_measures_everything_and_budget_skips_tiles():
     FakeBench.made.clear()
-    t = tune.autotune([("w", TREE)], ["deft_flatten"], H100, device(H100), FakeBench,
-                      exhaustive=True)
-    entry = t.strategies["deft_flatten"][KEY]
-    ranked = rank_sizes("deft_flatten", TREE, H100, 16)
+    t = tune.autotune([("w", TREE)], [CHUNKED], H100, device(H100), FakeBench, exhaustive=True)
+    entry = t.strategies[CHUNKED][KEY]
+    ranked = rank_sizes(CHUNKED, TREE, H100, 16)
     assert len(set(FakeBench.made[0].calls[0][0])) == len(ranked)
     assert len(FakeBench.made[0].calls[1][0]) == len(tile_space(TREE, H100))
     failed = [c for c in entry["candidates"] if c["status"] == "error"]
     assert failed and failed[0]["reason"] == "OutOfResources" and failed[0]["us"] is None
+    for strategy in (CHUNKED, "deft_flatten"):
+        FakeBench.made.clear()
+        tune.autotune([("w", TREE)], [strategy], H100, device(H100), FakeBench, budget_s=0)
+        assert len(FakeBench.made[0].calls) == 2  # sizes, then straight to the leaders
+
+
+def test_exhaustive_flatten_measures_every_wave_size_and_every_tile():
     FakeBench.made.clear()
-    tune.autotune([("w", TREE)], ["deft_flatten"], H100, device(H100), FakeBench, budget_s=0)
-    assert len(FakeBench.made[0].calls) == 2  # sizes, then straight to the leaders
+    tune.autotune([("w", TREE)], ["deft_flatten"], H100, device(H100), FakeBench,
+                  exhaustive=True)
+    waves = rank_wave_sizes(TREE, H100, 16, tune.card_programs(device(H100)))
+    sizes = FakeBench.made[0].calls[0][0]
+    assert sizes[0] == default_candidate("deft_flatten", TREE)
+    assert [c.sizes for c in sizes[1:]] == [r.sizes for r in waves]
+    assert len(FakeBench.made[0].calls[1][0]) == len(tile_space(TREE, H100))
+
+
+class GroupBench(FakeBench):
+    """The fastest sizes are group 8 at twice its wave chunk on the tree (H200 programs), then
+    group 16 at any chunk: a tuner choosing by time alone would store group 8 at that chunk,
+    which the lookup would run at group 8's wave chunk instead."""
+
+    def __init__(self, strategy, tree, reference):
+        super().__init__(strategy, tree, reference)
+        self.trap = (2 * wave_chunk(tree, 8, tune.card_programs(device(H200))), 8)
+
+    def us(self, c):
+        sizes = 1.0 if c.sizes == self.trap else 3.0 if c.group_size == 16 else 5.0
+        return sizes + c.tile.num_stages + c.tile.block_n / 64
+
+
+@pytest.mark.parametrize("bench", [FakeBench, GroupBench])
+@pytest.mark.parametrize("tiles", [True, False])
+@pytest.mark.parametrize("heads", [(32, 8), (4, 1)])
+def test_flatten_choice_looked_up_for_its_tree_runs_as_measured(isolated_tables, bench, tiles,
+                                                                heads):
+    """The stored deft_flatten entry, looked up for the tree it was tuned on (the card's
+    programs, as `TreeAttention` passes them), gives the chunk, group and tile measured."""
+    tree = with_heads(TREE, *heads)
+    card = device(H200)
+    t = tune.autotune([("w", tree)], ["deft_flatten"], H200, card, bench, tiles=tiles)
+    entry = t.strategies["deft_flatten"][bucket_of(tree).key]
+    chosen = Candidate.from_dict(entry["chosen"])
+    write_configs(t, store.table_path(H200.name))
+    forget_tables()
+    found = tuned_config("deft_flatten", tree, H200.name, (9, 0),
+                         programs=tune.card_programs(card))
+    assert found.rung == "exact"
+    assert (found.chunk_size, found.group_size, found.config) == (
+        chosen.chunk_size, chosen.group_size, chosen.tile)
+    assert entry["chosen"]["us"] == min(c["retimed_us"] for c in entry["candidates"]
+                                        if c["retimed_us"] is not None
+                                        and c["chunk_size"] == wave_chunk(
+                                            tree, c["group_size"], tune.card_programs(card)))
+    if bench is GroupBench:
+        assert chosen.group_size == 16  # the trap is never measured: the lookup would not run it
+
+
+def test_lookup_mismatches_finds_entries_the_lookup_does_not_reproduce(isolated_tables):
+    from autotune.evaluation import lookup_mismatches
+
+    workloads = [("w@32/8", TREE), ("w@4/1", with_heads(TREE, 4, 1))]
+    t = tune.autotune(workloads, ["deft_flatten", CHUNKED], H200, device(H200), GroupBench)
+    write_configs(t, store.table_path(H200.name))
+    forget_tables()
+    assert lookup_mismatches(t, workloads) == []
+    entry = t.strategies["deft_flatten"][KEY]
+    wave = entry["chosen"]["chunk_size"]
+    entry["chosen"] = {**entry["chosen"], "chunk_size": 2 * wave}  # a chunk the lookup moves
+    assert lookup_mismatches(t, workloads) == [
+        f"deft_flatten on w@32/8 ({KEY}): chose c{2 * wave} g{entry['chosen']['group_size']}, "
+        f"the lookup (exact) runs c{wave} g{entry['chosen']['group_size']}"]
+
+
+def test_flatten_candidates_are_wave_chunks_of_their_groups():
+    FakeBench.made.clear()
+    card = device(H100)
+    programs = tune.card_programs(card)
+    t = tune.autotune([("w", TREE)], ["deft_flatten"], H100, card, FakeBench, top_k=8)
+    entry = t.strategies["deft_flatten"][KEY]
+    default = default_candidate("deft_flatten", TREE)
+    measured = [Candidate.from_dict(c) for c in entry["candidates"]]
+    assert default in measured and len(measured) > 1
+    assert all(c.chunk_size == wave_chunk(TREE, c.group_size, programs)
+               for c in measured if c != default)
+    waves = rank_wave_sizes(TREE, H100, 16, programs)
+    assert {c.sizes for c in FakeBench.made[0].calls[0][0][1:]} == {r.sizes for r in waves}
+    stages = {c["stage"] for c in entry["candidates"]}
+    assert stages == {"sizes", "tiles", "groups"} and t.settings["programs"] == programs
+    descent = {Candidate.from_dict(c).tile for c in entry["candidates"] if c["stage"] == "groups"}
+    assert len(descent) == 1  # the other groups, at the tile the descent reached
+    assert {c.sizes for c in measured if c.tile in descent} == {r.sizes for r in waves}
 
 
 def test_one_bucket_per_workload_and_predicted_tables():
@@ -425,6 +531,23 @@ def test_one_bucket_per_workload_and_predicted_tables():
     assert p.source == "predicted" and entry["chosen"]["tile"] is None
     assert entry["candidates"][0]["predicted_rank"] == 1
     assert Table.from_dict(json.loads(json.dumps(p.to_dict()))).source == "predicted"
+
+
+def test_predicted_flatten_choice_is_the_best_predicted_wave_size(isolated_tables):
+    card = device(H200)
+    p = tune.predict([("a", TREE)], ["deft_flatten", CHUNKED], H200, card)
+    waves = rank_wave_sizes(TREE, H200, 16, tune.card_programs(card))
+    flatten, chunked = p.strategies["deft_flatten"][KEY], p.strategies[CHUNKED][KEY]
+    assert (flatten["chosen"]["chunk_size"], flatten["chosen"]["group_size"]) == waves[0].sizes
+    assert [(c["chunk_size"], c["group_size"]) for c in flatten["candidates"]] == [
+        r.sizes for r in waves]
+    assert flatten["default"]["chunk_size"] == 128 and flatten["default"]["group_size"] is None
+    best = rank_sizes(CHUNKED, TREE, H200, 16)[0]
+    assert (chunked["chosen"]["chunk_size"], chunked["chosen"]["group_size"]) == best.sizes
+    write_configs(p, store.table_path(H200.name, predicted=True))
+    found = tuned_config("deft_flatten", TREE, H200.name, (9, 0),
+                         programs=tune.card_programs(card))
+    assert (found.source, found.chunk_size, found.group_size) == ("predicted", *waves[0].sizes)
 
 
 def test_quality_study_compares_tuned_with_every_size():
