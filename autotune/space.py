@@ -9,7 +9,7 @@ num_warps, num_stages and programs_per_sm). The two halves are searched differen
   above every partition's queries is no cap), and the rest are ordered by
   `iomodel.predict_latency` on the card's spec;
 - for deft_flatten the lookup does not run a stored chunk: it moves it to the tree's waves
-  (`deft.kernels.waves.wave_chunk`), so the sizes it can run on a tree are one per group size,
+  (`deft.kernels.tuned.flatten_chunk`), so the sizes it can run on a tree are one per group size,
   each at its wave chunk (`rank_wave_sizes`), ranked the same way;
 - tiles leave the plan alone and the IO model cannot see them, so they are only filtered: a
   tile whose estimated shared memory (`smem_bytes`) exceeds what one program may use, or whose
@@ -28,7 +28,7 @@ import triton
 
 from deft.kernels import tile_config
 from deft.kernels.partials import TileConfig
-from deft.kernels.waves import wave_chunk
+from deft.kernels.tuned import flatten_chunk
 from deft.tree import Tree
 from iomodel.gpus import GpuSpec
 from iomodel.latency import predict_latency
@@ -150,10 +150,10 @@ def rank_sizes(strategy: str, tree: Tree, gpu: GpuSpec, page_size: int) -> list[
     return rank_plans(strategy, tree, gpu, page_size, size_space(strategy))
 
 
-def rank_wave_sizes(tree: Tree, gpu: GpuSpec, page_size: int,
-                    programs: int) -> list[RankedSizes]:
+def rank_wave_sizes(tree: Tree, gpu: GpuSpec, page_size: int, programs: int,
+                    capability) -> list[RankedSizes]:
     """deft_flatten's sizes that the lookup runs on `tree`: each group size of `GROUP_SIZES`
-    at its wave chunk (`deft.kernels.waves.wave_chunk` at `programs`, as
+    at its wave chunk (`deft.kernels.tuned.flatten_chunk` at `programs`, as
     `deft.kernels.tuned.tuned_config` moves a stored chunk), fastest predicted first.
 
     Of groups whose plans are identical there (a cap above every partition's queries is no cap)
@@ -166,8 +166,10 @@ def rank_wave_sizes(tree: Tree, gpu: GpuSpec, page_size: int,
     page_size : int
     programs : int
         Resident programs of the card (SMs x `deft.kernels.fill.PROGRAMS_PER_SM`).
+    capability : (int, int)
+        The card's compute capability (`deft.kernels.tuned.flatten_chunk`).
     """
-    sizes = [(wave_chunk(tree, group, programs), group) for group in GROUP_SIZES]
+    sizes = [(flatten_chunk(tree, group, programs, capability), group) for group in GROUP_SIZES]
     return rank_plans("deft_flatten", tree, gpu, page_size, sizes)
 
 

@@ -17,7 +17,7 @@ of a bucket already tuned is skipped), measured:
    speedup over the defaults comes from those same rounds.
 
 deft_flatten's search keeps to what the lookup runs: `deft.kernels.tuned.tuned_config` moves
-a stored chunk to the tree's waves (`deft.kernels.waves.wave_chunk`), so its sizes are group
+a stored chunk to the tree's waves (`deft.kernels.tuned.flatten_chunk`), so its sizes are group
 sizes at their wave chunks on the tuning tree and the card's programs (`card_programs`,
 `autotune.space.rank_wave_sizes`), in steps 1 (the stored configs' groups too) and 4; step 3
 measures the other groups at the descent's tile instead. Looking the stored entry up for the
@@ -55,8 +55,7 @@ from autotune.space import (
 from autotune.store import CAPABILITIES, Table, detect_device, sanitise
 from deft.kernels.buckets import bucket_of
 from deft.kernels.fill import PROGRAMS_PER_SM
-from deft.kernels.tuned import WAVE_STRATEGY, current_versions, readable_configs
-from deft.kernels.waves import wave_chunk
+from deft.kernels.tuned import WAVE_STRATEGY, current_versions, flatten_chunk, readable_configs
 from harness.inputs import TREE_DTYPE, with_dtype
 from deft.strategies import USES_CHUNK_SIZE
 from deft.tree import Tree
@@ -212,7 +211,7 @@ def autotune(workloads, strategies, gpu: GpuSpec, device: dict, make_bench, *,
             entry = tune_workload(strategy, name, tree, gpu, make_bench, top_k=top_k,
                                   exhaustive=exhaustive, deadline=deadline, reporter=reporter,
                                   seeds=seeds if tiles else (), tiles=tiles,
-                                  programs=programs)
+                                  programs=programs, capability=tuple(device["capability"]))
         except Exception as error:  # noqa: BLE001 - one failing job never stops the run
             reporter.log(f"  failed: {type(error).__name__}: {error}")
             continue
@@ -233,11 +232,12 @@ def neighbour_chunks(chunk: int, steps: int = CHUNK_STEPS) -> list[int]:
 
 def tune_workload(strategy, name, tree, gpu, make_bench, *, top_k=TOP_K, exhaustive=False,
                   deadline=float("inf"), reporter=None, seeds=(), tiles=True,
-                  programs=None) -> dict:
+                  programs=None, capability=(9, 0)) -> dict:
     """Steps 1-4 (module docstring) on one tree: the bucket's table entry. `seeds` (configs
     stored for the bucket, e.g. a sibling card's) are measured with the sizes, so the tile
     descent starts from the best of both; without `tiles` step 2 is skipped. deft_flatten
-    needs `programs` (`card_programs`) for its wave chunks."""
+    needs `programs` (`card_programs`) and the card's `capability` for its wave chunks
+    (`deft.kernels.tuned.flatten_chunk`)."""
     reporter = reporter or Reporter()
     start = time.perf_counter()
     ranked = rank_sizes(strategy, tree, gpu, PAGE_SIZE)
@@ -245,14 +245,15 @@ def tune_workload(strategy, name, tree, gpu, make_bench, *, top_k=TOP_K, exhaust
     default = default_candidate(strategy, tree)
     records = {}
     waves = strategy == WAVE_STRATEGY
-    searched = rank_wave_sizes(tree, gpu, PAGE_SIZE, programs) if waves else ranked
+    searched = rank_wave_sizes(tree, gpu, PAGE_SIZE, programs, capability) if waves else ranked
     prediction.update((r.sizes, r) for r in searched)
     if waves:
-        seeds = [Candidate(wave_chunk(tree, s.group_size, programs), s.group_size, s.tile)
-                 for s in seeds]
+        seeds = [Candidate(flatten_chunk(tree, s.group_size, programs, capability), s.group_size,
+                           s.tile) for s in seeds]
 
     def runs(c) -> bool:  # whether the lookup, given c's sizes, runs them on this tree
-        return not waves or c.chunk_size == wave_chunk(tree, c.group_size, programs)
+        return not waves or c.chunk_size == flatten_chunk(tree, c.group_size, programs,
+                                                           capability)
 
     def run(candidates, stage, rounds=ROUNDS):
         reporter.expect(len([c for c in dict.fromkeys(candidates) if c not in records]))
@@ -344,7 +345,8 @@ def predict(workloads, strategies, gpu: GpuSpec, device: dict, *,
         ranked = rank_sizes(strategy, tree, gpu, PAGE_SIZE)
         default = {r.sizes: r for r in ranked}[default_sizes(strategy)]
         if strategy == WAVE_STRATEGY:
-            ranked = rank_wave_sizes(tree, gpu, PAGE_SIZE, card_programs(device))
+            ranked = rank_wave_sizes(tree, gpu, PAGE_SIZE, card_programs(device),
+                                     tuple(device["capability"]))
 
         def config(r):
             return {"chunk_size": r.chunk_size, "group_size": r.group_size, "tile": None,

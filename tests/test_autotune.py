@@ -40,11 +40,11 @@ from autotune.heldout import with_heads  # noqa: E402
 from deft.kernels.tuned import (  # noqa: E402
     Configs,
     TunedConfigWarning,
+    flatten_chunk,
     read_configs,
     tuned_config,
     tuned_plan,
 )
-from deft.kernels.waves import wave_chunk  # noqa: E402
 from deft.tree import AttentionShape  # noqa: E402
 from deft.workloads import ANCHORS, anchor, star  # noqa: E402
 from iomodel.gpus import BUILTIN  # noqa: E402
@@ -197,7 +197,7 @@ def test_flatten_measures_the_stored_configs_at_their_wave_chunks(isolated_table
     FakeBench.made.clear()
     tune.autotune([("w", TREE)], ["deft_flatten"], H100, device(H100), FakeBench, top_k=1)
     sizes, _ = FakeBench.made[0].calls[0]
-    wave = wave_chunk(TREE, 16, tune.card_programs(device(H100)))
+    wave = flatten_chunk(TREE, 16, tune.card_programs(device(H100)), (9, 0))
     assert wave != 512 and Candidate(wave, 16, seed) in sizes
     assert Candidate(512, 16, seed) not in sizes
 
@@ -344,8 +344,7 @@ def test_tuned_plan_respects_capacity(monkeypatch, isolated_tables):
     monkeypatch.setattr(tuned_module, "resident_programs", lambda device: H100.sm_count * 2)
     cuda = torch.device("cuda", 0)
     plan, tuned = tuned_plan("deft_flatten", TREE, 16, cuda, max_entries=10**6)
-    moved = wave_chunk(TREE, None, H100.sm_count * 2,  # the stored c32, moved to this tree
-                       small_grid_sms=H100.sm_count)
+    moved = flatten_chunk(TREE, None, H100.sm_count * 2, (9, 0))  # the stored c32, moved
     assert (tuned.rung, plan.chunk_size, tuned.config) == ("exact", moved, TILE)
     with pytest.warns(TunedConfigWarning, match="planning with the defaults"):
         plan, tuned = tuned_plan("deft_flatten", TREE, 16, cuda,
@@ -437,7 +436,7 @@ def test_exhaustive_flatten_measures_every_wave_size_and_every_tile():
     FakeBench.made.clear()
     tune.autotune([("w", TREE)], ["deft_flatten"], H100, device(H100), FakeBench,
                   exhaustive=True)
-    waves = rank_wave_sizes(TREE, H100, 16, tune.card_programs(device(H100)))
+    waves = rank_wave_sizes(TREE, H100, 16, tune.card_programs(device(H100)), (9, 0))
     sizes = FakeBench.made[0].calls[0][0]
     assert sizes[0] == default_candidate("deft_flatten", TREE)
     assert [c.sizes for c in sizes[1:]] == [r.sizes for r in waves]
@@ -451,7 +450,7 @@ class GroupBench(FakeBench):
 
     def __init__(self, strategy, tree, reference):
         super().__init__(strategy, tree, reference)
-        self.trap = (2 * wave_chunk(tree, 8, tune.card_programs(device(H200))), 8)
+        self.trap = (2 * flatten_chunk(tree, 8, tune.card_programs(device(H200)), (9, 0)), 8)
 
     def us(self, c):
         sizes = 1.0 if c.sizes == self.trap else 3.0 if c.group_size == 16 else 5.0
@@ -479,8 +478,9 @@ def test_flatten_choice_looked_up_for_its_tree_runs_as_measured(isolated_tables,
         chosen.chunk_size, chosen.group_size, chosen.tile)
     assert entry["chosen"]["us"] == min(c["retimed_us"] for c in entry["candidates"]
                                         if c["retimed_us"] is not None
-                                        and c["chunk_size"] == wave_chunk(
-                                            tree, c["group_size"], tune.card_programs(card)))
+                                        and c["chunk_size"] == flatten_chunk(
+                                            tree, c["group_size"], tune.card_programs(card),
+                                            (9, 0)))
     if bench is GroupBench:
         assert chosen.group_size == 16  # the trap is never measured: the lookup would not run it
 
@@ -510,9 +510,9 @@ def test_flatten_candidates_are_wave_chunks_of_their_groups():
     default = default_candidate("deft_flatten", TREE)
     measured = [Candidate.from_dict(c) for c in entry["candidates"]]
     assert default in measured and len(measured) > 1
-    assert all(c.chunk_size == wave_chunk(TREE, c.group_size, programs)
+    assert all(c.chunk_size == flatten_chunk(TREE, c.group_size, programs, (9, 0))
                for c in measured if c != default)
-    waves = rank_wave_sizes(TREE, H100, 16, programs)
+    waves = rank_wave_sizes(TREE, H100, 16, programs, (9, 0))
     assert {c.sizes for c in FakeBench.made[0].calls[0][0][1:]} == {r.sizes for r in waves}
     stages = {c["stage"] for c in entry["candidates"]}
     assert stages == {"sizes", "tiles", "groups"} and t.settings["programs"] == programs
@@ -536,7 +536,7 @@ def test_one_bucket_per_workload_and_predicted_tables():
 def test_predicted_flatten_choice_is_the_best_predicted_wave_size(isolated_tables):
     card = device(H200)
     p = tune.predict([("a", TREE)], ["deft_flatten", CHUNKED], H200, card)
-    waves = rank_wave_sizes(TREE, H200, 16, tune.card_programs(card))
+    waves = rank_wave_sizes(TREE, H200, 16, tune.card_programs(card), (9, 0))
     flatten, chunked = p.strategies["deft_flatten"][KEY], p.strategies[CHUNKED][KEY]
     assert (flatten["chosen"]["chunk_size"], flatten["chosen"]["group_size"]) == waves[0].sizes
     assert [(c["chunk_size"], c["group_size"]) for c in flatten["candidates"]] == [
@@ -697,8 +697,7 @@ def test_tuned_tree_attention_reports_the_sizes_its_plans_use(monkeypatch, isola
     attention = TreeAttention("deft_flatten", max_queries=2, max_tokens=56, device="cpu")
     plan = attention.plan(tree, pages)
     assert attention.tuned_from == "exact" and attention._tuned_config == TILE
-    moved = wave_chunk(tree, 16, H100.sm_count * 2,  # the stored chunk moved to this tree
-                       small_grid_sms=H100.sm_count)
+    moved = flatten_chunk(tree, 16, H100.sm_count * 2, (9, 0))  # the stored chunk, moved
     assert (plan.chunk_size, plan.group_size) == (moved, 16) == (
         plan.reference.chunk_size, plan.reference.group_size)
     assert (attention.chunk_size, attention.group_size) == (None, None)  # per plan, tuned

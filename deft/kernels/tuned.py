@@ -259,11 +259,18 @@ def tuned_config(strategy: str, tree: Tree, device_name: str, capability,
         found = dataclasses.replace(found, chunk_size=fill_chunk(strategy, tree, programs),
                                     group_size=group, rung="fill")
     if strategy == WAVE_STRATEGY:
-        # Hopper runs plans of at most one work item per SM on its small-grid kernel
-        sms = programs // PROGRAMS_PER_SM if tuple(capability)[0] == 9 else 0
-        found = dataclasses.replace(found, chunk_size=wave_chunk(tree, found.group_size, programs,
-                                                                 small_grid_sms=sms))
+        found = dataclasses.replace(
+            found, chunk_size=flatten_chunk(tree, found.group_size, programs, capability))
     return found
+
+
+def flatten_chunk(tree: Tree, group_size: int | None, programs: int, capability) -> int:
+    """The deft_flatten chunk `tuned_config` runs at a group size on a card: the chunk of
+    fewest, shortest waves of its ``programs`` (`deft.kernels.waves.wave_chunk`), plans of at
+    most one work item per SM counted at the small-grid kernel's cost on sm_90 (Hopper's
+    `deft.kernels.deft_flatten_sm90`). The tuner measures the chunks this gives (autotune)."""
+    sms = programs // PROGRAMS_PER_SM if tuple(capability)[0] == 9 else 0
+    return wave_chunk(tree, group_size, programs, small_grid_sms=sms)
 
 
 def config_dirs() -> tuple[Path, ...]:
