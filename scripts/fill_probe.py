@@ -109,6 +109,10 @@ for run_name, run in runs.items():
                        max_tokens=2 * big.num_tokens)
     arrays = []
     for t in trees:
+        # the planner writes its arrays in turns (deft.turn_buffers): a step's arrays hold its
+        # values until the step after next is planned, so the earlier steps' arrays kept here
+        # hold later steps' values (their sizes and identities, what fill's time depends on,
+        # are the steps' own); only the last step's values are checked below
         cache.apply(t)
         arrays.append(ta._node_planner.arrays(t, *plan_buffers.host_node_pages(cache, t), 16,
                                               chunk, group))

@@ -89,7 +89,7 @@ VARIANTS = {
     # tokens (240 consumer registers) was 0.85-1.02x the default where the work items fit one
     # CTA per SM and 1.14-1.28x elsewhere: the small-grid kernel (SMALL_GRID); with 8 stages of
     # 32 tokens, slower on 21 of 24.
-    "pipe_n32s4": dict(PIPELINE=True, BLOCK_N=32, NUM_STAGES=4),
+    "pipe_n32s4": dict(PIPELINE=True, BLOCK_N=32, NUM_STAGES=4, SMALL_GRID_PIPELINE=False),
     # plans whose work items fit one CTA per SM run the default two-CTA kernel, not the
     # pipelined small-grid one
     "serial_small": dict(SMALL_GRID_PIPELINE=False),

@@ -52,7 +52,7 @@ MODULE_VARIANTS = {
     "split2": (dict(TWO_CONSUMERS=True), 1),
     "split2_ahead2": (dict(TWO_CONSUMERS=True, SLOT_AHEAD=2), 1),
     "masked": (dict(MASK_FREE=False), 2),
-    "pipe_n32s4": (dict(PIPELINE=True, BLOCK_N=32, NUM_STAGES=4), 2),
+    "pipe_n32s4": (dict(PIPELINE=True, BLOCK_N=32, NUM_STAGES=4, SMALL_GRID_PIPELINE=False), 2),
 }
 
 

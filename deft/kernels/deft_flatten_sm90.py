@@ -102,7 +102,8 @@ LAZY_RESCALE = False
 """True: skip the O and l rescale on tiles where no row's max moves (a branch uniform over the
 consumer warpgroup, after one cross-warp max per tile). Measured on an H200 it is no faster at
 32/8 and 16/2 and 5-15% slower at 8/1 and 4/1, so off: O and l are rescaled every tile (by 1 on
-rows whose max stays)."""
+rows whose max stays). The pipelined consumer (``PIPELINE``, so the small-grid kernel) has no
+lazy path and ignores it."""
 SLOT_AHEAD = 1
 """KV tiles ahead the producer reads cache slots: 1 (the next tile's, behind this tile's
 gathers) or 2 (two tiles ahead, so the slot-load -> gather dependency spans two tiles). 2 needs

@@ -9,11 +9,13 @@ hand exactly (`flatten_work_items`): a tuned table's chunk, tuned on a tree of o
 per work item, does not carry over (docs/autotune.md, "Session 7"), its group
 size does.
 
-Replayed on the H200's measured size sweeps of session 5 (`scripts/select_on_sweeps.py`), the
-rule lands within 5% of the best chunk x group on 51 of 52 held-out tree-shapes (the stored
-chunks: 28) and on all 12 tuning ones (the stored chunks: 11). `ITEM_OVERHEAD` and the least
-chunk were chosen on the tuning run's log alone (any overhead from 128 to 768 tokens gives the
-same count there).
+On Hopper a plan of at most one work item per SM runs the small-grid kernel, whose items do
+not share an SM: such a chunk's cost is counted at `SMALL_GRID_COST` (``small_grid_sms``).
+
+Measured on an H200 (session 7, docs/autotune.md): without that term the rule held 41 of 49
+held-out tree-shapes within 5% of the best chunk x group (the stored chunks: 28); replayed on
+the same sweep with it (`scripts/select_on_sweeps.py`), 46 of 49 and all 11 tuning rows.
+`ITEM_OVERHEAD` and the least chunk were chosen on the tuning run's log alone.
 """
 
 from __future__ import annotations
