@@ -9,7 +9,9 @@ Per anchor and head shape (deft_flatten, fp16, head dim 128; default the Llama-3
 records of other shapes named ``anchor@q/kv``): the mean host time per call of N
 back-to-back calls (no synchronisation inside; the GPU queue absorbs them) of
 - `plan` with fixed sizes (the node planner, `deft.fast_plan`) and tuned (`deft.plan.build_plan`
-  through the tuned lookup), both over a `PageTable`;
+  through the tuned lookup), both over a `PageTable`; the same tree planned again and again,
+  so since session 7 the tuned column times the choice reused (`deft.kernels.tuned.reuse_key`),
+  not the lookup and its wave count (`scripts/plan_overhead.py` times whole runs);
 - `run` with ``out`` given (from its second call a replayed CUDA graph, `deft.bound_run`), the
   same with a synchronisation every `BATCH` calls left out of the time (so a full launch queue
   cannot stall the host), the same over `LAYERS` cache pairs in turn (a decode step's layers:
