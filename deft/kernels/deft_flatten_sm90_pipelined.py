@@ -30,7 +30,7 @@ if HAS_GLUON:
                            NUM_STAGES: gl.constexpr, Q_STAGES: gl.constexpr,
                            THRESHOLD: gl.constexpr, MASK_FREE: gl.constexpr,
                            DTYPE: gl.constexpr, WARPS: gl.constexpr):
-        """`deft_flatten_sm90._consumer_serial` with the tile loop software-pipelined
+        """`deft_flatten_sm90_serial.consumer_serial` with the tile loop software-pipelined
         (FlashAttention-3's intra-warpgroup overlap): tile j's S = Q K^T is issued, then tile
         j-1's O += P V, and tile j's mask and softmax run while that wgmma does. A K stage
         (`empty`) is released once its S is read, a V stage (`v_empty`) once its P V is done; a
