@@ -9,12 +9,31 @@ HYPOTHESIS_PROFILE=ci|dev (CI sets `ci`, the default is `dev` locally).
 
 import os
 
+import pytest
 import torch
 from hypothesis import HealthCheck, settings
 
 from tests.interpreter import use_interpreter_without_gpu
 
 use_interpreter_without_gpu()
+
+
+@pytest.fixture
+def isolated_tables(tmp_path, monkeypatch):
+    """Lookups see only the configs a test writes (tmp_path/configs), logs of the shipped
+    configs go to tmp_path/logs, and nothing is cached. Yields the configs folder."""
+    from autotune import store  # here: kernel modules load after use_interpreter_without_gpu
+    from deft.kernels import tuned
+    from tests.tables import forget_tables
+
+    configs = tmp_path / "configs"
+    configs.mkdir()
+    monkeypatch.setattr(tuned, "CONFIG_DIR", configs)
+    monkeypatch.setattr(store, "LOG_DIR", tmp_path / "logs")
+    monkeypatch.delenv(tuned.CONFIG_ENV, raising=False)
+    forget_tables()
+    yield configs
+    forget_tables()
 
 
 def pytest_configure(config):

@@ -48,6 +48,7 @@ from deft.kernels.tuned import (  # noqa: E402
 from deft.tree import AttentionShape  # noqa: E402
 from deft.workloads import ANCHORS, anchor, star  # noqa: E402
 from iomodel.gpus import BUILTIN  # noqa: E402
+from tests.tables import forget_tables  # noqa: E402
 
 H100, H200, A100 = BUILTIN["h100"], BUILTIN["h200"], BUILTIN["a100"]
 CHUNKED = "deft_node_chunk"
@@ -60,24 +61,7 @@ DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 """Where kernels run: compiled Triton takes CUDA tensors, the interpreter CPU ones."""
 
 
-def forget_tables():
-    """The tables are read once per process: forget them (a test wrote new ones)."""
-    tuned_module._tables.cache_clear()
-    tuned_module._lookup.cache_clear()
-
-
-@pytest.fixture(autouse=True)
-def isolated_tables(tmp_path, monkeypatch):
-    """Lookups see only the configs a test writes (tmp_path/configs), logs of the shipped
-    configs go to tmp_path/logs, and nothing is cached."""
-    configs = tmp_path / "configs"
-    configs.mkdir()
-    monkeypatch.setattr(tuned_module, "CONFIG_DIR", configs)
-    monkeypatch.setattr(store, "LOG_DIR", tmp_path / "logs")
-    monkeypatch.delenv(tuned_module.CONFIG_ENV, raising=False)
-    forget_tables()
-    yield configs
-    forget_tables()
+pytestmark = pytest.mark.usefixtures("isolated_tables")
 
 
 def device(spec, capability=(9, 0)):

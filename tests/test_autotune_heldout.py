@@ -35,18 +35,7 @@ TREE = star(20, 4000, 200)  # fewshot_b20_P4000_L200, 32/8 heads
 LEGACY_KEY = "q32-n8192-s16-g4-d128-float16"  # written before KV heads joined the key
 
 
-@pytest.fixture(autouse=True)
-def isolated_tables(tmp_path, monkeypatch):
-    configs = tmp_path / "configs"
-    configs.mkdir()
-    monkeypatch.setattr(tuned_module, "CONFIG_DIR", configs)
-    monkeypatch.setattr(store, "LOG_DIR", tmp_path / "logs")
-    monkeypatch.delenv(tuned_module.CONFIG_ENV, raising=False)
-    tuned_module._tables.cache_clear()
-    tuned_module._lookup.cache_clear()
-    yield configs
-    tuned_module._tables.cache_clear()
-    tuned_module._lookup.cache_clear()
+pytestmark = pytest.mark.usefixtures("isolated_tables")
 
 
 def write(key, chunk=512, versions=None):

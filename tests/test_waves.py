@@ -35,17 +35,7 @@ def plan_items(tree, chunk, group):
     return build_plan("deft_flatten", tree, chunk, group).num_partitions * tree.attention.kv_heads
 
 
-@pytest.fixture(autouse=True)
-def isolated_tables(tmp_path, monkeypatch):
-    configs = tmp_path / "configs"
-    configs.mkdir()
-    monkeypatch.setattr(tuned_module, "CONFIG_DIR", configs)
-    monkeypatch.delenv(tuned_module.CONFIG_ENV, raising=False)
-    tuned_module._tables.cache_clear()
-    tuned_module._lookup.cache_clear()
-    yield configs
-    tuned_module._tables.cache_clear()
-    tuned_module._lookup.cache_clear()
+pytestmark = pytest.mark.usefixtures("isolated_tables")
 
 
 def write(strategy, key, chunk, group, tile=None):
