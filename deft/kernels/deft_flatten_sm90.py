@@ -72,6 +72,7 @@ from deft.kernels import gluon_compat as gc
 from deft.kernels.deft_flatten_sm90_backend import gluon_supported, resolve_backend  # noqa: F401
 from deft.kernels.deft_flatten_sm90_pipelined import consumer_pipelined
 from deft.kernels.deft_flatten_sm90_serial import consumer_serial
+from deft.kernels.deft_flatten_sm90_tiles import real_rows, work_item
 from deft.kernels.fill import multiprocessors
 from deft.kernels.gluon_compat import HAS_GLUON
 
@@ -178,31 +179,23 @@ if HAS_GLUON:
         it = 0
         qt = 0
         for item in range(gl.program_id(0), num_items, gl.num_programs(0)):
-            part = item // KV_HEADS
-            kv_head = item % KV_HEADS
-            token_start = gl.load(part_start_ptr + part)
-            num_tokens = gl.load(part_tokens_ptr + part)
+            kv_head, token_start, num_tokens, entry_lo, entry_hi = work_item(
+                item, part_start_ptr, part_tokens_ptr, part_entry_ptr, KV_HEADS)
             # (PIPELINE) at least one tile a query tile, all masked if the partition is empty
             span = gl.maximum(num_tokens, 1) if PIPELINE else num_tokens
-            entry_lo = gl.load(part_entry_ptr + part)
-            entry_hi = gl.load(part_entry_ptr + part + 1)
             k_head = k_ptr + kv_head.to(gl.int64) * stride_kh
             v_head = v_ptr + kv_head.to(gl.int64) * stride_vh
             slot_base = token_slot_ptr + token_start
             end_base = subtree_end_ptr + token_start
             for entry0 in range(entry_lo, entry_hi, QUERIES_PER_TILE):
                 # the query tile (rows = query slot x GROUP_PAD + head) and its rows' plan data
-                q_slot = q_rows // GROUP_PAD
-                q_entry = entry0 + q_slot
-                q_ok = ((q_slot < QUERIES_PER_TILE) & (q_entry < entry_hi)
-                        & (q_rows % GROUP_PAD < GROUP))
+                q_entry = entry0 + q_rows // GROUP_PAD
+                q_ok = real_rows(q_rows, entry0, entry_hi, QUERIES_PER_TILE, GROUP, GROUP_PAD)
                 query = gl.load(entry_query_ptr + q_entry, mask=q_ok, other=0)
                 q_off = (query.to(gl.int64) * stride_qn
                          + (kv_head * GROUP + q_rows % GROUP_PAD) * stride_qh)
-                m_slot = m_rows // GROUP_PAD
-                m_entry = entry0 + m_slot
-                m_ok = ((m_slot < QUERIES_PER_TILE) & (m_entry < entry_hi)
-                        & (m_rows % GROUP_PAD < GROUP))
+                m_entry = entry0 + m_rows // GROUP_PAD
+                m_ok = real_rows(m_rows, entry0, entry_hi, QUERIES_PER_TILE, GROUP, GROUP_PAD)
                 m_query = gl.load(entry_query_ptr + m_entry, mask=m_ok, other=0)
                 # the first KV tile's slots (and the second's), loaded before waiting for a
                 # free stage

@@ -11,8 +11,8 @@ and the work items.
 from __future__ import annotations
 
 from deft.kernels import gluon_compat as gc
-from deft.kernels.deft_flatten_sm90_tiles import (mask_unless_whole, query_span, row_results,
-                                                  store_rows)
+from deft.kernels.deft_flatten_sm90_tiles import (mask_unless_whole, query_span, real_rows,
+                                                  row_results, store_rows, work_item)
 from deft.kernels.gluon_compat import HAS_GLUON
 
 if HAS_GLUON:
@@ -51,16 +51,10 @@ if HAS_GLUON:
         it = 0
         qt = 0
         for item in range(gl.program_id(0), num_items, gl.num_programs(0)):
-            part = item // KV_HEADS
-            kv_head = item % KV_HEADS
-            token_start = gl.load(part_start_ptr + part)
-            num_tokens = gl.load(part_tokens_ptr + part)
-            entry_lo = gl.load(part_entry_ptr + part)
-            entry_hi = gl.load(part_entry_ptr + part + 1)
+            kv_head, token_start, num_tokens, entry_lo, entry_hi = work_item(
+                item, part_start_ptr, part_tokens_ptr, part_entry_ptr, KV_HEADS)
             for entry0 in range(entry_lo, entry_hi, QUERIES_PER_TILE):
-                s_slot = s_rows // GROUP_PAD
-                s_ok = ((s_slot < QUERIES_PER_TILE) & (entry0 + s_slot < entry_hi)
-                        & (s_rows % GROUP_PAD < GROUP))
+                s_ok = real_rows(s_rows, entry0, entry_hi, QUERIES_PER_TILE, GROUP, GROUP_PAD)
                 qs = qt % Q_STAGES
                 mbarrier.wait(q_ready.index(qs), (qt // Q_STAGES) & 1)
                 fence_async_shared()  # cp.async (generic proxy) -> wgmma (async proxy)

@@ -1,7 +1,7 @@
 """Per-tile math the Hopper Gluon DeFT-Flatten consumers share (`deft.kernels.deft_flatten_sm90`,
 `deft.kernels.deft_flatten_sm90_pipelined`, `deft.kernels.deft_flatten_sm90_split`): the
-Euler-tour mask of one S tile, one step of the online softmax, and a query tile's partial rows
-(its lse and normalised o) stored.
+work item's plan data and a query tile's real rows, the Euler-tour mask of one S tile, one step
+of the online softmax, and a query tile's partial rows (its lse and normalised o) stored.
 
 Tensors are in the consumer's wgmma layouts: S [BLOCK_M, BLOCK_N] (query-tile rows x KV-tile
 columns), per-row vectors [BLOCK_M], per-column vectors [BLOCK_N].
@@ -14,6 +14,24 @@ from deft.kernels.gluon_compat import HAS_GLUON
 
 if HAS_GLUON:
     gluon, gl = gc.gluon, gc.gl
+
+    @gluon.jit
+    def work_item(item, part_start_ptr, part_tokens_ptr, part_entry_ptr,
+                  KV_HEADS: gl.constexpr):
+        """(KV head, first flattened position, tokens, first entry, entry past the last) of work
+        item ``item``: partition item // KV_HEADS at KV head item % KV_HEADS."""
+        part = item // KV_HEADS
+        return (item % KV_HEADS, gl.load(part_start_ptr + part), gl.load(part_tokens_ptr + part),
+                gl.load(part_entry_ptr + part), gl.load(part_entry_ptr + part + 1))
+
+    @gluon.jit
+    def real_rows(rows, entry0, entry_hi, QUERIES_PER_TILE: gl.constexpr, GROUP: gl.constexpr,
+                  GROUP_PAD: gl.constexpr):
+        """Whether each row of a query tile (rows = query slot x GROUP_PAD + head, the tile's
+        first entry ``entry0``) is a real (entry, head): its slot in the tile, its entry before
+        ``entry_hi``, its head one of GROUP."""
+        slot = rows // GROUP_PAD
+        return (slot < QUERIES_PER_TILE) & (entry0 + slot < entry_hi) & (rows % GROUP_PAD < GROUP)
 
     @gluon.jit
     def query_span(query_flat, row_ok):
@@ -87,13 +105,11 @@ if HAS_GLUON:
         Q_HEADS + the KV head's query heads; padding rows are not stored."""
         lse_rows = row.to(gl.int64) * Q_HEADS + kv_head * GROUP + s_rows % GROUP_PAD
         gl.store(lse_part_ptr + lse_rows, lse, mask=s_ok)
-        o_slot = o_rows // GROUP_PAD
-        o_ok = ((o_slot < QUERIES_PER_TILE) & (entry0 + o_slot < entry_hi)
-                & (o_rows % GROUP_PAD < GROUP))
+        o_ok = real_rows(o_rows, entry0, entry_hi, QUERIES_PER_TILE, GROUP, GROUP_PAD)
         o_off = (o_row.to(gl.int64) * Q_HEADS + kv_head * GROUP
                  + o_rows % GROUP_PAD) * HEAD_DIM
         o = acc / gl.convert_layout(l_safe, o_rows_layout)[:, None]
         gl.store(o_part_ptr + o_off[:, None] + o_dims[None, :], o, mask=o_ok[:, None])
 else:  # pragma: no cover - no Gluon in this triton
-    query_span = mask_unless_whole = mask_tile = online_softmax = None
+    work_item = real_rows = query_span = mask_unless_whole = mask_tile = online_softmax = None
     row_results = store_rows = None
