@@ -308,82 +308,77 @@ def follow_a_run(seed, kind, strategy, page_size, chunk, group, followed):
         assert fast["max_slot"] == reference["max_slot"]
 
 
-@settings(max_examples=40, deadline=None)
-@given(
+RUN_STEPS = dict(
     seed=st.integers(0, 50),
     kind=st.sampled_from(["tot", "token_tree", "fewshot", "mixed"]),
     strategy=st.sampled_from(FAST_STRATEGIES),
     page_size=st.sampled_from([1, 4]),
     sizes_by_step=st.lists(st.tuples(st.sampled_from([2, 3, 16]),
                                      st.sampled_from([None, 1, 2])), min_size=1, max_size=4),
-    twice=st.lists(st.booleans(), min_size=16, max_size=16),
     blocks=st.booleans(),
 )
+"""A run of decode steps whose chunk and group sizes change from step to step (`planned_steps`)."""
+
+
+def planned_steps(kind, seed, strategy, page_size, sizes_by_step, blocks):
+    """(step, tree, page_ptr, pages, chunk, group) over a run applied to a tree cache, with the
+    dense comparison of the entries off where ``blocks`` (DENSE_LIMIT 0)."""
+    from deft.cache import PagedKVCache, TreeCache
+
+    cache = TreeCache(PagedKVCache(4096, page_size, 1, 4))
+    with pytest.MonkeyPatch.context() as patch:
+        if blocks:
+            patch.setattr("deft.fast_plan.DENSE_LIMIT", 0)
+        for step, tree in enumerate(run_of(kind, seed)):
+            cache.apply(tree)
+            page_ptr, pages = cache.host_node_pages(tree)
+            chunk, group = sizes(strategy, *sizes_by_step[step % len(sizes_by_step)])
+            yield step, tree, page_ptr, pages, chunk, group
+
+
+@settings(max_examples=40, deadline=None)
+@given(**RUN_STEPS, twice=st.lists(st.booleans(), min_size=16, max_size=16))
 def test_kept_arrays_hold_what_they_claim_step_after_step(
         seed, kind, strategy, page_size, sizes_by_step, twice, blocks):
     """One planner over a run whose chunk and group sizes change from step to step, some trees
     planned twice: every step equals the reference, and what it says it keeps from the last
     step's arrays (the very same read-only array, or ``kept``'s shared prefix of one) holds."""
-    from deft.cache import PagedKVCache, TreeCache
-
-    cache = TreeCache(PagedKVCache(4096, page_size, 1, 4))
     planner = NodePlanner(strategy, shapes=2)
     last = {}
-    with pytest.MonkeyPatch.context() as patch:
-        if blocks:
-            patch.setattr("deft.fast_plan.DENSE_LIMIT", 0)
-        for step, tree in enumerate(run_of(kind, seed)):
-            cache.apply(tree)
-            page_ptr, pages = cache.host_node_pages(tree)
-            chunk, group = sizes(strategy, *sizes_by_step[step % len(sizes_by_step)])
-            reference = plan_arrays(build_plan(strategy, tree, chunk, group, page_size),
-                                    page_ptr, pages, flat=True)
-            for _ in range(2 if twice[step % 16] else 1):
-                fast = planner.arrays(tree, page_ptr, pages, page_size, chunk, group)
-                for name in FIELDS:
-                    np.testing.assert_array_equal(fast[name], reference[name],
-                                                  err_msg=f"step {step}: {name}")
-                    if fast[name] is last.get(name):
-                        assert not fast[name].flags.writeable
-                for name, (array, n) in fast["kept"].items():
-                    assert array is last[name] and not array.flags.writeable
-                    np.testing.assert_array_equal(array[:n], fast[name][:n])
-                last = {name: fast[name] for name in FIELDS}
+    for step, tree, page_ptr, pages, chunk, group in planned_steps(
+            kind, seed, strategy, page_size, sizes_by_step, blocks):
+        reference = plan_arrays(build_plan(strategy, tree, chunk, group, page_size),
+                                page_ptr, pages, flat=True)
+        for _ in range(2 if twice[step % 16] else 1):
+            fast = planner.arrays(tree, page_ptr, pages, page_size, chunk, group)
+            for name in FIELDS:
+                np.testing.assert_array_equal(fast[name], reference[name],
+                                              err_msg=f"step {step}: {name}")
+                if fast[name] is last.get(name):
+                    assert not fast[name].flags.writeable
+            for name, (array, n) in fast["kept"].items():
+                assert array is last[name] and not array.flags.writeable
+                np.testing.assert_array_equal(array[:n], fast[name][:n])
+            last = {name: fast[name] for name in FIELDS}
 
 
 @settings(max_examples=40, deadline=None)
-@given(
-    seed=st.integers(0, 50),
-    kind=st.sampled_from(["tot", "token_tree", "fewshot", "mixed"]),
-    strategy=st.sampled_from(FAST_STRATEGIES),
-    page_size=st.sampled_from([1, 4]),
-    sizes_by_step=st.lists(st.tuples(st.sampled_from([2, 3, 16]),
-                                     st.sampled_from([None, 1, 2])), min_size=1, max_size=4),
-    blocks=st.booleans(),
-)
+@given(**RUN_STEPS)
 def test_a_call_s_arrays_hold_their_values_through_the_next_call(
         seed, kind, strategy, page_size, sizes_by_step, blocks):
     """The planner writes its slots and entry queries in turns (`deft.turn_buffers`): the
     arrays one call returns keep their values through the next call (a plan is read while the
     next one is built), over runs whose branches die and whose sizes change."""
-    from deft.cache import PagedKVCache, TreeCache
-
-    cache = TreeCache(PagedKVCache(4096, page_size, 1, 4))
     planner = NodePlanner(strategy, shapes=2)
     previous = None
-    with pytest.MonkeyPatch.context() as patch:
-        if blocks:
-            patch.setattr("deft.fast_plan.DENSE_LIMIT", 0)
-        for step, tree in enumerate(run_of(kind, seed)):
-            cache.apply(tree)
-            page_ptr, pages = cache.host_node_pages(tree)
-            chunk, group = sizes(strategy, *sizes_by_step[step % len(sizes_by_step)])
-            fast = planner.arrays(tree, page_ptr, pages, page_size, chunk, group)
-            if previous is not None:
-                for name in (*FIELDS, "slots"):
-                    np.testing.assert_array_equal(previous[0][name], previous[1][name],
-                                                  err_msg=f"step {step - 1}: {name}")
-            previous = (fast, {name: np.array(fast[name]) for name in (*FIELDS, "slots")})
+    for step, tree, page_ptr, pages, chunk, group in planned_steps(
+            kind, seed, strategy, page_size, sizes_by_step, blocks):
+        fast = planner.arrays(tree, page_ptr, pages, page_size, chunk, group)
+        if previous is not None:
+            for name in (*FIELDS, "slots"):
+                np.testing.assert_array_equal(previous[0][name], previous[1][name],
+                                              err_msg=f"step {step - 1}: {name}")
+        previous = (fast, {name: np.array(fast[name]) for name in (*FIELDS, "slots")})
 
 
 def test_a_stale_plan_s_slots_are_refused():
