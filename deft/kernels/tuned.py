@@ -20,7 +20,7 @@ head shape (`deft.kernels.buckets`; keys without KV heads read as tuned at 32 qu
 Lookup (`tuned_config`): the first rung with a config for the tree's bucket, or for the
 nearest stored bucket within `deft.kernels.buckets.MAX_DISTANCE`, answers (for deft_flatten,
 where the card's programs are known, its chunk is then moved to the tree at hand,
-`deft.kernels.waves.wave_chunk`; the group size and tile stay the rung's):
+`flatten_chunk`; the group size and tile stay the rung's):
 
 1. ``exact``: a table of this card (same device name), measured before predicted;
 2. ``sibling``: a table of another card of the same compute capability (an H200's on an H100),
@@ -35,7 +35,8 @@ where the card's programs are known, its chunk is then moved to the tree at hand
 
 The tables are read once per process, and each (strategy, bucket, card) is looked up once, so a
 `plan` pays a bucket, a dictionary look-up and, for deft_flatten, the wave count of ten chunk
-sizes (a few tens of numpy calls). Reading never raises: a corrupted table or one of
+sizes (a few tens of numpy calls; a `TreeAttention` skips both while `reuse_key` holds).
+Reading never raises: a corrupted table or one of
 another format is skipped with a `TunedConfigWarning`. A measured table from other torch or
 triton versions (major.minor) is used with a one-line `TunedConfigWarning`: its sizes carry
 over (they follow the tree), its tiles are dropped to the kernel's own (they follow the
@@ -66,8 +67,8 @@ from deft.tree import Tree
 FORMAT = "deft-configs/1"
 RUNGS = ("exact", "sibling", "fill", "default")
 WAVE_STRATEGY = "deft_flatten"
-"""The strategy whose chunk `tuned_config` moves to the tree at hand
-(`deft.kernels.waves.wave_chunk`) wherever the card's programs are known."""
+"""The strategy whose chunk `tuned_config` moves to the tree at hand (`flatten_chunk`)
+wherever the card's programs are known."""
 
 
 CONFIG_DIR = Path(__file__).resolve().parent / "configs"
@@ -246,8 +247,7 @@ def tuned_config(strategy: str, tree: Tree, device_name: str, capability,
         Resident programs of the card (`deft.kernels.fill.resident_programs`), or a callable
         giving them. With them, ``fill`` answers where no table applies, and a deft_flatten
         chunk (a table's or the fill rung's) is moved to the tree at hand: the chunk whose work
-        items run in the fewest, shortest waves (`deft.kernels.waves.wave_chunk`), at the
-        rung's group size. Without them ``fill`` is skipped and a table's chunk is used as
+        items run in the fewest, shortest waves (`flatten_chunk`), at the rung's group size. Without them ``fill`` is skipped and a table's chunk is used as
         stored.
     """
     found = _lookup(strategy, bucket_of(tree), device_name, tuple(capability), config_dirs())
