@@ -247,8 +247,8 @@ def tuned_config(strategy: str, tree: Tree, device_name: str, capability,
         Resident programs of the card (`deft.kernels.fill.resident_programs`), or a callable
         giving them. With them, ``fill`` answers where no table applies, and a deft_flatten
         chunk (a table's or the fill rung's) is moved to the tree at hand: the chunk whose work
-        items run in the fewest, shortest waves (`flatten_chunk`), at the rung's group size. Without them ``fill`` is skipped and a table's chunk is used as
-        stored.
+        items run in the fewest, shortest waves (`flatten_chunk`), at the rung's group size.
+        Without them ``fill`` is skipped and a table's chunk is used as stored.
     """
     found = _lookup(strategy, bucket_of(tree), device_name, tuple(capability), config_dirs())
     if programs is None or strategy not in USES_CHUNK_SIZE:
