@@ -21,12 +21,11 @@
 # budget; re-run it anywhere with `python3 -m cli autotune --refit heldout.json`). Partial
 # results are still written. --dry-run prints the commands, checks the workloads parse, and
 # runs the lookup check on the IO model's predicted H200 table of the same trees (CPU, ~10 s).
-# Writes under $OUT (default autotune-out/), 9 files:
-#   env.txt                   the card and versions
+# Writes under $OUT (default autotune-out/), 7 files (the device tool returns at most 8):
 #   configs/<device>.json     the chosen configs (copy to deft/kernels/configs/, commit)
 #   configs/logs/<device>.json every candidate (copy to autotune/logs/, commit)
-#   tune.log                  progress and the chosen configs
-#   lookup.txt                the lookup check: mismatches, or that every entry reproduces
+#   tune.log                  the card and versions, progress, the chosen configs, and the
+#                             lookup check (mismatches, or that every entry reproduces)
 #   heldout.json, heldout.log tuned / best per tree and shape, and every size measured
 #                             (deft-sweep/1: the refit's records)
 #   refit.json, refit.log     fitted constants, error and Spearman on held-out trees
@@ -98,14 +97,14 @@ start=$(date +%s)
   date -u
   nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.max.sm --format=csv 2>&1
   python3 -c "import torch, triton; print('torch', torch.__version__, 'cuda', torch.version.cuda, 'triton', triton.__version__)"
-} | tee "$out/env.txt"
+} | tee "$out/tune.log"
 export COLUMNS=${COLUMNS:-180} PYTHONUNBUFFERED=1
 status=0
 
 echo "== tune (budget $(( budget * 2 / 5 )) s)" >&2
 "${tune[@]}" > >(tee -a "$out/tune.log") 2> >(tee -a "$out/tune.log" >&2) || status=1
 echo "== tune took $(( $(date +%s) - start )) s" >&2
-lookup_check "$out/configs" 2>&1 | tee "$out/lookup.txt"
+lookup_check "$out/configs" 2>&1 | tee -a "$out/tune.log"
 [ "${PIPESTATUS[0]}" -eq 0 ] || status=1
 
 left=$(( budget - ($(date +%s) - start) - 45 ))

@@ -1,13 +1,14 @@
 #!/usr/bin/env python3
 """Which chunk and group a selection rule picks, replayed on measured size sweeps (no GPU).
 
-    python3 scripts/select_on_sweeps.py [docs/autotune-h200-session7/heldout.json]
-        [--log autotune/logs/nvidia-h200.json] [--json OUT.json] [--time]
+    python3 scripts/select_on_sweeps.py [docs/autotune-h200-session8/heldout.json]
+        [--configs deft/kernels/configs] [--log autotune/logs/nvidia-h200.json]
+        [--json OUT.json] [--time]
 
 For every row of a ``deft-sweep/1`` file (`autotune.heldout`): what each rule picks for the
 row's tree from what a plan knows (the tree and its heads, the card's programs: SMs from the
-file x `deft.kernels.fill.PROGRAMS_PER_SM`, and the shipped table, `deft/kernels/configs/`,
-tuned on the tuning trees alone, with its log's tuning trees), and the measured time of that
+file x `deft.kernels.fill.PROGRAMS_PER_SM`, and a tuned table tuned on the tuning trees alone,
+``--configs`` (default the shipped one, `deft/kernels/configs/`), with its log's tuning trees), and the measured time of that
 pick over the sweep's best. The sweep timed every chunk x group size whose plan differs, at the
 tuned tile, so a pick is read off the swept size with the same plan. Rules:
 
@@ -22,8 +23,10 @@ tuned tile, so a pick is read off the swept size with the same plan. Rules:
   programs): the rung's group, the chunk of `deft.kernels.waves.wave_chunk` (on sm_90, items
   that fit the SMs cost `SMALL_GRID_COST`: the small-grid kernel).
 
-The default sweep is session 7's, measured with the kernels that ship (its ``tuned`` column is
-the waves rule before its small-grid term); session 5's (`autotune-h200-session5/heldout.json`)
+The default sweep is session 8's, measured with the kernels and the table that ship (its
+``tuned`` column is the waves rule with its small-grid term). Session 7's was measured with
+session 7's table (`docs/autotune-h200-session7/configs/`, pass it as ``--configs`` and its
+log as ``--log``; its ``tuned`` column is the waves rule before its small-grid term); session 5's (`autotune-h200-session5/heldout.json`)
 predates the small-grid kernel, so the rule's small-grid term does not hold there.
 
 Then two checks that the waves rule's parameters (the item overhead, the least chunk) are not
@@ -50,11 +53,12 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
-os.environ.pop("DEFT_TUNED_CONFIGS", None)  # the shipped tables only
+os.environ.pop("DEFT_TUNED_CONFIGS", None)  # the tables of --configs only
 
 from autotune.heldout import WITHIN, with_heads  # noqa: E402
 from autotune.space import CHUNK_SIZES, plan_signature  # noqa: E402
 from deft.kernels.fill import PROGRAMS_PER_SM, fill_chunk, fill_group  # noqa: E402
+from deft.kernels import tuned  # noqa: E402
 from deft.kernels.tuned import TunedConfigWarning, tuned_config  # noqa: E402
 from deft.kernels.waves import ITEM_OVERHEAD, WAVE_CHUNKS, flatten_work_items  # noqa: E402
 from deft.kernels.waves import wave_chunk  # noqa: E402
@@ -235,7 +239,9 @@ def lookup_us(rows, ctx, programs, repeats: int = 5, calls: int = 100) -> float:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("sweep", nargs="?",
-                        default=str(ROOT / "docs/autotune-h200-session7/heldout.json"))
+                        default=str(ROOT / "docs/autotune-h200-session8/heldout.json"))
+    parser.add_argument("--configs", default=str(tuned.CONFIG_DIR),
+                        help="the tuned tables the sweep was measured with (a directory)")
     parser.add_argument("--log", default=str(ROOT / "autotune/logs/nvidia-h200.json"))
     parser.add_argument("--json", help="write the summaries here")
     parser.add_argument("--check", action="store_true",
@@ -244,6 +250,7 @@ def main() -> None:
     parser.add_argument("--time", action="store_true",
                         help="also time the lookup per plan, as stored and with the waves rule")
     args = parser.parse_args()
+    tuned.CONFIG_DIR = Path(args.configs)
     warnings.simplefilter("ignore", TunedConfigWarning)  # tiles of other versions: sizes stay
     sweep, log = (json.loads(Path(p).read_text()) for p in (args.sweep, args.log))
     assert WAVE_CHUNKS == tuple(c for c in CHUNK_SIZES if c >= 128)
