@@ -1,21 +1,26 @@
 """The chunk that runs DeFT-Flatten's work items in the fewest, shortest waves.
 
 The partials kernel runs a persistent grid of ``programs`` (SMs x programs per SM) over
-partitions x KV heads work items. Its time follows the waves: ``ceil(items / programs)``
-rounds, each as long as one item, which streams ``chunk`` KV tokens and pays a fixed cost
-worth about `ITEM_OVERHEAD` tokens. So `wave_chunk` takes, of `WAVE_CHUNKS`, the chunk with the
-least ``ceil(items / programs) x (chunk + ITEM_OVERHEAD)``, counting the items of the tree at
-hand exactly (`flatten_work_items`): a tuned table's chunk, tuned on a tree of other tokens
-per work item, does not carry over (docs/autotune.md, "Session 7"), its group
-size does.
+partitions x KV heads work items, program p taking items p, p + programs, ... in plan order
+(chunk after chunk, every partition of a chunk as long as the chunk, the tree's last chunk the
+rest of its tokens). An item streams its partition's KV tokens and pays a fixed cost worth
+about `ITEM_OVERHEAD` tokens. The kernel ends with its busiest program, program 0, which takes
+``ceil(items / programs)`` items, ``ceil(items before the last chunk's / programs)`` of them
+full chunks. So `wave_chunk` takes, of `WAVE_CHUNKS`, the chunk with the least such load,
+counting the items of the tree at hand exactly (`flatten_work_items`): a tuned table's chunk,
+tuned on a tree of other tokens per work item, does not carry over (docs/autotune.md, "Session
+7"), its group size does.
 
 On Hopper a plan of at most one work item per SM runs the small-grid kernel, whose items do
 not share an SM: such a chunk's cost is counted at `SMALL_GRID_COST` (``small_grid_sms``).
 
-Measured on an H200 (session 7, docs/autotune.md): without that term the rule held 41 of 49
-held-out tree-shapes within 5% of the best chunk x group (the stored chunks: 28); replayed on
-the same sweep with it (`scripts/select_on_sweeps.py`), 46 of 49 and all 11 tuning rows.
-`ITEM_OVERHEAD` and the least chunk were chosen on the tuning run's log alone.
+Measured on an H200 (docs/autotune.md): the rule as session 7 first wrote it (every item a full
+chunk, no small-grid term) held 41 of 49 held-out tree-shapes within 5% of the best chunk x
+group (the stored chunks: 28); with the small-grid term, session 8's sweep with the table
+tuned for it, 61 of 63. Counting the last chunk's items at their length (session 8) picks the
+same chunk on every one of those rows and mends spec_t256 at 32/8 and 16/2, where the last
+chunk's short items filled the second wave (c768 ran 1.23x the best, c2048, on its own tuning
+tree). `ITEM_OVERHEAD` and the least chunk were chosen on the tuning run's log alone.
 """
 
 from __future__ import annotations
@@ -42,7 +47,13 @@ one-CTA kernel over the two-CTA one on anchors of 132-264 items, two rounds agai
 
 def flatten_work_items(tree: Tree, chunks, group_size: int | None) -> np.ndarray:
     """Work items (partitions x KV heads) of deft_flatten's plan of `tree` at each chunk size,
-    exactly as `deft.plan.build_plan` partitions it.
+    exactly as `deft.plan.build_plan` partitions it: `work_items`' first array."""
+    return work_items(tree, chunks, group_size)[0]
+
+
+def work_items(tree: Tree, chunks, group_size: int | None) -> tuple:
+    """Work items (partitions x KV heads) of deft_flatten's plan of `tree` at each chunk size,
+    and those of its last chunk, exactly as `deft.plan.build_plan` partitions it.
 
     A chunk is a run ``[a, b)`` of the flattened (DFS preorder) tokens; a query at flattened
     position F sees it iff ``a <= F < max(subtree end of its nodes)``, and its seeing queries
@@ -58,7 +69,8 @@ def flatten_work_items(tree: Tree, chunks, group_size: int | None) -> np.ndarray
 
     Returns
     -------
-    int64 [len(chunks)]
+    (all, last) : int64 [len(chunks)] each
+        Every chunk's work items, and the last chunk's (the tree's last tokens).
     """
     order = tree.preorder
     tokens = tree.tokens[order]
@@ -86,16 +98,16 @@ def flatten_work_items(tree: Tree, chunks, group_size: int | None) -> np.ndarray
     # a node's queries sit on its last tokens: those at or past the chunk's start see it
     on_first = np.minimum(queries[first_node], token_end[first_node] - start)
     seen = queries_before[reach] - queries_before[first_node] + on_first
-    parts = (seen > 0) if group_size is None else -(-seen // group_size)
-    per_size = np.add.reduceat(parts.astype(np.int64), ends - counts)
-    return per_size * tree.attention.kv_heads
+    parts = ((seen > 0) if group_size is None else -(-seen // group_size)).astype(np.int64)
+    heads = tree.attention.kv_heads
+    return np.add.reduceat(parts, ends - counts) * heads, parts[ends - 1] * heads
 
 
 def wave_chunk(tree: Tree, group_size: int | None, programs: int,
                chunks=WAVE_CHUNKS, overhead: int = ITEM_OVERHEAD, small_grid_sms: int = 0) -> int:
-    """The chunk of `chunks` with the least ``ceil(items / programs) x (chunk + overhead)``
-    (module docstring), that cost times `SMALL_GRID_COST` where the items fit
-    ``small_grid_sms``, the smaller chunk on a tie.
+    """The chunk of `chunks` with the least load of program 0 (module docstring): its items'
+    tokens plus `overhead` each, a full chunk but on the last chunk's items; that load times
+    `SMALL_GRID_COST` where the items fit ``small_grid_sms``; the smaller chunk on a tie.
 
     Parameters
     ----------
@@ -115,8 +127,10 @@ def wave_chunk(tree: Tree, group_size: int | None, programs: int,
     most = -(-tree.num_tokens // chunks[0]) * groups * tree.attention.kv_heads
     if most <= (small_grid_sms or programs):
         return int(chunks[0])  # at most that many items: one wave at the least chunk, unbeaten
-    items = flatten_work_items(tree, chunks, group_size)
-    waves = -(-items // programs)
-    cost = (waves * (np.asarray(chunks, dtype=np.int64) + overhead)
-            * np.where(items <= small_grid_sms, SMALL_GRID_COST, 1.0))
+    sizes = np.asarray(chunks, dtype=np.int64)
+    items, last = work_items(tree, sizes, group_size)
+    rest = tree.num_tokens - (-(-tree.num_tokens // sizes) - 1) * sizes  # the last chunk's
+    load = (-(-items // programs) * (rest + overhead)
+            + -(-(items - last) // programs) * (sizes - rest))
+    cost = load * np.where(items <= small_grid_sms, SMALL_GRID_COST, 1.0)
     return int(chunks[int(np.argmin(cost))])
