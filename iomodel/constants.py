@@ -31,6 +31,9 @@ class Constants:
     tile_us : float
         One tile step of that kernel (a query tile against one KV tile) on an SM with nothing
         else streaming, µs.
+    small_grid_tile_us : float
+        The same step in the small-grid form of the Hopper kernel (a plan of at most one work
+        item per SM: one CTA per SM, its consumer software-pipelined), µs.
     contention : float
         How much slower a tile step gets when every SM streams at once (loaded memory latency):
         a step costs ``tile_us x (1 + contention x busy)``, busy the fraction of SMs in use.
@@ -49,6 +52,7 @@ class Constants:
     sm_bandwidth_fraction: float = 0.025
     item_us: float = 1.0
     tile_us: float = 1.0
+    small_grid_tile_us: float = 1.0
     contention: float = 0.5
     pair_speedup: float = 1.5
     merge_step_us: float = 2.0

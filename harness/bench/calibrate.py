@@ -48,6 +48,7 @@ BOUNDS = {
     "sm_bandwidth_fraction": (1e-3, 1.0),
     "item_us": (1e-3, 100.0),
     "tile_us": (1e-3, 100.0),
+    "small_grid_tile_us": (1e-3, 100.0),
     "contention": (0.0, 10.0),
     "pair_speedup": (1.0, 2.0),
     "merge_step_us": (1e-3, 100.0),
