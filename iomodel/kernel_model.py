@@ -11,21 +11,23 @@ its query tile (the partition's queries x the KV head's query heads, packed into
 time, and writes its partial rows; a partition with more queries than one tile holds repeats the
 stream once per query tile. So, with the constants of `iomodel.constants.Constants`:
 
-1. A work item of t tokens and q queries costs ``item_us + steps x tile_us x (1 + contention x
-   busy)``: ``steps = ceil(q / queries per tile) x ceil(t / KV tile)`` is its serial chain of
-   tile steps (a step costs the same however many of the tile's rows are real queries), and
-   ``busy`` the fraction of SMs with a work item (more SMs streaming at once load memory more,
-   so each step waits longer). ``tile_us`` is a step of the Gluon kernel's 64-token tile,
-   ``small_grid_tile_us`` in its small-grid form; a step of the portable kernel's 32-token tile
-   is taken to cost half of ``tile_us`` (the same per token).
+1. A work item of t tokens and q queries costs ``tiles x query_tile_us + steps x tile_us x (1 +
+   contention x busy)``: ``tiles = ceil(q / queries per tile)`` query tiles, each loaded, its KV
+   stream started afresh and its partial rows written at a fixed cost, ``steps = tiles x
+   ceil(t / KV tile)`` its serial chain of tile steps (a step costs the same however many of
+   the tile's rows are real queries), and ``busy`` the fraction of SMs with a work item (more
+   SMs streaming at once load memory more, so each step waits longer). ``tile_us`` is a step of
+   the Gluon kernel's 64-token tile, ``small_grid_tile_us`` one of its small-grid form; a step
+   of the portable kernel's 32-token tile is taken to cost half of ``tile_us`` (the same per
+   token).
 2. A program's time is the sum of its items, dealt longest first one per program in turn (the
    kernel's static stride over plan order, where the shared prefix's items come first; a plan
    and its aggregates, which keep no order, predict the same). SM s hosts programs s and
-   s + SMs, which share it: its time is ``max(a, b, (a + b) / pair_speedup)`` (the small-grid
-   kernel's one program has the SM to itself: its time is its items'). The kernel
-   takes the busiest SM's time, but never less than its HBM bytes at ``memory_efficiency`` x
-   bandwidth: every KV token some query sees read once (query groups of one chunk run side by
-   side and share it through L2), plus Q, mask, page indices and the partial rows written.
+   s + SMs, which share it: its time is ``max(a, b, (a + b) / pair_speedup)``; the small-grid
+   kernel's one program has its SM to itself. The kernel takes the busiest SM's time, but
+   never less than its HBM bytes at ``memory_efficiency`` x bandwidth: every KV token some
+   query sees read once (query groups of one chunk run side by side and share it through L2),
+   plus Q, mask, page indices and the partial rows written.
 3. The merge reads every partial row and writes the output: its bytes at ``memory_efficiency`` x
    bandwidth, or, if longer, a merge program's serial chain over one query's partial rows,
    ``merge_step_us`` per loop step (``MERGE_BLOCK_ROWS`` rows a step for the per-head merge, one
@@ -48,8 +50,8 @@ from iomodel.gpus import GpuSpec
 TILED_STRATEGIES = ("deft_flatten",)
 """Strategies whose latency this model predicts (the others: `iomodel.latency`'s roofline)."""
 
-KERNEL_CONSTANTS = ("launch_us", "memory_efficiency", "item_us", "tile_us", "small_grid_tile_us",
-                    "contention", "pair_speedup", "merge_step_us")
+KERNEL_CONSTANTS = ("launch_us", "memory_efficiency", "query_tile_us", "tile_us",
+                    "small_grid_tile_us", "contention", "pair_speedup", "merge_step_us")
 """The constants this model reads (`iomodel.constants.Constants`)."""
 
 QUERY_TILE_ROWS = 64
@@ -106,11 +108,15 @@ def kv_tile(gpu: GpuSpec) -> int:
     return KV_TILE_HOPPER if hopper(gpu) else KV_TILE_PORTABLE
 
 
+def query_tiles(plan: Plan | PlanAggregates, gpu: GpuSpec) -> np.ndarray:
+    """Query tiles of each partition's work items (one per KV head). [P]"""
+    shape = plan.tree.attention
+    return -(-plan.queries // queries_per_tile(shape.q_heads // shape.kv_heads, gpu))
+
+
 def item_steps(plan: Plan | PlanAggregates, gpu: GpuSpec) -> np.ndarray:
     """Tile steps of each partition's work items (one per KV head): query tiles x KV tiles. [P]"""
-    shape = plan.tree.attention
-    per_tile = queries_per_tile(shape.q_heads // shape.kv_heads, gpu)
-    return -(-plan.queries // per_tile) * -(-plan.tokens // kv_tile(gpu))
+    return query_tiles(plan, gpu) * -(-plan.tokens // kv_tile(gpu))
 
 
 def program_loads(plan: Plan | PlanAggregates, gpu: GpuSpec, c: Constants) -> np.ndarray:
@@ -127,7 +133,7 @@ def program_loads(plan: Plan | PlanAggregates, gpu: GpuSpec, c: Constants) -> np
     # token (an assumption: no card but the H200 has been measured)
     tile_us = c.small_grid_tile_us if small_grid(plan, gpu) else c.tile_us
     step_s = tile_us * kv_tile(gpu) / KV_TILE_HOPPER * (1.0 + c.contention * busy) * 1e-6
-    cost = c.item_us * 1e-6 + item_steps(plan, gpu) * step_s  # [P]
+    cost = query_tiles(plan, gpu) * c.query_tile_us * 1e-6 + item_steps(plan, gpu) * step_s  # [P]
     order = np.argsort(-cost, kind="stable")
     return _dealt_in_turn(copies[order], cost[order], programs_per_sm(plan, gpu) * gpu.sm_count)
 

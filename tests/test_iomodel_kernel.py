@@ -21,7 +21,7 @@ from tests.test_iomodel import SPEC, star
 # ---------------------------------------------------------------------------- the kernel model
 # deft_flatten is timed from its kernel (iomodel.kernel_model); these are synthetic checks of
 # each piece, with constants chosen so the quantities are whole numbers.
-KERNEL = {"launch_us": 1.0, "memory_efficiency": 1.0, "item_us": 2.0, "tile_us": 1.0,
+KERNEL = {"launch_us": 1.0, "memory_efficiency": 1.0, "query_tile_us": 2.0, "tile_us": 1.0,
           "small_grid_tile_us": 1.0, "contention": 0.0, "pair_speedup": 1.5,
           "merge_step_us": 1.0}
 
@@ -70,12 +70,28 @@ def test_a_tile_step_costs_the_same_however_full_its_query_tile():
     assert list(steps(32, group=16)) == [11, 11]  # two groups: two items side by side
 
 
+def test_each_query_tile_of_an_item_pays_the_fixed_cost():
+    shape = AttentionShape(32, 8, 128, "float16")  # 16 queries a tile
+    gpu = kernel_gpu()
+    c = constants_for(gpu)
+    for queries, tiles in ((16, 1), (17, 2)):
+        tree = Tree(range(queries + 1), [None] + [0] * queries, [640] + [1] * queries,
+                    [0] + [1] * queries, shape)
+        plan = build_plan("deft_flatten", tree, 1024, None, 16)  # one partition, 8 items
+        assert list(kernel_model.query_tiles(plan, gpu)) == [tiles]
+        steps = tiles * -(-(640 + queries) // 64)
+        chain, _ = kernel_model.partials_seconds(plan, gpu, c, 0.0)
+        assert chain * 1e6 == pytest.approx(tiles * c.query_tile_us + steps * c.tile_us)
+
+
 def test_items_are_dealt_longest_first_one_per_program_in_turn():
     gpu = kernel_gpu()
     programs = kernel_model.PROGRAMS_PER_SM * gpu.sm_count
     tree = Tree(range(302), [None, 0] + [1] * 300, [64, 64] + [64] * 300)  # 300 leaves
     plan = build_plan("deft_flatten", tree, 64, None, 16)  # the two shared chunks: 300 queries
-    cost = 2.0 + np.repeat(kernel_model.item_steps(plan, gpu), plan.tree.attention.kv_heads)
+    tiles = kernel_model.query_tiles(plan, gpu)  # 2.0 µs each, 1.0 a step
+    cost = np.repeat(2.0 * tiles + kernel_model.item_steps(plan, gpu),
+                     plan.tree.attention.kv_heads)
     assert cost.max() > cost.min() and len(cost) > programs
     loads = kernel_model.program_loads(plan, gpu, constants_for(gpu)) * 1e6
     dealt = np.sort(cost)[::-1]  # item i of that order to program i % programs
@@ -125,13 +141,13 @@ def test_a_plan_of_at_most_one_item_per_sm_runs_the_small_grid_kernel_on_hopper(
     assert kernel_model.programs_per_sm(over, gpu) == kernel_model.PROGRAMS_PER_SM
     # one program per SM, one item each, at the small-grid step
     loads = kernel_model.program_loads(fits, gpu, c)
-    assert len(loads) == gpu.sm_count and np.allclose(loads * 1e6, c.item_us + 0.5)
+    assert len(loads) == gpu.sm_count and np.allclose(loads * 1e6, c.query_tile_us + 0.5)
     small, _ = kernel_model.partials_seconds(fits, gpu, c, 0.0)
-    assert small * 1e6 == pytest.approx(c.item_us + c.small_grid_tile_us)
+    assert small * 1e6 == pytest.approx(c.query_tile_us + c.small_grid_tile_us)
     # one item more: two programs per SM at tile_us, SM 0 hosting two items
     assert len(kernel_model.program_loads(over, gpu, c)) == 2 * gpu.sm_count
     shared, _ = kernel_model.partials_seconds(over, gpu, c, 0.0)
-    assert shared * 1e6 == pytest.approx(2 * (c.item_us + c.tile_us) / c.pair_speedup)
+    assert shared * 1e6 == pytest.approx(2 * (c.query_tile_us + c.tile_us) / c.pair_speedup)
     assert small < shared
     # the aggregates agree, and a card without the Gluon kernel never takes the small grid
     aggregated = plan_aggregates("deft_flatten", fits.tree, 64, None, 16)
@@ -170,7 +186,7 @@ def test_merge_chain_over_a_querys_partial_rows():
 def test_flatten_reads_each_seen_token_from_hbm_once():
     shape = AttentionShape(32, 8, 128, "float16")
     tree = Tree(range(65), [None] + [0] * 64, [4000] + [64] * 64, [0] + [1] * 64, shape)
-    gpu = kernel_gpu(item_us=1e-3, tile_us=1e-3,  # no chain: the kernel is memory bound
+    gpu = kernel_gpu(query_tile_us=1e-3, tile_us=1e-3,  # no chain: the kernel is memory bound
                      small_grid_tile_us=1e-3)
     for group in (None, 8):
         plan = build_plan("deft_flatten", tree, 512, group, 16)

@@ -46,7 +46,7 @@ BOUNDS = {
     "memory_efficiency": (0.05, 1.0),
     "compute_efficiency": (0.05, 1.0),
     "sm_bandwidth_fraction": (1e-3, 1.0),
-    "item_us": (1e-3, 100.0),
+    "query_tile_us": (1e-3, 100.0),
     "tile_us": (1e-3, 100.0),
     "small_grid_tile_us": (1e-3, 100.0),
     "contention": (0.0, 10.0),
