@@ -25,12 +25,16 @@ class Constants:
     sm_bandwidth_fraction : float
         Fraction of the HBM bandwidth one SM can draw on its own (about 3x its fair share on
         an H100; bounds programs that run while other SMs idle).
-    item_us : float
-        Fixed cost of one work item of the shipped DeFT-Flatten kernel (its query tile's load,
-        the ring's first fill, the partial rows' epilogue), µs (`iomodel.kernel_model`).
+    query_tile_us : float
+        Fixed cost of one query tile of a work item of the shipped DeFT-Flatten kernel (the
+        tile's load, its KV stream's first fill of the ring, its partial rows' epilogue), µs
+        (`iomodel.kernel_model`).
     tile_us : float
         One tile step of that kernel (a query tile against one KV tile) on an SM with nothing
         else streaming, µs.
+    small_grid_tile_us : float
+        The same step in the small-grid form of the Hopper kernel (a plan of at most one work
+        item per SM: one CTA per SM, its consumer software-pipelined), µs.
     contention : float
         How much slower a tile step gets when every SM streams at once (loaded memory latency):
         a step costs ``tile_us x (1 + contention x busy)``, busy the fraction of SMs in use.
@@ -47,8 +51,9 @@ class Constants:
     memory_efficiency: float = 0.88
     compute_efficiency: float = 0.69
     sm_bandwidth_fraction: float = 0.025
-    item_us: float = 1.0
+    query_tile_us: float = 1.0
     tile_us: float = 1.0
+    small_grid_tile_us: float = 1.0
     contention: float = 0.5
     pair_speedup: float = 1.5
     merge_step_us: float = 2.0

@@ -3,25 +3,31 @@
 deft_flatten runs the Hopper Gluon kernel on sm_90 and the portable Triton kernel elsewhere
 (docs/iomodel.md, "The kernel model"). Both are persistent: ``PROGRAMS_PER_SM`` x SMs programs,
 program j taking work items j, j + programs, ... (a static stride), where the work items are the
-partitions x KV heads in plan order. A work item loads its query tile (the partition's queries x
-the KV head's query heads, packed into ``QUERY_TILE_ROWS`` rows), streams its partition's KV
-through shared memory one KV tile at a time, and writes its partial rows; a partition with more
-queries than one tile holds repeats the stream once per query tile. So, with the constants of
-`iomodel.constants.Constants`:
+partitions x KV heads in plan order. On Hopper a plan of at most one work item per SM runs the
+small-grid form instead (`small_grid`): ``SMALL_GRID_PROGRAMS_PER_SM`` program per SM, its
+consumer software-pipelined over a deeper ring, at the same 64-token KV tile. A work item loads
+its query tile (the partition's queries x the KV head's query heads, packed into
+``QUERY_TILE_ROWS`` rows), streams its partition's KV through shared memory one KV tile at a
+time, and writes its partial rows; a partition with more queries than one tile holds repeats the
+stream once per query tile. So, with the constants of `iomodel.constants.Constants`:
 
-1. A work item of t tokens and q queries costs ``item_us + steps x tile_us x (1 + contention x
-   busy)``: ``steps = ceil(q / queries per tile) x ceil(t / KV tile)`` is its serial chain of
-   tile steps (a step costs the same however many of the tile's rows are real queries), and
-   ``busy`` the fraction of SMs with a work item (more SMs streaming at once load memory more,
-   so each step waits longer). ``tile_us`` is a step of the Gluon kernel's 64-token tile; a
-   step of the portable kernel's 32-token tile is taken to cost half (the same per token).
+1. A work item of t tokens and q queries costs ``tiles x query_tile_us + steps x tile_us x (1 +
+   contention x busy)``: ``tiles = ceil(q / queries per tile)`` query tiles, each loaded, its KV
+   stream started afresh and its partial rows written at a fixed cost, ``steps = tiles x
+   ceil(t / KV tile)`` its serial chain of tile steps (a step costs the same however many of
+   the tile's rows are real queries), and ``busy`` the fraction of SMs with a work item (more
+   SMs streaming at once load memory more, so each step waits longer). ``tile_us`` is a step of
+   the Gluon kernel's 64-token tile, ``small_grid_tile_us`` one of its small-grid form; a step
+   of the portable kernel's 32-token tile is taken to cost half of ``tile_us`` (the same per
+   token).
 2. A program's time is the sum of its items, dealt longest first one per program in turn (the
    kernel's static stride over plan order, where the shared prefix's items come first; a plan
    and its aggregates, which keep no order, predict the same). SM s hosts programs s and
-   s + SMs, which share it: its time is ``max(a, b, (a + b) / pair_speedup)``. The kernel
-   takes the busiest SM's time, but never less than its HBM bytes at ``memory_efficiency`` x
-   bandwidth: every KV token some query sees read once (query groups of one chunk run side by
-   side and share it through L2), plus Q, mask, page indices and the partial rows written.
+   s + SMs, which share it: its time is ``max(a, b, (a + b) / pair_speedup)``; the small-grid
+   kernel's one program has its SM to itself. The kernel takes the busiest SM's time, but
+   never less than its HBM bytes at ``memory_efficiency`` x bandwidth: every KV token some
+   query sees read once (query groups of one chunk run side by side and share it through L2),
+   plus Q, mask, page indices and the partial rows written.
 3. The merge reads every partial row and writes the output: its bytes at ``memory_efficiency`` x
    bandwidth, or, if longer, a merge program's serial chain over one query's partial rows,
    ``merge_step_us`` per loop step (``MERGE_BLOCK_ROWS`` rows a step for the per-head merge, one
@@ -29,7 +35,7 @@ queries than one tile holds repeats the stream once per query tile. So, with the
    partial rows per query standing in for the most.
 
 The kernels' shapes are copied here as plain numbers so the IO model needs neither torch nor
-triton; tests/test_iomodel.py checks them against the kernel modules.
+triton; tests/test_iomodel_kernel.py checks them against the kernel modules.
 """
 
 from __future__ import annotations
@@ -44,8 +50,8 @@ from iomodel.gpus import GpuSpec
 TILED_STRATEGIES = ("deft_flatten",)
 """Strategies whose latency this model predicts (the others: `iomodel.latency`'s roofline)."""
 
-KERNEL_CONSTANTS = ("launch_us", "memory_efficiency", "item_us", "tile_us", "contention",
-                    "pair_speedup", "merge_step_us")
+KERNEL_CONSTANTS = ("launch_us", "memory_efficiency", "query_tile_us", "tile_us",
+                    "small_grid_tile_us", "contention", "pair_speedup", "merge_step_us")
 """The constants this model reads (`iomodel.constants.Constants`)."""
 
 QUERY_TILE_ROWS = 64
@@ -59,6 +65,10 @@ KV_TILE_PORTABLE = 32
 
 PROGRAMS_PER_SM = 2
 """Resident programs per SM (`deft.kernels.fill.PROGRAMS_PER_SM`)."""
+
+SMALL_GRID_PROGRAMS_PER_SM = 1
+"""Resident programs per SM of the small-grid kernel (`deft.kernels.deft_flatten_sm90.launch_spec`
+with ``small_grid``)."""
 
 MERGE_BLOCK_ROWS = 16
 """Partial rows one step of the per-head merge reads (`deft.kernels.reduction.BLOCK_E`)."""
@@ -81,20 +91,36 @@ def queries_per_tile(group: int, gpu: GpuSpec) -> int:
     return max(QUERY_TILE_ROWS, padded) // group
 
 
+def small_grid(plan: Plan | PlanAggregates, gpu: GpuSpec) -> bool:
+    """Whether `plan` runs the Gluon kernel's small-grid form: on Hopper, work items
+    (partitions x KV heads) at most the SMs (`deft.tree_plan.TreePlan.small_grid`)."""
+    items = int(plan.count.sum()) * plan.tree.attention.kv_heads
+    return hopper(gpu) and items <= gpu.sm_count
+
+
+def programs_per_sm(plan: Plan | PlanAggregates, gpu: GpuSpec) -> int:
+    """Programs one SM hosts: one in the small-grid kernel, else `PROGRAMS_PER_SM`."""
+    return SMALL_GRID_PROGRAMS_PER_SM if small_grid(plan, gpu) else PROGRAMS_PER_SM
+
+
 def kv_tile(gpu: GpuSpec) -> int:
     """KV tokens per tile of the kernel `gpu` runs."""
     return KV_TILE_HOPPER if hopper(gpu) else KV_TILE_PORTABLE
 
 
+def query_tiles(plan: Plan | PlanAggregates, gpu: GpuSpec) -> np.ndarray:
+    """Query tiles of each partition's work items (one per KV head). [P]"""
+    shape = plan.tree.attention
+    return -(-plan.queries // queries_per_tile(shape.q_heads // shape.kv_heads, gpu))
+
+
 def item_steps(plan: Plan | PlanAggregates, gpu: GpuSpec) -> np.ndarray:
     """Tile steps of each partition's work items (one per KV head): query tiles x KV tiles. [P]"""
-    shape = plan.tree.attention
-    per_tile = queries_per_tile(shape.q_heads // shape.kv_heads, gpu)
-    return -(-plan.queries // per_tile) * -(-plan.tokens // kv_tile(gpu))
+    return query_tiles(plan, gpu) * -(-plan.tokens // kv_tile(gpu))
 
 
 def program_loads(plan: Plan | PlanAggregates, gpu: GpuSpec, c: Constants) -> np.ndarray:
-    """Seconds of work of every program of the persistent grid. [PROGRAMS_PER_SM x SMs]
+    """Seconds of work of every program of the persistent grid. [programs_per_sm x SMs]
 
     The kernel deals work items (partitions x KV heads, in plan order) by a static stride;
     `deft.plan_aggregates.PlanAggregates` keep no order, and a plan and its aggregates must
@@ -105,10 +131,11 @@ def program_loads(plan: Plan | PlanAggregates, gpu: GpuSpec, c: Constants) -> np
     busy = min(int(copies.sum()), gpu.sm_count) / gpu.sm_count
     # tile_us is a Hopper tile's step; the portable kernel's smaller tiles cost the same per
     # token (an assumption: no card but the H200 has been measured)
-    step_s = c.tile_us * kv_tile(gpu) / KV_TILE_HOPPER * (1.0 + c.contention * busy) * 1e-6
-    cost = c.item_us * 1e-6 + item_steps(plan, gpu) * step_s  # [P]
+    tile_us = c.small_grid_tile_us if small_grid(plan, gpu) else c.tile_us
+    step_s = tile_us * kv_tile(gpu) / KV_TILE_HOPPER * (1.0 + c.contention * busy) * 1e-6
+    cost = query_tiles(plan, gpu) * c.query_tile_us * 1e-6 + item_steps(plan, gpu) * step_s  # [P]
     order = np.argsort(-cost, kind="stable")
-    return _dealt_in_turn(copies[order], cost[order], PROGRAMS_PER_SM * gpu.sm_count)
+    return _dealt_in_turn(copies[order], cost[order], programs_per_sm(plan, gpu) * gpu.sm_count)
 
 
 def _dealt_in_turn(runs: np.ndarray, values: np.ndarray, programs: int) -> np.ndarray:
@@ -129,9 +156,10 @@ def partials_seconds(plan, gpu: GpuSpec, c: Constants, hbm_bytes: float) -> tupl
     """Seconds of the partials kernel and its bound: ``"compute"`` (the busiest SM's chain of
     tile steps) or ``"memory"`` (`hbm_bytes` at the kernel's share of the bandwidth)."""
     loads = program_loads(plan, gpu, c)
-    first, second = loads[:gpu.sm_count], loads[gpu.sm_count:]
-    per_sm = np.maximum(np.maximum(first, second), (first + second) / c.pair_speedup)
-    chain = float(per_sm.max())
+    if len(loads) > gpu.sm_count:  # two programs per SM
+        first, second = loads[:gpu.sm_count], loads[gpu.sm_count:]
+        loads = np.maximum(np.maximum(first, second), (first + second) / c.pair_speedup)
+    chain = float(loads.max())
     memory = hbm_bytes / (gpu.bandwidth * c.memory_efficiency)
     return (chain, "compute") if chain >= memory else (memory, "memory")
 

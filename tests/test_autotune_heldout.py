@@ -23,9 +23,10 @@ from deft.kernels.tuned import TunedConfigWarning, tuned_config
 from deft.kernels.waves import wave_chunk
 from deft.plan import build_plan
 from deft.tree import AttentionShape
-from deft.tree_format import tree_to_dict
+from deft.tree_format import tree_from_dict, tree_to_dict
 from deft.workloads import star
 from harness.bench.calibrate import calibrate_sweep, spearman
+from iomodel import kernel_model
 from iomodel.gpus import BUILTIN
 from iomodel.latency import predict_latency
 
@@ -212,10 +213,10 @@ TRUE = {"launch_us": 6.0, "program_us": 1.5, "memory_efficiency": 0.7,
         "compute_efficiency": 0.3, "sm_bandwidth_fraction": 0.02}
 
 
-def synthetic_sweep(noise=0.0):
-    """Sizes of four small trees timed by the model itself with `TRUE` constants (times
+def synthetic_sweep(noise=0.0, constants=TRUE):
+    """Sizes of four small trees timed by the model itself with `constants` (times
     (1 + noise) on the held-out ones)."""
-    truth = dataclasses.replace(H200, calibration=TRUE)
+    truth = dataclasses.replace(H200, calibration=constants)
     trees = {"a": star(8, 3000, 100), "b": star(30, 2000, 50),
              "c": star(12, 5000, 80), "d": star(40, 1000, 20)}
     rows = []
@@ -244,6 +245,20 @@ def test_refit_recovers_model_generated_times_and_judges_on_held_out_trees():
     off = calibrate_sweep([synthetic_sweep(noise=0.5)], max_evaluations=60)
     assert off["held_out"]["median_abs_err"] == pytest.approx(1 / 3, abs=0.03)  # 1/1.5 - 1
     assert not off["meets_goals"]
+
+
+def test_refit_tells_the_small_grid_kernel_from_the_two_cta_one():
+    # the sweep's chunks give plans of at most one item per SM (small grid) and more
+    truth = {**TRUE, "tile_us": 1.2, "small_grid_tile_us": 0.6}
+    sweep = synthetic_sweep(constants=truth)
+    small = {kernel_model.small_grid(build_plan(
+        "deft_flatten", tree_from_dict(sweep["trees"][row["workload"]]), size["chunk_size"],
+        size["group_size"], 16), H200) for row in sweep["rows"] for size in row["sizes"]}
+    assert small == {True, False}
+    fit = calibrate_sweep([sweep], max_evaluations=60)
+    assert fit["constants"]["tile_us"] == pytest.approx(1.2, rel=0.02)
+    assert fit["constants"]["small_grid_tile_us"] == pytest.approx(0.6, rel=0.02)
+    assert fit["held_out"]["median_abs_err"] < 0.02
 
 
 def test_refit_needs_tuning_trees_and_writes_a_fit(tmp_path):

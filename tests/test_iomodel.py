@@ -1,13 +1,10 @@
 """The IO model: traffic predicted exactly as the reference counts it, GPU specs, the latency
-model (the roofline and deft_flatten's kernel model) and the floor, whole runs, and
-`deft-cli estimate-io`."""
+model and the floor, whole runs, and `deft-cli estimate-io` (deft_flatten's kernel model:
+tests/test_iomodel_kernel.py)."""
 
-import dataclasses
 import json
 import math
 from pathlib import Path
-
-import numpy as np
 
 import pytest
 import torch
@@ -19,14 +16,10 @@ import iomodel
 from cli import main
 from deft.tree import AttentionShape, Tree
 from deft.tree_format import tree_to_dict
-from iomodel import kernel_model
 from iomodel.gpus import BUILTIN, GpuSpecError, load_gpu_spec
-from iomodel.kernel_model import KERNEL_CONSTANTS
-from iomodel.latency import (ROOFLINE_CONSTANTS, constants_for, constants_used, floor_traffic,
-                             predict_latency, strategy_sizes)
+from iomodel.latency import floor_traffic, predict_latency, strategy_sizes
 from iomodel.traffic import TRAFFIC_KEYS
 from deft.plan import build_plan
-from deft.plan_aggregates import plan_aggregates
 from deft.strategies import STRATEGIES
 from tests.trees import trees
 
@@ -198,6 +191,14 @@ def test_detection_of_unknown_gpu(monkeypatch):
         iomodel.detect_gpu()
 
 
+def test_spec_compute_capability_is_optional():
+    spec = load_gpu_spec({**SPEC, "compute_capability": 9.0})
+    assert spec.compute_capability == 9.0 and load_gpu_spec(spec.to_dict()) == spec
+    assert load_gpu_spec(SPEC).compute_capability == 0.0
+    with pytest.raises(GpuSpecError, match="'compute_capability' must be positive"):
+        load_gpu_spec({**SPEC, "compute_capability": -1})
+
+
 # ---------------------------------------------------------------------------- latency, floor
 def star(leaves=20, root=4000, leaf=200):
     return Tree(range(leaves + 1), [None] + [0] * leaves, [root] + [leaf] * leaves)
@@ -343,161 +344,3 @@ def test_cli_workload(tmp_path):
     assert table.exit_code == 0 and "KV IO reduction" in table.output
     wrong = invoke("--workload", "fewshot", "--record", 1)
     assert wrong.exit_code == 2 and "--record does not apply" in wrong.stderr
-
-
-# ---------------------------------------------------------------------------- the kernel model
-# deft_flatten is timed from its kernel (iomodel.kernel_model); these are synthetic checks of
-# each piece, with constants chosen so the quantities are whole numbers.
-KERNEL = {"launch_us": 1.0, "memory_efficiency": 1.0, "item_us": 2.0, "tile_us": 1.0,
-          "contention": 0.0, "pair_speedup": 1.5, "merge_step_us": 1.0}
-
-
-def kernel_gpu(base="h200", **constants):
-    return dataclasses.replace(BUILTIN[base], calibration={**KERNEL, **constants})
-
-
-def test_kernel_shapes_match_the_kernels():
-    from deft.kernels import deft_flatten_sm90, fill, reduction
-    from deft.kernels.partials import TileConfig
-
-    assert kernel_model.QUERY_TILE_ROWS == fill.TILE_ROWS == deft_flatten_sm90.BLOCK_M
-    assert kernel_model.QUERY_TILE_ROWS == TileConfig().block_m
-    assert kernel_model.KV_TILE_HOPPER == deft_flatten_sm90.BLOCK_N
-    assert kernel_model.KV_TILE_PORTABLE == TileConfig().block_n
-    assert kernel_model.PROGRAMS_PER_SM == fill.PROGRAMS_PER_SM == deft_flatten_sm90.CTAS_PER_SM
-    assert kernel_model.MERGE_BLOCK_ROWS == reduction.BLOCK_E
-    assert kernel_model.PER_QUERY_MAX_ROWS == reduction.PER_QUERY_MAX_ROWS
-
-
-def test_which_kernel_and_its_query_tiles():
-    h200, a100 = BUILTIN["h200"], BUILTIN["a100"]
-    assert kernel_model.hopper(h200) and kernel_model.hopper(BUILTIN["h100"])
-    assert not kernel_model.hopper(a100)
-    assert not kernel_model.hopper(load_gpu_spec(SPEC))  # capability unknown: portable
-    assert [kernel_model.queries_per_tile(g, h200) for g in (1, 4, 6, 8)] == [64, 16, 8, 8]
-    assert [kernel_model.queries_per_tile(g, a100) for g in (1, 4, 6, 8)] == [64, 16, 10, 8]
-
-
-def test_a_tile_step_costs_the_same_however_full_its_query_tile():
-    shape = AttentionShape(32, 8, 128, "float16")  # 4 query heads per KV head: 16 queries a tile
-    gpu = BUILTIN["h200"]
-
-    def steps(queries, group=None):
-        tree = Tree(range(queries + 1), [None] + [0] * queries, [640] + [1] * queries,
-                    [0] + [1] * queries, shape)
-        plan = build_plan("deft_flatten", tree, 1024, group, 16)
-        return kernel_model.item_steps(plan, gpu)
-
-    assert steps(8)[0] == steps(16)[0] == 11  # ceil(648 / 64) KV tiles x one query tile
-    assert steps(17)[0] == 2 * 11  # a second query tile streams the KV again
-    assert list(steps(32, group=16)) == [11, 11]  # two groups: two items side by side
-
-
-def test_items_are_dealt_longest_first_one_per_program_in_turn():
-    gpu = kernel_gpu()
-    programs = kernel_model.PROGRAMS_PER_SM * gpu.sm_count
-    tree = Tree(range(302), [None, 0] + [1] * 300, [64, 64] + [64] * 300)  # 300 leaves
-    plan = build_plan("deft_flatten", tree, 64, None, 16)  # the two shared chunks: 300 queries
-    cost = 2.0 + np.repeat(kernel_model.item_steps(plan, gpu), plan.tree.attention.kv_heads)
-    assert cost.max() > cost.min() and len(cost) > programs
-    loads = kernel_model.program_loads(plan, gpu, constants_for(gpu)) * 1e6
-    dealt = np.sort(cost)[::-1]  # item i of that order to program i % programs
-    assert np.allclose(loads, np.bincount(np.arange(len(cost)) % programs, dealt, programs))
-    aggregated = plan_aggregates("deft_flatten", tree, 64, None, 16)
-    assert np.array_equal(kernel_model.program_loads(aggregated, gpu, constants_for(gpu)),
-                          kernel_model.program_loads(plan, gpu, constants_for(gpu)))
-    aggregated = plan_aggregates("deft_flatten", plan.tree, 64, None, 16)
-    assert np.allclose(np.sort(kernel_model.program_loads(aggregated, gpu,
-                                                          constants_for(gpu))) * 1e6,
-                       np.sort(loads))
-
-
-def test_two_programs_share_an_sm_and_busy_sms_slow_each_step():
-    gpu = kernel_gpu(pair_speedup=1.5)
-    c = constants_for(gpu)
-    one = build_plan("deft_flatten", star(1, 6400, 64), 8192, None, 16)  # one item
-    alone, bound = kernel_model.partials_seconds(one, gpu, c, 0.0)
-    assert bound == "compute" and alone * 1e6 == pytest.approx(2.0 + 101 * 1.0)
-    # items = 2 x SMs equal ones (roots of one KV tile and one query each): SM s runs programs
-    # s and s + SMs together, 1.5x one's rate
-    roots = 2 * gpu.sm_count
-    forest = Tree(range(roots), [None] * roots, [64] * roots, [1] * roots,
-                  AttentionShape(4, 1, 128, "float16"))
-    many = build_plan("deft_flatten", forest, 64, None, 16)
-    assert list(kernel_model.item_steps(many, gpu)) == [1] * roots
-    pair, _ = kernel_model.partials_seconds(many, gpu, c, 0.0)
-    assert pair * 1e6 == pytest.approx(2 * 3.0 / 1.5)
-    loaded = kernel_model.partials_seconds(many, gpu, dataclasses.replace(c, contention=0.5),
-                                           0.0)[0]
-    assert loaded * 1e6 == pytest.approx(2 * (2.0 + 1.5) / 1.5)  # every SM busy: 1.5x steps
-    assert kernel_model.partials_seconds(many, gpu, c, 1e9)[1] == "memory"
-
-
-def test_merge_chain_over_a_querys_partial_rows():
-    gpu = kernel_gpu()
-    chain = Tree([0, 1], [None, 0], [3200, 64], [0, 1])  # one query: 3264 / 32 = 102 rows
-    plan = build_plan("deft_flatten", chain, 32, None, 16)
-    assert kernel_model.merge_steps(plan, gpu) == -(-102 // 16)  # the per-head merge
-    assert kernel_model.merge_steps(plan_aggregates("deft_flatten", chain, 32, None, 16),
-                                    gpu) == -(-102 // 16)
-    wide = star(200, 64, 64)  # 200 queries, 2 rows each: the per-query merge, row by row
-    assert kernel_model.merge_steps(build_plan("deft_flatten", wide, 64, 8, 16), gpu) == 2
-    assert kernel_model.merge_steps(build_plan("deft_flatten", wide, 64, None, 16), gpu) == 2
-    latency = predict_latency(plan, gpu)
-    assert latency["reduction_us"] == pytest.approx(7 * 1.0, rel=1e-3)  # chain over bytes
-
-
-def test_flatten_reads_each_seen_token_from_hbm_once():
-    shape = AttentionShape(32, 8, 128, "float16")
-    tree = Tree(range(65), [None] + [0] * 64, [4000] + [64] * 64, [0] + [1] * 64, shape)
-    gpu = kernel_gpu(item_us=1e-3, tile_us=1e-3)  # no chain: the kernel is memory bound
-    for group in (None, 8):
-        plan = build_plan("deft_flatten", tree, 512, group, 16)
-        traffic = iomodel.traffic_of_plan(plan)
-        latency = predict_latency(plan, gpu, traffic)
-        hbm = (traffic["q_bytes"] + traffic["mask_bytes"] + traffic["index_bytes"]
-               + traffic["partial_bytes"] / 2 + floor_traffic(tree)["kv_bytes"])
-        assert latency["bound"] == "memory"
-        assert latency["attention_us"] == pytest.approx(hbm / gpu.bandwidth * 1e6)
-    assert traffic["kv_bytes"] > 4 * floor_traffic(tree)["kv_bytes"]  # 8 groups re-read it
-
-
-def test_kernel_model_reads_only_its_constants():
-    plan = build_plan("deft_flatten", star())
-    gpu = kernel_gpu()
-    base = predict_latency(plan, gpu)["predicted_us"]
-    for name in ROOFLINE_CONSTANTS:
-        if name not in KERNEL_CONSTANTS:
-            changed = kernel_gpu(**{name: 0.5})
-            assert predict_latency(plan, changed)["predicted_us"] == pytest.approx(base)
-    assert set(constants_used("deft_flatten")) == set(KERNEL_CONSTANTS)
-    assert set(constants_used("deft_node")) == set(ROOFLINE_CONSTANTS)
-
-
-def test_spec_compute_capability_is_optional():
-    spec = load_gpu_spec({**SPEC, "compute_capability": 9.0})
-    assert spec.compute_capability == 9.0 and load_gpu_spec(spec.to_dict()) == spec
-    assert load_gpu_spec(SPEC).compute_capability == 0.0
-    with pytest.raises(GpuSpecError, match="'compute_capability' must be positive"):
-        load_gpu_spec({**SPEC, "compute_capability": -1})
-
-
-def test_portable_kernel_steps_cost_the_same_per_token():
-    tree = Tree([0, 1], [None, 0], [6336, 64], [0, 1], AttentionShape(4, 1, 128, "float16"))
-    plan = build_plan("deft_flatten", tree, 8192, None, 16)  # one item of 6400 tokens
-    times = {}
-    for base in ("h200", "a100"):
-        gpu = dataclasses.replace(kernel_gpu(base), sm_count=132)
-        times[base] = kernel_model.partials_seconds(plan, gpu, constants_for(gpu), 0.0)[0]
-    assert kernel_model.item_steps(plan, BUILTIN["a100"])[0] == 200  # 32-token tiles
-    assert times["a100"] == pytest.approx(times["h200"])  # 200 half steps = 100 whole ones
-
-
-def test_deal_in_turn_in_closed_form_equals_dealing_item_by_item():
-    rng = np.random.default_rng(0)
-    for programs in (1, 3, 264):
-        runs = rng.integers(1, 700, 40)
-        values = rng.random(40)
-        items = np.repeat(values, runs)
-        want = np.bincount(np.arange(len(items)) % programs, items, programs)
-        assert np.allclose(kernel_model._dealt_in_turn(runs, values, programs), want)
