@@ -228,7 +228,7 @@ def test_the_custom_op_writes_lse_and_checks_its_arguments():
     """The op's lse and sm_scale are run's; an lse of the wrong shape, a bad q, an owner that
     has not planned or is gone are refused by name."""
     tree = TREES[1]
-    q, k, v, k_cache, v_cache, table = case(tree, 0)
+    q, _, _, k_cache, v_cache, table = case(tree, 0)
     q = q.to(DEVICE)
     attn = TreeAttention("deft_flatten", chunk_size=8, max_queries=4, max_tokens=64,
                          device=DEVICE)
