@@ -7,8 +7,8 @@ path itself (`deft.bound_run`): the owner's argument set for the call's tensors,
 CUDA graph on its second call on a GPU and replayed from then on; plain launches on the CPU and
 inside someone else's capture (e.g. the CUDA graph that
 ``torch.compile(mode="reduce-overhead")`` records around it). Its fake implementation allocates
-nothing and returns None: the op only writes its mutated arguments (``out``, ``lse``), which
-inductor then passes straight through (no copy of ``out``: `tests/test_compiled_op.py`).
+nothing and returns None: the op's results are its mutated arguments (``out``, ``lse``), which
+inductor writes in place, with no copy of ``out`` around the call (`tests/test_compiled_op.py`).
 
 Importing this module registers the op; `deft.tree_attention` imports it.
 """
