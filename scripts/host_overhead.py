@@ -37,7 +37,8 @@ back-to-back calls (no synchronisation inside; the GPU queue absorbs them) of
 then the eager time (`do_bench`, L2 flushed, what `deft-cli bench --timing eager` reports) of
 `run` through the graph path and through plain launches, and the time of `run` inside a CUDA
 graph of the caller's. Prints one line per anchor, a table last; writes $OUT/host_overhead.json
-when $OUT is set; exits 1 when a compiled result differs from eager `run`.
+when $OUT is set (rewritten after every anchor); exits 1 when a compiled result differs from
+eager `run`.
 
 ``--cpu`` runs the same host-side paths (no eager/graph GPU timing, no reduce-overhead) on one
 small tree under the Triton interpreter, a few calls each: a check that the script works end to
@@ -256,13 +257,12 @@ def main():
                    if key.endswith("rel_err") and not value <= TOLERANCE]
         print({k: (round(v, 2) if isinstance(v, float) else v) for k, v in rec.items()},
               flush=True)
+        if os.environ.get("OUT"):  # after every anchor: a run cut short keeps what it measured
+            Path(os.environ["OUT"], "host_overhead.json").write_text(json.dumps(dict(
+                device=torch.cuda.get_device_name() if device.type == "cuda" else "cpu",
+                torch=torch.__version__, triton=triton.__version__, calls=calls, batch=BATCH,
+                records=records, failed=failed), indent=1))
     print_table(records, calls, empty)
-    out_dir = os.environ.get("OUT")
-    if out_dir:
-        Path(out_dir, "host_overhead.json").write_text(json.dumps(dict(
-            device=torch.cuda.get_device_name() if device.type == "cuda" else "cpu",
-            torch=torch.__version__, triton=triton.__version__, calls=calls, batch=BATCH,
-            records=records, failed=failed), indent=1))
     if failed:
         print("FAILED: " + "; ".join(failed), file=sys.stderr)
         sys.exit(1)
