@@ -22,7 +22,8 @@ recently used dropped first, with its graph).
 Plain launches are used where capturing is impossible: on the CPU (the Triton interpreter),
 inside someone else's stream capture (``torch.compile(mode="reduce-overhead")`` included), and
 when a capture fails. The custom op ``torch.ops.deft.tree_attention`` (what torch.compile calls)
-keeps its own `RunCache` of `OpRun` entries and replays the same way.
+is this same path: it finds its `TreeAttention` and runs the latest plan on `run`'s argument
+sets, so eager and compiled calls with the same tensors share one set and one graph.
 
 A call that hits its argument set costs: the key (four data pointers, shapes, strides and
 dtypes), one tuple comparison with the key of the set hit last, else (a decode step's layers,
@@ -58,15 +59,16 @@ def _fail(message):
     raise ValueError(f"TreeAttention.run: {message}")
 
 
-def check_inputs(q, k_cache, v_cache, plan, out, device, max_queries) -> None:
+def check_inputs(q, k_cache, v_cache, plan, out, device, max_queries, lse=None) -> None:
     """Raise ValueError, naming what is wrong, unless `run` can take these arguments:
     `check_tensors`, then `check_plan_fits`."""
-    check_tensors(q, k_cache, v_cache, out, device)
+    check_tensors(q, k_cache, v_cache, out, device, lse)
     check_plan_fits(q, k_cache, plan, max_queries)
 
 
-def check_tensors(q, k_cache, v_cache, out, device) -> None:
-    """What `check_inputs` checks without the plan (raise ValueError naming the problem)."""
+def check_tensors(q, k_cache, v_cache, out, device, lse=None) -> None:
+    """What `check_inputs` checks without the plan (raise ValueError naming the problem);
+    ``lse``, which `run` allocates itself, only where the custom op is given one."""
     for name, x, dims in (("q", q, 3), ("k_cache", k_cache, 4), ("v_cache", v_cache, 4)):
         if not isinstance(x, torch.Tensor) or x.dim() != dims:
             _fail(f"{name} must be a {dims}-D tensor, got "
@@ -99,6 +101,10 @@ def check_tensors(q, k_cache, v_cache, out, device) -> None:
                   f"{list(out.shape)} on {out.device}")
         if out.stride(-1) != 1:
             _fail("out must have a contiguous last (head_dim) dimension")
+    if lse is not None and (not isinstance(lse, torch.Tensor) or lse.shape != q.shape[:2]
+                            or lse.dtype != torch.float32 or lse.device != q.device):
+        _fail(f"lse must be float32 {list(q.shape[:2])} on {q.device}, got "
+              f"{getattr(lse, 'dtype', type(lse).__name__)} {list(getattr(lse, 'shape', []))}")
 
 
 def check_plan_fits(q, k_cache, plan, max_queries) -> None:
@@ -178,50 +184,8 @@ class BoundRun:
         return False
 
 
-class OpRun:
-    """One argument set of the custom op: its plan-buffer views and tile, resolved once.
-
-    The views keep the plan buffers alive (so no other tensor takes their address while the
-    entry lives): a dropped TreeAttention's buffers are freed when `OP_RUNS` drops its entries.
-
-    Attributes
-    ----------
-    views : dict
-        The plan buffers' field views (`deft.plan_buffers.views_of`).
-    config : TileConfig
-    calls : int
-    graph : torch.cuda.CUDAGraph or None
-    replay : callable or None
-        The graph's replay (`replay_of`), None without a graph.
-    used : int
-        When it was last found (`RunCache`'s stamp).
-    """
-
-    __slots__ = ("views", "config", "calls", "graph", "replay", "used")
-
-    def __init__(self, views, config):
-        self.views, self.config = views, config
-        self.calls, self.graph, self.replay = 0, None, None
-
-
-def op_argument_key(q, k_cache, v_cache, plan_data, plan_layout, o_part, lse_part, out, lse,
-                    flat, sm_scale, tile, num_programs, per_query_merge, gluon,
-                    small_grid=False):
-    """The key of one custom-op call, or None when a `run` tensor is not a tensor:
-    `argument_key` of the `run` tensors, then the plan buffers' and workspace's addresses and
-    shapes (and the plan buffers' dtype), and the launch settings (the schema makes those
-    tensors and lists)."""
-    key = argument_key(q, k_cache, v_cache, out, lse, sm_scale, per_query_merge, small_grid)
-    if key is None:
-        return None
-    return key + (plan_data.data_ptr(), plan_data.shape, plan_data.dtype,
-                  o_part.data_ptr(), o_part.shape, lse_part.data_ptr(), lse_part.shape,
-                  tuple(plan_layout), tuple(tile), num_programs, flat, gluon)
-
-
 class RunCache:
-    """Argument sets (`BoundRun` or `OpRun`), the least recently used dropped first, and their
-    graph pool.
+    """Argument sets (`BoundRun`), the least recently used dropped first, and their graph pool.
 
     A hit costs one dict lookup (one hash and one comparison of the key) and a stamp of the
     entry's ``used`` from a counter: `put`, rare, finds the least recently used entry by the

@@ -24,7 +24,7 @@ from deft.kernels.partials import TileConfig
 from deft.kernels.reduction import per_query_merge
 from deft.kernels.tree_attention_op import check_runnable, launch_tree_attention, register_owner
 from deft.kernels.tuned import reuse_key, tuned_plan
-from deft.bound_run import BoundRun, RunCache, argument_key, check_inputs, check_tensors
+from deft.bound_run import BoundRun, RunCache, argument_key, check_inputs
 from deft.fast_plan import FAST_STRATEGIES, NodePlanner
 from deft.plan_buffers import (
     PATH_STRATEGIES,
@@ -323,12 +323,20 @@ class TreeAttention:
             out = torch.empty_like(q, memory_format=torch.contiguous_format)
         lse = torch.empty(q.shape[:2], dtype=torch.float32, device=q.device) if return_lse \
             else None
+        self._launch(q, k_cache, v_cache, plan, out, lse, sm_scale)
+        return (out, lse) if return_lse else out
+
+    def _launch(self, q, k_cache, v_cache, plan, out, lse, sm_scale) -> None:
+        """The kernels of one call on its argument set (`deft.bound_run`): found (else checked
+        and bound), then its graph replayed or the kernels launched. `run`'s path, and the
+        custom op's body with this TreeAttention's latest plan (``plan`` is current)."""
         key = argument_key(q, k_cache, v_cache, out, lse, sm_scale, plan.per_query_merge,
                            plan.small_grid)
         bound = self._runs.get(key) if key is not None else None
         config_source = (self.config, self._tuned_config)
         if bound is None or not bound.fits(plan, config_source):
-            bound = self._bind(key, q, k_cache, v_cache, plan, out, sm_scale, config_source)
+            bound = self._bind(key, q, k_cache, v_cache, plan, out, lse, sm_scale,
+                               config_source)
         if bound.replay is not None and not torch._C._cuda_isCurrentStreamCapturing():
             bound.replay()
         else:
@@ -336,14 +344,14 @@ class TreeAttention:
                 q, k_cache, v_cache, self.buffers.views, bound.o_part, bound.lse_part, out, lse,
                 self.flat, bound.sm_scale, bound.config, bound.num_programs,
                 plan.per_query_merge, self.backend == "gluon", plan.small_grid), self.device)
-        return (out, lse) if return_lse else out
 
-    def _bind(self, key, q, k_cache, v_cache, plan, out, sm_scale, config_source) -> BoundRun:
+    def _bind(self, key, q, k_cache, v_cache, plan, out, lse, sm_scale,
+              config_source) -> BoundRun:
         """Check one argument set and resolve what its launches take (`deft.bound_run`)."""
-        check_inputs(q, k_cache, v_cache, plan, out, self.device, self.max_queries)
+        check_inputs(q, k_cache, v_cache, plan, out, self.device, self.max_queries, lse)
         check_runnable(self.device, q.dtype)
         _, q_heads, head_dim = q.shape
-        config, num_programs, _ = self._launch_config(head_dim, q_heads, k_cache.shape[2])
+        config, num_programs = self._launch_config(head_dim, q_heads, k_cache.shape[2])
         sm_scale = 1.0 / math.sqrt(head_dim) if sm_scale is None else float(sm_scale)
         bound = BoundRun(q, k_cache, config_source, config, num_programs, sm_scale,
                          self._partials_workspace(q_heads, head_dim))
@@ -351,23 +359,23 @@ class TreeAttention:
         return bound
 
     def _run_traced(self, q, k_cache, v_cache, out, sm_scale, return_lse):
-        """`run` under torch.compile: the tensor checks, then the custom op, which checks and
-        runs this TreeAttention's latest plan when it runs. Nothing of the plan is read while
-        tracing: dynamo would guard on it and recompile for every new plan (every decode
-        step; past its recompile limit a ``fullgraph`` compile raises)."""
-        check_tensors(q, k_cache, v_cache, out, self.device)
-        rows, q_heads, head_dim = q.shape
+        """`run` under torch.compile: the custom op, which finds this TreeAttention by its
+        handle and runs its latest plan when it runs (`_launch`, which checks each new argument
+        set as eager `run` does).
+
+        Nothing of this TreeAttention but its handle is read while tracing: dynamo would guard
+        on the plan and recompile for every new one (every decode step; past its recompile
+        limit a ``fullgraph`` compile raises), every tensor read (plan buffers, workspace)
+        would be a graph input with its guards and inductor's size checks on every call, and
+        every check made here a guard more. The graph holds the op alone (with ``out=None`` or
+        ``return_lse``, the allocations before it)."""
         if out is None:
             out = torch.empty_like(q, memory_format=torch.contiguous_format)
-        lse = torch.empty(rows, q_heads, dtype=torch.float32, device=q.device) if return_lse \
+        lse = torch.empty(q.shape[:2], dtype=torch.float32, device=q.device) if return_lse \
             else None
-        o_part, lse_part = self._partials_workspace(q_heads, head_dim)
-        _, num_programs, tile = self._launch_config(head_dim, q_heads, k_cache.shape[2])
-        sm_scale = 1.0 / math.sqrt(head_dim) if sm_scale is None else float(sm_scale)
-        torch.ops.deft.tree_attention(
-            q, k_cache, v_cache, self.buffers.data, self.buffers.layout(), o_part, lse_part,
-            out, lse, self.flat, sm_scale, tile, num_programs, False, self.backend == "gluon",
-            False, self._handle)
+        torch.ops.deft.tree_attention(q, k_cache, v_cache, out, lse,
+                                      None if sm_scale is None else float(sm_scale),
+                                      self._handle)
         return (out, lse) if return_lse else out
 
     def _partials_workspace(self, q_heads: int, head_dim: int):
@@ -385,10 +393,8 @@ class TreeAttention:
         return self._workspace
 
     def _launch_config(self, head_dim: int, q_heads: int, kv_heads: int):
-        """(TileConfig, persistent grid size, the config's `TileConfig.as_ints`) for a head
-        shape, resolved once per shape and config (run's host time matters: a decode step calls
-        it once per layer; traced by torch.compile, the ints cached here are guarded as such,
-        where ``as_ints()`` itself would add guards on the dataclass's fields)."""
+        """(TileConfig, persistent grid size) for a head shape, resolved once per shape and
+        config."""
         cached, shape = self._launch_cache, (head_dim, q_heads, kv_heads)
         if (cached is None or cached[0] is not self.config
                 or cached[1] is not self._tuned_config or cached[2] != shape):
@@ -396,7 +402,7 @@ class TreeAttention:
                 self.strategy, head_dim, q_heads // kv_heads)
             config = config.for_group(q_heads // kv_heads)
             cached = (self.config, self._tuned_config, shape, config,
-                      self._num_programs(kv_heads, config), tuple(config.as_ints()))
+                      self._num_programs(kv_heads, config))
             self._launch_cache = cached
         return cached[3:]
 

@@ -2,7 +2,7 @@
 """Host time of `TreeAttention.plan` and `TreeAttention.run`, and where it goes (GPU machine).
 
     python scripts/host_overhead.py [--workloads DIR] [--anchors a,b] [--heads 32/8,4/1]
-                                    [--calls N] [--no-compile]
+                                    [--calls N] [--no-compile | --compile-anchors a,b]
     python scripts/host_overhead.py --cpu    # small dry run under the Triton interpreter
 
 Per anchor and head shape (deft_flatten, fp16, head dim 128; default the Llama-3-8B heads 32/8,
@@ -23,34 +23,36 @@ back-to-back calls (no synchronisation inside; the GPU queue absorbs them) of
   `CALLS` calls with ``--cpu`` too), the argument key, the
   capture-status query, the replay, and the top functions of a cProfile of `run` and of the
   custom op (``*_profile``);
-- the custom op ``torch.ops.deft.tree_attention`` called directly (its graph path), and
-  torch.compile'd functions calling `run` (fullgraph; default mode, ``mode="reduce-overhead"``
-  with ``out`` given and with ``out=None``), each checked against eager `run` (NaN-poisoned
-  ``out``, rel_err);
+- the custom op ``torch.ops.deft.tree_attention`` called directly with what a compiled `run`
+  passes it (`run`'s graph path behind the dispatcher), and torch.compile'd functions calling
+  `run` (fullgraph; default mode, ``mode="reduce-overhead"`` with ``out`` given and with
+  ``out=None``), each checked against eager `run` (NaN-poisoned ``out``, rel_err), with their
+  compile wall time (``*_compile_s``);
 - torch's floor under them (`floor_records`): a no-op op of the same schema, eager and
-  compiled, and a compiled function that calls nothing; and the graphs torch.compile builds
-  for a model's attention layer called with `REPLANS` new plans (``compile_replan_graphs``);
+  compiled, and a compiled function that calls nothing; the compiled calls' time over each
+  floor (`over_floor`: ``compile_over_nothing_host_us`` is what the op adds to a compiled
+  step); and the graphs torch.compile builds for a model's attention layer called with
+  `REPLANS` new plans (``compile_replan_graphs``);
 - the partials and the merge launch alone, and an empty Triton kernel (the launch floor);
 then the eager time (`do_bench`, L2 flushed, what `deft-cli bench --timing eager` reports) of
 `run` through the graph path and through plain launches, and the time of `run` inside a CUDA
 graph of the caller's. Prints one line per anchor, a table last; writes $OUT/host_overhead.json
-when $OUT is set; exits 1 when a compiled result differs from eager `run`.
+when $OUT is set (rewritten after every anchor); exits 1 when a compiled result differs from
+eager `run`.
 
 ``--cpu`` runs the same host-side paths (no eager/graph GPU timing, no reduce-overhead) on one
 small tree under the Triton interpreter, a few calls each: a check that the script works end to
-end, not a measurement.
+end, not a measurement; only what launches nothing (``*lookup_host_us``, the key, the floors
+and ``compile_lookup_over_*``) gets `CALLS` calls there, a host-only microbenchmark.
 """
 
 from __future__ import annotations
 
 import argparse
-import cProfile
 import itertools
 import json
 import os
-import pstats
 import sys
-import time
 from pathlib import Path
 
 if "--cpu" in sys.argv:  # before any kernel module loads
@@ -62,26 +64,24 @@ import triton  # noqa: E402
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from deft import workloads as wl  # noqa: E402
-from deft.bound_run import argument_key, op_argument_key  # noqa: E402
+from deft.bound_run import argument_key  # noqa: E402
 from deft.kernels.partials import partials  # noqa: E402
 from deft.kernels.reduction import merge  # noqa: E402
-from deft.kernels.tree_attention_op import OP_RUNS, OP_SIGNATURE  # noqa: E402
 from deft.plan_buffers import paged_cache  # noqa: E402
 from deft.strategies import DEFAULT_CHUNK_SIZE  # noqa: E402
 from deft.tree import AttentionShape, Tree  # noqa: E402
 from deft.tree_attention import TreeAttention  # noqa: E402
-from harness.timing import synchronize  # noqa: E402
 from reference import rel_err  # noqa: E402
 
+from compile_overhead import (  # noqa: E402  (scripts/: this script's folder)
+    compiled_records, floor_records, over_floor, replan_graphs)
+from host_timing import CALLS, host_us, profile_us, stubbed_replay_us  # noqa: E402
+
 LLAMA = AttentionShape(32, 8, 128, "float16")
-CALLS = 2000
 BATCH = 50
 """Calls between synchronisations in the batched host times."""
 LAYERS = 4
 """Cache pairs `run_layers_host_us` calls `run` over in turn."""
-REPLANS = 3
-"""New plans `replan_graphs` calls a compiled step with (under torch.compile's recompile limit,
-8, past which a fullgraph compile raises)."""
 TOLERANCE = 1e-3
 """Largest rel_err of a compiled result against eager `run` (the same kernels)."""
 CPU_TREE = Tree([0, 1, 2], [None, 0, 0], [40, 8, 8], None, AttentionShape(4, 2, 32, "float16"))
@@ -90,151 +90,6 @@ CPU_TREE = Tree([0, 1, 2], [None, 0, 0], [40, 8, 8], None, AttentionShape(4, 2, 
 @triton.jit
 def _empty(x_ptr):
     pass
-
-
-def host_us(fn, calls: int, device: torch.device, batch: int | None = None) -> float:
-    """Mean host time of `fn` over back-to-back calls, microseconds; with `batch`, a
-    synchronisation every `batch` calls, not timed."""
-    for _ in range(min(20, calls)):
-        fn()
-    synchronize(device)
-    batch = batch or calls
-    elapsed, done = 0.0, 0
-    while done < calls:
-        n = min(batch, calls - done)
-        start = time.perf_counter()
-        for _ in range(n):
-            fn()
-        elapsed += time.perf_counter() - start
-        synchronize(device)
-        done += n
-    return elapsed / calls * 1e6
-
-
-def profile_us(fn, calls: int, device: torch.device, top: int = 8) -> list:
-    """Where a call's host time goes: the `top` functions by own time under cProfile,
-    ``[name, us per call]`` (profiling inflates every entry; read the shares)."""
-    for _ in range(min(20, calls)):
-        fn()
-    synchronize(device)
-    profiler = cProfile.Profile()
-    profiler.enable()
-    for _ in range(calls):
-        fn()
-    profiler.disable()
-    synchronize(device)
-    stats = pstats.Stats(profiler).stats  # (file, line, name) -> (cc, nc, tottime, cumtime, _)
-    rows = sorted(stats.items(), key=lambda item: -item[1][2])[:top]
-    return [[f"{Path(file).name}:{name}", round(entry[2] / calls * 1e6, 2)]
-            for (file, _, name), entry in rows]
-
-
-def stubbed_replay_us(entries, fn, device: torch.device) -> float:
-    """Host time of `fn` with the replays of its argument sets `entries` (`deft.bound_run`)
-    made no-ops: what `fn` costs besides torch's replay. Cheap with or without a GPU, so always
-    `CALLS` calls (with ``--cpu`` too: a microbenchmark of the key and the lookup). On the CPU
-    (no graph) the capture-status query, which the CPU build of torch cannot answer, is
-    stubbed too."""
-    replays, capturing = [e.replay for e in entries], torch._C._cuda_isCurrentStreamCapturing
-    for entry in entries:
-        entry.replay = lambda: None
-    if device.type == "cpu":
-        torch._C._cuda_isCurrentStreamCapturing = lambda: False
-    try:
-        return host_us(fn, CALLS, device)
-    finally:
-        torch._C._cuda_isCurrentStreamCapturing = capturing
-        for entry, replay in zip(entries, replays):
-            entry.replay = replay
-
-
-_FLOOR = torch.library.Library("deft_host_overhead", "DEF")
-_FLOOR.define("no_op" + OP_SIGNATURE)
-_FLOOR.impl("no_op", lambda *args: None, "CompositeExplicitAutograd")
-torch.library.register_fake("deft_host_overhead::no_op", lambda *args: None, lib=_FLOOR)
-
-
-def floor_records(op_args, calls, device) -> dict:
-    """torch's share of the custom op's host time: a no-op op of the same schema called with
-    the same arguments, eager and from a torch.compile'd function, and a compiled function that
-    calls nothing (dynamo's frame and guards alone)."""
-    q, k_cache, v_cache, out = op_args[0], op_args[1], op_args[2], op_args[7]
-    rest = op_args[3:7] + op_args[8:]
-
-    def no_op(q, k_cache, v_cache, out):
-        torch.ops.deft_host_overhead.no_op(q, k_cache, v_cache, *rest[:4], out, *rest[4:])
-        return out
-
-    def nothing(q, k_cache, v_cache, out):
-        return out
-
-    def compiled_us(fn):
-        torch._dynamo.reset()
-        compiled = torch.compile(fn, fullgraph=True)
-        return host_us(lambda: compiled(q, k_cache, v_cache, out), calls, device)
-
-    return {"no_op_host_us": host_us(lambda: torch.ops.deft_host_overhead.no_op(*op_args),
-                                     calls, device),
-            "compile_no_op_host_us": compiled_us(no_op),
-            "compile_nothing_host_us": compiled_us(nothing)}
-
-
-class AttentionLayer(torch.nn.Module):
-    """A decoder layer's attention as a model holds it: the TreeAttention an attribute."""
-
-    def __init__(self, attn):
-        super().__init__()
-        self.attn = attn
-
-    def forward(self, q, k_cache, v_cache, plan, out):
-        return self.attn.run(q, k_cache, v_cache, plan, out=out)
-
-
-def replan_graphs(attn, tree, table, q, k_cache, v_cache) -> int:
-    """Graphs torch.compile builds for an `AttentionLayer` called with `REPLANS` new plans of
-    the same tree (1: nothing a new plan changes is guarded on; `REPLANS`: every decode step
-    recompiles, as when dynamo guards on the plan's generation). Dynamo alone decides that, so
-    the graphs are compiled by the ``eager`` backend (fast)."""
-    torch._dynamo.reset()
-    before = torch._dynamo.utils.counters["stats"]["unique_graphs"]
-    compiled = torch.compile(AttentionLayer(attn), backend="eager", fullgraph=True)
-    out = torch.empty_like(q)
-    for _ in range(REPLANS):
-        compiled(q, k_cache, v_cache, attn.plan(tree, table), out)
-    return torch._dynamo.utils.counters["stats"]["unique_graphs"] - before
-
-
-def compiled_records(attn, plan, q, k_cache, v_cache, reference, calls, device) -> dict:
-    """Host time and result of torch.compile'd functions calling `run` (fullgraph)."""
-    def into_out(q, k_cache, v_cache, out):
-        return attn.run(q, k_cache, v_cache, plan, out=out)
-
-    def new_out(q, k_cache, v_cache):
-        return attn.run(q, k_cache, v_cache, plan)
-
-    modes = [("compile", None, into_out)]
-    if device.type == "cuda":
-        modes += [("compile_ro", "reduce-overhead", into_out),
-                  ("compile_ro_new_out", "reduce-overhead", new_out)]
-    rec = {}
-    for name, mode, fn in modes:
-        torch._dynamo.reset()
-        skips = torch._dynamo.utils.counters["inductor"]["cudagraph_skips"]
-        compiled = torch.compile(fn, mode=mode, fullgraph=True)
-        out = torch.empty_like(q)
-        args = (q, k_cache, v_cache, out) if fn is into_out else (q, k_cache, v_cache)
-        ops_before = len(OP_RUNS)
-        for _ in range(3):  # compile, warm up, record (reduce-overhead)
-            result = compiled(*args)
-        out.fill_(float("nan"))
-        result = compiled(*args).clone()
-        synchronize(device)
-        rec[f"{name}_rel_err"] = rel_err(result.float().cpu(), reference)
-        rec[f"{name}_host_us"] = host_us(lambda: compiled(*args), calls, device)
-        rec[f"{name}_new_op_runs"] = len(OP_RUNS) - ops_before
-        rec[f"{name}_cudagraph_skips"] = (
-            torch._dynamo.utils.counters["inductor"]["cudagraph_skips"] - skips)
-    return rec
 
 
 def measure(name, tree, device, calls, compile_runs) -> dict:
@@ -253,11 +108,9 @@ def measure(name, tree, device, calls, compile_runs) -> dict:
     out = torch.empty_like(q)
     attn.run(q, k_cache, v_cache, plan, out=out)
     o_part, lse_part = attn._partials_workspace(s.q_heads, s.head_dim)
-    config, programs, tile = attn._launch_config(s.head_dim, s.q_heads, s.kv_heads)
+    config, programs = attn._launch_config(s.head_dim, s.q_heads, s.kv_heads)
     views = attn.buffers.views
-    op_args = (q, k_cache, v_cache, attn.buffers.data, attn.buffers.layout(), o_part,
-               lse_part, out, None, True, s.head_dim ** -0.5, tile, programs,
-               plan.per_query_merge, attn.backend == "gluon", plan.small_grid)
+    op_args = (q, k_cache, v_cache, out, None, None, attn._handle)  # what a compiled run calls
     rec = dict(
         anchor=name, tuned_from=attn.tuned_from, config=str(config),
         plan_fixed_host_us=host_us(lambda: fixed.plan(tree, table), calls, device),
@@ -305,16 +158,15 @@ def measure(name, tree, device, calls, compile_runs) -> dict:
                                   device),
         custom_op_batched_host_us=host_us(lambda: torch.ops.deft.tree_attention(*op_args),
                                           calls, device, BATCH),
-        custom_op_graphs=OP_RUNS.graphs(),
         custom_op_lookup_host_us=stubbed_replay_us(
-            [OP_RUNS.get(op_argument_key(*op_args))],
-            lambda: torch.ops.deft.tree_attention(*op_args), device),
+            [bound], lambda: torch.ops.deft.tree_attention(*op_args), device),
         custom_op_profile=profile_us(lambda: torch.ops.deft.tree_attention(*op_args), calls,
                                      device),
     )
     if compile_runs:
         rec.update(compiled_records(attn, plan, q, k_cache, v_cache, reference, calls, device))
-        rec.update(floor_records(op_args, calls, device))
+        rec.update(floor_records(op_args, device))
+        rec.update(over_floor(rec))
     rec.update(
         partials_host_us=host_us(lambda: partials(
             q, k_cache, v_cache, o_part, lse_part, views, flat=True,
@@ -345,6 +197,8 @@ COLUMNS = [("plan_fixed_host_us", "plan fixed"), ("plan_tuned_host_us", "plan tu
            ("custom_op_host_us", "custom op"), ("custom_op_lookup_host_us", "op lookup"),
            ("no_op_host_us", "no-op op"), ("compile_host_us", "compiled"),
            ("compile_no_op_host_us", "comp. no-op"), ("compile_nothing_host_us", "comp. none"),
+           ("compile_over_nothing_host_us", "comp.-none"),
+           ("compile_lookup_over_nothing_host_us", "c.lkp-none"),
            ("compile_ro_host_us", "compiled ro"), ("compile_ro_new_out_host_us", "ro new out"),
            ("eager_us", "eager"), ("eager_plain_us", "eager plain"), ("graph_us", "graph")]
 
@@ -371,6 +225,9 @@ def main():
                         help=f"calls per mean (default {CALLS}; 5 with --cpu)")
     parser.add_argument("--cpu", action="store_true",
                         help="one small tree under the Triton interpreter (a dry run)")
+    parser.add_argument("--compile-anchors", default=None,
+                        help="the anchors whose torch.compile records are taken (default: "
+                             "every anchor; each costs several inductor compiles)")
     parser.add_argument("--no-compile", action="store_true",
                         help="skip the torch.compile records")
     args = parser.parse_args()
@@ -391,20 +248,21 @@ def main():
             cases.append((name if shape == LLAMA else f"{name}@{heads}", tree))
     records, failed = [], []
     for name, tree in cases:
-        rec = measure(name, tree, device, calls, not args.no_compile)
+        compiled = not args.no_compile and (args.compile_anchors is None or name.split("@")[0]
+                                            in args.compile_anchors.split(","))
+        rec = measure(name, tree, device, calls, compiled)
         rec["empty_kernel_host_us"] = empty
         records.append(rec)
         failed += [f"{name} {key}={value}" for key, value in rec.items()
                    if key.endswith("rel_err") and not value <= TOLERANCE]
         print({k: (round(v, 2) if isinstance(v, float) else v) for k, v in rec.items()},
               flush=True)
+        if os.environ.get("OUT"):  # after every anchor: a run cut short keeps what it measured
+            Path(os.environ["OUT"], "host_overhead.json").write_text(json.dumps(dict(
+                device=torch.cuda.get_device_name() if device.type == "cuda" else "cpu",
+                torch=torch.__version__, triton=triton.__version__, calls=calls, batch=BATCH,
+                records=records, failed=failed), indent=1))
     print_table(records, calls, empty)
-    out_dir = os.environ.get("OUT")
-    if out_dir:
-        Path(out_dir, "host_overhead.json").write_text(json.dumps(dict(
-            device=torch.cuda.get_device_name() if device.type == "cuda" else "cpu",
-            torch=torch.__version__, triton=triton.__version__, calls=calls, batch=BATCH,
-            records=records, failed=failed), indent=1))
     if failed:
         print("FAILED: " + "; ".join(failed), file=sys.stderr)
         sys.exit(1)

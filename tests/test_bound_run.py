@@ -1,13 +1,13 @@
 """`TreeAttention.run`'s argument sets (`deft.bound_run`): checked once, the plan-dependent
 checks on every call, a bounded cache, and on a GPU the CUDA graph replayed after re-plans; the
-custom op's argument sets (`deft.kernels.tree_attention_op.OP_RUNS`) the same way."""
+custom op ``torch.ops.deft.tree_attention`` on the same argument sets."""
 
+import gc
 
 import pytest
 import torch
 
-from deft.bound_run import OpRun, RunCache, argument_key, op_argument_key  # noqa: E402
-from deft.kernels.tree_attention_op import OP_RUNS  # noqa: E402
+from deft.bound_run import BoundRun, RunCache, argument_key  # noqa: E402
 from deft.plan_buffers import paged_cache  # noqa: E402
 from deft.tree import AttentionShape, Tree  # noqa: E402
 from deft.tree_attention import TreeAttention  # noqa: E402
@@ -49,21 +49,11 @@ def test_argument_key():
     assert argument_key("q", x, x, x, None, None, False) is None
 
 
-def test_op_argument_key():
-    x = torch.zeros(4, 2, 32)
-    data = torch.zeros(64, dtype=torch.int32)
-    args = [x, x, x, data, [0, 8], x, x[:, :, 0], x, None, True, 0.5, [64, 4], 4, False, False]
-    base = op_argument_key(*args)
-    assert op_argument_key(*args) == base
-    changes = {3: data.clone(), 4: [0, 16], 5: x.clone(), 6: x[:, :, 1], 7: x.clone(),
-               8: x[:, 0], 9: False, 10: 0.25, 11: [64, 8], 12: 8, 13: True, 14: True}
-    for index, value in changes.items():
-        other = list(args)
-        other[index] = value
-        assert op_argument_key(*other) != base, index
-    other = list(args)
-    other[0] = "q"
-    assert op_argument_key(*other) is None
+class Entry:
+    """A stand-in argument set for the cache's own tests (what `RunCache` reads of one)."""
+
+    def __init__(self):
+        self.calls, self.graph, self.replay = 0, None, None
 
 
 def test_the_key_sees_in_place_changes_of_the_same_tensor():
@@ -80,7 +70,7 @@ def test_the_key_sees_in_place_changes_of_the_same_tensor():
         x = torch.zeros(4, 2, 32)
         runs = RunCache(4)
         key = argument_key(x, x, x, x, None, None, False)
-        runs.put(key, OpRun({}, None))
+        runs.put(key, Entry())
         assert runs.get(key) is runs.get(key) is not None  # by the dict, then as the last hit
         before = key[:4]
         change(x)
@@ -92,7 +82,7 @@ def test_the_key_sees_in_place_changes_of_the_same_tensor():
 def test_the_cache_drops_the_least_recently_used():
     """Hits through the last-hit shortcut and through the dict both count as uses."""
     runs = RunCache(2)
-    a, b, c = OpRun({}, None), OpRun({}, None), OpRun({}, None)
+    a, b, c = Entry(), Entry(), Entry()
     runs.put("a", a)
     runs.put("b", b)
     assert runs.get("b") is b and runs.get("b") is b  # the dict, then the shortcut
@@ -100,7 +90,7 @@ def test_the_cache_drops_the_least_recently_used():
     runs.put("c", c)
     assert runs.get("b") is None  # the least recently used
     assert runs.get("a") is a  # after a put: through the dict again, so a use that counts
-    runs.put("d", OpRun({}, None))
+    runs.put("d", Entry())
     assert runs.get("c") is None and runs.get("a") is a
     runs.clear()
     assert runs.get("a") is None and len(runs) == 0
@@ -159,6 +149,12 @@ def test_run_replays_only_for_the_same_tensors(monkeypatch):
     assert replay.calls == 2 and rel_err(out.cpu(), ref) <= TOLERANCE
 
 
+def op_args(attn, q, k_cache, v_cache, out, lse=None, sm_scale=None):
+    """The arguments of a direct call of ``torch.ops.deft.tree_attention`` (what a compiled
+    `run` calls)."""
+    return [q, k_cache, v_cache, out, lse, sm_scale, attn._handle]
+
+
 def test_the_custom_op_replays_only_for_the_same_tensors(monkeypatch):
     """The op's lookup with a fake replay, as for `run`: a hit replays, a new ``out``
     launches."""
@@ -171,18 +167,16 @@ def test_the_custom_op_replays_only_for_the_same_tensors(monkeypatch):
                          device=DEVICE)
     plan = attn.plan(tree, table)
     attn.run(q, k_cache, v_cache, plan)
-    o_part, lse_part = attn._partials_workspace(4, 32)
-    _, programs, tile = attn._launch_config(32, 4, 2)
     out = torch.empty_like(q)
-    args = [q, k_cache, v_cache, attn.buffers.data, attn.buffers.layout(), o_part, lse_part,
-            out, None, True, 32 ** -0.5, tile, programs, plan.per_query_merge]
+    args = op_args(attn, q, k_cache, v_cache, out)
     torch.ops.deft.tree_attention(*args)
-    entry = OP_RUNS.get(op_argument_key(*args, False))
-    replay = entry.replay = FakeReplay()  # OP_RUNS is global, but the entry holds the plan
-    out.fill_(float("nan"))               # buffers: no later call can have its key
+    entry = attn._runs.get(argument_key(q, k_cache, v_cache, out, None, None,
+                                        plan.per_query_merge, plan.small_grid))
+    replay = entry.replay = FakeReplay()
+    out.fill_(float("nan"))
     torch.ops.deft.tree_attention(*args)
     assert replay.calls == 1 and out.isnan().all()
-    args[7] = other = torch.full_like(q, float("nan"))
+    args[3] = other = torch.full_like(q, float("nan"))
     torch.ops.deft.tree_attention(*args)
     assert replay.calls == 1 and rel_err(other.cpu(), ref) <= TOLERANCE
     entry.replay = None
@@ -191,20 +185,21 @@ def test_the_custom_op_replays_only_for_the_same_tensors(monkeypatch):
 def test_launch_counts_calls_and_captures_only_on_a_gpu():
     """On the CPU every call launches; the second call is the one that would capture."""
     runs = RunCache(2)
-    bound = OpRun({}, None)
+    bound = Entry()
     runs.put("key", bound)
     launches = []
     for _ in range(3):
         runs.launch(bound, lambda: launches.append(1), torch.device("cpu"))
     assert (bound.calls, len(launches), bound.graph, runs.graphs()) == (3, 3, None, 0)
     assert runs.get("key") is bound and runs.get("other") is None
-    runs.put(None, OpRun({}, None))  # no key: not kept
+    runs.put(None, Entry())  # no key: not kept
     assert len(runs) == 1
 
 
 def test_the_custom_op_keeps_one_argument_set_per_tensors():
     """Direct calls of torch.ops.deft.tree_attention equal run() (out NaN-poisoned), and a
-    repeated call finds its argument set instead of adding one."""
+    repeated call finds its argument set instead of adding one: `run`'s own, where `run` was
+    called with the same tensors."""
     tree = TREES[1]
     q, k, v, k_cache, v_cache, table = case(tree, 0)
     q = q.to(DEVICE)
@@ -212,20 +207,49 @@ def test_the_custom_op_keeps_one_argument_set_per_tensors():
                          device=DEVICE)
     plan = attn.plan(tree, table)
     ref = attn.run(q, k_cache, v_cache, plan).clone()
-    o_part, lse_part = attn._partials_workspace(4, 32)
-    _, programs, tile = attn._launch_config(32, 4, 2)
     out = torch.empty_like(q)
-    args = (q, k_cache, v_cache, attn.buffers.data, attn.buffers.layout(), o_part, lse_part,
-            out, None, True, 32 ** -0.5, tile, programs, plan.per_query_merge)
+    args = op_args(attn, q, k_cache, v_cache, out)
+    key = argument_key(q, k_cache, v_cache, out, None, None, plan.per_query_merge,
+                       plan.small_grid)
     for call in range(3):
         out.fill_(float("nan"))
         torch.ops.deft.tree_attention(*args)
         assert torch.equal(out, ref)
         if call == 0:
-            kept = len(OP_RUNS)
-        assert len(OP_RUNS) == kept
-        assert isinstance(OP_RUNS.get(op_argument_key(*args, False)), OpRun)
+            kept = len(attn._runs)
+        assert len(attn._runs) == kept
+        assert isinstance(attn._runs.get(key), BoundRun)
+    attn.run(q, k_cache, v_cache, plan, out=out)  # eager run on the same tensors: the same set
+    assert len(attn._runs) == kept
     assert rel_err(out.cpu(), oracle_attention(tree, q.cpu(), k, v)) <= TOLERANCE
+
+
+def test_the_custom_op_writes_lse_and_checks_its_arguments():
+    """The op's lse and sm_scale are run's; an lse of the wrong shape, a bad q, an owner that
+    has not planned or is gone are refused by name."""
+    tree = TREES[1]
+    q, _, _, k_cache, v_cache, table = case(tree, 0)
+    q = q.to(DEVICE)
+    attn = TreeAttention("deft_flatten", chunk_size=8, max_queries=4, max_tokens=64,
+                         device=DEVICE)
+    unplanned = TreeAttention("deft_flatten", chunk_size=8, max_queries=4, max_tokens=64,
+                              device=DEVICE)
+    plan = attn.plan(tree, table)
+    ref, ref_lse = attn.run(q, k_cache, v_cache, plan, sm_scale=0.1, return_lse=True)
+    out, lse = torch.full_like(ref, float("nan")), torch.full_like(ref_lse, float("nan"))
+    torch.ops.deft.tree_attention(*op_args(attn, q, k_cache, v_cache, out, lse, 0.1))
+    assert torch.equal(out, ref) and torch.equal(lse, ref_lse)
+    with pytest.raises(ValueError, match="lse must be float32"):
+        torch.ops.deft.tree_attention(*op_args(attn, q, k_cache, v_cache, out, lse[:, :1]))
+    with pytest.raises(ValueError, match="q must be a 3-D tensor"):
+        torch.ops.deft.tree_attention(*op_args(attn, q[0], k_cache, v_cache, out))
+    with pytest.raises(ValueError, match="has not planned yet"):
+        torch.ops.deft.tree_attention(*op_args(unplanned, q, k_cache, v_cache, out))
+    args = op_args(unplanned, q, k_cache, v_cache, out)
+    del unplanned
+    gc.collect()
+    with pytest.raises(ValueError, match="is gone"):
+        torch.ops.deft.tree_attention(*args)
 
 
 def test_repeated_calls_and_re_plans_stay_right():
@@ -352,18 +376,20 @@ def test_the_custom_op_replays_its_graph_and_launches_inside_a_capture():
     attn = TreeAttention("deft_flatten", max_queries=4, max_tokens=64, device=DEVICE)
     plan = attn.plan(tree, table)
     attn.run(q, k_cache, v_cache, plan)
-    o_part, lse_part = attn._partials_workspace(4, 32)
-    _, programs, tile = attn._launch_config(32, 4, 2)
     out = torch.empty_like(q)
-    args = (q, k_cache, v_cache, attn.buffers.data, attn.buffers.layout(), o_part, lse_part,
-            out, None, True, 32 ** -0.5, tile, programs, plan.per_query_merge)
+    args = op_args(attn, q, k_cache, v_cache, out)
+
+    def entry(out):
+        return attn._runs.get(argument_key(q, k_cache, v_cache, out, None, None,
+                                           plan.per_query_merge, plan.small_grid))
+
     for _ in range(3):  # launch, capture and replay, replay
         out.fill_(float("nan"))
         torch.ops.deft.tree_attention(*args)
         assert rel_err(out.cpu(), ref) <= TOLERANCE
-    assert OP_RUNS.get(op_argument_key(*args, False)).graph is not None
+    assert entry(out).graph is not None
     other = torch.empty_like(q)  # a new argument set, first seen inside a caller's capture
-    args = args[:7] + (other,) + args[8:]
+    args[3] = other
     torch.ops.deft.tree_attention(*args)
     graph = torch.cuda.CUDAGraph()
     stream = torch.cuda.Stream()
@@ -377,4 +403,4 @@ def test_the_custom_op_replays_its_graph_and_launches_inside_a_capture():
     graph.replay()
     torch.cuda.synchronize()
     assert rel_err(other.cpu(), ref) <= TOLERANCE
-    assert OP_RUNS.get(op_argument_key(*args, False)).graph is None
+    assert entry(other).graph is None

@@ -92,17 +92,6 @@ class TileConfig:
         return dataclasses.replace(self, block_m=max(self.block_m, 16,
                                                      triton.next_power_of_2(group)))
 
-    def as_ints(self) -> list[int]:
-        """Every field as an int, in field order (how the custom op carries a config)."""
-        return [int(getattr(self, f.name)) for f in dataclasses.fields(self)]
-
-    @classmethod
-    def from_ints(cls, values) -> "TileConfig":
-        """The inverse of `as_ints`."""
-        fields = dataclasses.fields(cls)
-        return cls(*(bool(v) if f.type in (bool, "bool") else int(v)
-                     for f, v in zip(fields, values)))
-
 
 def pick_config(configs: dict, head_dim: int, group: int) -> TileConfig:
     """The config of the smallest head-dim key >= head_dim (else the largest), fit to the group."""
