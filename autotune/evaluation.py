@@ -150,7 +150,7 @@ def judge_text(result: dict, check: bool) -> str:
     if not result["complete"]:
         lines.append("partial: the budget ran out before every tree")
     if check:
-        tabled = [r for r in result["rows"] if r["rung"] in ("exact", "sibling")]
+        tabled = [r for r in result["rows"] if r["rung"] in ("exact", "dtype", "sibling")]
         if not tabled:
             lines.append("no table applies on this machine (fill or default configs)")
         else:

@@ -45,7 +45,7 @@ from deft.kernels.tuned import (  # noqa: E402
     tuned_config,
     tuned_plan,
 )
-from deft.tree import AttentionShape  # noqa: E402
+from deft.tree import AttentionShape, Tree  # noqa: E402
 from deft.workloads import ANCHORS, anchor, star  # noqa: E402
 from iomodel.gpus import BUILTIN  # noqa: E402
 from tests.tables import forget_tables  # noqa: E402
@@ -289,6 +289,26 @@ def test_lookup_exact_then_sibling_then_default(isolated_tables):
         default = tuned_config("deft_flatten", TREE, name, capability)
         assert (default.rung, default.chunk_size, default.group_size, default.config) == (
             "default", 128, None, None)
+
+
+def test_a_bf16_tree_takes_this_cards_fp16_bucket_before_a_siblings_bf16_one(isolated_tables):
+    """The dtype rung: the other 16-bit dtype's bucket of the same card, after an exact bucket
+    and before another card's; float32 has no other half."""
+    def in_dtype(dtype):
+        parents = [None if p < 0 else int(TREE.node_ids[p]) for p in TREE.parent]
+        return Tree(TREE.node_ids.tolist(), parents, TREE.tokens.tolist(), TREE.queries.tolist(),
+                    AttentionShape(32, 8, 128, dtype))
+
+    write_configs(table(H200, chunk=512), store.table_path(H200.name))
+    bf16_key = KEY.replace("float16", "bfloat16")
+    write_configs(table(H100, chunk=2048, key=bf16_key), store.table_path(H100.name))
+    found = tuned_config("deft_flatten", in_dtype("bfloat16"), H200.name, (9, 0))
+    assert (found.rung, found.chunk_size, found.matched, found.bucket) == (
+        "dtype", 512, KEY, bf16_key)
+    write_configs(table(H200, chunk=256, key=bf16_key), store.table_path(H200.name))
+    forget_tables()
+    assert tuned_config("deft_flatten", in_dtype("bfloat16"), H200.name, (9, 0)).rung == "exact"
+    assert tuned_config("deft_flatten", in_dtype("float32"), H200.name, (9, 0)).rung == "default"
 
 
 def test_measured_configs_come_before_predicted_ones_and_are_read_once(isolated_tables):

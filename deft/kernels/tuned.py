@@ -23,13 +23,15 @@ where the card's programs are known, its chunk is then moved to the tree at hand
 `flatten_chunk`; the group size and tile stay the rung's):
 
 1. ``exact``: a table of this card (same device name), measured before predicted;
-2. ``sibling``: a table of another card of the same compute capability (an H200's on an H100),
+2. ``dtype``: the same, for the other 16-bit dtype (a bf16 tree on the fp16 buckets, and back:
+   the same kernel, bytes and MMA rate; `OTHER_HALF`);
+3. ``sibling``: a table of another card of the same compute capability (an H200's on an H100),
    with a `TunedConfigWarning`;
-3. ``fill``: where no table applies and the card's programs are known (a CUDA device: its SM
+4. ``fill``: where no table applies and the card's programs are known (a CUDA device: its SM
    count x `deft.kernels.fill.PROGRAMS_PER_SM`), the chunk that fills the machine
    (`deft.kernels.fill.fill_chunk`), a group of one query tile's rows
    (`deft.kernels.fill.fill_group`), the kernel's own tile;
-4. ``default``: the strategy's default sizes (chunk `deft.strategies.DEFAULT_CHUNK_SIZE` where
+5. ``default``: the strategy's default sizes (chunk `deft.strategies.DEFAULT_CHUNK_SIZE` where
    it takes one, no group cap) and the kernel's own tile, where nothing else applies or the
    device is not CUDA.
 
@@ -65,7 +67,12 @@ from deft.strategies import USES_CHUNK_SIZE, USES_GROUP_SIZE
 from deft.tree import Tree
 
 FORMAT = "deft-configs/1"
-RUNGS = ("exact", "sibling", "fill", "default")
+RUNGS = ("exact", "dtype", "sibling", "fill", "default")
+OTHER_HALF = {"float16": "bfloat16", "bfloat16": "float16"}
+"""The 16-bit dtype whose buckets the ``dtype`` rung reads for a tree of the other. Measured
+on an H200 (session 8, docs/autotune.md): bf16 held-out trees at 32/8 and 4/1 on the fp16
+buckets, 22 of 24 within 5% of their bf16 sweep's best (the fp16 misses, the same two trees),
+against 20 of 24 on the H100's bf16 table and the fill rung."""
 WAVE_STRATEGY = "deft_flatten"
 """The strategy whose chunk `tuned_config` moves to the tree at hand (`flatten_chunk`)
 wherever the card's programs are known."""
@@ -300,9 +307,12 @@ def _lookup(strategy: str, bucket: Bucket, device_name: str, capability: tuple,
     siblings = sorted((pair for pair in tables if pair[1].device["name"] != device_name
                        and tuple(pair[1].device["capability"]) == capability),
                       key=lambda pair: (pair[1].device["name"], pair[1].source != "measured"))
-    for rung, candidates in (("exact", exact), ("sibling", siblings)):
-        for path, configs in candidates:
-            found = configs.entry(strategy, bucket)
+    other = (dataclasses.replace(bucket, dtype=OTHER_HALF[bucket.dtype])
+             if bucket.dtype in OTHER_HALF else None)
+    for rung, candidates, wanted in (("exact", exact, bucket), ("dtype", exact, other),
+                                     ("sibling", siblings, bucket)):
+        for path, configs in candidates if wanted is not None else ():
+            found = configs.entry(strategy, wanted)
             if found is None:
                 continue
             key, (chunk_size, group_size, tile) = found
