@@ -3,19 +3,22 @@
 #
 #   OUT=/some/dir scripts/host_path_gpu.sh
 #
-# 1. tests: the GPU tests of the run path, the device plan buffers and the cache's uploads
-#    (tests/test_bound_run.py, the compiled-run tests of tests/test_kernels.py,
-#    tests/test_fast_plan.py's device buffers, tests/test_cache.py's cuda pool,
-#    tests/test_plan_buffers.py);
-# 2. host: scripts/host_overhead.py on fewshot_b20 and reason_10x500 at 32/8, no torch.compile
-#    (inductor's compiles cost minutes; the compiled run's graph count is a test of step 1);
-# 3. plan: scripts/plan_overhead.py --device cuda over the first 40 steps of every run;
-# 4. eager: deft-cli bench --timing eager (L2 flushed) of DeFT-Flatten and the peers on the six
-#    anchors at EAGER_HEADS (default 32/8; e.g. EAGER_HEADS=32/8,4/1), last: FlashInfer's JIT
-#    costs about 25 s per FlashInfer method cold, and 32/8 and 4/1 share its kernels (group 4).
-# Each step has its own timeout (about 7 min in all on a cold H200 at 32/8); each writes under
-# $OUT: tests.txt, host_overhead.json/.txt, plan_overhead.json/.txt, bench-eager.json/.txt.
-# Peers come from .peer-wheels (scripts/peer-wheels.sh), as in scripts/bench_gpu.sh.
+# 1. tests: the GPU tests of the run path, the custom op under torch.compile, the device plan
+#    buffers and the cache's uploads (tests/test_bound_run.py, tests/test_compiled_op.py, the
+#    compiled-run tests of tests/test_kernels.py, tests/test_fast_plan.py's device buffers,
+#    tests/test_cache.py's cuda pool, tests/test_plan_buffers.py);
+# 2. host: scripts/host_overhead.py on fewshot_b20 and reason_10x500 at 32/8, torch.compile's
+#    records on COMPILE_ANCHORS only (default reason_10x500; "none" skips them: each anchor
+#    costs several inductor compiles);
+# 3. plan: scripts/plan_overhead.py --device cuda --check over the first 40 steps of every run
+#    (the device buffers read back after every step and compared with the normative plan's);
+# 4. bench: deft-cli bench BENCH_ARGS (default: --timing eager, L2 flushed, DeFT-Flatten and
+#    the peers on the six anchors at 32/8; e.g. BENCH_ARGS="--timing eager --heads 32/8,4/1"),
+#    last: FlashInfer's JIT costs about 25 s per FlashInfer method cold.
+# Each step has its own timeout (about 7 min in all on a cold H200 with the default bench);
+# each writes under $OUT: tests.txt, host_overhead.json/.txt, plan_overhead.json/.txt,
+# bench.json/.txt. Peers come from .peer-wheels (scripts/peer-wheels.sh), as in
+# scripts/bench_gpu.sh.
 set -uo pipefail
 out=${OUT:-host-path-out}
 mkdir -p "$out"
@@ -30,19 +33,25 @@ step() {  # NAME SECONDS command...: run with a timeout, note the time and a fai
   echo "== $name took $(( $(date +%s) - start )) s" >&2
   tail -n 25 "$out/$name.txt"
 }
-step tests 70 python3 -m pytest -q -p no:cacheprovider -o addopts="" tests/test_bound_run.py \
+step tests 90 python3 -m pytest -q -p no:cacheprovider -o addopts="" tests/test_bound_run.py \
+  tests/test_compiled_op.py \
   tests/test_fast_plan.py::test_device_buffers_followed_over_a_run_hold_every_step \
   tests/test_kernels.py::test_compiled_run_takes_each_new_plan_without_recompiling \
   tests/test_kernels.py::test_deterministic_and_compiles \
   tests/test_cache.py::test_a_cuda_pool_hands_out_the_slots_a_host_pool_does tests/test_plan_buffers.py
-step host_overhead 60 env OUT="$out" python3 scripts/host_overhead.py --heads 32/8 --no-compile \
-  --anchors fewshot_b20_P4000_L200,reason_10x500_P1104
+compile_anchors=${COMPILE_ANCHORS:-reason_10x500_P1104}
+if [ "$compile_anchors" = none ]; then compiling=(--no-compile)
+else compiling=(--compile-anchors "$compile_anchors"); fi
+step host_overhead "${HOST_SECONDS:-120}" env OUT="$out" python3 scripts/host_overhead.py \
+  --heads 32/8 --anchors fewshot_b20_P4000_L200,reason_10x500_P1104 "${compiling[@]}"
 if compgen -G ".peer-wheels/*.whl" > /dev/null; then
   python3 -m pip install -q --no-index --no-deps --target /tmp/peers .peer-wheels/*.whl \
     && export PYTHONPATH=$PYTHONPATH:/tmp/peers
 fi
-step plan_overhead 45 env OUT="$out" python3 scripts/plan_overhead.py --device cuda --steps 40
-step bench-eager "${EAGER_SECONDS:-300}" python3 -m cli bench --timing eager \
-  --heads "${EAGER_HEADS:-32/8}" \
-  --methods deft_flatten,fi_decode,fi_mask,fi_cascade,sglang --json "$out/bench-eager.json"
+step plan_overhead 60 env OUT="$out" python3 scripts/plan_overhead.py --device cuda --steps 40 \
+  --check
+read -r -a bench_args <<< "${BENCH_ARGS:---timing eager --heads 32/8}"
+step bench "${BENCH_SECONDS:-300}" python3 -m cli bench "${bench_args[@]}" \
+  --methods "${BENCH_METHODS:-deft_flatten,fi_decode,fi_mask,fi_cascade,sglang}" \
+  --json "$out/bench.json"
 exit $status
