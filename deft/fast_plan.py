@@ -37,7 +37,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from deft.plan_entries import entry_rows, partitions
+from deft.plan_entries import entry_rows, partitions, range_rows
 from deft.tree import INDEX_LIMIT
 from deft.turn_buffers import TurnBuffers
 
@@ -48,6 +48,12 @@ DENSE_LIMIT = 2048
 """Plans of at most this many (chunk, query) pairs compare each chunk with each query (fewer
 numpy calls); larger ones write the first chunks every query sees in closed form
 (`deft.plan_entries.entry_rows`)."""
+
+RANGE_LIMIT = 4096
+"""Plans whose other chunks (those not every query sees) make more than this many (chunk,
+query) pairs list each chunk's queries as a run of the queries in flattened order
+(`deft.plan_entries.range_rows`) rather than compare each chunk with each query: on the
+branches of 256 samples a chunk sees a few queries."""
 
 
 class _Shape:
@@ -70,6 +76,9 @@ class _Shape:
     first_query, last_query : int
         The queries at the lowest and the highest flattened position (a query's flattened
         position grows with its node's preorder position, then with its own).
+    flat_query : int64 [queries] or None
+        The query at each flattened rank (lowest position first); None where query r is at
+        rank r.
     """
 
     def __init__(self, parent: np.ndarray, queries: np.ndarray):
@@ -97,6 +106,7 @@ class _Shape:
         self.query_shift = query_ids - np.repeat(np.cumsum(queries), queries)
         by_flat = np.lexsort((self.query_shift, self.query_order))
         self.first_query, self.last_query = int(by_flat[0]), int(by_flat[-1])
+        self.flat_query = None if (by_flat == query_ids).all() else by_flat
         self.in_order = bool((self.order == np.arange(n)).all())
 
 
@@ -124,6 +134,8 @@ class NodePlanner:
         self._entry_turns = TurnBuffers(np.int32)  # entry_query of plans with full chunks
         self._last_page_runs = None  # (page table, its page runs: `_page_runs`)
         self._last_page_layout = None  # (shape, page_ptr, what they fix: `_page_layout`)
+        self._last_counts = (None, None)  # ((partitions, queries), the counts field)
+        self._chunk_starts = (None, None)  # ((chunks, chunk size), deft_flatten's chunk starts)
         self._iota = np.arange(0)
         self._grid = np.zeros((0, 0), dtype=np.int64)  # `_query_grid`
 
@@ -176,8 +188,8 @@ class NodePlanner:
         end = through[shape.last]  # flattened end of each preorder node's subtree
         query_flat = through[shape.query_order] + shape.query_shift
         subtree_end = end.repeat(ordered)  # per flattened position
-        chunk_start, chunk_end, chunk_reach = self._chunks(shape.order, ordered, through, end,
-                                                           subtree_end, chunk_size)
+        chunk_start, chunk_tokens, chunk_reach = self._chunks(shape.order, ordered, through,
+                                                              end, subtree_end, chunk_size)
         part_chunk, part_entry, query_index, entry_row, query_row_ptr = self._entries(
             shape, chunk_start, chunk_reach, query_flat, group_size)
         slots, max_slot, kept = self._slots(shape, ordered, total, page_ptr, pages, page_size)
@@ -187,10 +199,9 @@ class NodePlanner:
             raise ValueError(f"cache slot {max_slot} is beyond the int32 limit")
         every_chunk = group_size is None and len(part_chunk) == len(chunk_start)
         return dict(
-            counts=np.array([len(part_chunk), len(query_flat)]),
+            counts=self._counts(len(part_chunk), len(query_flat)),
             part_start=chunk_start if every_chunk else chunk_start[part_chunk],
-            part_tokens=chunk_end - chunk_start if every_chunk
-            else (chunk_end - chunk_start)[part_chunk],
+            part_tokens=chunk_tokens if every_chunk else chunk_tokens[part_chunk],
             part_entry=part_entry,
             entry_query=query_index,
             entry_row=entry_row,
@@ -229,7 +240,9 @@ class NodePlanner:
 
         A small plan compares every chunk with every query; a larger one first counts the
         chunks every query sees up front (a shared prompt's), which take a closed form
-        (`deft.plan_entries.entry_rows`), and compares only the others.
+        (`deft.plan_entries.entry_rows`), and compares only the others, or, where those are
+        many (`RANGE_LIMIT`), lists each one's queries as a run of the queries in flattened
+        order (`deft.plan_entries.range_rows`).
 
         Returns
         -------
@@ -248,8 +261,16 @@ class NodePlanner:
             full = int(missed.argmax())
             if not missed[full]:
                 full = num_chunks
-        seen = (chunk_start[full:, None] <= query_flat) & (query_flat < chunk_reach[full:, None])
-        key = (full, seen.shape, seen.tobytes(), group_size)
+        rest = (num_chunks - full, num_queries)
+        if rest[0] * num_queries > RANGE_LIMIT:  # each chunk's queries: a run of ranks
+            by_rank = query_flat if shape.flat_query is None else query_flat[shape.flat_query]
+            lo = by_rank.searchsorted(chunk_start[full:])
+            hi = by_rank.searchsorted(chunk_reach[full:])
+            key = (full, rest, (shape, lo.tobytes(), hi.tobytes()), group_size)
+        else:
+            seen = (chunk_start[full:, None] <= query_flat) \
+                & (query_flat < chunk_reach[full:, None])
+            key = (full, rest, seen.tobytes(), group_size)
         last = self._last_entries
         self._kept_entries = None
         if last is not None and last[0] == key:
@@ -258,42 +279,65 @@ class NodePlanner:
             and last[0][1][1] == num_queries
         if block_kept:
             self._kept_entries = (last[1][2], full * num_queries)  # the same block first
+        ranges = rest[0] * num_queries > RANGE_LIMIT
         if full:
             per_chunk = np.empty(num_chunks, dtype=np.int64)
             per_chunk[:full] = num_queries
-            np.add.reduce(seen, axis=1, out=per_chunk[full:])
+            if ranges:
+                np.subtract(hi, lo, out=per_chunk[full:])
+            else:
+                np.add.reduce(seen, axis=1, out=per_chunk[full:])
         else:
-            per_chunk = np.add.reduce(seen, axis=1)
-        rows = entry_rows(full, seen, self._query_grid(num_queries, num_chunks - full),
-                          self._entry_turns,
-                          block_kept and last[1][2] is self._entry_turns.latest)
+            per_chunk = hi - lo if ranges else np.add.reduce(seen, axis=1)
+        block_kept = block_kept and last[1][2] is self._entry_turns.latest
+        if ranges:
+            rows = range_rows(full, lo, hi, shape.flat_query,
+                              self._query_grid(num_queries, 1)[0], self._entry_turns, block_kept)
+        else:
+            rows = entry_rows(full, seen, self._query_grid(num_queries, rest[0]),
+                              self._entry_turns, block_kept)
         entries = (*partitions(per_chunk, group_size), *rows)
         for array in entries:
             array.flags.writeable = False
         self._last_entries = (key, entries)
         return entries
 
+    def _counts(self, num_partitions: int, num_queries: int) -> np.ndarray:
+        """The ``counts`` field, int64 [2] read-only: the last plan's array where they are the
+        same (the plan buffers then skip it)."""
+        if self._last_counts[0] != (num_partitions, num_queries):
+            counts = np.array([num_partitions, num_queries])
+            counts.flags.writeable = False
+            self._last_counts = ((num_partitions, num_queries), counts)
+        return self._last_counts[1]
+
     def _chunks(self, order, ordered, through, end, subtree_end, chunk):
-        """(start, end, reach) of every chunk in plan order: its flattened run and the largest
-        subtree end of its tokens. int64 [chunks] each."""
+        """(start, tokens, reach) of every chunk in plan order: its flattened run and the
+        largest subtree end of its tokens. int64 [chunks] each."""
         if self.strategy == "deft_flatten":  # the flattened order cut into even blocks
             total = len(subtree_end)
-            chunk_start = np.arange(0, total, chunk)  # a strided read of `_positions` misses cache
-            chunk_end = chunk_start + chunk
-            chunk_end[-1] = total
-            return chunk_start, chunk_end, np.maximum.reduceat(subtree_end, chunk_start)
+            num_chunks = -(-total // chunk)
+            if self._chunk_starts[0] != (num_chunks, chunk):  # kept read-only: fill skips it
+                starts = np.arange(0, total, chunk)  # a strided read of `_positions` misses cache
+                starts.flags.writeable = False
+                self._chunk_starts = ((num_chunks, chunk), starts)
+            chunk_start = self._chunk_starts[1]
+            chunk_tokens = np.full(num_chunks, chunk)
+            chunk_tokens[-1] = total - (num_chunks - 1) * chunk
+            return chunk_start, chunk_tokens, np.maximum.reduceat(subtree_end, chunk_start)
         # deft_node, deft_node_chunk: each node's run by node index, cut into chunks
         by_index = np.empty_like(order)
         by_index[order] = np.arange(len(order))
         node_start, node_end, node_reach = (x[by_index] for x in (through - ordered, through,
                                                                    end))
         if chunk is None:
-            return node_start, node_end, node_reach
+            return node_start, node_end - node_start, node_reach
         count = -(-(node_end - node_start) // chunk)
         node = np.repeat(np.arange(len(count)), count)
         offset = (np.arange(count.sum()) - np.repeat(np.cumsum(count) - count, count)) * chunk
         chunk_start = node_start[node] + offset
-        return chunk_start, np.minimum(chunk_start + chunk, node_end[node]), node_reach[node]
+        chunk_tokens = np.minimum(chunk_start + chunk, node_end[node]) - chunk_start
+        return chunk_start, chunk_tokens, node_reach[node]
 
     def _page_runs(self, shape, page_ptr, pages, page_size) -> tuple:
         """(pages of each preorder node, int64 [nodes]; page_size times its first page's rank

@@ -62,13 +62,67 @@ def entry_rows(full: int, seen: np.ndarray, query_grid: np.ndarray, turns=None,
     query_row_ptr[1:] += full_through
     full_through -= 1
     rest_row = (through.T + full_through)[seen]  # a query's rows: its full chunks' first
+    return _with_block(full, ids, query_grid[:rest][seen], rest_row, query_row_ptr, turns,
+                       block_kept)
+
+
+def range_rows(full: int, lo: np.ndarray, hi: np.ndarray, flat_query, query_ids: np.ndarray,
+               turns=None, block_kept: bool = False) -> tuple:
+    """`entry_rows` of a plan whose other chunks the queries see by flattened-position ranges:
+    chunk ``full + c`` is seen by the queries of flattened ranks ``lo[c] <= r < hi[c]``.
+
+    A chunk is seen by the queries at flattened positions ``start <= F < reach``: a run of
+    the queries in flattened order. Where those runs are short (a few queries each, as on the
+    branches of 256 samples), listing them costs less than comparing every chunk with every
+    query.
+
+    Parameters
+    ----------
+    full : int
+    lo, hi : int64 [chunks - full]
+    flat_query : int64 [queries] or None
+        The query of each flattened rank (None: query r is at rank r).
+    query_ids : int64 [queries]
+        0, 1, ..., queries - 1.
+    turns, block_kept
+        As for `entry_rows`.
+    """
+    width = hi - lo  # each chunk's queries
+    count = int(width.sum())
+    rank = np.arange(count)
+    rank -= np.repeat(width.cumsum() - width - lo, width)  # flattened rank of each entry
+    rest_query = rank if flat_query is None else flat_query[rank]
+    if flat_query is not None:  # a chunk's queries ascending
+        chunk_of = np.repeat(np.arange(len(width)), width)
+        rest_query = rest_query[np.lexsort((rest_query, chunk_of))]
+    by_query = np.argsort(rest_query, kind="stable")  # a query's chunks ascending
+    rest_row = np.empty(count, dtype=np.int64)
+    rest_row[by_query] = np.arange(count)  # a query's rows one after the other
+    per_query = np.bincount(rest_query, minlength=len(query_ids))
+    query_row_ptr = np.empty(len(query_ids) + 1, dtype=np.int64)
+    query_row_ptr[0] = 0
+    if full:
+        per_query += full
+        rest_row += (rest_query + 1) * full  # after the query's full chunks and those before
+    np.add.accumulate(per_query, out=query_row_ptr[1:])
+    if not full:
+        return rest_query, rest_row, query_row_ptr
+    return _with_block(full, query_ids, rest_query, rest_row, query_row_ptr, turns, block_kept)
+
+
+def _with_block(full, ids, rest_query, rest_row, query_row_ptr, turns, block_kept) -> tuple:
+    """(entry_query, entry_row, query_row_ptr): the closed-form block of the ``full`` chunks
+    every query sees, then the other chunks' entries (``rest_query``, ``rest_row``, int
+    [entries - full * queries]); ``ids``: 0, 1, ..., queries - 1. See `entry_rows` for
+    ``turns`` and ``block_kept``."""
+    num_queries = len(ids)
     block = full * num_queries
     count = block + len(rest_row)
     entry_row = np.empty(count, dtype=np.int32 if count < 2**31 else np.int64)
     in_turns = turns is not None and entry_row.dtype == np.int32
     kept = block if in_turns and block_kept else 0
     entry_query = turns.begin(count, kept) if in_turns else np.empty_like(entry_row)
-    entry_query[block:] = query_grid[:rest][seen]
+    entry_query[block:] = rest_query
     entry_row[block:] = rest_row
     if not kept:
         entry_query[:block].reshape(full, num_queries)[:] = ids
