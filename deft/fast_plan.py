@@ -175,7 +175,8 @@ class NodePlanner:
 
         Returns
         -------
-        dict of field name to int64 array (int32 for the entries of a large plan), plus
+        dict of field name to int64 array (int32 for ``subtree_end`` and the entries of a
+        large plan), plus
         ``"max_slot"`` (int), ``"slots"``, the cache slot of every flattened position (the
         ``token_slot`` field itself), and ``"kept"``, what the arrays share with the last
         plan's (`deft.plan_buffers.PlanBuffers.fill`). Arrays the planner keeps between steps
@@ -187,7 +188,8 @@ class NodePlanner:
         total = int(through[-1])
         end = through[shape.last]  # flattened end of each preorder node's subtree
         query_flat = through[shape.query_order] + shape.query_shift
-        subtree_end = end.repeat(ordered)  # per flattened position
+        # per flattened position; int32 (the buffers' type) halves the bytes written twice
+        subtree_end = (end.astype(np.int32) if total <= INDEX_LIMIT else end).repeat(ordered)
         chunk_start, chunk_tokens, chunk_reach = self._chunks(shape.order, ordered, through,
                                                               end, subtree_end, chunk_size)
         part_chunk, part_entry, query_index, entry_row, query_row_ptr = self._entries(
