@@ -184,7 +184,8 @@ class NodePlanner:
         """
         shape = self.shape(tree.parent, tree.queries)
         ordered = tree.tokens if shape.in_order else tree.tokens[shape.order]
-        through = ordered.cumsum()  # flattened end of each preorder node
+        through = np.add.accumulate(ordered)  # flattened end of each preorder node (np.cumsum's
+        # wrapper costs three times the sum on small arrays, as np.full's does a fill)
         total = int(through[-1])
         end = through[shape.last]  # flattened end of each preorder node's subtree
         query_flat = through[shape.query_order] + shape.query_shift
@@ -324,9 +325,11 @@ class NodePlanner:
                 starts.flags.writeable = False
                 self._chunk_starts = ((num_chunks, chunk), starts)
             chunk_start = self._chunk_starts[1]
-            chunk_tokens = np.full(num_chunks, chunk)
+            chunk_tokens = np.empty(num_chunks, dtype=np.int64)
+            chunk_tokens.fill(chunk)
             chunk_tokens[-1] = total - (num_chunks - 1) * chunk
-            return chunk_start, chunk_tokens, np.maximum.reduceat(subtree_end, chunk_start)
+            reach = np.maximum.reduceat(subtree_end, chunk_start)
+            return chunk_start, chunk_tokens, reach.astype(np.int64)  # compared with int64s
         # deft_node, deft_node_chunk: each node's run by node index, cut into chunks
         by_index = np.empty_like(order)
         by_index[order] = np.arange(len(order))
@@ -336,7 +339,8 @@ class NodePlanner:
             return node_start, node_end - node_start, node_reach
         count = -(-(node_end - node_start) // chunk)
         node = np.repeat(np.arange(len(count)), count)
-        offset = (np.arange(count.sum()) - np.repeat(np.cumsum(count) - count, count)) * chunk
+        offset = (np.arange(count.sum()) - np.repeat(np.add.accumulate(count) - count, count)) \
+            * chunk
         chunk_start = node_start[node] + offset
         chunk_tokens = np.minimum(chunk_start + chunk, node_end[node]) - chunk_start
         return chunk_start, chunk_tokens, node_reach[node]
@@ -401,7 +405,7 @@ class NodePlanner:
         # a page's run: its node's tokens past the node's pages before it, at most page_size
         run = (ordered + first_slot).repeat(counts) - run_base
         np.minimum(np.maximum(run, 0, out=run), page_size, out=run)
-        run_end = run.cumsum()
+        run_end = np.add.accumulate(run)
         if not len(run) or run_end[-1] < total:  # the runs hold fewer tokens than the nodes
             short = (counts * page_size < ordered).nonzero()[0]
             node = shape.order[short[0]]

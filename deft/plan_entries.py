@@ -28,7 +28,7 @@ def partitions(per_chunk: np.ndarray, group_size) -> tuple:
         return has.nonzero()[0], pointers(per_chunk[has])
     groups = -(-per_chunk // group_size)
     part_chunk = np.repeat(np.arange(len(per_chunk)), groups)
-    rank = np.arange(len(part_chunk)) - np.repeat(np.cumsum(groups) - groups, groups)
+    rank = np.arange(len(part_chunk)) - np.repeat(np.add.accumulate(groups) - groups, groups)
     return part_chunk, pointers(np.minimum(group_size, per_chunk[part_chunk] - rank * group_size))
 
 
@@ -49,7 +49,7 @@ def entry_rows(full: int, seen: np.ndarray, query_grid: np.ndarray, turns=None,
     rest, num_queries = seen.shape
     ids = query_grid[0]
     # the other chunks' entries numbered query-major, up to each one: [queries, rest]
-    through = seen.T.ravel().cumsum().reshape(num_queries, rest)
+    through = np.add.accumulate(seen.T.ravel(), dtype=np.int64).reshape(num_queries, rest)
     query_row_ptr = np.zeros(num_queries + 1, dtype=np.int64)
     if rest:
         query_row_ptr[1:] = through[:, -1]
@@ -90,7 +90,7 @@ def range_rows(full: int, lo: np.ndarray, hi: np.ndarray, flat_query, query_ids:
     width = hi - lo  # each chunk's queries
     count = int(width.sum())
     rank = np.arange(count)
-    rank -= np.repeat(width.cumsum() - width - lo, width)  # flattened rank of each entry
+    rank -= np.repeat(np.add.accumulate(width) - width - lo, width)  # each entry's flat rank
     rest_query = rank if flat_query is None else flat_query[rank]
     if flat_query is not None:  # a chunk's queries ascending
         chunk_of = np.repeat(np.arange(len(width)), width)
