@@ -296,6 +296,7 @@ class PlanBuffers:
             self.capacity[name] = size
         self._limits = dict(max_queries=max_queries, max_entries=max_entries)
         self._limits[slot_name] = max_slots
+        self._sizes = (max_queries, max_entries, max_slots)  # the limits, in that order
         self._slot_name = slot_name
         self.device = torch.device(device)
         if self.device.type not in ("cpu", "cuda"):
@@ -326,7 +327,7 @@ class PlanBuffers:
         """
         queries, entries = len(arrays["query_flat"]), len(arrays["entry_query"])
         slots = len(arrays["token_slot"])
-        max_queries, max_entries, max_slots = self._limits.values()
+        max_queries, max_entries, max_slots = self._sizes
         if queries > max_queries or entries > max_entries or slots > max_slots:
             for (name, limit), need in zip(self._limits.items(), (queries, entries, slots)):
                 if need > limit:
