@@ -513,6 +513,18 @@ def test_range_rows_equal_the_dense_comparison(positions, chunks, closed, in_fla
         np.testing.assert_array_equal(values, want)
 
 
+@pytest.mark.parametrize("chunks", [1, 2, 63, 64, 65, 100, 128, 129, 492])
+def test_block_rows_number_each_query_s_rows_from_its_first(chunks):
+    """Row c of the closed-form block is every query's first row plus c, whether written with
+    one broadcast add (few chunks) or row after row doubled (many)."""
+    from deft.plan_entries import block_rows
+
+    first = np.array([0, 7, 9, 30, 31], dtype=np.int64) * chunks
+    rows = np.full((chunks, len(first)), -1, dtype=np.int32)
+    block_rows(first, rows)
+    np.testing.assert_array_equal(rows, first + np.arange(chunks)[:, None])
+
+
 @pytest.mark.gpu  # pinned staging and non-blocking copies
 @pytest.mark.parametrize("kind", ["tot", "token_tree", "fewshot"])
 def test_device_buffers_followed_over_a_run_hold_every_step(kind):
