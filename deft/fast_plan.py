@@ -292,7 +292,7 @@ class NodePlanner:
                               self._entry_turns, block_kept)
         entries = (*partitions(per_chunk, group_size), *rows)
         for array in entries:
-            array.flags.writeable = False
+            array.setflags(write=False)  # (cheaper than through .flags)
         self._last_entries = (key, entries)
         return entries
 
