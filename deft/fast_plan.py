@@ -182,8 +182,8 @@ class NodePlanner:
         """
         shape = self.shape(tree.parent, tree.queries)
         ordered = tree.tokens if shape.in_order else tree.tokens[shape.order]
-        through = np.add.accumulate(ordered)  # flattened end of each preorder node (np.cumsum's
-        # wrapper costs three times the sum on small arrays, as np.full's does a fill)
+        # (np.add.accumulate: np.cumsum's wrapper costs three times the sum on small arrays)
+        through = np.add.accumulate(ordered)  # flattened end of each preorder node
         total = int(through[-1])
         end = through[shape.last]  # flattened end of each preorder node's subtree
         query_flat = through[shape.query_order] + shape.query_shift
@@ -256,7 +256,8 @@ class NodePlanner:
             if not missed[full]:
                 full = num_chunks
         rest = (num_chunks - full, num_queries)
-        if rest[0] * num_queries > RANGE_LIMIT:  # each chunk's queries: a run of ranks
+        ranges = rest[0] * num_queries > RANGE_LIMIT
+        if ranges:  # each chunk's queries: a run of ranks
             by_rank = query_flat if shape.flat_query is None else query_flat[shape.flat_query]
             lo = by_rank.searchsorted(chunk_start[full:])
             hi = by_rank.searchsorted(chunk_reach[full:])
@@ -273,7 +274,6 @@ class NodePlanner:
             and last[0][1][1] == num_queries
         if block_kept:
             self._kept_entries = (last[1][2], full * num_queries)  # the same block first
-        ranges = rest[0] * num_queries > RANGE_LIMIT
         if full:
             per_chunk = np.empty(num_chunks, dtype=np.int64)
             per_chunk[:full] = num_queries
@@ -312,7 +312,8 @@ class NodePlanner:
             total = len(subtree_end)
             num_chunks = -(-total // chunk)
             if self._chunk_starts[0] != (num_chunks, chunk):  # kept read-only: fill skips it
-                starts = np.arange(0, total, chunk)  # a strided read of `_positions` misses cache
+                starts = np.arange(0, total, chunk)  # (a strided view of a kept arange missed
+                # cache on 64k tokens)
                 starts.flags.writeable = False
                 self._chunk_starts = ((num_chunks, chunk), starts)
             chunk_start = self._chunk_starts[1]
