@@ -297,7 +297,6 @@ class PlanBuffers:
         self._limits = dict(max_queries=max_queries, max_entries=max_entries)
         self._limits[slot_name] = max_slots
         self._sizes = (max_queries, max_entries, max_slots)  # the limits, in that order
-        self._slot_name = slot_name
         self.device = torch.device(device)
         if self.device.type not in ("cpu", "cuda"):
             raise ValueError(f"plan buffers live on a CPU or CUDA device, not {self.device}")
