@@ -22,9 +22,10 @@ nodes) is kept per shape, so a decode step that only grows nodes reuses it; and 
 only on which queries see which chunks (partitions, entries, partial rows) is kept from the
 last plan, so a step that moves the chunks' bounds but not their queries reuses that too.
 The cache slots are laid out a page at a time (a page is a run of consecutive slots), from
-the first page run that differs from the last plan's; the plan buffers then rewrite only the
-slots from there, skip the entries kept, and the entry queries of the leading chunks every
-query sees where they are as many as the last plan's (`deft.plan_buffers.PlanBuffers.fill`).
+the first page run that differs from the last plan's (`deft.plan_slots`); the plan buffers
+then rewrite only the slots from there, skip the entries kept, and the entry queries of the
+leading chunks every query sees where they are as many as the last plan's
+(`deft.plan_buffers.PlanBuffers.fill`).
 The slots and those entry queries are written in turns into two kept arrays
 (`deft.turn_buffers`): the one a step writes already holds the step before the last's, so
 the unchanged prefix (most of a 64k-token tree) is neither copied nor rewritten; an array
@@ -37,7 +38,8 @@ from __future__ import annotations
 
 import numpy as np
 
-from deft.plan_entries import entry_rows, partitions
+from deft.plan_entries import entry_rows, partitions, range_rows
+from deft.plan_slots import SlotLayout
 from deft.tree import INDEX_LIMIT
 from deft.turn_buffers import TurnBuffers
 
@@ -48,6 +50,12 @@ DENSE_LIMIT = 2048
 """Plans of at most this many (chunk, query) pairs compare each chunk with each query (fewer
 numpy calls); larger ones write the first chunks every query sees in closed form
 (`deft.plan_entries.entry_rows`)."""
+
+RANGE_LIMIT = 4096
+"""Plans whose other chunks (those not every query sees) make more than this many (chunk,
+query) pairs list each chunk's queries as a run of the queries in flattened order
+(`deft.plan_entries.range_rows`) rather than compare each chunk with each query: on the
+branches of 256 samples a chunk sees a few queries."""
 
 
 class _Shape:
@@ -70,6 +78,9 @@ class _Shape:
     first_query, last_query : int
         The queries at the lowest and the highest flattened position (a query's flattened
         position grows with its node's preorder position, then with its own).
+    flat_query : int64 [queries] or None
+        The query at each flattened rank (lowest position first); None where query r is at
+        rank r.
     """
 
     def __init__(self, parent: np.ndarray, queries: np.ndarray):
@@ -97,6 +108,7 @@ class _Shape:
         self.query_shift = query_ids - np.repeat(np.cumsum(queries), queries)
         by_flat = np.lexsort((self.query_shift, self.query_order))
         self.first_query, self.last_query = int(by_flat[0]), int(by_flat[-1])
+        self.flat_query = None if (by_flat == query_ids).all() else by_flat
         self.in_order = bool((self.order == np.arange(n)).all())
 
 
@@ -119,12 +131,10 @@ class NodePlanner:
         self._last_shape = None  # (parent, queries, their shape) of the last lookup
         self._last_entries = None  # (what the last plan's chunks saw, its entries)
         self._kept_entries = None  # (the last entry_query, the values this one shares)
-        self._last_runs = None  # (page size, the last plan's page runs and slots)
-        self._slot_turns = TurnBuffers(np.int64)  # the slots, written in turns
+        self._slot_layout = SlotLayout()  # the slots (`deft.plan_slots`)
         self._entry_turns = TurnBuffers(np.int32)  # entry_query of plans with full chunks
-        self._last_page_runs = None  # (page table, its page runs: `_page_runs`)
-        self._last_page_layout = None  # (shape, page_ptr, what they fix: `_page_layout`)
-        self._iota = np.arange(0)
+        self._last_counts = (None, None)  # ((partitions, queries), the counts field)
+        self._chunk_starts = (None, None)  # ((chunks, chunk size), deft_flatten's chunk starts)
         self._grid = np.zeros((0, 0), dtype=np.int64)  # `_query_grid`
 
     def shape(self, parent: np.ndarray, queries: np.ndarray) -> _Shape:
@@ -163,7 +173,8 @@ class NodePlanner:
 
         Returns
         -------
-        dict of field name to int64 array (int32 for the entries of a large plan), plus
+        dict of field name to int64 array (int32 for ``subtree_end`` and the entries of a
+        large plan), plus
         ``"max_slot"`` (int), ``"slots"``, the cache slot of every flattened position (the
         ``token_slot`` field itself), and ``"kept"``, what the arrays share with the last
         plan's (`deft.plan_buffers.PlanBuffers.fill`). Arrays the planner keeps between steps
@@ -171,26 +182,28 @@ class NodePlanner:
         """
         shape = self.shape(tree.parent, tree.queries)
         ordered = tree.tokens if shape.in_order else tree.tokens[shape.order]
-        through = ordered.cumsum()  # flattened end of each preorder node
+        # (np.add.accumulate: np.cumsum's wrapper costs three times the sum on small arrays)
+        through = np.add.accumulate(ordered)  # flattened end of each preorder node
         total = int(through[-1])
         end = through[shape.last]  # flattened end of each preorder node's subtree
         query_flat = through[shape.query_order] + shape.query_shift
-        subtree_end = end.repeat(ordered)  # per flattened position
-        chunk_start, chunk_end, chunk_reach = self._chunks(shape.order, ordered, through, end,
-                                                           subtree_end, chunk_size)
+        # per flattened position; int32 (the buffers' type) halves the bytes written twice
+        subtree_end = (end.astype(np.int32) if total <= INDEX_LIMIT else end).repeat(ordered)
+        chunk_start, chunk_tokens, chunk_reach = self._chunks(shape.order, ordered, through,
+                                                              end, subtree_end, chunk_size)
         part_chunk, part_entry, query_index, entry_row, query_row_ptr = self._entries(
             shape, chunk_start, chunk_reach, query_flat, group_size)
-        slots, max_slot, kept = self._slots(shape, ordered, total, page_ptr, pages, page_size)
+        slots, max_slot, kept = self._slot_layout.lay_out(shape, ordered, total, page_ptr,
+                                                          pages, page_size)
         if self._kept_entries:
             kept["entry_query"] = self._kept_entries
         if max_slot > INDEX_LIMIT:
             raise ValueError(f"cache slot {max_slot} is beyond the int32 limit")
         every_chunk = group_size is None and len(part_chunk) == len(chunk_start)
         return dict(
-            counts=np.array([len(part_chunk), len(query_flat)]),
+            counts=self._counts(len(part_chunk), len(query_flat)),
             part_start=chunk_start if every_chunk else chunk_start[part_chunk],
-            part_tokens=chunk_end - chunk_start if every_chunk
-            else (chunk_end - chunk_start)[part_chunk],
+            part_tokens=chunk_tokens if every_chunk else chunk_tokens[part_chunk],
             part_entry=part_entry,
             entry_query=query_index,
             entry_row=entry_row,
@@ -202,14 +215,6 @@ class NodePlanner:
             slots=slots,
             kept=kept,
         )
-
-    def _positions(self, total: int) -> np.ndarray:
-        """0, 1, ..., total - 1 (int64, read-only), kept: numpy's arange of many elements costs
-        several times a copy."""
-        if len(self._iota) < total:
-            self._iota = np.arange(max(total, 2 * len(self._iota)))
-            self._iota.flags.writeable = False
-        return self._iota[:total]
 
     def _query_grid(self, num_queries: int, rows: int) -> np.ndarray:
         """The query ids 0, 1, ..., num_queries - 1 in each of at least ``rows`` rows (and one),
@@ -229,7 +234,9 @@ class NodePlanner:
 
         A small plan compares every chunk with every query; a larger one first counts the
         chunks every query sees up front (a shared prompt's), which take a closed form
-        (`deft.plan_entries.entry_rows`), and compares only the others.
+        (`deft.plan_entries.entry_rows`), and compares only the others, or, where those are
+        many (`RANGE_LIMIT`), lists each one's queries as a run of the queries in flattened
+        order (`deft.plan_entries.range_rows`).
 
         Returns
         -------
@@ -248,8 +255,17 @@ class NodePlanner:
             full = int(missed.argmax())
             if not missed[full]:
                 full = num_chunks
-        seen = (chunk_start[full:, None] <= query_flat) & (query_flat < chunk_reach[full:, None])
-        key = (full, seen.shape, seen.tobytes(), group_size)
+        rest = (num_chunks - full, num_queries)
+        ranges = rest[0] * num_queries > RANGE_LIMIT
+        if ranges:  # each chunk's queries: a run of ranks
+            by_rank = query_flat if shape.flat_query is None else query_flat[shape.flat_query]
+            lo = by_rank.searchsorted(chunk_start[full:])
+            hi = by_rank.searchsorted(chunk_reach[full:])
+            key = (full, rest, (shape, lo.tobytes(), hi.tobytes()), group_size)
+        else:
+            seen = (chunk_start[full:, None] <= query_flat) \
+                & (query_flat < chunk_reach[full:, None])
+            key = (full, rest, seen.tobytes(), group_size)
         last = self._last_entries
         self._kept_entries = None
         if last is not None and last[0] == key:
@@ -261,127 +277,62 @@ class NodePlanner:
         if full:
             per_chunk = np.empty(num_chunks, dtype=np.int64)
             per_chunk[:full] = num_queries
-            np.add.reduce(seen, axis=1, out=per_chunk[full:])
+            if ranges:
+                np.subtract(hi, lo, out=per_chunk[full:])
+            else:
+                np.add.reduce(seen, axis=1, out=per_chunk[full:])
         else:
-            per_chunk = np.add.reduce(seen, axis=1)
-        rows = entry_rows(full, seen, self._query_grid(num_queries, num_chunks - full),
-                          self._entry_turns,
-                          block_kept and last[1][2] is self._entry_turns.latest)
+            per_chunk = hi - lo if ranges else np.add.reduce(seen, axis=1)
+        block_kept = block_kept and last[1][2] is self._entry_turns.latest
+        if ranges:
+            rows = range_rows(full, lo, hi, shape.flat_query,
+                              self._query_grid(num_queries, 1)[0], self._entry_turns, block_kept)
+        else:
+            rows = entry_rows(full, seen, self._query_grid(num_queries, rest[0]),
+                              self._entry_turns, block_kept)
         entries = (*partitions(per_chunk, group_size), *rows)
         for array in entries:
-            array.flags.writeable = False
+            array.setflags(write=False)  # (cheaper than through .flags)
         self._last_entries = (key, entries)
         return entries
 
+    def _counts(self, num_partitions: int, num_queries: int) -> np.ndarray:
+        """The ``counts`` field, int64 [2] read-only: the last plan's array where they are the
+        same (the plan buffers then skip it)."""
+        if self._last_counts[0] != (num_partitions, num_queries):
+            counts = np.array([num_partitions, num_queries])
+            counts.flags.writeable = False
+            self._last_counts = ((num_partitions, num_queries), counts)
+        return self._last_counts[1]
+
     def _chunks(self, order, ordered, through, end, subtree_end, chunk):
-        """(start, end, reach) of every chunk in plan order: its flattened run and the largest
-        subtree end of its tokens. int64 [chunks] each."""
+        """(start, tokens, reach) of every chunk in plan order: its flattened run and the
+        largest subtree end of its tokens. int64 [chunks] each."""
         if self.strategy == "deft_flatten":  # the flattened order cut into even blocks
             total = len(subtree_end)
-            chunk_start = np.arange(0, total, chunk)  # a strided read of `_positions` misses cache
-            chunk_end = chunk_start + chunk
-            chunk_end[-1] = total
-            return chunk_start, chunk_end, np.maximum.reduceat(subtree_end, chunk_start)
+            num_chunks = -(-total // chunk)
+            if self._chunk_starts[0] != (num_chunks, chunk):  # kept read-only: fill skips it
+                starts = np.arange(0, total, chunk)  # (a strided view of a kept arange missed
+                # cache on 64k tokens)
+                starts.flags.writeable = False
+                self._chunk_starts = ((num_chunks, chunk), starts)
+            chunk_start = self._chunk_starts[1]
+            chunk_tokens = np.empty(num_chunks, dtype=np.int64)
+            chunk_tokens.fill(chunk)
+            chunk_tokens[-1] = total - (num_chunks - 1) * chunk
+            reach = np.maximum.reduceat(subtree_end, chunk_start)
+            return chunk_start, chunk_tokens, reach.astype(np.int64)  # compared with int64s
         # deft_node, deft_node_chunk: each node's run by node index, cut into chunks
         by_index = np.empty_like(order)
         by_index[order] = np.arange(len(order))
         node_start, node_end, node_reach = (x[by_index] for x in (through - ordered, through,
                                                                    end))
         if chunk is None:
-            return node_start, node_end, node_reach
+            return node_start, node_end - node_start, node_reach
         count = -(-(node_end - node_start) // chunk)
         node = np.repeat(np.arange(len(count)), count)
-        offset = (np.arange(count.sum()) - np.repeat(np.cumsum(count) - count, count)) * chunk
+        offset = (np.arange(count.sum()) - np.repeat(np.add.accumulate(count) - count, count)) \
+            * chunk
         chunk_start = node_start[node] + offset
-        return chunk_start, np.minimum(chunk_start + chunk, node_end[node]), node_reach[node]
-
-    def _page_runs(self, shape, page_ptr, pages, page_size) -> tuple:
-        """(pages of each preorder node, int64 [nodes]; page_size times its first page's rank
-        in preorder, int64 [nodes]; page * page_size of every page in preorder, int64 [pages];
-        page_size times 0, 1, ..., pages - 1; the rank of the largest page where no other
-        rank holds it, else -1), kept for a read-only page table passed again with the same
-        shape (the tree cache's, at a decode step that took no new page). Where only its pages
-        are new (a speculative step's renamed candidates, on as many pages as before), what
-        the shape and the read-only ``page_ptr`` fix is kept (`_page_layout`)."""
-        key, last = (shape, page_ptr, pages, page_size), self._last_page_runs
-        if last is not None and shape is last[0][0] and page_ptr is last[0][1] \
-                and pages is last[0][2] and page_size == last[0][3] \
-                and not page_ptr.flags.writeable and not pages.flags.writeable:
-            return last[1]
-        counts, page_first, where, positions = self._page_layout(shape, page_ptr)
-        run_page = pages[where] * page_size  # the pages in preorder
-        run_page.flags.writeable = False
-        top = int(run_page.argmax()) if len(run_page) else -1
-        if top >= 0 and np.count_nonzero(run_page == run_page[top]) > 1:
-            top = -1
-        self._last_page_runs = (key, (counts, page_first * page_size, run_page,
-                                      positions * page_size, top))
-        return self._last_page_runs[1]
-
-    def _page_layout(self, shape, page_ptr) -> tuple:
-        """(pages of each preorder node; each one's first page's rank in preorder; where the
-        pages in preorder are in the page table, a slice or int64 [pages]; 0, 1, ...,
-        pages - 1), kept for a read-only ``page_ptr`` passed again with the same shape."""
-        last = self._last_page_layout
-        if last is not None and shape is last[0] and page_ptr is last[1] \
-                and not page_ptr.flags.writeable:
-            return last[2]
-        counts = page_ptr[1:] - page_ptr[:-1]
-        first_page, end_page = int(page_ptr[0]), int(page_ptr[-1])
-        positions = self._positions(end_page - first_page)
-        if shape.in_order:  # the nodes' pages one after the other already
-            page_first, where = page_ptr[:-1] - first_page, slice(first_page, end_page)
-        else:
-            counts = counts[shape.order]
-            page_first = counts.cumsum() - counts
-            where = positions + (page_ptr[:-1][shape.order] - page_first).repeat(counts)
-        self._last_page_layout = (shape, page_ptr, (counts, page_first, where, positions))
-        return self._last_page_layout[2]
-
-    def _slots(self, shape, ordered, total, page_ptr, pages, page_size):
-        """(cache slot of every flattened position, int64 [tokens] read-only; the largest;
-        ``{"token_slot": (the last plan's slots, n)}`` where their first n slots are these)
-
-        A page holds a run of consecutive slots for consecutive positions of its node: the
-        pages are put in preorder and each page's run (``page_size`` slots, fewer for a node's
-        last page, none past its tokens) is laid out with one repeat. The runs the last plan
-        shared with this one, up to the first that differs, keep the last plan's slots (a step
-        that grows the last nodes of the preorder lays out only their pages; the slots are
-        written in turns, `deft.turn_buffers`, so the prefix is mostly in place already). The
-        largest slot lies on the largest page where that page is used and held once.
-        """
-        counts, first_slot, run_page, run_base, top = self._page_runs(shape, page_ptr, pages,
-                                                                      page_size)
-        # a page's run: its node's tokens past the node's pages before it, at most page_size
-        run = (ordered + first_slot).repeat(counts) - run_base
-        np.minimum(np.maximum(run, 0, out=run), page_size, out=run)
-        run_end = run.cumsum()
-        if not len(run) or run_end[-1] < total:  # the runs hold fewer tokens than the nodes
-            short = (counts * page_size < ordered).nonzero()[0]
-            node = shape.order[short[0]]
-            raise ValueError(f"node index {node} holds {ordered[short[0]]} tokens but "
-                             f"the page table gives it {counts[short[0]]} pages of {page_size}")
-        run_start = run_end - run  # the flattened position of each page's first slot
-        same, first, last_slots = 0, 0, None  # runs shared with the last plan
-        if self._last_runs is not None and self._last_runs[0] == page_size:
-            last_page, last_run, last_slots = self._last_runs[1:]
-            n = min(len(run), len(last_run))
-            differ = run[:n] != last_run[:n]
-            if run_page is not last_page:  # else the same pages as the last plan's
-                differ |= run_page[:n] != last_page[:n]
-            differ = differ.nonzero()[0]
-            same = int(differ[0]) if len(differ) else n
-        first = int(run_start[same]) if same < len(run) else total
-        if same and same == len(run) and first == len(last_slots):  # the last plan's slots exactly
-            slots = last_slots
-        else:  # in turns: the step before the last left most of the prefix in place
-            slots = self._slot_turns.begin(total, first)
-            np.add((run_page[same:] - run_start[same:]).repeat(run[same:]),
-                   self._positions(total)[first:], out=slots[first:])
-            slots = self._slot_turns.finish(total, first)
-        kept = {"token_slot": (last_slots, first)} if same else {}
-        self._last_runs = (page_size, run_page, run, slots)
-        if top >= 0 and run[top] > 0:  # the largest slot lies on the largest page
-            return slots, int(run_page[top] + run[top]) - 1, kept
-        return slots, int((run_page + run)[run > 0].max()) - 1, kept
-
+        chunk_tokens = np.minimum(chunk_start + chunk, node_end[node]) - chunk_start
+        return chunk_start, chunk_tokens, node_reach[node]

@@ -296,7 +296,7 @@ class PlanBuffers:
             self.capacity[name] = size
         self._limits = dict(max_queries=max_queries, max_entries=max_entries)
         self._limits[slot_name] = max_slots
-        self._slot_name = slot_name
+        self._sizes = (max_queries, max_entries, max_slots)  # the limits, in that order
         self.device = torch.device(device)
         if self.device.type not in ("cpu", "cuda"):
             raise ValueError(f"plan buffers live on a CPU or CUDA device, not {self.device}")
@@ -310,7 +310,8 @@ class PlanBuffers:
         else:  # the CPU: the buffers are host memory, filled directly
             self._upload = None
             self._staging_host = self.data.numpy()
-        self._written = {}  # field -> the read-only array the buffers hold, where one does
+        self._written = dict.fromkeys(FIELDS)  # field -> the read-only array they hold, or None
+        self._field_offsets = list(zip(FIELDS, self.offsets))
 
     def fill(self, arrays: dict) -> None:
         """Copy a plan's arrays (`plan_arrays`) into the buffers; raise CapacityError if too big.
@@ -323,21 +324,22 @@ class PlanBuffers:
         first n values are those of a read-only array of an earlier fill: where the buffers
         still hold that array, only the values past n are written.
         """
-        queries, entries = int(arrays["counts"][1]), len(arrays["entry_query"])
+        queries, entries = len(arrays["query_flat"]), len(arrays["entry_query"])
         slots = len(arrays["token_slot"])
-        for name, need in (("max_queries", queries), ("max_entries", entries),
-                           (self._slot_name, slots)):
-            if need > self._limits[name]:
-                raise CapacityError(
-                    f"the plan needs {name} >= {need} but this TreeAttention was built with "
-                    f"{name}={self._limits[name]}: pass {name}={need} (or more)"
-                )
+        max_queries, max_entries, max_slots = self._sizes
+        if queries > max_queries or entries > max_entries or slots > max_slots:
+            for (name, limit), need in zip(self._limits.items(), (queries, entries, slots)):
+                if need > limit:
+                    raise CapacityError(
+                        f"the plan needs {name} >= {need} but this TreeAttention was built "
+                        f"with {name}={limit}: pass {name}={need} (or more)"
+                    )
         if self._upload is not None:
             self._upload.wait()  # the previous plan's copies have left the staging area
         try:
             spans = self._write(arrays)
         except BaseException:
-            self._written = {}  # a field may be half written: write every field next time
+            self._written = dict.fromkeys(FIELDS)  # a field may be half written: all next time
             raise
         if self._upload is not None:
             self._upload.upload(spans)
@@ -346,23 +348,25 @@ class PlanBuffers:
         """Write the fields that changed into the staging area (or the CPU buffers); return
         the ``[lo, hi)`` spans of the allocation to upload, merged across gaps <= COALESCE."""
         kept_prefix = arrays.get("kept", {})
+        written, staging = self._written, self._staging_host
         spans = []
-        for name, offset in zip(FIELDS, self.offsets):
+        for name, offset in self._field_offsets:
             values = arrays[name]
-            last = self._written.get(name)
+            last = written[name]
             if values is last:  # read-only and already in the buffers
                 continue
             kept = 0
-            if name in kept_prefix and kept_prefix[name][0] is last and last is not None:
+            if last is not None and name in kept_prefix and kept_prefix[name][0] is last:
                 kept = kept_prefix[name][1]
-            if len(values) > kept:
-                lo, hi = offset + kept, offset + len(values)
-                self._staging_host[lo:hi] = values[kept:]
+            hi = offset + len(values)
+            if hi > offset + kept:
+                lo = offset + kept
+                staging[lo:hi] = values[kept:] if kept else values
                 if spans and lo - spans[-1][1] <= COALESCE:
                     spans[-1][1] = hi
                 else:
                     spans.append([lo, hi])
-            self._written[name] = values if not values.flags.writeable else None
+            written[name] = None if values.flags.writeable else values
         return spans
 
     def layout(self) -> list:

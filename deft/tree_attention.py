@@ -258,13 +258,14 @@ class TreeAttention:
         self._generation += 1
         entries = len(arrays["entry_query"])
         num_partitions, num_queries = arrays["counts"].tolist()  # the tree's queries
+        sm_count = self._sm_count()
         self.latest_plan = TreePlan(
             strategy=self.strategy, tree=tree, chunk_size=chunk, group_size=group,
             page_size=page_size, num_queries=num_queries, num_partitions=num_partitions,
             num_entries=entries,
-            per_query_merge=per_query_merge(num_queries, entries, self._sm_count()),
+            per_query_merge=per_query_merge(num_queries, entries, sm_count),
             small_grid=self.backend == "gluon"
-            and num_partitions * tree.attention.kv_heads <= self._sm_count(),
+            and num_partitions * tree.attention.kv_heads <= sm_count,
             max_slot=arrays["max_slot"], generation=self._generation, owner=self,
             _reference=reference, _slots=arrays["slots"], _slots_flat=reference is None,
         )

@@ -53,7 +53,7 @@ class TurnBuffers:
         returned read-only. ``prefix`` as given to `begin`."""
         k = self._turn
         view = self._arrays[k][:n]
-        view.flags.writeable = False
+        view.setflags(write=False)
         self._same[k], self._same[1 - k] = n, prefix
         self._turn = 1 - k
         self.latest = view

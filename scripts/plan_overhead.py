@@ -2,7 +2,7 @@
 """Host time of one decode step's planning, over every step of whole runs.
 
     python scripts/plan_overhead.py [--workloads DIR] [--strategy deft_flatten] [--device cpu]
-                                    [--runs NAMES] [--steps N] [--clock wall|cpu]
+                                    [--runs NAMES] [--steps N] [--clock wall|cpu] [--check]
 
 Runs: fewshot b20 and b50 over a 4000-token prompt, the reasoning runs keywordToT, set128ToT,
 sorting128ToT and docmergeToT over 4000 tokens, speculative t64 and t256 over 4000 tokens, and
@@ -22,6 +22,9 @@ two trees of 256 queries and up to 64k tokens (speculative t256 over a 63000-tok
 
 Both plans read the page table and refill the plan buffers; with ``--device cuda`` that is the
 real plan(): pinned staging and the non-blocking host-to-device copies (host time, no sync).
+``--check`` also reads the fixed-size plan's buffers back after every step (untimed) and
+compares them with a from-scratch encoding of the step's reference plan
+(`deft.plan_buffers.plan_arrays` of `deft.plan.build_plan`), exiting 1 on a difference.
 Prints the median and 90th percentile over the run's steps in microseconds, a table last;
 writes $OUT/plan_overhead.json when $OUT is set. ``--budget-us`` makes it exit 1 when a run's
 median ``tree + plan`` exceeds it (the issue's 100 us). ``--clock cpu`` times the thread's CPU
@@ -46,7 +49,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from deft import plan_buffers, workloads as wl  # noqa: E402
 from deft.cache import PagedKVCache, TreeCache, pages_for  # noqa: E402
-from deft.plan import check_parameters  # noqa: E402
+from deft.plan import build_plan, check_parameters  # noqa: E402
 from deft.tree_attention import TreeAttention  # noqa: E402
 from harness.timing import synchronize  # noqa: E402
 
@@ -85,9 +88,10 @@ def timed(fn):
     return result, (clock() - start) / 1e3
 
 
-def measure(run, strategy: str, device: str, steps=None) -> dict:
+def measure(run, strategy: str, device: str, steps=None, check=False) -> dict:
     """Per-step host times of one run (lists of microseconds), over its first `steps` steps
-    (default: all)."""
+    (default: all); with `check`, the fixed-size plan's buffers compared with the reference
+    after each step (`held_as_planned`), raising on a difference."""
     largest = max(range(len(run)), key=lambda i: run.tree(i).num_tokens)
     biggest = run.tree(largest)
     queries = max(run.tree(i).num_queries for i in range(0, len(run), max(1, len(run) // 50)))
@@ -117,6 +121,8 @@ def measure(run, strategy: str, device: str, steps=None) -> dict:
         synchronize(device)
         times["plan"].append(timed(lambda: fast.plan(tree, cache))[1])
         synchronize(device)
+        if check:
+            held_as_planned(fast, tree, cache, strategy, chunk, group, i)
         times["plan_synced"].append(
             timed(lambda: (synced.plan(tree, cache), synchronize(device)))[1])
         times["plan_tuned"].append(timed(lambda: tuned.plan(tree, cache))[1])
@@ -124,6 +130,18 @@ def measure(run, strategy: str, device: str, steps=None) -> dict:
     times["tree_plus_plan"] = list(np.add(times["tree"], times["plan"]))
     times["total"] = list(np.add(times["tree_plus_plan"], times["apply"]))
     return times
+
+
+def held_as_planned(attn, tree, cache, strategy, chunk, group, step) -> None:
+    """Raise if ``attn``'s buffers do not hold the from-scratch encoding of the step's plan."""
+    page_size = plan_buffers.cache_page_size(cache)
+    page_ptr, pages = plan_buffers.host_node_pages(cache, tree)
+    expected = plan_buffers.plan_arrays(build_plan(strategy, tree, chunk, group, page_size),
+                                        page_ptr, pages, attn.flat)
+    for name in plan_buffers.FIELDS:
+        held = attn.buffers.read(name)[:len(expected[name])]
+        if not np.array_equal(held, expected[name]):
+            raise SystemExit(f"step {step}: the plan buffers' {name} differs from the reference")
 
 
 def main():
@@ -139,6 +157,9 @@ def main():
     parser.add_argument("--coalesce", type=int, default=None,
                         help="deft.plan_buffers.COALESCE for this run (the unused elements fill "
                              "copies along rather than issue another copy)")
+    parser.add_argument("--check", action="store_true",
+                        help="compare the plan buffers with the reference plan after every "
+                             "step (untimed; exit 1 on a difference)")
     parser.add_argument("--clock", choices=sorted(CLOCKS), default="wall",
                         help="wall: elapsed time; cpu: the thread's CPU time (steadier on a "
                              "shared machine, without waits)")
@@ -152,7 +173,7 @@ def main():
     if args.runs:
         chosen = {k: v for k, v in chosen.items() if k in args.runs.split(",")}
     for name, run in chosen.items():
-        times = measure(run, args.strategy, args.device, args.steps)
+        times = measure(run, args.strategy, args.device, args.steps, args.check)
         trees = [run.tree(i) for i in range(len(times["tree"]))]
         rec = dict(run=name, clock=args.clock, coalesce=plan_buffers.COALESCE, steps=len(trees),
                    max_tokens=max(t.num_tokens for t in trees),

@@ -262,6 +262,21 @@ def run_of(kind, seed):
     return wl.fewshot(10 + seed, 3, 12)
 
 
+ENTRY_PATHS = st.sampled_from(["dense", "closed", "ranges"])
+"""How the planner takes a plan's entries (`take_entry_path`)."""
+
+
+def take_entry_path(patch, path: str) -> None:
+    """Make the node planner take its entries by ``path``: "dense", each chunk compared with
+    each query where the plan is small (as the limits are); "closed", the first chunks every
+    query sees in closed form and the others compared (DENSE_LIMIT 0); "ranges", those others
+    listed as runs of queries (RANGE_LIMIT 0 too)."""
+    if path != "dense":
+        patch.setattr("deft.fast_plan.DENSE_LIMIT", 0)
+    if path == "ranges":
+        patch.setattr("deft.fast_plan.RANGE_LIMIT", 0)
+
+
 @settings(max_examples=40, deadline=None)
 @given(
     seed=st.integers(0, 50),
@@ -271,7 +286,7 @@ def run_of(kind, seed):
     chunk=st.sampled_from([3, 16]),
     group=st.sampled_from([None, 2]),
     followed=st.booleans(),
-    blocks=st.booleans(),
+    blocks=ENTRY_PATHS,
 )
 def test_a_planner_followed_over_a_whole_run_plans_every_step_exactly(
         seed, kind, strategy, page_size, chunk, group, followed, blocks):
@@ -280,10 +295,10 @@ def test_a_planner_followed_over_a_whole_run_plans_every_step_exactly(
     changed) equals the reference at each step; the pages come from a tree cache following
     the run, or are shuffled afresh every step; the entries come from the dense comparison
     or (``blocks``, as for a large plan) with the first chunks every query sees in closed
-    form (`deft.plan_entries.entry_rows`)."""
+    form (`deft.plan_entries.entry_rows`), the others compared or listed by ranges
+    (`deft.plan_entries.range_rows`)."""
     with pytest.MonkeyPatch.context() as patch:
-        if blocks:
-            patch.setattr("deft.fast_plan.DENSE_LIMIT", 0)
+        take_entry_path(patch, blocks)
         follow_a_run(seed, kind, strategy, page_size, chunk, group, followed)
 
 
@@ -315,20 +330,19 @@ RUN_STEPS = dict(
     page_size=st.sampled_from([1, 4]),
     sizes_by_step=st.lists(st.tuples(st.sampled_from([2, 3, 16]),
                                      st.sampled_from([None, 1, 2])), min_size=1, max_size=4),
-    blocks=st.booleans(),
+    blocks=ENTRY_PATHS,
 )
 """A run of decode steps whose chunk and group sizes change from step to step (`planned_steps`)."""
 
 
 def planned_steps(kind, seed, strategy, page_size, sizes_by_step, blocks):
     """(step, tree, page_ptr, pages, chunk, group) over a run applied to a tree cache, with the
-    dense comparison of the entries off where ``blocks`` (DENSE_LIMIT 0)."""
+    entries taken by the path ``blocks`` names (`take_entry_path`)."""
     from deft.cache import PagedKVCache, TreeCache
 
     cache = TreeCache(PagedKVCache(4096, page_size, 1, 4))
     with pytest.MonkeyPatch.context() as patch:
-        if blocks:
-            patch.setattr("deft.fast_plan.DENSE_LIMIT", 0)
+        take_entry_path(patch, blocks)
         for step, tree in enumerate(run_of(kind, seed)):
             cache.apply(tree)
             page_ptr, pages = cache.host_node_pages(tree)
@@ -410,7 +424,7 @@ def test_a_step_whose_chunks_keep_their_queries_reuses_the_entries():
     chunk=st.sampled_from([2, 16]),
     group=st.sampled_from([None, 2]),
     given_reference=st.lists(st.booleans(), min_size=16, max_size=16),
-    blocks=st.booleans(),
+    blocks=ENTRY_PATHS,
 )
 def test_buffers_followed_over_a_whole_run_hold_every_step_from_scratch(
         seed, kind, strategy, page_size, chunk, group, given_reference, blocks):
@@ -425,8 +439,7 @@ def test_buffers_followed_over_a_whole_run_hold_every_step_from_scratch(
     attn = TreeAttention.for_trees(strategy, list(run), chunk, group, device="cpu")
     cache = TreeCache(PagedKVCache(4096, page_size, 1, 4))
     with pytest.MonkeyPatch.context() as patch:
-        if blocks:
-            patch.setattr("deft.fast_plan.DENSE_LIMIT", 0)
+        take_entry_path(patch, blocks)
         for step, tree in enumerate(run):
             cache.apply(tree)
             page_ptr, pages = cache.host_node_pages(tree)
@@ -465,6 +478,51 @@ def test_entry_rows_equal_the_dense_comparison(positions, chunks, closed):
     row_ptr = np.concatenate([[0], np.cumsum(seen.sum(axis=0))])
     for values, want in zip(got, (query_of, row, row_ptr)):
         np.testing.assert_array_equal(values, want)
+
+
+@settings(max_examples=300, deadline=None)
+@given(
+    positions=st.lists(st.integers(0, 60), min_size=1, max_size=12, unique=True),
+    chunks=st.lists(st.one_of(st.just((0, 61)), st.tuples(st.integers(0, 60), st.integers(0, 61))),
+                    min_size=1, max_size=40),
+    closed=st.integers(0, 40),
+    in_flat_order=st.booleans(),
+)
+def test_range_rows_equal_the_dense_comparison(positions, chunks, closed, in_flat_order):
+    """The chunks past the closed-form block listed as runs of the queries in flattened order
+    give the dense comparison's entries and rows, whether or not the queries' ids follow
+    their flattened positions."""
+    from deft.plan_entries import range_rows
+
+    query_flat = np.array(sorted(positions) if in_flat_order else positions, dtype=np.int64)
+    start, reach = (np.array(x, dtype=np.int64) for x in zip(*chunks))
+    seen = (start[:, None] <= query_flat) & (query_flat < reach[:, None])
+    full = min(closed, int(seen.all(axis=1).cumprod().sum()))
+    flat_query = np.argsort(query_flat)  # the query at each flattened rank
+    by_rank = query_flat[flat_query]
+    lo = by_rank.searchsorted(start[full:])
+    hi = by_rank.searchsorted(np.maximum(start, reach)[full:])
+    got = range_rows(full, lo, hi, None if in_flat_order else flat_query,
+                     np.arange(len(query_flat)))
+    chunk_of, query_of = seen.nonzero()  # chunk-major, a chunk's queries ascending
+    by_query = np.lexsort((chunk_of, query_of))  # query-major, a query's chunks ascending
+    row = np.empty(len(by_query), dtype=np.int64)
+    row[by_query] = np.arange(len(by_query))
+    row_ptr = np.concatenate([[0], np.cumsum(seen.sum(axis=0))])
+    for values, want in zip(got, (query_of, row, row_ptr)):
+        np.testing.assert_array_equal(values, want)
+
+
+@pytest.mark.parametrize("chunks", [1, 2, 63, 64, 65, 100, 128, 129, 492])
+def test_block_rows_number_each_query_s_rows_from_its_first(chunks):
+    """Row c of the closed-form block is every query's first row plus c, whether written with
+    one broadcast add (few chunks) or row after row doubled (many)."""
+    from deft.plan_entries import block_rows
+
+    first = np.array([0, 7, 9, 30, 31], dtype=np.int64) * chunks
+    rows = np.full((chunks, len(first)), -1, dtype=np.int32)
+    block_rows(first, rows)
+    np.testing.assert_array_equal(rows, first + np.arange(chunks)[:, None])
 
 
 @pytest.mark.gpu  # pinned staging and non-blocking copies
