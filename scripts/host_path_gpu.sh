@@ -10,13 +10,15 @@
 # 2. host: scripts/host_overhead.py on fewshot_b20 and reason_10x500 at 32/8, torch.compile's
 #    records on COMPILE_ANCHORS only (default reason_10x500; "none" skips them: each anchor
 #    costs several inductor compiles);
-# 3. plan: scripts/plan_overhead.py --device cuda --check over the first 40 steps of every run
-#    (the device buffers read back after every step and compared with the normative plan's);
+# 3. plan: scripts/plan_overhead.py --device cuda --check on four runs' first 20 steps (the
+#    device buffers read back after every step and compared with the normative plan's: the
+#    reads distort the times), then timed over the first 40 steps of every run;
 # 4. bench: deft-cli bench BENCH_ARGS (default: --timing eager, L2 flushed, DeFT-Flatten and
 #    the peers on the six anchors at 32/8; e.g. BENCH_ARGS="--timing eager --heads 32/8,4/1"),
 #    last: FlashInfer's JIT costs about 25 s per FlashInfer method cold.
 # Each step has its own timeout (about 7 min in all on a cold H200 with the default bench);
-# each writes under $OUT: tests.txt, host_overhead.json/.txt, plan_overhead.json/.txt,
+# each writes under $OUT: tests.txt, host_overhead.json/.txt, plan_check.txt,
+# plan_overhead.json/.txt,
 # bench.json/.txt. Peers come from .peer-wheels (scripts/peer-wheels.sh), as in
 # scripts/bench_gpu.sh.
 set -uo pipefail
@@ -48,8 +50,9 @@ if compgen -G ".peer-wheels/*.whl" > /dev/null; then
   python3 -m pip install -q --no-index --no-deps --target /tmp/peers .peer-wheels/*.whl \
     && export PYTHONPATH=$PYTHONPATH:/tmp/peers
 fi
-step plan_overhead 60 env OUT="$out" python3 scripts/plan_overhead.py --device cuda --steps 40 \
-  --check
+step plan_check "${CHECK_SECONDS:-30}" python3 scripts/plan_overhead.py --device cuda --steps 20 \
+  --runs fewshot_b20,spec_t256,spec_t256_P63000,fewshot_b256_P55296 --check
+step plan_overhead 45 env OUT="$out" python3 scripts/plan_overhead.py --device cuda --steps 40
 read -r -a bench_args <<< "${BENCH_ARGS:---timing eager --heads 32/8}"
 step bench "${BENCH_SECONDS:-300}" python3 -m cli bench "${bench_args[@]}" \
   --methods "${BENCH_METHODS:-deft_flatten,fi_decode,fi_mask,fi_cascade,sglang}" \
