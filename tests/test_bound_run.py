@@ -124,7 +124,7 @@ def test_run_replays_only_for_the_same_tensors(monkeypatch):
     plan = attn.plan(tree, table)
     attn.run(q, k_cache, v_cache, plan, out=out)
     bound = attn._runs.get(argument_key(q, k_cache, v_cache, out, None, None,
-                                        plan.per_query_merge))
+                                        plan.per_query_merge, plan.small_grid))
     replay = bound.replay = FakeReplay()
     for calls in (1, 2):
         out.fill_(float("nan"))
