@@ -452,6 +452,16 @@ def test_buffers_followed_over_a_whole_run_hold_every_step_from_scratch(
                                               err_msg=f"step {step}: {name}")
 
 
+def dense_entries(seen):
+    """The oracle of the entry arrays of a [chunks, queries] visibility: (entry queries,
+    chunk-major; each entry's row, query-major; the rows' pointer per query)."""
+    chunk_of, query_of = seen.nonzero()  # chunk-major, a chunk's queries ascending
+    by_query = np.lexsort((chunk_of, query_of))  # query-major, a query's chunks ascending
+    row = np.empty(len(by_query), dtype=np.int64)
+    row[by_query] = np.arange(len(by_query))
+    return query_of, row, np.concatenate([[0], np.cumsum(seen.sum(axis=0))])
+
+
 @settings(max_examples=300, deadline=None)
 @given(
     positions=st.lists(st.integers(0, 60), min_size=1, max_size=12, unique=True),
@@ -471,12 +481,7 @@ def test_entry_rows_equal_the_dense_comparison(positions, chunks, closed):
     full = min(closed, int(seen.all(axis=1).cumprod().sum()))
     grid = np.tile(np.arange(len(query_flat)), (len(chunks) + 1, 1))
     got = entry_rows(full, seen[full:], grid)
-    chunk_of, query_of = seen.nonzero()  # chunk-major, a chunk's queries ascending
-    by_query = np.lexsort((chunk_of, query_of))  # query-major, a query's chunks ascending
-    row = np.empty(len(by_query), dtype=np.int64)
-    row[by_query] = np.arange(len(by_query))
-    row_ptr = np.concatenate([[0], np.cumsum(seen.sum(axis=0))])
-    for values, want in zip(got, (query_of, row, row_ptr)):
+    for values, want in zip(got, dense_entries(seen)):
         np.testing.assert_array_equal(values, want)
 
 
@@ -504,12 +509,7 @@ def test_range_rows_equal_the_dense_comparison(positions, chunks, closed, in_fla
     hi = by_rank.searchsorted(np.maximum(start, reach)[full:])
     got = range_rows(full, lo, hi, None if in_flat_order else flat_query,
                      np.arange(len(query_flat)))
-    chunk_of, query_of = seen.nonzero()  # chunk-major, a chunk's queries ascending
-    by_query = np.lexsort((chunk_of, query_of))  # query-major, a query's chunks ascending
-    row = np.empty(len(by_query), dtype=np.int64)
-    row[by_query] = np.arange(len(by_query))
-    row_ptr = np.concatenate([[0], np.cumsum(seen.sum(axis=0))])
-    for values, want in zip(got, (query_of, row, row_ptr)):
+    for values, want in zip(got, dense_entries(seen)):
         np.testing.assert_array_equal(values, want)
 
 
