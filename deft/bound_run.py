@@ -20,8 +20,7 @@ which then cover the same memory. At most `RunCache.size` argument sets are kept
 recently used dropped first, with its graph).
 
 Plain launches are used where capturing is impossible: on the CPU (the Triton interpreter),
-inside someone else's stream capture (``torch.compile(mode="reduce-overhead")`` included), and
-when a capture fails. The custom op ``torch.ops.deft.tree_attention`` (what torch.compile calls)
+inside someone else's stream capture, and when a capture fails. The custom op ``torch.ops.deft.tree_attention`` (what torch.compile calls)
 is this same path: it finds its `TreeAttention` and runs the latest plan on `run`'s argument
 sets, so eager and compiled calls with the same tensors share one set and one graph.
 

@@ -89,17 +89,33 @@ def test_inductor_calls_the_op_with_nothing_around_it():
 
 
 @pytest.mark.gpu  # inductor's CUDA graphs
-def test_reduce_overhead_graphs_follow_new_plans():
-    """With ``out=None`` the compiled graph mutates none of its inputs (the workspace is not
-    one), so ``mode="reduce-overhead"`` may record the op's kernels in its CUDA graph: its
-    replays read the plan buffers refilled in place, so each call runs the latest plan."""
+def test_reduce_overhead_graphs_follow_new_plans(monkeypatch):
+    """Under ``mode="reduce-overhead"`` the op (tagged cudagraph-unsafe) is never recorded into
+    inductor's CUDA graph: its body runs on every call, so each call runs the latest plan with
+    that plan's launch choices and checks."""
     attn, _, q, k_cache, v_cache, table = setup(with_table=True)
     eager = [attn.run(q, k_cache, v_cache, attn.plan(tree, table)).clone()
              for tree in (TREE, SMALLER)]
     assert rel_err(eager[0].float().cpu(), eager[1].float().cpu()) > 1e-3
+    launches = []
+    launch = attn._launch
+    monkeypatch.setattr(attn, "_launch", lambda *args: (launches.append(1), launch(*args)))
     torch._dynamo.reset()
     compiled = torch.compile(lambda q, kc, vc, plan: attn.run(q, kc, vc, plan),
                              mode="reduce-overhead", fullgraph=True)
     for step in range(6):  # warm-up, record, then replays over alternating plans
         result = compiled(q, k_cache, v_cache, attn.plan((TREE, SMALLER)[step % 2], table))
         assert rel_err(result.float().cpu(), eager[step % 2].float().cpu()) <= 1e-3, step
+    assert len(launches) == 6
+
+
+def test_the_op_is_kept_out_of_inductors_cuda_graphs():
+    """The op carries torch's cudagraph-unsafe tag where torch has it (>= 2.9)."""
+    from deft.kernels.tree_attention_op import CUDAGRAPH_UNSAFE
+
+    tags = torch.ops.deft.tree_attention.default.tags
+    if hasattr(torch.Tag, "cudagraph_unsafe"):
+        assert CUDAGRAPH_UNSAFE == (torch.Tag.cudagraph_unsafe,)
+        assert torch.Tag.cudagraph_unsafe in tags
+    else:
+        assert CUDAGRAPH_UNSAFE == ()

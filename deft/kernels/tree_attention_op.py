@@ -5,8 +5,9 @@ device can run them.
 The op's implementation is what a compiled graph calls on every step, so it is `run`'s graph
 path itself (`deft.bound_run`): the owner's argument set for the call's tensors, captured as a
 CUDA graph on its second call on a GPU and replayed from then on; plain launches on the CPU and
-inside someone else's capture (e.g. the CUDA graph that
-``torch.compile(mode="reduce-overhead")`` records around it). Its fake implementation allocates
+inside someone else's capture. It is tagged cudagraph-unsafe (`CUDAGRAPH_UNSAFE`), so
+``torch.compile(mode="reduce-overhead")`` leaves it out of the CUDA graphs it records: its body
+runs every call, with each plan's launch choices and checks. Its fake implementation allocates
 nothing and returns None: the op's results are its mutated arguments (``out``, ``lse``), which
 inductor writes in place, with no copy of ``out`` around the call (`tests/test_compiled_op.py`).
 
@@ -75,8 +76,15 @@ OP_SIGNATURE = ("(Tensor q, Tensor k_cache, Tensor v_cache, Tensor(a!) out, Tens
                 "float? sm_scale, int owner) -> ()")
 """The op's schema after its name (``scripts/host_overhead.py`` times a no-op op of it)."""
 
+CUDAGRAPH_UNSAFE = tuple(tag for tag in (getattr(torch.Tag, "cudagraph_unsafe", None),)
+                         if tag is not None)
+"""The op's tags: inductor must not record its kernels into a CUDA graph of its own
+(``mode="reduce-overhead"``), whose replays would keep the record-time plan's launch choices
+(small grid, merge, tile, the workspace's addresses) and skip the plan checks; the op replays
+its own graph per argument set instead. (torch >= 2.9; older ones have no such tag.)"""
+
 _LIBRARY = torch.library.Library("deft", "DEF")
-_LIBRARY.define("tree_attention" + OP_SIGNATURE)
+_LIBRARY.define("tree_attention" + OP_SIGNATURE, tags=CUDAGRAPH_UNSAFE)
 
 
 def tree_attention_op(q, k_cache, v_cache, out, lse, sm_scale, owner) -> None:
