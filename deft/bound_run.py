@@ -133,7 +133,7 @@ def argument_key(q, k_cache, v_cache, out, lse, sm_scale, per_query_merge, small
                 k_cache.data_ptr(), k_cache.shape, k_cache.stride(), k_cache.dtype,
                 v_cache.data_ptr(), v_cache.shape, v_cache.stride(), v_cache.dtype,
                 out.data_ptr(), out.shape, out.stride(), out.dtype,
-                None if lse is None else (lse.data_ptr(), lse.shape, lse.stride()),
+                None if lse is None else (lse.data_ptr(), lse.shape, lse.stride(), lse.dtype),
                 sm_scale, per_query_merge, small_grid)
     except (AttributeError, TypeError):
         return None

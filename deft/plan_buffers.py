@@ -369,18 +369,9 @@ class PlanBuffers:
             written[name] = None if values.flags.writeable else values
         return spans
 
-    def layout(self) -> list:
-        """Offsets of the fields inside `data`, in `FIELDS` order (what the custom op takes)."""
-        return list(self.offsets)
-
     def read(self, name: str) -> np.ndarray:
         """A field's contents on the host (a synchronising copy; for tests and debugging)."""
         return self.views[name].cpu().numpy().astype(np.int64)
-
-
-def views_of(data: torch.Tensor, layout: list) -> dict:
-    """The field views of a plan buffer allocation from its `PlanBuffers.layout`."""
-    return {name: data[offset:] for name, offset in zip(FIELDS, layout)}
 
 
 def _host(x) -> np.ndarray:

@@ -56,8 +56,8 @@ class TreeAttention:
         As for `deft.plan.build_plan` (None: the strategy's default; refused where the
         strategy takes none). When chunk_size, group_size and config are all None, each
         `plan` takes the sizes and the tile from the tuned configs of this GPU for the tree's
-        bucket (`deft.kernels.tuned`: exact card, same-architecture sibling, else the chunk
-        that fills the GPU, else the defaults); ``tuned_from`` then names the rung used. A
+        bucket (`deft.kernels.tuned`: exact card, its other 16-bit dtype's buckets,
+        same-architecture sibling, else the chunk that fills the GPU, else the defaults); ``tuned_from`` then names the rung used. A
         plan of a tree with the last one's `deft.kernels.tuned.reuse_key` (a decode step's)
         reuses the last choice.
     max_queries : int

@@ -25,7 +25,7 @@ tuned tile, so a pick is read off the swept size with the same plan. Rules:
 
 The default sweep is session 8's, measured with the kernels and the table that ship (its
 ``tuned`` column is the waves rule with its small-grid term). Session 7's was measured with
-session 7's table (`docs/autotune-h200-session7/configs/`, pass it as ``--configs`` and its
+the table tuned in session 5 (`docs/autotune-h200-session7/configs/`, pass it as ``--configs`` and its
 log as ``--log``; its ``tuned`` column is the waves rule before its small-grid term); session 5's (`autotune-h200-session5/heldout.json`)
 predates the small-grid kernel, so the rule's small-grid term does not hold there.
 
