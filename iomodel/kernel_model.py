@@ -1,7 +1,8 @@
 """Latency of the shipped DeFT-Flatten kernels: work items over a persistent grid, then the merge.
 
-deft_flatten runs the Hopper Gluon kernel on sm_90 and the portable Triton kernel elsewhere
-(docs/iomodel.md, "The kernel model"). Both are persistent: ``PROGRAMS_PER_SM`` x SMs programs,
+deft_flatten runs the Hopper Gluon kernel on sm_90 and the portable Triton kernel elsewhere,
+and on sm_90 too for shapes the Gluon kernel does not take (fp32, head dims other than 64 and
+128, more than 64 query heads per KV head: `gluon`; docs/iomodel.md, "The kernel model"). Both are persistent: ``PROGRAMS_PER_SM`` x SMs programs,
 program j taking work items j, j + programs, ... (a static stride), where the work items are the
 partitions x KV heads in plan order. On Hopper a plan of at most one work item per SM runs the
 small-grid form instead (`small_grid`): ``SMALL_GRID_PROGRAMS_PER_SM`` program per SM, its
@@ -44,6 +45,7 @@ import numpy as np
 
 from deft.plan import Plan
 from deft.plan_aggregates import PlanAggregates
+from deft.tree import AttentionShape
 from iomodel.constants import Constants
 from iomodel.gpus import GpuSpec
 
@@ -73,29 +75,43 @@ with ``small_grid``)."""
 MERGE_BLOCK_ROWS = 16
 """Partial rows one step of the per-head merge reads (`deft.kernels.reduction.BLOCK_E`)."""
 
+GLUON_DTYPES = ("float16", "bfloat16")
+"""Dtypes the Gluon kernel takes (`deft.kernels.deft_flatten_sm90.takes`; others: portable)."""
+
+GLUON_HEAD_DIMS = (64, 128)
+"""Head dims the Gluon kernel takes (`deft.kernels.deft_flatten_sm90.takes`)."""
+
 PER_QUERY_MAX_ROWS = 4
 """Mean partial rows per query up to which the merge runs per query
 (`deft.kernels.reduction.PER_QUERY_MAX_ROWS`)."""
 
 
 def hopper(gpu: GpuSpec) -> bool:
-    """Whether `gpu` runs the Gluon kernel (compute capability 9.x)."""
+    """Whether `gpu` is a Hopper card (compute capability 9.x), where the Gluon kernel runs."""
     return 9.0 <= gpu.compute_capability < 10.0
 
 
-def queries_per_tile(group: int, gpu: GpuSpec) -> int:
-    """Queries one query tile holds, each with its `group` query heads of one KV head."""
+def gluon(shape: AttentionShape, gpu: GpuSpec) -> bool:
+    """Whether attention of `shape` runs the Gluon kernel on `gpu`: a Hopper card and a shape
+    the kernel takes (`deft.kernels.deft_flatten_sm90.takes`), else the portable one."""
+    return (hopper(gpu) and shape.dtype in GLUON_DTYPES and shape.head_dim in GLUON_HEAD_DIMS
+            and shape.q_heads // shape.kv_heads <= QUERY_TILE_ROWS)
+
+
+def queries_per_tile(shape: AttentionShape, gpu: GpuSpec) -> int:
+    """Queries one query tile holds, each with its query heads of one KV head."""
+    group = shape.q_heads // shape.kv_heads
     padded = 1 << (group - 1).bit_length()
-    if hopper(gpu):
+    if gluon(shape, gpu):
         return max(1, QUERY_TILE_ROWS // padded)
     return max(QUERY_TILE_ROWS, padded) // group
 
 
 def small_grid(plan: Plan | PlanAggregates, gpu: GpuSpec) -> bool:
-    """Whether `plan` runs the Gluon kernel's small-grid form: on Hopper, work items
+    """Whether `plan` runs the Gluon kernel's small-grid form: the Gluon kernel, work items
     (partitions x KV heads) at most the SMs (`deft.tree_plan.TreePlan.small_grid`)."""
     items = int(plan.count.sum()) * plan.tree.attention.kv_heads
-    return hopper(gpu) and items <= gpu.sm_count
+    return gluon(plan.tree.attention, gpu) and items <= gpu.sm_count
 
 
 def programs_per_sm(plan: Plan | PlanAggregates, gpu: GpuSpec) -> int:
@@ -103,20 +119,19 @@ def programs_per_sm(plan: Plan | PlanAggregates, gpu: GpuSpec) -> int:
     return SMALL_GRID_PROGRAMS_PER_SM if small_grid(plan, gpu) else PROGRAMS_PER_SM
 
 
-def kv_tile(gpu: GpuSpec) -> int:
-    """KV tokens per tile of the kernel `gpu` runs."""
-    return KV_TILE_HOPPER if hopper(gpu) else KV_TILE_PORTABLE
+def kv_tile(shape: AttentionShape, gpu: GpuSpec) -> int:
+    """KV tokens per tile of the kernel attention of `shape` runs on `gpu`."""
+    return KV_TILE_HOPPER if gluon(shape, gpu) else KV_TILE_PORTABLE
 
 
 def query_tiles(plan: Plan | PlanAggregates, gpu: GpuSpec) -> np.ndarray:
     """Query tiles of each partition's work items (one per KV head). [P]"""
-    shape = plan.tree.attention
-    return -(-plan.queries // queries_per_tile(shape.q_heads // shape.kv_heads, gpu))
+    return -(-plan.queries // queries_per_tile(plan.tree.attention, gpu))
 
 
 def item_steps(plan: Plan | PlanAggregates, gpu: GpuSpec) -> np.ndarray:
     """Tile steps of each partition's work items (one per KV head): query tiles x KV tiles. [P]"""
-    return query_tiles(plan, gpu) * -(-plan.tokens // kv_tile(gpu))
+    return query_tiles(plan, gpu) * -(-plan.tokens // kv_tile(plan.tree.attention, gpu))
 
 
 def program_loads(plan: Plan | PlanAggregates, gpu: GpuSpec, c: Constants) -> np.ndarray:
@@ -132,7 +147,7 @@ def program_loads(plan: Plan | PlanAggregates, gpu: GpuSpec, c: Constants) -> np
     # tile_us is a Hopper tile's step; the portable kernel's smaller tiles cost the same per
     # token (an assumption: no card but the H200 has been measured)
     tile_us = c.small_grid_tile_us if small_grid(plan, gpu) else c.tile_us
-    step_s = tile_us * kv_tile(gpu) / KV_TILE_HOPPER * (1.0 + c.contention * busy) * 1e-6
+    step_s = tile_us * kv_tile(plan.tree.attention, gpu) / KV_TILE_HOPPER * (1.0 + c.contention * busy) * 1e-6
     cost = query_tiles(plan, gpu) * c.query_tile_us * 1e-6 + item_steps(plan, gpu) * step_s  # [P]
     order = np.argsort(-cost, kind="stable")
     return _dealt_in_turn(copies[order], cost[order], programs_per_sm(plan, gpu) * gpu.sm_count)

@@ -51,8 +51,29 @@ def test_which_kernel_and_its_query_tiles():
     assert kernel_model.hopper(h200) and kernel_model.hopper(BUILTIN["h100"])
     assert not kernel_model.hopper(a100)
     assert not kernel_model.hopper(load_gpu_spec(SPEC))  # capability unknown: portable
-    assert [kernel_model.queries_per_tile(g, h200) for g in (1, 4, 6, 8)] == [64, 16, 8, 8]
-    assert [kernel_model.queries_per_tile(g, a100) for g in (1, 4, 6, 8)] == [64, 16, 10, 8]
+    shapes = [AttentionShape(g, 1, 128, "float16") for g in (1, 4, 6, 8)]
+    assert [kernel_model.queries_per_tile(s, h200) for s in shapes] == [64, 16, 8, 8]
+    assert [kernel_model.queries_per_tile(s, a100) for s in shapes] == [64, 16, 10, 8]
+    fp32 = [AttentionShape(g, 1, 128, "float32") for g in (1, 4, 6, 8)]  # the portable kernel
+    assert [kernel_model.queries_per_tile(s, h200) for s in fp32] == [64, 16, 10, 8]
+    assert kernel_model.kv_tile(shapes[0], h200) == kernel_model.KV_TILE_HOPPER
+    assert kernel_model.kv_tile(fp32[0], h200) == kernel_model.KV_TILE_PORTABLE
+
+
+def test_the_gluon_rule_is_the_kernels():
+    """`kernel_model.gluon` on a Hopper card is `deft_flatten_sm90.takes` of the shape."""
+    import torch
+
+    from deft.kernels import deft_flatten_sm90
+
+    h200 = BUILTIN["h200"]
+    for dtype in ("float16", "bfloat16", "float32"):
+        for head_dim in (32, 64, 96, 128, 256):
+            for q_heads in (1, 8, 64, 65, 128):
+                shape = AttentionShape(q_heads, 1, head_dim, dtype)
+                assert kernel_model.gluon(shape, h200) == deft_flatten_sm90.takes(
+                    getattr(torch, dtype), head_dim, q_heads), shape
+                assert not kernel_model.gluon(shape, BUILTIN["a100"])
 
 
 def test_a_tile_step_costs_the_same_however_full_its_query_tile():

@@ -137,12 +137,16 @@ TWO_CONSUMERS = False
 splitting each work item's KV tiles, one CTA per SM, a 4-stage ring)."""
 
 
+def takes(dtype: torch.dtype, head_dim: int, group: int) -> bool:
+    """Whether the Gluon kernel takes attention of this dtype, head dim and query heads per KV
+    head (the IO model copies the rule: `iomodel.kernel_model.gluon`)."""
+    return dtype in (torch.float16, torch.bfloat16) and head_dim in (64, 128) and group <= BLOCK_M
+
+
 def fits(q, k_cache, flat: bool) -> bool:
     """Whether a call's shapes and dtypes are ones the Gluon kernel takes."""
     head_dim, kv_heads = k_cache.shape[3], k_cache.shape[2]
-    group = q.shape[1] // kv_heads
-    return (flat and q.dtype in (torch.float16, torch.bfloat16) and head_dim in (64, 128)
-            and group <= BLOCK_M and q.is_cuda)
+    return flat and q.is_cuda and takes(q.dtype, head_dim, q.shape[1] // kv_heads)
 
 
 if HAS_GLUON:
