@@ -75,13 +75,16 @@ class PagedKVCache:
         return pages
 
     def free(self, pages) -> None:
-        """Give pages back to the free list; freeing a free page is an error."""
-        pages = list(pages)
-        index = np.fromiter(pages, dtype=np.int64, count=len(pages))
-        if len(set(pages)) != len(pages) or self._is_free[index].any():
-            raise CacheError(f"double free among pages {pages}")
+        """Give pages back to the free list (ids, or an int64 array); freeing a free page is
+        an error."""
+        index = pages if isinstance(pages, np.ndarray) else np.fromiter(pages, dtype=np.int64)
+        if self._is_free[index].any():
+            raise CacheError(f"double free among pages {index.tolist()}")
         self._is_free[index] = True
-        self._free.extend(reversed(pages))
+        if np.count_nonzero(self._is_free) != len(self._free) + len(index):  # one twice
+            self._is_free[index] = False
+            raise CacheError(f"double free among pages {index.tolist()}")
+        self._free.extend(index[::-1].tolist())
 
     def write(self, slots: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
         """Store tokens' K and V at their slots.

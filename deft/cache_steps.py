@@ -1,0 +1,189 @@
+"""`deft.cache.TreeCache.apply` on a cache that holds just the last applied tree's nodes, in
+numpy over that tree's arrays and page table: no per-node Python.
+
+After an apply the cache holds exactly the applied tree's nodes, all live, each holding its
+tokens, their pages listed by the tree's page table. The next step's tree then either grows
+those nodes (`grow_step`, a decode step) or keeps some of them, drops the others and adds new
+ones (`replace_step`, a speculative step renames every candidate). Both hand pages out and take
+them back as `TreeCache.apply`'s general path does: the dropped nodes freed in the order the
+node-by-node release frees them, the new pages taken in one allocation, node after node in
+preorder. Both check everything before changing anything and return the step's page table,
+``(page_ptr [nodes + 1], pages)`` read-only int64, and the new tokens' slots.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from deft.page_pool import (CacheError, OutOfPagesError, PagedKVCache, applied_table,
+                            table_slots)
+from deft.tree import Tree
+
+
+@dataclass
+class HeldNodes:
+    """The nodes a `deft.cache.TreeCache` holds, by id: its parent (None for a root), held
+    children, tokens and pages, and the ids of the live ones."""
+
+    parent: dict = field(default_factory=dict)
+    children: dict = field(default_factory=dict)
+    tokens: dict = field(default_factory=dict)
+    pages: dict = field(default_factory=dict)
+    live: set = field(default_factory=set)
+
+    @classmethod
+    def of(cls, tree: Tree, page_ptr, pages, order) -> "HeldNodes":
+        """The nodes of an applied tree, all live, with their pages in its page table
+        ``(page_ptr [nodes + 1], pages)``, taken in ``order`` (their ids, int64 [nodes])."""
+        index = np.searchsorted(tree.node_ids, order)
+        ids, parent = order.tolist(), tree.parent[index]
+        parents = [None if p < 0 else p
+                   for p in np.where(parent < 0, -1, tree.node_ids[parent]).tolist()]
+        children = {node: set() for node in ids}
+        for node, p in zip(ids, parents):
+            if p is not None:
+                children[p].add(node)
+        listed = pages.tolist()
+        page_lists = [listed[start:end] for start, end in zip(page_ptr[index].tolist(),
+                                                               page_ptr[index + 1].tolist())]
+        return cls(dict(zip(ids, parents)), children, dict(zip(ids, tree.tokens[index].tolist())),
+                   dict(zip(ids, page_lists)), set(ids))
+
+
+def grow_step(last: Tree, table: tuple, tree: Tree, pool: PagedKVCache):
+    """`apply` of ``tree`` after ``last`` (page table ``table``) when ``tree`` has last's nodes
+    and parents, each holding as many tokens or more: the grown nodes' new pages taken in one
+    allocation in preorder. Returns ``(table, slots)``, or None (nothing changed) for any
+    other tree or one needing more pages than are free."""
+    if last.num_nodes != tree.num_nodes or (
+            last.node_ids is not tree.node_ids
+            and last.node_ids.tobytes() != tree.node_ids.tobytes()) or (
+            last.parent is not tree.parent and last.parent.tobytes() != tree.parent.tobytes()):
+        return None
+    tokens, before = tree.tokens, last.tokens
+    if (tokens < before).any():
+        return None
+    page_size = pool.page_size
+    wanted = _ceil_div(tokens, page_size) - _ceil_div(before, page_size)
+    needed = int(wanted.sum())
+    if needed > pool.num_free:
+        return None
+    if needed:  # else every node keeps its pages: the last tree's page table is this one's
+        table = _grown_table(*table, wanted, pool.allocate(needed), tree.tin)
+    return table, table_slots(*table, tokens, before, page_size)
+
+
+def replace_step(last: Tree, table: tuple, order: np.ndarray, tree: Tree, pool: PagedKVCache):
+    """`apply` of any ``tree`` after ``last`` (page table ``table``): last's nodes missing
+    from ``tree`` dropped, the others grown, the new ones added.
+
+    ``order`` (int64 [last nodes]) lists last's ids in the order the cache took them in (its
+    node dict's order): the general path releases the dropped nodes walking a set of their ids
+    built from it, and this frees their pages in the order that walk would. Raises CacheError
+    (a kept node that changes parent or shrinks) or OutOfPagesError as the general path does,
+    changing nothing. Returns ``(table, order, slots)``: ``order`` the kept ids in their order,
+    then the new ones in preorder.
+    """
+    ids, last_ids = tree.node_ids, last.node_ids
+    last_ptr, last_pages = table
+    where = np.searchsorted(last_ids, ids)
+    kept = np.flatnonzero(last_ids.take(where, mode='clip') == ids)  # node indices in tree, ascending
+    held = where[kept]  # their node indices in last
+    before = np.zeros(tree.num_nodes, dtype=np.int64)
+    before[kept] = last.tokens[held]
+    _check_kept(ids, tree.parent, tree.tokens, before, kept, last_ids[last.parent[held]],
+                last.parent[held] < 0)
+    page_counts = _ceil_div(tree.tokens, pool.page_size)
+    wanted = page_counts.copy()  # pages to take per node: less those held before
+    held_pages = last_ptr[held + 1] - last_ptr[held]
+    wanted[kept] -= held_pages
+    needed, freed = int(wanted.sum()), int(last_ptr[-1] - held_pages.sum())
+    if needed > pool.num_free + freed:
+        raise OutOfPagesError(
+            f"the step needs {needed} more pages but only {pool.num_free + freed} of "
+            f"{pool.num_pages} are free (pages of {pool.page_size} tokens)")
+    gone = set(dict.fromkeys(order.tolist())).difference(ids.tolist())
+    if gone:
+        dropped = np.searchsorted(last_ids, np.fromiter(gone, dtype=np.int64, count=len(gone)))
+        released = _release_order(last, dropped)
+        pool.free(_segments(last_ptr, last_pages, released[::-1]))
+    taken = pool.allocate(needed)
+    table = applied_table(page_counts, wanted, taken, tree.preorder, ids, {},
+                          (last_ids, last_ptr, last_pages))
+    is_kept = np.zeros(last.num_nodes, dtype=bool)
+    is_kept[held] = True
+    is_new = np.ones(tree.num_nodes, dtype=bool)
+    is_new[kept] = False
+    preorder = tree.preorder
+    order = np.concatenate([order[is_kept[np.searchsorted(last_ids, order)]],
+                            ids[preorder[is_new[preorder]]]])
+    return table, order, table_slots(*table, tree.tokens, before, pool.page_size)
+
+
+def _check_kept(ids, parent, tokens, before, kept, last_parent_ids, last_root) -> None:
+    """Raise the general path's CacheError for the first kept node (by index) whose parent
+    differs from the one it had or that holds fewer tokens than it did."""
+    parent = parent[kept]
+    parent_ids = np.where(parent < 0, -1, ids[parent])
+    last_parent_ids = np.where(last_root, -1, last_parent_ids)
+    moved = parent_ids != last_parent_ids
+    bad = np.flatnonzero(moved | (tokens[kept] < before[kept]))
+    if not len(bad):
+        return
+    k = int(bad[0])
+    v, node = int(kept[k]), int(ids[kept[k]])
+    if moved[k]:
+        was, now = (None if p < 0 else int(p) for p in (last_parent_ids[k], parent_ids[k]))
+        raise CacheError(f"node {node}: parent is {now} in the tree but {was} in the cache")
+    raise CacheError(
+        f"node {node}: the tree holds {int(tokens[v])} tokens, fewer than the "
+        f"{int(before[v])} cached; a cache never drops a node's tokens")
+
+
+def _release_order(tree: Tree, dropped: np.ndarray) -> np.ndarray:
+    """Node indices of ``dropped`` in the order the general path releases them walking them
+    in this order: a leaf when walked, then each ancestor whose last child it was (deepest
+    first), so a node goes with the last walked leaf below it. ``dropped``: int64 [k], whole
+    subtrees of ``tree`` (a union of them); returns int64 [k], the same nodes."""
+    tin, leaf = tree.tin[dropped], tree.child_count[dropped] == 0
+    walked = np.full(tree.num_nodes + 1, -1, dtype=np.int64)  # by preorder position, past one
+    walked[tin[leaf]] = np.flatnonzero(leaf)  # a leaf's place in the walk
+    bounds = np.empty(2 * len(dropped), dtype=np.int64)
+    bounds[0::2] = tin
+    bounds[1::2] = tree.tout[dropped] + 1
+    released_by = np.maximum.reduceat(walked, bounds)[0::2]  # the walk that releases it
+    return dropped[np.argsort(released_by * tree.num_nodes - tree.depth[dropped])]
+
+
+def _segments(page_ptr, pages, nodes) -> np.ndarray:
+    """The pages of ``nodes`` one node after the other. int64 [their pages]"""
+    start = page_ptr[nodes]
+    count = page_ptr[nodes + 1] - start
+    total = int(count.sum())
+    if total == len(nodes):  # a page each
+        return pages[start]
+    return pages[np.arange(total) + np.repeat(start - (np.cumsum(count) - count), count)]
+
+
+def _grown_table(page_ptr, pages, wanted, taken: list, tin) -> tuple:
+    """The page table after node ``v`` takes ``wanted[v]`` more pages, from ``taken`` node
+    after node in preorder (``tin``: each node's preorder position). Read-only int64."""
+    held = page_ptr[1:] - page_ptr[:-1]
+    grown_ptr = np.zeros_like(page_ptr)
+    np.cumsum(held + wanted, out=grown_ptr[1:])
+    grown = np.empty(int(grown_ptr[-1]), dtype=np.int64)
+    grown[np.arange(len(pages)) + np.repeat(grown_ptr[:-1] - page_ptr[:-1], held)] = pages
+    needing = np.flatnonzero(wanted)
+    needing = needing[np.argsort(tin[needing])]
+    handed = wanted[needing]
+    grown[np.arange(len(taken)) + np.repeat(grown_ptr[needing] + held[needing]
+                                            - (np.cumsum(handed) - handed), handed)] = taken
+    grown_ptr.flags.writeable = False
+    grown.flags.writeable = False
+    return grown_ptr, grown
+
+
+def _ceil_div(a, b):
+    return -(-a // b)
