@@ -89,63 +89,63 @@ def replace_step(last: Tree, table: tuple, order: np.ndarray, tree: Tree, pool: 
     ids, last_ids = tree.node_ids, last.node_ids
     last_ptr, last_pages = table
     where = np.searchsorted(last_ids, ids)
-    kept = np.flatnonzero(last_ids.take(where, mode='clip') == ids)  # node indices in tree, ascending
-    held = where[kept]  # their node indices in last
-    before = np.zeros(tree.num_nodes, dtype=np.int64)
-    before[kept] = last.tokens[held]
-    _check_kept(ids, tree.parent, tree.tokens, before, kept, last_ids[last.parent[held]],
-                last.parent[held] < 0)
-    page_counts = _ceil_div(tree.tokens, pool.page_size)
+    kept = np.flatnonzero(last_ids.take(where, mode="clip") == ids)  # node indices, ascending
+    held = where[kept]  # the same nodes' indices in last
+    held_tokens = last.tokens[held]
+    _check_kept(tree, kept, held, held_tokens, last)
+    page_size = pool.page_size
+    page_counts = (tree.tokens + (page_size - 1)) // page_size
+    held_pages = (held_tokens + (page_size - 1)) // page_size
     wanted = page_counts.copy()  # pages to take per node: less those held before
-    held_pages = last_ptr[held + 1] - last_ptr[held]
     wanted[kept] -= held_pages
-    needed, freed = int(wanted.sum()), int(last_ptr[-1] - held_pages.sum())
+    needed, freed = int(wanted.sum()), int(last_ptr[-1]) - int(held_pages.sum())
     if needed > pool.num_free + freed:
         raise OutOfPagesError(
             f"the step needs {needed} more pages but only {pool.num_free + freed} of "
-            f"{pool.num_pages} are free (pages of {pool.page_size} tokens)")
-    gone = set(dict.fromkeys(order.tolist())).difference(ids.tolist())
+            f"{pool.num_pages} are free (pages of {page_size} tokens)")
+    # the general path's set of the dropped ids: the held ids' set less the kept ones
+    gone = set(dict.fromkeys(order.tolist())).difference(ids[kept].tolist())
     if gone:
         dropped = np.searchsorted(last_ids, np.fromiter(gone, dtype=np.int64, count=len(gone)))
-        released = _release_order(last, dropped)
-        pool.free(_segments(last_ptr, last_pages, released[::-1]))
+        pool.free(_segments(last_ptr, last_pages, _release_order(last, dropped)[::-1]))
     taken = pool.allocate(needed)
     table = applied_table(page_counts, wanted, taken, tree.preorder, ids, {},
                           (last_ids, last_ptr, last_pages))
-    is_kept = np.zeros(last.num_nodes, dtype=bool)
-    is_kept[held] = True
-    is_new = np.ones(tree.num_nodes, dtype=bool)
-    is_new[kept] = False
+    before = np.zeros(tree.num_nodes, dtype=np.int64)
+    before[kept] = held_tokens
+    in_tree = np.zeros(last.num_nodes, dtype=bool)
+    in_tree[held] = True
     preorder = tree.preorder
-    order = np.concatenate([order[is_kept[np.searchsorted(last_ids, order)]],
-                            ids[preorder[is_new[preorder]]]])
-    return table, order, table_slots(*table, tree.tokens, before, pool.page_size)
+    order = np.concatenate([order[in_tree[np.searchsorted(last_ids, order)]],
+                            ids[preorder[before[preorder] == 0]]])
+    return table, order, table_slots(*table, tree.tokens, before, page_size)
 
 
-def _check_kept(ids, parent, tokens, before, kept, last_parent_ids, last_root) -> None:
-    """Raise the general path's CacheError for the first kept node (by index) whose parent
-    differs from the one it had or that holds fewer tokens than it did."""
-    parent = parent[kept]
-    parent_ids = np.where(parent < 0, -1, ids[parent])
-    last_parent_ids = np.where(last_root, -1, last_parent_ids)
-    moved = parent_ids != last_parent_ids
-    bad = np.flatnonzero(moved | (tokens[kept] < before[kept]))
-    if not len(bad):
+def _check_kept(tree: Tree, kept, held, held_tokens, last: Tree) -> None:
+    """Raise the general path's CacheError for the first node of both trees (node indices
+    ``kept`` in ``tree``, ``held`` in ``last``) that changes parent or holds fewer tokens."""
+    in_last = np.full(tree.num_nodes + 1, -2, dtype=np.int64)  # -2: new; -1: a root's parent
+    in_last[-1] = -1
+    in_last[kept] = held
+    moved = in_last[tree.parent[kept]] != last.parent[held]
+    bad = moved | (tree.tokens[kept] < held_tokens)
+    if not bad.any():
         return
-    k = int(bad[0])
-    v, node = int(kept[k]), int(ids[kept[k]])
+    k = int(np.argmax(bad))
+    node = int(tree.node_ids[kept[k]])
     if moved[k]:
-        was, now = (None if p < 0 else int(p) for p in (last_parent_ids[k], parent_ids[k]))
+        now, was = ((None if p < 0 else int(t.node_ids[p]))
+                    for t, p in ((tree, tree.parent[kept[k]]), (last, last.parent[held[k]])))
         raise CacheError(f"node {node}: parent is {now} in the tree but {was} in the cache")
     raise CacheError(
-        f"node {node}: the tree holds {int(tokens[v])} tokens, fewer than the "
-        f"{int(before[v])} cached; a cache never drops a node's tokens")
+        f"node {node}: the tree holds {int(tree.tokens[kept[k]])} tokens, fewer than the "
+        f"{int(held_tokens[k])} cached; a cache never drops a node's tokens")
 
 
 def _release_order(tree: Tree, dropped: np.ndarray) -> np.ndarray:
     """Node indices of ``dropped`` in the order the general path releases them walking them
     in this order: a leaf when walked, then each ancestor whose last child it was (deepest
-    first), so a node goes with the last walked leaf below it. ``dropped``: int64 [k], whole
+    first: last in preorder), so a node goes with the last walked leaf below it. ``dropped``: int64 [k], whole
     subtrees of ``tree`` (a union of them); returns int64 [k], the same nodes."""
     tin, leaf = tree.tin[dropped], tree.child_count[dropped] == 0
     walked = np.full(tree.num_nodes + 1, -1, dtype=np.int64)  # by preorder position, past one
@@ -154,7 +154,7 @@ def _release_order(tree: Tree, dropped: np.ndarray) -> np.ndarray:
     bounds[0::2] = tin
     bounds[1::2] = tree.tout[dropped] + 1
     released_by = np.maximum.reduceat(walked, bounds)[0::2]  # the walk that releases it
-    return dropped[np.argsort(released_by * tree.num_nodes - tree.depth[dropped])]
+    return dropped[np.argsort(released_by * tree.num_nodes - tin)]  # deepest: last in preorder
 
 
 def _segments(page_ptr, pages, nodes) -> np.ndarray:
