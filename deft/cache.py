@@ -45,14 +45,14 @@ class TreeCache:
         self._dicts = HeldNodes()  # the nodes held, by id; None while the last apply's are
         self._tree = None  # the tree of the last apply(), while nothing else changed the cache
         self._table = None  # its page table (read-only arrays), with the tree
-        self._order = None  # its ids in the order the cache took them, with the tree
+        self._taken_at = None  # with the tree: increasing in the order the cache took its nodes
         self._listing = PageListing()  # the planner's page table, from the last one's
 
     @property
     def _nodes(self) -> "HeldNodes":
         """The held nodes, listed from the last applied tree if an apply left them unlisted."""
         if self._dicts is None:
-            self._dicts = HeldNodes.of(self._tree, *self._table, self._order)
+            self._dicts = HeldNodes.of(self._tree, *self._table, self._taken_at)
         return self._dicts
 
     # ------------------------------------------------------------------ queries
@@ -174,7 +174,7 @@ class TreeCache:
         if parent is not None:
             self._nodes.children[parent].add(node_id)
         self._grow(node_id, tokens)
-        self._tree = self._table = self._order = None
+        self._tree = self._table = self._taken_at = None
 
     def grow(self, node_id, n) -> None:
         """Append ``n`` tokens to a live node, allocating pages as needed (all or none)."""
@@ -184,7 +184,7 @@ class TreeCache:
             raise CacheError(f"node {node_id}: cannot grow by {n} tokens")
         self._check_space(self._pages_for(self._nodes.tokens[node_id] + n) - len(self._nodes.pages[node_id]))
         self._grow(node_id, n)
-        self._tree = self._table = self._order = None
+        self._tree = self._table = self._taken_at = None
 
     def prune(self, node_id) -> None:
         """End a live node; its pages are freed once no live descendant needs them."""
@@ -193,7 +193,7 @@ class TreeCache:
         self._nodes.live.discard(node_id)
         for pages in self._release([node_id]):
             self.pool.free(pages)
-        self._tree = self._table = self._order = None
+        self._tree = self._table = self._taken_at = None
 
     def write(self, node_id, positions, k, v) -> None:
         """Store K and V of tokens of one node. positions [n]; k, v [n, kv_heads, head_dim]"""
@@ -217,8 +217,8 @@ class TreeCache:
         if self._tree is not None:  # the cache holds just its nodes: numpy over its arrays
             step = grow_step(self._tree, self._table, tree, self.pool)
             if step is None:
-                self._table, self._order, slots = replace_step(
-                    self._tree, self._table, self._order, tree, self.pool)
+                self._table, self._taken_at, slots = replace_step(
+                    self._tree, self._table, self._taken_at, tree, self.pool)
             else:
                 self._table, slots = step
             self._tree, self._dicts = tree, None
@@ -264,7 +264,9 @@ class TreeCache:
         self._tree = tree
         self._table = applied_table(page_counts, np.array(wanted, dtype=np.int64), taken,
                                     tree.preorder, tree.node_ids, held_pages)
-        self._order = np.fromiter(held_parent, dtype=np.int64, count=len(held_parent))
+        self._taken_at = np.empty(len(ids), dtype=np.int64)  # the held dict's order
+        self._taken_at[np.searchsorted(tree.node_ids, np.fromiter(
+            held_parent, dtype=np.int64, count=len(ids)))] = np.arange(len(ids))
         slots = table_slots(*self._table, tree.tokens, np.array(before, dtype=np.int64),
                             self.pool.page_size)
         return on_device(slots, self.pool.device)

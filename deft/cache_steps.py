@@ -34,11 +34,12 @@ class HeldNodes:
     live: set = field(default_factory=set)
 
     @classmethod
-    def of(cls, tree: Tree, page_ptr, pages, order) -> "HeldNodes":
+    def of(cls, tree: Tree, page_ptr, pages, taken_at) -> "HeldNodes":
         """The nodes of an applied tree, all live, with their pages in its page table
-        ``(page_ptr [nodes + 1], pages)``, taken in ``order`` (their ids, int64 [nodes])."""
-        index = np.searchsorted(tree.node_ids, order)
-        ids, parent = order.tolist(), tree.parent[index]
+        ``(page_ptr [nodes + 1], pages)``, listed in the order the cache took them
+        (``taken_at``, int64 [nodes]: increasing with it)."""
+        index = np.argsort(taken_at)
+        ids, parent = tree.node_ids[index].tolist(), tree.parent[index]
         parents = [None if p < 0 else p
                    for p in np.where(parent < 0, -1, tree.node_ids[parent]).tolist()]
         children = {node: set() for node in ids}
@@ -75,16 +76,17 @@ def grow_step(last: Tree, table: tuple, tree: Tree, pool: PagedKVCache):
     return table, table_slots(*table, tokens, before, page_size)
 
 
-def replace_step(last: Tree, table: tuple, order: np.ndarray, tree: Tree, pool: PagedKVCache):
+def replace_step(last: Tree, table: tuple, taken_at: np.ndarray, tree: Tree,
+                 pool: PagedKVCache):
     """`apply` of any ``tree`` after ``last`` (page table ``table``): last's nodes missing
     from ``tree`` dropped, the others grown, the new ones added.
 
-    ``order`` (int64 [last nodes]) lists last's ids in the order the cache took them in (its
-    node dict's order): the general path releases the dropped nodes walking a set of their ids
-    built from it, and this frees their pages in the order that walk would. Raises CacheError
+    ``taken_at`` (int64 [last nodes]) orders last's nodes as the cache took them (its node
+    dict's order): the general path releases the dropped nodes walking a set of their ids built
+    in that order, and this frees their pages in the order that walk would. Raises CacheError
     (a kept node that changes parent or shrinks) or OutOfPagesError as the general path does,
-    changing nothing. Returns ``(table, order, slots)``: ``order`` the kept ids in their order,
-    then the new ones in preorder.
+    changing nothing. Returns ``(table, taken_at, slots)``: ``taken_at`` of tree's nodes, the
+    kept ones in their order, then the new ones in preorder.
     """
     ids, last_ids = tree.node_ids, last.node_ids
     last_ptr, last_pages = table
@@ -104,7 +106,8 @@ def replace_step(last: Tree, table: tuple, order: np.ndarray, tree: Tree, pool: 
             f"the step needs {needed} more pages but only {pool.num_free + freed} of "
             f"{pool.num_pages} are free (pages of {page_size} tokens)")
     # the general path's set of the dropped ids: the held ids' set less the kept ones
-    gone = set(dict.fromkeys(order.tolist())).difference(ids[kept].tolist())
+    in_order = last_ids[np.argsort(taken_at)].tolist()
+    gone = set(dict.fromkeys(in_order)).difference(ids[kept].tolist())
     if gone:
         dropped = np.searchsorted(last_ids, np.fromiter(gone, dtype=np.int64, count=len(gone)))
         pool.free(_segments(last_ptr, last_pages, _release_order(last, dropped)[::-1]))
@@ -113,12 +116,9 @@ def replace_step(last: Tree, table: tuple, order: np.ndarray, tree: Tree, pool: 
                           (last_ids, last_ptr, last_pages))
     before = np.zeros(tree.num_nodes, dtype=np.int64)
     before[kept] = held_tokens
-    in_tree = np.zeros(last.num_nodes, dtype=bool)
-    in_tree[held] = True
-    preorder = tree.preorder
-    order = np.concatenate([order[in_tree[np.searchsorted(last_ids, order)]],
-                            ids[preorder[before[preorder] == 0]]])
-    return table, order, table_slots(*table, tree.tokens, before, page_size)
+    new_taken_at = tree.tin + (int(taken_at.max()) + 1)  # the new nodes after the kept ones
+    new_taken_at[kept] = taken_at[held]
+    return table, new_taken_at, table_slots(*table, tree.tokens, before, page_size)
 
 
 def _check_kept(tree: Tree, kept, held, held_tokens, last: Tree) -> None:
