@@ -17,8 +17,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from deft.page_pool import (CacheError, OutOfPagesError, PagedKVCache, applied_table,
-                            table_slots)
+from deft.page_pool import CacheError, OutOfPagesError, PagedKVCache, table_slots
 from deft.tree import Tree
 
 
@@ -112,8 +111,8 @@ def replace_step(last: Tree, table: tuple, taken_at: np.ndarray, tree: Tree,
         dropped = np.searchsorted(last_ids, np.fromiter(gone, dtype=np.int64, count=len(gone)))
         pool.free(_segments(last_ptr, last_pages, _release_order(last, dropped)[::-1]))
     taken = pool.allocate(needed)
-    table = applied_table(page_counts, wanted, taken, tree.preorder, ids, {},
-                          (last_ids, last_ptr, last_pages))
+    table = _replaced_table(page_counts, wanted, taken, tree.preorder, kept, held, held_pages,
+                            table)
     before = np.zeros(tree.num_nodes, dtype=np.int64)
     before[kept] = held_tokens
     new_taken_at = tree.tin + (int(taken_at.max()) + 1)  # the new nodes after the kept ones
@@ -167,6 +166,29 @@ def _segments(page_ptr, pages, nodes) -> np.ndarray:
     return pages[np.arange(total) + np.repeat(start - (np.cumsum(count) - count), count)]
 
 
+def _replaced_table(page_counts, wanted, taken: list, preorder, kept, held, held_pages,
+                    last_table) -> tuple:
+    """The page table of a tree whose nodes ``kept`` hold their ``held_pages`` first pages of
+    nodes ``held`` in the last page table, then ``wanted`` more each (every node of the tree:
+    int64 [nodes]), from ``taken`` node after node in ``preorder``. Its ``page_ptr`` is the
+    last one where equal (a planner keeps what it fixes). Read-only int64."""
+    last_ptr, last_pages = last_table
+    page_ptr = np.zeros(len(page_counts) + 1, dtype=np.int64)
+    np.cumsum(page_counts, out=page_ptr[1:])
+    if len(last_ptr) == len(page_ptr) and (last_ptr == page_ptr).all():
+        page_ptr = last_ptr
+    pages = np.empty(int(page_ptr[-1]), dtype=np.int64)
+    if taken:
+        first = (page_ptr[:-1] + (page_counts - wanted))[preorder]
+        _hand_out(pages, first, wanted[preorder], taken)
+    for v, u, count in zip(page_ptr[kept].tolist(), last_ptr[held].tolist(),
+                           held_pages.tolist()):  # a speculative step keeps one node
+        pages[v: v + count] = last_pages[u: u + count]
+    page_ptr.flags.writeable = False
+    pages.flags.writeable = False
+    return page_ptr, pages
+
+
 def _grown_table(page_ptr, pages, wanted, taken: list, tin) -> tuple:
     """The page table after node ``v`` takes ``wanted[v]`` more pages, from ``taken`` node
     after node in preorder (``tin``: each node's preorder position). Read-only int64."""
@@ -177,12 +199,20 @@ def _grown_table(page_ptr, pages, wanted, taken: list, tin) -> tuple:
     grown[np.arange(len(pages)) + np.repeat(grown_ptr[:-1] - page_ptr[:-1], held)] = pages
     needing = np.flatnonzero(wanted)
     needing = needing[np.argsort(tin[needing])]
-    handed = wanted[needing]
-    grown[np.arange(len(taken)) + np.repeat(grown_ptr[needing] + held[needing]
-                                            - (np.cumsum(handed) - handed), handed)] = taken
+    _hand_out(grown, grown_ptr[needing] + held[needing], wanted[needing], taken)
     grown_ptr.flags.writeable = False
     grown.flags.writeable = False
     return grown_ptr, grown
+
+
+def _hand_out(pages, first, handed, taken: list) -> None:
+    """Write the ``taken`` pages into ``pages``, ``handed[k]`` of them from ``first[k]`` on
+    for k after k (int64 [k])."""
+    if len(taken) == np.count_nonzero(handed):  # one page each, or none
+        pages[first[handed > 0]] = taken
+    else:
+        pages[np.arange(len(taken)) + np.repeat(first - (np.cumsum(handed) - handed),
+                                                handed)] = taken
 
 
 def _ceil_div(a, b):
