@@ -9,7 +9,10 @@
 - an operation that needs more pages than are free raises `OutOfPagesError` and changes nothing.
 
 A whole run replays with ``for tree in run: new_slots = cache.apply(tree)``; planners read the
-pages through `TreeCache.node_pages` and `TreeCache.token_slots`::
+pages through `TreeCache.node_pages` and `TreeCache.token_slots`. An apply leaves the cache
+holding just its tree's nodes: the next one works on that tree's arrays and page table, with
+no per-node Python (`deft.cache_steps`), and the nodes' dicts are listed from them only when
+something reads them::
 
     pool = PagedKVCache(num_pages=1024, page_size=16, kv_heads=8, head_dim=128)
     cache = TreeCache(pool)
@@ -49,7 +52,7 @@ class TreeCache:
         self._listing = PageListing()  # the planner's page table, from the last one's
 
     @property
-    def _nodes(self) -> "HeldNodes":
+    def _nodes(self) -> HeldNodes:
         """The held nodes, listed from the last applied tree if an apply left them unlisted."""
         if self._dicts is None:
             self._dicts = HeldNodes.of(self._tree, *self._table, self._taken_at)
@@ -97,13 +100,14 @@ class TreeCache:
         """
         if self._tree is not None:
             return self._tree
-        if not self._nodes.parent:
+        nodes = self._nodes
+        if not nodes.parent:
             raise CacheError("the cache holds no node")
-        empty = [i for i, t in self._nodes.tokens.items() if t == 0]
+        empty = [i for i, t in nodes.tokens.items() if t == 0]
         if empty:
             raise CacheError(f"node {empty[0]} holds no token yet: grow it before tree()")
-        ids = list(self._nodes.parent)
-        return Tree(ids, [self._nodes.parent[i] for i in ids], [self._nodes.tokens[i] for i in ids])
+        ids = list(nodes.parent)
+        return Tree(ids, [nodes.parent[i] for i in ids], [nodes.tokens[i] for i in ids])
 
     # ------------------------------------------------------------------ planner views
     def node_pages(self, tree: Tree) -> tuple:
@@ -161,28 +165,30 @@ class TreeCache:
     # ------------------------------------------------------------------ changes
     def add_node(self, node_id, parent=None, tokens=0) -> None:
         """Add a live node under ``parent`` (a held node, or None for a root), holding ``tokens``."""
-        if node_id in self._nodes.parent:
+        nodes = self._nodes
+        if node_id in nodes.parent:
             raise CacheError(f"node {node_id} is already in the cache")
         if parent is not None:
             self._held(parent)
         self._check_space(self._pages_for(tokens))
-        self._nodes.parent[node_id] = parent
-        self._nodes.children[node_id] = set()
-        self._nodes.tokens[node_id] = 0
-        self._nodes.pages[node_id] = []
-        self._nodes.live.add(node_id)
+        nodes.parent[node_id] = parent
+        nodes.children[node_id] = set()
+        nodes.tokens[node_id] = 0
+        nodes.pages[node_id] = []
+        nodes.live.add(node_id)
         if parent is not None:
-            self._nodes.children[parent].add(node_id)
+            nodes.children[parent].add(node_id)
         self._grow(node_id, tokens)
         self._tree = self._table = self._taken_at = None
 
     def grow(self, node_id, n) -> None:
         """Append ``n`` tokens to a live node, allocating pages as needed (all or none)."""
-        if node_id not in self._nodes.live:
+        nodes = self._nodes
+        if node_id not in nodes.live:
             raise CacheError(f"node {node_id} is not a live node of the cache")
         if n < 0:
             raise CacheError(f"node {node_id}: cannot grow by {n} tokens")
-        self._check_space(self._pages_for(self._nodes.tokens[node_id] + n) - len(self._nodes.pages[node_id]))
+        self._check_space(self._pages_for(nodes.tokens[node_id] + n) - len(nodes.pages[node_id]))
         self._grow(node_id, n)
         self._tree = self._table = self._taken_at = None
 
@@ -275,8 +281,9 @@ class TreeCache:
         """Drop each pruned node without held children, then each ancestor it was keeping;
         return their page lists, in the order they are to be freed (the pool does not free
         them). ``pruned``: ids of pruned nodes (a node dropped on the way is skipped)."""
-        held_parent, children, held_pages = self._nodes.parent, self._nodes.children, self._nodes.pages
-        tokens, live = self._nodes.tokens, self._nodes.live
+        nodes = self._nodes
+        held_parent, children, held_pages = nodes.parent, nodes.children, nodes.pages
+        tokens, live = nodes.tokens, nodes.live
         released = []
         for node in pruned:
             while node is not None and node in held_parent and node not in live \
@@ -294,8 +301,9 @@ class TreeCache:
         to its tokens, taking the ``needed`` pages in one allocation (space already checked),
         ``wanted[v]`` for node index v; return the pages taken, in the order they were handed
         out (node after node in ``order``)."""
-        held_parent, held_pages, children = self._nodes.parent, self._nodes.pages, self._nodes.children
-        held_tokens, live = self._nodes.tokens, self._nodes.live
+        nodes = self._nodes
+        held_parent, held_pages, children = nodes.parent, nodes.pages, nodes.children
+        held_tokens, live = nodes.tokens, nodes.live
         pages = self.pool.allocate(needed)
         taken = 0
         for v in order:
@@ -323,7 +331,8 @@ class TreeCache:
         pages its tokens need; every held node is live or has a held child; parent and children
         links agree.
         """
-        owned = [p for pages in self._nodes.pages.values() for p in pages]
+        nodes = self._nodes
+        owned = [p for pages in nodes.pages.values() for p in pages]
         free = self.pool.free_pages()
         if len(set(owned)) != len(owned):
             raise AssertionError("a page is owned by two nodes")
@@ -336,18 +345,19 @@ class TreeCache:
             )
         if not (self.pool._is_free[free].all() and not self.pool._is_free[owned].any()):
             raise AssertionError("the pool's free marks disagree with its free list")
-        for node, parent in self._nodes.parent.items():
-            if len(self._nodes.pages[node]) != self._pages_for(self._nodes.tokens[node]):
+        for node, parent in nodes.parent.items():
+            if len(nodes.pages[node]) != self._pages_for(nodes.tokens[node]):
                 raise AssertionError(
-                    f"node {node}: {self._nodes.tokens[node]} tokens on {len(self._nodes.pages[node])} pages"
+                    f"node {node}: {nodes.tokens[node]} tokens on {len(nodes.pages[node])} "
+                    "pages"
                 )
-            if node not in self._nodes.live and not self._nodes.children[node]:
+            if node not in nodes.live and not nodes.children[node]:
                 raise AssertionError(f"node {node} is pruned but still holds pages")
-            if parent is not None and node not in self._nodes.children.get(parent, ()):
+            if parent is not None and node not in nodes.children.get(parent, ()):
                 raise AssertionError(f"node {node}: missing from its parent {parent}'s children")
-            if any(self._nodes.parent.get(c, object()) != node for c in self._nodes.children[node]):
+            if any(nodes.parent.get(c, object()) != node for c in nodes.children[node]):
                 raise AssertionError(f"node {node}: a child does not name it as parent")
-        if not self._nodes.live <= set(self._nodes.parent):
+        if not nodes.live <= set(nodes.parent):
             raise AssertionError("a live node is not held")
 
     # ------------------------------------------------------------------ internals
@@ -367,25 +377,27 @@ class TreeCache:
             )
 
     def _grow(self, node_id, n) -> None:
-        tokens = self._nodes.tokens[node_id] + n
-        pages = self._nodes.pages[node_id]
+        nodes = self._nodes
+        tokens = nodes.tokens[node_id] + n
+        pages = nodes.pages[node_id]
         pages += self.pool.allocate(self._pages_for(tokens) - len(pages))
-        self._nodes.tokens[node_id] = tokens
+        nodes.tokens[node_id] = tokens
 
     def _node_pages(self, tree: Tree) -> tuple:
         """int64 numpy ``(page_ptr [nodes + 1], pages)`` of the tree's nodes."""
         if tree is self._tree:
             return self._table
+        nodes = self._nodes
         counts = _ceil_div(tree.tokens, self.pool.page_size)
         page_ptr = np.concatenate([[0], np.cumsum(counts)])
         pages = np.empty(page_ptr[-1], dtype=np.int64)
         for v, node in enumerate(tree.node_ids.tolist()):
-            if node not in self._nodes.parent or self._nodes.tokens[node] < tree.tokens[v]:
+            if node not in nodes.parent or nodes.tokens[node] < tree.tokens[v]:
                 raise CacheError(
                     f"node {node}: the tree holds {tree.tokens[v]} tokens, the cache "
-                    f"{self._nodes.tokens.get(node, 0)}; apply the tree first"
+                    f"{nodes.tokens.get(node, 0)}; apply the tree first"
                 )
-            pages[page_ptr[v]:page_ptr[v + 1]] = self._nodes.pages[node][: counts[v]]
+            pages[page_ptr[v]:page_ptr[v + 1]] = nodes.pages[node][: counts[v]]
         return page_ptr, pages
 
 

@@ -33,7 +33,7 @@ class HeldNodes:
     live: set = field(default_factory=set)
 
     @classmethod
-    def of(cls, tree: Tree, page_ptr, pages, taken_at) -> "HeldNodes":
+    def of(cls, tree: Tree, page_ptr, pages, taken_at) -> HeldNodes:
         """The nodes of an applied tree, all live, with their pages in its page table
         ``(page_ptr [nodes + 1], pages)``, listed in the order the cache took them
         (``taken_at``, int64 [nodes]: increasing with it)."""
@@ -144,8 +144,9 @@ def _check_kept(tree: Tree, kept, held, held_tokens, last: Tree) -> None:
 def _release_order(tree: Tree, dropped: np.ndarray) -> np.ndarray:
     """Node indices of ``dropped`` in the order the general path releases them walking them
     in this order: a leaf when walked, then each ancestor whose last child it was (deepest
-    first: last in preorder), so a node goes with the last walked leaf below it. ``dropped``: int64 [k], whole
-    subtrees of ``tree`` (a union of them); returns int64 [k], the same nodes."""
+    first: last in preorder), so a node goes with the last walked leaf below it.
+    ``dropped``: int64 [k], whole subtrees of ``tree`` (a union of them); returns int64 [k],
+    the same nodes."""
     tin, leaf = tree.tin[dropped], tree.child_count[dropped] == 0
     walked = np.full(tree.num_nodes + 1, -1, dtype=np.int64)  # by preorder position, past one
     walked[tin[leaf]] = np.flatnonzero(leaf)  # a leaf's place in the walk
