@@ -66,7 +66,7 @@ def grow_step(last: Tree, table: tuple, tree: Tree, pool: PagedKVCache):
     if (tokens < before).any():
         return None
     page_size = pool.page_size
-    wanted = _ceil_div(tokens, page_size) - _ceil_div(before, page_size)
+    wanted = (tokens + (page_size - 1)) // page_size - (before + (page_size - 1)) // page_size
     needed = int(wanted.sum())
     if needed > pool.num_free:
         return None
@@ -92,14 +92,19 @@ def replace_step(last: Tree, table: tuple, taken_at: np.ndarray, tree: Tree,
     where = np.searchsorted(last_ids, ids)
     kept = np.flatnonzero(last_ids.take(where, mode="clip") == ids)  # node indices, ascending
     held = where[kept]  # the same nodes' indices in last
-    held_tokens = last.tokens[held]
-    _check_kept(tree, kept, held, held_tokens, last)
     page_size = pool.page_size
     page_counts = (tree.tokens + (page_size - 1)) // page_size
-    held_pages = (held_tokens + (page_size - 1)) // page_size
+    page_ptr = np.zeros(tree.num_nodes + 1, dtype=np.int64)
+    np.cumsum(page_counts, out=page_ptr[1:])
+    if len(last_ptr) == len(page_ptr) and (last_ptr == page_ptr).all():
+        page_ptr = last_ptr  # the last one, read-only: a planner keeps what it fixes
+    pages = np.empty(int(page_ptr[-1]), dtype=np.int64)
     wanted = page_counts.copy()  # pages to take per node: less those held before
-    wanted[kept] -= held_pages
-    needed, freed = int(wanted.sum()), int(last_ptr[-1]) - int(held_pages.sum())
+    before = np.zeros(tree.num_nodes, dtype=np.int64)  # tokens held before
+    new_taken_at = tree.tin + (int(taken_at.max()) + 1)  # the new nodes after the kept ones
+    held_pages = _take_kept(tree, last, table, kept.tolist(), held.tolist(), page_ptr, pages,
+                            wanted, before, new_taken_at, taken_at)
+    needed, freed = int(wanted.sum()), int(last_ptr[-1]) - held_pages
     if needed > pool.num_free + freed:
         raise OutOfPagesError(
             f"the step needs {needed} more pages but only {pool.num_free + freed} of "
@@ -111,34 +116,45 @@ def replace_step(last: Tree, table: tuple, taken_at: np.ndarray, tree: Tree,
         dropped = np.searchsorted(last_ids, np.fromiter(gone, dtype=np.int64, count=len(gone)))
         pool.free(_segments(last_ptr, last_pages, _release_order(last, dropped)[::-1]))
     taken = pool.allocate(needed)
-    table = _replaced_table(page_counts, wanted, taken, tree.preorder, kept, held, held_pages,
-                            table)
-    before = np.zeros(tree.num_nodes, dtype=np.int64)
-    before[kept] = held_tokens
-    new_taken_at = tree.tin + (int(taken_at.max()) + 1)  # the new nodes after the kept ones
-    new_taken_at[kept] = taken_at[held]
+    if taken:
+        preorder = tree.preorder
+        _hand_out(pages, (page_ptr[:-1] + (page_counts - wanted))[preorder], wanted[preorder],
+                  taken)
+    page_ptr.flags.writeable = False
+    pages.flags.writeable = False
+    table = page_ptr, pages
     return table, new_taken_at, table_slots(*table, tree.tokens, before, page_size)
 
 
-def _check_kept(tree: Tree, kept, held, held_tokens, last: Tree) -> None:
-    """Raise the general path's CacheError for the first node of both trees (node indices
-    ``kept`` in ``tree``, ``held`` in ``last``) that changes parent or holds fewer tokens."""
-    in_last = np.full(tree.num_nodes + 1, -2, dtype=np.int64)  # -2: new; -1: a root's parent
-    in_last[-1] = -1
-    in_last[kept] = held
-    moved = in_last[tree.parent[kept]] != last.parent[held]
-    bad = moved | (tree.tokens[kept] < held_tokens)
-    if not bad.any():
-        return
-    k = int(np.argmax(bad))
-    node = int(tree.node_ids[kept[k]])
-    if moved[k]:
-        now, was = ((None if p < 0 else int(t.node_ids[p]))
-                    for t, p in ((tree, tree.parent[kept[k]]), (last, last.parent[held[k]])))
-        raise CacheError(f"node {node}: parent is {now} in the tree but {was} in the cache")
-    raise CacheError(
-        f"node {node}: the tree holds {int(tree.tokens[kept[k]])} tokens, fewer than the "
-        f"{int(held_tokens[k])} cached; a cache never drops a node's tokens")
+def _take_kept(tree: Tree, last: Tree, last_table, kept, held, page_ptr, pages, wanted, before,
+               taken_at, last_taken_at) -> int:
+    """Check the nodes of both trees (node indices ``kept`` in ``tree``, ``held`` in ``last``)
+    one by one as the general path does, raising its CacheError for the first that changes
+    parent or holds fewer tokens, and carry each over: its pages from the last page table into
+    ``pages`` (at ``page_ptr``), less its pages from ``wanted``, its tokens into ``before``,
+    its ``taken_at``. Returns the pages they hold. (Plain Python: a speculative step keeps one
+    node.)"""
+    ids, parent, tokens = tree.node_ids, tree.parent, tree.tokens
+    last_ids, last_parent, last_tokens = last.node_ids, last.parent, last.tokens
+    last_ptr, last_pages = last_table
+    held_pages = 0
+    for v, u in zip(kept, held):
+        now, was = parent[v], last_parent[u]
+        now, was = (None if now < 0 else int(ids[now])), (None if was < 0 else int(last_ids[was]))
+        if now != was:
+            raise CacheError(f"node {int(ids[v])}: parent is {now} in the tree but {was} in "
+                             "the cache")
+        if tokens[v] < last_tokens[u]:
+            raise CacheError(
+                f"node {int(ids[v])}: the tree holds {int(tokens[v])} tokens, fewer than the "
+                f"{int(last_tokens[u])} cached; a cache never drops a node's tokens")
+        start, end, first = int(last_ptr[u]), int(last_ptr[u + 1]), int(page_ptr[v])
+        pages[first: first + end - start] = last_pages[start:end]
+        wanted[v] -= end - start
+        held_pages += end - start
+        before[v] = last_tokens[u]
+        taken_at[v] = last_taken_at[u]
+    return held_pages
 
 
 def _release_order(tree: Tree, dropped: np.ndarray) -> np.ndarray:
@@ -167,29 +183,6 @@ def _segments(page_ptr, pages, nodes) -> np.ndarray:
     return pages[np.arange(total) + np.repeat(start - (np.cumsum(count) - count), count)]
 
 
-def _replaced_table(page_counts, wanted, taken: list, preorder, kept, held, held_pages,
-                    last_table) -> tuple:
-    """The page table of a tree whose nodes ``kept`` hold their ``held_pages`` first pages of
-    nodes ``held`` in the last page table, then ``wanted`` more each (every node of the tree:
-    int64 [nodes]), from ``taken`` node after node in ``preorder``. Its ``page_ptr`` is the
-    last one where equal (a planner keeps what it fixes). Read-only int64."""
-    last_ptr, last_pages = last_table
-    page_ptr = np.zeros(len(page_counts) + 1, dtype=np.int64)
-    np.cumsum(page_counts, out=page_ptr[1:])
-    if len(last_ptr) == len(page_ptr) and (last_ptr == page_ptr).all():
-        page_ptr = last_ptr
-    pages = np.empty(int(page_ptr[-1]), dtype=np.int64)
-    if taken:
-        first = (page_ptr[:-1] + (page_counts - wanted))[preorder]
-        _hand_out(pages, first, wanted[preorder], taken)
-    for v, u, count in zip(page_ptr[kept].tolist(), last_ptr[held].tolist(),
-                           held_pages.tolist()):  # a speculative step keeps one node
-        pages[v: v + count] = last_pages[u: u + count]
-    page_ptr.flags.writeable = False
-    pages.flags.writeable = False
-    return page_ptr, pages
-
-
 def _grown_table(page_ptr, pages, wanted, taken: list, tin) -> tuple:
     """The page table after node ``v`` takes ``wanted[v]`` more pages, from ``taken`` node
     after node in preorder (``tin``: each node's preorder position). Read-only int64."""
@@ -214,7 +207,3 @@ def _hand_out(pages, first, handed, taken: list) -> None:
     else:
         pages[np.arange(len(taken)) + np.repeat(first - (np.cumsum(handed) - handed),
                                                 handed)] = taken
-
-
-def _ceil_div(a, b):
-    return -(-a // b)

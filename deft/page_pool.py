@@ -194,6 +194,9 @@ def table_slots(page_ptr, pages, tokens, start, page_size: int) -> np.ndarray:
     first = start[grown]
     count = tokens[grown] - first
     run_end = np.cumsum(count)
+    if run_end[-1] == len(grown):  # a decode step: one new token a node
+        page, offset = np.divmod(first, page_size)
+        return pages[page_ptr[grown] + page] * page_size + offset
     position = np.arange(int(run_end[-1])) + np.repeat(first - (run_end - count), count)
     page, offset = np.divmod(position, page_size)
     return pages[np.repeat(page_ptr[grown], count) + page] * page_size + offset
