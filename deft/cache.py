@@ -229,6 +229,8 @@ class TreeCache:
                 self._table, slots = step
             self._tree, self._dicts = tree, None
             return on_device(slots, self.pool.device)
+        # The general path (the cache changed since its last apply, or never applied): the
+        # node dicts, node by node.
         ids, parent_index = tree.node_ids.tolist(), tree.parent.tolist()
         tokens, page_counts = tree.tokens.tolist(), _ceil_div(tree.tokens, self.pool.page_size)
         nodes = self._nodes
