@@ -50,12 +50,21 @@ def state(cache):
 
 
 def replay(run, page_size=4, check_every=1):
-    """Replay a run on a pool just large enough; check invariants and contents as it goes."""
+    """Replay a run on a pool just large enough; check invariants and contents as it goes,
+    and the slots, free list and page table against a cache taking apply's general path
+    (changed in between by a grow of 0 tokens)."""
     peak = max(pages_for(tree, page_size) for tree in run)
     cache = TreeCache(small_pool(peak, page_size))
+    general = TreeCache(small_pool(peak, page_size))
     held, written = {}, 0
     for i, tree in enumerate(run):
         slots = cache.apply(tree)
+        if len(general):
+            general.grow(next(node for node in general if general.is_live(node)), 0)
+        assert torch.equal(slots, general.apply(tree))
+        assert cache.pool.free_pages() == general.pool.free_pages()
+        for got, expected in zip(cache.host_node_pages(tree), general.host_node_pages(tree)):
+            assert np.array_equal(got, expected)
         write_new(cache, tree, slots, held)
         written += len(slots)
         held = dict(zip(tree.node_ids.tolist(), tree.tokens.tolist()))
