@@ -9,7 +9,10 @@
 - an operation that needs more pages than are free raises `OutOfPagesError` and changes nothing.
 
 A whole run replays with ``for tree in run: new_slots = cache.apply(tree)``; planners read the
-pages through `TreeCache.node_pages` and `TreeCache.token_slots`::
+pages through `TreeCache.node_pages` and `TreeCache.token_slots`. An apply leaves the cache
+holding just its tree's nodes: the next one works on that tree's arrays and page table, with
+no per-node Python (`deft.cache_steps`), and the nodes' dicts are listed from them only when
+something reads them::
 
     pool = PagedKVCache(num_pages=1024, page_size=16, kv_heads=8, head_dim=128)
     cache = TreeCache(pool)
@@ -24,8 +27,9 @@ from itertools import chain, compress, repeat
 import numpy as np
 import torch
 
+from deft.cache_steps import HeldNodes, grow_step, replace_step
 from deft.page_pool import (CacheError, OutOfPagesError, PagedKVCache, PageListing,
-                            applied_table, new_slots, on_device, table_slots)
+                            applied_table, on_device, table_slots)
 from deft.tree import Tree
 
 __all__ = ["CacheError", "OutOfPagesError", "PagedKVCache", "TreeCache", "pages_for"]
@@ -41,46 +45,50 @@ class TreeCache:
 
     def __init__(self, pool: PagedKVCache):
         self.pool = pool
-        self._parent = {}  # id -> parent id or None, every node held (live or needed)
-        self._children = {}  # id -> set of held child ids
-        self._tokens = {}  # id -> tokens held
-        self._pages = {}  # id -> list of page ids
-        self._live = set()
+        self._dicts = HeldNodes()  # the nodes held, by id; None while the last apply's are
         self._tree = None  # the tree of the last apply(), while nothing else changed the cache
-        self._table = None  # host_node_pages(self._tree), once listed (read-only arrays)
+        self._table = None  # its page table (read-only arrays), with the tree
+        self._taken_at = None  # with the tree: increasing in the order the cache took its nodes
         self._listing = PageListing()  # the planner's page table, from the last one's
+
+    @property
+    def _nodes(self) -> HeldNodes:
+        """The held nodes, listed from the last applied tree if an apply left them unlisted."""
+        if self._dicts is None:
+            self._dicts = HeldNodes.of(self._tree, *self._table, self._taken_at)
+        return self._dicts
 
     # ------------------------------------------------------------------ queries
     def __contains__(self, node_id) -> bool:
-        return node_id in self._parent
+        return node_id in self._nodes.parent
 
     def __len__(self) -> int:
         """Nodes held, live or kept for a live descendant."""
-        return len(self._parent)
+        return len(self._nodes.parent)
 
     def __iter__(self):
         """Ids of the nodes held."""
-        return iter(list(self._parent))
+        return iter(list(self._nodes.parent))
 
     def is_live(self, node_id) -> bool:
-        return node_id in self._live
+        return node_id in self._nodes.live
 
     def tokens(self, node_id) -> int:
-        return self._tokens[self._held(node_id)]
+        return self._nodes.tokens[self._held(node_id)]
 
     def page_table(self, node_id) -> torch.Tensor:
         """Pages of a node, in token order. int32 [ceil(tokens / page_size)]"""
-        pages = self._pages[self._held(node_id)]
+        pages = self._nodes.pages[self._held(node_id)]
         return torch.tensor(pages, dtype=torch.int32, device=self.pool.device)
 
     def slots(self, node_id, positions) -> torch.Tensor:
         """Slots of tokens of one node by position. positions [n] -> int64 [n]"""
-        tokens = self._tokens[self._held(node_id)]
+        tokens = self._nodes.tokens[self._held(node_id)]
         positions = np.asarray(positions, dtype=np.int64)
         if positions.size and (positions.min() < 0 or positions.max() >= tokens):
             raise CacheError(f"node {node_id}: positions must lie in 0..{tokens - 1}")
         page_size = self.pool.page_size
-        pages = np.asarray(self._pages[node_id], dtype=np.int64)
+        pages = np.asarray(self._nodes.pages[node_id], dtype=np.int64)
         slots = pages[positions // page_size] * page_size + positions % page_size
         return on_device(slots, self.pool.device)
 
@@ -92,13 +100,14 @@ class TreeCache:
         """
         if self._tree is not None:
             return self._tree
-        if not self._parent:
+        nodes = self._nodes
+        if not nodes.parent:
             raise CacheError("the cache holds no node")
-        empty = [i for i, t in self._tokens.items() if t == 0]
+        empty = [i for i, t in nodes.tokens.items() if t == 0]
         if empty:
             raise CacheError(f"node {empty[0]} holds no token yet: grow it before tree()")
-        ids = list(self._parent)
-        return Tree(ids, [self._parent[i] for i in ids], [self._tokens[i] for i in ids])
+        ids = list(nodes.parent)
+        return Tree(ids, [nodes.parent[i] for i in ids], [nodes.tokens[i] for i in ids])
 
     # ------------------------------------------------------------------ planner views
     def node_pages(self, tree: Tree) -> tuple:
@@ -117,32 +126,25 @@ class TreeCache:
 
     def host_node_pages(self, tree: Tree) -> tuple:
         """`node_pages` as int64 numpy arrays on the host (what the planner reads: no round
-        trip through the pool's device), with one pass of plain Python over the nodes. Those of
-        the last applied tree are kept, read-only, while its steps take no new page; an apply
-        that took its general path built them as it applied (`page_pool.applied_table`)."""
-        exact = tree is self._tree  # the last apply's tree: every node holds just its tokens
-        if exact and self._table is not None:
+        trip through the pool's device). Those of the last applied tree are the ones its apply
+        built (read-only); another tree's take one pass of plain Python over its nodes."""
+        if tree is self._tree:
             return self._table
         ids = tree.node_ids.tolist()
-        if not exact:
-            wanted = tree.tokens.tolist()
-            held = [self._tokens.get(node, 0) for node in ids]
-            if any(h < w for h, w in zip(held, wanted)):
-                return self._node_pages(tree)  # raises CacheError naming the node
-            exact = held == wanted
+        nodes = self._nodes
+        wanted = tree.tokens.tolist()
+        held = [nodes.tokens.get(node, 0) for node in ids]
+        if any(h < w for h, w in zip(held, wanted)):
+            return self._node_pages(tree)  # raises CacheError naming the node
         counts = _ceil_div(tree.tokens, self.pool.page_size)
         page_ptr = np.zeros(len(ids) + 1, dtype=np.int64)
         np.cumsum(counts, out=page_ptr[1:])
-        lists = list(map(self._pages.__getitem__, ids))
-        if not exact:  # nodes holding more tokens than the tree uses: their first pages
+        lists = list(map(nodes.pages.__getitem__, ids))
+        if held != wanted:  # nodes holding more tokens than the tree uses: their first pages
             lists = [pages[:c] for pages, c in zip(lists, counts.tolist())]
             return page_ptr, np.fromiter(chain.from_iterable(lists), dtype=np.int64,
                                          count=int(page_ptr[-1]))
-        table = (page_ptr, self._listing(lists, counts.tolist(), int(page_ptr[-1])))
-        if tree is self._tree:
-            page_ptr.flags.writeable = False
-            self._table = table
-        return table
+        return page_ptr, self._listing(lists, counts.tolist(), int(page_ptr[-1]))
 
     def token_slots(self, tree: Tree) -> torch.Tensor:
         """Slot of every test-layout token of ``tree`` (by node index, then position).
@@ -163,39 +165,41 @@ class TreeCache:
     # ------------------------------------------------------------------ changes
     def add_node(self, node_id, parent=None, tokens=0) -> None:
         """Add a live node under ``parent`` (a held node, or None for a root), holding ``tokens``."""
-        if node_id in self._parent:
+        nodes = self._nodes
+        if node_id in nodes.parent:
             raise CacheError(f"node {node_id} is already in the cache")
         if parent is not None:
             self._held(parent)
         self._check_space(self._pages_for(tokens))
-        self._parent[node_id] = parent
-        self._children[node_id] = set()
-        self._tokens[node_id] = 0
-        self._pages[node_id] = []
-        self._live.add(node_id)
+        nodes.parent[node_id] = parent
+        nodes.children[node_id] = set()
+        nodes.tokens[node_id] = 0
+        nodes.pages[node_id] = []
+        nodes.live.add(node_id)
         if parent is not None:
-            self._children[parent].add(node_id)
+            nodes.children[parent].add(node_id)
         self._grow(node_id, tokens)
-        self._tree = self._table = None
+        self._tree = self._table = self._taken_at = None
 
     def grow(self, node_id, n) -> None:
         """Append ``n`` tokens to a live node, allocating pages as needed (all or none)."""
-        if node_id not in self._live:
+        nodes = self._nodes
+        if node_id not in nodes.live:
             raise CacheError(f"node {node_id} is not a live node of the cache")
         if n < 0:
             raise CacheError(f"node {node_id}: cannot grow by {n} tokens")
-        self._check_space(self._pages_for(self._tokens[node_id] + n) - len(self._pages[node_id]))
+        self._check_space(self._pages_for(nodes.tokens[node_id] + n) - len(nodes.pages[node_id]))
         self._grow(node_id, n)
-        self._tree = self._table = None
+        self._tree = self._table = self._taken_at = None
 
     def prune(self, node_id) -> None:
         """End a live node; its pages are freed once no live descendant needs them."""
-        if node_id not in self._live:
+        if node_id not in self._nodes.live:
             raise CacheError(f"node {node_id} is not a live node of the cache")
-        self._live.discard(node_id)
+        self._nodes.live.discard(node_id)
         for pages in self._release([node_id]):
             self.pool.free(pages)
-        self._tree = self._table = None
+        self._tree = self._table = self._taken_at = None
 
     def write(self, node_id, positions, k, v) -> None:
         """Store K and V of tokens of one node. positions [n]; k, v [n, kv_heads, head_dim]"""
@@ -216,16 +220,22 @@ class TreeCache:
             Slots of the tokens the step added, by node index then position in ``tree``: write
             their K and V with ``pool.write(slots, k, v)``.
         """
-        grown = self._grow_leaves(tree)
-        if grown is not None:
-            return grown
-        # the last tree's page table lists the pages every node of this one held before
-        last = None if self._tree is None or self._table is None else (
-            self._tree.node_ids, *self._table)
+        if self._tree is not None:  # the cache holds just its nodes: numpy over its arrays
+            step = grow_step(self._tree, self._table, tree, self.pool)
+            if step is None:
+                self._table, self._taken_at, slots = replace_step(
+                    self._tree, self._table, self._taken_at, tree, self.pool)
+            else:
+                self._table, slots = step
+            self._tree, self._dicts = tree, None
+            return on_device(slots, self.pool.device)
+        # The general path (the cache changed since its last apply, or never applied): the
+        # node dicts, node by node.
         ids, parent_index = tree.node_ids.tolist(), tree.parent.tolist()
         tokens, page_counts = tree.tokens.tolist(), _ceil_div(tree.tokens, self.pool.page_size)
-        held_parent, held_tokens, held_pages = self._parent, self._tokens, self._pages
-        before = list(map(held_tokens.get, ids, repeat(0)))
+        nodes = self._nodes
+        held_parent, held_pages = nodes.parent, nodes.pages
+        before = list(map(nodes.tokens.get, ids, repeat(0)))
         wanted = page_counts.tolist()  # pages to take per node: less those held below
         needed = int(page_counts.sum())
         for v in compress(range(len(ids)), map(held_parent.__contains__, ids)):
@@ -252,8 +262,8 @@ class TreeCache:
                 f"{self.pool.num_pages} are free (pages of {self.pool.page_size} tokens)"
             )
         # Revive held nodes of the tree first, so that no release below frees one of them.
-        self._live.update(held_parent.keys() & ids)
-        self._live.difference_update(gone)
+        nodes.live.update(held_parent.keys() & ids)
+        nodes.live.difference_update(gone)
         released = self._release(gone)
         if released:
             self.pool.free(chain.from_iterable(reversed(released)))
@@ -261,54 +271,21 @@ class TreeCache:
                                 needed)
         self._tree = tree
         self._table = applied_table(page_counts, np.array(wanted, dtype=np.int64), taken,
-                                    tree.preorder, tree.node_ids, self._pages, last)
+                                    tree.preorder, tree.node_ids, held_pages)
+        self._taken_at = np.empty(len(ids), dtype=np.int64)  # the held dict's order
+        self._taken_at[np.searchsorted(tree.node_ids, np.fromiter(
+            held_parent, dtype=np.int64, count=len(ids)))] = np.arange(len(ids))
         slots = table_slots(*self._table, tree.tokens, np.array(before, dtype=np.int64),
                             self.pool.page_size)
-        return on_device(slots, self.pool.device)
-
-    def _grow_leaves(self, tree: Tree):
-        """`apply` of a tree with the nodes of the last applied one, each holding as many tokens
-        or more (a decode step): only the grown nodes are touched, their new pages taken in one
-        allocation in preorder as `apply` takes them. None (nothing changed) for any other
-        tree, or one needing more pages than are free (`apply` then raises)."""
-        last = self._tree
-        if last is None or last.num_nodes != tree.num_nodes or (
-                last.node_ids is not tree.node_ids
-                and last.node_ids.tobytes() != tree.node_ids.tobytes()) or (
-                last.parent is not tree.parent and last.parent.tobytes() != tree.parent.tobytes()):
-            return None
-        tokens, before = tree.tokens, last.tokens
-        grown = np.flatnonzero(tokens != before)
-        tokens_after = tokens[grown]
-        tokens_before = before[grown]
-        if (tokens_after < tokens_before).any():
-            return None
-        page_size, held_pages = self.pool.page_size, self._pages
-        wanted = _ceil_div(tokens_after, page_size) - _ceil_div(tokens_before, page_size)
-        needing = np.flatnonzero(wanted)
-        taken = int(wanted[needing].sum())
-        if taken > self.pool.num_free:
-            return None
-        nodes = tree.node_ids[grown].tolist()
-        if taken:  # else every node keeps its pages: the last tree's page table is this one's
-            self._table = None
-            needing = needing[np.argsort(tree.tin[grown[needing]])]  # preorder, as apply
-            pages = self.pool.allocate(taken)
-            taken = 0
-            for k, count in zip(needing.tolist(), wanted[needing].tolist()):
-                held_pages[nodes[k]] += pages[taken: taken + count]
-                taken += count
-        self._tokens.update(zip(nodes, tokens_after.tolist()))
-        self._tree = tree
-        slots = new_slots(held_pages, tree.node_ids, tokens, before, page_size)
         return on_device(slots, self.pool.device)
 
     def _release(self, pruned) -> list:
         """Drop each pruned node without held children, then each ancestor it was keeping;
         return their page lists, in the order they are to be freed (the pool does not free
         them). ``pruned``: ids of pruned nodes (a node dropped on the way is skipped)."""
-        held_parent, children, held_pages = self._parent, self._children, self._pages
-        tokens, live = self._tokens, self._live
+        nodes = self._nodes
+        held_parent, children, held_pages = nodes.parent, nodes.children, nodes.pages
+        tokens, live = nodes.tokens, nodes.live
         released = []
         for node in pruned:
             while node is not None and node in held_parent and node not in live \
@@ -326,8 +303,9 @@ class TreeCache:
         to its tokens, taking the ``needed`` pages in one allocation (space already checked),
         ``wanted[v]`` for node index v; return the pages taken, in the order they were handed
         out (node after node in ``order``)."""
-        held_parent, held_pages, children = self._parent, self._pages, self._children
-        held_tokens, live = self._tokens, self._live
+        nodes = self._nodes
+        held_parent, held_pages, children = nodes.parent, nodes.pages, nodes.children
+        held_tokens, live = nodes.tokens, nodes.live
         pages = self.pool.allocate(needed)
         taken = 0
         for v in order:
@@ -355,7 +333,8 @@ class TreeCache:
         pages its tokens need; every held node is live or has a held child; parent and children
         links agree.
         """
-        owned = [p for pages in self._pages.values() for p in pages]
+        nodes = self._nodes
+        owned = [p for pages in nodes.pages.values() for p in pages]
         free = self.pool.free_pages()
         if len(set(owned)) != len(owned):
             raise AssertionError("a page is owned by two nodes")
@@ -368,23 +347,24 @@ class TreeCache:
             )
         if not (self.pool._is_free[free].all() and not self.pool._is_free[owned].any()):
             raise AssertionError("the pool's free marks disagree with its free list")
-        for node, parent in self._parent.items():
-            if len(self._pages[node]) != self._pages_for(self._tokens[node]):
+        for node, parent in nodes.parent.items():
+            if len(nodes.pages[node]) != self._pages_for(nodes.tokens[node]):
                 raise AssertionError(
-                    f"node {node}: {self._tokens[node]} tokens on {len(self._pages[node])} pages"
+                    f"node {node}: {nodes.tokens[node]} tokens on {len(nodes.pages[node])} "
+                    "pages"
                 )
-            if node not in self._live and not self._children[node]:
+            if node not in nodes.live and not nodes.children[node]:
                 raise AssertionError(f"node {node} is pruned but still holds pages")
-            if parent is not None and node not in self._children.get(parent, ()):
+            if parent is not None and node not in nodes.children.get(parent, ()):
                 raise AssertionError(f"node {node}: missing from its parent {parent}'s children")
-            if any(self._parent.get(c, object()) != node for c in self._children[node]):
+            if any(nodes.parent.get(c, object()) != node for c in nodes.children[node]):
                 raise AssertionError(f"node {node}: a child does not name it as parent")
-        if not self._live <= set(self._parent):
+        if not nodes.live <= set(nodes.parent):
             raise AssertionError("a live node is not held")
 
     # ------------------------------------------------------------------ internals
     def _held(self, node_id):
-        if node_id not in self._parent:
+        if node_id not in self._nodes.parent:
             raise CacheError(f"node {node_id} is not in the cache")
         return node_id
 
@@ -399,23 +379,27 @@ class TreeCache:
             )
 
     def _grow(self, node_id, n) -> None:
-        tokens = self._tokens[node_id] + n
-        pages = self._pages[node_id]
+        nodes = self._nodes
+        tokens = nodes.tokens[node_id] + n
+        pages = nodes.pages[node_id]
         pages += self.pool.allocate(self._pages_for(tokens) - len(pages))
-        self._tokens[node_id] = tokens
+        nodes.tokens[node_id] = tokens
 
     def _node_pages(self, tree: Tree) -> tuple:
         """int64 numpy ``(page_ptr [nodes + 1], pages)`` of the tree's nodes."""
+        if tree is self._tree:
+            return self._table
+        nodes = self._nodes
         counts = _ceil_div(tree.tokens, self.pool.page_size)
         page_ptr = np.concatenate([[0], np.cumsum(counts)])
         pages = np.empty(page_ptr[-1], dtype=np.int64)
         for v, node in enumerate(tree.node_ids.tolist()):
-            if node not in self._parent or self._tokens[node] < tree.tokens[v]:
+            if node not in nodes.parent or nodes.tokens[node] < tree.tokens[v]:
                 raise CacheError(
                     f"node {node}: the tree holds {tree.tokens[v]} tokens, the cache "
-                    f"{self._tokens.get(node, 0)}; apply the tree first"
+                    f"{nodes.tokens.get(node, 0)}; apply the tree first"
                 )
-            pages[page_ptr[v]:page_ptr[v + 1]] = self._pages[node][: counts[v]]
+            pages[page_ptr[v]:page_ptr[v + 1]] = nodes.pages[node][: counts[v]]
         return page_ptr, pages
 
 

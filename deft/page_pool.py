@@ -1,7 +1,7 @@
 """The paged KV pool: K and V pages and their free list (`PagedKVCache`), the errors of the
 paged caches, `PageListing`, nodes' page lists laid end to end step after step, and
-`applied_table`, a page table from what an apply took, and `new_slots` and `table_slots`, the
-slots of the tokens a step adds to nodes' page lists or to a page table.
+`applied_table`, a page table from what an apply took, and `table_slots`, the slots of the
+tokens a step adds, read from a page table.
 `deft.cache.TreeCache` maps decoding-tree nodes onto the pool's pages."""
 
 from __future__ import annotations
@@ -75,13 +75,16 @@ class PagedKVCache:
         return pages
 
     def free(self, pages) -> None:
-        """Give pages back to the free list; freeing a free page is an error."""
-        pages = list(pages)
-        index = np.fromiter(pages, dtype=np.int64, count=len(pages))
-        if len(set(pages)) != len(pages) or self._is_free[index].any():
-            raise CacheError(f"double free among pages {pages}")
+        """Give pages back to the free list (ids, or an int64 array); freeing a free page is
+        an error."""
+        index = pages if isinstance(pages, np.ndarray) else np.fromiter(pages, dtype=np.int64)
+        if self._is_free[index].any():
+            raise CacheError(f"double free among pages {index.tolist()}")
         self._is_free[index] = True
-        self._free.extend(reversed(pages))
+        if np.count_nonzero(self._is_free) != len(self._free) + len(index):  # one twice
+            self._is_free[index] = False
+            raise CacheError(f"double free among pages {index.tolist()}")
+        self._free.extend(index[::-1].tolist())
 
     def write(self, slots: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
         """Store tokens' K and V at their slots.
@@ -141,35 +144,6 @@ class PageListing:
         return pages
 
 
-def new_slots(page_lists: dict, ids, tokens, start, page_size: int) -> np.ndarray:
-    """Slots of the tokens past ``start`` of every node, by node index then position.
-
-    page_lists : node id -> its list of pages; ids, tokens, start : int64 [nodes].
-    Returns int64 [new tokens]
-    """
-    grown = np.flatnonzero(tokens > start)
-    if not len(grown):
-        return np.zeros(0, dtype=np.int64)
-    start, count = start[grown], tokens[grown] - start[grown]
-    first_page = start // page_size
-    nodes = ids[grown].tolist()
-    if len(grown) == int(count.sum()):  # a decode step: one new token a node
-        listed = [page_lists[node][first] for node, first in zip(nodes, first_page.tolist())]
-        return np.array(listed, dtype=np.int64) * page_size + start % page_size
-    page_count = (start + count - 1) // page_size + 1 - first_page
-    if (page_count == 1).all():  # each node's new tokens on one page
-        listed = [page_lists[node][first] for node, first in zip(nodes, first_page.tolist())]
-    else:
-        listed = chain.from_iterable(page_lists[node][first:]
-                                     for node, first in zip(nodes, first_page.tolist()))
-    pages = np.fromiter(listed, dtype=np.int64, count=int(page_count.sum()))
-    page_base = np.cumsum(page_count) - page_count - first_page
-    run_start = np.cumsum(count) - count
-    position = np.arange(int(run_start[-1] + count[-1])) + np.repeat(start - run_start, count)
-    page = pages[np.repeat(page_base, count) + position // page_size]
-    return page * page_size + position % page_size
-
-
 def applied_table(page_counts, wanted, taken: list, preorder, node_ids, page_lists: dict,
                   last=None) -> tuple:
     """The read-only page table ``(page_ptr [nodes + 1], pages)`` of a tree whose nodes each
@@ -211,14 +185,21 @@ def applied_table(page_counts, wanted, taken: list, preorder, node_ids, page_lis
 
 
 def table_slots(page_ptr, pages, tokens, start, page_size: int) -> np.ndarray:
-    """`new_slots` read from a page table (``page_ptr`` [nodes + 1], ``pages``) in a few
-    numpy calls, with no loop over the nodes. tokens, start : int64 [nodes]"""
+    """Slots of the tokens past ``start`` of every node, by node index then position, read
+    from a page table (``page_ptr`` [nodes + 1], ``pages``) in a few numpy calls, with no loop
+    over the nodes. tokens, start : int64 [nodes]; returns int64 [new tokens]"""
     grown = np.flatnonzero(tokens > start)
-    start, count = start[grown], tokens[grown] - start[grown]
-    run_start = np.cumsum(count) - count
-    position = np.arange(int(count.sum())) + np.repeat(start - run_start, count)
-    page = pages[np.repeat(page_ptr[grown], count) + position // page_size]
-    return page * page_size + position % page_size
+    if not len(grown):
+        return np.zeros(0, dtype=np.int64)
+    first = start[grown]
+    count = tokens[grown] - first
+    run_end = np.cumsum(count)
+    if run_end[-1] == len(grown):  # a decode step: one new token a node
+        page, offset = np.divmod(first, page_size)
+        return pages[page_ptr[grown] + page] * page_size + offset
+    position = np.arange(int(run_end[-1])) + np.repeat(first - (run_end - count), count)
+    page, offset = np.divmod(position, page_size)
+    return pages[np.repeat(page_ptr[grown], count) + page] * page_size + offset
 
 
 def on_device(array: np.ndarray, device: torch.device) -> torch.Tensor:

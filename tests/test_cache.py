@@ -50,12 +50,21 @@ def state(cache):
 
 
 def replay(run, page_size=4, check_every=1):
-    """Replay a run on a pool just large enough; check invariants and contents as it goes."""
+    """Replay a run on a pool just large enough; check invariants and contents as it goes,
+    and the slots, free list and page table against a cache taking apply's general path
+    (changed in between by a grow of 0 tokens)."""
     peak = max(pages_for(tree, page_size) for tree in run)
     cache = TreeCache(small_pool(peak, page_size))
+    general = TreeCache(small_pool(peak, page_size))
     held, written = {}, 0
     for i, tree in enumerate(run):
         slots = cache.apply(tree)
+        if len(general):
+            general.grow(next(node for node in general if general.is_live(node)), 0)
+        assert torch.equal(slots, general.apply(tree))
+        assert cache.pool.free_pages() == general.pool.free_pages()
+        for got, expected in zip(cache.host_node_pages(tree), general.host_node_pages(tree)):
+            assert np.array_equal(got, expected)
         write_new(cache, tree, slots, held)
         written += len(slots)
         held = dict(zip(tree.node_ids.tolist(), tree.tokens.tolist()))
@@ -82,6 +91,9 @@ def test_pool_allocate_and_free():
     pool.free([1])
     with pytest.raises(CacheError, match="double free"):
         pool.free([1])
+    with pytest.raises(CacheError, match="double free"):
+        pool.free(np.array([2, 2]))  # a page twice in one call: none freed
+    assert pool.num_free == 2 and not pool._is_free[2]
     assert pool.allocate(1) == [1]
 
 
@@ -227,6 +239,65 @@ def test_apply_of_grown_nodes_takes_the_pages_of_any_other_apply(page_size, data
             assert np.array_equal(got, expected.numpy())
         for got, expected in zip(general.host_node_pages(tree), general.node_pages(tree)):
             assert np.array_equal(got, expected.numpy())  # from what the general apply took
+
+
+def apply_or_error(cache, tree):
+    """apply's slots, or its error's type and message."""
+    try:
+        return cache.apply(tree).tolist()
+    except (CacheError, OutOfPagesError) as error:
+        return type(error), str(error)
+
+
+@settings(max_examples=80, deadline=None)
+@given(page_size=st.integers(1, 5), num_pages=st.integers(8, 80), data=st.data())
+def test_apply_of_replaced_subtrees_takes_the_pages_of_the_general_apply(page_size, num_pages,
+                                                                          data):
+    """Speculative-like steps (whole subtrees dropped, new ones added under kept nodes, kept
+    nodes grown; ids far apart, so that their set's order is not theirs) and refused ones (a
+    kept node moved or shrunk, too few pages) through apply's path for a cache holding the last
+    applied tree give the slots, errors, pages and free list of its general path (the cache
+    changed in between, by a grow of 0 tokens)."""
+    fast = TreeCache(small_pool(num_pages, page_size))
+    general = TreeCache(small_pool(num_pages, page_size))
+    parents, tokens, next_id = {0: None}, {0: data.draw(st.integers(1, 9))}, 1
+    for _ in range(data.draw(st.integers(1, 10))):
+        step_parents, step_tokens = dict(parents), dict(tokens)
+        for node in data.draw(st.lists(st.sampled_from(sorted(parents)), max_size=3)):
+            if node in step_parents and step_parents[node] is not None:  # drop its subtree
+                below = {node}
+                for other in sorted(step_parents):  # ids grow downwards: parents come first
+                    if step_parents[other] in below:
+                        below.add(other)
+                for other in below:
+                    del step_parents[other], step_tokens[other]
+        for node in sorted(step_tokens):
+            step_tokens[node] += data.draw(st.integers(0, page_size + 1))
+        for parent in data.draw(st.lists(st.sampled_from(sorted(step_parents)), max_size=6)):
+            next_id += data.draw(st.integers(1, 3000))
+            step_parents[next_id], step_tokens[next_id] = parent, data.draw(st.integers(1, 6))
+        fault = data.draw(st.sampled_from([None, None, "moved", "shrunk"]))
+        kept = sorted(set(step_parents) & set(parents) - {0})
+        if fault == "moved" and kept:
+            step_parents[data.draw(st.sampled_from(kept))] = None
+        elif fault == "shrunk" and tokens[0] > 1:
+            step_tokens[0] = tokens[0] - 1
+        ids = sorted(step_parents)
+        tree = Tree(ids, [step_parents[i] for i in ids], [step_tokens[i] for i in ids])
+        if len(general):
+            general.grow(next(i for i in general if general.is_live(i)), 0)
+        before = state(fast)
+        result = apply_or_error(fast, tree)
+        assert result == apply_or_error(general, tree)
+        assert state(fast) == state(general)
+        if isinstance(result, tuple):  # refused: nothing changed
+            assert state(fast) == before
+            continue
+        fast.check()
+        assert fast.tree() is tree
+        for got, expected in zip(fast.host_node_pages(tree), general.node_pages(tree)):
+            assert np.array_equal(got, expected.numpy())
+        parents, tokens = step_parents, step_tokens
 
 
 def test_replay_fewshot():

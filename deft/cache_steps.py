@@ -1,0 +1,209 @@
+"""`deft.cache.TreeCache.apply` on a cache that holds just the last applied tree's nodes, in
+numpy over that tree's arrays and page table: no per-node Python.
+
+After an apply the cache holds exactly the applied tree's nodes, all live, each holding its
+tokens, their pages listed by the tree's page table. The next step's tree then either grows
+those nodes (`grow_step`, a decode step) or keeps some of them, drops the others and adds new
+ones (`replace_step`, a speculative step renames every candidate). Both hand pages out and take
+them back as `TreeCache.apply`'s general path does: the dropped nodes freed in the order the
+node-by-node release frees them, the new pages taken in one allocation, node after node in
+preorder. Both check everything before changing anything and return the step's page table,
+``(page_ptr [nodes + 1], pages)`` read-only int64, and the new tokens' slots.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from deft.page_pool import CacheError, OutOfPagesError, PagedKVCache, table_slots
+from deft.tree import Tree
+
+
+@dataclass
+class HeldNodes:
+    """The nodes a `deft.cache.TreeCache` holds, by id: its parent (None for a root), held
+    children, tokens and pages, and the ids of the live ones."""
+
+    parent: dict = field(default_factory=dict)
+    children: dict = field(default_factory=dict)
+    tokens: dict = field(default_factory=dict)
+    pages: dict = field(default_factory=dict)
+    live: set = field(default_factory=set)
+
+    @classmethod
+    def of(cls, tree: Tree, page_ptr, pages, taken_at) -> HeldNodes:
+        """The nodes of an applied tree, all live, with their pages in its page table
+        ``(page_ptr [nodes + 1], pages)``, listed in the order the cache took them
+        (``taken_at``, int64 [nodes]: increasing with it)."""
+        index = np.argsort(taken_at)
+        ids, parent = tree.node_ids[index].tolist(), tree.parent[index]
+        parents = [None if p < 0 else p
+                   for p in np.where(parent < 0, -1, tree.node_ids[parent]).tolist()]
+        children = {node: set() for node in ids}
+        for node, p in zip(ids, parents):
+            if p is not None:
+                children[p].add(node)
+        listed = pages.tolist()
+        page_lists = [listed[start:end] for start, end in zip(page_ptr[index].tolist(),
+                                                               page_ptr[index + 1].tolist())]
+        return cls(dict(zip(ids, parents)), children, dict(zip(ids, tree.tokens[index].tolist())),
+                   dict(zip(ids, page_lists)), set(ids))
+
+
+def grow_step(last: Tree, table: tuple, tree: Tree, pool: PagedKVCache):
+    """`apply` of ``tree`` after ``last`` (page table ``table``) when ``tree`` has last's nodes
+    and parents, each holding as many tokens or more: the grown nodes' new pages taken in one
+    allocation in preorder. Returns ``(table, slots)``, or None (nothing changed) for any
+    other tree or one needing more pages than are free."""
+    if last.num_nodes != tree.num_nodes or (
+            last.node_ids is not tree.node_ids
+            and last.node_ids.tobytes() != tree.node_ids.tobytes()) or (
+            last.parent is not tree.parent and last.parent.tobytes() != tree.parent.tobytes()):
+        return None
+    tokens, before = tree.tokens, last.tokens
+    if (tokens < before).any():
+        return None
+    page_size = pool.page_size
+    wanted = (tokens + (page_size - 1)) // page_size - (before + (page_size - 1)) // page_size
+    needed = int(wanted.sum())
+    if needed > pool.num_free:
+        return None
+    if needed:  # else every node keeps its pages: the last tree's page table is this one's
+        table = _grown_table(*table, wanted, pool.allocate(needed), tree.tin)
+    return table, table_slots(*table, tokens, before, page_size)
+
+
+def replace_step(last: Tree, table: tuple, taken_at: np.ndarray, tree: Tree,
+                 pool: PagedKVCache):
+    """`apply` of any ``tree`` after ``last`` (page table ``table``): last's nodes missing
+    from ``tree`` dropped, the others grown, the new ones added.
+
+    ``taken_at`` (int64 [last nodes]) orders last's nodes as the cache took them (its node
+    dict's order): the general path releases the dropped nodes walking a set of their ids built
+    in that order, and this frees their pages in the order that walk would. Raises CacheError
+    (a kept node that changes parent or shrinks) or OutOfPagesError as the general path does,
+    changing nothing. Returns ``(table, taken_at, slots)``: ``taken_at`` of tree's nodes, the
+    kept ones in their order, then the new ones in preorder.
+    """
+    ids, last_ids = tree.node_ids, last.node_ids
+    last_ptr, last_pages = table
+    where = np.searchsorted(last_ids, ids)
+    kept = np.flatnonzero(last_ids.take(where, mode="clip") == ids)  # node indices, ascending
+    held = where[kept]  # the same nodes' indices in last
+    page_size = pool.page_size
+    page_counts = (tree.tokens + (page_size - 1)) // page_size
+    page_ptr = np.zeros(tree.num_nodes + 1, dtype=np.int64)
+    np.cumsum(page_counts, out=page_ptr[1:])
+    if len(last_ptr) == len(page_ptr) and (last_ptr == page_ptr).all():
+        page_ptr = last_ptr  # the last one, read-only: a planner keeps what it fixes
+    pages = np.empty(int(page_ptr[-1]), dtype=np.int64)
+    wanted = page_counts.copy()  # pages to take per node: less those held before
+    before = np.zeros(tree.num_nodes, dtype=np.int64)  # tokens held before
+    new_taken_at = tree.tin + (int(taken_at.max()) + 1)  # the new nodes after the kept ones
+    held_pages = _take_kept(tree, last, table, kept.tolist(), held.tolist(), page_ptr, pages,
+                            wanted, before, new_taken_at, taken_at)
+    needed, freed = int(wanted.sum()), int(last_ptr[-1]) - held_pages
+    if needed > pool.num_free + freed:
+        raise OutOfPagesError(
+            f"the step needs {needed} more pages but only {pool.num_free + freed} of "
+            f"{pool.num_pages} are free (pages of {page_size} tokens)")
+    # the general path's set of the dropped ids: the held ids' set less the kept ones
+    in_order = last_ids[np.argsort(taken_at)].tolist()
+    gone = set(dict.fromkeys(in_order)).difference(ids[kept].tolist())
+    if gone:
+        dropped = np.searchsorted(last_ids, np.fromiter(gone, dtype=np.int64, count=len(gone)))
+        pool.free(_segments(last_ptr, last_pages, _release_order(last, dropped)[::-1]))
+    taken = pool.allocate(needed)
+    if taken:
+        preorder = tree.preorder
+        _hand_out(pages, (page_ptr[:-1] + (page_counts - wanted))[preorder], wanted[preorder],
+                  taken)
+    page_ptr.flags.writeable = False
+    pages.flags.writeable = False
+    table = page_ptr, pages
+    return table, new_taken_at, table_slots(*table, tree.tokens, before, page_size)
+
+
+def _take_kept(tree: Tree, last: Tree, last_table, kept, held, page_ptr, pages, wanted, before,
+               taken_at, last_taken_at) -> int:
+    """Check the nodes of both trees (node indices ``kept`` in ``tree``, ``held`` in ``last``)
+    one by one as the general path does, raising its CacheError for the first that changes
+    parent or holds fewer tokens, and carry each over: its pages from the last page table into
+    ``pages`` (at ``page_ptr``), less its pages from ``wanted``, its tokens into ``before``,
+    its ``taken_at``. Returns the pages they hold. (Plain Python: a speculative step keeps one
+    node.)"""
+    ids, parent, tokens = tree.node_ids, tree.parent, tree.tokens
+    last_ids, last_parent, last_tokens = last.node_ids, last.parent, last.tokens
+    last_ptr, last_pages = last_table
+    held_pages = 0
+    for v, u in zip(kept, held):
+        now, was = parent[v], last_parent[u]
+        now, was = (None if now < 0 else int(ids[now])), (None if was < 0 else int(last_ids[was]))
+        if now != was:
+            raise CacheError(f"node {int(ids[v])}: parent is {now} in the tree but {was} in "
+                             "the cache")
+        if tokens[v] < last_tokens[u]:
+            raise CacheError(
+                f"node {int(ids[v])}: the tree holds {int(tokens[v])} tokens, fewer than the "
+                f"{int(last_tokens[u])} cached; a cache never drops a node's tokens")
+        start, end, first = int(last_ptr[u]), int(last_ptr[u + 1]), int(page_ptr[v])
+        pages[first: first + end - start] = last_pages[start:end]
+        wanted[v] -= end - start
+        held_pages += end - start
+        before[v] = last_tokens[u]
+        taken_at[v] = last_taken_at[u]
+    return held_pages
+
+
+def _release_order(tree: Tree, dropped: np.ndarray) -> np.ndarray:
+    """Node indices of ``dropped`` in the order the general path releases them walking them
+    in this order: a leaf when walked, then each ancestor whose last child it was (deepest
+    first: last in preorder), so a node goes with the last walked leaf below it.
+    ``dropped``: int64 [k], whole subtrees of ``tree`` (a union of them); returns int64 [k],
+    the same nodes."""
+    tin, leaf = tree.tin[dropped], tree.child_count[dropped] == 0
+    walked = np.full(tree.num_nodes + 1, -1, dtype=np.int64)  # by preorder position, past one
+    walked[tin[leaf]] = np.flatnonzero(leaf)  # a leaf's place in the walk
+    bounds = np.empty(2 * len(dropped), dtype=np.int64)
+    bounds[0::2] = tin
+    bounds[1::2] = tree.tout[dropped] + 1
+    released_by = np.maximum.reduceat(walked, bounds)[0::2]  # the walk that releases it
+    return dropped[np.argsort(released_by * tree.num_nodes - tin)]  # deepest: last in preorder
+
+
+def _segments(page_ptr, pages, nodes) -> np.ndarray:
+    """The pages of ``nodes`` one node after the other. int64 [their pages]"""
+    start = page_ptr[nodes]
+    count = page_ptr[nodes + 1] - start
+    total = int(count.sum())
+    if total == len(nodes):  # a page each
+        return pages[start]
+    return pages[np.arange(total) + np.repeat(start - (np.cumsum(count) - count), count)]
+
+
+def _grown_table(page_ptr, pages, wanted, taken: list, tin) -> tuple:
+    """The page table after node ``v`` takes ``wanted[v]`` more pages, from ``taken`` node
+    after node in preorder (``tin``: each node's preorder position). Read-only int64."""
+    held = page_ptr[1:] - page_ptr[:-1]
+    grown_ptr = np.zeros_like(page_ptr)
+    np.cumsum(held + wanted, out=grown_ptr[1:])
+    grown = np.empty(int(grown_ptr[-1]), dtype=np.int64)
+    grown[np.arange(len(pages)) + np.repeat(grown_ptr[:-1] - page_ptr[:-1], held)] = pages
+    needing = np.flatnonzero(wanted)
+    needing = needing[np.argsort(tin[needing])]
+    _hand_out(grown, grown_ptr[needing] + held[needing], wanted[needing], taken)
+    grown_ptr.flags.writeable = False
+    grown.flags.writeable = False
+    return grown_ptr, grown
+
+
+def _hand_out(pages, first, handed, taken: list) -> None:
+    """Write the ``taken`` pages into ``pages``, ``handed[k]`` of them from ``first[k]`` on
+    for k after k (int64 [k])."""
+    if len(taken) == np.count_nonzero(handed):  # one page each, or none
+        pages[first[handed > 0]] = taken
+    else:
+        pages[np.arange(len(taken)) + np.repeat(first - (np.cumsum(handed) - handed),
+                                                handed)] = taken
