@@ -452,6 +452,13 @@ def test_buffers_followed_over_a_whole_run_hold_every_step_from_scratch(
                                               err_msg=f"step {step}: {name}")
 
 
+POSITIONS = st.lists(st.integers(0, 60), min_size=1, max_size=12, unique=True)
+"""Queries' flattened positions, for the entry-path tests."""
+CHUNKS = st.lists(st.one_of(st.just((0, 61)), st.tuples(st.integers(0, 60), st.integers(0, 61))),
+                  min_size=1, max_size=40)
+"""Chunks as (start, reach), some seen by every query."""
+
+
 def dense_entries(seen):
     """The oracle of the entry arrays of a [chunks, queries] visibility: (entry queries,
     chunk-major; each entry's row, query-major; the rows' pointer per query)."""
@@ -464,10 +471,7 @@ def dense_entries(seen):
 
 @settings(max_examples=300, deadline=None)
 @given(
-    positions=st.lists(st.integers(0, 60), min_size=1, max_size=12, unique=True),
-    chunks=st.lists(st.one_of(st.just((0, 61)), st.tuples(st.integers(0, 60), st.integers(0, 61))),
-                    min_size=1, max_size=40),
-    closed=st.integers(0, 40),
+    positions=POSITIONS, chunks=CHUNKS, closed=st.integers(0, 40),
 )
 def test_entry_rows_equal_the_dense_comparison(positions, chunks, closed):
     """The closed-form block of the first chunks every query sees (any number of them) and the
@@ -487,10 +491,7 @@ def test_entry_rows_equal_the_dense_comparison(positions, chunks, closed):
 
 @settings(max_examples=300, deadline=None)
 @given(
-    positions=st.lists(st.integers(0, 60), min_size=1, max_size=12, unique=True),
-    chunks=st.lists(st.one_of(st.just((0, 61)), st.tuples(st.integers(0, 60), st.integers(0, 61))),
-                    min_size=1, max_size=40),
-    closed=st.integers(0, 40),
+    positions=POSITIONS, chunks=CHUNKS, closed=st.integers(0, 40),
     in_flat_order=st.booleans(),
 )
 def test_range_rows_equal_the_dense_comparison(positions, chunks, closed, in_flat_order):
