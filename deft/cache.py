@@ -27,7 +27,7 @@ from itertools import chain, compress, repeat
 import numpy as np
 import torch
 
-from deft.cache_steps import HeldNodes, grow_step, replace_step
+from deft.cache_steps import HeldNodes, grow_step, moved, replace_step, short_of_pages, shrunk
 from deft.page_pool import (CacheError, OutOfPagesError, PagedKVCache, PageListing,
                             applied_table, on_device, table_slots)
 from deft.tree import Tree
@@ -242,25 +242,16 @@ class TreeCache:
             node = ids[v]
             parent = None if parent_index[v] < 0 else ids[parent_index[v]]
             if held_parent[node] != parent:
-                raise CacheError(
-                    f"node {node}: parent is {parent} in the tree but "
-                    f"{held_parent[node]} in the cache"
-                )
+                raise moved(node, parent, held_parent[node])
             if tokens[v] < before[v]:
-                raise CacheError(
-                    f"node {node}: the tree holds {tokens[v]} tokens, fewer than the "
-                    f"{before[v]} cached; a cache never drops a node's tokens"
-                )
+                raise shrunk(node, tokens[v], before[v])
             held = len(held_pages[node])
             wanted[v] -= held
             needed -= held
         gone = set(held_parent).difference(ids)  # whole subtrees: a tree holds its ancestors
         freed = sum(map(len, map(held_pages.__getitem__, gone)))
         if needed > self.pool.num_free + freed:
-            raise OutOfPagesError(
-                f"the step needs {needed} more pages but only {self.pool.num_free + freed} of "
-                f"{self.pool.num_pages} are free (pages of {self.pool.page_size} tokens)"
-            )
+            raise short_of_pages(needed, self.pool.num_free + freed, self.pool)
         # Revive held nodes of the tree first, so that no release below frees one of them.
         nodes.live.update(held_parent.keys() & ids)
         nodes.live.difference_update(gone)

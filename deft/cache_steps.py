@@ -106,9 +106,7 @@ def replace_step(last: Tree, table: tuple, taken_at: np.ndarray, tree: Tree,
                             wanted, before, new_taken_at, taken_at)
     needed, freed = int(wanted.sum()), int(last_ptr[-1]) - held_pages
     if needed > pool.num_free + freed:
-        raise OutOfPagesError(
-            f"the step needs {needed} more pages but only {pool.num_free + freed} of "
-            f"{pool.num_pages} are free (pages of {page_size} tokens)")
+        raise short_of_pages(needed, pool.num_free + freed, pool)
     # the general path's set of the dropped ids: the held ids' set less the kept ones
     in_order = last_ids[np.argsort(taken_at)].tolist()
     gone = set(dict.fromkeys(in_order)).difference(ids[kept].tolist())
@@ -124,6 +122,24 @@ def replace_step(last: Tree, table: tuple, taken_at: np.ndarray, tree: Tree,
     pages.flags.writeable = False
     table = page_ptr, pages
     return table, new_taken_at, table_slots(*table, tree.tokens, before, page_size)
+
+
+def moved(node, parent, held_parent) -> CacheError:
+    """The error of a step whose tree gives a held node another parent."""
+    return CacheError(f"node {node}: parent is {parent} in the tree but {held_parent} in the "
+                      "cache")
+
+
+def shrunk(node, tokens, held) -> CacheError:
+    """The error of a step whose tree holds fewer of a node's tokens than the cache."""
+    return CacheError(f"node {node}: the tree holds {tokens} tokens, fewer than the {held} "
+                      "cached; a cache never drops a node's tokens")
+
+
+def short_of_pages(needed: int, free: int, pool: PagedKVCache) -> OutOfPagesError:
+    """The error of a step needing more pages than the pool has free (its frees counted)."""
+    return OutOfPagesError(f"the step needs {needed} more pages but only {free} of "
+                           f"{pool.num_pages} are free (pages of {pool.page_size} tokens)")
 
 
 def _take_kept(tree: Tree, last: Tree, last_table, kept, held, page_ptr, pages, wanted, before,
@@ -142,12 +158,9 @@ def _take_kept(tree: Tree, last: Tree, last_table, kept, held, page_ptr, pages, 
         now, was = parent[v], last_parent[u]
         now, was = (None if now < 0 else int(ids[now])), (None if was < 0 else int(last_ids[was]))
         if now != was:
-            raise CacheError(f"node {int(ids[v])}: parent is {now} in the tree but {was} in "
-                             "the cache")
+            raise moved(int(ids[v]), now, was)
         if tokens[v] < last_tokens[u]:
-            raise CacheError(
-                f"node {int(ids[v])}: the tree holds {int(tokens[v])} tokens, fewer than the "
-                f"{int(last_tokens[u])} cached; a cache never drops a node's tokens")
+            raise shrunk(int(ids[v]), int(tokens[v]), int(last_tokens[u]))
         start, end, first = int(last_ptr[u]), int(last_ptr[u + 1]), int(page_ptr[v])
         pages[first: first + end - start] = last_pages[start:end]
         wanted[v] -= end - start
