@@ -57,9 +57,9 @@ class TreeAttention:
         strategy takes none). When chunk_size, group_size and config are all None, each
         `plan` takes the sizes and the tile from the tuned configs of this GPU for the tree's
         bucket (`deft.kernels.tuned`: exact card, its other 16-bit dtype's buckets,
-        same-architecture sibling, else the chunk that fills the GPU, else the defaults); ``tuned_from`` then names the rung used. A
-        plan of a tree with the last one's `deft.kernels.tuned.reuse_key` (a decode step's)
-        reuses the last choice.
+        same-architecture sibling, else the chunk that fills the GPU, else the defaults);
+        ``tuned_from`` then names the rung used. A plan of a tree with the last one's
+        `deft.kernels.tuned.reuse_key` (a decode step's) reuses the last choice.
     max_queries : int
         Most queries of a plan (rows of ``q`` and ``out``).
     max_tokens : int
@@ -318,12 +318,9 @@ class TreeAttention:
         if plan.__class__ is not TreePlan or plan.owner is not self \
                 or plan.generation != self._generation:
             self._check_current(plan)
-        if out is None:
-            if not isinstance(q, torch.Tensor):
-                check_inputs(q, k_cache, v_cache, plan, out, self.device, self.max_queries)
-            out = torch.empty_like(q, memory_format=torch.contiguous_format)
-        lse = torch.empty(q.shape[:2], dtype=torch.float32, device=q.device) if return_lse \
-            else None
+        if out is None and not isinstance(q, torch.Tensor):
+            check_inputs(q, k_cache, v_cache, plan, out, self.device, self.max_queries)
+        out, lse = _outputs(q, out, return_lse)
         self._launch(q, k_cache, v_cache, plan, out, lse, sm_scale)
         return (out, lse) if return_lse else out
 
@@ -370,10 +367,7 @@ class TreeAttention:
         would be a graph input with its guards and inductor's size checks on every call, and
         every check made here a guard more. The graph holds the op alone (with ``out=None`` or
         ``return_lse``, the allocations before it)."""
-        if out is None:
-            out = torch.empty_like(q, memory_format=torch.contiguous_format)
-        lse = torch.empty(q.shape[:2], dtype=torch.float32, device=q.device) if return_lse \
-            else None
+        out, lse = _outputs(q, out, return_lse)
         torch.ops.deft.tree_attention(q, k_cache, v_cache, out, lse,
                                       None if sm_scale is None else float(sm_scale),
                                       self._handle)
@@ -417,3 +411,12 @@ class TreeAttention:
     def _sm_count(self) -> int:
         """Multiprocessors of the device (`CPU_PROGRAMS` under the interpreter)."""
         return multiprocessors(self.device) if self.device.type == "cuda" else CPU_PROGRAMS
+
+
+def _outputs(q, out, return_lse: bool) -> tuple:
+    """(out, lse) of a `run` call: ``out`` as given or allocated like ``q``; an fp32
+    [rows, q_heads] lse where `return_lse`, else None."""
+    if out is None:
+        out = torch.empty_like(q, memory_format=torch.contiguous_format)
+    lse = torch.empty(q.shape[:2], dtype=torch.float32, device=q.device) if return_lse else None
+    return out, lse
