@@ -20,9 +20,10 @@ which then cover the same memory. At most `RunCache.size` argument sets are kept
 recently used dropped first, with its graph).
 
 Plain launches are used where capturing is impossible: on the CPU (the Triton interpreter),
-inside someone else's stream capture, and when a capture fails. The custom op ``torch.ops.deft.tree_attention`` (what torch.compile calls)
-is this same path: it finds its `TreeAttention` and runs the latest plan on `run`'s argument
-sets, so eager and compiled calls with the same tensors share one set and one graph.
+inside someone else's stream capture, and when a capture fails. The custom op
+``torch.ops.deft.tree_attention`` (what torch.compile calls) is this same path: it finds its
+`TreeAttention` and runs the latest plan on `run`'s argument sets, so eager and compiled calls
+with the same tensors share one set and one graph.
 
 A call that hits its argument set costs: the key (four data pointers, shapes, strides and
 dtypes), one tuple comparison with the key of the set hit last, else (a decode step's layers,
@@ -67,7 +68,7 @@ def check_inputs(q, k_cache, v_cache, plan, out, device, max_queries, lse=None) 
 
 def check_tensors(q, k_cache, v_cache, out, device, lse=None) -> None:
     """What `check_inputs` checks without the plan (raise ValueError naming the problem);
-    ``lse``, which `run` allocates itself, only where the custom op is given one."""
+    ``lse`` where one is passed (the custom op's caller's, or the one `run` allocates)."""
     for name, x, dims in (("q", q, 3), ("k_cache", k_cache, 4), ("v_cache", v_cache, 4)):
         if not isinstance(x, torch.Tensor) or x.dim() != dims:
             _fail(f"{name} must be a {dims}-D tensor, got "

@@ -2,9 +2,10 @@
 
 deft_flatten runs the Hopper Gluon kernel on sm_90 and the portable Triton kernel elsewhere,
 and on sm_90 too for shapes the Gluon kernel does not take (fp32, head dims other than 64 and
-128, more than 64 query heads per KV head: `gluon`; docs/iomodel.md, "The kernel model"). Both are persistent: ``PROGRAMS_PER_SM`` x SMs programs,
-program j taking work items j, j + programs, ... (a static stride), where the work items are the
-partitions x KV heads in plan order. On Hopper a plan of at most one work item per SM runs the
+128, more than 64 query heads per KV head: `gluon`; docs/iomodel.md, "The kernel model").
+Both are persistent: ``PROGRAMS_PER_SM`` x SMs programs, program j taking work items j,
+j + programs, ... (a static stride), where the work items are the partitions x KV heads in plan
+order. On Hopper a plan of at most one work item per SM runs the
 small-grid form instead (`small_grid`): ``SMALL_GRID_PROGRAMS_PER_SM`` program per SM, its
 consumer software-pipelined over a deeper ring, at the same 64-token KV tile. A work item loads
 its query tile (the partition's queries x the KV head's query heads, packed into
@@ -147,7 +148,8 @@ def program_loads(plan: Plan | PlanAggregates, gpu: GpuSpec, c: Constants) -> np
     # tile_us is a Hopper tile's step; the portable kernel's smaller tiles cost the same per
     # token (an assumption: no card but the H200 has been measured)
     tile_us = c.small_grid_tile_us if small_grid(plan, gpu) else c.tile_us
-    step_s = tile_us * kv_tile(plan.tree.attention, gpu) / KV_TILE_HOPPER * (1.0 + c.contention * busy) * 1e-6
+    tile = kv_tile(plan.tree.attention, gpu)
+    step_s = tile_us * tile / KV_TILE_HOPPER * (1.0 + c.contention * busy) * 1e-6
     cost = query_tiles(plan, gpu) * c.query_tile_us * 1e-6 + item_steps(plan, gpu) * step_s  # [P]
     order = np.argsort(-cost, kind="stable")
     return _dealt_in_turn(copies[order], cost[order], programs_per_sm(plan, gpu) * gpu.sm_count)

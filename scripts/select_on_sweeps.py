@@ -8,9 +8,10 @@
 For every row of a ``deft-sweep/1`` file (`autotune.heldout`): what each rule picks for the
 row's tree from what a plan knows (the tree and its heads, the card's programs: SMs from the
 file x `deft.kernels.fill.PROGRAMS_PER_SM`, and a tuned table tuned on the tuning trees alone,
-``--configs`` (default the shipped one, `deft/kernels/configs/`), with its log's tuning trees), and the measured time of that
-pick over the sweep's best. The sweep timed every chunk x group size whose plan differs, at the
-tuned tile, so a pick is read off the swept size with the same plan. Rules:
+``--configs`` (default the shipped one, `deft/kernels/configs/`), with its log's tuning
+trees), and the measured time of that pick over the sweep's best. The sweep timed every chunk x
+group size whose plan differs, at the tuned tile, so a pick is read off the swept size with
+the same plan. Rules:
 
 - ``table``: the lookup as it shipped before session 7: the nearest bucket's chunk and group as
   stored, the fill rung where none applies. Where its pick is the size the row records as
@@ -25,9 +26,10 @@ tuned tile, so a pick is read off the swept size with the same plan. Rules:
 
 The default sweep is session 8's, measured with the kernels and the table that ship (its
 ``tuned`` column is the waves rule with its small-grid term). Session 7's was measured with
-the table tuned in session 5 (`docs/autotune-h200-session7/configs/`, pass it as ``--configs`` and its
-log as ``--log``; its ``tuned`` column is the waves rule before its small-grid term); session 5's (`autotune-h200-session5/heldout.json`)
-predates the small-grid kernel, so the rule's small-grid term does not hold there.
+the table tuned in session 5 (`docs/autotune-h200-session7/configs/`, pass it as
+``--configs`` and its log as ``--log``; its ``tuned`` column is the waves rule before its
+small-grid term); session 5's (`autotune-h200-session5/heldout.json`) predates the small-grid
+kernel, so the rule's small-grid term does not hold there.
 
 Then two checks that the waves rule's parameters (the item overhead, the least chunk) are not
 fitted to the held-out rows: a scan on the tuning log (the rule's pick on each tuning tree,

@@ -162,13 +162,13 @@ def test_the_fill_rung_moves_its_flatten_chunk_too(q_heads, kv_heads):
 
 def test_replay_on_the_session_7_sweep_gives_the_documented_counts(tmp_path):
     """scripts/select_on_sweeps.py on the committed H200 sweep of session 7 (the shipped
-    kernels) with the table it was measured with (session 5's): the numbers docs/autotune.md quotes, and every pick of a recorded, swept size
-    reproducing the recorded tuned / best."""
+    kernels) with the table it was measured with (session 5's): the numbers docs/autotune.md
+    quotes, and every pick of a recorded, swept size reproducing the recorded tuned / best."""
     root = Path(__file__).resolve().parents[1]
     report = tmp_path / "select.json"
     session7 = "docs/autotune-h200-session7"
-    done = subprocess.run([sys.executable, "scripts/select_on_sweeps.py", f"{session7}/heldout.json",
-                           "--configs", f"{session7}/configs",
+    done = subprocess.run([sys.executable, "scripts/select_on_sweeps.py",
+                           f"{session7}/heldout.json", "--configs", f"{session7}/configs",
                            "--log", f"{session7}/configs/logs/nvidia-h200.json",
                            "--check", "--json", str(report)],
                           cwd=root, capture_output=True, text=True)
