@@ -93,6 +93,11 @@ VARIANTS = {
     # plans whose work items fit one CTA per SM run the default two-CTA kernel, not the
     # pipelined small-grid one
     "serial_small": dict(SMALL_GRID_PIPELINE=False),
+    # the small-grid kernel (one CTA per SM, so the merge's waiting CTAs have room beside it)
+    # releases the merge on entry, as "pdl_early" does for every plan. Measured 2026-12-01,
+    # H200 (docs/performance.md, session 9): 0.3-0.8 us faster on reason_10x500 at 16/2, 8/1
+    # and 4/1, 0.2-3.7 us slower on the other eight small grids, no item count between them
+    "small_early": dict(SMALL_GRID=dict(sm90.SMALL_GRID, EARLY_DEPENDENTS=True)),
 }
 VARIANT_MODULES = (sm90, reduction)
 """Where a variant's attributes live: each in the first of these modules that has it."""
