@@ -21,7 +21,10 @@ stream once per query tile. So, with the constants of `iomodel.constants.Constan
    SMs streaming at once load memory more, so each step waits longer). ``tile_us`` is a step of
    the Gluon kernel's 64-token tile, ``small_grid_tile_us`` one of its small-grid form; a step
    of the portable kernel's 32-token tile is taken to cost half of ``tile_us`` (the same per
-   token).
+   token). Each masked step costs ``masked_tile_us`` more (half that on the portable kernel):
+   on the Gluon kernel the steps of KV tiles not every row of the query tile sees whole, on
+   the portable kernel every step (`iomodel.mask_tiles`, counted on the built plan; on
+   aggregates, on the plan they stand for, or a bound past its size limit).
 2. A program's time is the sum of its items, dealt longest first one per program in turn (the
    kernel's static stride over plan order, where the shared prefix's items come first; a plan
    and its aggregates, which keep no order, predict the same). SM s hosts programs s and
