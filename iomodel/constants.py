@@ -35,6 +35,10 @@ class Constants:
     small_grid_tile_us : float
         The same step in the small-grid form of the Hopper kernel (a plan of at most one work
         item per SM: one CTA per SM, its consumer software-pipelined), µs.
+    masked_tile_us : float
+        What a masked tile step costs more than a mask-free one, µs: the Euler-tour mask the
+        kernel computes on a tile not every row of its query tile sees whole (on the portable
+        kernel every tile; `iomodel.mask_tiles`). 0 (uncalibrated): no extra cost.
     contention : float
         How much slower a tile step gets when every SM streams at once (loaded memory latency):
         a step costs ``tile_us x (1 + contention x busy)``, busy the fraction of SMs in use.
@@ -54,6 +58,7 @@ class Constants:
     query_tile_us: float = 1.0
     tile_us: float = 1.0
     small_grid_tile_us: float = 1.0
+    masked_tile_us: float = 0.0
     contention: float = 0.5
     pair_speedup: float = 1.5
     merge_step_us: float = 2.0

@@ -21,7 +21,10 @@ stream once per query tile. So, with the constants of `iomodel.constants.Constan
    SMs streaming at once load memory more, so each step waits longer). ``tile_us`` is a step of
    the Gluon kernel's 64-token tile, ``small_grid_tile_us`` one of its small-grid form; a step
    of the portable kernel's 32-token tile is taken to cost half of ``tile_us`` (the same per
-   token).
+   token). Each masked step costs ``masked_tile_us`` more (half that on the portable kernel):
+   on the Gluon kernel the steps of KV tiles not every row of the query tile sees whole, on
+   the portable kernel every step (`iomodel.mask_tiles`, counted on the built plan; on
+   aggregates, on the plan they stand for, or a bound past its size limit).
 2. A program's time is the sum of its items, dealt longest first one per program in turn (the
    kernel's static stride over plan order, where the shared prefix's items come first; a plan
    and its aggregates, which keep no order, predict the same). SM s hosts programs s and
@@ -47,6 +50,7 @@ import numpy as np
 from deft.plan import Plan
 from deft.plan_aggregates import PlanAggregates
 from deft.tree import AttentionShape
+from iomodel import mask_tiles
 from iomodel.constants import Constants
 from iomodel.gpus import GpuSpec
 
@@ -54,7 +58,8 @@ TILED_STRATEGIES = ("deft_flatten",)
 """Strategies whose latency this model predicts (the others: `iomodel.latency`'s roofline)."""
 
 KERNEL_CONSTANTS = ("launch_us", "memory_efficiency", "query_tile_us", "tile_us",
-                    "small_grid_tile_us", "contention", "pair_speedup", "merge_step_us")
+                    "small_grid_tile_us", "masked_tile_us", "contention", "pair_speedup",
+                    "merge_step_us")
 """The constants this model reads (`iomodel.constants.Constants`)."""
 
 QUERY_TILE_ROWS = 64
@@ -135,6 +140,26 @@ def item_steps(plan: Plan | PlanAggregates, gpu: GpuSpec) -> np.ndarray:
     return query_tiles(plan, gpu) * -(-plan.tokens // kv_tile(plan.tree.attention, gpu))
 
 
+def masked_item_steps(plan: Plan | PlanAggregates, gpu: GpuSpec) -> np.ndarray:
+    """Masked tile steps of each partition's work items (one per KV head): every step on the
+    portable kernel, those of tiles not every row of the query tile sees whole on the Gluon
+    kernel (`iomodel.mask_tiles`; an upper bound on aggregates past its plan limit). [P]"""
+    if not gluon(plan.tree.attention, gpu):
+        return item_steps(plan, gpu)
+    shape = (queries_per_tile(plan.tree.attention, gpu), KV_TILE_HOPPER)
+    if isinstance(plan, Plan):
+        return mask_tiles.masked_steps(plan, *shape)
+    return mask_tiles.masked_steps_bound(plan, *shape)
+
+
+def counted_form(plan: Plan | PlanAggregates, gpu: GpuSpec) -> Plan | PlanAggregates:
+    """The form `program_loads` counts masked steps on: on the Gluon kernel, the built plan of
+    aggregates that have one within `iomodel.mask_tiles.PLAN_LIMIT`; else `plan` itself."""
+    if isinstance(plan, Plan) or not gluon(plan.tree.attention, gpu):
+        return plan
+    return mask_tiles.partitions_of(plan) or plan
+
+
 def program_loads(plan: Plan | PlanAggregates, gpu: GpuSpec, c: Constants) -> np.ndarray:
     """Seconds of work of every program of the persistent grid. [programs_per_sm x SMs]
 
@@ -143,14 +168,18 @@ def program_loads(plan: Plan | PlanAggregates, gpu: GpuSpec, c: Constants) -> np
     predict the same, so the items are dealt longest first, one per program in turn (the
     plans put a tree's shared prefix, the longest items, first, so the two mostly agree).
     """
+    if c.masked_tile_us:
+        plan = counted_form(plan, gpu)
     copies = plan.count * plan.tree.attention.kv_heads  # work items per partition (class)
     busy = min(int(copies.sum()), gpu.sm_count) / gpu.sm_count
     # tile_us is a Hopper tile's step; the portable kernel's smaller tiles cost the same per
     # token (an assumption: no card but the H200 has been measured)
     tile_us = c.small_grid_tile_us if small_grid(plan, gpu) else c.tile_us
-    tile = kv_tile(plan.tree.attention, gpu)
-    step_s = tile_us * tile / KV_TILE_HOPPER * (1.0 + c.contention * busy) * 1e-6
+    per_token = kv_tile(plan.tree.attention, gpu) / KV_TILE_HOPPER
+    step_s = tile_us * per_token * (1.0 + c.contention * busy) * 1e-6
     cost = query_tiles(plan, gpu) * c.query_tile_us * 1e-6 + item_steps(plan, gpu) * step_s  # [P]
+    if c.masked_tile_us:
+        cost = cost + masked_item_steps(plan, gpu) * c.masked_tile_us * per_token * 1e-6
     order = np.argsort(-cost, kind="stable")
     return _dealt_in_turn(copies[order], cost[order], programs_per_sm(plan, gpu) * gpu.sm_count)
 

@@ -251,3 +251,30 @@ def test_deal_in_turn_in_closed_form_equals_dealing_item_by_item():
         items = np.repeat(values, runs)
         want = np.bincount(np.arange(len(items)) % programs, items, programs)
         assert np.allclose(kernel_model._dealt_in_turn(runs, values, programs), want)
+
+
+def test_a_masked_step_costs_masked_tile_us_more_on_both_kernels():
+    # a 32-token root and two 64-token leaves, a query on each one's last token, 4/1
+    siblings = Tree([0, 1, 2], [None, 0, 0], [32, 64, 64], [0, 1, 1],
+                    AttentionShape(4, 1, 128, "float16"))
+    one = build_plan("deft_flatten", siblings, 1024, 1, 16)  # a query each: 2 and 3 masked
+    assert list(kernel_model.masked_item_steps(one, kernel_gpu())) == [2, 3]
+    for tile_us in ("small_grid_tile_us", "tile_us"):  # small grid, then one item per program
+        gpu = kernel_gpu(masked_tile_us=0.25, **{tile_us: 1.0})
+        if tile_us == "tile_us":
+            gpu = dataclasses.replace(gpu, sm_count=1)  # two items > one SM: two CTAs
+        assert kernel_model.small_grid(one, gpu) == (tile_us == "small_grid_tile_us")
+        loads = kernel_model.program_loads(one, gpu, constants_for(gpu)) * 1e6
+        busy = sorted(loads[loads > 0])  # one item a program: 1 query tile, 3 steps each
+        assert busy == pytest.approx([2.0 + 3 * 1.0 + 2 * 0.25, 2.0 + 3 * 1.0 + 3 * 0.25])
+    free = kernel_gpu(masked_tile_us=0.25)
+    chain = Tree([0, 1], [None, 0], [6336, 64], [0, 1], AttentionShape(4, 1, 128, "float16"))
+    whole = build_plan("deft_flatten", chain, 8192, None, 16)  # 100 tiles, all seen whole
+    assert list(kernel_model.masked_item_steps(whole, free)) == [0]
+    assert predict_latency(whole, free)["predicted_us"] == pytest.approx(
+        predict_latency(whole, kernel_gpu())["predicted_us"])
+    a100 = dataclasses.replace(kernel_gpu("a100", masked_tile_us=0.25), sm_count=132)
+    assert list(kernel_model.masked_item_steps(whole, a100)) == [200]  # every portable step
+    extra = (kernel_model.partials_seconds(whole, a100, constants_for(a100), 0.0)[0]
+             - kernel_model.partials_seconds(whole, free, constants_for(free), 0.0)[0])
+    assert extra * 1e6 == pytest.approx(200 * 0.25 / 2)  # half a Gluon step's extra each
