@@ -173,10 +173,16 @@ def test_tree_cache_replan_padding_and_lse():
         attn.run(q.to(DEVICE), pool.k, pool.v, stale, out=out)
 
 
-def test_merge_per_query_and_per_head_agree():
+@pytest.mark.parametrize("block_e", [2, 16, 64])
+def test_merge_per_query_and_per_head_agree(block_e, monkeypatch):
     """Both merge kernels give the same rows (padding rows zero, lse -inf) from one set of
-    partials; a plan picks per query where many queries have few partial rows each."""
+    partials, the per-head one at several row blocks (2: several loop steps a query; 64: one
+    step, most of the block masked); a plan picks per query where many queries have few
+    partial rows each."""
+    from deft.kernels import reduction
     from deft.kernels.reduction import merge, per_query_merge
+
+    monkeypatch.setattr(reduction, "BLOCK_E", block_e)
 
     tree = Tree([0, 1, 2, 3, 4], [None, 0, 0, 1, 1], [40, 5, 9, 4, 6], [0, 2, 1, 1, 1],
                 AttentionShape(12, 2, 32, "float16"))

@@ -16,10 +16,10 @@ written.
 
 After the Hopper Gluon partials kernel the merge is a programmatic dependent launch (PDL,
 sm_90+): launched with ``launch_pdl`` it may start while the partials kernel is still running,
-so its launch latency and ramp leave the critical path; its first instruction,
-``griddepcontrol.wait`` (`WAIT_FOR_PRIOR_GRID`), holds it until the partials kernel has completed
-and its writes are visible. Without ``launch_pdl`` that wait returns at once, so the result
-never depends on it. `PDL_MERGE` switches it off for A/B timing.
+so its launch latency and ramp leave the critical path; after it reads its row ranges from
+the plan buffers (`_row_range`), ``griddepcontrol.wait`` (`WAIT_FOR_PRIOR_GRID`) holds it until
+the partials kernel has completed and its writes are visible. Without ``launch_pdl`` that wait
+returns at once, so the result never depends on it. `PDL_MERGE` switches it off for A/B timing.
 
 `merge_states` is the same merge for two states in PyTorch (cascade-style composition).
 """
@@ -37,12 +37,28 @@ from triton.language.extra.cuda import gdc_wait
 from deft.kernels.launch import Launcher
 
 BLOCK_E = 16
-"""Partial rows merged per loop step."""
+"""Partial rows merged per loop step (by ``BLOCK_E * head_dim / 1024`` warps: 32 values of the
+[BLOCK_E, head_dim] block a thread)."""
 
 PDL_MERGE = os.environ.get("DEFT_PDL_MERGE", "1") != "0"
 """Whether `merge(dependent_launch=True)` launches the merge as a programmatic dependent of the
 kernel before it (read once from ``DEFT_PDL_MERGE``, "0" for off; default on). A
 `TreeAttention` captures its launches in CUDA graphs, so change it before its first `run`."""
+
+
+@triton.jit
+def _row_range(counts_ptr, query_row_ptr, query):
+    """``[lo, hi)``, the partial rows of output row ``query`` (empty past the plan's queries).
+
+    The three loads are independent, so they are in flight together (``query + 1 <= rows <=
+    max_queries``: within the buffer, whatever the plan), and they read the plan buffers, which
+    were uploaded before the partials kernel ran: a merge launched as its programmatic
+    dependent issues them before ``griddepcontrol.wait``, so only the partial rows' loads wait
+    for the partials kernel to end."""
+    real = query < tl.load(counts_ptr + 1)
+    lo = tl.load(query_row_ptr + query)
+    hi = tl.load(query_row_ptr + query + 1)
+    return tl.where(real, lo, 0), tl.where(real, hi, 0)
 
 
 @triton.jit
@@ -53,14 +69,12 @@ def _merge_kernel(
     Q_HEADS: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_E: tl.constexpr,
     STORE_LSE: tl.constexpr, WAIT_FOR_PRIOR_GRID: tl.constexpr,
 ):
-    if WAIT_FOR_PRIOR_GRID:  # launched as a programmatic dependent: the partials are not done
-        gdc_wait()
     query = tl.program_id(0)
     head = tl.program_id(1)
     dims = tl.arange(0, HEAD_DIM)
-    real = query < tl.load(counts_ptr + 1)
-    lo = tl.load(query_row_ptr + query, mask=real, other=0)
-    hi = tl.load(query_row_ptr + query + 1, mask=real, other=0)
+    lo, hi = _row_range(counts_ptr, query_row_ptr, query)
+    if WAIT_FOR_PRIOR_GRID:  # launched as a programmatic dependent: the partials are not done
+        gdc_wait()
     m = tl.full([], float("-inf"), tl.float32)
     total = tl.zeros([], tl.float32)
     acc = tl.zeros([HEAD_DIM], tl.float32)
@@ -97,15 +111,13 @@ def _merge_query_kernel(
 ):
     """One program per query, all its heads at once ([HEADS, HEAD_DIM] per partial row,
     HEADS = Q_HEADS padded to a power of two): fewer, larger loads than one program per head."""
-    if WAIT_FOR_PRIOR_GRID:
-        gdc_wait()
     query = tl.program_id(0)
     heads = tl.arange(0, HEADS)
     head_ok = heads < Q_HEADS
     dims = tl.arange(0, HEAD_DIM)
-    real = query < tl.load(counts_ptr + 1)
-    lo = tl.load(query_row_ptr + query, mask=real, other=0)
-    hi = tl.load(query_row_ptr + query + 1, mask=real, other=0)
+    lo, hi = _row_range(counts_ptr, query_row_ptr, query)
+    if WAIT_FOR_PRIOR_GRID:
+        gdc_wait()
     m = tl.full([HEADS], float("-inf"), tl.float32)
     total = tl.zeros([HEADS], tl.float32)
     acc = tl.zeros([HEADS, HEAD_DIM], tl.float32)
@@ -189,7 +201,7 @@ def merge(o_part, lse_part, buffers, out, lse=None, per_query=False,
                             num_warps=4, num_stages=3, **launch)
     else:
         _LAUNCH_MERGE((rows, q_heads), *args, Q_HEADS=q_heads, HEAD_DIM=head_dim,
-                      BLOCK_E=BLOCK_E, num_warps=1 if head_dim <= 64 else 2, **launch)
+                      BLOCK_E=BLOCK_E, num_warps=max(1, BLOCK_E * head_dim // 1024), **launch)
 
 
 def merge_states(o_a, lse_a, o_b, lse_b):
