@@ -45,7 +45,9 @@ found can stand in for it.
 
 from __future__ import annotations
 
+import gc
 import itertools
+import warnings
 
 import torch
 
@@ -272,15 +274,23 @@ def replay_of(graph: torch.cuda.CUDAGraph):
 
 
 def capture(launch, device: torch.device, pool) -> "torch.cuda.CUDAGraph | None":
-    """A CUDA graph of ``launch()`` captured on a side stream, or None if capturing fails.
+    """A CUDA graph of ``launch()`` captured on a side stream, or None (with a warning) if
+    capturing fails.
 
     The capture only records: nothing runs until the graph is replayed. Errors are confined to
     this thread's capture (``thread_local``), so other threads' CUDA work is not disturbed.
+    Python's cyclic garbage collector is held off meanwhile: a collection inside the capture
+    may free unreachable CUDA graphs of other objects (a dropped `TreeAttention` and its plan
+    form a cycle), and releasing their memory is not allowed while a stream captures; the
+    capture then fails, and torch leaves its default CUDA generator marked as capturing, so a
+    later ``torch.randn`` on that device raises.
     """
     current = torch.cuda.current_stream(device)
     stream = torch.cuda.Stream(device)
     stream.wait_stream(current)
     graph = torch.cuda.CUDAGraph()
+    collecting = gc.isenabled()
+    gc.disable()
     try:
         with torch.cuda.stream(stream):
             graph.capture_begin(pool=pool, capture_error_mode="thread_local")
@@ -288,7 +298,13 @@ def capture(launch, device: torch.device, pool) -> "torch.cuda.CUDAGraph | None"
                 launch()
             finally:
                 graph.capture_end()
-    except RuntimeError:
+    except RuntimeError as error:
+        warnings.warn(f"deft: a CUDA graph of TreeAttention.run could not be captured "
+                      f"({error}); this argument set launches its kernels without one",
+                      RuntimeWarning, stacklevel=2)
         return None
+    finally:
+        if collecting:
+            gc.enable()
     current.wait_stream(stream)
     return graph

@@ -2,6 +2,7 @@
 checks on every call, a bounded cache, and on a GPU the CUDA graph replayed after re-plans; the
 custom op ``torch.ops.deft.tree_attention`` on the same argument sets."""
 
+import contextlib
 import gc
 
 import pytest
@@ -333,6 +334,81 @@ def test_graphs_are_captured_on_the_second_call_and_follow_new_plans():
             n = tree.num_queries
             assert rel_err(out[:n].cpu(), oracle_attention(tree, q, k, v)) <= TOLERANCE
     assert attn._runs.graphs() >= 1
+
+
+def test_capture_holds_off_the_garbage_collector(monkeypatch):
+    """`capture` runs the launches with Python's cyclic collector off (a collection there could
+    free other graphs' memory mid-capture), turns it back on after, also when the capture
+    fails (then with a warning and no graph), and leaves it off if it was off."""
+    from deft import bound_run
+
+    class Fake:  # stands in for torch's streams and graphs: records, captures nothing
+        def __init__(self, *args, fail=False, **kwargs):
+            self.fail = fail
+
+        def wait_stream(self, other):
+            pass
+
+        def capture_begin(self, **kwargs):
+            pass
+
+        def capture_end(self):
+            if self.fail:
+                raise RuntimeError("operation not permitted when stream is capturing")
+
+    seen = []
+    monkeypatch.setattr(torch.cuda, "current_stream", lambda device=None: Fake())
+    monkeypatch.setattr(torch.cuda, "Stream", Fake)
+    monkeypatch.setattr(torch.cuda, "stream", lambda s: contextlib.nullcontext())
+    for fail in (False, True):
+        monkeypatch.setattr(torch.cuda, "CUDAGraph", lambda fail=fail: Fake(fail=fail))
+        assert gc.isenabled()
+        if fail:
+            with pytest.warns(RuntimeWarning, match="could not be captured"):
+                graph = bound_run.capture(lambda: seen.append(gc.isenabled()), "cuda", None)
+            assert graph is None
+        else:
+            assert bound_run.capture(lambda: seen.append(gc.isenabled()), "cuda", None)
+        assert gc.isenabled()
+    monkeypatch.setattr(torch.cuda, "CUDAGraph", Fake)
+    gc.disable()
+    try:
+        assert bound_run.capture(lambda: seen.append(gc.isenabled()), "cuda", None)
+        assert not gc.isenabled()
+    finally:
+        gc.enable()
+    assert seen == [False, False, False]
+
+
+@pytest.mark.gpu  # CUDA graphs
+def test_a_capture_outlives_garbage_collection_of_other_graphs():
+    """Dropped TreeAttentions (each a cycle with its plan, holding a captured graph) collected
+    at any allocation: the next argument set still captures its graph, and the default CUDA
+    generator still works after it (a capture that fails leaves it marked as capturing)."""
+    tree = TREES[1]
+    q, k, v, k_cache, v_cache, table = case(tree, 0)
+    q = q.to(DEVICE)
+    ref = oracle_attention(tree, q.cpu(), k, v)
+    threshold = gc.get_threshold()
+    try:
+        for _ in range(3):  # garbage: graphs no one can reach, freed only by the collector
+            dropped = TreeAttention("deft_flatten", max_queries=4, max_tokens=64, device=DEVICE)
+            plan = dropped.plan(tree, table)
+            for _ in range(2):
+                dropped.run(q, k_cache, v_cache, plan, out=torch.empty_like(q))
+            assert dropped._runs.graphs() == 1
+        del dropped, plan
+        gc.set_threshold(1)  # collect at (nearly) every allocation of a Python object
+        attn = TreeAttention("deft_flatten", max_queries=4, max_tokens=64, device=DEVICE)
+        plan = attn.plan(tree, table)
+        out = torch.empty_like(q)
+        for _ in range(3):
+            attn.run(q, k_cache, v_cache, plan, out=out)
+    finally:
+        gc.set_threshold(*threshold)
+    assert attn._runs.graphs() == 1
+    assert rel_err(out.cpu(), ref) <= TOLERANCE
+    assert torch.isfinite(torch.randn(8, device=DEVICE)).all()
 
 
 @pytest.mark.gpu  # CUDA graphs
