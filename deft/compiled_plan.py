@@ -17,11 +17,26 @@ ran 3-10x slower on the 64k-token trees.
 
 from __future__ import annotations
 
+import warnings
+
 import numba
 import numpy as np
 
-compiled = numba.njit(cache=True, nogil=True)
-"""How the planner's functions are compiled (no Python objects; cached on disk)."""
+_uncached = []  # the functions compiled without an on-disk cache (none writable)
+
+
+def compiled(function):
+    """``function`` compiled by numba (no Python objects), cached on disk where a cache
+    directory is writable; else compiled in memory on each process's first call (numba raises
+    where no cache directory is writable: a warning says so, once)."""
+    try:
+        return numba.njit(cache=True, nogil=True)(function)
+    except RuntimeError as error:  # "cannot cache function ...: no locator available"
+        if not _uncached:
+            warnings.warn(f"the compiled planner is not cached on disk ({error}): each "
+                          "process compiles it again", RuntimeWarning, stacklevel=2)
+        _uncached.append(function.__name__)
+        return numba.njit(nogil=True)(function)
 
 
 @compiled
@@ -142,11 +157,13 @@ def flat_layout(order, last, query_order, query_shift, tokens, in_order):
 
 @compiled
 def flat_chunks(ordered, through, end, chunk):
-    """(tokens, reach) of deft_flatten's chunks, the flattened order cut into runs of
-    ``chunk`` tokens: each one's length and the largest subtree end of its tokens (a query at
-    flattened position F sees a token f iff ``f <= F < end[f]``). int64 [chunks] each."""
+    """(start, tokens, reach) of deft_flatten's chunks, the flattened order cut into runs of
+    ``chunk`` tokens: each one's first flattened position, its length and the largest subtree
+    end of its tokens (a query at flattened position F sees a token f iff ``f <= F <
+    end[f]``). int64 [chunks] each."""
     total = through[-1] if len(through) else 0
     num_chunks = (total + chunk - 1) // chunk
+    chunk_start = np.arange(0, num_chunks * chunk, chunk)
     chunk_tokens = np.full(num_chunks, chunk, np.int64)
     if num_chunks:
         chunk_tokens[-1] = total - (num_chunks - 1) * chunk
@@ -157,7 +174,7 @@ def flat_chunks(ordered, through, end, chunk):
         start = through[i] - ordered[i]
         for c in range(start // chunk, (through[i] + chunk - 1) // chunk):
             reach[c] = max(reach[c], end[i])
-    return chunk_tokens, reach
+    return chunk_start, chunk_tokens, reach
 
 
 @compiled

@@ -29,17 +29,86 @@ from __future__ import annotations
 
 import numpy as np
 
-from deft.compiled_plan import flat_chunks, flat_layout, node_chunks, same_runs, tree_shape, \
-    write_subtree_end
+from deft.compiled_plan import compiled, flat_chunks, flat_layout, node_chunks, same_runs, \
+    tree_shape, write_subtree_end
 from deft.plan_entries import chunk_ranks, gather_parts, write_entries
-from deft.plan_slots import SlotLayout
+from deft.plan_slots import page_runs, write_slots
+from deft.tree import INDEX_LIMIT
 from deft.turn_buffers import TurnBuffers
 
 FAST_STRATEGIES = ("deft_node", "deft_node_chunk", "deft_flatten")
 """The strategies `NodePlanner` plans (the others go through `deft.plan.build_plan`)."""
 
-_NONE = np.zeros(0, np.int64)
-_UNWRITTEN = np.zeros(0, np.int32)  # an entry_query all kept: `write_entries` writes none
+_NONE = np.zeros(0, np.int64)  # no last plan to compare with
+_UNWRITTEN = (np.zeros(0, np.int32), np.zeros(0, np.int64))  # an output all kept: none written
+
+
+@compiled
+def measure_step(order, last, query_order, query_shift, flat_query, in_order, tokens, flat,
+                 chunk, group, page_ptr, pages, page_size, last_ordered, last_end, last_lo,
+                 last_hi, last_page, last_length):
+    """A step's layout, chunks, runs of queries and page runs, and what they share with the
+    last plan's: all but the outputs' writing (`write_step`), which needs their sizes.
+
+    Parameters
+    ----------
+    order, last, query_order, query_shift, flat_query, in_order
+        The tree's shape (`deft.compiled_plan.tree_shape`).
+    tokens : int64 [nodes]
+    flat : bool
+        deft_flatten's chunks, else deft_node's (``chunk`` 0) or deft_node_chunk's.
+    chunk, group : int
+        0 for None.
+    page_ptr, pages, page_size
+        The page table (`deft.plan_slots.page_runs`).
+    last_ordered, last_end, last_lo, last_hi, last_page, last_length : int64
+        The last plan's (empty: none to compare with).
+
+    Returns
+    -------
+    tuple
+        ``ordered, through, end, query_flat`` (`deft.compiled_plan.flat_layout`),
+        ``chunk_start, chunk_tokens, lo, hi`` (`deft.plan_entries.chunk_ranks`), ``run_page,
+        run_length`` (`deft.plan_slots.page_runs`), then ints: the flattened positions whose
+        subtree ends are the last plan's, the entries, the partitions, the first chunks seen
+        by the last plan's queries and their entries, the preorder positions of the first node
+        short of pages and of the first whose pages lie outside ``pages`` (or -1), the largest
+        slot, the first page runs equal to the last plan's and their slots.
+    """
+    ordered, through, end, query_flat = flat_layout(order, last, query_order, query_shift,
+                                                    tokens, in_order)
+    if flat:
+        chunk_start, chunk_tokens, chunk_reach = flat_chunks(ordered, through, end, chunk)
+    else:
+        chunk_start, chunk_tokens, chunk_reach = node_chunks(order, ordered, through, end, chunk)
+    lo, hi, entries, partitions, same_chunks, same_entries = chunk_ranks(
+        chunk_start, chunk_reach, query_flat, flat_query, group, last_lo, last_hi)
+    run_page, run_length, short, outside, max_slot, same_pages, same_slots = page_runs(
+        order, ordered, page_ptr, pages, page_size, last_page, last_length)
+    return (ordered, through, end, query_flat, chunk_start, chunk_tokens, lo, hi, run_page,
+            run_length, same_runs(ordered, end, last_ordered, last_end), entries, partitions,
+            same_chunks, same_entries, short, outside, max_slot, same_pages, same_slots)
+
+
+@compiled
+def write_step(ordered, through, end, same_ends, subtree_end, run_page, run_length, same_pages,
+               same_slots, slots, rewrite, lo, hi, flat_query, queries_in_order, group,
+               partitions, same_entries, entry_query, entry_row, part_chunk, chunk_start,
+               chunk_tokens):
+    """Write a step's ``subtree_end`` and slots past what they share with the last plan's,
+    and, where ``rewrite``, its entries (`deft.plan_entries.write_entries`; else ``part_chunk``
+    is the last plan's); return (part_chunk, part_entry, query_row_ptr, part_start,
+    part_tokens), the last two gathered from the chunks, the others empty where not
+    ``rewrite``."""
+    write_subtree_end(ordered, through, end, same_ends, subtree_end)
+    write_slots(run_page, run_length, same_pages, same_slots, slots)
+    part_entry, query_row_ptr = part_chunk[:0], part_chunk[:0]
+    if rewrite:
+        part_chunk, part_entry, query_row_ptr = write_entries(
+            lo, hi, flat_query, queries_in_order, group, partitions, same_entries, entry_query,
+            entry_row)
+    part_start, part_tokens = gather_parts(part_chunk, chunk_start, chunk_tokens)
+    return part_chunk, part_entry, query_row_ptr, part_start, part_tokens
 
 
 class _Shape:
@@ -69,14 +138,14 @@ class NodePlanner:
         self.strategy = strategy
         self._shapes, self._keep = {}, shapes
         self._last_shape = None  # (parent, queries, their shape) of the last lookup
-        self._last_ends = (_NONE, _NONE)  # the last plan's ordered tokens and subtree ends
-        self._last_entries = None  # (shape, group, lo, hi, the entries `_entries` returned)
-        self._slot_layout = SlotLayout()  # the slots (`deft.plan_slots`)
+        # the last plan's shape, group, page size, ordered tokens, subtree ends, runs of
+        # queries, page runs, part_chunk and returned entries
+        self._last = (None, None, None, _NONE, _NONE, _NONE, _NONE, _NONE, _NONE, None, None)
         self._end_turns = TurnBuffers(np.int32)  # subtree_end
+        self._slot_turns = TurnBuffers(np.int64)  # token_slot
         self._query_turns = TurnBuffers(np.int32)  # entry_query
         self._row_turns = TurnBuffers(np.int32)  # entry_row
         self._last_counts = (None, None)  # ((partitions, queries), the counts field)
-        self._chunk_starts = (None, None)  # ((chunks, chunk size), deft_flatten's chunk starts)
 
     def shape(self, parent: np.ndarray, queries: np.ndarray) -> _Shape:
         """The shape of a tree with these parents and query counts (node arrays); read-only
@@ -121,27 +190,70 @@ class NodePlanner:
         keeps between steps are read-only.
         """
         shape = self.shape(tree.parent, tree.queries)
-        ordered, through, end, query_flat = flat_layout(
-            shape.order, shape.last, shape.query_order, shape.query_shift, tree.tokens,
-            shape.in_order)
-        total = int(through[-1])
-        kept = {}
-        subtree_end = self._subtree_end(ordered, through, end, total, kept)
-        if self.strategy == "deft_flatten":
-            chunk_start = self._flat_starts(total, chunk_size)
-            chunk_tokens, chunk_reach = flat_chunks(ordered, through, end, chunk_size)
+        if len(page_ptr) != len(shape.order) + 1:
+            raise ValueError(f"page_ptr must have nodes + 1 = {len(shape.order) + 1} entries, "
+                             f"got {len(page_ptr)}")
+        group = group_size or 0
+        (last_shape, last_group, last_page_size, last_ordered, last_end, last_lo, last_hi,
+         last_page, last_length, last_part_chunk, last_entries) = self._last
+        comparable = last_shape is shape or last_shape is not None and (
+            last_shape.queries_in_order and shape.queries_in_order
+            and len(last_shape.flat_query) == len(shape.flat_query))  # the same query ranks
+        if not comparable:
+            last_lo = last_hi = _NONE
+        if page_size != last_page_size:
+            last_page = last_length = _NONE
+        (ordered, through, end, query_flat, chunk_start, chunk_tokens, lo, hi, run_page,
+         run_length, same_ends, count, partitions, same_chunks, same_entries, short, outside,
+         max_slot, same_pages, same_slots) = measure_step(
+            shape.order, shape.last, shape.query_order, shape.query_shift, shape.flat_query,
+            shape.in_order, tree.tokens, self.strategy == "deft_flatten", chunk_size or 0, group,
+            page_ptr, pages, page_size, last_ordered, last_end, last_lo, last_hi, last_page,
+            last_length)
+        if short >= 0:
+            node = int(shape.order[short])
+            raise ValueError(f"node index {node} holds {ordered[short]} tokens but the page "
+                             f"table gives it {page_ptr[node + 1] - page_ptr[node]} pages of "
+                             f"{page_size}")
+        if outside >= 0:
+            node = int(shape.order[outside])
+            raise ValueError(f"node index {node}'s pages run past the page table's "
+                             f"{len(pages)} pages")
+        if max_slot > INDEX_LIMIT:
+            raise ValueError(f"cache slot {max_slot} is beyond the int32 limit")
+        total, kept = int(through[-1]), {}
+        subtree_end = self._end_turns.latest  # the last plan's (or None)
+        ends_out = self._turn(self._end_turns, "subtree_end", total, same_ends, kept)
+        slots = self._slot_turns.latest
+        slots_out = self._turn(self._slot_turns, "token_slot", total, same_slots, kept)
+        rewrite = not (comparable and group == last_group and same_chunks == len(lo)
+                       == len(last_lo))  # else every chunk is seen by the last plan's queries
+        if rewrite:
+            entry_query = self._query_turns.latest
+            queries_out = self._turn(self._query_turns, "entry_query", count, same_entries, kept)
+            rows_out = self._row_turns.begin(count, 0)
+            last_part_chunk = _NONE
         else:
-            chunk_start, chunk_tokens, chunk_reach = node_chunks(shape.order, ordered, through,
-                                                                 end, chunk_size or 0)
-        part_chunk, part_entry, entry_query, entry_row, query_row_ptr = self._entries(
-            shape, chunk_start, chunk_reach, query_flat, group_size or 0, kept)
-        slots, max_slot, slots_kept = self._slot_layout.lay_out(shape.order, ordered, total,
-                                                                page_ptr, pages, page_size)
-        kept.update(slots_kept)
-        if group_size is None and len(part_chunk) == len(chunk_start):  # every chunk
-            part_start, part_tokens = chunk_start, chunk_tokens
-        else:
-            part_start, part_tokens = gather_parts(part_chunk, chunk_start, chunk_tokens)
+            queries_out, rows_out = _UNWRITTEN[0], _UNWRITTEN[0]
+        part_chunk, part_entry, query_row_ptr, part_start, part_tokens = write_step(
+            ordered, through, end, same_ends, ends_out, run_page, run_length, same_pages,
+            same_slots, slots_out, rewrite, lo, hi, shape.flat_query, shape.queries_in_order,
+            group, partitions, same_entries, queries_out, rows_out, last_part_chunk,
+            chunk_start, chunk_tokens)
+        if ends_out is not _UNWRITTEN[0]:
+            subtree_end = self._end_turns.finish(total, same_ends)
+        if slots_out is not _UNWRITTEN[1]:
+            slots = self._slot_turns.finish(total, same_slots)
+        if rewrite:
+            if queries_out is not _UNWRITTEN[0]:
+                entry_query = self._query_turns.finish(count, same_entries)
+            part_entry.setflags(write=False)
+            query_row_ptr.setflags(write=False)
+            last_entries = (part_entry, entry_query, self._row_turns.finish(count, 0),
+                            query_row_ptr)
+        self._last = (shape, group, page_size, ordered, end, lo, hi, run_page, run_length,
+                      part_chunk, last_entries)
+        part_entry, entry_query, entry_row, query_row_ptr = last_entries
         return dict(
             counts=self._counts(len(part_chunk), len(query_flat)),
             part_start=part_start,
@@ -153,69 +265,22 @@ class NodePlanner:
             query_flat=query_flat,
             token_slot=slots,
             subtree_end=subtree_end,
-            max_slot=max_slot,
+            max_slot=int(max_slot),
             slots=slots,
             kept=kept,
         )
 
-    def _subtree_end(self, ordered, through, end, total, kept) -> np.ndarray:
-        """The ``subtree_end`` field (int32 [tokens], read-only), written in turns from the
-        first preorder node whose tokens or subtree end differ from the last plan's."""
-        last = self._end_turns.latest
-        first = same_runs(ordered, end, *self._last_ends) if last is not None else 0
-        self._last_ends = (ordered, end)
-        if first:
-            kept["subtree_end"] = (last, first)
-            if first == total == len(last):
-                return last
-        write_subtree_end(ordered, through, end, first, self._end_turns.begin(total, first))
-        return self._end_turns.finish(total, first)
-
-    def _flat_starts(self, total: int, chunk: int) -> np.ndarray:
-        """deft_flatten's chunk starts 0, chunk, 2 chunk, ... (int64, read-only), kept: the
-        plan buffers skip them while they are the same."""
-        num_chunks = -(-total // chunk)
-        if self._chunk_starts[0] != (num_chunks, chunk):
-            starts = np.arange(0, total, chunk)
-            starts.flags.writeable = False
-            self._chunk_starts = ((num_chunks, chunk), starts)
-        return self._chunk_starts[1]
-
-    def _entries(self, shape, chunk_start, chunk_reach, query_flat, group, kept) -> tuple:
-        """(part_chunk, part_entry, entry_query, entry_row, query_row_ptr) of a plan whose
-        chunk ``c`` is seen by the queries at flattened positions ``chunk_start[c] <= F <
-        chunk_reach[c]`` (`deft.plan_entries`), read-only; ``group`` 0 for None. The last
-        plan's where every chunk is seen by the same queries (with the same group size); else
-        ``entry_query`` is written past the first chunks seen by the last plan's queries
-        (``kept``)."""
-        last = self._last_entries
-        comparable = last is not None and (last[0] is shape or (
-            last[0].queries_in_order and shape.queries_in_order
-            and len(last[0].flat_query) == len(shape.flat_query)))
-        lo, hi, count, partitions, same_chunks, same_entries = chunk_ranks(
-            chunk_start, chunk_reach, query_flat, shape.flat_query, group,
-            last[2] if comparable else _NONE, last[3] if comparable else _NONE)
-        if comparable and group == last[1] and same_chunks == len(lo) == len(last[2]):
-            self._last_entries = (shape, group, lo, hi, last[4])
-            return last[4]
-        last_query = self._query_turns.latest
-        if same_entries:
-            kept["entry_query"] = (last_query, same_entries)
-        reuse_queries = same_entries == count == len(last_query) if same_entries else False
-        entry_query = last_query if reuse_queries else self._query_turns.begin(count,
-                                                                                same_entries)
-        entry_row = self._row_turns.begin(count, 0)
-        part_chunk, part_entry, query_row_ptr = write_entries(
-            lo, hi, shape.flat_query, shape.queries_in_order, group, partitions, same_entries,
-            _UNWRITTEN if reuse_queries else entry_query, entry_row)
-        if not reuse_queries:
-            entry_query = self._query_turns.finish(count, same_entries)
-        entries = (part_chunk, part_entry, entry_query, self._row_turns.finish(count, 0),
-                   query_row_ptr)
-        for array in (part_chunk, part_entry, query_row_ptr):
-            array.setflags(write=False)
-        self._last_entries = (shape, group, lo, hi, entries)
-        return entries
+    @staticmethod
+    def _turn(turns: TurnBuffers, name: str, n: int, same: int, kept: dict) -> np.ndarray:
+        """The array to write a field of ``n`` values into, in turns, whose first ``same``
+        are the last plan's (noted in ``kept``); none (an empty array) where all of them are:
+        the last plan's array is the field again."""
+        if not same:
+            return turns.begin(n, 0)
+        kept[name] = (turns.latest, same)
+        if same == n == len(turns.latest):
+            return _UNWRITTEN[int(turns.latest.dtype == np.int64)]
+        return turns.begin(n, same)
 
     def _counts(self, num_partitions: int, num_queries: int) -> np.ndarray:
         """The ``counts`` field, int64 [2] read-only: the last plan's array where they are the

@@ -5,7 +5,8 @@ then lists the cache slot (page * page_size + offset) of every flattened positio
 holds a run of consecutive slots for consecutive positions of its node, so the slots are laid
 out page run by page run (`page_runs`, `write_slots`), from the first run that differs from the
 last plan's: a decode step that grows the last nodes of the preorder lays out only their pages.
-The slots are written in turns (`deft.turn_buffers`), so the prefix is mostly in place already.
+`deft.fast_plan` writes the slots in turns (`deft.turn_buffers`), so the prefix is mostly in
+place already.
 """
 
 from __future__ import annotations
@@ -13,8 +14,6 @@ from __future__ import annotations
 import numpy as np
 
 from deft.compiled_plan import compiled
-from deft.tree import INDEX_LIMIT
-from deft.turn_buffers import TurnBuffers
 
 
 @compiled
@@ -40,6 +39,8 @@ def page_runs(order, ordered, page_ptr, pages, page_size, last_page, last_length
         The tokens on it (``page_size``, fewer on a node's last page).
     short : int
         The first preorder position whose node has fewer pages than its tokens need, else -1.
+    outside : int
+        The first preorder position whose node's pages lie outside ``pages``, else -1.
     max_slot : int
         The largest slot used.
     same_runs, same_slots : int
@@ -50,12 +51,15 @@ def page_runs(order, ordered, page_ptr, pages, page_size, last_page, last_length
         runs += (ordered[i] + page_size - 1) // page_size
     run_page = np.empty(runs, np.int64)
     run_length = np.empty(runs, np.int64)
-    short, max_slot, k = -1, -1, 0
+    short, outside, max_slot, k = -1, -1, -1, 0
     for i in range(len(order)):
         v, tokens = order[i], ordered[i]
         used = (tokens + page_size - 1) // page_size
         if used > page_ptr[v + 1] - page_ptr[v]:
             short = i
+            break
+        if page_ptr[v] < 0 or page_ptr[v] + used > len(pages):
+            outside = i
             break
         node_pages = pages[page_ptr[v]:page_ptr[v] + used]
         node_runs, node_lengths = run_page[k:k + used], run_length[k:k + used]
@@ -68,7 +72,7 @@ def page_runs(order, ordered, page_ptr, pages, page_size, last_page, last_length
                 max_slot = max(max_slot, node_runs[u] + node_lengths[u] - 1)
         k += used
     same_runs, same_slots = 0, 0
-    if short < 0:
+    if short < 0 and outside < 0:
         shared = min(runs, len(last_page))
         pages_now, lengths_now = run_page[:shared], run_length[:shared]
         pages_then, lengths_then = last_page[:shared], last_length[:shared]
@@ -77,7 +81,7 @@ def page_runs(order, ordered, page_ptr, pages, page_size, last_page, last_length
                     or lengths_now[same_runs] != lengths_then[same_runs]:
                 break
             same_slots += lengths_now[same_runs]
-    return run_page, run_length, short, max_slot, same_runs, same_slots
+    return run_page, run_length, short, outside, max_slot, same_runs, same_slots
 
 
 @compiled
@@ -91,42 +95,3 @@ def write_slots(run_page, run_length, same_runs, same_slots, slots):
         for j in range(length):
             run[j] = page + j
         f += length
-
-
-_NONE = np.zeros(0, np.int64)
-
-
-class SlotLayout:
-    """The slots of one planner's plans, with the last plan's page runs kept."""
-
-    def __init__(self):
-        self._last = (None, _NONE, _NONE, None)  # page size, run pages and lengths, slots
-        self._slot_turns = TurnBuffers(np.int64)
-
-    def lay_out(self, order, ordered, total, page_ptr, pages, page_size):
-        """(cache slot of every flattened position, int64 [tokens] read-only; the largest;
-        ``{"token_slot": (the last plan's slots, n)}`` where their first n slots are these)
-
-        ``order`` and ``ordered`` (int64 [nodes]) are the tree's preorder and each preorder
-        node's tokens, ``total`` their sum, ``page_ptr`` (int64 [nodes + 1]) and ``pages``
-        (int64 [pages]) the page table in node-index order.
-        """
-        last_size, last_page, last_length, last_slots = self._last
-        if last_size != page_size:
-            last_page = last_length = _NONE
-        run_page, run_length, short, max_slot, same, first = page_runs(
-            order, ordered, page_ptr, pages, page_size, last_page, last_length)
-        if short >= 0:
-            node = int(order[short])
-            raise ValueError(f"node index {node} holds {ordered[short]} tokens but the page "
-                             f"table gives it {page_ptr[node + 1] - page_ptr[node]} pages of "
-                             f"{page_size}")
-        if max_slot > INDEX_LIMIT:
-            raise ValueError(f"cache slot {max_slot} is beyond the int32 limit")
-        if same and same == len(run_page) and first == len(last_slots):  # the last slots
-            slots = last_slots
-        else:  # in turns: the step before the last left most of the prefix in place
-            write_slots(run_page, run_length, same, first, self._slot_turns.begin(total, first))
-            slots = self._slot_turns.finish(total, first)
-        self._last = (page_size, run_page, run_length, slots)
-        return slots, int(max_slot), {"token_slot": (last_slots, first)} if same else {}
