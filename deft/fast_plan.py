@@ -44,9 +44,34 @@ _UNWRITTEN = (np.zeros(0, np.int32), np.zeros(0, np.int64))  # an output all kep
 
 
 @compiled
+def _put(buffer, offset, values):
+    """Copy ``values`` into ``buffer`` from ``offset``; return the offset past them."""
+    into = buffer[offset:offset + len(values)]
+    for k in range(len(values)):
+        into[k] = values[k]
+    return offset + len(values)
+
+
+@compiled
+def _unpack(step, nodes, chunks, runs):
+    """The arrays of a `measure_step` ``step`` (views)."""
+    at = len(step) - 3 * nodes - 4 * chunks - 2 * runs
+    query_flat = step[:at]
+    ordered, through = step[at:at + nodes], step[at + nodes:at + 2 * nodes]
+    end = step[at + 2 * nodes:at + 3 * nodes]
+    at += 3 * nodes
+    chunk_start, chunk_tokens = step[at:at + chunks], step[at + chunks:at + 2 * chunks]
+    lo, hi = step[at + 2 * chunks:at + 3 * chunks], step[at + 3 * chunks:at + 4 * chunks]
+    at += 4 * chunks
+    run_page, run_length = step[at:at + runs], step[at + runs:at + 2 * runs]
+    return (query_flat, ordered, through, end, chunk_start, chunk_tokens, lo, hi, run_page,
+            run_length)
+
+
+@compiled
 def measure_step(order, last, query_order, query_shift, flat_query, in_order, tokens, flat,
-                 chunk, group, page_ptr, pages, page_size, last_ordered, last_end, last_lo,
-                 last_hi, last_page, last_length):
+                 chunk, group, page_ptr, pages, page_size, last_step, last_nodes, last_chunks,
+                 last_runs, compare_ranks, compare_pages):
     """A step's layout, chunks, runs of queries and page runs, and what they share with the
     last plan's: all but the outputs' writing (`write_step`), which needs their sizes.
 
@@ -61,54 +86,89 @@ def measure_step(order, last, query_order, query_shift, flat_query, in_order, to
         0 for None.
     page_ptr, pages, page_size
         The page table (`deft.plan_slots.page_runs`).
-    last_ordered, last_end, last_lo, last_hi, last_page, last_length : int64
-        The last plan's (empty: none to compare with).
+    last_step : int64
+        The last plan's ``step`` (empty: none), with its nodes, chunks and page runs.
+    compare_ranks, compare_pages : bool
+        Whether its runs of queries (the same query ranks) and its page runs (the same page
+        size) are to be compared with this step's.
 
     Returns
     -------
-    tuple
-        ``ordered, through, end, query_flat`` (`deft.compiled_plan.flat_layout`),
-        ``chunk_start, chunk_tokens, lo, hi`` (`deft.plan_entries.chunk_ranks`), ``run_page,
-        run_length`` (`deft.plan_slots.page_runs`), then ints: the flattened positions whose
-        subtree ends are the last plan's, the entries, the partitions, the first chunks seen
-        by the last plan's queries and their entries, the preorder positions of the first node
-        short of pages and of the first whose pages lie outside ``pages`` (or -1), the largest
-        slot, the first page runs equal to the last plan's and their slots.
+    step : int64
+        One array (numba returns an array at 0.3 us a piece): ``query_flat`` [queries],
+        ``ordered, through, end`` [nodes] (`deft.compiled_plan.flat_layout`), ``chunk_start,
+        chunk_tokens, lo, hi`` [chunks] (`deft.plan_entries.chunk_ranks`), ``run_page,
+        run_length`` [runs] (`deft.plan_slots.page_runs`).
+    chunks, runs : int
+    ints
+        The flattened positions whose subtree ends are the last plan's, the entries, the
+        partitions, the first chunks seen by the last plan's queries and their entries, the
+        preorder positions of the first node short of pages and of the first whose pages lie
+        outside ``pages`` (or -1), the largest slot, the first page runs equal to the last
+        plan's and their slots.
     """
+    nodes, queries = len(order), len(query_order)
+    _, last_ordered, _, last_end, _, _, last_lo, last_hi, last_page, last_length = _unpack(
+        last_step, last_nodes, last_chunks, last_runs)
+    if not compare_ranks:
+        last_lo = last_hi = last_lo[:0]
+    if not compare_pages:
+        last_page = last_length = last_page[:0]
     ordered, through, end, query_flat = flat_layout(order, last, query_order, query_shift,
                                                     tokens, in_order)
     if flat:
         chunk_start, chunk_tokens, chunk_reach = flat_chunks(ordered, through, end, chunk)
     else:
         chunk_start, chunk_tokens, chunk_reach = node_chunks(order, ordered, through, end, chunk)
+    chunks = len(chunk_start)
     lo, hi, entries, partitions, same_chunks, same_entries = chunk_ranks(
         chunk_start, chunk_reach, query_flat, flat_query, group, last_lo, last_hi)
     run_page, run_length, short, outside, max_slot, same_pages, same_slots = page_runs(
         order, ordered, page_ptr, pages, page_size, last_page, last_length)
-    return (ordered, through, end, query_flat, chunk_start, chunk_tokens, lo, hi, run_page,
-            run_length, same_runs(ordered, end, last_ordered, last_end), entries, partitions,
+    runs = len(run_page)
+    step = np.empty(queries + 3 * nodes + 4 * chunks + 2 * runs, np.int64)
+    at = _put(step, 0, query_flat)
+    for values in (ordered, through, end, chunk_start, chunk_tokens, lo, hi, run_page,
+                   run_length):
+        at = _put(step, at, values)
+    return (step, chunks, runs, through[-1] if nodes else 0,
+            same_runs(ordered, end, last_ordered, last_end), entries, partitions,
             same_chunks, same_entries, short, outside, max_slot, same_pages, same_slots)
 
 
 @compiled
-def write_step(ordered, through, end, same_ends, subtree_end, run_page, run_length, same_pages,
-               same_slots, slots, rewrite, lo, hi, flat_query, queries_in_order, group,
-               partitions, same_entries, entry_query, entry_row, part_chunk, chunk_start,
-               chunk_tokens):
-    """Write a step's ``subtree_end`` and slots past what they share with the last plan's,
-    and, where ``rewrite``, its entries (`deft.plan_entries.write_entries`; else ``part_chunk``
-    is the last plan's); return (part_chunk, part_entry, query_row_ptr, part_start,
-    part_tokens), the last two gathered from the chunks, the others empty where not
-    ``rewrite``."""
+def write_step(step, nodes, chunks, runs, same_ends, subtree_end, same_pages, same_slots, slots,
+               rewrite, flat_query, queries_in_order, group, partitions, same_entries,
+               entry_query, entry_row, last_parts, last_partitions):
+    """Write a step's ``subtree_end`` and slots past what they share with the last plan's and,
+    where ``rewrite``, its entries (`deft.plan_entries.write_entries`; else the last plan's
+    partitions are this one's: ``last_parts``, of ``last_partitions``).
+
+    Returns
+    -------
+    parts : int64
+        One array: ``part_chunk, part_entry [partitions + 1], query_row_ptr [queries + 1],
+        part_start, part_tokens`` (the last two gathered from the chunks).
+    """
+    (query_flat, ordered, through, end, chunk_start, chunk_tokens, lo, hi, run_page,
+     run_length) = _unpack(step, nodes, chunks, runs)
     write_subtree_end(ordered, through, end, same_ends, subtree_end)
     write_slots(run_page, run_length, same_pages, same_slots, slots)
-    part_entry, query_row_ptr = part_chunk[:0], part_chunk[:0]
     if rewrite:
         part_chunk, part_entry, query_row_ptr = write_entries(
             lo, hi, flat_query, queries_in_order, group, partitions, same_entries, entry_query,
             entry_row)
+    else:
+        rows_end = 2 * last_partitions + len(query_flat) + 2
+        part_chunk = last_parts[:last_partitions]
+        part_entry = last_parts[last_partitions:2 * last_partitions + 1]
+        query_row_ptr = last_parts[2 * last_partitions + 1:rows_end]
     part_start, part_tokens = gather_parts(part_chunk, chunk_start, chunk_tokens)
-    return part_chunk, part_entry, query_row_ptr, part_start, part_tokens
+    parts = np.empty(4 * len(part_chunk) + len(query_flat) + 2, np.int64)
+    at = _put(parts, 0, part_chunk)
+    for values in (part_entry, query_row_ptr, part_start, part_tokens):
+        at = _put(parts, at, values)
+    return parts
 
 
 class _Shape:
@@ -117,8 +177,12 @@ class _Shape:
     ``flat_query``, ``in_order``, ``queries_in_order``)."""
 
     def __init__(self, parent: np.ndarray, queries: np.ndarray):
-        (self.order, self.last, self.query_order, self.query_shift, self.flat_query,
-         self.in_order, self.queries_in_order) = tree_shape(parent, queries)
+        arrays, self.in_order, self.queries_in_order = tree_shape(parent, queries)
+        n, q = len(parent), (len(arrays) - 2 * len(parent)) // 3
+        self.order, self.last = arrays[:n], arrays[n:2 * n]
+        self.query_order = arrays[2 * n:2 * n + q]
+        self.query_shift = arrays[2 * n + q:2 * n + 2 * q]
+        self.flat_query = arrays[2 * n + 2 * q:]
 
 
 class NodePlanner:
@@ -140,7 +204,9 @@ class NodePlanner:
         self._last_shape = None  # (parent, queries, their shape) of the last lookup
         # the last plan's shape, group, page size, ordered tokens, subtree ends, runs of
         # queries, page runs, part_chunk and returned entries
-        self._last = (None, None, None, _NONE, _NONE, _NONE, _NONE, _NONE, _NONE, None, None)
+        # the last plan's shape, group, page size, step (`measure_step`) with its nodes,
+        # chunks and runs, its parts (`write_step`) and partitions, and its entries' arrays
+        self._last = (None, None, None, _NONE, 0, 0, 0, _NONE, 0, None)
         self._end_turns = TurnBuffers(np.int32)  # subtree_end
         self._slot_turns = TurnBuffers(np.int64)  # token_slot
         self._query_turns = TurnBuffers(np.int32)  # entry_query
@@ -194,25 +260,20 @@ class NodePlanner:
             raise ValueError(f"page_ptr must have nodes + 1 = {len(shape.order) + 1} entries, "
                              f"got {len(page_ptr)}")
         group = group_size or 0
-        (last_shape, last_group, last_page_size, last_ordered, last_end, last_lo, last_hi,
-         last_page, last_length, last_part_chunk, last_entries) = self._last
+        (last_shape, last_group, last_page_size, last_step, last_nodes, last_chunks, last_runs,
+         last_parts, last_partitions, last_entries) = self._last
         comparable = last_shape is shape or last_shape is not None and (
             last_shape.queries_in_order and shape.queries_in_order
             and len(last_shape.flat_query) == len(shape.flat_query))  # the same query ranks
-        if not comparable:
-            last_lo = last_hi = _NONE
-        if page_size != last_page_size:
-            last_page = last_length = _NONE
-        (ordered, through, end, query_flat, chunk_start, chunk_tokens, lo, hi, run_page,
-         run_length, same_ends, count, partitions, same_chunks, same_entries, short, outside,
-         max_slot, same_pages, same_slots) = measure_step(
+        (step, chunks, runs, total, same_ends, count, partitions, same_chunks, same_entries,
+         short, outside, max_slot, same_pages, same_slots) = measure_step(
             shape.order, shape.last, shape.query_order, shape.query_shift, shape.flat_query,
             shape.in_order, tree.tokens, self.strategy == "deft_flatten", chunk_size or 0, group,
-            page_ptr, pages, page_size, last_ordered, last_end, last_lo, last_hi, last_page,
-            last_length)
+            page_ptr, pages, page_size, last_step, last_nodes, last_chunks, last_runs,
+            comparable, page_size == last_page_size)
         if short >= 0:
             node = int(shape.order[short])
-            raise ValueError(f"node index {node} holds {ordered[short]} tokens but the page "
+            raise ValueError(f"node index {node} holds {tree.tokens[node]} tokens but the page "
                              f"table gives it {page_ptr[node + 1] - page_ptr[node]} pages of "
                              f"{page_size}")
         if outside >= 0:
@@ -221,48 +282,49 @@ class NodePlanner:
                              f"{len(pages)} pages")
         if max_slot > INDEX_LIMIT:
             raise ValueError(f"cache slot {max_slot} is beyond the int32 limit")
-        total, kept = int(through[-1]), {}
+        kept, num_queries = {}, len(shape.flat_query)
         subtree_end = self._end_turns.latest  # the last plan's (or None)
         ends_out = self._turn(self._end_turns, "subtree_end", total, same_ends, kept)
         slots = self._slot_turns.latest
         slots_out = self._turn(self._slot_turns, "token_slot", total, same_slots, kept)
-        rewrite = not (comparable and group == last_group and same_chunks == len(lo)
-                       == len(last_lo))  # else every chunk is seen by the last plan's queries
+        rewrite = not (comparable and group == last_group and same_chunks == chunks
+                       == last_chunks)  # else every chunk is seen by the last plan's queries
         if rewrite:
             entry_query = self._query_turns.latest
             queries_out = self._turn(self._query_turns, "entry_query", count, same_entries, kept)
             rows_out = self._row_turns.begin(count, 0)
-            last_part_chunk = _NONE
         else:
             queries_out, rows_out = _UNWRITTEN[0], _UNWRITTEN[0]
-        part_chunk, part_entry, query_row_ptr, part_start, part_tokens = write_step(
-            ordered, through, end, same_ends, ends_out, run_page, run_length, same_pages,
-            same_slots, slots_out, rewrite, lo, hi, shape.flat_query, shape.queries_in_order,
-            group, partitions, same_entries, queries_out, rows_out, last_part_chunk,
-            chunk_start, chunk_tokens)
+        parts = write_step(step, len(shape.order), chunks, runs, same_ends, ends_out,
+                           same_pages, same_slots, slots_out, rewrite, shape.flat_query,
+                           shape.queries_in_order, group, partitions, same_entries, queries_out,
+                           rows_out, last_parts, last_partitions)
         if ends_out is not _UNWRITTEN[0]:
             subtree_end = self._end_turns.finish(total, same_ends)
         if slots_out is not _UNWRITTEN[1]:
             slots = self._slot_turns.finish(total, same_slots)
+        rows = 2 * partitions + num_queries + 2  # parts: where the partitions' starts begin
         if rewrite:
             if queries_out is not _UNWRITTEN[0]:
                 entry_query = self._query_turns.finish(count, same_entries)
+            part_entry, query_row_ptr = parts[partitions:2 * partitions + 1], \
+                parts[2 * partitions + 1:rows]
             part_entry.setflags(write=False)
             query_row_ptr.setflags(write=False)
             last_entries = (part_entry, entry_query, self._row_turns.finish(count, 0),
                             query_row_ptr)
-        self._last = (shape, group, page_size, ordered, end, lo, hi, run_page, run_length,
-                      part_chunk, last_entries)
+        self._last = (shape, group, page_size, step, len(shape.order), chunks, runs, parts,
+                      partitions, last_entries)
         part_entry, entry_query, entry_row, query_row_ptr = last_entries
         return dict(
-            counts=self._counts(len(part_chunk), len(query_flat)),
-            part_start=part_start,
-            part_tokens=part_tokens,
+            counts=self._counts(partitions, num_queries),
+            part_start=parts[rows:rows + partitions],
+            part_tokens=parts[rows + partitions:],
             part_entry=part_entry,
             entry_query=entry_query,
             entry_row=entry_row,
             query_row_ptr=query_row_ptr,
-            query_flat=query_flat,
+            query_flat=step[:num_queries],
             token_slot=slots,
             subtree_end=subtree_end,
             max_slot=int(max_slot),
