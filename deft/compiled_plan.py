@@ -1,18 +1,20 @@
 """The node planner's tree side, compiled: preorder, flattened positions, chunks, subtree ends.
 
-`deft.fast_plan.NodePlanner` builds a KV-guided strategy's plan buffers with a few compiled
-(numba) functions that loop over nodes, chunks and tokens and write their outputs directly;
-numpy would take some sixty calls of 0.5-2 us each a step. This module holds the functions
-that read the tree: `tree_shape` (what its parents and query counts fix, kept per shape),
-`flat_layout` (flattened ends and query positions, a step's first), `flat_chunks` (deft_flatten's
-chunks), `node_chunks` (deft_node's and deft_node_chunk's) and `write_subtree_end`. The
-entries are `deft.plan_entries`', the slots `deft.plan_slots`'.
+`deft.fast_plan.NodePlanner` builds a KV-guided strategy's plan buffers in two compiled
+(numba) calls a step that loop over nodes, chunks, queries and tokens and write their outputs
+directly (numpy took some sixty calls of 0.5-2 us each). This module holds `compiled`, how
+they are compiled, and the functions that read the tree: `tree_shape` (what its parents and
+query counts fix, kept per shape), `flat_layout` (flattened ends and query positions, a step's
+first), `flat_chunks` (deft_flatten's chunks), `node_chunks` (deft_node's and
+deft_node_chunk's), `same_runs` and `write_subtree_end`. The entries are `deft.plan_entries`',
+the slots `deft.plan_slots`'.
 
 Every function is compiled on first call and cached on disk (numba's ``cache=True``: in
-``__pycache__`` beside this file, or numba's fallback directory where that is not writable).
-The loops over tokens and entries write through slices or views of their outputs: a store
-indexed by ``base + j`` keeps numba from vectorising the loop (a negative index must wrap), and
-ran 3-10x slower on the 64k-token trees.
+``__pycache__`` beside this file, or numba's fallback directories where that is not
+writable; in memory where none is). The loops over tokens and entries write through views of
+their outputs, from index 0: a store indexed by ``base + j``, or a loop over ``range(start,
+n)``, keeps numba from vectorising it (a negative index must wrap), and ran 3-10x slower on
+the 64k-token trees; numba's slice-to-slice copies ran 4x slower than such a loop.
 """
 
 from __future__ import annotations

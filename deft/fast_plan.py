@@ -3,10 +3,11 @@
 `deft.plan.build_plan` is the normative planner (the reference and the IO model read its
 `Plan`); `deft.plan_buffers.plan_arrays` then encodes a plan for the kernels. Together they take
 0.3-2 ms a decode step. `NodePlanner.arrays` builds the same buffers (equal field by field) for
-deft_node, deft_node_chunk and deft_flatten with a few compiled (numba) functions that loop
-over nodes, chunks, queries and tokens (`deft.compiled_plan`: the tree's preorder, flattened
-positions and chunks; `deft.plan_entries`: the partitions and entries; `deft.plan_slots`: the
-cache slots), and no `Plan`.
+deft_node, deft_node_chunk and deft_flatten in two compiled (numba) calls, `measure_step` and
+`write_step`, that loop over nodes, chunks, queries and tokens (`deft.compiled_plan`: the
+tree's preorder, flattened positions and chunks; `deft.plan_entries`: the partitions and
+entries; `deft.plan_slots`: the cache slots), with no `Plan` and no numpy call but slices,
+flags and the turn buffers' prefix copies (`deft.turn_buffers`).
 
 It rests on one fact about flattened positions (`deft.plan_entries`): a chunk, a run of the
 flattened order, is seen by the queries at flattened positions ``start <= F < reach``, where
