@@ -203,8 +203,6 @@ class NodePlanner:
         self.strategy = strategy
         self._shapes, self._keep = {}, shapes
         self._last_shape = None  # (parent, queries, their shape) of the last lookup
-        # the last plan's shape, group, page size, ordered tokens, subtree ends, runs of
-        # queries, page runs, part_chunk and returned entries
         # the last plan's shape, group, page size, step (`measure_step`) with its nodes,
         # chunks and runs, its parts (`write_step`) and partitions, and its entries' arrays
         self._last = (None, None, None, _NONE, 0, 0, 0, _NONE, 0, None)

@@ -137,6 +137,7 @@ def write_entries(lo, hi, flat_query, queries_in_order, group, partitions, kept,
     chunk_queries = np.empty(num_queries, np.int64)
     ids = np.arange(num_queries).astype(np.int32)
     e, p = 0, 0
+    pending = 0  # the chunks seen by every query since next_row last counted them
     for c in range(len(lo)):
         width = hi[c] - lo[c]
         if width <= 0:
@@ -148,18 +149,30 @@ def write_entries(lo, hi, flat_query, queries_in_order, group, partitions, kept,
             written, chunk_ids = queries[skip:], ids[base + skip:base + width]
             for j in range(width - skip):
                 written[j] = chunk_ids[j]
-            chunk_rows = next_row[base:base + width]
-            for j in range(width):
-                rows[j] = chunk_rows[j]
-                chunk_rows[j] += 1
         else:
             chunk_queries[:width] = np.sort(flat_query[lo[c]:hi[c]])
             for j in range(width):
-                q = chunk_queries[j]
                 if j >= skip:
-                    queries[j] = q
-                rows[j] = next_row[q]
-                next_row[q] += 1
+                    queries[j] = chunk_queries[j]
+        if width == num_queries:  # one read and one write an entry (a shared prompt's)
+            for j in range(width):
+                rows[j] = next_row[j] + pending
+            pending += 1
+        else:
+            if pending:
+                for q in range(num_queries):
+                    next_row[q] += pending
+                pending = 0
+            if queries_in_order:
+                chunk_rows = next_row[lo[c]:lo[c] + width]
+                for j in range(width):
+                    rows[j] = chunk_rows[j]
+                    chunk_rows[j] += 1
+            else:
+                for j in range(width):
+                    q = chunk_queries[j]
+                    rows[j] = next_row[q]
+                    next_row[q] += 1
         size = width if group == 0 else group
         for first in range(0, width, size):
             part_chunk[p] = c
