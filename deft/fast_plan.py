@@ -2,114 +2,188 @@
 
 `deft.plan.build_plan` is the normative planner (the reference and the IO model read its
 `Plan`); `deft.plan_buffers.plan_arrays` then encodes a plan for the kernels. Together they take
-0.3-2 ms a decode step, mostly numpy's per-call overhead on small arrays. `NodePlanner.arrays`
-builds the same buffers (equal field by field) for deft_node, deft_node_chunk and deft_flatten
-with a few numpy calls over nodes, chunks and tokens, and no `Plan`.
+0.3-2 ms a decode step. `NodePlanner.arrays` builds the same buffers (equal field by field) for
+deft_node, deft_node_chunk and deft_flatten in two compiled (numba) calls, `measure_step` and
+`write_step`, that loop over nodes, chunks, queries and tokens (`deft.compiled_plan`: the
+tree's preorder, flattened positions and chunks; `deft.plan_entries`: the partitions and
+entries; `deft.plan_slots`: the cache slots), with no `Plan` and no numpy call but slices,
+flags and the turn buffers' prefix copies (`deft.turn_buffers`).
 
-It rests on one fact about flattened positions. Let ``end[f]`` be the flattened position just
-past the subtree of token f's node (the ``subtree_end`` buffer). A query at flattened position F
-sees token f iff ``f <= F < end[f]``; every token's ``end[f] > f``. So a query sees some token
-of a chunk ``[a, b)`` (a run inside the flattened order) iff ``a <= F < max(end[a:b])``: if
-F lies inside the chunk it sees its own token, if F is past the chunk it needs one token whose
-subtree reaches past F, and it sees nothing before its own position. Every chunk is then an
-interval test against the queries: one ``[chunks, queries]`` comparison for a small plan; a
-large one first counts the leading chunks every query sees (a shared prompt's: those that
-start at or before the first query and reach past the last), writes their entries in closed
-form and compares only the others (`deft.plan_entries`).
+It rests on one fact about flattened positions (`deft.plan_entries`): a chunk, a run of the
+flattened order, is seen by the queries at flattened positions ``start <= F < reach``, where
+``reach`` is the largest subtree end of its tokens; those are a run of the queries in
+flattened order.
 
 What depends only on the tree's shape (preorder, subtree ends in preorder positions, query
-nodes) is kept per shape, so a decode step that only grows nodes reuses it; and what depends
-only on which queries see which chunks (partitions, entries, partial rows) is kept from the
-last plan, so a step that moves the chunks' bounds but not their queries reuses that too.
-The cache slots are laid out a page at a time (a page is a run of consecutive slots), from
-the first page run that differs from the last plan's (`deft.plan_slots`); the plan buffers
-then rewrite only the slots from there, skip the entries kept, and the entry queries of the
-leading chunks every query sees where they are as many as the last plan's
-(`deft.plan_buffers.PlanBuffers.fill`).
-The slots and those entry queries are written in turns into two kept arrays
-(`deft.turn_buffers`): the one a step writes already holds the step before the last's, so
-the unchanged prefix (most of a 64k-token tree) is neither copied nor rewritten; an array
-`arrays` returns keeps its values through the next call, not the one after.
-A page table passed again, read-only (the tree cache's while the steps take no new page),
-keeps its pages in preorder from the last plan.
+nodes) is kept per shape, and a decode step changes little of the rest, so the large fields
+are written only past what they share with the last plan: the slots from the first page run
+that differs, ``subtree_end`` from the first preorder node whose tokens or subtree end differ,
+``entry_query`` from the first chunk whose queries differ (all the entries where every
+chunk's queries are the last plan's). They are written in turns into two kept arrays
+(`deft.turn_buffers`): the one a step writes already holds the step before the last's, so the
+unchanged prefix (most of a 64k-token tree) is neither copied nor rewritten, and the plan
+buffers skip it (`deft.plan_buffers.PlanBuffers.fill`, ``kept``); an array `arrays` returns
+keeps its values through the next call, not the one after.
 """
 
 from __future__ import annotations
 
 import numpy as np
 
-from deft.plan_entries import entry_rows, partitions, range_rows
-from deft.plan_slots import SlotLayout
+from deft.compiled_plan import compiled, flat_chunks, flat_layout, node_chunks, same_runs, \
+    tree_shape, write_subtree_end
+from deft.plan_entries import chunk_ranks, gather_parts, write_entries
+from deft.plan_slots import page_runs, write_slots
 from deft.tree import INDEX_LIMIT
 from deft.turn_buffers import TurnBuffers
 
 FAST_STRATEGIES = ("deft_node", "deft_node_chunk", "deft_flatten")
 """The strategies `NodePlanner` plans (the others go through `deft.plan.build_plan`)."""
 
-DENSE_LIMIT = 2048
-"""Plans of at most this many (chunk, query) pairs compare each chunk with each query (fewer
-numpy calls); larger ones write the first chunks every query sees in closed form
-(`deft.plan_entries.entry_rows`)."""
+_NONE = np.zeros(0, np.int64)  # no last plan to compare with
+_UNWRITTEN = (np.zeros(0, np.int32), np.zeros(0, np.int64))  # an output all kept: none written
 
-RANGE_LIMIT = 4096
-"""Plans whose other chunks (those not every query sees) make more than this many (chunk,
-query) pairs list each chunk's queries as a run of the queries in flattened order
-(`deft.plan_entries.range_rows`) rather than compare each chunk with each query: on the
-branches of 256 samples a chunk sees a few queries."""
+
+@compiled
+def _put(buffer, offset, values):
+    """Copy ``values`` into ``buffer`` from ``offset``; return the offset past them."""
+    into = buffer[offset:offset + len(values)]
+    for k in range(len(values)):
+        into[k] = values[k]
+    return offset + len(values)
+
+
+@compiled
+def _unpack(step, nodes, chunks, runs):
+    """The arrays of a `measure_step` ``step`` (views)."""
+    at = len(step) - 3 * nodes - 4 * chunks - 2 * runs
+    query_flat = step[:at]
+    ordered, through = step[at:at + nodes], step[at + nodes:at + 2 * nodes]
+    end = step[at + 2 * nodes:at + 3 * nodes]
+    at += 3 * nodes
+    chunk_start, chunk_tokens = step[at:at + chunks], step[at + chunks:at + 2 * chunks]
+    lo, hi = step[at + 2 * chunks:at + 3 * chunks], step[at + 3 * chunks:at + 4 * chunks]
+    at += 4 * chunks
+    run_page, run_length = step[at:at + runs], step[at + runs:at + 2 * runs]
+    return (query_flat, ordered, through, end, chunk_start, chunk_tokens, lo, hi, run_page,
+            run_length)
+
+
+@compiled
+def measure_step(order, last, query_order, query_shift, flat_query, in_order, tokens, flat,
+                 chunk, group, page_ptr, pages, page_size, last_step, last_nodes, last_chunks,
+                 last_runs, compare_ranks, compare_pages):
+    """A step's layout, chunks, runs of queries and page runs, and what they share with the
+    last plan's: all but the outputs' writing (`write_step`), which needs their sizes.
+
+    Parameters
+    ----------
+    order, last, query_order, query_shift, flat_query, in_order
+        The tree's shape (`deft.compiled_plan.tree_shape`).
+    tokens : int64 [nodes]
+    flat : bool
+        deft_flatten's chunks, else deft_node's (``chunk`` 0) or deft_node_chunk's.
+    chunk, group : int
+        0 for None.
+    page_ptr, pages, page_size
+        The page table (`deft.plan_slots.page_runs`).
+    last_step : int64
+        The last plan's ``step`` (empty: none), with its nodes, chunks and page runs.
+    compare_ranks, compare_pages : bool
+        Whether its runs of queries (the same query ranks) and its page runs (the same page
+        size) are to be compared with this step's.
+
+    Returns
+    -------
+    step : int64
+        One array (numba returns an array at 0.3 us a piece): ``query_flat`` [queries],
+        ``ordered, through, end`` [nodes] (`deft.compiled_plan.flat_layout`), ``chunk_start,
+        chunk_tokens, lo, hi`` [chunks] (`deft.plan_entries.chunk_ranks`), ``run_page,
+        run_length`` [runs] (`deft.plan_slots.page_runs`).
+    chunks, runs : int
+    ints
+        The flattened positions whose subtree ends are the last plan's, the entries, the
+        partitions, the first chunks seen by the last plan's queries and their entries, the
+        preorder positions of the first node short of pages and of the first whose pages lie
+        outside ``pages`` (or -1), the largest slot, the first page runs equal to the last
+        plan's and their slots.
+    """
+    nodes, queries = len(order), len(query_order)
+    _, last_ordered, _, last_end, _, _, last_lo, last_hi, last_page, last_length = _unpack(
+        last_step, last_nodes, last_chunks, last_runs)
+    if not compare_ranks:
+        last_lo = last_hi = last_lo[:0]
+    if not compare_pages:
+        last_page = last_length = last_page[:0]
+    ordered, through, end, query_flat = flat_layout(order, last, query_order, query_shift,
+                                                    tokens, in_order)
+    if flat:
+        chunk_start, chunk_tokens, chunk_reach = flat_chunks(ordered, through, end, chunk)
+    else:
+        chunk_start, chunk_tokens, chunk_reach = node_chunks(order, ordered, through, end, chunk)
+    chunks = len(chunk_start)
+    lo, hi, entries, partitions, same_chunks, same_entries = chunk_ranks(
+        chunk_start, chunk_reach, query_flat, flat_query, group, last_lo, last_hi)
+    run_page, run_length, short, outside, max_slot, same_pages, same_slots = page_runs(
+        order, ordered, page_ptr, pages, page_size, last_page, last_length)
+    runs = len(run_page)
+    step = np.empty(queries + 3 * nodes + 4 * chunks + 2 * runs, np.int64)
+    at = _put(step, 0, query_flat)
+    for values in (ordered, through, end, chunk_start, chunk_tokens, lo, hi, run_page,
+                   run_length):
+        at = _put(step, at, values)
+    return (step, chunks, runs, through[-1] if nodes else 0,
+            same_runs(ordered, end, last_ordered, last_end), entries, partitions,
+            same_chunks, same_entries, short, outside, max_slot, same_pages, same_slots)
+
+
+@compiled
+def write_step(step, nodes, chunks, runs, same_ends, subtree_end, same_pages, same_slots, slots,
+               rewrite, flat_query, queries_in_order, group, partitions, same_entries,
+               entry_query, entry_row, last_parts, last_partitions):
+    """Write a step's ``subtree_end`` and slots past what they share with the last plan's and,
+    where ``rewrite``, its entries (`deft.plan_entries.write_entries`; else the last plan's
+    partitions are this one's: ``last_parts``, of ``last_partitions``).
+
+    Returns
+    -------
+    parts : int64
+        One array: ``part_chunk, part_entry [partitions + 1], query_row_ptr [queries + 1],
+        part_start, part_tokens`` (the last two gathered from the chunks).
+    """
+    (query_flat, ordered, through, end, chunk_start, chunk_tokens, lo, hi, run_page,
+     run_length) = _unpack(step, nodes, chunks, runs)
+    write_subtree_end(ordered, through, end, same_ends, subtree_end)
+    write_slots(run_page, run_length, same_pages, same_slots, slots)
+    if rewrite:
+        part_chunk, part_entry, query_row_ptr = write_entries(
+            lo, hi, flat_query, queries_in_order, group, partitions, same_entries, entry_query,
+            entry_row)
+    else:
+        rows_end = 2 * last_partitions + len(query_flat) + 2
+        part_chunk = last_parts[:last_partitions]
+        part_entry = last_parts[last_partitions:2 * last_partitions + 1]
+        query_row_ptr = last_parts[2 * last_partitions + 1:rows_end]
+    part_start, part_tokens = gather_parts(part_chunk, chunk_start, chunk_tokens)
+    parts = np.empty(4 * len(part_chunk) + len(query_flat) + 2, np.int64)
+    at = _put(parts, 0, part_chunk)
+    for values in (part_entry, query_row_ptr, part_start, part_tokens):
+        at = _put(parts, at, values)
+    return parts
 
 
 class _Shape:
-    """What a tree's parents and query counts fix, whatever its token counts.
-
-    Attributes
-    ----------
-    order : int64 [nodes]
-        Node indices in DFS preorder (roots ascending, children ascending).
-    last : int64 [nodes]
-        Preorder position of the last node of each preorder position's subtree.
-    query_order : int64 [queries]
-        Preorder position of each query's node (queries in test layout).
-    query_shift : int64 [queries]
-        Each query's flattened position less its node's flattened end: minus the node's
-        queries for its first query, up to -1 for its last.
-    in_order : bool
-        Whether the preorder is the node-index order (a page table then lists its pages in
-        preorder already).
-    first_query, last_query : int
-        The queries at the lowest and the highest flattened position (a query's flattened
-        position grows with its node's preorder position, then with its own).
-    flat_query : int64 [queries] or None
-        The query at each flattened rank (lowest position first); None where query r is at
-        rank r.
-    """
+    """What a tree's parents and query counts fix, whatever its token counts: the arrays of
+    `deft.compiled_plan.tree_shape` (``order``, ``last``, ``query_order``, ``query_shift``,
+    ``flat_query``, ``in_order``, ``queries_in_order``)."""
 
     def __init__(self, parent: np.ndarray, queries: np.ndarray):
-        n = len(parent)
-        children = [[] for _ in range(n)]
-        roots = []
-        for v, p in enumerate(parent.tolist()):  # ascending index: children come out ascending
-            (roots if p < 0 else children[p]).append(v)
-        order, last = [], [0] * n
-        stack = [(v, False) for v in reversed(roots)]
-        while stack:  # iterative DFS; a node's subtree closes when it is popped again
-            v, closing = stack.pop()
-            if closing:
-                last[v] = len(order) - 1
-                continue
-            order.append(v)
-            stack.append((v, True))
-            stack.extend((c, False) for c in reversed(children[v]))
-        self.order = np.array(order, dtype=np.int64)
-        self.last = np.array(last, dtype=np.int64)[self.order]
-        preorder_position = np.empty(n, dtype=np.int64)
-        preorder_position[self.order] = np.arange(n)
-        self.query_order = np.repeat(preorder_position, queries)
-        query_ids = np.arange(len(self.query_order))
-        self.query_shift = query_ids - np.repeat(np.cumsum(queries), queries)
-        by_flat = np.lexsort((self.query_shift, self.query_order))
-        self.first_query, self.last_query = int(by_flat[0]), int(by_flat[-1])
-        self.flat_query = None if (by_flat == query_ids).all() else by_flat
-        self.in_order = bool((self.order == np.arange(n)).all())
+        arrays, self.in_order, self.queries_in_order = tree_shape(parent, queries)
+        n, q = len(parent), (len(arrays) - 2 * len(parent)) // 3
+        self.order, self.last = arrays[:n], arrays[n:2 * n]
+        self.query_order = arrays[2 * n:2 * n + q]
+        self.query_shift = arrays[2 * n + q:2 * n + 2 * q]
+        self.flat_query = arrays[2 * n + 2 * q:]
 
 
 class NodePlanner:
@@ -129,13 +203,14 @@ class NodePlanner:
         self.strategy = strategy
         self._shapes, self._keep = {}, shapes
         self._last_shape = None  # (parent, queries, their shape) of the last lookup
-        self._last_entries = None  # (what the last plan's chunks saw, its entries)
-        self._kept_entries = None  # (the last entry_query, the values this one shares)
-        self._slot_layout = SlotLayout()  # the slots (`deft.plan_slots`)
-        self._entry_turns = TurnBuffers(np.int32)  # entry_query of plans with full chunks
+        # the last plan's shape, group, page size, step (`measure_step`) with its nodes,
+        # chunks and runs, its parts (`write_step`) and partitions, and its entries' arrays
+        self._last = (None, None, None, _NONE, 0, 0, 0, _NONE, 0, None)
+        self._end_turns = TurnBuffers(np.int32)  # subtree_end
+        self._slot_turns = TurnBuffers(np.int64)  # token_slot
+        self._query_turns = TurnBuffers(np.int32)  # entry_query
+        self._row_turns = TurnBuffers(np.int32)  # entry_row
         self._last_counts = (None, None)  # ((partitions, queries), the counts field)
-        self._chunk_starts = (None, None)  # ((chunks, chunk size), deft_flatten's chunk starts)
-        self._grid = np.zeros((0, 0), dtype=np.int64)  # `_query_grid`
 
     def shape(self, parent: np.ndarray, queries: np.ndarray) -> _Shape:
         """The shape of a tree with these parents and query counts (node arrays); read-only
@@ -173,128 +248,100 @@ class NodePlanner:
 
         Returns
         -------
-        dict of field name to int64 array (int32 for ``subtree_end`` and the entries of a
-        large plan), plus
-        ``"max_slot"`` (int), ``"slots"``, the cache slot of every flattened position (the
-        ``token_slot`` field itself), and ``"kept"``, what the arrays share with the last
-        plan's (`deft.plan_buffers.PlanBuffers.fill`). Arrays the planner keeps between steps
-        are read-only.
+        dict of field name to int64 array (int32 for ``subtree_end``, ``entry_query`` and
+        ``entry_row``), plus ``"max_slot"`` (int), ``"slots"``, the cache slot of every
+        flattened position (the ``token_slot`` field itself), and ``"kept"``, what the arrays
+        share with the last plan's (`deft.plan_buffers.PlanBuffers.fill`). Arrays the planner
+        keeps between steps are read-only.
         """
         shape = self.shape(tree.parent, tree.queries)
-        ordered = tree.tokens if shape.in_order else tree.tokens[shape.order]
-        # (np.add.accumulate: np.cumsum's wrapper costs three times the sum on small arrays)
-        through = np.add.accumulate(ordered)  # flattened end of each preorder node
-        total = int(through[-1])
-        end = through[shape.last]  # flattened end of each preorder node's subtree
-        query_flat = through[shape.query_order] + shape.query_shift
-        # per flattened position; int32 (the buffers' type) halves the bytes written twice
-        subtree_end = (end.astype(np.int32) if total <= INDEX_LIMIT else end).repeat(ordered)
-        chunk_start, chunk_tokens, chunk_reach = self._chunks(shape.order, ordered, through,
-                                                              end, subtree_end, chunk_size)
-        part_chunk, part_entry, query_index, entry_row, query_row_ptr = self._entries(
-            shape, chunk_start, chunk_reach, query_flat, group_size)
-        slots, max_slot, kept = self._slot_layout.lay_out(shape, ordered, total, page_ptr,
-                                                          pages, page_size)
-        if self._kept_entries:
-            kept["entry_query"] = self._kept_entries
+        if len(page_ptr) != len(shape.order) + 1:
+            raise ValueError(f"page_ptr must have nodes + 1 = {len(shape.order) + 1} entries, "
+                             f"got {len(page_ptr)}")
+        group = group_size or 0
+        (last_shape, last_group, last_page_size, last_step, last_nodes, last_chunks, last_runs,
+         last_parts, last_partitions, last_entries) = self._last
+        comparable = last_shape is shape or last_shape is not None and (
+            last_shape.queries_in_order and shape.queries_in_order
+            and len(last_shape.flat_query) == len(shape.flat_query))  # the same query ranks
+        (step, chunks, runs, total, same_ends, count, partitions, same_chunks, same_entries,
+         short, outside, max_slot, same_pages, same_slots) = measure_step(
+            shape.order, shape.last, shape.query_order, shape.query_shift, shape.flat_query,
+            shape.in_order, tree.tokens, self.strategy == "deft_flatten", chunk_size or 0, group,
+            page_ptr, pages, page_size, last_step, last_nodes, last_chunks, last_runs,
+            comparable, page_size == last_page_size)
+        if short >= 0:
+            node = int(shape.order[short])
+            raise ValueError(f"node index {node} holds {tree.tokens[node]} tokens but the page "
+                             f"table gives it {page_ptr[node + 1] - page_ptr[node]} pages of "
+                             f"{page_size}")
+        if outside >= 0:
+            node = int(shape.order[outside])
+            raise ValueError(f"node index {node}'s pages run past the page table's "
+                             f"{len(pages)} pages")
         if max_slot > INDEX_LIMIT:
             raise ValueError(f"cache slot {max_slot} is beyond the int32 limit")
-        every_chunk = group_size is None and len(part_chunk) == len(chunk_start)
+        kept, num_queries = {}, len(shape.flat_query)
+        subtree_end = self._end_turns.latest  # the last plan's (or None)
+        ends_out = self._turn(self._end_turns, "subtree_end", total, same_ends, kept)
+        slots = self._slot_turns.latest
+        slots_out = self._turn(self._slot_turns, "token_slot", total, same_slots, kept)
+        rewrite = not (comparable and group == last_group and same_chunks == chunks
+                       == last_chunks)  # else every chunk is seen by the last plan's queries
+        if rewrite:
+            entry_query = self._query_turns.latest
+            queries_out = self._turn(self._query_turns, "entry_query", count, same_entries, kept)
+            rows_out = self._row_turns.begin(count, 0)
+        else:
+            queries_out, rows_out = _UNWRITTEN[0], _UNWRITTEN[0]
+        parts = write_step(step, len(shape.order), chunks, runs, same_ends, ends_out,
+                           same_pages, same_slots, slots_out, rewrite, shape.flat_query,
+                           shape.queries_in_order, group, partitions, same_entries, queries_out,
+                           rows_out, last_parts, last_partitions)
+        if ends_out is not _UNWRITTEN[0]:
+            subtree_end = self._end_turns.finish(total, same_ends)
+        if slots_out is not _UNWRITTEN[1]:
+            slots = self._slot_turns.finish(total, same_slots)
+        rows = 2 * partitions + num_queries + 2  # parts: where the partitions' starts begin
+        if rewrite:
+            if queries_out is not _UNWRITTEN[0]:
+                entry_query = self._query_turns.finish(count, same_entries)
+            part_entry, query_row_ptr = parts[partitions:2 * partitions + 1], \
+                parts[2 * partitions + 1:rows]
+            part_entry.setflags(write=False)
+            query_row_ptr.setflags(write=False)
+            last_entries = (part_entry, entry_query, self._row_turns.finish(count, 0),
+                            query_row_ptr)
+        self._last = (shape, group, page_size, step, len(shape.order), chunks, runs, parts,
+                      partitions, last_entries)
+        part_entry, entry_query, entry_row, query_row_ptr = last_entries
         return dict(
-            counts=self._counts(len(part_chunk), len(query_flat)),
-            part_start=chunk_start if every_chunk else chunk_start[part_chunk],
-            part_tokens=chunk_tokens if every_chunk else chunk_tokens[part_chunk],
+            counts=self._counts(partitions, num_queries),
+            part_start=parts[rows:rows + partitions],
+            part_tokens=parts[rows + partitions:],
             part_entry=part_entry,
-            entry_query=query_index,
+            entry_query=entry_query,
             entry_row=entry_row,
             query_row_ptr=query_row_ptr,
-            query_flat=query_flat,
+            query_flat=step[:num_queries],
             token_slot=slots,
             subtree_end=subtree_end,
-            max_slot=max_slot,
+            max_slot=int(max_slot),
             slots=slots,
             kept=kept,
         )
 
-    def _query_grid(self, num_queries: int, rows: int) -> np.ndarray:
-        """The query ids 0, 1, ..., num_queries - 1 in each of at least ``rows`` rows (and one),
-        int64 [rows', num_queries] read-only, kept."""
-        if self._grid.shape[1] != num_queries or len(self._grid) < rows:
-            self._grid = np.empty((max(rows, 1), num_queries), dtype=np.int64)
-            self._grid[:] = np.arange(num_queries)
-            self._grid.flags.writeable = False
-        return self._grid
-
-    def _entries(self, shape, chunk_start, chunk_reach, query_flat, group_size) -> tuple:
-        """The partitions and entries of a plan whose chunk ``c`` is seen by the queries at
-        flattened positions ``chunk_start[c] <= F < chunk_reach[c]``, kept for the next step:
-        a decode step often changes the chunks' lengths but not who sees them. A plan with as
-        many full chunks and queries as the last one shares its block of entry queries
-        (``_kept_entries``).
-
-        A small plan compares every chunk with every query; a larger one first counts the
-        chunks every query sees up front (a shared prompt's), which take a closed form
-        (`deft.plan_entries.entry_rows`), and compares only the others, or, where those are
-        many (`RANGE_LIMIT`), lists each one's queries as a run of the queries in flattened
-        order (`deft.plan_entries.range_rows`).
-
-        Returns
-        -------
-        part_chunk : int64 [partitions]
-            Chunk of each partition.
-        part_entry : int64 [partitions + 1]
-        entry_query, entry_row : int [entries]
-        query_row_ptr : int64 [queries + 1]
-            As the plan buffers of the same names (read-only: shared between steps).
-        """
-        num_chunks, num_queries = len(chunk_start), len(query_flat)
-        full = 0  # the first chunks, seen by every query
-        if num_chunks * num_queries > DENSE_LIMIT:
-            missed = (chunk_start > query_flat[shape.first_query]) \
-                | (chunk_reach <= query_flat[shape.last_query])
-            full = int(missed.argmax())
-            if not missed[full]:
-                full = num_chunks
-        rest = (num_chunks - full, num_queries)
-        ranges = rest[0] * num_queries > RANGE_LIMIT
-        if ranges:  # each chunk's queries: a run of ranks
-            by_rank = query_flat if shape.flat_query is None else query_flat[shape.flat_query]
-            lo = by_rank.searchsorted(chunk_start[full:])
-            hi = by_rank.searchsorted(chunk_reach[full:])
-            key = (full, rest, (shape, lo.tobytes(), hi.tobytes()), group_size)
-        else:
-            seen = (chunk_start[full:, None] <= query_flat) \
-                & (query_flat < chunk_reach[full:, None])
-            key = (full, rest, seen.tobytes(), group_size)
-        last = self._last_entries
-        self._kept_entries = None
-        if last is not None and last[0] == key:
-            return last[1]
-        block_kept = bool(full) and last is not None and last[0][0] == full \
-            and last[0][1][1] == num_queries
-        if block_kept:
-            self._kept_entries = (last[1][2], full * num_queries)  # the same block first
-        if full:
-            per_chunk = np.empty(num_chunks, dtype=np.int64)
-            per_chunk[:full] = num_queries
-            if ranges:
-                np.subtract(hi, lo, out=per_chunk[full:])
-            else:
-                np.add.reduce(seen, axis=1, out=per_chunk[full:])
-        else:
-            per_chunk = hi - lo if ranges else np.add.reduce(seen, axis=1)
-        block_kept = block_kept and last[1][2] is self._entry_turns.latest
-        if ranges:
-            rows = range_rows(full, lo, hi, shape.flat_query,
-                              self._query_grid(num_queries, 1)[0], self._entry_turns, block_kept)
-        else:
-            rows = entry_rows(full, seen, self._query_grid(num_queries, rest[0]),
-                              self._entry_turns, block_kept)
-        entries = (*partitions(per_chunk, group_size), *rows)
-        for array in entries:
-            array.setflags(write=False)  # (cheaper than through .flags)
-        self._last_entries = (key, entries)
-        return entries
+    @staticmethod
+    def _turn(turns: TurnBuffers, name: str, n: int, same: int, kept: dict) -> np.ndarray:
+        """The array to write a field of ``n`` values into, in turns, whose first ``same``
+        are the last plan's (noted in ``kept``); none (an empty array) where all of them are:
+        the last plan's array is the field again."""
+        if not same:
+            return turns.begin(n, 0)
+        kept[name] = (turns.latest, same)
+        if same == n == len(turns.latest):
+            return _UNWRITTEN[int(turns.latest.dtype == np.int64)]
+        return turns.begin(n, same)
 
     def _counts(self, num_partitions: int, num_queries: int) -> np.ndarray:
         """The ``counts`` field, int64 [2] read-only: the last plan's array where they are the
@@ -304,35 +351,3 @@ class NodePlanner:
             counts.flags.writeable = False
             self._last_counts = ((num_partitions, num_queries), counts)
         return self._last_counts[1]
-
-    def _chunks(self, order, ordered, through, end, subtree_end, chunk):
-        """(start, tokens, reach) of every chunk in plan order: its flattened run and the
-        largest subtree end of its tokens. int64 [chunks] each."""
-        if self.strategy == "deft_flatten":  # the flattened order cut into even blocks
-            total = len(subtree_end)
-            num_chunks = -(-total // chunk)
-            if self._chunk_starts[0] != (num_chunks, chunk):  # kept read-only: fill skips it
-                starts = np.arange(0, total, chunk)  # (a strided view of a kept arange missed
-                # cache on 64k tokens)
-                starts.flags.writeable = False
-                self._chunk_starts = ((num_chunks, chunk), starts)
-            chunk_start = self._chunk_starts[1]
-            chunk_tokens = np.empty(num_chunks, dtype=np.int64)
-            chunk_tokens.fill(chunk)
-            chunk_tokens[-1] = total - (num_chunks - 1) * chunk
-            reach = np.maximum.reduceat(subtree_end, chunk_start)
-            return chunk_start, chunk_tokens, reach.astype(np.int64)  # compared with int64s
-        # deft_node, deft_node_chunk: each node's run by node index, cut into chunks
-        by_index = np.empty_like(order)
-        by_index[order] = np.arange(len(order))
-        node_start, node_end, node_reach = (x[by_index] for x in (through - ordered, through,
-                                                                   end))
-        if chunk is None:
-            return node_start, node_end - node_start, node_reach
-        count = -(-(node_end - node_start) // chunk)
-        node = np.repeat(np.arange(len(count)), count)
-        offset = (np.arange(count.sum()) - np.repeat(np.add.accumulate(count) - count, count)) \
-            * chunk
-        chunk_start = node_start[node] + offset
-        chunk_tokens = np.minimum(chunk_start + chunk, node_end[node]) - chunk_start
-        return chunk_start, chunk_tokens, node_reach[node]

@@ -11,7 +11,9 @@ two trees of 256 queries and up to 64k tokens (speculative t256 over a 63000-tok
 
 - ``tree``: getting the step's tree from the run (``run.tree(i)``);
 - ``apply``: syncing a `deft.cache.TreeCache` to it (the serving engine's page allocation);
-- ``plan``: `TreeAttention.plan` with fixed sizes (the node planner, `deft.fast_plan`);
+- ``plan``: `TreeAttention.plan` with fixed sizes (the node planner, `deft.fast_plan`, compiled
+  with numba: the run's first step, ``plan_first_us``, includes loading the compiled functions
+  from numba's on-disk cache, or compiling them where it is cold, in the process's first run);
 - ``fill``: the part of ``plan`` spent in `deft.plan_buffers.PlanBuffers.fill` (staging, the
   host-to-device copies' launch and the wait for the previous plan's copies);
 - ``plan_synced``: ``plan`` and then waiting for the device (its copies done; on the CPU the
@@ -42,6 +44,7 @@ import sys
 import time
 from pathlib import Path
 
+import numba
 import numpy as np
 import torch
 
@@ -177,7 +180,8 @@ def main():
         trees = [run.tree(i) for i in range(len(times["tree"]))]
         rec = dict(run=name, clock=args.clock, coalesce=plan_buffers.COALESCE, steps=len(trees),
                    max_tokens=max(t.num_tokens for t in trees),
-                   max_queries=max(t.num_queries for t in trees))
+                   max_queries=max(t.num_queries for t in trees),
+                   plan_first_us=times["plan"][0])
         for what, values in times.items():
             rec[f"{what}_median_us"] = float(np.median(values))
             rec[f"{what}_p90_us"] = float(np.percentile(values, 90))
@@ -199,7 +203,7 @@ def main():
         Path(out_dir).mkdir(parents=True, exist_ok=True)
         Path(out_dir, "plan_overhead.json").write_text(json.dumps(
             dict(strategy=args.strategy, device=args.device, torch=torch.__version__,
-                 records=records), indent=1))
+                 numba=numba.__version__, records=records), indent=1))
     over = [r["run"] for r in records
             if args.budget_us is not None and r["tree_plus_plan_median_us"] > args.budget_us]
     if over:

@@ -76,11 +76,9 @@ def test_a_kept_shape_serves_trees_that_only_grew():
     assert len(planner._shapes) == 1
 
 
-@pytest.mark.parametrize("dense_limit", [0, 10**6])
-def test_kept_entries_follow_each_chunk_s_queries(dense_limit, monkeypatch):
+def test_kept_entries_follow_each_chunk_s_queries():
     """Two steps of one shape whose chunks start on the same queries but end on different
     ones (the third chunk sees one query, then two): the second plans afresh."""
-    monkeypatch.setattr("deft.fast_plan.DENSE_LIMIT", dense_limit)
     planner = NodePlanner("deft_flatten")
     for tokens in ([4, 5, 1], [5, 3, 2]):
         tree = Tree([0, 1, 2], [None, 0, 0], tokens)
@@ -262,21 +260,6 @@ def run_of(kind, seed):
     return wl.fewshot(10 + seed, 3, 12)
 
 
-ENTRY_PATHS = st.sampled_from(["dense", "closed", "ranges"])
-"""How the planner takes a plan's entries (`take_entry_path`)."""
-
-
-def take_entry_path(patch, path: str) -> None:
-    """Make the node planner take its entries by ``path``: "dense", each chunk compared with
-    each query where the plan is small (as the limits are); "closed", the first chunks every
-    query sees in closed form and the others compared (DENSE_LIMIT 0); "ranges", those others
-    listed as runs of queries (RANGE_LIMIT 0 too)."""
-    if path != "dense":
-        patch.setattr("deft.fast_plan.DENSE_LIMIT", 0)
-    if path == "ranges":
-        patch.setattr("deft.fast_plan.RANGE_LIMIT", 0)
-
-
 @settings(max_examples=40, deadline=None)
 @given(
     seed=st.integers(0, 50),
@@ -286,20 +269,14 @@ def take_entry_path(patch, path: str) -> None:
     chunk=st.sampled_from([3, 16]),
     group=st.sampled_from([None, 2]),
     followed=st.booleans(),
-    blocks=ENTRY_PATHS,
 )
 def test_a_planner_followed_over_a_whole_run_plans_every_step_exactly(
-        seed, kind, strategy, page_size, chunk, group, followed, blocks):
+        seed, kind, strategy, page_size, chunk, group, followed):
     """One planner over every step of a random run (kept shapes, the last step's entries
     reused when the chunks' queries did not change, its slots up to the first page run that
     changed) equals the reference at each step; the pages come from a tree cache following
-    the run, or are shuffled afresh every step; the entries come from the dense comparison
-    or (``blocks``, as for a large plan) with the first chunks every query sees in closed
-    form (`deft.plan_entries.entry_rows`), the others compared or listed by ranges
-    (`deft.plan_entries.range_rows`)."""
-    with pytest.MonkeyPatch.context() as patch:
-        take_entry_path(patch, blocks)
-        follow_a_run(seed, kind, strategy, page_size, chunk, group, followed)
+    the run, or are shuffled afresh every step."""
+    follow_a_run(seed, kind, strategy, page_size, chunk, group, followed)
 
 
 def follow_a_run(seed, kind, strategy, page_size, chunk, group, followed):
@@ -330,37 +307,33 @@ RUN_STEPS = dict(
     page_size=st.sampled_from([1, 4]),
     sizes_by_step=st.lists(st.tuples(st.sampled_from([2, 3, 16]),
                                      st.sampled_from([None, 1, 2])), min_size=1, max_size=4),
-    blocks=ENTRY_PATHS,
 )
 """A run of decode steps whose chunk and group sizes change from step to step (`planned_steps`)."""
 
 
-def planned_steps(kind, seed, strategy, page_size, sizes_by_step, blocks):
-    """(step, tree, page_ptr, pages, chunk, group) over a run applied to a tree cache, with the
-    entries taken by the path ``blocks`` names (`take_entry_path`)."""
+def planned_steps(kind, seed, strategy, page_size, sizes_by_step):
+    """(step, tree, page_ptr, pages, chunk, group) over a run applied to a tree cache."""
     from deft.cache import PagedKVCache, TreeCache
 
     cache = TreeCache(PagedKVCache(4096, page_size, 1, 4))
-    with pytest.MonkeyPatch.context() as patch:
-        take_entry_path(patch, blocks)
-        for step, tree in enumerate(run_of(kind, seed)):
-            cache.apply(tree)
-            page_ptr, pages = cache.host_node_pages(tree)
-            chunk, group = sizes(strategy, *sizes_by_step[step % len(sizes_by_step)])
-            yield step, tree, page_ptr, pages, chunk, group
+    for step, tree in enumerate(run_of(kind, seed)):
+        cache.apply(tree)
+        page_ptr, pages = cache.host_node_pages(tree)
+        chunk, group = sizes(strategy, *sizes_by_step[step % len(sizes_by_step)])
+        yield step, tree, page_ptr, pages, chunk, group
 
 
 @settings(max_examples=40, deadline=None)
 @given(**RUN_STEPS, twice=st.lists(st.booleans(), min_size=16, max_size=16))
 def test_kept_arrays_hold_what_they_claim_step_after_step(
-        seed, kind, strategy, page_size, sizes_by_step, twice, blocks):
+        seed, kind, strategy, page_size, sizes_by_step, twice):
     """One planner over a run whose chunk and group sizes change from step to step, some trees
     planned twice: every step equals the reference, and what it says it keeps from the last
     step's arrays (the very same read-only array, or ``kept``'s shared prefix of one) holds."""
     planner = NodePlanner(strategy, shapes=2)
     last = {}
     for step, tree, page_ptr, pages, chunk, group in planned_steps(
-            kind, seed, strategy, page_size, sizes_by_step, blocks):
+            kind, seed, strategy, page_size, sizes_by_step):
         reference = plan_arrays(build_plan(strategy, tree, chunk, group, page_size),
                                 page_ptr, pages, flat=True)
         for _ in range(2 if twice[step % 16] else 1):
@@ -379,14 +352,14 @@ def test_kept_arrays_hold_what_they_claim_step_after_step(
 @settings(max_examples=40, deadline=None)
 @given(**RUN_STEPS)
 def test_a_call_s_arrays_hold_their_values_through_the_next_call(
-        seed, kind, strategy, page_size, sizes_by_step, blocks):
+        seed, kind, strategy, page_size, sizes_by_step):
     """The planner writes its slots and entry queries in turns (`deft.turn_buffers`): the
     arrays one call returns keep their values through the next call (a plan is read while the
     next one is built), over runs whose branches die and whose sizes change."""
     planner = NodePlanner(strategy, shapes=2)
     previous = None
     for step, tree, page_ptr, pages, chunk, group in planned_steps(
-            kind, seed, strategy, page_size, sizes_by_step, blocks):
+            kind, seed, strategy, page_size, sizes_by_step):
         fast = planner.arrays(tree, page_ptr, pages, page_size, chunk, group)
         if previous is not None:
             for name in (*FIELDS, "slots"):
@@ -424,10 +397,9 @@ def test_a_step_whose_chunks_keep_their_queries_reuses_the_entries():
     chunk=st.sampled_from([2, 16]),
     group=st.sampled_from([None, 2]),
     given_reference=st.lists(st.booleans(), min_size=16, max_size=16),
-    blocks=ENTRY_PATHS,
 )
 def test_buffers_followed_over_a_whole_run_hold_every_step_from_scratch(
-        seed, kind, strategy, page_size, chunk, group, given_reference, blocks):
+        seed, kind, strategy, page_size, chunk, group, given_reference):
     """`TreeAttention.plan` over every step of a random run, its cache following the run: the
     buffers it refills step after step (fields kept from the last plan skipped, the slots
     written from the first page run that changed) hold what a from-scratch encoding of the
@@ -438,22 +410,19 @@ def test_buffers_followed_over_a_whole_run_hold_every_step_from_scratch(
     chunk, group = sizes(strategy, chunk, group)
     attn = TreeAttention.for_trees(strategy, list(run), chunk, group, device="cpu")
     cache = TreeCache(PagedKVCache(4096, page_size, 1, 4))
-    with pytest.MonkeyPatch.context() as patch:
-        take_entry_path(patch, blocks)
-        for step, tree in enumerate(run):
-            cache.apply(tree)
-            page_ptr, pages = cache.host_node_pages(tree)
-            reference = build_plan(strategy, tree, chunk, group, page_size)
-            expected = plan_arrays(reference, page_ptr, pages, flat=True)
-            attn.plan(tree, cache, reference if given_reference[step % 16] else None)
-            for name in FIELDS:
-                held = attn.buffers.read(name)[:len(expected[name])]
-                np.testing.assert_array_equal(held, expected[name],
-                                              err_msg=f"step {step}: {name}")
+    for step, tree in enumerate(run):
+        cache.apply(tree)
+        page_ptr, pages = cache.host_node_pages(tree)
+        reference = build_plan(strategy, tree, chunk, group, page_size)
+        expected = plan_arrays(reference, page_ptr, pages, flat=True)
+        attn.plan(tree, cache, reference if given_reference[step % 16] else None)
+        for name in FIELDS:
+            held = attn.buffers.read(name)[:len(expected[name])]
+            np.testing.assert_array_equal(held, expected[name], err_msg=f"step {step}: {name}")
 
 
 POSITIONS = st.lists(st.integers(0, 60), min_size=1, max_size=12, unique=True)
-"""Queries' flattened positions, for the entry-path tests."""
+"""Queries' flattened positions, for the entry tests."""
 CHUNKS = st.lists(st.one_of(st.just((0, 61)), st.tuples(st.integers(0, 60), st.integers(0, 61))),
                   min_size=1, max_size=40)
 """Chunks as (start, reach), some seen by every query."""
@@ -470,60 +439,33 @@ def dense_entries(seen):
 
 
 @settings(max_examples=300, deadline=None)
-@given(
-    positions=POSITIONS, chunks=CHUNKS, closed=st.integers(0, 40),
-)
-def test_entry_rows_equal_the_dense_comparison(positions, chunks, closed):
-    """The closed-form block of the first chunks every query sees (any number of them) and the
-    others compared query by query give the dense comparison's entries and rows: chunk-major
-    entries, rows numbered query by query."""
-    from deft.plan_entries import entry_rows
+@given(positions=POSITIONS, chunks=CHUNKS, shuffled=st.booleans(),
+       group=st.sampled_from([0, 1, 3]))
+def test_compiled_entries_equal_the_dense_comparison(positions, chunks, shuffled, group):
+    """The chunks' runs of queries in flattened order (`deft.plan_entries.chunk_ranks`) and the
+    entries written from them (`write_entries`) give the dense comparison's entries and rows
+    (chunk-major entries, rows numbered query by query), whether or not the queries' ids
+    follow their flattened positions, and partitions of at most ``group`` queries."""
+    from deft.plan_entries import chunk_ranks, write_entries
 
-    query_flat = np.array(positions, dtype=np.int64)
+    query_flat = np.array(positions if shuffled else sorted(positions), dtype=np.int64)
     start, reach = (np.array(x, dtype=np.int64) for x in zip(*chunks))
     seen = (start[:, None] <= query_flat) & (query_flat < reach[:, None])
-    full = min(closed, int(seen.all(axis=1).cumprod().sum()))
-    grid = np.tile(np.arange(len(query_flat)), (len(chunks) + 1, 1))
-    got = entry_rows(full, seen[full:], grid)
-    for values, want in zip(got, dense_entries(seen)):
-        np.testing.assert_array_equal(values, want)
-
-
-@settings(max_examples=300, deadline=None)
-@given(
-    positions=POSITIONS, chunks=CHUNKS, closed=st.integers(0, 40),
-    in_flat_order=st.booleans(),
-)
-def test_range_rows_equal_the_dense_comparison(positions, chunks, closed, in_flat_order):
-    """The chunks past the closed-form block listed as runs of the queries in flattened order
-    give the dense comparison's entries and rows, whether or not the queries' ids follow
-    their flattened positions."""
-    from deft.plan_entries import range_rows
-
-    query_flat = np.array(sorted(positions) if in_flat_order else positions, dtype=np.int64)
-    start, reach = (np.array(x, dtype=np.int64) for x in zip(*chunks))
-    seen = (start[:, None] <= query_flat) & (query_flat < reach[:, None])
-    full = min(closed, int(seen.all(axis=1).cumprod().sum()))
     flat_query = np.argsort(query_flat)  # the query at each flattened rank
-    by_rank = query_flat[flat_query]
-    lo = by_rank.searchsorted(start[full:])
-    hi = by_rank.searchsorted(np.maximum(start, reach)[full:])
-    got = range_rows(full, lo, hi, None if in_flat_order else flat_query,
-                     np.arange(len(query_flat)))
-    for values, want in zip(got, dense_entries(seen)):
+    none = np.zeros(0, dtype=np.int64)
+    lo, hi, count, partitions, _, _ = chunk_ranks(start, reach, query_flat, flat_query, group,
+                                                  none, none)
+    entry_query, entry_row = (np.full(count, -1, dtype=np.int32) for _ in range(2))
+    part_chunk, part_entry, query_row_ptr = write_entries(
+        lo, hi, flat_query, bool((flat_query == np.arange(len(flat_query))).all()), group,
+        partitions, 0, entry_query, entry_row)
+    for values, want in zip((entry_query, entry_row, query_row_ptr), dense_entries(seen)):
         np.testing.assert_array_equal(values, want)
-
-
-@pytest.mark.parametrize("chunks", [1, 2, 63, 64, 65, 100, 128, 129, 492])
-def test_block_rows_number_each_query_s_rows_from_its_first(chunks):
-    """Row c of the closed-form block is every query's first row plus c, whether written with
-    one broadcast add (few chunks) or row after row doubled (many)."""
-    from deft.plan_entries import block_rows
-
-    first = np.array([0, 7, 9, 30, 31], dtype=np.int64) * chunks
-    rows = np.full((chunks, len(first)), -1, dtype=np.int32)
-    block_rows(first, rows)
-    np.testing.assert_array_equal(rows, first + np.arange(chunks)[:, None])
+    per_chunk = seen.sum(axis=1)
+    sizes_ = np.diff(part_entry)
+    assert (sizes_ > 0).all() and (group == 0 or (sizes_ <= group).all())
+    np.testing.assert_array_equal(np.bincount(part_chunk, sizes_, len(chunks)), per_chunk)
+    assert (np.diff(part_chunk) >= 0).all()
 
 
 @pytest.mark.gpu  # pinned staging and non-blocking copies
