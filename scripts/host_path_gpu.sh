@@ -6,7 +6,8 @@
 # 1. tests: the GPU tests of the run path, the custom op under torch.compile, the device plan
 #    buffers and the cache's uploads (tests/test_bound_run.py, tests/test_compiled_op.py, the
 #    compiled-run tests of tests/test_kernels.py, tests/test_fast_plan.py's device buffers,
-#    tests/test_cache.py's cuda pool, tests/test_plan_buffers.py);
+#    tests/test_cache.py's cuda pool, tests/test_plan_buffers.py); its first plan compiles the
+#    node planner (numba, 15-45 s, cached on disk for the steps after);
 # 2. host: scripts/host_overhead.py on fewshot_b20 and reason_10x500 at 32/8, torch.compile's
 #    records on COMPILE_ANCHORS only (default reason_10x500; "none" skips them: each anchor
 #    costs several inductor compiles);
@@ -35,7 +36,7 @@ step() {  # NAME SECONDS command...: run with a timeout, note the time and a fai
   echo "== $name took $(( $(date +%s) - start )) s" >&2
   tail -n 25 "$out/$name.txt"
 }
-step tests 90 python3 -m pytest -q -p no:cacheprovider -o addopts="" tests/test_bound_run.py \
+step tests 150 python3 -m pytest -q -p no:cacheprovider -o addopts="" tests/test_bound_run.py \
   tests/test_compiled_op.py \
   tests/test_fast_plan.py::test_device_buffers_followed_over_a_run_hold_every_step \
   tests/test_kernels.py::test_compiled_run_takes_each_new_plan_without_recompiling \
