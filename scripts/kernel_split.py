@@ -39,8 +39,8 @@ import triton.language as tl  # noqa: E402
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from deft import workloads as wl  # noqa: E402
-from deft.kernels import deft_flatten_sm90, partials as triton_partials  # noqa: E402
 from deft.kernels import reduction  # noqa: E402
+from deft.kernels.tree_attention_op import launch_partials  # noqa: E402
 from deft.plan_buffers import paged_cache  # noqa: E402
 from deft.tree import AttentionShape  # noqa: E402
 from deft.tree_attention import TreeAttention  # noqa: E402
@@ -63,21 +63,14 @@ def parts(attn, plan, q, k_cache, v_cache, out):
     config, programs = attn._launch_config(head_dim, q_heads, k_cache.shape[2])
     o_part, lse_part = attn._partials_workspace(q_heads, head_dim)
     views, scale = attn.buffers.views, 1.0 / math.sqrt(head_dim)
-    gluon = attn.backend == "gluon"
 
     def partials():
-        if gluon:
-            deft_flatten_sm90.partials(q, k_cache, v_cache, o_part, lse_part, views,
-                                       flat=attn.flat, sm_scale=scale, config=config,
-                                       num_programs=programs, small_grid=plan.small_grid)
-        else:
-            triton_partials.partials(q, k_cache, v_cache, o_part, lse_part, views,
-                                     flat=attn.flat, sm_scale=scale, config=config,
-                                     num_programs=programs)
+        launch_partials(q, k_cache, v_cache, views, o_part, lse_part, attn.flat, scale, config,
+                        programs, attn.backend == "gluon", plan.small_grid)
 
     def merged(pdl):
         return lambda: reduction.merge(o_part, lse_part, views, out, None,
-                             per_query=plan.per_query_merge, dependent_launch=pdl)
+                                       per_query=plan.per_query_merge, dependent_launch=pdl)
 
     return partials, merged(False), merged(True)
 

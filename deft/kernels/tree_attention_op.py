@@ -54,20 +54,29 @@ def check_runnable(device: torch.device, dtype: str | torch.dtype | None = None)
     if device.type == "cpu" and dtype in ("bfloat16", torch.bfloat16):
         raise ValueError("bf16 kernels need a GPU; under the interpreter use float16 or float32")
 
+def launch_partials(q, k_cache, v_cache, buffers, o_part, lse_part, flat, sm_scale, config,
+                    num_programs, gluon=False, small_grid=False) -> None:
+    """The partial results of one call: the Hopper Gluon kernel where ``gluon`` (its
+    small-grid form where ``small_grid``: `deft.tree_plan.TreePlan.small_grid`), else the
+    portable Triton kernel (on the current CUDA device)."""
+    if gluon:
+        deft_flatten_sm90.partials(
+            q, k_cache, v_cache, o_part, lse_part, buffers, flat=flat, sm_scale=sm_scale,
+            config=config, num_programs=num_programs, small_grid=small_grid)
+    else:
+        partials(q, k_cache, v_cache, o_part, lse_part, buffers, flat=flat,
+                 sm_scale=sm_scale, config=config, num_programs=num_programs)
+
+
 def launch_tree_attention(q, k_cache, v_cache, buffers, o_part, lse_part, out, lse, flat,
                           sm_scale, config, num_programs, per_query_merge,
                           gluon=False, small_grid=False) -> None:
-    """Partial results (the Hopper Gluon kernel where ``gluon``, its small-grid form where
-    ``small_grid``: `deft.tree_plan.TreePlan.small_grid`), then the merge."""
+    """`launch_partials`, then the merge (a programmatic dependent of the Gluon kernel), on
+    ``q``'s device."""
     other_device = q.is_cuda and q.device.index != torch.cuda.current_device()
     with torch.cuda.device(q.device) if other_device else contextlib.nullcontext():
-        if gluon:
-            deft_flatten_sm90.partials(
-                q, k_cache, v_cache, o_part, lse_part, buffers, flat=flat, sm_scale=sm_scale,
-                config=config, num_programs=num_programs, small_grid=small_grid)
-        else:
-            partials(q, k_cache, v_cache, o_part, lse_part, buffers, flat=flat,
-                     sm_scale=sm_scale, config=config, num_programs=num_programs)
+        launch_partials(q, k_cache, v_cache, buffers, o_part, lse_part, flat, sm_scale, config,
+                        num_programs, gluon, small_grid)
         merge(o_part, lse_part, buffers, out, lse, per_query=per_query_merge,
               dependent_launch=gluon)
 
