@@ -16,7 +16,7 @@
 #    reads distort the times), then timed over the first 40 steps of every run;
 # 4. bench: deft-cli bench BENCH_ARGS (default: --timing eager, L2 flushed, DeFT-Flatten and
 #    the peers on the six anchors at 32/8; e.g. BENCH_ARGS="--timing eager --heads 32/8,4/1"),
-#    last: FlashInfer's JIT costs about 25 s per FlashInfer method cold.
+#    last: FlashInfer's JIT costs about 25 s per FlashInfer method cold; BENCH_ARGS=none skips it.
 # Each step has its own timeout (about 7 min in all on a cold H200 with the default bench);
 # each writes under $OUT: tests.txt, host_overhead.json/.txt, plan_check.txt,
 # plan_overhead.json/.txt,
@@ -55,6 +55,7 @@ step plan_check "${CHECK_SECONDS:-30}" python3 scripts/plan_overhead.py --device
   --runs fewshot_b20,spec_t256,spec_t256_P63000,fewshot_b256_P55296 --check
 step plan_overhead 45 env OUT="$out" python3 scripts/plan_overhead.py --device cuda --steps 40
 read -r -a bench_args <<< "${BENCH_ARGS:---timing eager --heads 32/8}"
+[ "${bench_args[*]}" = none ] && exit $status
 step bench "${BENCH_SECONDS:-300}" python3 -m cli bench "${bench_args[@]}" \
   --methods "${BENCH_METHODS:-deft_flatten,fi_decode,fi_mask,fi_cascade,sglang}" \
   --json "$out/bench.json"
