@@ -124,7 +124,8 @@ def check_plan_fits(q, k_cache, plan, max_queries) -> None:
               f"and max_queries={max_queries}")
 
 
-def argument_key(q, k_cache, v_cache, out, lse, sm_scale, per_query_merge, small_grid=False):
+def argument_key(q, k_cache, v_cache, out, lse, sm_scale, per_query_merge, small_grid=False,
+                 merge_block=16):
     """The key of one `run` call's arguments, or None when one of them is not a tensor.
 
     Every tensor's address, shape, strides and dtype (``lse`` may be None), and q's device
@@ -137,7 +138,7 @@ def argument_key(q, k_cache, v_cache, out, lse, sm_scale, per_query_merge, small
                 v_cache.data_ptr(), v_cache.shape, v_cache.stride(), v_cache.dtype,
                 out.data_ptr(), out.shape, out.stride(), out.dtype,
                 None if lse is None else (lse.data_ptr(), lse.shape, lse.stride(), lse.dtype),
-                sm_scale, per_query_merge, small_grid)
+                sm_scale, per_query_merge, small_grid, merge_block)
     except (AttributeError, TypeError):
         return None
 

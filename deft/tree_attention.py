@@ -21,7 +21,7 @@ import torch
 from deft.kernels import KERNELS, deft_flatten_sm90, flat as flat_addressing, tile_config
 from deft.kernels.fill import multiprocessors
 from deft.kernels.partials import TileConfig
-from deft.kernels.reduction import per_query_merge
+from deft.kernels.reduction import merge_block, per_query_merge
 from deft.kernels.tree_attention_op import check_runnable, launch_tree_attention, register_owner
 from deft.kernels.tuned import reuse_key, tuned_plan
 from deft.bound_run import BoundRun, RunCache, argument_key, check_inputs
@@ -259,11 +259,14 @@ class TreeAttention:
         entries = len(arrays["entry_query"])
         num_partitions, num_queries = arrays["counts"].tolist()  # the tree's queries
         sm_count = self._sm_count()
+        row_ptr = arrays["query_row_ptr"]
         self.latest_plan = TreePlan(
             strategy=self.strategy, tree=tree, chunk_size=chunk, group_size=group,
             page_size=page_size, num_queries=num_queries, num_partitions=num_partitions,
             num_entries=entries,
             per_query_merge=per_query_merge(num_queries, entries, sm_count),
+            merge_block=merge_block(int((row_ptr[1:num_queries + 1]
+                                         - row_ptr[:num_queries]).max(initial=0))),
             small_grid=self.backend == "gluon"
             and num_partitions * tree.attention.kv_heads <= sm_count,
             max_slot=arrays["max_slot"], generation=self._generation, owner=self,
@@ -329,7 +332,7 @@ class TreeAttention:
         and bound), then its graph replayed or the kernels launched. `run`'s path, and the
         custom op's body with this TreeAttention's latest plan (``plan`` is current)."""
         key = argument_key(q, k_cache, v_cache, out, lse, sm_scale, plan.per_query_merge,
-                           plan.small_grid)
+                           plan.small_grid, plan.merge_block)
         bound = self._runs.get(key) if key is not None else None
         config_source = (self.config, self._tuned_config)
         if bound is None or not bound.fits(plan, config_source):
@@ -341,7 +344,8 @@ class TreeAttention:
             self._runs.launch(bound, lambda: launch_tree_attention(
                 q, k_cache, v_cache, self.buffers.views, bound.o_part, bound.lse_part, out, lse,
                 self.flat, bound.sm_scale, bound.config, bound.num_programs,
-                plan.per_query_merge, self.backend == "gluon", plan.small_grid), self.device)
+                plan.per_query_merge, self.backend == "gluon", plan.small_grid,
+                plan.merge_block), self.device)
 
     def _bind(self, key, q, k_cache, v_cache, plan, out, lse, sm_scale,
               config_source) -> BoundRun:

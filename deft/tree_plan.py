@@ -28,6 +28,9 @@ class TreePlan:
     num_queries, num_partitions, num_entries : int
     per_query_merge : bool
         The merge runs one program per query (`deft.kernels.reduction.per_query_merge`).
+    merge_block : int
+        Else the rows its per-head merge takes a loop step (`deft.kernels.reduction.merge_block`
+        of the plan's most partial rows of a query).
     small_grid : bool
         The Gluon backend runs its small-grid kernel: the work items (partitions x the tree's
         KV heads) fit one CTA per SM (`deft.kernels.deft_flatten_sm90.launch_spec`).
@@ -53,6 +56,7 @@ class TreePlan:
     num_partitions: int
     num_entries: int
     per_query_merge: bool
+    merge_block: int
     small_grid: bool
     max_slot: int
     generation: int

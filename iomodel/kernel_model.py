@@ -35,9 +35,10 @@ stream once per query tile. So, with the constants of `iomodel.constants.Constan
    plus Q, mask, page indices and the partial rows written.
 3. The merge reads every partial row and writes the output: its bytes at ``memory_efficiency`` x
    bandwidth, or, if longer, a merge program's serial chain over one query's partial rows,
-   ``merge_step_us`` per loop step (``MERGE_BLOCK_ROWS`` rows a step for the per-head merge, one
-   for the per-query merge, chosen as `deft.kernels.reduction.per_query_merge` does), the mean
-   partial rows per query standing in for the most.
+   ``merge_step_us`` per loop step (`merge_block` rows a step for the per-head merge, 16 to 64
+   as the most rows of a query need, one for the per-query merge, chosen as
+   `deft.kernels.reduction.per_query_merge` does), the mean partial rows per query standing in
+   for the most.
 
 The kernels' shapes are copied here as plain numbers so the IO model needs neither torch nor
 triton; tests/test_iomodel_kernel.py checks them against the kernel modules.
@@ -78,8 +79,19 @@ SMALL_GRID_PROGRAMS_PER_SM = 1
 """Resident programs per SM of the small-grid kernel (`deft.kernels.deft_flatten_sm90.launch_spec`
 with ``small_grid``)."""
 
-MERGE_BLOCK_ROWS = 16
-"""Partial rows one step of the per-head merge reads (`deft.kernels.reduction.BLOCK_E`)."""
+MERGE_BLOCK_ROWS = (16, 64)
+"""The per-head merge's least and largest row block, partial rows a step reads
+(`deft.kernels.reduction.BLOCK_E` and ``MAX_BLOCK_E``; `merge_block`)."""
+
+
+def merge_block(most_rows: int) -> int:
+    """The per-head merge's row block for queries of at most `most_rows` partial rows: the
+    least power of two from ``MERGE_BLOCK_ROWS[0]`` that holds them, at most
+    ``MERGE_BLOCK_ROWS[1]`` (`deft.kernels.reduction.merge_block`)."""
+    block, largest = MERGE_BLOCK_ROWS
+    while block < min(most_rows, largest):
+        block *= 2
+    return block
 
 GLUON_DTYPES = ("float16", "bfloat16")
 """Dtypes the Gluon kernel takes (`deft.kernels.deft_flatten_sm90.takes`; others: portable)."""
@@ -217,7 +229,7 @@ def merge_steps(plan: Plan | PlanAggregates, gpu: GpuSpec) -> int:
     rows = int(plan.queries @ plan.count)
     most = -(-rows // max(queries, 1))
     per_query = queries >= gpu.sm_count and rows <= PER_QUERY_MAX_ROWS * queries
-    return most if per_query else -(-most // MERGE_BLOCK_ROWS)
+    return most if per_query else -(-most // merge_block(most))
 
 
 def merge_seconds(plan, gpu: GpuSpec, c: Constants, moved_bytes: float) -> float:

@@ -114,7 +114,8 @@ def compiled_records(attn, plan, q, k_cache, v_cache, reference, calls, device) 
             torch._dynamo.utils.counters["inductor"]["cudagraph_skips"] - skips)
         if name == "compile":
             bound = attn._runs.get(argument_key(q, k_cache, v_cache, out, None, None,
-                                                plan.per_query_merge, plan.small_grid))
+                                                plan.per_query_merge, plan.small_grid,
+                                                plan.merge_block))
             rec["compile_lookup_host_us"] = stubbed_replay_us(
                 [bound], lambda: compiled(*args), device)
     return rec

@@ -132,11 +132,12 @@ def measure(name, tree, device, calls, compile_runs) -> dict:
         graphs=attn._runs.graphs(),
         run_profile=profile_us(run, calls, device),
         key_host_us=host_us(lambda: argument_key(q, k_cache, v_cache, out, None, None,
-                                                 plan.per_query_merge, plan.small_grid),
+                                                 plan.per_query_merge, plan.small_grid,
+                                                 plan.merge_block),
                             CALLS, device),
     )
     entries = [attn._runs.get(argument_key(q, *caches, out, None, None, plan.per_query_merge,
-                                           plan.small_grid))
+                                           plan.small_grid, plan.merge_block))
                for caches in layers]
     bound = entries[0]
     rec.update(

@@ -14,8 +14,9 @@ Per (anchor, shape), CUDA-graph timing over 4 KV copies (page size 16, the tuned
 - ``two_empty``: two empty Triton kernels, the graph's floor for any two-launch call.
 
 So ``partials + merge - run`` is what the programmatic launch overlaps, and ``run -
-partials`` what the merge adds to a call. ``--merge-blocks`` times every cell again with other
-row blocks of the merge (`deft.kernels.reduction.BLOCK_E`). Each record's ``rel_err`` is the
+partials`` what the merge adds to a call. ``--merge-blocks`` times every cell again with the
+per-head merge's row block forced to each value (the plan's own is
+`deft.kernels.reduction.merge_block`). Each record's ``rel_err`` is the
 last copy's output (last written by the merge alone) against the float64 oracle; the full
 numerical checks are `gluon_check.py`'s. ``$OUT/kernel_split.json`` holds every record.
 """
@@ -70,7 +71,8 @@ def parts(attn, plan, q, k_cache, v_cache, out):
 
     def merged(pdl):
         return lambda: reduction.merge(o_part, lse_part, views, out, None,
-                                       per_query=plan.per_query_merge, dependent_launch=pdl)
+                                       per_query=plan.per_query_merge, dependent_launch=pdl,
+                                       block=plan.merge_block)
 
     return partials, merged(False), merged(True)
 
@@ -90,7 +92,8 @@ def time_cell(name: str, shape: str, timer, device: str = "cuda") -> dict:
         out = torch.empty_like(q)
         attn.run(q, k_cache, v_cache, plan, out=out)
         cells.append((attn, plan, k_cache, v_cache, out))
-    record = dict(anchor=name, shape=shape, chunk=cells[0][1].reference.chunk_size,
+    record = dict(anchor=name, shape=shape, merge_block=cells[0][1].merge_block,
+                  chunk=cells[0][1].reference.chunk_size,
                   group=cells[0][1].reference.group_size, partitions=cells[0][1].num_partitions,
                   small_grid=cells[0][1].small_grid, per_query_merge=cells[0][1].per_query_merge)
     launches = [parts(a, p, q, kc, vc, o) for a, p, kc, vc, o in cells]
@@ -130,20 +133,22 @@ def main() -> int:
     parser.add_argument("--anchors", default=",".join(wl.ANCHORS))
     parser.add_argument("--shapes", default="32/8,8/1,4/1")
     parser.add_argument("--merge-blocks", default="",
-                        help="also time every cell with these `reduction.BLOCK_E` values "
-                             "(comma-separated; the default's rows come first)")
+                        help="also time every cell with the per-head merge's row block forced "
+                             "to each of these (comma-separated; the rule's rows come first)")
     parser.add_argument("--cpu", action="store_true",
                         help="run each variant once on the CPU (TRITON_INTERPRET=1), no timing")
     args = parser.parse_args()
     records, device = [], "cpu" if args.cpu else "cuda"
     out = Path(os.environ.get("OUT", "."), "kernel_split.json")
-    blocks = [reduction.BLOCK_E] + [int(b) for b in args.merge_blocks.split(",") if b]
-    for block in blocks:
-        reduction.BLOCK_E = block  # read at each launch; each cell captures its graphs anew
+    rule = (reduction.BLOCK_E, reduction.MAX_BLOCK_E)
+    for block in [None] + [int(b) for b in args.merge_blocks.split(",") if b]:
+        # None: the rule (`reduction.merge_block`); else least = largest block = `block`, read
+        # by each plan (each cell plans and captures its graphs anew)
+        reduction.BLOCK_E, reduction.MAX_BLOCK_E = rule if block is None else (block, block)
         for shape in args.shapes.split(","):
             for name in args.anchors.split(","):
                 record = time_cell(name, shape, dry_run if args.cpu else graph_us, device)
-                record["merge_block"] = block
+                record["forced_block"] = block
                 records.append(record)
             print(json.dumps(record), flush=True)
             out.write_text(json.dumps(dict(device=torch.cuda.get_device_name() if device == "cuda"

@@ -47,6 +47,7 @@ def test_argument_key():
     assert argument_key(x, x, x, x, None, 0.5, False) != base
     assert argument_key(x, x, x, x, None, None, True) != base
     assert argument_key(x, x, x, x, None, None, False, True) != base  # the small-grid kernel
+    assert argument_key(x, x, x, x, None, None, False, False, 32) != base  # the merge's block
     assert argument_key("q", x, x, x, None, None, False) is None
 
 

@@ -42,7 +42,9 @@ def test_kernel_shapes_match_the_kernels():
     _, consts, _, ctas_per_sm = deft_flatten_sm90.launch_spec(8, 4, 128, small_grid=True)
     assert kernel_model.SMALL_GRID_PROGRAMS_PER_SM == ctas_per_sm
     assert kernel_model.KV_TILE_HOPPER == consts["BLOCK_N"]  # the small-grid kernel's tile too
-    assert kernel_model.MERGE_BLOCK_ROWS == reduction.BLOCK_E
+    assert kernel_model.MERGE_BLOCK_ROWS == (reduction.BLOCK_E, reduction.MAX_BLOCK_E)
+    assert ([kernel_model.merge_block(r) for r in range(300)]
+            == [reduction.merge_block(r) for r in range(300)])
     assert kernel_model.PER_QUERY_MAX_ROWS == reduction.PER_QUERY_MAX_ROWS
 
 
@@ -194,14 +196,16 @@ def test_merge_chain_over_a_querys_partial_rows():
     gpu = kernel_gpu()
     chain = Tree([0, 1], [None, 0], [3200, 64], [0, 1])  # one query: 3264 / 32 = 102 rows
     plan = build_plan("deft_flatten", chain, 32, None, 16)
-    assert kernel_model.merge_steps(plan, gpu) == -(-102 // 16)  # the per-head merge
+    assert kernel_model.merge_steps(plan, gpu) == -(-102 // 64)  # the per-head merge, 64 a step
     assert kernel_model.merge_steps(plan_aggregates("deft_flatten", chain, 32, None, 16),
-                                    gpu) == -(-102 // 16)
+                                    gpu) == -(-102 // 64)
+    short = build_plan("deft_flatten", chain, 128, None, 16)  # 26 rows: one step of 32
+    assert kernel_model.merge_steps(short, gpu) == 1
     wide = star(200, 64, 64)  # 200 queries, 2 rows each: the per-query merge, row by row
     assert kernel_model.merge_steps(build_plan("deft_flatten", wide, 64, 8, 16), gpu) == 2
     assert kernel_model.merge_steps(build_plan("deft_flatten", wide, 64, None, 16), gpu) == 2
     latency = predict_latency(plan, gpu)
-    assert latency["reduction_us"] == pytest.approx(7 * 1.0, rel=1e-3)  # chain over bytes
+    assert latency["reduction_us"] == pytest.approx(2 * 1.0, rel=1e-3)  # chain over bytes
 
 
 def test_flatten_reads_each_seen_token_from_hbm_once():

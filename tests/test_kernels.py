@@ -10,6 +10,7 @@ import os
 import subprocess
 import sys
 
+import numpy as np
 import torch
 
 
@@ -173,16 +174,13 @@ def test_tree_cache_replan_padding_and_lse():
         attn.run(q.to(DEVICE), pool.k, pool.v, stale, out=out)
 
 
-@pytest.mark.parametrize("block_e", [2, 16, 64])
-def test_merge_per_query_and_per_head_agree(block_e, monkeypatch):
+@pytest.mark.parametrize("block", [2, 16, 64])
+def test_merge_per_query_and_per_head_agree(block):
     """Both merge kernels give the same rows (padding rows zero, lse -inf) from one set of
     partials, the per-head one at several row blocks (2: several loop steps a query; 64: one
     step, most of the block masked); a plan picks per query where many queries have few
-    partial rows each."""
-    from deft.kernels import reduction
-    from deft.kernels.reduction import merge, per_query_merge
-
-    monkeypatch.setattr(reduction, "BLOCK_E", block_e)
+    partial rows each, and its per-head row block from its most rows of a query."""
+    from deft.kernels.reduction import merge, merge_block, per_query_merge
 
     tree = Tree([0, 1, 2, 3, 4], [None, 0, 0, 1, 1], [40, 5, 9, 4, 6], [0, 2, 1, 1, 1],
                 AttentionShape(12, 2, 32, "float16"))
@@ -199,7 +197,7 @@ def test_merge_per_query_and_per_head_agree(block_e, monkeypatch):
     for per_query in (False, True):
         out = torch.full((8, 12, 32), float("nan"), dtype=torch.float16, device=DEVICE)
         lse = torch.full((8, 12), float("nan"), device=DEVICE)
-        merge(o_part, lse_part, attn.buffers.views, out, lse, per_query=per_query)
+        merge(o_part, lse_part, attn.buffers.views, out, lse, per_query=per_query, block=block)
         results.append((out.cpu(), lse.cpu()))
     n = tree.num_queries
     # The two kernels sum the same rows in different vector shapes (and the interpreter's
@@ -210,6 +208,10 @@ def test_merge_per_query_and_per_head_agree(block_e, monkeypatch):
     assert rel_err(results[1][0][:n], oracle_attention(tree, q, k, v)) <= TOLERANCE[torch.float16]
     assert per_query_merge(255, 765, 132) and not per_query_merge(64, 1344, 132)
     assert not per_query_merge(63, 126, 132)  # too few programs to fill the SMs
+    assert [merge_block(r) for r in (0, 1, 16, 17, 32, 33, 64, 65, 5000)] == [
+        16, 16, 16, 32, 32, 64, 64, 64, 64]
+    rows = np.diff(attn.buffers.read("query_row_ptr")[: tree.num_queries + 1])
+    assert plan.merge_block == merge_block(rows.max())
 
 
 def test_lse_and_merge_states():

@@ -6,9 +6,10 @@ run; no atomics):
 
     lse* = log sum_e exp(lse_e),    out = sum_e exp(lse_e - lse*) o_e.
 
-One program per (query row, query head) loops over the query's entries BLOCK_E at a time,
-keeping a running max, so a query with thousands of entries (a chain thousands of nodes deep
-under deft_node) costs no more registers than one with two. Where many queries have few rows
+One program per (query row, query head) loops over the query's entries a row block at a time
+(`merge_block`: as many as the plan's queries have, 16 to 64), keeping a running max, so a
+query with thousands of entries (a chain thousands of nodes deep under deft_node) costs no
+more registers than one with 64. Where many queries have few rows
 each, `_merge_query_kernel` (one program per query, all heads, row by row) moves the same bytes
 in far fewer, larger loads (`per_query_merge` decides, per plan). Rows past the plan's query
 count (a padded `q` under a CUDA graph) get out = 0 and lse = -inf, so every output element is
@@ -37,8 +38,11 @@ from triton.language.extra.cuda import gdc_wait
 from deft.kernels.launch import Launcher
 
 BLOCK_E = 16
-"""Partial rows merged per loop step (by ``BLOCK_E * head_dim / 1024`` warps: 32 values of the
-[BLOCK_E, head_dim] block a thread)."""
+"""The per-head merge's least row block: partial rows merged per loop step where queries have
+at most this many rows (`merge_block`)."""
+
+MAX_BLOCK_E = 64
+"""The per-head merge's largest row block (a query with more rows loops over blocks of it)."""
 
 PDL_MERGE = os.environ.get("DEFT_PDL_MERGE", "1") != "0"
 """Whether `merge(dependent_launch=True)` launches the merge as a programmatic dependent of the
@@ -153,6 +157,23 @@ switch forcing one merge kernel or the other), spec_t256 (255 queries, 3 rows ea
 one query per program."""
 
 
+def merge_block(most_rows: int) -> int:
+    """The per-head merge's row block for a plan whose queries have at most `most_rows`
+    partial rows: the least power of two that holds them, from `BLOCK_E` to `MAX_BLOCK_E`, so
+    that a query takes one loop step. Merged by ``block x head_dim / 1024`` warps (32 values
+    of the [block, head_dim] tile a thread).
+
+    Measured on an H200 (docs/performance.md, session 9, `scripts/kernel_split.py
+    --merge-blocks`): on the 11 anchor cells of the per-head merge at 32/8 and 4/1, this block
+    was the fastest of 16, 32 and 64 on all but long_P20000 at 4/1 (55 rows: 64 and 32 within
+    0.1%), 1.5-1.8 us a call faster than 16 on fewshot_b20 and long_P20000 at 4/1; a larger
+    one cost up to 22 us where many programs each have few rows."""
+    block = BLOCK_E
+    while block < min(most_rows, MAX_BLOCK_E):
+        block *= 2
+    return block
+
+
 def per_query_merge(num_queries: int, num_rows: int, sm_count: int) -> bool:
     """Whether a plan's merge runs one program per query (else one per query head)."""
     return num_queries >= sm_count and num_rows <= PER_QUERY_MAX_ROWS * num_queries
@@ -165,7 +186,7 @@ def _supports_pdl(device: torch.device) -> bool:
 
 
 def merge(o_part, lse_part, buffers, out, lse=None, per_query=False,
-          dependent_launch=False) -> None:
+          dependent_launch=False, block=BLOCK_E) -> None:
     """Launch `_merge_kernel` (or, with `per_query`, `_merge_query_kernel`): write every row of
     `out` (and `lse`) from the partials.
 
@@ -184,6 +205,8 @@ def merge(o_part, lse_part, buffers, out, lse=None, per_query=False,
         Launch as a programmatic dependent of the kernel before it on the stream, which wrote
         the partials (done where `PDL_MERGE` is set, the device is CUDA of compute capability
         >= 9 and the kernels are compiled, not interpreted).
+    block : int
+        The per-head merge's row block (a power of two; `merge_block`).
     """
     rows, q_heads, head_dim = out.shape
     pdl = (dependent_launch and PDL_MERGE and not _LAUNCH_MERGE.interpreted
@@ -201,7 +224,7 @@ def merge(o_part, lse_part, buffers, out, lse=None, per_query=False,
                             num_warps=4, num_stages=3, **launch)
     else:
         _LAUNCH_MERGE((rows, q_heads), *args, Q_HEADS=q_heads, HEAD_DIM=head_dim,
-                      BLOCK_E=BLOCK_E, num_warps=max(1, BLOCK_E * head_dim // 1024), **launch)
+                      BLOCK_E=block, num_warps=max(1, block * head_dim // 1024), **launch)
 
 
 def merge_states(o_a, lse_a, o_b, lse_b):

@@ -24,7 +24,7 @@ import torch
 
 from deft.kernels import deft_flatten_sm90
 from deft.kernels.partials import _partials_kernel, partials
-from deft.kernels.reduction import merge
+from deft.kernels.reduction import BLOCK_E, merge
 
 INTERPRETED = not hasattr(_partials_kernel, "params")
 """Whether the kernels loaded under the Triton interpreter (TRITON_INTERPRET=1)."""
@@ -70,15 +70,16 @@ def launch_partials(q, k_cache, v_cache, buffers, o_part, lse_part, flat, sm_sca
 
 def launch_tree_attention(q, k_cache, v_cache, buffers, o_part, lse_part, out, lse, flat,
                           sm_scale, config, num_programs, per_query_merge,
-                          gluon=False, small_grid=False) -> None:
-    """`launch_partials`, then the merge (a programmatic dependent of the Gluon kernel), on
+                          gluon=False, small_grid=False, merge_block=BLOCK_E) -> None:
+    """`launch_partials`, then the merge (a programmatic dependent of the Gluon kernel; its
+    per-head form ``merge_block`` rows a step: `deft.tree_plan.TreePlan.merge_block`), on
     ``q``'s device."""
     other_device = q.is_cuda and q.device.index != torch.cuda.current_device()
     with torch.cuda.device(q.device) if other_device else contextlib.nullcontext():
         launch_partials(q, k_cache, v_cache, buffers, o_part, lse_part, flat, sm_scale, config,
                         num_programs, gluon, small_grid)
         merge(o_part, lse_part, buffers, out, lse, per_query=per_query_merge,
-              dependent_launch=gluon)
+              dependent_launch=gluon, block=merge_block)
 
 
 OP_SIGNATURE = ("(Tensor q, Tensor k_cache, Tensor v_cache, Tensor(a!) out, Tensor(b!)? lse, "
