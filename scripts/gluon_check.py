@@ -98,6 +98,9 @@ VARIANTS = {
     # H200 (docs/performance.md, session 9): 0.3-0.8 us faster on reason_10x500 at 16/2, 8/1
     # and 4/1, 0.2-3.7 us slower on the other eight small grids, no item count between them
     "small_early": dict(SMALL_GRID=dict(sm90.SMALL_GRID, EARLY_DEPENDENTS=True)),
+    # the partials kernel launched plainly, not as a programmatic dependent of the kernel
+    # before it (the previous call's merge, in a graph of several calls)
+    "no_pdl_partials": dict(PDL_PARTIALS=False),
 }
 VARIANT_MODULES = (sm90, reduction)
 """Where a variant's attributes live: each in the first of these modules that has it."""

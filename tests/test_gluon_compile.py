@@ -53,6 +53,7 @@ MODULE_VARIANTS = {
     "split2_ahead2": (dict(TWO_CONSUMERS=True, SLOT_AHEAD=2), 1),
     "masked": (dict(MASK_FREE=False), 2),
     "pipe_n32s4": (dict(PIPELINE=True, BLOCK_N=32, NUM_STAGES=4, SMALL_GRID_PIPELINE=False), 2),
+    "no_pdl_partials": (dict(PDL_PARTIALS=False), 2),
 }
 
 
@@ -83,6 +84,18 @@ else:
         return report
 
 
+    def _assert_waits_before_loading(ptx):
+        """A kernel launched as a programmatic dependent (`sm90.PDL_PARTIALS`) waits for the
+        prior grid once per query tile, before the tile's first copy from Q or K/V (the first
+        cp.async of the producer); without it, never."""
+        waits = ptx.count("griddepcontrol.wait")
+        if not sm90.PDL_PARTIALS:
+            assert waits == 0
+            return
+        assert waits == 1, waits
+        assert ptx.index("griddepcontrol.wait") < ptx.index("cp.async."), "loads before the wait"
+
+
     @pytest.mark.parametrize("dtype,kv_heads,group,head_dim", VARIANTS)
     def test_gluon_kernel_compiles_without_spills(dtype, kv_heads, group, head_dim):
         compiled = compile_for_sm90(dtype, kv_heads, group, head_dim)
@@ -91,6 +104,7 @@ else:
         assert "wgmma.mma_async" in ptx
         assert "cp.async.mbarrier.arrive.noinc" in ptx  # producer -> consumer through mbarriers
         assert "setmaxnreg" in ptx  # warp specialised with register reallocation
+        _assert_waits_before_loading(ptx)
         _ptxas_ok(compiled)
         # both CTAs of an SM fit its shared memory (227 KB, 1 KB reserved per CTA)
         assert 2 * (compiled.metadata.shared + 1024) <= 233472, compiled.metadata.shared
@@ -104,6 +118,7 @@ else:
         assert consts["PIPELINE"] and ctas == 1
         compiled = compile_for_sm90(dtype, kv_heads, group, head_dim, small_grid=True)
         assert "wgmma.mma_async" in compiled.asm["ptx"]
+        _assert_waits_before_loading(compiled.asm["ptx"])
         _ptxas_ok(compiled)
         assert compiled.metadata.shared + 1024 <= 233472, compiled.metadata.shared
 
@@ -128,6 +143,8 @@ else:
             compiled = compile_for_sm90(dtype, kv_heads, group, head_dim)
             ptx = compiled.asm["ptx"]
             assert "wgmma.mma_async" in ptx and "setmaxnreg" in ptx
+            if not sm90.TWO_CONSUMERS:  # (its producer never waits: not launched as a dependent)
+                _assert_waits_before_loading(ptx)
             _ptxas_ok(compiled)
             assert ctas * (compiled.metadata.shared + 1024) <= 233472, compiled.metadata.shared
         kernel, consts, _, ctas_per_sm = sm90.launch_spec(8, 4, 128)

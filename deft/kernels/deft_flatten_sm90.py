@@ -66,6 +66,8 @@ compile and ptxas checks: `deft.kernels.deft_flatten_sm90_compile`.
 
 from __future__ import annotations
 
+import os
+
 import torch
 
 from deft.kernels import gluon_compat as gc
@@ -118,6 +120,16 @@ EARLY_DEPENDENTS = False
 as a programmatic dependent, `deft.kernels.reduction.PDL_MERGE`) may be scheduled while this
 kernel runs, its CTAs held at ``griddepcontrol.wait`` until this grid ends; False: the merge is
 released as this kernel's CTAs exit."""
+PDL_PARTIALS = os.environ.get("DEFT_PDL_PARTIALS", "1") != "0"
+"""Whether the partials kernel launches as a programmatic dependent of the kernel before it on
+the stream (read once from ``DEFT_PDL_PARTIALS``, "0" for off; default on). Its CTAs may then
+start as that kernel's CTAs finish: the producer reads the plan buffers (the work item, the
+rows' entries, the first tiles' cache slots: uploaded before that kernel ran) and waits
+(``griddepcontrol.wait``) only before its first Q and K/V loads, which that kernel may have
+written; the partial rows are stored after that wait, so a merge still reading the last call's
+partials is done with them. After a copy (a plan upload) or as a graph's first node the launch
+is an ordinary one. A `TreeAttention` captures its launches in CUDA graphs, so change it
+before its first `run`."""
 PIPELINE = False
 """True: the consumer's tile loop is software-pipelined
 (`deft.kernels.deft_flatten_sm90_pipelined`): tile j's Q K^T is issued before tile j-1's P V,
@@ -167,7 +179,7 @@ if HAS_GLUON:
                   HEAD_DIM: gl.constexpr,
                   BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr, NUM_STAGES: gl.constexpr,
                   Q_STAGES: gl.constexpr, SLOT_AHEAD: gl.constexpr, PIPELINE: gl.constexpr,
-                  WARPS: gl.constexpr):
+                  WAIT_FOR_PRIOR_GRID: gl.constexpr, WARPS: gl.constexpr):
         QUERIES_PER_TILE: gl.constexpr = BLOCK_M // GROUP_PAD
         VEC: gl.constexpr = 8  # 16-byte copies of 16-bit elements
         TPR: gl.constexpr = HEAD_DIM // VEC  # threads along a row
@@ -208,6 +220,9 @@ if HAS_GLUON:
                 if SLOT_AHEAD == 2:
                     ahead = row + BLOCK_N
                     slot_ahead = gl.load(slot_base + ahead, mask=ahead < num_tokens, other=0)
+                if WAIT_FOR_PRIOR_GRID:  # Q and K/V may be the prior kernel's output
+                    gl.inline_asm_elementwise("griddepcontrol.wait; // $0", "=r", [],
+                                              dtype=gl.int32, is_pure=False, pack=1)
                 qs = qt % Q_STAGES
                 mbarrier.wait(q_empty.index(qs), ((qt // Q_STAGES) & 1) ^ 1)
                 async_load(q_smem.index(qs), q_ptr + q_off[:, None] + dims[None, :],
@@ -282,7 +297,8 @@ if HAS_GLUON:
         Q_STAGES: gl.constexpr, THRESHOLD: gl.constexpr, LAZY: gl.constexpr,
         SLOT_AHEAD: gl.constexpr, MASK_FREE: gl.constexpr, PIPELINE: gl.constexpr,
         PRODUCER_WARPS: gl.constexpr, PRODUCER_REGS: gl.constexpr,
-        EARLY_DEPENDENTS: gl.constexpr, num_warps: gl.constexpr,
+        EARLY_DEPENDENTS: gl.constexpr, WAIT_FOR_PRIOR_GRID: gl.constexpr,
+        num_warps: gl.constexpr,
     ):
         if EARLY_DEPENDENTS:  # the merge may launch now; griddepcontrol.wait holds it back
             gl.inline_asm_elementwise("griddepcontrol.launch_dependents; // $0", "=r", [],
@@ -330,7 +346,8 @@ if HAS_GLUON:
                          q_smem, qf_smem, row_smem, k_smem, v_smem, end_smem,
                          q_ready, q_empty, k_ready, v_ready, empty, v_empty,
                          KV_HEADS, GROUP, GROUP_PAD, HEAD_DIM, BLOCK_M, BLOCK_N, NUM_STAGES,
-                         Q_STAGES, SLOT_AHEAD, PIPELINE, PRODUCER_WARPS)),
+                         Q_STAGES, SLOT_AHEAD, PIPELINE, WAIT_FOR_PRIOR_GRID,
+                         PRODUCER_WARPS)),
         ], [PRODUCER_WARPS], [PRODUCER_REGS])
 else:  # pragma: no cover - no Gluon in this triton
     _partials_sm90_kernel = None
@@ -343,7 +360,8 @@ def constexprs(kv_heads: int, group: int, head_dim: int, **overrides) -> dict:
                   BLOCK_N=BLOCK_N, NUM_STAGES=NUM_STAGES, Q_STAGES=Q_STAGES,
                   THRESHOLD=RESCALE_THRESHOLD, LAZY=LAZY_RESCALE, SLOT_AHEAD=SLOT_AHEAD,
                   MASK_FREE=MASK_FREE, PIPELINE=PIPELINE, PRODUCER_WARPS=PRODUCER_WARPS,
-                  PRODUCER_REGS=PRODUCER_REGS, EARLY_DEPENDENTS=EARLY_DEPENDENTS)
+                  PRODUCER_REGS=PRODUCER_REGS, EARLY_DEPENDENTS=EARLY_DEPENDENTS,
+                  WAIT_FOR_PRIOR_GRID=PDL_PARTIALS)
     values.update(overrides)
     return values
 
@@ -386,6 +404,8 @@ def partials(q, k_cache, v_cache, o_part, lse_part, buffers, *, flat: bool, sm_s
     group = q.shape[1] // kv_heads
     kernel, consts, max_regs, ctas_per_sm = launch_spec(kv_heads, group, head_dim, small_grid)
     num_programs = min(num_programs, ctas_per_sm * multiprocessors(q.device))
+    # a compile option of the CUDA backend, for a kernel that waits (WAIT_FOR_PRIOR_GRID)
+    launch = dict(launch_pdl=True) if consts.get("WAIT_FOR_PRIOR_GRID") else {}
     kernel[(num_programs,)](
         q, k_cache, v_cache, o_part, lse_part,
         buffers["counts"], buffers["part_start"], buffers["part_tokens"], buffers["part_entry"],
@@ -395,5 +415,5 @@ def partials(q, k_cache, v_cache, o_part, lse_part, buffers, *, flat: bool, sm_s
         v_cache.stride(1), v_cache.stride(2),
         sm_scale * LOG2E,
         **consts,
-        num_warps=CONSUMER_WARPS, maxnreg=max_regs,
+        num_warps=CONSUMER_WARPS, maxnreg=max_regs, **launch,
     )
