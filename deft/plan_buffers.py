@@ -38,6 +38,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
+from deft.field_writes import write_fields
 from deft.tree import INDEX_LIMIT, Tree
 from deft.plan import Plan
 from deft.staged_upload import StagedUpload
@@ -60,6 +61,8 @@ FIELDS = (
 QUERY_FIELDS = {"query_row_ptr", "query_flat"}
 ENTRY_FIELDS = {"part_start", "part_tokens", "part_entry", "entry_query", "entry_row"}
 SLOT_FIELDS = {"token_slot", "subtree_end"}
+_QUERY_FLAT, _ENTRY_QUERY, _TOKEN_SLOT = (FIELDS.index(n) for n in ("query_flat", "entry_query",
+                                                                      "token_slot"))
 
 
 COALESCE = 65536
@@ -310,22 +313,26 @@ class PlanBuffers:
         else:  # the CPU: the buffers are host memory, filled directly
             self._upload = None
             self._staging_host = self.data.numpy()
-        self._written = dict.fromkeys(FIELDS)  # field -> the read-only array they hold, or None
-        self._field_offsets = list(zip(FIELDS, self.offsets))
+        self._written = [None] * len(FIELDS)  # per field: the read-only array held, or None
+        self._offsets = np.array(self.offsets, dtype=np.int64)
+        self._capacities = np.array([self.capacity[n] for n in FIELDS], dtype=np.int64)
+        self._starts = np.zeros(len(FIELDS), dtype=np.int64)  # `_write`'s, reused
 
     def fill(self, arrays: dict) -> None:
         """Copy a plan's arrays (`plan_arrays`) into the buffers; raise CapacityError if too big.
 
-        The fields are written into the pinned staging area, then copied to the device in as
-        few non-blocking copies as the gaps between their used parts allow (`COALESCE`,
-        `deft.staged_upload`); on the CPU straight into the buffers. A read-only field the buffers already hold (the
+        The fields are written into the pinned staging area in one compiled call
+        (`deft.field_writes.write_fields`), then copied to the device in as few non-blocking
+        copies as the gaps between their used parts allow (`COALESCE`, `deft.staged_upload`);
+        on the CPU straight into the buffers. A read-only field the buffers already hold (the
         very array of the last fill: `deft.fast_plan` keeps arrays between steps) is not
         written again, and ``arrays["kept"]``, ``{field: (array, n)}``, says that a field's
         first n values are those of a read-only array of an earlier fill: where the buffers
         still hold that array, only the values past n are written.
         """
-        queries, entries = len(arrays["query_flat"]), len(arrays["entry_query"])
-        slots = len(arrays["token_slot"])
+        fields = [arrays[name] for name in FIELDS]
+        queries, entries, slots = len(fields[_QUERY_FLAT]), len(fields[_ENTRY_QUERY]), \
+            len(fields[_TOKEN_SLOT])
         max_queries, max_entries, max_slots = self._sizes
         if queries > max_queries or entries > max_entries or slots > max_slots:
             for (name, limit), need in zip(self._limits.items(), (queries, entries, slots)):
@@ -337,37 +344,36 @@ class PlanBuffers:
         if self._upload is not None:
             self._upload.wait()  # the previous plan's copies have left the staging area
         try:
-            spans = self._write(arrays)
+            spans = self._write(fields, arrays.get("kept"))
         except BaseException:
-            self._written = dict.fromkeys(FIELDS)  # a field may be half written: all next time
+            self._written = [None] * len(FIELDS)  # a field may be half written: all next time
             raise
         if self._upload is not None:
             self._upload.upload(spans)
 
-    def _write(self, arrays: dict) -> list:
+    def _write(self, fields: list, kept_prefix) -> list:
         """Write the fields that changed into the staging area (or the CPU buffers); return
         the ``[lo, hi)`` spans of the allocation to upload, merged across gaps <= COALESCE."""
-        kept_prefix = arrays.get("kept", {})
-        written, staging = self._written, self._staging_host
-        spans = []
-        for name, offset in self._field_offsets:
-            values = arrays[name]
-            last = written[name]
+        written, starts = self._written, self._starts
+        for i, values in enumerate(fields):
+            last = written[i]
             if values is last:  # read-only and already in the buffers
+                starts[i] = -1
                 continue
             kept = 0
-            if last is not None and name in kept_prefix and kept_prefix[name][0] is last:
-                kept = kept_prefix[name][1]
-            hi = offset + len(values)
-            if hi > offset + kept:
-                lo = offset + kept
-                staging[lo:hi] = values[kept:] if kept else values
-                if spans and lo - spans[-1][1] <= COALESCE:
-                    spans[-1][1] = hi
-                else:
-                    spans.append([lo, hi])
-            written[name] = None if values.flags.writeable else values
-        return spans
+            if last is not None and kept_prefix:
+                prefix = kept_prefix.get(FIELDS[i])
+                if prefix is not None and prefix[0] is last:
+                    kept = prefix[1]
+            starts[i] = kept
+            written[i] = None if values.flags.writeable else values
+        spans, too_long = write_fields(self._staging_host, self._offsets, self._capacities,
+                                       starts, COALESCE, *fields)
+        if too_long >= 0:
+            name = FIELDS[too_long]
+            raise ValueError(f"the plan's {name} holds {len(fields[too_long])} values, more "
+                             f"than its buffer's {self.capacity[name]}")
+        return spans.tolist()
 
     def read(self, name: str) -> np.ndarray:
         """A field's contents on the host (a synchronising copy; for tests and debugging)."""

@@ -8,6 +8,7 @@ from hypothesis import strategies as st
 
 from deft import workloads as wl
 from deft.fast_plan import NodePlanner
+from deft.field_writes import most_rows, write_fields
 from deft.plan_buffers import FIELDS, PageTable, PlanBuffers
 from deft.staged_upload import GRANULE, rounded_span
 from deft.turn_buffers import TurnBuffers
@@ -66,3 +67,90 @@ def test_turn_buffers_give_each_step_its_values_and_keep_the_last_one(steps):
         assert done is turns.latest and not done.flags.writeable
         np.testing.assert_array_equal(done, values)
         latest = values
+
+
+FIELD_TYPES = {"int64 everywhere": [np.int64] * len(FIELDS),  # plan_arrays' fields
+               "the node planner's": [np.int32 if name in ("entry_query", "entry_row",
+                                                           "subtree_end") else np.int64
+                                      for name in FIELDS]}
+
+
+def spans_written(offsets, sizes, starts, coalesce):
+    """The oracle of the spans: each written part ``[offset + start, offset + size)``, field
+    by field, merged into the last span where the gap before it is at most ``coalesce``."""
+    spans = []
+    for offset, size, start in zip(offsets, sizes, starts):
+        lo, hi = offset + start, offset + size
+        if start < 0 or hi <= lo:
+            continue
+        if spans and lo - spans[-1][1] <= coalesce:
+            spans[-1][1] = hi
+        else:
+            spans.append([lo, hi])
+    return spans
+
+
+@settings(max_examples=200, deadline=None)
+@given(data=st.data(), types=st.sampled_from(sorted(FIELD_TYPES)),
+       coalesce=st.sampled_from([0, 3, 40, 10**6]))
+def test_write_fields_writes_each_field_past_its_start_and_returns_the_merged_spans(
+        data, types, coalesce):
+    """Every field with a start >= 0 lands at its offset from its start on (int32, whatever
+    its type), nothing else of the host array changes, and the spans are the written parts
+    merged across gaps of at most ``coalesce``."""
+    capacity = data.draw(st.lists(st.integers(1, 30), min_size=len(FIELDS),
+                                  max_size=len(FIELDS)))
+    offsets = np.concatenate([[0], np.cumsum(capacity)[:-1]]).astype(np.int64)
+    fields, starts = [], []
+    for cap, dtype in zip(capacity, FIELD_TYPES[types]):
+        size = data.draw(st.integers(0, cap))
+        fields.append(np.array(data.draw(st.lists(st.integers(-2**31, 2**31 - 1),
+                                                  min_size=size, max_size=size)), dtype=dtype))
+        starts.append(data.draw(st.integers(-1, size)))
+    host = np.random.default_rng(len(fields[0])).integers(-99, 99, sum(capacity)).astype(np.int32)
+    expected = host.copy()
+    for values, offset, start in zip(fields, offsets, starts):
+        if start >= 0:
+            expected[offset + start:offset + len(values)] = values[start:]
+    spans, too_long = write_fields(host, offsets, np.array(capacity, dtype=np.int64),
+                                   np.array(starts, dtype=np.int64), coalesce, *fields)
+    assert too_long == -1
+    np.testing.assert_array_equal(host, expected)
+    assert spans.tolist() == spans_written(offsets, [len(f) for f in fields], starts, coalesce)
+
+
+def test_write_fields_refuses_a_field_past_its_capacity_before_writing_any():
+    capacity = np.full(len(FIELDS), 4, dtype=np.int64)
+    offsets = np.arange(len(FIELDS), dtype=np.int64) * 4
+    fields = [np.arange(4, dtype=np.int64) for _ in FIELDS]
+    fields[6] = np.arange(5, dtype=np.int64)
+    host = np.full(4 * len(FIELDS), -7, dtype=np.int32)
+    spans, too_long = write_fields(host, offsets, capacity, np.zeros(len(FIELDS), np.int64), 0,
+                                   *fields)
+    assert too_long == 6 and len(spans) == 0
+    assert (host == -7).all()
+
+
+def test_fill_names_a_field_longer_than_its_buffer_and_writes_it_whole_next_time():
+    tree = wl.star(3, 100, 5)
+    page_ptr = np.arange(tree.num_nodes + 1) * 128
+    page_ptr, pages = PageTable(page_ptr, np.arange(page_ptr[-1]), 1).host_node_pages(tree)
+    arrays = NodePlanner("deft_flatten").arrays(tree, page_ptr, pages, 1, 64, None)
+    buffers = PlanBuffers(8, 64, 512, True, "cpu")
+    buffers.fill(arrays)
+    broken = dict(arrays, counts=np.arange(3))
+    with pytest.raises(ValueError, match="counts holds 3 values, more than its buffer's 2"):
+        buffers.fill(broken)
+    buffers.data.zero_()  # whatever the buffers held, the next fill writes every field
+    buffers.fill(arrays)
+    for name in FIELDS:
+        np.testing.assert_array_equal(buffers.read(name)[:len(arrays[name])], arrays[name],
+                                      err_msg=name)
+
+
+@given(row_ptr=st.lists(st.integers(0, 50), min_size=1, max_size=20).map(np.cumsum),
+       spare=st.integers(0, 3))
+def test_most_rows_is_the_largest_step_of_the_row_pointer(row_ptr, spare):
+    row_ptr = np.concatenate([[0], row_ptr, row_ptr[-1] + np.arange(spare)])
+    queries = len(row_ptr) - 1 - spare
+    assert most_rows(row_ptr, queries) == np.diff(row_ptr[:queries + 1]).max(initial=0)
