@@ -61,8 +61,9 @@ FIELDS = (
 QUERY_FIELDS = {"query_row_ptr", "query_flat"}
 ENTRY_FIELDS = {"part_start", "part_tokens", "part_entry", "entry_query", "entry_row"}
 SLOT_FIELDS = {"token_slot", "subtree_end"}
-_QUERY_FLAT, _ENTRY_QUERY, _TOKEN_SLOT = (FIELDS.index(n) for n in ("query_flat", "entry_query",
-                                                                      "token_slot"))
+FIELD_INDEX = {name: i for i, name in enumerate(FIELDS)}
+_QUERY_FLAT, _ENTRY_QUERY, _TOKEN_SLOT = (FIELD_INDEX[n] for n in ("query_flat", "entry_query",
+                                                                 "token_slot"))
 
 
 COALESCE = 65536
@@ -133,7 +134,8 @@ class PageTable:
 
     def host_node_pages(self, tree: Tree):
         """`node_pages` as int64 numpy arrays (what the planner reads; no device round trip)."""
-        self.node_pages(tree)
+        if len(self._host[0]) != tree.num_nodes + 1:
+            self.node_pages(tree)  # raises
         return self._host
 
 
@@ -308,15 +310,21 @@ class PlanBuffers:
         self.data = torch.zeros(int(offsets[-1]), dtype=torch.int32, device=self.device)
         self.views = {n: self.data[o: o + self.capacity[n]] for n, o in zip(FIELDS, self.offsets)}
         if self.device.type == "cuda":  # pinned staging, uploaded span by span
-            self._upload = StagedUpload(self.data)
-            self._staging_host = self._upload.host
+            self.stage_through(StagedUpload(self.data))
         else:  # the CPU: the buffers are host memory, filled directly
             self._upload = None
             self._staging_host = self.data.numpy()
         self._written = [None] * len(FIELDS)  # per field: the read-only array held, or None
         self._offsets = np.array(self.offsets, dtype=np.int64)
         self._capacities = np.array([self.capacity[n] for n in FIELDS], dtype=np.int64)
-        self._starts = np.zeros(len(FIELDS), dtype=np.int64)  # `_write`'s, reused
+
+    def stage_through(self, upload) -> None:
+        """Fill through ``upload``: a `deft.staged_upload.StagedUpload` of ``data`` (what a
+        CUDA device's buffers use), or anything with its ``host`` mirror (numpy int32, as long
+        as ``data``), ``wait()`` and ``upload(spans)``: probes of the upload, and the staged
+        path tested on the CPU. The next fill writes every field."""
+        self._upload, self._staging_host = upload, upload.host
+        self._written = [None] * len(FIELDS)
 
     def fill(self, arrays: dict) -> None:
         """Copy a plan's arrays (`plan_arrays`) into the buffers; raise CapacityError if too big.
@@ -354,21 +362,16 @@ class PlanBuffers:
     def _write(self, fields: list, kept_prefix) -> list:
         """Write the fields that changed into the staging area (or the CPU buffers); return
         the ``[lo, hi)`` spans of the allocation to upload, merged across gaps <= COALESCE."""
-        written, starts = self._written, self._starts
-        for i, values in enumerate(fields):
-            last = written[i]
-            if values is last:  # read-only and already in the buffers
-                starts[i] = -1
-                continue
-            kept = 0
-            if last is not None and kept_prefix:
-                prefix = kept_prefix.get(FIELDS[i])
-                if prefix is not None and prefix[0] is last:
-                    kept = prefix[1]
-            starts[i] = kept
-            written[i] = None if values.flags.writeable else values
+        written = self._written
+        starts = [-1 if values is last else 0 for values, last in zip(fields, written)]
+        if kept_prefix:  # a prefix is kept where the buffers hold the array it is of
+            for name, (array, n) in kept_prefix.items():
+                i = FIELD_INDEX[name]
+                if not starts[i] and written[i] is array:
+                    starts[i] = n
+        self._written = [None if values.flags.writeable else values for values in fields]
         spans, too_long = write_fields(self._staging_host, self._offsets, self._capacities,
-                                       starts, COALESCE, *fields)
+                                       np.array(starts, dtype=np.int64), COALESCE, *fields)
         if too_long >= 0:
             name = FIELDS[too_long]
             raise ValueError(f"the plan's {name} holds {len(fields[too_long])} values, more "

@@ -3,15 +3,20 @@ written in turns (CPU)."""
 
 import numpy as np
 import pytest
+import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from deft import workloads as wl
-from deft.fast_plan import NodePlanner
+from deft.cache import PagedKVCache, TreeCache
+from deft.fast_plan import FAST_STRATEGIES, NodePlanner
 from deft.field_writes import most_rows, write_fields
-from deft.plan_buffers import FIELDS, PageTable, PlanBuffers
+from deft.plan import build_plan
+from deft.plan_buffers import FIELDS, PageTable, PlanBuffers, plan_arrays
 from deft.staged_upload import GRANULE, rounded_span
+from deft.tree_attention import TreeAttention
 from deft.turn_buffers import TurnBuffers
+from tests.test_compiled_plan import decode_runs, shuffled_table
 
 
 @pytest.mark.parametrize("lo,hi,n", [(0, 1, 10**6), (5, 5000, 10**6), (GRANULE, 2 * GRANULE, 10**6),
@@ -154,3 +159,56 @@ def test_most_rows_is_the_largest_step_of_the_row_pointer(row_ptr, spare):
     row_ptr = np.concatenate([[0], row_ptr, row_ptr[-1] + np.arange(spare)])
     queries = len(row_ptr) - 1 - spare
     assert most_rows(row_ptr, queries) == np.diff(row_ptr[:queries + 1]).max(initial=0)
+
+
+class MirrorUpload:
+    """The staged path of a CUDA device on the CPU: a host mirror that `PlanBuffers.fill`
+    writes, and an upload that copies the mirror's spans (rounded out as
+    `deft.staged_upload.StagedUpload.upload` rounds them) into the buffers, and nothing else."""
+
+    def __init__(self, data: torch.Tensor):
+        self.data, self.host = data, np.zeros(len(data), dtype=np.int32)
+        self.uploads = 0
+
+    def wait(self) -> None:
+        pass
+
+    def upload(self, spans) -> None:
+        for lo, hi in spans:
+            lo, hi = rounded_span(lo, hi, len(self.host))
+            self.data[lo:hi] = torch.from_numpy(self.host[lo:hi])
+            self.uploads += 1
+
+
+@settings(max_examples=60, deadline=None)
+@given(run=decode_runs(), strategy=st.sampled_from(FAST_STRATEGIES),
+       page_size=st.sampled_from([1, 3, 16]), chunk=st.sampled_from([1, 5, 32]),
+       group=st.sampled_from([None, 2]), followed=st.booleans(),
+       given_reference=st.lists(st.booleans(), min_size=8, max_size=8), seed=st.integers(0, 5))
+def test_the_staged_path_uploads_every_change_of_every_step(run, strategy, page_size, chunk,
+                                                            group, followed, given_reference,
+                                                            seed):
+    """`TreeAttention.plan` filling through a host mirror whose spans alone reach the
+    buffers (poisoned beforehand): after every step of a random decode run the buffers hold
+    the step's from-scratch encoding, so the spans a fill returns cover every value it wrote
+    (kept prefixes skipped, the node planner's arrays and a reference plan's in turn)."""
+    chunk = None if strategy == "deft_node" else chunk
+    attn = TreeAttention.for_trees(strategy, run, chunk, group, device="cpu")
+    attn.buffers.data.fill_(-77)
+    mirror = MirrorUpload(attn.buffers.data)
+    attn.buffers.stage_through(mirror)
+    cache = TreeCache(PagedKVCache(8192, page_size, 1, 4))
+    for step, tree in enumerate(run):
+        if followed:
+            cache.apply(tree)
+            table = cache
+        else:
+            table = PageTable(*shuffled_table(tree, page_size, seed + step), page_size)
+        page_ptr, pages = table.host_node_pages(tree)
+        reference = build_plan(strategy, tree, chunk, group, page_size)
+        expected = plan_arrays(reference, page_ptr, pages, flat=True)
+        attn.plan(tree, table, reference if given_reference[step % 8] else None)
+        for name in FIELDS:
+            held = attn.buffers.read(name)[:len(expected[name])]
+            np.testing.assert_array_equal(held, expected[name], err_msg=f"step {step}: {name}")
+    assert mirror.uploads >= 1
