@@ -25,9 +25,11 @@ def write_fields(host, offsets, capacity, starts, coalesce, f0, f1, f2, f3, f4, 
     host : int32 [n]
         The buffers' host array; field i lives at ``host[offsets[i]:offsets[i] +
         capacity[i]]``.
-    offsets, capacity, starts : int64 [10]
-        Each field's offset and capacity, and the first of its values to write (-1: none;
-        the values before it are in ``host`` already).
+    offsets, capacity : int64 [10]
+        Each field's offset and capacity.
+    starts : tuple of 10 ints
+        The first of each field's values to write (-1: none; the values before it are in
+        ``host`` already).
     coalesce : int
         Unused elements between two written parts that a span takes along rather than end.
     f0, ..., f9 : int [values]

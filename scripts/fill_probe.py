@@ -2,13 +2,16 @@
 """Host cost of the pieces of PlanBuffers.fill on a GPU (issue #16), and of fill itself with
 the upload of `deft.staged_upload` against the one before it, interleaved in one process.
 
-    python scripts/fill_probe.py      # CUDA only; about 30 s; prints microseconds (medians)
+    python scripts/fill_probe.py      # CUDA only; about 40 s; prints microseconds (medians),
+                                      # and writes them to $OUT/fill_probe.json where $OUT is set
 
 Each mode refills fresh buffers from the same 40 steps' plan arrays of four runs, six times
 round robin; every mode but the writes-only ones must leave the device buffers equal to the
 last plan. The ``numpy`` modes write the staging area field by field with numpy (the fill
 before `deft.field_writes`), the others in one compiled call.
 """
+import json
+import os
 import statistics
 import sys
 import time
@@ -169,3 +172,5 @@ r["stream_lookup"] = med(lambda: torch._C._cuda_getCurrentStream(0))
 r["current_stream"] = med(lambda: torch.cuda.current_stream())
 for k, v in r.items():
     print(f"{k:40s} {v:8.2f} us")
+if os.environ.get("OUT"):
+    Path(os.environ["OUT"], "fill_probe.json").write_text(json.dumps(r, indent=1))

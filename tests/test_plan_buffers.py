@@ -118,7 +118,7 @@ def test_write_fields_writes_each_field_past_its_start_and_returns_the_merged_sp
         if start >= 0:
             expected[offset + start:offset + len(values)] = values[start:]
     spans, too_long = write_fields(host, offsets, np.array(capacity, dtype=np.int64),
-                                   np.array(starts, dtype=np.int64), coalesce, *fields)
+                                   tuple(starts), coalesce, *fields)
     assert too_long == -1
     np.testing.assert_array_equal(host, expected)
     assert spans.tolist() == spans_written(offsets, [len(f) for f in fields], starts, coalesce)
@@ -130,8 +130,7 @@ def test_write_fields_refuses_a_field_past_its_capacity_before_writing_any():
     fields = [np.arange(4, dtype=np.int64) for _ in FIELDS]
     fields[6] = np.arange(5, dtype=np.int64)
     host = np.full(4 * len(FIELDS), -7, dtype=np.int32)
-    spans, too_long = write_fields(host, offsets, capacity, np.zeros(len(FIELDS), np.int64), 0,
-                                   *fields)
+    spans, too_long = write_fields(host, offsets, capacity, (0,) * len(FIELDS), 0, *fields)
     assert too_long == 6 and len(spans) == 0
     assert (host == -7).all()
 
