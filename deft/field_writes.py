@@ -6,7 +6,7 @@ to be written (its kept prefix skipped; a field the buffers already hold not at 
 (the pinned staging mirror of `deft.staged_upload` on a CUDA device, the buffers themselves on
 the CPU) and returns the spans written, merged across small gaps, for the upload. numpy took a
 slice assignment (0.4-1 us) per field and Python the spans' bookkeeping. `most_rows` reads
-one field back the same way for `deft.TreeAttention.plan` (its merge's row block), where
+one field of a plan's arrays for `deft.TreeAttention.plan` (its merge's row block), where
 numpy took three calls.
 """
 
