@@ -26,6 +26,7 @@ from deft.kernels.tree_attention_op import check_runnable, launch_tree_attention
 from deft.kernels.tuned import reuse_key, tuned_plan
 from deft.bound_run import BoundRun, RunCache, argument_key, check_inputs
 from deft.fast_plan import FAST_STRATEGIES, NodePlanner
+from deft.field_writes import most_rows
 from deft.plan_buffers import (
     PATH_STRATEGIES,
     PlanBuffers,
@@ -265,8 +266,7 @@ class TreeAttention:
             page_size=page_size, num_queries=num_queries, num_partitions=num_partitions,
             num_entries=entries,
             per_query_merge=per_query_merge(num_queries, entries, sm_count),
-            merge_block=merge_block(int((row_ptr[1:num_queries + 1]
-                                         - row_ptr[:num_queries]).max(initial=0))),
+            merge_block=merge_block(most_rows(row_ptr, num_queries)),
             small_grid=self.backend == "gluon"
             and num_partitions * tree.attention.kv_heads <= sm_count,
             max_slot=arrays["max_slot"], generation=self._generation, owner=self,

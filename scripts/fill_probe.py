@@ -2,11 +2,16 @@
 """Host cost of the pieces of PlanBuffers.fill on a GPU (issue #16), and of fill itself with
 the upload of `deft.staged_upload` against the one before it, interleaved in one process.
 
-    python scripts/fill_probe.py      # CUDA only; about 30 s; prints microseconds (medians)
+    python scripts/fill_probe.py      # CUDA only; about 40 s; prints microseconds (medians),
+                                      # and writes them to $OUT/fill_probe.json where $OUT is set
 
 Each mode refills fresh buffers from the same 40 steps' plan arrays of four runs, six times
-round robin; every mode but writes_only must leave the device buffers equal to the last plan.
+round robin; every mode but the writes-only ones must leave the device buffers equal to the
+last plan. The ``numpy`` modes write the staging area field by field with numpy (the fill
+before `deft.field_writes`), the others in one compiled call.
 """
+import json
+import os
 import statistics
 import sys
 import time
@@ -88,9 +93,37 @@ class NoUpload(StagedUpload):
         pass
 
 
-MODES = {"legacy": (LegacyUpload, 16384), "cached": (StagedUpload, 16384),
-         "cached_c64k": (StagedUpload, 65536), "one_copy": (StagedUpload, 10**9),
-         "writes_only": (NoUpload, 16384)}
+class NumpyWrites(plan_buffers.PlanBuffers):
+    """The staging writes before deft.field_writes: a numpy slice assignment per field."""
+
+    def _write(self, fields, kept_prefix):
+        kept_prefix, spans = kept_prefix or {}, []
+        for i, (name, offset) in enumerate(zip(plan_buffers.FIELDS, self.offsets)):
+            values, last = fields[i], self._written[i]
+            if values is last:
+                continue
+            kept = 0
+            if last is not None and name in kept_prefix and kept_prefix[name][0] is last:
+                kept = kept_prefix[name][1]
+            hi = offset + len(values)
+            if hi > offset + kept:
+                lo = offset + kept
+                self._staging_host[lo:hi] = values[kept:] if kept else values
+                if spans and lo - spans[-1][1] <= plan_buffers.COALESCE:
+                    spans[-1][1] = hi
+                else:
+                    spans.append([lo, hi])
+            self._written[i] = None if values.flags.writeable else values
+        return spans
+
+
+BUFFERS = plan_buffers.PlanBuffers
+MODES = {"legacy": (BUFFERS, LegacyUpload, 16384), "cached": (BUFFERS, StagedUpload, 16384),
+         "cached_c64k": (BUFFERS, StagedUpload, 65536),
+         "numpy_c64k": (NumpyWrites, StagedUpload, 65536),
+         "one_copy": (BUFFERS, StagedUpload, 10**9),
+         "writes_only": (BUFFERS, NoUpload, 16384),
+         "numpy_writes_only": (NumpyWrites, NoUpload, 16384)}
 runs = {"fewshot_b20": wl.fewshot(4000, 20, 400), "fewshot_b256_P55296": wl.fewshot(55296, 256, 40)}
 for name in ("keywordToT", "spec_t256"):
     try:
@@ -118,11 +151,10 @@ for run_name, run in runs.items():
                                               chunk, group))
     fills = {m: [] for m in MODES}
     for rep in range(6):
-        for mode, (kind, coalesce) in MODES.items():
+        for mode, (buffers, kind, coalesce) in MODES.items():
             plan_buffers.COALESCE = coalesce
-            buf = plan_buffers.PlanBuffers(queries, ta.max_entries, 2 * big.num_tokens, True, dev)
-            buf._upload = kind(buf.data)
-            buf._staging_host = buf._upload.host
+            buf = buffers(queries, ta.max_entries, 2 * big.num_tokens, True, dev)
+            buf.stage_through(kind(buf.data))
             for a in arrays:
                 torch.cuda.synchronize()
                 t = time.perf_counter_ns()
@@ -132,7 +164,7 @@ for run_name, run in runs.items():
             got = buf.data.cpu().numpy()
             for field, off in zip(plan_buffers.FIELDS, buf.offsets):
                 want = np.asarray(arrays[-1][field])
-                if mode != "writes_only" and not (got[off:off + len(want)] == want).all():
+                if "writes_only" not in mode and not (got[off:off + len(want)] == want).all():
                     raise SystemExit(f"{run_name} {mode}: field {field} differs after the fills")
     for mode, v in fills.items():
         r[f"fill_{mode}_{run_name}"] = round(statistics.median(v), 2)
@@ -140,3 +172,5 @@ r["stream_lookup"] = med(lambda: torch._C._cuda_getCurrentStream(0))
 r["current_stream"] = med(lambda: torch.cuda.current_stream())
 for k, v in r.items():
     print(f"{k:40s} {v:8.2f} us")
+if os.environ.get("OUT"):
+    Path(os.environ["OUT"], "fill_probe.json").write_text(json.dumps(r, indent=1))

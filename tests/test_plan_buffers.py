@@ -3,14 +3,20 @@ written in turns (CPU)."""
 
 import numpy as np
 import pytest
+import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from deft import workloads as wl
-from deft.fast_plan import NodePlanner
-from deft.plan_buffers import FIELDS, PageTable, PlanBuffers
+from deft.cache import PagedKVCache, TreeCache
+from deft.fast_plan import FAST_STRATEGIES, NodePlanner
+from deft.field_writes import most_rows, write_fields
+from deft.plan import build_plan
+from deft.plan_buffers import FIELDS, PageTable, PlanBuffers, plan_arrays
 from deft.staged_upload import GRANULE, rounded_span
+from deft.tree_attention import TreeAttention
 from deft.turn_buffers import TurnBuffers
+from tests.test_compiled_plan import decode_runs, shuffled_table
 
 
 @pytest.mark.parametrize("lo,hi,n", [(0, 1, 10**6), (5, 5000, 10**6), (GRANULE, 2 * GRANULE, 10**6),
@@ -66,3 +72,142 @@ def test_turn_buffers_give_each_step_its_values_and_keep_the_last_one(steps):
         assert done is turns.latest and not done.flags.writeable
         np.testing.assert_array_equal(done, values)
         latest = values
+
+
+FIELD_TYPES = {"int64 everywhere": [np.int64] * len(FIELDS),  # plan_arrays' fields
+               "the node planner's": [np.int32 if name in ("entry_query", "entry_row",
+                                                           "subtree_end") else np.int64
+                                      for name in FIELDS]}
+
+
+def spans_written(offsets, sizes, starts, coalesce):
+    """The oracle of the spans: each written part ``[offset + start, offset + size)``, field
+    by field, merged into the last span where the gap before it is at most ``coalesce``."""
+    spans = []
+    for offset, size, start in zip(offsets, sizes, starts):
+        lo, hi = offset + start, offset + size
+        if start < 0 or hi <= lo:
+            continue
+        if spans and lo - spans[-1][1] <= coalesce:
+            spans[-1][1] = hi
+        else:
+            spans.append([lo, hi])
+    return spans
+
+
+@settings(max_examples=200, deadline=None)
+@given(data=st.data(), types=st.sampled_from(sorted(FIELD_TYPES)),
+       coalesce=st.sampled_from([0, 3, 40, 10**6]))
+def test_write_fields_writes_each_field_past_its_start_and_returns_the_merged_spans(
+        data, types, coalesce):
+    """Every field with a start >= 0 lands at its offset from its start on (int32, whatever
+    its type), nothing else of the host array changes, and the spans are the written parts
+    merged across gaps of at most ``coalesce``."""
+    capacity = data.draw(st.lists(st.integers(1, 30), min_size=len(FIELDS),
+                                  max_size=len(FIELDS)))
+    offsets = np.concatenate([[0], np.cumsum(capacity)[:-1]]).astype(np.int64)
+    fields, starts = [], []
+    for cap, dtype in zip(capacity, FIELD_TYPES[types]):
+        size = data.draw(st.integers(0, cap))
+        fields.append(np.array(data.draw(st.lists(st.integers(-2**31, 2**31 - 1),
+                                                  min_size=size, max_size=size)), dtype=dtype))
+        starts.append(data.draw(st.integers(-1, size)))
+    host = np.random.default_rng(len(fields[0])).integers(-99, 99, sum(capacity)).astype(np.int32)
+    expected = host.copy()
+    for values, offset, start in zip(fields, offsets, starts):
+        if start >= 0:
+            expected[offset + start:offset + len(values)] = values[start:]
+    spans, too_long = write_fields(host, offsets, np.array(capacity, dtype=np.int64),
+                                   tuple(starts), coalesce, *fields)
+    assert too_long == -1
+    np.testing.assert_array_equal(host, expected)
+    assert spans.tolist() == spans_written(offsets, [len(f) for f in fields], starts, coalesce)
+
+
+def test_write_fields_refuses_a_field_past_its_capacity_before_writing_any():
+    capacity = np.full(len(FIELDS), 4, dtype=np.int64)
+    offsets = np.arange(len(FIELDS), dtype=np.int64) * 4
+    fields = [np.arange(4, dtype=np.int64) for _ in FIELDS]
+    fields[6] = np.arange(5, dtype=np.int64)
+    host = np.full(4 * len(FIELDS), -7, dtype=np.int32)
+    spans, too_long = write_fields(host, offsets, capacity, (0,) * len(FIELDS), 0, *fields)
+    assert too_long == 6 and len(spans) == 0
+    assert (host == -7).all()
+
+
+def test_fill_names_a_field_longer_than_its_buffer_and_writes_it_whole_next_time():
+    tree = wl.star(3, 100, 5)
+    page_ptr = np.arange(tree.num_nodes + 1) * 128
+    page_ptr, pages = PageTable(page_ptr, np.arange(page_ptr[-1]), 1).host_node_pages(tree)
+    arrays = NodePlanner("deft_flatten").arrays(tree, page_ptr, pages, 1, 64, None)
+    buffers = PlanBuffers(8, 64, 512, True, "cpu")
+    buffers.fill(arrays)
+    broken = dict(arrays, counts=np.arange(3))
+    with pytest.raises(ValueError, match="counts holds 3 values, more than its buffer's 2"):
+        buffers.fill(broken)
+    buffers.data.zero_()  # whatever the buffers held, the next fill writes every field
+    buffers.fill(arrays)
+    for name in FIELDS:
+        np.testing.assert_array_equal(buffers.read(name)[:len(arrays[name])], arrays[name],
+                                      err_msg=name)
+
+
+@given(row_ptr=st.lists(st.integers(0, 50), min_size=1, max_size=20).map(np.cumsum),
+       spare=st.integers(0, 3))
+def test_most_rows_is_the_largest_step_of_the_row_pointer(row_ptr, spare):
+    row_ptr = np.concatenate([[0], row_ptr, row_ptr[-1] + np.arange(spare)])
+    queries = len(row_ptr) - 1 - spare
+    assert most_rows(row_ptr, queries) == np.diff(row_ptr[:queries + 1]).max(initial=0)
+
+
+class MirrorUpload:
+    """The staged path of a CUDA device on the CPU: a host mirror that `PlanBuffers.fill`
+    writes, and an upload that copies the mirror's spans (rounded out as
+    `deft.staged_upload.StagedUpload.upload` rounds them) into the buffers, and nothing else."""
+
+    def __init__(self, data: torch.Tensor):
+        self.data, self.host = data, np.zeros(len(data), dtype=np.int32)
+        self.uploads = 0
+
+    def wait(self) -> None:
+        pass
+
+    def upload(self, spans) -> None:
+        for lo, hi in spans:
+            lo, hi = rounded_span(lo, hi, len(self.host))
+            self.data[lo:hi] = torch.from_numpy(self.host[lo:hi])
+            self.uploads += 1
+
+
+@settings(max_examples=60, deadline=None)
+@given(run=decode_runs(), strategy=st.sampled_from(FAST_STRATEGIES),
+       page_size=st.sampled_from([1, 3, 16]), chunk=st.sampled_from([1, 5, 32]),
+       group=st.sampled_from([None, 2]), followed=st.booleans(),
+       given_reference=st.lists(st.booleans(), min_size=8, max_size=8), seed=st.integers(0, 5))
+def test_the_staged_path_uploads_every_change_of_every_step(run, strategy, page_size, chunk,
+                                                            group, followed, given_reference,
+                                                            seed):
+    """`TreeAttention.plan` filling through a host mirror whose spans alone reach the
+    buffers (poisoned beforehand): after every step of a random decode run the buffers hold
+    the step's from-scratch encoding, so the spans a fill returns cover every value it wrote
+    (kept prefixes skipped, the node planner's arrays and a reference plan's in turn)."""
+    chunk = None if strategy == "deft_node" else chunk
+    attn = TreeAttention.for_trees(strategy, run, chunk, group, device="cpu")
+    attn.buffers.data.fill_(-77)
+    mirror = MirrorUpload(attn.buffers.data)
+    attn.buffers.stage_through(mirror)
+    cache = TreeCache(PagedKVCache(8192, page_size, 1, 4))
+    for step, tree in enumerate(run):
+        if followed:
+            cache.apply(tree)
+            table = cache
+        else:
+            table = PageTable(*shuffled_table(tree, page_size, seed + step), page_size)
+        page_ptr, pages = table.host_node_pages(tree)
+        reference = build_plan(strategy, tree, chunk, group, page_size)
+        expected = plan_arrays(reference, page_ptr, pages, flat=True)
+        attn.plan(tree, table, reference if given_reference[step % 8] else None)
+        for name in FIELDS:
+            held = attn.buffers.read(name)[:len(expected[name])]
+            np.testing.assert_array_equal(held, expected[name], err_msg=f"step {step}: {name}")
+    assert mirror.uploads >= 1
