@@ -14,6 +14,8 @@
 # 3. plan: scripts/plan_overhead.py --device cuda --check on four runs' first 20 steps (the
 #    device buffers read back after every step and compared with the normative plan's: the
 #    reads distort the times), then timed over the first 40 steps of every run;
+#    with FILL_PROBE=1 also scripts/fill_probe.py (the fill's pieces and its modes, the
+#    compiled writes against numpy's, interleaved in one process: $OUT/fill_probe.json);
 # 4. bench: deft-cli bench BENCH_ARGS (default: --timing eager, L2 flushed, DeFT-Flatten and
 #    the peers on the six anchors at 32/8; e.g. BENCH_ARGS="--timing eager --heads 32/8,4/1"),
 #    last: FlashInfer's JIT costs about 25 s per FlashInfer method cold; BENCH_ARGS=none skips it.
@@ -54,6 +56,7 @@ fi
 step plan_check "${CHECK_SECONDS:-30}" python3 scripts/plan_overhead.py --device cuda --steps 20 \
   --runs fewshot_b20,spec_t256,spec_t256_P63000,fewshot_b256_P55296 --check
 step plan_overhead 45 env OUT="$out" python3 scripts/plan_overhead.py --device cuda --steps 40
+[ -n "${FILL_PROBE:-}" ] && step fill_probe 120 env OUT="$out" python3 scripts/fill_probe.py
 read -r -a bench_args <<< "${BENCH_ARGS:---timing eager --heads 32/8}"
 [ "${bench_args[*]}" = none ] && exit $status
 step bench "${BENCH_SECONDS:-300}" python3 -m cli bench "${bench_args[@]}" \
