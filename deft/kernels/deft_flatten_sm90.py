@@ -74,7 +74,7 @@ from deft.kernels import gluon_compat as gc
 from deft.kernels.deft_flatten_sm90_backend import gluon_supported, resolve_backend  # noqa: F401
 from deft.kernels.deft_flatten_sm90_pipelined import consumer_pipelined
 from deft.kernels.deft_flatten_sm90_serial import consumer_serial
-from deft.kernels.deft_flatten_sm90_tiles import real_rows, work_item
+from deft.kernels.deft_flatten_sm90_tiles import first_work_item, real_rows, work_item_at
 from deft.kernels.fill import multiprocessors
 from deft.kernels.gluon_compat import HAS_GLUON
 
@@ -130,6 +130,12 @@ written; the partial rows are stored after that wait, so a merge still reading t
 partials is done with them. After a copy (a plan upload) or as a graph's first node the launch
 is an ordinary one. A `TreeAttention` captures its launches in CUDA graphs, so change it
 before its first `run`."""
+PREFETCH_ITEM = False
+"""True: the producer loads its first work item's plan data beside the item count
+(`deft.kernels.deft_flatten_sm90_tiles.first_work_item`), so the chain before its first
+copies is one global load shorter (most programs of a small grid run one item). Not where a
+query tile holds one query (GROUP > BLOCK_M / 2): the five values held across the item loop
+spill the producer's 96 registers there."""
 PIPELINE = False
 """True: the consumer's tile loop is software-pipelined
 (`deft.kernels.deft_flatten_sm90_pipelined`): tile j's Q K^T is issued before tile j-1's P V,
@@ -179,7 +185,8 @@ if HAS_GLUON:
                   HEAD_DIM: gl.constexpr,
                   BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr, NUM_STAGES: gl.constexpr,
                   Q_STAGES: gl.constexpr, SLOT_AHEAD: gl.constexpr, PIPELINE: gl.constexpr,
-                  WAIT_FOR_PRIOR_GRID: gl.constexpr, WARPS: gl.constexpr):
+                  WAIT_FOR_PRIOR_GRID: gl.constexpr, PREFETCH_ITEM: gl.constexpr,
+                  WARPS: gl.constexpr):
         QUERIES_PER_TILE: gl.constexpr = BLOCK_M // GROUP_PAD
         VEC: gl.constexpr = 8  # 16-byte copies of 16-bit elements
         TPR: gl.constexpr = HEAD_DIM // VEC  # threads along a row
@@ -191,12 +198,14 @@ if HAS_GLUON:
         dims = gl.arange(0, HEAD_DIM, layout=gl.SliceLayout(0, copy_layout))
         cols = gl.arange(0, BLOCK_N, layout=vec_layout)
         m_rows = gl.arange(0, BLOCK_M, layout=vec_layout)
-        num_items = gl.load(counts_ptr) * KV_HEADS
+        num_items, first, f_head, f_start, f_tokens, f_lo, f_hi = first_work_item(
+            counts_ptr, part_start_ptr, part_tokens_ptr, part_entry_ptr, KV_HEADS, PREFETCH_ITEM)
         it = 0
         qt = 0
         for item in range(gl.program_id(0), num_items, gl.num_programs(0)):
-            kv_head, token_start, num_tokens, entry_lo, entry_hi = work_item(
-                item, part_start_ptr, part_tokens_ptr, part_entry_ptr, KV_HEADS)
+            kv_head, token_start, num_tokens, entry_lo, entry_hi = work_item_at(
+                item, first, f_head, f_start, f_tokens, f_lo, f_hi, part_start_ptr,
+                part_tokens_ptr, part_entry_ptr, KV_HEADS)
             # (PIPELINE) at least one tile a query tile, all masked if the partition is empty
             span = gl.maximum(num_tokens, 1) if PIPELINE else num_tokens
             k_head = k_ptr + kv_head.to(gl.int64) * stride_kh
@@ -298,7 +307,7 @@ if HAS_GLUON:
         SLOT_AHEAD: gl.constexpr, MASK_FREE: gl.constexpr, PIPELINE: gl.constexpr,
         PRODUCER_WARPS: gl.constexpr, PRODUCER_REGS: gl.constexpr,
         EARLY_DEPENDENTS: gl.constexpr, WAIT_FOR_PRIOR_GRID: gl.constexpr,
-        num_warps: gl.constexpr,
+        PREFETCH_ITEM: gl.constexpr, num_warps: gl.constexpr,
     ):
         if EARLY_DEPENDENTS:  # the merge may launch now; griddepcontrol.wait holds it back
             gl.inline_asm_elementwise("griddepcontrol.launch_dependents; // $0", "=r", [],
@@ -347,7 +356,7 @@ if HAS_GLUON:
                          q_ready, q_empty, k_ready, v_ready, empty, v_empty,
                          KV_HEADS, GROUP, GROUP_PAD, HEAD_DIM, BLOCK_M, BLOCK_N, NUM_STAGES,
                          Q_STAGES, SLOT_AHEAD, PIPELINE, WAIT_FOR_PRIOR_GRID,
-                         PRODUCER_WARPS)),
+                         PREFETCH_ITEM, PRODUCER_WARPS)),
         ], [PRODUCER_WARPS], [PRODUCER_REGS])
 else:  # pragma: no cover - no Gluon in this triton
     _partials_sm90_kernel = None
@@ -361,7 +370,8 @@ def constexprs(kv_heads: int, group: int, head_dim: int, **overrides) -> dict:
                   THRESHOLD=RESCALE_THRESHOLD, LAZY=LAZY_RESCALE, SLOT_AHEAD=SLOT_AHEAD,
                   MASK_FREE=MASK_FREE, PIPELINE=PIPELINE, PRODUCER_WARPS=PRODUCER_WARPS,
                   PRODUCER_REGS=PRODUCER_REGS, EARLY_DEPENDENTS=EARLY_DEPENDENTS,
-                  WAIT_FOR_PRIOR_GRID=PDL_PARTIALS)
+                  WAIT_FOR_PRIOR_GRID=PDL_PARTIALS,
+                  PREFETCH_ITEM=PREFETCH_ITEM and group <= BLOCK_M // 2)
     values.update(overrides)
     return values
 

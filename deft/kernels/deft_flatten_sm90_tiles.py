@@ -25,6 +25,40 @@ if HAS_GLUON:
                 gl.load(part_entry_ptr + part), gl.load(part_entry_ptr + part + 1))
 
     @gluon.jit
+    def first_work_item(counts_ptr, part_start_ptr, part_tokens_ptr, part_entry_ptr,
+                        KV_HEADS: gl.constexpr, PREFETCH: gl.constexpr):
+        """(work items of the plan, this program's first item or -1, that item's `work_item`).
+
+        With PREFETCH the first item's plan data are loaded beside the item count, not after
+        it: ``program_id < grid <= max_entries x KV_HEADS`` (`TreeAttention._num_programs`),
+        so the partition index is within the buffers whatever the plan; without, the five
+        values are placeholders and the first item is -1 (every item is loaded in the loop,
+        `work_item_at`)."""
+        pid = gl.program_id(0)
+        if PREFETCH:
+            kv_head, start, tokens, lo, hi = work_item(pid, part_start_ptr, part_tokens_ptr,
+                                                       part_entry_ptr, KV_HEADS)
+            first = pid
+        else:
+            kv_head = pid * 0
+            start = kv_head
+            tokens = kv_head
+            lo = kv_head
+            hi = kv_head
+            first = kv_head - 1
+        return gl.load(counts_ptr) * KV_HEADS, first, kv_head, start, tokens, lo, hi
+
+    @gluon.jit
+    def work_item_at(item, first, kv_head, start, tokens, lo, hi, part_start_ptr,
+                     part_tokens_ptr, part_entry_ptr, KV_HEADS: gl.constexpr):
+        """`work_item` of ``item``: the values given where it is ``first`` (loaded ahead by
+        `first_work_item`), else loaded."""
+        if item != first:
+            kv_head, start, tokens, lo, hi = work_item(item, part_start_ptr, part_tokens_ptr,
+                                                       part_entry_ptr, KV_HEADS)
+        return kv_head, start, tokens, lo, hi
+
+    @gluon.jit
     def real_rows(rows, entry0, entry_hi, QUERIES_PER_TILE: gl.constexpr, GROUP: gl.constexpr,
                   GROUP_PAD: gl.constexpr):
         """Whether each row of a query tile (rows = query slot x GROUP_PAD + head, the tile's
@@ -111,5 +145,5 @@ if HAS_GLUON:
         o = acc / gl.convert_layout(l_safe, o_rows_layout)[:, None]
         gl.store(o_part_ptr + o_off[:, None] + o_dims[None, :], o, mask=o_ok[:, None])
 else:  # pragma: no cover - no Gluon in this triton
-    work_item = real_rows = query_span = mask_unless_whole = mask_tile = online_softmax = None
+    work_item = first_work_item = work_item_at = real_rows = query_span = mask_unless_whole = mask_tile = online_softmax = None
     row_results = store_rows = None
