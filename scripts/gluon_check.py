@@ -101,8 +101,9 @@ VARIANTS = {
     # the partials kernel launched plainly, not as a programmatic dependent of the kernel
     # before it (the previous call's merge, in a graph of several calls)
     "no_pdl_partials": dict(PDL_PARTIALS=False),
-    # the producer loads its first work item's plan data beside the item count
-    "prefetch_item": dict(PREFETCH_ITEM=True),
+    # the producer loads each item's plan data after the item count (the default before
+    # session 10's PREFETCH_ITEM)
+    "no_prefetch_item": dict(PREFETCH_ITEM=False),
 }
 VARIANT_MODULES = (sm90, reduction)
 """Where a variant's attributes live: each in the first of these modules that has it."""

@@ -54,7 +54,7 @@ MODULE_VARIANTS = {
     "masked": (dict(MASK_FREE=False), 2),
     "pipe_n32s4": (dict(PIPELINE=True, BLOCK_N=32, NUM_STAGES=4, SMALL_GRID_PIPELINE=False), 2),
     "no_pdl_partials": (dict(PDL_PARTIALS=False), 2),
-    "prefetch_item": (dict(PREFETCH_ITEM=True), 2),
+    "no_prefetch_item": (dict(PREFETCH_ITEM=False), 2),
 }
 
 

@@ -130,12 +130,15 @@ written; the partial rows are stored after that wait, so a merge still reading t
 partials is done with them. After a copy (a plan upload) or as a graph's first node the launch
 is an ordinary one. A `TreeAttention` captures its launches in CUDA graphs, so change it
 before its first `run`."""
-PREFETCH_ITEM = False
+PREFETCH_ITEM = True
 """True: the producer loads its first work item's plan data beside the item count
 (`deft.kernels.deft_flatten_sm90_tiles.first_work_item`), so the chain before its first
 copies is one global load shorter (most programs of a small grid run one item). Not where a
 query tile holds one query (GROUP > BLOCK_M / 2): the five values held across the item loop
-spill the producer's 96 registers there."""
+spill the producer's 96 registers there. Measured on an H200 (scripts/gluon_check.py
+--variants, session 10, graph of 4 calls, 18 cells at 32/8, 8/1 and 4/1): 0.987x the time by
+geomean, faster on 13 (reason_10x500 9.56 / 9.97 us at 4/1, spec_t256 60.63 / 63.38 at 32/8),
+slower on 4 (fewshot_b50 at 4/1 12.86 / 12.23)."""
 PIPELINE = False
 """True: the consumer's tile loop is software-pipelined
 (`deft.kernels.deft_flatten_sm90_pipelined`): tile j's Q K^T is issued before tile j-1's P V,
