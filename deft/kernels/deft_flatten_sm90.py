@@ -9,8 +9,9 @@ online softmax in fp32, and the partial rows (normalised o, natural-log lse) wri
 
 Structure (one CTA = 8 warps; persistent over work items like the Triton kernel):
 
-- a producer partition (a warpgroup of 4 warps, few registers) walks the same item / query-tile
-  / KV-tile loops as the consumer and does all the address work and every load. Per query tile
+- a producer partition (a warpgroup of 4 warps, few registers;
+  `deft.kernels.deft_flatten_sm90_producer`) walks the same item / query-tile / KV-tile loops
+  as the consumer and does all the address work and every load. Per query tile
   it gathers the Q rows (query slot x GROUP + head) and the rows' ``query_flat`` and
   ``entry_row`` into one of Q_STAGES shared buffers; per KV tile of BLOCK_N tokens it reads the
   tokens' cache slots one tile ahead and gathers the K rows, then the V rows, with cp.async
@@ -73,8 +74,8 @@ import torch
 from deft.kernels import gluon_compat as gc
 from deft.kernels.deft_flatten_sm90_backend import gluon_supported, resolve_backend  # noqa: F401
 from deft.kernels.deft_flatten_sm90_pipelined import consumer_pipelined
+from deft.kernels.deft_flatten_sm90_producer import producer
 from deft.kernels.deft_flatten_sm90_serial import consumer_serial
-from deft.kernels.deft_flatten_sm90_tiles import first_work_item, real_rows, work_item_at
 from deft.kernels.fill import multiprocessors
 from deft.kernels.gluon_compat import HAS_GLUON
 
@@ -172,101 +173,7 @@ def fits(q, k_cache, flat: bool) -> bool:
 
 if HAS_GLUON:
     gluon, gl = gc.gluon, gc.gl
-    mbarrier, async_copy = gc.mbarrier, gc.async_copy
-    fence_async_shared = gc.fence_async_shared
-    warpgroup_mma, warpgroup_mma_wait = gc.warpgroup_mma, gc.warpgroup_mma_wait
-    async_load, cta_barrier = gc.async_load, gc.cta_barrier
-
-    @gluon.jit
-    def _producer(q_ptr, k_ptr, v_ptr, counts_ptr, part_start_ptr, part_tokens_ptr,
-                  part_entry_ptr, entry_query_ptr, entry_row_ptr, query_flat_ptr,
-                  token_slot_ptr, subtree_end_ptr,
-                  stride_qn, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh,
-                  q_smem, qf_smem, row_smem, k_smem, v_smem, end_smem,
-                  q_ready, q_empty, k_ready, v_ready, empty, v_empty,
-                  KV_HEADS: gl.constexpr, GROUP: gl.constexpr, GROUP_PAD: gl.constexpr,
-                  HEAD_DIM: gl.constexpr,
-                  BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr, NUM_STAGES: gl.constexpr,
-                  Q_STAGES: gl.constexpr, SLOT_AHEAD: gl.constexpr, PIPELINE: gl.constexpr,
-                  WAIT_FOR_PRIOR_GRID: gl.constexpr, PREFETCH_ITEM: gl.constexpr,
-                  WARPS: gl.constexpr):
-        QUERIES_PER_TILE: gl.constexpr = BLOCK_M // GROUP_PAD
-        VEC: gl.constexpr = 8  # 16-byte copies of 16-bit elements
-        TPR: gl.constexpr = HEAD_DIM // VEC  # threads along a row
-        copy_layout: gl.constexpr = gl.BlockedLayout([1, VEC], [32 // TPR, TPR], [WARPS, 1],
-                                                     [1, 0])
-        vec_layout: gl.constexpr = gl.BlockedLayout([1], [32], [WARPS], [0])
-        tile_rows = gl.arange(0, BLOCK_N, layout=gl.SliceLayout(1, copy_layout))
-        q_rows = gl.arange(0, BLOCK_M, layout=gl.SliceLayout(1, copy_layout))
-        dims = gl.arange(0, HEAD_DIM, layout=gl.SliceLayout(0, copy_layout))
-        cols = gl.arange(0, BLOCK_N, layout=vec_layout)
-        m_rows = gl.arange(0, BLOCK_M, layout=vec_layout)
-        num_items, first, f_head, f_start, f_tokens, f_lo, f_hi = first_work_item(
-            counts_ptr, part_start_ptr, part_tokens_ptr, part_entry_ptr, KV_HEADS, PREFETCH_ITEM)
-        it = 0
-        qt = 0
-        for item in range(gl.program_id(0), num_items, gl.num_programs(0)):
-            kv_head, token_start, num_tokens, entry_lo, entry_hi = work_item_at(
-                item, first, f_head, f_start, f_tokens, f_lo, f_hi, part_start_ptr,
-                part_tokens_ptr, part_entry_ptr, KV_HEADS)
-            # (PIPELINE) at least one tile a query tile, all masked if the partition is empty
-            span = gl.maximum(num_tokens, 1) if PIPELINE else num_tokens
-            k_head = k_ptr + kv_head.to(gl.int64) * stride_kh
-            v_head = v_ptr + kv_head.to(gl.int64) * stride_vh
-            slot_base = token_slot_ptr + token_start
-            end_base = subtree_end_ptr + token_start
-            for entry0 in range(entry_lo, entry_hi, QUERIES_PER_TILE):
-                # the query tile (rows = query slot x GROUP_PAD + head) and its rows' plan data
-                q_entry = entry0 + q_rows // GROUP_PAD
-                q_ok = real_rows(q_rows, entry0, entry_hi, QUERIES_PER_TILE, GROUP, GROUP_PAD)
-                query = gl.load(entry_query_ptr + q_entry, mask=q_ok, other=0)
-                q_off = (query.to(gl.int64) * stride_qn
-                         + (kv_head * GROUP + q_rows % GROUP_PAD) * stride_qh)
-                m_entry = entry0 + m_rows // GROUP_PAD
-                m_ok = real_rows(m_rows, entry0, entry_hi, QUERIES_PER_TILE, GROUP, GROUP_PAD)
-                m_query = gl.load(entry_query_ptr + m_entry, mask=m_ok, other=0)
-                # the first KV tile's slots (and the second's), loaded before waiting for a
-                # free stage
-                row = tile_rows
-                slot = gl.load(slot_base + row, mask=row < num_tokens, other=0)
-                if SLOT_AHEAD == 2:
-                    ahead = row + BLOCK_N
-                    slot_ahead = gl.load(slot_base + ahead, mask=ahead < num_tokens, other=0)
-                if WAIT_FOR_PRIOR_GRID:  # Q and K/V may be the prior kernel's output
-                    gl.inline_asm_elementwise("griddepcontrol.wait; // $0", "=r", [],
-                                              dtype=gl.int32, is_pure=False, pack=1)
-                qs = qt % Q_STAGES
-                mbarrier.wait(q_empty.index(qs), ((qt // Q_STAGES) & 1) ^ 1)
-                async_load(q_smem.index(qs), q_ptr + q_off[:, None] + dims[None, :],
-                           mask=q_ok[:, None])
-                async_load(qf_smem.index(qs), query_flat_ptr + m_query, mask=m_ok)
-                async_load(row_smem.index(qs), entry_row_ptr + m_entry, mask=m_ok)
-                async_copy.mbarrier_arrive(q_ready.index(qs), increment_count=False)
-                qt += 1
-                for n0 in range(0, span, BLOCK_N):
-                    ok = row < num_tokens
-                    k_ptrs = k_head + (slot.to(gl.int64)[:, None] * stride_kt + dims[None, :])
-                    v_ptrs = v_head + (slot.to(gl.int64)[:, None] * stride_vt + dims[None, :])
-                    # the next tile's slots, SLOT_AHEAD iterations ahead (hidden behind this
-                    # tile, or this tile and the next)
-                    row = row + BLOCK_N
-                    if SLOT_AHEAD == 2:
-                        slot = slot_ahead
-                        ahead = row + BLOCK_N
-                        slot_ahead = gl.load(slot_base + ahead, mask=ahead < num_tokens, other=0)
-                    else:
-                        slot = gl.load(slot_base + row, mask=row < num_tokens, other=0)
-                    stage = it % NUM_STAGES
-                    mbarrier.wait(empty.index(stage), ((it // NUM_STAGES) & 1) ^ 1)
-                    col = n0 + cols
-                    async_load(end_smem.index(stage), end_base + col, mask=col < num_tokens)
-                    async_load(k_smem.index(stage), k_ptrs, mask=ok[:, None])
-                    async_copy.mbarrier_arrive(k_ready.index(stage), increment_count=False)
-                    if PIPELINE:  # V stages are released apart from K stages
-                        mbarrier.wait(v_empty.index(stage), ((it // NUM_STAGES) & 1) ^ 1)
-                    async_load(v_smem.index(stage), v_ptrs, mask=ok[:, None])
-                    async_copy.mbarrier_arrive(v_ready.index(stage), increment_count=False)
-                    it += 1
+    mbarrier = gc.mbarrier
 
     @gluon.jit
     def _consumer(o_part_ptr, lse_part_ptr, counts_ptr, part_start_ptr, part_tokens_ptr,
@@ -351,7 +258,7 @@ if HAS_GLUON:
                          q_ready, q_empty, k_ready, v_ready, empty, v_empty,
                          KV_HEADS, GROUP, GROUP_PAD, HEAD_DIM, BLOCK_M, BLOCK_N, NUM_STAGES,
                          Q_STAGES, THRESHOLD, LAZY, MASK_FREE, PIPELINE, dtype, num_warps)),
-            (_producer, (q_ptr, k_ptr, v_ptr, counts_ptr, part_start_ptr, part_tokens_ptr,
+            (producer, (q_ptr, k_ptr, v_ptr, counts_ptr, part_start_ptr, part_tokens_ptr,
                          part_entry_ptr, entry_query_ptr, entry_row_ptr, query_flat_ptr,
                          token_slot_ptr, subtree_end_ptr,
                          stride_qn, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh,

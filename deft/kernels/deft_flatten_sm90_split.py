@@ -29,8 +29,15 @@ from __future__ import annotations
 
 from deft.kernels import deft_flatten_sm90 as sm90
 from deft.kernels import gluon_compat as gc
-from deft.kernels.deft_flatten_sm90_tiles import (mask_unless_whole, online_softmax, query_span,
-                                                  real_rows, store_rows, work_item)
+from deft.kernels.deft_flatten_sm90_producer import producer
+from deft.kernels.deft_flatten_sm90_tiles import (
+    mask_unless_whole,
+    online_softmax,
+    query_span,
+    real_rows,
+    store_rows,
+    work_item,
+)
 
 NUM_STAGES = 4
 """K/V ring depth (even: each consumer owns every other stage)."""
@@ -217,7 +224,7 @@ if gc.HAS_GLUON:
                                ml_smem, q_ready, q_empty, k_ready, v_ready, empty, merge_full,
                                merge_empty, KV_HEADS, GROUP, GROUP_PAD, HEAD_DIM, BLOCK_M,
                                BLOCK_N, NUM_STAGES, Q_STAGES, THRESHOLD, MASK_FREE, dtype, 1)),
-            (sm90._producer, (q_ptr, k_ptr, v_ptr, counts_ptr, part_start_ptr, part_tokens_ptr,
+            (producer, (q_ptr, k_ptr, v_ptr, counts_ptr, part_start_ptr, part_tokens_ptr,
                               part_entry_ptr, entry_query_ptr, entry_row_ptr, query_flat_ptr,
                               token_slot_ptr, subtree_end_ptr,
                               stride_qn, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh,
