@@ -48,6 +48,16 @@ class Constants:
     merge_step_us : float
         One loop step of a merge program (a block of a query's partial rows), µs: the merge's
         serial chain where few queries have many partial rows.
+    overlap_softness : float
+        How far a deft_flatten kernel's chain of steps and its HBM bytes fail to hide each
+        other: its time is ``(chain^k + bytes_time^k)^(1/k)`` with ``k = 1 /
+        overlap_softness``; 0: the larger of the two (full overlap), 1: their sum
+        (`iomodel.kernel_model.overlapped`).
+    merge_block_rows : float
+        Not fitted: the per-head merge's row block the times are modelled for. 0: the plan's
+        own (`deft.kernels.reduction.merge_block`, the merge since session 10); else that
+        fixed block (16: the merge every H200 sweep up to session 9 timed; the refit sets it
+        from the sweeps' ``merge_block``, `iomodel.kernel_model.merge_steps`).
     """
 
     launch_us: float = 2.0
@@ -62,3 +72,5 @@ class Constants:
     contention: float = 0.5
     pair_speedup: float = 1.5
     merge_step_us: float = 2.0
+    overlap_softness: float = 0.0
+    merge_block_rows: float = 0.0

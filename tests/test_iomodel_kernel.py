@@ -208,6 +208,49 @@ def test_merge_chain_over_a_querys_partial_rows():
     assert latency["reduction_us"] == pytest.approx(2 * 1.0, rel=1e-3)  # chain over bytes
 
 
+def test_merge_at_the_fixed_block_a_sweep_was_timed_with():
+    chain = Tree([0, 1], [None, 0], [3200, 64], [0, 1])  # one query, 102 partial rows
+    plan = build_plan("deft_flatten", chain, 32, None, 16)
+    gpu = kernel_gpu()
+    assert kernel_model.merge_steps(plan, gpu, 16) == -(-102 // 16)
+    assert kernel_model.merge_steps(plan, gpu, 0) == kernel_model.merge_steps(plan, gpu)
+    fixed = predict_latency(plan, kernel_gpu(merge_block_rows=16))["reduction_us"]
+    assert fixed == pytest.approx(7 * 1.0, rel=1e-3)  # 7 steps of 16 rows at 1 us
+    assert predict_latency(plan, gpu)["reduction_us"] == pytest.approx(2 * 1.0, rel=1e-3)
+
+
+def test_refit_predicts_the_merge_block_its_sweeps_timed():
+    from harness.bench.calibrate import merge_block_of, timed_as
+
+    old, new = {"merge_block": 16}, {"merge_block": "plan"}
+    assert merge_block_of([old, old]) == 16 and merge_block_of([new, {}]) == 0
+    with pytest.raises(ValueError, match="different merge blocks"):
+        merge_block_of([old, new])
+    gpu = kernel_gpu()
+    assert constants_for(timed_as(gpu, [old])).merge_block_rows == 16
+    assert timed_as(gpu, [new]) is gpu
+
+
+def test_chain_and_bytes_overlap_as_the_softness_says():
+    c = constants_for(kernel_gpu())
+    assert kernel_model.overlapped(3.0, 4.0, c) == 4.0  # softness 0: the larger
+    half = constants_for(kernel_gpu(overlap_softness=0.5))
+    assert kernel_model.overlapped(3.0, 4.0, half) == pytest.approx(5.0)  # the 2-norm
+    assert kernel_model.overlapped(0.0, 4.0, half) == pytest.approx(4.0)
+    whole = constants_for(kernel_gpu(overlap_softness=1.0))
+    assert kernel_model.overlapped(3.0, 4.0, whole) == pytest.approx(7.0)  # the sum
+    # both kernels: the partials' chain and bytes, the merge's chain and bytes
+    chain = Tree([0, 1], [None, 0], [3200, 64], [0, 1])
+    plan = build_plan("deft_flatten", chain, 32, None, 16)
+    hard, soft = predict_latency(plan, kernel_gpu()), predict_latency(
+        plan, kernel_gpu(overlap_softness=1.0))
+    moved = iomodel.traffic_of_plan(plan)["partial_bytes"] / 2 + iomodel.traffic_of_plan(
+        plan)["output_bytes"]
+    assert soft["reduction_us"] == pytest.approx(
+        hard["reduction_us"] + moved / kernel_gpu().bandwidth * 1e6)
+    assert soft["attention_us"] > hard["attention_us"] and soft["bound"] == hard["bound"]
+
+
 def test_flatten_reads_each_seen_token_from_hbm_once():
     shape = AttentionShape(32, 8, 128, "float16")
     tree = Tree(range(65), [None] + [0] * 64, [4000] + [64] * 64, [0] + [1] * 64, shape)

@@ -52,6 +52,7 @@ BOUNDS = {
     "contention": (0.0, 10.0),
     "pair_speedup": (1.0, 2.0),
     "merge_step_us": (1e-3, 100.0),
+    "overlap_softness": (0.05, 1.0),
 }
 """Search range of each constant; a constant not listed here is fitted in (1e-3, 1e3)."""
 
@@ -249,7 +250,9 @@ def calibrate_sweep(sweeps: list[dict], gpu: GpuSpec | None = None,
     -------
     dict
         ``format`` ``deft-refit/1``, ``card``, ``dtype``, ``points``, ``constants_before``,
-        ``constants`` (the fitted ones), ``tuning`` and ``held_out`` (each: ``points``,
+        ``merge_block`` (the per-head merge's row block the sweeps timed, `merge_block_of`;
+        "plan" for each plan's own), ``constants`` (the fitted ones), ``tuning`` and
+        ``held_out`` (each: ``points``,
         ``median_abs_err``, ``worst_err``, the same ``_before`` the fit, ``spearman`` per tree,
         ``min_spearman``, ``median_spearman``, ``worst_err_per_tree``,
         ``worst_err_per_family``), ``goals``, ``meets_goals`` (held out), ``spec`` and
@@ -264,20 +267,22 @@ def calibrate_sweep(sweeps: list[dict], gpu: GpuSpec | None = None,
     gpu = gpu or (builtin_gpu(card) if card else None)
     if gpu is None:
         raise ValueError(f"no built-in GPU spec for card {card!r}")
+    timed = timed_as(gpu, sweeps)
     points = sweep_points(sweeps)
     train = [p for p in points if p["role"] == "tuning"]
     if not train:
         raise ValueError("no measured size on a tuning tree (role 'tuning') to fit")
-    constants, before, _, _, note = fit_constants(train, gpu, max_evaluations)
+    constants, before, _, _, note = fit_constants(train, timed, max_evaluations)
     judged = {}
     for role in ("tuning", "held_out"):
         mine = [p for p in points if p["role"] == role]
-        judged[role] = _judge(mine, _calibrated(gpu, before),
-                              _calibrated(gpu, constants)) if mine else None
+        judged[role] = _judge(mine, _calibrated(timed, before),
+                              _calibrated(timed, constants)) if mine else None
     held = judged["held_out"]
     return {
         "format": REFIT_FORMAT, "card": gpu.name, "dtype": sweeps[0].get("dtype"),
         "strategy": sweeps[0].get("strategy"), "points": len(points),
+        "merge_block": merge_block_of(sweeps) or "plan",
         "constants_before": before, "constants": constants, **judged, "goals": GOALS,
         "meets_goals": held is not None and held["median_abs_err"] <= GOALS["median_abs_err"]
         and abs(held["worst_err"]) <= GOALS["worst_abs_err"]
@@ -298,7 +303,7 @@ def cross_validate(sweeps: list[dict], gpu: GpuSpec | None = None,
         the left-out predictions, ``median_abs_err``, ``worst_err``, ``min_spearman`` and
         ``median_spearman``.
     """
-    gpu = gpu or builtin_gpu(sweeps[0]["device"]["name"])
+    gpu = timed_as(gpu or builtin_gpu(sweeps[0]["device"]["name"]), sweeps)
     tuning = [dict(s, rows=[r for r in s["rows"] if r["role"] == "tuning"]) for s in sweeps]
     points = sweep_points(tuning)
     per_tree, errors = {}, []
@@ -317,6 +322,24 @@ def cross_validate(sweeps: list[dict], gpu: GpuSpec | None = None,
     return {"per_tree": per_tree, "median_abs_err": float(np.median(np.abs(errors))),
             "worst_err": float(errors[np.argmax(np.abs(errors))]),
             "min_spearman": float(min(rhos)), "median_spearman": float(np.median(rhos))}
+
+
+def merge_block_of(sweeps: list[dict]) -> int:
+    """The per-head merge's row block the sweeps were timed with, their ``merge_block``: a
+    number of rows, or "plan" (the default) for each plan's own
+    (`deft.kernels.reduction.merge_block`), returned as 0; ValueError when they differ."""
+    blocks = {0 if s.get("merge_block", "plan") == "plan" else int(s["merge_block"])
+              for s in sweeps}
+    if len(blocks) > 1:
+        raise ValueError(f"the sweeps were timed with different merge blocks: {sorted(blocks)}")
+    return blocks.pop() if blocks else 0
+
+
+def timed_as(gpu: GpuSpec, sweeps: list[dict]) -> GpuSpec:
+    """`gpu` predicting the merge the sweeps timed (`merge_block_of`; the fitted spec a refit
+    writes keeps each plan's own block)."""
+    block = merge_block_of(sweeps)
+    return _calibrated(gpu, {"merge_block_rows": block}) if block else gpu
 
 
 def spearman(a, b) -> float:
