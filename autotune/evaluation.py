@@ -96,12 +96,13 @@ def lookup_mismatches(table, workloads) -> list[str]:
 
 
 def judge(mode: str, strategy: str, gpu, device: dict, make_bench, dtype, shapes, *,
-          fit_trees: str | None = None, budget_s: float = 150.0,
+          fit_trees: str | None = None, held_out_trees: str | None = None,
+          budget_s: float = 150.0,
           reporter: Reporter | None = None, lookup=None) -> dict:
     """Run ``--held-out`` (`mode` ``held_out``) or ``--check`` (``check``).
 
-    ``held_out``: the full size sweep on `HELD_OUT` at each of `shapes`, then on `fit_trees`
-    (``--workloads`` syntax) as tuning trees; ``check``: the small sweep on `CHECK_TREES`. The
+    ``held_out``: the full size sweep on `HELD_OUT` (or on ``held_out_trees``, ``--workloads``
+    syntax: trees no fit has seen) at each of `shapes`, then on `fit_trees` as tuning trees; ``check``: the small sweep on `CHECK_TREES`. The
     budget is shared by the trees, each list getting its share. Returns the ``deft-sweep/1``
     result (`autotune.heldout.result`).
     """
@@ -115,7 +116,7 @@ def judge(mode: str, strategy: str, gpu, device: dict, make_bench, dtype, shapes
     if mode == "check":
         jobs = [(trees(",".join(CHECK_TREES)), "check", small_sweep)]
     else:
-        jobs = [(trees(",".join(HELD_OUT)), "held_out", full_sweep)]
+        jobs = [(trees(held_out_trees or ",".join(HELD_OUT)), "held_out", full_sweep)]
         if fit_trees:
             jobs.append((trees(fit_trees), "tuning", full_sweep))
     total = sum(len(workloads) for workloads, _, _ in jobs)

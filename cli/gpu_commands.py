@@ -254,6 +254,9 @@ def replay_command(workload, method_list, step_range, max_steps, layers, e2e, e2
 @click.option("--fit-trees", "fit_trees", metavar="LIST",
               help="With --held-out: also sweep these workloads, as tuning trees (the refit "
                    "fits on them).")
+@click.option("--held-out-trees", "held_out_trees", metavar="LIST",
+              help="With --held-out: sweep these workloads as the held-out trees instead of "
+                   "autotune.heldout.HELD_OUT (fresh trees no fit has been judged on).")
 @click.option("--check", "check", is_flag=True,
               help="Instead of tuning: whether the table on this machine still holds (its "
                    "choices within 5% of a small sweep on a few trees).")
@@ -264,8 +267,8 @@ def replay_command(workload, method_list, step_range, max_steps, layers, e2e, e2
               help="Where --held-out, --check and --refit write their JSON.")
 @click.option("--json", "as_json", is_flag=True, help="Print the table as JSON.")
 def autotune_command(gpu, workload_list, heads_list, strategies, budget_s, exhaustive, tiles,
-                     dtype, output, predict, held_out, fit_trees, check, refit_paths,
-                     report_path, as_json):
+                     dtype, output, predict, held_out, fit_trees, held_out_trees, check,
+                     refit_paths, report_path, as_json):
     """Tune chunk size, group size and tiles per tree bucket on this GPU, and write the table
     deft.TreeAttention reads (docs/autotune.md).
 
@@ -310,6 +313,8 @@ def autotune_command(gpu, workload_list, heads_list, strategies, budget_s, exhau
         workloads = [(w.text, w.tree()) for w in parse_workloads(workload_list)]
         if shapes:
             workloads = heldout.shaped(workloads, shapes)
+        if held_out_trees and not held_out:
+            raise ValueError("--held-out-trees goes with --held-out")
         if held_out or check:
             if predict:
                 raise ValueError("--held-out and --check measure: they do not take --predict")
@@ -317,7 +322,8 @@ def autotune_command(gpu, workload_list, heads_list, strategies, budget_s, exhau
                 result = evaluation.judge(
                     "check" if check else "held_out", names[0], spec, device,
                     workbenches(DTYPES[dtype]), DTYPES[dtype], shapes or heldout.HEAD_SHAPES,
-                    fit_trees=fit_trees, budget_s=budget_s, reporter=reporter)
+                    fit_trees=fit_trees, held_out_trees=held_out_trees, budget_s=budget_s,
+                    reporter=reporter)
     except (ValueError, OSError) as error:
         fail(str(error))
     if held_out or check:

@@ -323,3 +323,21 @@ def test_cli_held_out_then_refit_end_to_end(monkeypatch, tmp_path):
     fit = json.loads(fit_path.read_text())
     assert fit["tuning"]["points"] == len(data["rows"][-1]["sizes"])
     assert set(fit["held_out"]["spearman"]) == {f"{w}@4/1" for w in heldout.HELD_OUT}
+
+
+def test_cli_held_out_trees_replace_the_built_in_list(monkeypatch, tmp_path):
+    """--held-out-trees sweeps the named trees as the held-out ones, and needs --held-out."""
+    monkeypatch.setattr("autotune.tune.detect_device", lambda: DEVICE)
+    monkeypatch.setattr("autotune.measure.workbenches", lambda dtype: FakeBench)
+    report = tmp_path / "fresh.json"
+    trees = "star:leaves=12:root_tokens=600:leaf_tokens=20,fewshot_b20_P4000_L200"
+    result = CliRunner().invoke(main, [
+        "autotune", "--gpu", "auto", "--held-out", "--held-out-trees", trees, "--heads", "4/1",
+        "--report", str(report)])
+    assert result.exit_code == 0, result.output
+    data = json.loads(report.read_text())
+    assert [row["role"] for row in data["rows"]] == ["held_out", "held_out"]
+    assert [row["workload"] for row in data["rows"]] == [
+        "star:leaves=12:root_tokens=600:leaf_tokens=20@4/1", "fewshot_b20_P4000_L200@4/1"]
+    alone = CliRunner().invoke(main, ["autotune", "--gpu", "auto", "--held-out-trees", trees])
+    assert alone.exit_code != 0 and "--held-out-trees goes with --held-out" in alone.output
