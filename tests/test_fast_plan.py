@@ -20,6 +20,7 @@ from deft.plan_buffers import FIELDS, CapacityError, PageTable, plan_arrays, tok
 from deft.strategies import KERNEL_STRATEGIES  # noqa: E402
 from deft.tree import Tree  # noqa: E402
 from deft.tree_attention import TreeAttention  # noqa: E402
+from tests.buffer_checks import assert_buffers_hold  # noqa: E402
 from tests.trees import trees  # noqa: E402
 
 PLANNERS = {s: NodePlanner(s, shapes=4) for s in FAST_STRATEGIES}
@@ -416,9 +417,7 @@ def test_buffers_followed_over_a_whole_run_hold_every_step_from_scratch(
         reference = build_plan(strategy, tree, chunk, group, page_size)
         expected = plan_arrays(reference, page_ptr, pages, flat=True)
         attn.plan(tree, cache, reference if given_reference[step % 16] else None)
-        for name in FIELDS:
-            held = attn.buffers.read(name)[:len(expected[name])]
-            np.testing.assert_array_equal(held, expected[name], err_msg=f"step {step}: {name}")
+        assert_buffers_hold(attn.buffers, expected, f"step {step}: ")
 
 
 POSITIONS = st.lists(st.integers(0, 60), min_size=1, max_size=12, unique=True)
@@ -483,6 +482,4 @@ def test_device_buffers_followed_over_a_run_hold_every_step(kind):
         expected = plan_arrays(build_plan("deft_flatten", tree, 4, 2, 4),
                                *cache.host_node_pages(tree), flat=True)
         attn.plan(tree, cache)
-        for name in FIELDS:
-            np.testing.assert_array_equal(attn.buffers.read(name)[:len(expected[name])],
-                                          expected[name], err_msg=f"step {step}: {name}")
+        assert_buffers_hold(attn.buffers, expected, f"step {step}: ")

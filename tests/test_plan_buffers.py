@@ -16,6 +16,7 @@ from deft.plan_buffers import FIELDS, PageTable, PlanBuffers, plan_arrays
 from deft.staged_upload import GRANULE, rounded_span
 from deft.tree_attention import TreeAttention
 from deft.turn_buffers import TurnBuffers
+from tests.buffer_checks import assert_buffers_hold
 from tests.test_compiled_plan import decode_runs, shuffled_table
 
 
@@ -46,9 +47,7 @@ def test_a_fill_that_fails_half_way_leaves_no_field_taken_for_written():
     with pytest.raises(AttributeError):
         buffers.fill(broken)
     buffers.fill(arrays)
-    for name in FIELDS:
-        np.testing.assert_array_equal(buffers.read(name)[:len(arrays[name])], arrays[name],
-                                      err_msg=name)
+    assert_buffers_hold(buffers, arrays)
 
 
 @settings(max_examples=200, deadline=None)
@@ -147,9 +146,7 @@ def test_fill_names_a_field_longer_than_its_buffer_and_writes_it_whole_next_time
         buffers.fill(broken)
     buffers.data.zero_()  # whatever the buffers held, the next fill writes every field
     buffers.fill(arrays)
-    for name in FIELDS:
-        np.testing.assert_array_equal(buffers.read(name)[:len(arrays[name])], arrays[name],
-                                      err_msg=name)
+    assert_buffers_hold(buffers, arrays)
 
 
 @given(row_ptr=st.lists(st.integers(0, 50), min_size=1, max_size=20).map(np.cumsum),
@@ -207,7 +204,5 @@ def test_the_staged_path_uploads_every_change_of_every_step(run, strategy, page_
         reference = build_plan(strategy, tree, chunk, group, page_size)
         expected = plan_arrays(reference, page_ptr, pages, flat=True)
         attn.plan(tree, table, reference if given_reference[step % 8] else None)
-        for name in FIELDS:
-            held = attn.buffers.read(name)[:len(expected[name])]
-            np.testing.assert_array_equal(held, expected[name], err_msg=f"step {step}: {name}")
+        assert_buffers_hold(attn.buffers, expected, f"step {step}: ")
     assert mirror.uploads >= 1
