@@ -15,7 +15,10 @@ two trees of 256 queries and up to 64k tokens (speculative t256 over a 63000-tok
   with numba: the run's first step, ``plan_first_us``, includes loading the compiled functions
   from numba's on-disk cache, or compiling them where it is cold, in the process's first run);
 - ``fill``: the part of ``plan`` spent in `deft.plan_buffers.PlanBuffers.fill` (staging, the
-  host-to-device copies' launch and the wait for the previous plan's copies);
+  host-to-device copies' launch and the wait for the previous plan's copies); of it
+  ``fill_write`` (the compiled staging writes, or on the CPU the buffers' writes) and, on a
+  GPU, ``fill_wait`` (for the previous plan's copies), ``fill_upload`` (launching the copies)
+  and ``fill_copies`` (how many: a count, not microseconds);
 - ``plan_synced``: ``plan`` and then waiting for the device (its copies done; on the CPU the
   same as ``plan``), measured on a second TreeAttention of the same sizes;
 - ``total``: the three summed;
@@ -106,13 +109,32 @@ def measure(run, strategy: str, device: str, steps=None, check=False) -> dict:
     fast = TreeAttention(strategy, chunk, group, **capacity)
     synced = TreeAttention(strategy, chunk, group, **capacity)
     tuned = TreeAttention(strategy, **capacity)
-    fill_times = []
+    fill_times, parts = [], {"fill_write": [], "fill_wait": [], "fill_upload": [],
+                             "fill_copies": []}
     fill = fast.buffers.fill
 
     def timed_fill(arrays):
         fill_times.append(timed(lambda: fill(arrays))[1])
 
+    def timed_part(name, method):
+        def timed_method(*args):
+            result, us = timed(lambda: method(*args))
+            parts[name].append(us)
+            return result
+        return timed_method
+
     fast.buffers.fill = timed_fill
+    fast.buffers._write = timed_part("fill_write", fast.buffers._write)
+    upload = fast.buffers._upload  # None on the CPU: the buffers are written directly
+    if upload is not None:
+        upload.wait = timed_part("fill_wait", upload.wait)
+        upload_spans = timed_part("fill_upload", upload.upload)
+
+        def counted_upload(spans):
+            parts["fill_copies"].append(len(spans))
+            upload_spans(spans)
+
+        upload.upload = counted_upload
     device = torch.device(device)
     pool = PagedKVCache(4 * pages_for(biggest, PAGE_SIZE) + 64, PAGE_SIZE, 1, 16, device=device)
     cache = TreeCache(pool)
@@ -130,6 +152,7 @@ def measure(run, strategy: str, device: str, steps=None, check=False) -> dict:
             timed(lambda: (synced.plan(tree, cache), synchronize(device)))[1])
         times["plan_tuned"].append(timed(lambda: tuned.plan(tree, cache))[1])
     times["fill"] = fill_times
+    times.update((name, values) for name, values in parts.items() if values)
     times["tree_plus_plan"] = list(np.add(times["tree"], times["plan"]))
     times["total"] = list(np.add(times["tree_plus_plan"], times["apply"]))
     return times
@@ -183,13 +206,15 @@ def main():
                    max_queries=max(t.num_queries for t in trees),
                    plan_first_us=times["plan"][0])
         for what, values in times.items():
-            rec[f"{what}_median_us"] = float(np.median(values))
-            rec[f"{what}_p90_us"] = float(np.percentile(values, 90))
+            unit = "" if what == "fill_copies" else "_us"  # a count
+            rec[f"{what}_median{unit}"] = float(np.median(values))
+            rec[f"{what}_p90{unit}"] = float(np.percentile(values, 90))
         records.append(rec)
         print({k: (round(v, 1) if isinstance(v, float) else v) for k, v in rec.items()},
               flush=True)
-    columns = ("tree", "apply", "plan", "fill", "tree_plus_plan", "total", "plan_synced",
-               "plan_tuned")
+    columns = ("tree", "apply", "plan", "fill", "fill_write") + tuple(
+        c for c in ("fill_wait", "fill_upload") if records and f"{c}_median_us" in records[0]) + (
+        "tree_plus_plan", "total", "plan_synced", "plan_tuned")
     print(f"\nhost us per step, median / p90 over every step ({args.strategy}, {args.device}, "
           f"{args.clock} clock)")
     print(f"{'run':<20} {'steps':>5} {'tokens':>6} {'queries':>7} "
