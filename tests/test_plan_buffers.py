@@ -3,7 +3,6 @@ written in turns (CPU)."""
 
 import numpy as np
 import pytest
-import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -16,7 +15,7 @@ from deft.plan_buffers import FIELDS, PageTable, PlanBuffers, plan_arrays
 from deft.staged_upload import GRANULE, rounded_span
 from deft.tree_attention import TreeAttention
 from deft.turn_buffers import TurnBuffers
-from tests.buffer_checks import assert_buffers_hold
+from tests.buffer_checks import MirrorUpload, assert_buffers_hold
 from tests.test_compiled_plan import decode_runs, shuffled_table
 
 
@@ -155,25 +154,6 @@ def test_most_rows_is_the_largest_step_of_the_row_pointer(row_ptr, spare):
     row_ptr = np.concatenate([[0], row_ptr, row_ptr[-1] + np.arange(spare)])
     queries = len(row_ptr) - 1 - spare
     assert most_rows(row_ptr, queries) == np.diff(row_ptr[:queries + 1]).max(initial=0)
-
-
-class MirrorUpload:
-    """The staged path of a CUDA device on the CPU: a host mirror that `PlanBuffers.fill`
-    writes, and an upload that copies the mirror's spans (rounded out as
-    `deft.staged_upload.StagedUpload.upload` rounds them) into the buffers, and nothing else."""
-
-    def __init__(self, data: torch.Tensor):
-        self.data, self.host = data, np.zeros(len(data), dtype=np.int32)
-        self.uploads = 0
-
-    def wait(self) -> None:
-        pass
-
-    def upload(self, spans) -> None:
-        for lo, hi in spans:
-            lo, hi = rounded_span(lo, hi, len(self.host))
-            self.data[lo:hi] = torch.from_numpy(self.host[lo:hi])
-            self.uploads += 1
 
 
 @settings(max_examples=60, deadline=None)
