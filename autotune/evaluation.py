@@ -102,8 +102,9 @@ def judge(mode: str, strategy: str, gpu, device: dict, make_bench, dtype, shapes
     """Run ``--held-out`` (`mode` ``held_out``) or ``--check`` (``check``).
 
     ``held_out``: the full size sweep on `HELD_OUT` (or on ``held_out_trees``, ``--workloads``
-    syntax: trees no fit has seen) at each of `shapes`, then on `fit_trees` as tuning trees; ``check``: the small sweep on `CHECK_TREES`. The
-    budget is shared by the trees, each list getting its share. Returns the ``deft-sweep/1``
+    syntax: trees no fit has seen) at each of `shapes`, then on `fit_trees` as tuning trees;
+    ``check``: the small sweep on `CHECK_TREES`. The budget is shared by the trees, each list
+    getting its share. Returns the ``deft-sweep/1``
     result (`autotune.heldout.result`).
     """
     from harness.bench import parse_workloads

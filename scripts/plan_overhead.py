@@ -109,12 +109,7 @@ def measure(run, strategy: str, device: str, steps=None, check=False) -> dict:
     fast = TreeAttention(strategy, chunk, group, **capacity)
     synced = TreeAttention(strategy, chunk, group, **capacity)
     tuned = TreeAttention(strategy, **capacity)
-    fill_times, parts = [], {"fill_write": [], "fill_wait": [], "fill_upload": [],
-                             "fill_copies": []}
-    fill = fast.buffers.fill
-
-    def timed_fill(arrays):
-        fill_times.append(timed(lambda: fill(arrays))[1])
+    parts = {"fill": [], "fill_write": [], "fill_wait": [], "fill_upload": [], "fill_copies": []}
 
     def timed_part(name, method):
         def timed_method(*args):
@@ -123,7 +118,7 @@ def measure(run, strategy: str, device: str, steps=None, check=False) -> dict:
             return result
         return timed_method
 
-    fast.buffers.fill = timed_fill
+    fast.buffers.fill = timed_part("fill", fast.buffers.fill)
     fast.buffers._write = timed_part("fill_write", fast.buffers._write)
     upload = fast.buffers._upload  # None on the CPU: the buffers are written directly
     if upload is not None:
@@ -151,7 +146,6 @@ def measure(run, strategy: str, device: str, steps=None, check=False) -> dict:
         times["plan_synced"].append(
             timed(lambda: (synced.plan(tree, cache), synchronize(device)))[1])
         times["plan_tuned"].append(timed(lambda: tuned.plan(tree, cache))[1])
-    times["fill"] = fill_times
     times.update((name, values) for name, values in parts.items() if values)
     times["tree_plus_plan"] = list(np.add(times["tree"], times["plan"]))
     times["total"] = list(np.add(times["tree_plus_plan"], times["apply"]))

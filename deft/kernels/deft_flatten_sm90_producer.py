@@ -1,5 +1,6 @@
-"""The producer partition of the Hopper Gluon DeFT-Flatten kernels (`deft.kernels.deft_flatten_sm90`,
-`deft.kernels.deft_flatten_sm90_split`): all address work and every load.
+"""The producer partition of the Hopper Gluon DeFT-Flatten kernels
+(`deft.kernels.deft_flatten_sm90`, `deft.kernels.deft_flatten_sm90_split`): all address work
+and every load.
 
 It walks the same item / query-tile / KV-tile loops as the consumers. Per query tile it gathers
 the Q rows (query slot x GROUP + head) and the rows' ``query_flat`` and ``entry_row`` into one

@@ -225,13 +225,14 @@ if gc.HAS_GLUON:
                                merge_empty, KV_HEADS, GROUP, GROUP_PAD, HEAD_DIM, BLOCK_M,
                                BLOCK_N, NUM_STAGES, Q_STAGES, THRESHOLD, MASK_FREE, dtype, 1)),
             (producer, (q_ptr, k_ptr, v_ptr, counts_ptr, part_start_ptr, part_tokens_ptr,
-                              part_entry_ptr, entry_query_ptr, entry_row_ptr, query_flat_ptr,
-                              token_slot_ptr, subtree_end_ptr,
-                              stride_qn, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh,
-                              q_smem, qf_smem, row_smem, k_smem, v_smem, end_smem,
-                              q_ready, q_empty, k_ready, v_ready, empty, empty,
-                              KV_HEADS, GROUP, GROUP_PAD, HEAD_DIM, BLOCK_M, BLOCK_N,
-                              NUM_STAGES, Q_STAGES, SLOT_AHEAD, False, False, False, PRODUCER_WARPS)),
+                        part_entry_ptr, entry_query_ptr, entry_row_ptr, query_flat_ptr,
+                        token_slot_ptr, subtree_end_ptr,
+                        stride_qn, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh,
+                        q_smem, qf_smem, row_smem, k_smem, v_smem, end_smem,
+                        q_ready, q_empty, k_ready, v_ready, empty, empty,
+                        KV_HEADS, GROUP, GROUP_PAD, HEAD_DIM, BLOCK_M, BLOCK_N,
+                        NUM_STAGES, Q_STAGES, SLOT_AHEAD, False, False, False,
+                        PRODUCER_WARPS)),
         ], [num_warps, PRODUCER_WARPS], [CONSUMER_REGS, PRODUCER_REGS])
 else:  # pragma: no cover - no Gluon in this triton
     _partials_split_kernel = None

@@ -145,5 +145,5 @@ if HAS_GLUON:
         o = acc / gl.convert_layout(l_safe, o_rows_layout)[:, None]
         gl.store(o_part_ptr + o_off[:, None] + o_dims[None, :], o, mask=o_ok[:, None])
 else:  # pragma: no cover - no Gluon in this triton
-    work_item = first_work_item = work_item_at = real_rows = query_span = mask_unless_whole = mask_tile = online_softmax = None
-    row_results = store_rows = None
+    work_item = first_work_item = work_item_at = real_rows = query_span = None
+    mask_unless_whole = mask_tile = online_softmax = row_results = store_rows = None

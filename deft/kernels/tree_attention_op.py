@@ -54,6 +54,7 @@ def check_runnable(device: torch.device, dtype: str | torch.dtype | None = None)
     if device.type == "cpu" and dtype in ("bfloat16", torch.bfloat16):
         raise ValueError("bf16 kernels need a GPU; under the interpreter use float16 or float32")
 
+
 def launch_partials(q, k_cache, v_cache, buffers, o_part, lse_part, flat, sm_scale, config,
                     num_programs, gluon=False, small_grid=False) -> None:
     """The partial results of one call: the Hopper Gluon kernel where ``gluon`` (its
