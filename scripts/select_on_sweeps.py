@@ -286,6 +286,8 @@ def main() -> None:
         print(f"\n{name}:")
         for role in ("held_out", "tuning"):
             chosen = [p for p in rule_picks if p[0].row["role"] == role]
+            if not chosen:  # a sweep of held-out trees alone has no tuning rows
+                continue
             report[name][role] = {"all": summary(chosen), "kind": split_by(chosen, "kind"),
                                   "heads": split_by(chosen, "heads")}
             print(f"  {role:<9} {text(summary(chosen))}")
