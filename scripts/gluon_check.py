@@ -104,7 +104,23 @@ VARIANTS = {
     # the producer loads each item's plan data after the item count (the default before
     # session 10's PREFETCH_ITEM)
     "no_prefetch_item": dict(PREFETCH_ITEM=False),
+    # two consumer warpgroups, each on its own query tile of a work item, both reading every
+    # K/V stage (deft_flatten_sm90_split's paired kernel, one CTA per SM): at the tuned plan,
+    # whose items mostly hold one query tile, and at twice its group size (items of two).
+    # Measured 2026-12-02, H200, 24 cells: 1.04-1.37x the default at the tuned plan; at 2x
+    # the group 0.62-0.97x the default kernel on that plan (19 cells), slower than the tuned
+    # default but on 3 cells within noise (docs/performance.md, session 12)
+    "paired": dict(PAIRED_QUERY_TILES=True),
+    "paired_g2x": dict(PAIRED_QUERY_TILES=True, group_times=2),
+    # the default kernel at twice the tuned group size (the plan "paired_g2x" runs)
+    "g2x": dict(group_times=2),
+    # the serial consumer releases a stage's K half once S is computed (V's after P V).
+    # Measured 2026-12-02, H200: 0.98-1.04x the default at 32/8, nothing at the shard shapes
+    "early_k": dict(EARLY_K_RELEASE=True),
 }
+PLAN_KEYS = ("group_times",)
+"""Variant keys that change the timed plan, not a module: ``group_times`` multiplies the tuned
+plan's group size (a group of None, no cap, stays None)."""
 VARIANT_MODULES = (sm90, reduction)
 """Where a variant's attributes live: each in the first of these modules that has it."""
 
@@ -113,7 +129,8 @@ class variant:
     """Run the Gluon kernel with some module-level parameters changed (restored on exit)."""
 
     def __init__(self, name):
-        self.name, self.overrides = name, VARIANTS.get(name, {})
+        self.name = name
+        self.overrides = {k: v for k, v in VARIANTS.get(name, {}).items() if k not in PLAN_KEYS}
 
     def __enter__(self):
         self.saved = {}
@@ -330,21 +347,28 @@ def time_anchor(name, shape_name, page_size=16, copies=4, timing_variants=(),
         caches.append(paged_cache(tree, k, v, page_size, c))
     ref = oracle_attention(tree, q, k, v)  # the last copy's: what `out` holds after the replays
     record = dict(section="timing", case=name, shape=shape_name, page_size=page_size)
+    tuned = TreeAttention("deft_flatten", max_queries=tree.num_queries,
+                          max_tokens=tree.num_tokens, device=DEVICE).plan(tree, caches[0][2])
     runs = [("gluon", "gluon", "default", None), ("triton", "triton", "default", None)]
-    runs += [(f"gluon_{v}", "gluon", v, None) for v in timing_variants]
+    for v in timing_variants:
+        times = VARIANTS[v].get("group_times")
+        group = tuned.group_size and times and tuned.group_size * times
+        sizes = (tuned.chunk_size, group or tuned.group_size) if times else None
+        runs.append((f"gluon_{v}", "gluon", v, sizes))
     if fill_chunks:  # the chunk whose work items fill two CTAs per SM; the most items of one
         sms = torch.cuda.get_device_properties(0).multi_processor_count
-        runs += [("gluon_fill", "gluon", "default", filling_chunk(tree, kvh, 2 * sms)),
-                 ("gluon_small", "gluon", "default", small_grid_chunk(tree, kvh, sms))]
-    for key, backend, kernel, chunk in runs:
+        runs += [("gluon_fill", "gluon", "default", (filling_chunk(tree, kvh, 2 * sms), None)),
+                 ("gluon_small", "gluon", "default", (small_grid_chunk(tree, kvh, sms), None))]
+    for key, backend, kernel, sizes in runs:
         try:
-            # chunk None: the tuned plan (autotune table: chunk and group per tree), the same
+            # sizes None: the tuned plan (autotune table: chunk and group per tree), the same
             # for both backends; one TreeAttention per KV copy (the copies' page orders differ)
             outs = [torch.empty_like(q) for _ in caches]
             plans = []
             for i, (kc, vc, table) in enumerate(caches):
-                a = TreeAttention("deft_flatten", chunk, max_queries=tree.num_queries,
-                                  max_tokens=tree.num_tokens, device=DEVICE, backend=backend)
+                a = TreeAttention("deft_flatten", *(sizes or (None, None)),
+                                  max_queries=tree.num_queries, max_tokens=tree.num_tokens,
+                                  device=DEVICE, backend=backend)
                 plans.append((a, a.plan(tree, table), kc, vc, outs[i]))
 
             def calls():
@@ -357,6 +381,7 @@ def time_anchor(name, shape_name, page_size=16, copies=4, timing_variants=(),
             record[f"{key}_us"] = round(per_call, 2)
             record[f"{key}_rel_err"] = float(f"{err:.3g}")
             record[f"{key}_chunk"] = plans[0][1].reference.chunk_size
+            record[f"{key}_group"] = plans[0][1].reference.group_size
             record[f"{key}_partitions"] = plans[0][1].num_partitions
         except Exception as error:
             record[f"{key}_error"] = f"{type(error).__name__}: {error}"[:300]
@@ -449,7 +474,12 @@ def main():
             ("random40_q2", (1, 3, 16), (f16, b16)), ("forest3_odd", (3,), (f16,)),
             ("random_g1_d64", (16,), (b16,)), ("random_4_1", (1, 16), (f16,)),
             ("random_group16", (16,), (f16,))]
+        checked = set()  # kernels: a variant of the plan alone runs one checked already
         for v in variants:
+            kernel = tuple(sorted(variant(v).overrides.items(), key=str))
+            if not kernel or kernel in checked:
+                continue
+            checked.add(kernel)
             for name, pages, dtypes in variant_cases:
                 tree, chunk = trees[name]
                 check_case("random", name, tree, pages, dtypes, chunk, kernel=v,

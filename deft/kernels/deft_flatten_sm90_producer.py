@@ -8,10 +8,13 @@ of Q_STAGES shared buffers; per KV tile of BLOCK_N tokens it reads the tokens' c
 SLOT_AHEAD tiles ahead and gathers the K rows, then the V rows, with cp.async (16-byte copies)
 into a ring of NUM_STAGES stages, plus the tile's ``subtree_end`` values. Every producer thread
 arrives on a stage's ready mbarrier when its copies land; it waits on the stage's empty
-mbarrier (V's own with PIPELINE) before refilling it. With WAIT_FOR_PRIOR_GRID (the kernel
-launched as a programmatic dependent) it executes ``griddepcontrol.wait`` before a query tile's
-first copy; with PREFETCH_ITEM its first work item's plan data are loaded beside the item
-count. Read the kernel module's docstring for the shared memory and the barriers.
+mbarrier (V's own, ``v_empty``, with PIPELINE or SPLIT_RELEASE) before refilling it. With
+WAIT_FOR_PRIOR_GRID (the kernel launched as a programmatic dependent) it executes
+``griddepcontrol.wait`` before a query tile's first copy; with PREFETCH_ITEM its first work
+item's plan data are loaded beside the item count. With Q_PER_PASS = 2 (the paired kernel,
+`deft.kernels.deft_flatten_sm90.PAIRED_QUERY_TILES`) it gathers two query tiles of a work item,
+one per consumer, before each pass over its KV tiles. Read the kernel module's docstring
+for the shared memory and the barriers.
 """
 
 from __future__ import annotations
@@ -30,6 +33,35 @@ if HAS_GLUON:
     async_load = gc.async_load
 
     @gluon.jit
+    def query_rows(entry0, entry_hi, kv_head, q_rows, m_rows, entry_query_ptr, stride_qn,
+                   stride_qh, QUERIES_PER_TILE: gl.constexpr, GROUP: gl.constexpr,
+                   GROUP_PAD: gl.constexpr):
+        """Where a query tile's rows come from, in the copy layout (q_*) and the vector layout
+        (m_*): (real rows, Q row offsets, entries, real rows, query index of each entry)."""
+        q_entry = entry0 + q_rows // GROUP_PAD
+        q_ok = real_rows(q_rows, entry0, entry_hi, QUERIES_PER_TILE, GROUP, GROUP_PAD)
+        query = gl.load(entry_query_ptr + q_entry, mask=q_ok, other=0)
+        q_off = (query.to(gl.int64) * stride_qn
+                 + (kv_head * GROUP + q_rows % GROUP_PAD) * stride_qh)
+        m_entry = entry0 + m_rows // GROUP_PAD
+        m_ok = real_rows(m_rows, entry0, entry_hi, QUERIES_PER_TILE, GROUP, GROUP_PAD)
+        m_query = gl.load(entry_query_ptr + m_entry, mask=m_ok, other=0)
+        return q_ok, q_off, m_entry, m_ok, m_query
+
+    @gluon.jit
+    def load_query_tile(qt, q_off, q_ok, m_entry, m_ok, m_query, q_ptr, query_flat_ptr,
+                        entry_row_ptr, dims, q_smem, qf_smem, row_smem, q_ready, q_empty,
+                        Q_STAGES: gl.constexpr):
+        """Gather query tile ``qt``'s Q rows and their query_flat and entry_row into its Q
+        stage, once the stage is free, and arrive on its ready barrier when they land."""
+        qs = qt % Q_STAGES
+        mbarrier.wait(q_empty.index(qs), ((qt // Q_STAGES) & 1) ^ 1)
+        async_load(q_smem.index(qs), q_ptr + q_off[:, None] + dims[None, :], mask=q_ok[:, None])
+        async_load(qf_smem.index(qs), query_flat_ptr + m_query, mask=m_ok)
+        async_load(row_smem.index(qs), entry_row_ptr + m_entry, mask=m_ok)
+        async_copy.mbarrier_arrive(q_ready.index(qs), increment_count=False)
+
+    @gluon.jit
     def producer(q_ptr, k_ptr, v_ptr, counts_ptr, part_start_ptr, part_tokens_ptr,
                   part_entry_ptr, entry_query_ptr, entry_row_ptr, query_flat_ptr,
                   token_slot_ptr, subtree_end_ptr,
@@ -41,7 +73,7 @@ if HAS_GLUON:
                   BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr, NUM_STAGES: gl.constexpr,
                   Q_STAGES: gl.constexpr, SLOT_AHEAD: gl.constexpr, PIPELINE: gl.constexpr,
                   WAIT_FOR_PRIOR_GRID: gl.constexpr, PREFETCH_ITEM: gl.constexpr,
-                  WARPS: gl.constexpr):
+                  WARPS: gl.constexpr, Q_PER_PASS: gl.constexpr, SPLIT_RELEASE: gl.constexpr):
         QUERIES_PER_TILE: gl.constexpr = BLOCK_M // GROUP_PAD
         VEC: gl.constexpr = 8  # 16-byte copies of 16-bit elements
         TPR: gl.constexpr = HEAD_DIM // VEC  # threads along a row
@@ -67,16 +99,11 @@ if HAS_GLUON:
             v_head = v_ptr + kv_head.to(gl.int64) * stride_vh
             slot_base = token_slot_ptr + token_start
             end_base = subtree_end_ptr + token_start
-            for entry0 in range(entry_lo, entry_hi, QUERIES_PER_TILE):
+            for entry0 in range(entry_lo, entry_hi, QUERIES_PER_TILE * Q_PER_PASS):
                 # the query tile (rows = query slot x GROUP_PAD + head) and its rows' plan data
-                q_entry = entry0 + q_rows // GROUP_PAD
-                q_ok = real_rows(q_rows, entry0, entry_hi, QUERIES_PER_TILE, GROUP, GROUP_PAD)
-                query = gl.load(entry_query_ptr + q_entry, mask=q_ok, other=0)
-                q_off = (query.to(gl.int64) * stride_qn
-                         + (kv_head * GROUP + q_rows % GROUP_PAD) * stride_qh)
-                m_entry = entry0 + m_rows // GROUP_PAD
-                m_ok = real_rows(m_rows, entry0, entry_hi, QUERIES_PER_TILE, GROUP, GROUP_PAD)
-                m_query = gl.load(entry_query_ptr + m_entry, mask=m_ok, other=0)
+                q_ok, q_off, m_entry, m_ok, m_query = query_rows(
+                    entry0, entry_hi, kv_head, q_rows, m_rows, entry_query_ptr, stride_qn,
+                    stride_qh, QUERIES_PER_TILE, GROUP, GROUP_PAD)
                 # the first KV tile's slots (and the second's), loaded before waiting for a
                 # free stage
                 row = tile_rows
@@ -87,14 +114,21 @@ if HAS_GLUON:
                 if WAIT_FOR_PRIOR_GRID:  # Q and K/V may be the prior kernel's output
                     gl.inline_asm_elementwise("griddepcontrol.wait; // $0", "=r", [],
                                               dtype=gl.int32, is_pure=False, pack=1)
-                qs = qt % Q_STAGES
-                mbarrier.wait(q_empty.index(qs), ((qt // Q_STAGES) & 1) ^ 1)
-                async_load(q_smem.index(qs), q_ptr + q_off[:, None] + dims[None, :],
-                           mask=q_ok[:, None])
-                async_load(qf_smem.index(qs), query_flat_ptr + m_query, mask=m_ok)
-                async_load(row_smem.index(qs), entry_row_ptr + m_entry, mask=m_ok)
-                async_copy.mbarrier_arrive(q_ready.index(qs), increment_count=False)
+                load_query_tile(qt, q_off, q_ok, m_entry, m_ok, m_query, q_ptr, query_flat_ptr,
+                                entry_row_ptr, dims, q_smem, qf_smem, row_smem, q_ready, q_empty,
+                                Q_STAGES)
                 qt += 1
+                # (Q_PER_PASS > 1) the pass's other query tiles, all masked past the item's
+                # entries: one consumer each, every KV tile below read by all of them
+                for t in gl.static_range(1, Q_PER_PASS):
+                    q_ok, q_off, m_entry, m_ok, m_query = query_rows(
+                        entry0 + t * QUERIES_PER_TILE, entry_hi, kv_head, q_rows, m_rows,
+                        entry_query_ptr, stride_qn, stride_qh, QUERIES_PER_TILE, GROUP,
+                        GROUP_PAD)
+                    load_query_tile(qt, q_off, q_ok, m_entry, m_ok, m_query, q_ptr,
+                                    query_flat_ptr, entry_row_ptr, dims, q_smem, qf_smem,
+                                    row_smem, q_ready, q_empty, Q_STAGES)
+                    qt += 1
                 for n0 in range(0, span, BLOCK_N):
                     ok = row < num_tokens
                     k_ptrs = k_head + (slot.to(gl.int64)[:, None] * stride_kt + dims[None, :])
@@ -114,10 +148,10 @@ if HAS_GLUON:
                     async_load(end_smem.index(stage), end_base + col, mask=col < num_tokens)
                     async_load(k_smem.index(stage), k_ptrs, mask=ok[:, None])
                     async_copy.mbarrier_arrive(k_ready.index(stage), increment_count=False)
-                    if PIPELINE:  # V stages are released apart from K stages
+                    if PIPELINE or SPLIT_RELEASE:  # V stages are released apart from K stages
                         mbarrier.wait(v_empty.index(stage), ((it // NUM_STAGES) & 1) ^ 1)
                     async_load(v_smem.index(stage), v_ptrs, mask=ok[:, None])
                     async_copy.mbarrier_arrive(v_ready.index(stage), increment_count=False)
                     it += 1
 else:  # pragma: no cover - no Gluon in this triton
-    producer = None
+    producer = query_rows = load_query_tile = None

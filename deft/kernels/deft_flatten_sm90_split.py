@@ -21,8 +21,8 @@ Registers: 168 per thread at launch (one CTA of 384 threads); setmaxnreg gives t
 PRODUCER_REGS (120), the second consumer CONSUMER_REGS (192) and the first the rest (192).
 Shared memory: 2 Q tiles (32 KB), 4 K/V stages (128 KB), the merge buffer (32 KB): 195 KB of
 the SM's 227 KB (101 KB at head_dim 64). ``LAZY_RESCALE`` is not implemented here. Selected by
-``deft_flatten_sm90.TWO_CONSUMERS``; unmeasured on a GPU until `scripts/gluon_check.py
---variants` runs it.
+``deft_flatten_sm90.TWO_CONSUMERS``; measured on an H200 (2026-12-01, `scripts/gluon_check.py
+--variants split2`) 1.03-1.16x slower than the default at 32/8.
 """
 
 from __future__ import annotations
@@ -232,7 +232,7 @@ if gc.HAS_GLUON:
                         q_ready, q_empty, k_ready, v_ready, empty, empty,
                         KV_HEADS, GROUP, GROUP_PAD, HEAD_DIM, BLOCK_M, BLOCK_N,
                         NUM_STAGES, Q_STAGES, SLOT_AHEAD, False, False, False,
-                        PRODUCER_WARPS)),
+                        PRODUCER_WARPS, 1, False)),
         ], [num_warps, PRODUCER_WARPS], [CONSUMER_REGS, PRODUCER_REGS])
 else:  # pragma: no cover - no Gluon in this triton
     _partials_split_kernel = None
