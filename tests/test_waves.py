@@ -227,3 +227,27 @@ def test_tree_attention_reuses_its_tuned_choice_over_decode_steps(monkeypatch):
             for last in (1, 2)]
     assert bucket_of(edge[0]).key != bucket_of(edge[1]).key
     assert tuned_module.reuse_key(edge[0]) != tuned_module.reuse_key(edge[1])
+
+
+def test_wave_parameter_scan_on_the_session_12_sweeps_gives_the_documented_choice(tmp_path):
+    """scripts/scan_wave_rule.py on the committed H200 sweeps of today's kernel (sessions 11
+    and 12): the counts docs/autotune.md (session 12) quotes, and the choice on the tuning rows
+    alone is the shipped parameters (a least chunk of 64 ties there and would hold more
+    held-out rows, which choose nothing)."""
+    root = Path(__file__).resolve().parents[1]
+    s11, s12 = "docs/autotune-h200-session11", "docs/autotune-h200-session12"
+    sweeps = [f"{s11}/heldout-8-1-4-1.json", f"{s11}/heldout-32-8-16-2.json",
+              f"{s11}/heldout-bf16-8-1-4-1.json", f"{s12}/heldout-32-8.json",
+              f"{s12}/heldout-4-1.json", f"{s12}/heldout-bf16-32-8-16-2.json",
+              f"{s12}/heldout-bf16-32-8-4-1.json", f"{s12}/heldout-bf16-star-4-1.json"]
+    report = tmp_path / "scan.json"
+    done = subprocess.run([sys.executable, "scripts/scan_wave_rule.py", *sweeps,
+                           "--json", str(report)], cwd=root, capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr
+    data = json.loads(report.read_text())
+    points = {(p["least"], p["overhead"], p["small_grid_cost"]): p for p in data["points"]}
+    shipped = points[(WAVE_CHUNKS[0], ITEM_OVERHEAD, SMALL_GRID_COST)]
+    assert (shipped["tuning"]["within_5pct"], shipped["tuning"]["rows"]) == (22, 24)
+    assert (shipped["held_out"]["within_5pct"], shipped["held_out"]["rows"]) == (80, 92)
+    assert tuple(data["chosen"]) == (WAVE_CHUNKS[0], ITEM_OVERHEAD, SMALL_GRID_COST)
+    assert points[(64, ITEM_OVERHEAD, SMALL_GRID_COST)]["held_out"]["within_5pct"] == 84

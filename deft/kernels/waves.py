@@ -104,10 +104,11 @@ def work_items(tree: Tree, chunks, group_size: int | None) -> tuple:
 
 
 def wave_chunk(tree: Tree, group_size: int | None, programs: int,
-               chunks=WAVE_CHUNKS, overhead: int = ITEM_OVERHEAD, small_grid_sms: int = 0) -> int:
+               chunks=WAVE_CHUNKS, overhead: int = ITEM_OVERHEAD, small_grid_sms: int = 0,
+               small_grid_cost: float = SMALL_GRID_COST) -> int:
     """The chunk of `chunks` with the least load of program 0 (module docstring): its items'
     tokens plus `overhead` each, a full chunk but on the last chunk's items; that load times
-    `SMALL_GRID_COST` where the items fit ``small_grid_sms``; the smaller chunk on a tie.
+    `small_grid_cost` where the items fit ``small_grid_sms``; the smaller chunk on a tie.
 
     Parameters
     ----------
@@ -121,6 +122,8 @@ def wave_chunk(tree: Tree, group_size: int | None, programs: int,
         Fixed cost of a work item, in tokens (`ITEM_OVERHEAD`).
     small_grid_sms : int
         The SMs where plans of at most that many items run the small-grid kernel (0: none).
+    small_grid_cost : float
+        `SMALL_GRID_COST`, or another value to replay the rule with (scripts/scan_wave_rule.py).
     """
     programs = max(1, int(programs))
     groups = 1 if group_size is None else -(-tree.num_queries // group_size)
@@ -132,5 +135,5 @@ def wave_chunk(tree: Tree, group_size: int | None, programs: int,
     rest = tree.num_tokens - (-(-tree.num_tokens // sizes) - 1) * sizes  # the last chunk's
     load = (-(-items // programs) * (rest + overhead)
             + -(-(items - last) // programs) * (sizes - rest))
-    cost = load * np.where(items <= small_grid_sms, SMALL_GRID_COST, 1.0)
+    cost = load * np.where(items <= small_grid_sms, small_grid_cost, 1.0)
     return int(chunks[int(np.argmin(cost))])
