@@ -156,9 +156,11 @@ producer may gather the K rows of the tile after next during this tile's softmax
 whole stage after P V. The pipelined consumer always releases them apart. Measured on an H200
 (session 12): 0.98-1.04x the default's time at 32/8, no better at the shard shapes: off."""
 PAIRED_KERNEL = dict(PAIRED=True, NUM_STAGES=4, Q_STAGES=4, PRODUCER_REGS=120,
-                    CONSUMER_REGS=192, WAIT_FOR_PRIOR_GRID=False, PREFETCH_ITEM=False)
+                    CONSUMER_REGS=192, WAIT_FOR_PRIOR_GRID=False, PREFETCH_ITEM=False,
+                    PIPELINE=False, EARLY_K=False)
 """The paired kernel's parameters (``PAIRED_QUERY_TILES``): the producer 120 registers, the second
-consumer 192 and the first what remains of PAIRED_MAX_REGS x 12 warps (192); launched plainly."""
+consumer 192 and the first what remains of PAIRED_MAX_REGS x 12 warps (192); launched plainly;
+serial consumers releasing whole stages (a stage is free once both have: ``empty`` counts 2)."""
 PAIRED_MAX_REGS = 168
 SMALL_GRID_PIPELINE = True
 """True: a plan whose work items fit one CTA per SM (`deft.tree_plan.TreePlan.small_grid`) runs
