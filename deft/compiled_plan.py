@@ -10,11 +10,15 @@ deft_node_chunk's), `same_runs` and `write_subtree_end`. The entries are `deft.p
 the slots `deft.plan_slots`'.
 
 Every function is compiled on first call and cached on disk (numba's ``cache=True``: in
-``__pycache__`` beside this file, or numba's fallback directories where that is not
-writable; in memory where none is). The loops over tokens and entries write through views of
-their outputs, from index 0: a store indexed by ``base + j``, or a loop over ``range(start,
-n)``, keeps numba from vectorising it (a negative index must wrap), and ran 3-10x slower on
-the 64k-token trees; numba's slice-to-slice copies ran 6x slower than such a loop.
+``__pycache__`` beside this file, or numba's fallback directories where that is not writable; in
+memory where none is). numba checks a cached function against its own file only: a cached
+function keeps the compiled body of any function it calls from another module
+(`deft.fast_plan.measure_step` inlines `same_runs`), so after editing one of these modules
+delete ``deft/__pycache__/*.nbi`` and ``*.nbc`` (a clean checkout, as CI's, has none). The loops
+over tokens and entries write through views of their outputs, from index 0: a store indexed by
+``base + j``, or a loop over ``range(start, n)``, keeps numba from vectorising it (a negative
+index must wrap), and ran 3-10x slower on the 64k-token trees; numba's slice-to-slice copies ran
+6x slower than such a loop.
 """
 
 from __future__ import annotations
