@@ -6,11 +6,10 @@ several measured sweeps (no GPU).
 
 Every row of each ``deft-sweep/1`` file (`autotune.heldout`: a tree's every chunk x group size
 measured at its tuned tile) is replayed with `deft.kernels.waves.wave_chunk` at each grid
-point of (least chunk, item overhead, small-grid cost): the lookup as it ships
-(`deft.kernels.tuned.tuned_config` with the card's programs: its rung's group, the fill rung's
-where no bucket applies), the
-chunk the rule would pick with those parameters, and that size's measured time over the row's
-best. A grid point is ranked on the tuning rows alone (the rows of ``--fit-trees``: most
+point of (least chunk, item overhead, small-grid cost): the group of the lookup as it ships
+(its rung's, the fill rung's where no bucket applies: `select_on_sweeps.Context`), the chunk the
+rule would pick with those parameters, and that size's measured time over the row's best
+(`select_on_sweeps.Row`). A grid point is ranked on the tuning rows alone (the rows of ``--fit-trees``: most
 within 5%, then the lowest worst); among points the tuning rows cannot tell apart the shipped
 parameters are kept, else the one nearest them. The held-out rows are reported beside each
 point and judge the chosen one: they choose nothing. docs/autotune.md (session 12) gives the
@@ -28,58 +27,34 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "scripts"))
 
 from autotune.heldout import WITHIN  # noqa: E402
-from autotune.space import CHUNK_SIZES, plan_signature  # noqa: E402
+from autotune.space import CHUNK_SIZES  # noqa: E402
 from deft.kernels import waves  # noqa: E402
-from deft.kernels.fill import PROGRAMS_PER_SM  # noqa: E402
-from deft.kernels.tuned import TunedConfigWarning, tuned_config  # noqa: E402
-from deft.plan import build_plan  # noqa: E402
+from deft.kernels.tuned import TunedConfigWarning  # noqa: E402
 from deft.tree_format import tree_from_dict  # noqa: E402
+from select_on_sweeps import Context, Row  # noqa: E402  (its rows and the lookup as stored)
 
-STRATEGY = "deft_flatten"
 LEAST_CHUNKS = (64, 128, 256)
 OVERHEADS = (64, 128, 192, 256, 384)
 SMALL_GRID_COSTS = (0.55, 0.65, 0.75, 0.85)
 SHIPPED = (waves.WAVE_CHUNKS[0], waves.ITEM_OVERHEAD, waves.SMALL_GRID_COST)
-
-
-class Row:
-    """One sweep row: the tree, its role, the group the shipped lookup gives it, and every
-    swept size's time (a size not swept is read off the swept size with the same plan)."""
-
-    def __init__(self, row: dict, tree, device: dict, page_size: int):
-        self.name, self.role, self.tree, self.page_size = row["workload"], row["role"], tree, \
-            page_size
-        self.programs = PROGRAMS_PER_SM * device["sm_count"]
-        self.small_grid_sms = device["sm_count"] if device["capability"][0] == 9 else 0
-        self.group = tuned_config(STRATEGY, tree, device["name"], device["capability"],
-                                  self.programs).group_size  # the rung's (fill: fill_group)
-        self.us = {(s["chunk_size"], s["group_size"]): s["us"] for s in row["sizes"]
-                   if s["status"] == "ok"}
-        self.best = min(self.us.values())
-        self._by_plan = None
-
-    def ratio(self, chunk: int) -> float:
-        """The measured time of (chunk, the row's group) over the row's best."""
-        size = (chunk, self.group)
-        if size not in self.us:
-            if self._by_plan is None:
-                self._by_plan = {self._plan(*s): us for s, us in self.us.items()}
-            return self._by_plan[self._plan(*size)] / self.best
-        return self.us[size] / self.best
-
-    def _plan(self, chunk, group) -> bytes:
-        return plan_signature(build_plan(STRATEGY, self.tree, chunk, group, self.page_size))
+LOG = ROOT / "autotune/logs/nvidia-h200.json"
+"""The tuning log `select_on_sweeps.Context` reads (its tuning trees; unused here)."""
 
 
 def load_rows(paths) -> list:
+    """(`select_on_sweeps.Row`, its sweep's `Context`, the group the lookup as stored gives
+    the row's tree: its rung's, the fill rung's where no bucket applies) of every row."""
+    log = json.loads(LOG.read_text())
     rows = []
     for path in paths:
         sweep = json.loads(Path(path).read_text())
+        ctx = Context(sweep, log)
         for row in sweep["rows"]:
             tree = tree_from_dict(sweep["trees"][row["workload"]])
-            rows.append(Row(row, tree, sweep["device"], sweep["page_size"]))
+            rows.append((Row(row, tree, sweep["page_size"]), ctx, ctx.stored(tree)[1]))
     return rows
 
 
@@ -88,9 +63,9 @@ def judge(rows, least: int, overhead: int, small_grid_cost: float) -> dict:
     chunks = [c for c in CHUNK_SIZES if c >= least]
     result = {}
     for role in ("tuning", "held_out"):
-        ratios = [r.ratio(waves.wave_chunk(r.tree, r.group, r.programs, chunks, overhead,
-                                           r.small_grid_sms, small_grid_cost))
-                  for r in rows if r.role == role]
+        ratios = [row.ratio(waves.wave_chunk(row.tree, group, ctx.programs, chunks, overhead,
+                                             ctx.small_grid_sms, small_grid_cost), group)
+                  for row, ctx, group in rows if row.row["role"] == role]
         result[role] = {"rows": len(ratios), "within_5pct": sum(x <= WITHIN for x in ratios),
                         "worst": max(ratios) if ratios else None}
     return result
@@ -108,7 +83,7 @@ def main() -> None:
     args = parser.parse_args()
     warnings.simplefilter("ignore", TunedConfigWarning)
     rows = load_rows(args.sweeps)
-    if not any(r.role == "tuning" for r in rows):
+    if not any(row.row["role"] == "tuning" for row, _, _ in rows):
         raise SystemExit("no tuning rows: sweep some trees with --fit-trees to choose on")
     points = {p: judge(rows, *p) for p in itertools.product(LEAST_CHUNKS, OVERHEADS,
                                                            SMALL_GRID_COSTS)}
@@ -120,8 +95,8 @@ def main() -> None:
     ranked = sorted(points, key=lambda p: (on_tuning(p), distance(p)))
     tied = [p for p in ranked if on_tuning(p) == on_tuning(ranked[0])]
     chosen = min(tied, key=distance)
-    print(f"{len(rows)} rows: {sum(r.role == 'tuning' for r in rows)} tuning, "
-          f"{sum(r.role == 'held_out' for r in rows)} held out")
+    roles = [row.row["role"] for row, _, _ in rows]
+    print(f"{len(rows)} rows: {roles.count('tuning')} tuning, {roles.count('held_out')} held out")
     print(f"{'least':>5} {'overhead':>8} {'small grid':>10}   tuning within / worst   "
           "held out within / worst")
     for p in ranked[:12]:
