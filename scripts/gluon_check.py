@@ -336,6 +336,14 @@ def programmatic_lines(graph) -> list:
             if "programmatic" in line.lower()][:8]
 
 
+def group_times_sizes(tree, table, times: int) -> tuple:
+    """(chunk, group) of the tuned plan of `tree` with its group size times `times` (a group of
+    None, no cap, stays None): a variant's ``group_times``."""
+    tuned = TreeAttention("deft_flatten", max_queries=tree.num_queries,
+                          max_tokens=tree.num_tokens, device=DEVICE).plan(tree, table)
+    return tuned.chunk_size, tuned.group_size and tuned.group_size * times
+
+
 def time_anchor(name, shape_name, page_size=16, copies=4, timing_variants=(),
                 fill_chunks=False):
     qh, kvh, d = SHAPES[shape_name]
@@ -347,13 +355,10 @@ def time_anchor(name, shape_name, page_size=16, copies=4, timing_variants=(),
         caches.append(paged_cache(tree, k, v, page_size, c))
     ref = oracle_attention(tree, q, k, v)  # the last copy's: what `out` holds after the replays
     record = dict(section="timing", case=name, shape=shape_name, page_size=page_size)
-    tuned = TreeAttention("deft_flatten", max_queries=tree.num_queries,
-                          max_tokens=tree.num_tokens, device=DEVICE).plan(tree, caches[0][2])
     runs = [("gluon", "gluon", "default", None), ("triton", "triton", "default", None)]
     for v in timing_variants:
         times = VARIANTS[v].get("group_times")
-        group = tuned.group_size and times and tuned.group_size * times
-        sizes = (tuned.chunk_size, group or tuned.group_size) if times else None
+        sizes = group_times_sizes(tree, caches[0][2], times) if times else None
         runs.append((f"gluon_{v}", "gluon", v, sizes))
     if fill_chunks:  # the chunk whose work items fill two CTAs per SM; the most items of one
         sms = torch.cuda.get_device_properties(0).multi_processor_count
