@@ -30,6 +30,10 @@ import numpy as np
 
 _uncached = []  # the functions compiled without an on-disk cache (none writable)
 
+REACHES_END = 2**31 - 1
+"""``subtree_end`` of a token whose subtree runs to the end of the flattened order: above every
+query position whatever the tree's size (`deft.plan_buffers`, the field's encoding)."""
+
 
 def compiled(function):
     """``function`` compiled by numba (no Python objects), cached on disk where a cache
@@ -216,21 +220,31 @@ def node_chunks(order, ordered, through, end, chunk):
 
 
 @compiled
-def same_runs(ordered, end, last_ordered, last_end):
-    """The flattened positions whose subtree ends are the last plan's: those of the preorder
-    nodes, up to the first whose tokens or subtree end differ."""
-    same, k = 0, 0
-    while k < min(len(ordered), len(last_ordered)) and ordered[k] == last_ordered[k] \
-            and end[k] == last_end[k]:
+def same_runs(ordered, through, end, last_ordered, last_through, last_end):
+    """The flattened positions whose encoded subtree ends (`write_subtree_end`) are the last
+    plan's: those of the preorder nodes up to the first whose encoded subtree end differs (a
+    subtree end at each tree's own end is `REACHES_END` in both) or whose tokens do, of which
+    the positions both plans have (a prompt that grew keeps its old positions' values)."""
+    total = through[-1] if len(through) else 0
+    last_total = last_through[-1] if len(last_through) else 0
+    same = 0
+    for k in range(min(len(ordered), len(last_ordered))):
+        now = REACHES_END if end[k] == total else end[k]
+        before = REACHES_END if last_end[k] == last_total else last_end[k]
+        if now != before:
+            break
+        if ordered[k] != last_ordered[k]:
+            return same + min(ordered[k], last_ordered[k])
         same += ordered[k]
-        k += 1
     return same
 
 
 @compiled
 def write_subtree_end(ordered, through, end, first, out):
-    """``out[f] = end`` of position f's preorder node, for every flattened position f >=
-    ``first`` (``out``: int32 or int64 [tokens])."""
+    """``out[f] = end`` of position f's preorder node, `REACHES_END` where that is the tree's
+    end, for every flattened position f >= ``first`` (``out``: int32 or int64 [tokens])."""
+    total = through[-1] if len(through) else 0
     for i in range(len(ordered)):
         if through[i] > first:  # (a slice assignment: numba's loop of indexed stores is
-            out[max(through[i] - ordered[i], first):through[i]] = end[i]  # 10x slower)
+            value = REACHES_END if end[i] == total else end[i]  # 10x slower)
+            out[max(through[i] - ordered[i], first):through[i]] = value

@@ -109,8 +109,8 @@ def measure_step(order, last, query_order, query_shift, flat_query, in_order, to
         plan's and their slots.
     """
     nodes, queries = len(order), len(query_order)
-    _, last_ordered, _, last_end, _, _, last_lo, last_hi, last_page, last_length = _unpack(
-        last_step, last_nodes, last_chunks, last_runs)
+    _, last_ordered, last_through, last_end, _, _, last_lo, last_hi, last_page, last_length = \
+        _unpack(last_step, last_nodes, last_chunks, last_runs)
     if not compare_ranks:
         last_lo = last_hi = last_lo[:0]
     if not compare_pages:
@@ -133,8 +133,9 @@ def measure_step(order, last, query_order, query_shift, flat_query, in_order, to
                    run_length):
         at = _put(step, at, values)
     return (step, chunks, runs, through[-1] if nodes else 0,
-            same_runs(ordered, end, last_ordered, last_end), entries, partitions,
-            same_chunks, same_entries, short, outside, max_slot, same_pages, same_slots)
+            same_runs(ordered, through, end, last_ordered, last_through, last_end), entries,
+            partitions, same_chunks, same_entries, short, outside, max_slot, same_pages,
+            same_slots)
 
 
 @compiled

@@ -19,7 +19,8 @@ entry_row             entries             partial-result row of each entry (see 
 query_row_ptr         queries + 1         query n's partial rows are query_row_ptr[n]:[n+1]
 query_flat            queries             flattened position of each query's token
 token_slot            slots               cache slot (page * page_size + offset) of a token
-subtree_end           slots (flat only)   flattened end of the subtree of a token's node
+subtree_end           slots (flat only)   flattened end of the subtree of a token's node, or
+                                          REACHES_END where that is the tree's end
 ====================  ==================  ====================================================
 
 An *entry* is one (partition, query) pair: one row of partial results per query head. Every
@@ -31,6 +32,12 @@ Token addressing (see `deft.kernels.partials`): KV-guided strategies and tree_at
 `token_slot` and `subtree_end` by flattened position (``part_start`` = the partition's first
 flattened position; their partitions are runs of the flattened tree); flash_decoding and radix
 list each partition's slots one after the other.
+
+A token whose subtree runs to the end of the flattened order (the root's, and every node's on
+the last path of the preorder) is seen by every query after it, whatever the tree's size: its
+``subtree_end`` is `deft.compiled_plan.REACHES_END`, not the tree's token count, so the
+prompt's entries stay the same while a decode step grows the tree, and a plan rewrites and
+uploads only what the step changed (the kernels' test ``F < subtree_end`` reads the same).
 """
 
 from __future__ import annotations
@@ -38,6 +45,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
+from deft.compiled_plan import REACHES_END
 from deft.field_writes import write_fields
 from deft.tree import INDEX_LIMIT, Tree
 from deft.plan import Plan
@@ -247,6 +255,7 @@ def plan_arrays(plan: Plan, page_ptr, pages, flat: bool) -> dict:
         part_start = segment_flat[plan.segment_ptr[:-1]]
         token_slot = slots[tree.flat_tokens]
         subtree_end = np.repeat(node_end[order], tree.tokens[order])
+        subtree_end[subtree_end == tree.num_tokens] = REACHES_END
     else:
         token_slot = slots[plan.segment_tokens()]
         part_start = np.cumsum(plan.tokens) - plan.tokens

@@ -70,7 +70,9 @@ def _count(plan: Plan, queries_per_tile: int, kv_tile: int) -> np.ndarray:
 
 def subtree_end(tree) -> np.ndarray:
     """The flattened position just past the subtree of each flattened position's node (the
-    plan buffers' ``subtree_end``, `deft.plan_buffers.plan_arrays`). [tokens]"""
+    plan buffers' ``subtree_end``, `deft.plan_buffers.plan_arrays`, but for the tree's end where
+    the buffers hold `deft.compiled_plan.REACHES_END`: every comparison with a query position
+    reads the same). [tokens]"""
     order = tree.preorder
     last = order[tree.tout]  # the last node, in preorder, of each node's subtree
     node_end = tree.flat_offset[last] + tree.tokens[last]
