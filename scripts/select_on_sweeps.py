@@ -255,7 +255,7 @@ def main() -> None:
     tuned.CONFIG_DIR = Path(args.configs)
     warnings.simplefilter("ignore", TunedConfigWarning)  # tiles of other versions: sizes stay
     sweep, log = (json.loads(Path(p).read_text()) for p in (args.sweep, args.log))
-    assert WAVE_CHUNKS == tuple(c for c in CHUNK_SIZES if c >= 128)
+    assert WAVE_CHUNKS == tuple(c for c in CHUNK_SIZES if c >= WAVE_CHUNKS[0])
     tuned_on = {w.split("@")[0] for w in log["settings"]["workloads"]}
     held = {r["workload"].split("@")[0] for r in sweep["rows"] if r["role"] == "held_out"}
     assert not tuned_on & held, "a held-out tree is in the tuning set"

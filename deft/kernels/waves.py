@@ -29,10 +29,12 @@ import numpy as np
 
 from deft.tree import Tree
 
-WAVE_CHUNKS = (128, 256, 384, 512, 768, 1024, 1536, 2048, 3072, 4096)
-"""Chunks `wave_chunk` chooses from: the tuner's from 128 (from 64, the rule's picks on the
-tuning log fall from 50 to 38 of 52 within 5%: the partials' merge outweighs the fuller
-grid)."""
+WAVE_CHUNKS = (64, 128, 256, 384, 512, 768, 1024, 1536, 2048, 3072, 4096)
+"""Chunks `wave_chunk` chooses from: the tuner's from 64. Chosen on tuning rows of today's
+kernel (`scripts/scan_wave_rule.py`, docs/autotune.md, session 13): from 64, 34 of 36 within
+5% of the best (from 128: 28; one-KV-head reasoning steps of short branches want 64), held
+out 86 of 94 (from 128: 82). On an older kernel's tuning log (session 7) 64 had lost, 38 of 52
+against 50: its partials' merge then outweighed the fuller grid."""
 
 ITEM_OVERHEAD = 256
 """Fixed cost of one work item, in KV tokens streamed in the same time."""
