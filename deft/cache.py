@@ -22,6 +22,7 @@ something reads them::
 
 from __future__ import annotations
 
+from functools import partial
 from itertools import chain, compress, repeat
 
 import numpy as np
@@ -30,6 +31,7 @@ import torch
 from deft.cache_steps import HeldNodes, grow_step, moved, replace_step, short_of_pages, shrunk
 from deft.page_pool import (CacheError, OutOfPagesError, PagedKVCache, PageListing,
                             applied_table, on_device, table_slots)
+from deft.staged_upload import FreshUpload
 from deft.tree import Tree
 
 __all__ = ["CacheError", "OutOfPagesError", "PagedKVCache", "TreeCache", "pages_for"]
@@ -50,6 +52,8 @@ class TreeCache:
         self._table = None  # its page table (read-only arrays), with the tree
         self._taken_at = None  # with the tree: increasing in the order the cache took its nodes
         self._listing = PageListing()  # the planner's page table, from the last one's
+        self._slots_to_device = FreshUpload(pool.device) if pool.device.type == "cuda" \
+            else partial(on_device, device=pool.device)  # int64 host slots -> the pool's device
 
     @property
     def _nodes(self) -> HeldNodes:
@@ -90,7 +94,7 @@ class TreeCache:
         page_size = self.pool.page_size
         pages = np.asarray(self._nodes.pages[node_id], dtype=np.int64)
         slots = pages[positions // page_size] * page_size + positions % page_size
-        return on_device(slots, self.pool.device)
+        return self._slots_to_device(slots)
 
     def tree(self) -> Tree:
         """The held nodes as a `Tree` (ids as given to the cache).
@@ -151,7 +155,7 @@ class TreeCache:
 
         Returns int64 [tree.num_tokens]: ``page * page_size + offset``.
         """
-        return on_device(self.host_token_slots(tree), self.pool.device)
+        return self._slots_to_device(self.host_token_slots(tree))
 
     def host_token_slots(self, tree: Tree) -> np.ndarray:
         """`token_slots` as an int64 numpy array on the host (no round trip through the pool's
@@ -228,7 +232,7 @@ class TreeCache:
             else:
                 self._table, slots = step
             self._tree, self._dicts = tree, None
-            return on_device(slots, self.pool.device)
+            return self._slots_to_device(slots)
         # The general path (the cache changed since its last apply, or never applied): the
         # node dicts, node by node.
         ids, parent_index = tree.node_ids.tolist(), tree.parent.tolist()
@@ -268,7 +272,7 @@ class TreeCache:
             held_parent, dtype=np.int64, count=len(ids)))] = np.arange(len(ids))
         slots = table_slots(*self._table, tree.tokens, np.array(before, dtype=np.int64),
                             self.pool.page_size)
-        return on_device(slots, self.pool.device)
+        return self._slots_to_device(slots)
 
     def _release(self, pruned) -> list:
         """Drop each pruned node without held children, then each ancestor it was keeping;

@@ -446,3 +446,24 @@ def test_a_cuda_pool_hands_out_the_slots_a_host_pool_does():
         np.testing.assert_array_equal(got.cpu().numpy(), want.numpy(), err_msg=f"step {step}")
         for a, b in zip(on_gpu.node_pages(tree), on_host.node_pages(tree)):
             np.testing.assert_array_equal(a.cpu().numpy(), b.numpy())
+
+
+@pytest.mark.gpu  # pinned buffers reused while the stream lags behind the host
+def test_slots_uploaded_ahead_of_a_busy_stream_each_hold_their_own_step():
+    """Steps applied while the stream is held back by a long kernel (the host runs many uploads
+    ahead of the copies, so `deft.staged_upload.FreshUpload`'s two pinned buffers are reused
+    only after their copies left them): every step's slots tensor, read once the stream is
+    done, holds that step's slots from a CPU pool (a speculative run renames its candidates,
+    a few-shot run grows its leaves; the buffers grow with the arrays)."""
+    path = w.found_workload_files()["speculative/APPS_tree_size64.json"]
+    for run in (w.speculative(path, prompt_tokens=100, steps=40), w.fewshot(300, 24, 40)):
+        on_gpu = TreeCache(PagedKVCache(4096, 4, 1, 2, device="cuda"))
+        on_host = TreeCache(PagedKVCache(4096, 4, 1, 2))
+        torch.cuda._sleep(50_000_000)  # tens of ms of a spinning kernel ahead of the copies
+        got = [on_gpu.apply(run.tree(step)) for step in range(len(run))]
+        want = [on_host.apply(run.tree(step)).numpy() for step in range(len(run))]
+        torch.cuda.synchronize()
+        assert len({len(slots) for slots in want}) > 1  # arrays of several sizes
+        for step, (a, b) in enumerate(zip(got, want)):
+            assert a.device.type == "cuda" and a.dtype == torch.int64
+            np.testing.assert_array_equal(a.cpu().numpy(), b, err_msg=f"step {step}")
