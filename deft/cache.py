@@ -252,7 +252,8 @@ class TreeCache:
             held = len(held_pages[node])
             wanted[v] -= held
             needed -= held
-        gone = set(held_parent).difference(ids)  # whole subtrees: a tree holds its ancestors
+        kept = set(ids)  # the dropped nodes in the order the cache took them (dict order),
+        gone = [node for node in held_parent if node not in kept]  # whole subtrees
         freed = sum(map(len, map(held_pages.__getitem__, gone)))
         if needed > self.pool.num_free + freed:
             raise short_of_pages(needed, self.pool.num_free + freed, self.pool)

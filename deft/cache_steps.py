@@ -1,5 +1,6 @@
 """`deft.cache.TreeCache.apply` on a cache that holds just the last applied tree's nodes, in
-numpy over that tree's arrays and page table: no per-node Python.
+numpy and compiled loops (`grown_pages`, `freed_pages`, `hand_out`) over that tree's arrays and page
+table: no per-node Python.
 
 After an apply the cache holds exactly the applied tree's nodes, all live, each holding its
 tokens, their pages listed by the tree's page table. The next step's tree then either grows
@@ -17,6 +18,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from deft.compiled_plan import compiled
 from deft.page_pool import CacheError, OutOfPagesError, PagedKVCache, table_slots
 from deft.tree import Tree
 
@@ -63,16 +65,12 @@ def grow_step(last: Tree, table: tuple, tree: Tree, pool: PagedKVCache):
             last.parent is not tree.parent and last.parent.tobytes() != tree.parent.tobytes()):
         return None
     tokens, before = tree.tokens, last.tokens
-    if (tokens < before).any():
-        return None
-    page_size = pool.page_size
-    wanted = (tokens + (page_size - 1)) // page_size - (before + (page_size - 1)) // page_size
-    needed = int(wanted.sum())
-    if needed > pool.num_free:
+    wanted, needed = grown_pages(tokens, before, pool.page_size)
+    if needed < 0 or needed > pool.num_free:  # a node shrinks, or too few pages
         return None
     if needed:  # else every node keeps its pages: the last tree's page table is this one's
-        table = _grown_table(*table, wanted, pool.allocate(needed), tree.tin)
-    return table, table_slots(*table, tokens, before, page_size)
+        table = _grown_table(*table, wanted, pool.take(needed), tree.preorder)
+    return table, table_slots(*table, tokens, before, pool.page_size)
 
 
 def replace_step(last: Tree, table: tuple, taken_at: np.ndarray, tree: Tree,
@@ -81,8 +79,8 @@ def replace_step(last: Tree, table: tuple, taken_at: np.ndarray, tree: Tree,
     from ``tree`` dropped, the others grown, the new ones added.
 
     ``taken_at`` (int64 [last nodes]) orders last's nodes as the cache took them (its node
-    dict's order): the general path releases the dropped nodes walking a set of their ids built
-    in that order, and this frees their pages in the order that walk would. Raises CacheError
+    dict's order): the general path releases the dropped nodes walking them in that order,
+    and this frees their pages in the order that walk does (`freed_pages`). Raises CacheError
     (a kept node that changes parent or shrinks) or OutOfPagesError as the general path does,
     changing nothing. Returns ``(table, taken_at, slots)``: ``taken_at`` of tree's nodes, the
     kept ones in their order, then the new ones in preorder.
@@ -107,17 +105,13 @@ def replace_step(last: Tree, table: tuple, taken_at: np.ndarray, tree: Tree,
     needed, freed = int(wanted.sum()), int(last_ptr[-1]) - held_pages
     if needed > pool.num_free + freed:
         raise short_of_pages(needed, pool.num_free + freed, pool)
-    # the general path's set of the dropped ids: the held ids' set less the kept ones
-    in_order = last_ids[np.argsort(taken_at)].tolist()
-    gone = set(dict.fromkeys(in_order)).difference(ids[kept].tolist())
-    if gone:
-        dropped = np.searchsorted(last_ids, np.fromiter(gone, dtype=np.int64, count=len(gone)))
-        pool.free(_segments(last_ptr, last_pages, _release_order(last, dropped)[::-1]))
-    taken = pool.allocate(needed)
-    if taken:
-        preorder = tree.preorder
-        _hand_out(pages, (page_ptr[:-1] + (page_counts - wanted))[preorder], wanted[preorder],
-                  taken)
+    released = freed_pages(last.tin, last.tout, last.child_count, taken_at, held, last_ptr,
+                           last_pages)
+    if len(released):
+        pool.free(released)
+    if needed:
+        hand_out(pages, page_ptr, page_counts - wanted, wanted, tree.preorder,
+                 pool.take(needed))
     page_ptr.flags.writeable = False
     pages.flags.writeable = False
     table = page_ptr, pages
@@ -170,53 +164,86 @@ def _take_kept(tree: Tree, last: Tree, last_table, kept, held, page_ptr, pages, 
     return held_pages
 
 
-def _release_order(tree: Tree, dropped: np.ndarray) -> np.ndarray:
-    """Node indices of ``dropped`` in the order the general path releases them walking them
-    in this order: a leaf when walked, then each ancestor whose last child it was (deepest
-    first: last in preorder), so a node goes with the last walked leaf below it.
-    ``dropped``: int64 [k], whole subtrees of ``tree`` (a union of them); returns int64 [k],
-    the same nodes."""
-    tin, leaf = tree.tin[dropped], tree.child_count[dropped] == 0
-    walked = np.full(tree.num_nodes + 1, -1, dtype=np.int64)  # by preorder position, past one
-    walked[tin[leaf]] = np.flatnonzero(leaf)  # a leaf's place in the walk
-    bounds = np.empty(2 * len(dropped), dtype=np.int64)
-    bounds[0::2] = tin
-    bounds[1::2] = tree.tout[dropped] + 1
-    released_by = np.maximum.reduceat(walked, bounds)[0::2]  # the walk that releases it
-    return dropped[np.argsort(released_by * tree.num_nodes - tin)]  # deepest: last in preorder
+@compiled
+def grown_pages(tokens, before, page_size):
+    """Pages each node needs past those it held with ``before`` tokens, int64 [nodes], and
+    their sum; the sum is -1 where a node holds fewer tokens than before.
+    tokens, before : int64 [nodes]"""
+    wanted = np.empty(len(tokens), np.int64)
+    needed = 0
+    for v in range(len(tokens)):
+        if tokens[v] < before[v]:
+            return wanted, -1
+        wanted[v] = (tokens[v] + page_size - 1) // page_size \
+            - (before[v] + page_size - 1) // page_size
+        needed += wanted[v]
+    return wanted, needed
 
 
-def _segments(page_ptr, pages, nodes) -> np.ndarray:
-    """The pages of ``nodes`` one node after the other. int64 [their pages]"""
-    start = page_ptr[nodes]
-    count = page_ptr[nodes + 1] - start
-    total = int(count.sum())
-    if total == len(nodes):  # a page each
-        return pages[start]
-    return pages[np.arange(total) + np.repeat(start - (np.cumsum(count) - count), count)]
+@compiled
+def freed_pages(tin, tout, child_count, taken_at, kept, page_ptr, pages):
+    """The pages of the nodes dropped from a tree, as the general path frees them: walking
+    the dropped nodes in the order the cache took them, it releases a leaf when walked, then
+    each ancestor whose last child it was (deepest first: last in preorder), so a node goes
+    with the last walked leaf below it; the pool is given the released nodes' pages last
+    released first, each node's in page order.
+
+    tin, tout, child_count : int64 [nodes] (preorder entry and last descendant's positions)
+    taken_at : int64 [nodes], increasing in the order the cache took the nodes
+    kept : int64 [k], indices of the nodes not dropped (the dropped are whole subtrees)
+    page_ptr : int64 [nodes + 1]; pages : int64 [pages] (the tree's page table)
+    Returns int64 [the dropped nodes' pages]."""
+    is_kept = np.zeros(len(tin), np.bool_)
+    for v in kept:
+        is_kept[v] = True
+    walk = np.argsort(taken_at)
+    dropped = walk[~is_kept[walk]]
+    walked = np.full(len(tin) + 1, -1, np.int64)  # by preorder position: a leaf's walk
+    for j in range(len(dropped)):
+        if child_count[dropped[j]] == 0:
+            walked[tin[dropped[j]]] = j
+    key = np.empty(len(dropped), np.int64)  # the walk releasing it, deepest last
+    total = 0
+    for j in range(len(dropped)):
+        v = dropped[j]
+        released_by = -1
+        for position in range(tin[v], tout[v] + 1):
+            released_by = max(released_by, walked[position])
+        key[j] = released_by * len(tin) - tin[v]
+        total += page_ptr[v + 1] - page_ptr[v]
+    order = np.argsort(key)
+    freed = np.empty(total, np.int64)
+    k = 0
+    for j in range(len(dropped) - 1, -1, -1):
+        v = dropped[order[j]]
+        for page in range(page_ptr[v], page_ptr[v + 1]):
+            freed[k] = pages[page]
+            k += 1
+    return freed
 
 
-def _grown_table(page_ptr, pages, wanted, taken: list, tin) -> tuple:
-    """The page table after node ``v`` takes ``wanted[v]`` more pages, from ``taken`` node
-    after node in preorder (``tin``: each node's preorder position). Read-only int64."""
+@compiled
+def hand_out(pages, page_ptr, held, wanted, preorder, taken):
+    """Write the ``taken`` pages into a page table's ``pages`` node after node in
+    ``preorder``, ``wanted[v]`` to node v past the ``held[v]`` it holds (its pages from
+    ``page_ptr[v]``). int64 throughout; ``taken`` [sum of wanted]."""
+    k = 0
+    for v in preorder:
+        first = page_ptr[v] + held[v]
+        for j in range(wanted[v]):
+            pages[first + j] = taken[k]
+            k += 1
+
+
+def _grown_table(page_ptr, pages, wanted, taken, preorder) -> tuple:
+    """The page table after node ``v`` takes ``wanted[v]`` more pages, from ``taken`` (int64)
+    node after node in ``preorder``. Read-only int64."""
     held = page_ptr[1:] - page_ptr[:-1]
     grown_ptr = np.zeros_like(page_ptr)
     np.cumsum(held + wanted, out=grown_ptr[1:])
     grown = np.empty(int(grown_ptr[-1]), dtype=np.int64)
     grown[np.arange(len(pages)) + np.repeat(grown_ptr[:-1] - page_ptr[:-1], held)] = pages
-    needing = np.flatnonzero(wanted)
-    needing = needing[np.argsort(tin[needing])]
-    _hand_out(grown, grown_ptr[needing] + held[needing], wanted[needing], taken)
+    hand_out(grown, grown_ptr, held, wanted, preorder, taken)
     grown_ptr.flags.writeable = False
     grown.flags.writeable = False
     return grown_ptr, grown
-
-
-def _hand_out(pages, first, handed, taken: list) -> None:
-    """Write the ``taken`` pages into ``pages``, ``handed[k]`` of them from ``first[k]`` on
-    for k after k (int64 [k])."""
-    if len(taken) == np.count_nonzero(handed):  # one page each, or none
-        pages[first[handed > 0]] = taken
-    else:
-        pages[np.arange(len(taken)) + np.repeat(first - (np.cumsum(handed) - handed),
-                                                handed)] = taken

@@ -11,6 +11,8 @@ from itertools import chain
 import numpy as np
 import torch
 
+from deft.compiled_plan import compiled
+
 
 class OutOfPagesError(RuntimeError):
     """The pool has fewer free pages than an operation needs; nothing was allocated."""
@@ -45,7 +47,10 @@ class PagedKVCache:
         self.v = torch.zeros(shape, dtype=dtype, device=device)
         self.num_pages, self.page_size = num_pages, page_size
         self.kv_heads, self.head_dim = kv_heads, head_dim
-        self._free = list(range(num_pages - 1, -1, -1))  # a stack: page 0 is handed out first
+        # the free list, a stack: _stack[:_top], its last the next page handed out (page 0
+        # first); numpy, so that a step's pages come and go in a few calls, not per page
+        self._stack = np.arange(num_pages - 1, -1, -1, dtype=np.int64)
+        self._top = num_pages
         self._is_free = np.ones(num_pages, dtype=bool)
 
     @property
@@ -54,37 +59,40 @@ class PagedKVCache:
 
     @property
     def num_free(self) -> int:
-        return len(self._free)
+        return self._top
 
     def free_pages(self) -> list:
-        """Ids of the free pages (a copy of the free list)."""
-        return list(self._free)
+        """Ids of the free pages (a copy of the free list, the next handed out last)."""
+        return self._stack[:self._top].tolist()
 
     def allocate(self, n: int) -> list:
         """Take ``n`` free pages; raise OutOfPagesError (taking none) when fewer are free."""
-        if n > len(self._free):
+        return self.take(n).tolist()
+
+    def take(self, n: int) -> np.ndarray:
+        """`allocate` as an int64 array [n] (the page ids in the order handed out)."""
+        if n > self._top:
             raise OutOfPagesError(
-                f"needs {n} pages but only {len(self._free)} of {self.num_pages} are free "
+                f"needs {n} pages but only {self._top} of {self.num_pages} are free "
                 f"(pages of {self.page_size} tokens)"
             )
-        if n == 0:
-            return []
-        pages = self._free[-n:][::-1]  # as popped one by one
-        del self._free[-n:]
-        self._is_free[np.fromiter(pages, dtype=np.int64, count=n)] = False
+        pages = self._stack[self._top - n: self._top][::-1].copy()  # as popped one by one
+        self._top -= n
+        self._is_free[pages] = False
         return pages
 
     def free(self, pages) -> None:
-        """Give pages back to the free list (ids, or an int64 array); freeing a free page is
-        an error."""
+        """Give pages back to the free list (ids, or an int64 array), the first handed out
+        first again; freeing a free page is an error."""
         index = pages if isinstance(pages, np.ndarray) else np.fromiter(pages, dtype=np.int64)
         if self._is_free[index].any():
             raise CacheError(f"double free among pages {index.tolist()}")
         self._is_free[index] = True
-        if np.count_nonzero(self._is_free) != len(self._free) + len(index):  # one twice
+        if np.count_nonzero(self._is_free) != self._top + len(index):  # one twice
             self._is_free[index] = False
             raise CacheError(f"double free among pages {index.tolist()}")
-        self._free.extend(index[::-1].tolist())
+        self._stack[self._top: self._top + len(index)] = index[::-1]
+        self._top += len(index)
 
     def write(self, slots: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
         """Store tokens' K and V at their slots.
@@ -184,22 +192,22 @@ def applied_table(page_counts, wanted, taken: list, preorder, node_ids, page_lis
     return page_ptr, pages
 
 
-def table_slots(page_ptr, pages, tokens, start, page_size: int) -> np.ndarray:
+@compiled
+def table_slots(page_ptr, pages, tokens, start, page_size):
     """Slots of the tokens past ``start`` of every node, by node index then position, read
-    from a page table (``page_ptr`` [nodes + 1], ``pages``) in a few numpy calls, with no loop
-    over the nodes. tokens, start : int64 [nodes]; returns int64 [new tokens]"""
-    grown = np.flatnonzero(tokens > start)
-    if not len(grown):
-        return np.zeros(0, dtype=np.int64)
-    first = start[grown]
-    count = tokens[grown] - first
-    run_end = np.cumsum(count)
-    if run_end[-1] == len(grown):  # a decode step: one new token a node
-        page, offset = np.divmod(first, page_size)
-        return pages[page_ptr[grown] + page] * page_size + offset
-    position = np.arange(int(run_end[-1])) + np.repeat(first - (run_end - count), count)
-    page, offset = np.divmod(position, page_size)
-    return pages[np.repeat(page_ptr[grown], count) + page] * page_size + offset
+    from a page table (``page_ptr`` [nodes + 1], ``pages``) in one compiled pass.
+    tokens, start : int64 [nodes]; returns int64 [new tokens]"""
+    total = 0
+    for v in range(len(tokens)):
+        total += max(tokens[v] - start[v], 0)
+    slots = np.empty(total, np.int64)
+    k = 0
+    for v in range(len(tokens)):
+        for position in range(start[v], tokens[v]):
+            slots[k] = pages[page_ptr[v] + position // page_size] * page_size \
+                + position % page_size
+            k += 1
+    return slots
 
 
 def on_device(array: np.ndarray, device: torch.device) -> torch.Tensor:
