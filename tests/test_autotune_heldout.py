@@ -122,6 +122,29 @@ def test_a_fill_chunk_too_fine_for_the_capacities_doubles_until_it_fits(monkeypa
     assert (found.rung, found.chunk_size, plan.chunk_size) == ("fill", 128, 128)
 
 
+def test_a_wave_chunk_too_fine_for_the_capacities_doubles_and_keeps_its_group(monkeypatch):
+    """The waves rule picks chunks from 64: where that plan needs more entries than a
+    TreeAttention sized for the default chunk holds (reason_10x500 at 8/1, sized as the bench
+    sizes it), the chunk doubles with the table's group kept, not the defaults (c128 without
+    a group ran 1.24x c128 g8 on an H200, session 13's bench)."""
+    from deft.workloads import anchor
+
+    tree = heldout.with_heads(anchor("reason_10x500_P1104"), 8, 1)
+    monkeypatch.setattr(tuned_module, "_identity", lambda device: (H200.name, (9, 0)))
+    monkeypatch.setattr(tuned_module, "resident_programs", lambda device: 264)
+    found = tuned_config("deft_flatten", tree, H200.name, (9, 0), programs=264)
+    assert (found.chunk_size, found.group_size) == (64, 8)
+    sized = len(build_plan("deft_flatten", tree, None, None, 16).query_index)
+    assert len(build_plan("deft_flatten", tree, 64, 8, 16).query_index) > sized
+    assert len(build_plan("deft_flatten", tree, 128, 8, 16).query_index) <= sized
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", TunedConfigWarning)
+        plan, fitted = tuned_module.tuned_plan("deft_flatten", tree, 16, torch.device("cuda", 0),
+                                               max_entries=sized)
+    assert (fitted.chunk_size, fitted.group_size, fitted.rung) == (128, 8, found.rung)
+    assert (plan.chunk_size, plan.group_size) == (128, 8)
+
+
 # ---------------------------------------------------------------------------- held out, check
 class FakeBench:
     """Time = 10 + |chunk - 256| / 64, + 1 at group 8: the best is c256 with any other group."""

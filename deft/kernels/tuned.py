@@ -193,10 +193,10 @@ def tuned_plan(strategy: str, tree: Tree, page_size: int, device: torch.device,
     """The plan `deft.TreeAttention.plan` runs when its caller fixed no size and no tile.
 
     Looks the config up for `device` (CUDA only; elsewhere the defaults) and builds its plan.
-    A ``fill`` chunk whose plan needs more (partition, query) entries than ``max_entries`` is
-    doubled until the plan fits (at the latest at the default chunk, which the default
-    capacities are sized for); any other tuned plan that does not fit falls back to the
-    defaults, with a `TunedConfigWarning`.
+    A ``fill`` chunk, or a deft_flatten chunk of the waves rule, whose plan needs more
+    (partition, query) entries than ``max_entries`` is doubled until the plan fits (at the
+    latest at the default chunk, which the default capacities are sized for); any other tuned
+    plan that does not fit falls back to the defaults, with a `TunedConfigWarning`.
 
     Parameters
     ----------
@@ -223,8 +223,9 @@ def tuned_plan(strategy: str, tree: Tree, page_size: int, device: torch.device,
                               programs=lambda: resident_programs(device))
                  if identity is not None else _defaults(strategy, bucket_of(tree).key))
     plan, entries = build(tuned.chunk_size, tuned.group_size)
-    if tuned.rung == "fill" and entries > max_entries:
-        # the capacities are sized for the default chunk: the fill rung doubles up to it
+    if (tuned.rung == "fill" or strategy == WAVE_STRATEGY) and entries > max_entries:
+        # the capacities are sized for the default chunk: a chunk of the fill rung or of the
+        # waves rule (which goes below it) doubles up to it, its group kept
         default_chunk = _defaults(strategy, tuned.bucket).chunk_size
         while entries > max_entries and tuned.chunk_size < default_chunk:
             tuned = dataclasses.replace(tuned, chunk_size=tuned.chunk_size * 2)
