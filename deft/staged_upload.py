@@ -103,9 +103,9 @@ class FreshUpload:
     """
 
     def __init__(self, device):
-        self.device = torch.device(device)
-        index = self.device.index if self.device.index is not None \
-            else torch.cuda.current_device()
+        device = torch.device(device)
+        index = device.index if device.index is not None else torch.cuda.current_device()
+        self.device = torch.device("cuda", index)  # not the current device at each call
         self._stream = CurrentStream(index)
         self._pinned = [torch.zeros(0, dtype=torch.int64)] * 2
         self._hosts = [pinned.numpy() for pinned in self._pinned]
