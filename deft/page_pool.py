@@ -71,6 +71,8 @@ class PagedKVCache:
 
     def take(self, n: int) -> np.ndarray:
         """`allocate` as an int64 array [n] (the page ids in the order handed out)."""
+        if n < 0:
+            raise ValueError(f"cannot take {n} pages")
         if n > self._top:
             raise OutOfPagesError(
                 f"needs {n} pages but only {self._top} of {self.num_pages} are free "

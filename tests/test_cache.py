@@ -97,6 +97,13 @@ def test_pool_allocate_and_free():
     assert pool.allocate(1) == [1]
 
 
+def test_pool_refuses_a_negative_allocation_and_keeps_its_pages():
+    pool = PagedKVCache(4, 2, 1, 2)
+    with pytest.raises(ValueError, match="cannot take -1 pages"):
+        pool.allocate(-1)
+    assert pool.num_free == 4 and pool.free_pages() == [3, 2, 1, 0]
+
+
 def test_pool_write_checks_shapes():
     pool = small_pool(2)
     with pytest.raises(ValueError, match=r"k must have shape \[1, 1, 2\]"):

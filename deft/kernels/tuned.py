@@ -170,7 +170,8 @@ class Configs:
 
 # ---------------------------------------------------------------------------- lookup
 REUSE_TOKENS = 128
-"""The token bucket of `reuse_key`: the least chunk `deft.kernels.waves.wave_chunk` picks."""
+"""The token bucket of `reuse_key` (the waves rule's least chunk until session 13; kept at 128
+when it went to 64, so that a decode step looks up no more often than before)."""
 
 
 def reuse_key(tree: Tree) -> tuple:
