@@ -24,6 +24,7 @@ from functools import cached_property
 
 import numpy as np
 
+from deft.compiled_plan import compiled
 from deft.tree_structure import Structure, is_known, structure_of
 
 INDEX_LIMIT = 2**31 - 1
@@ -268,16 +269,9 @@ class Tree:
 
     @cached_property
     def ancestor_tokens(self) -> np.ndarray:
-        """Tokens on the strict ancestors of each node. [nodes]
-
-        A node's tokens count for the preorder positions ``tin + 1 .. tout`` (its strict
-        descendants): a difference array over preorder positions, summed.
-        """
-        tin, tout = self.tin, self.tout
-        change = np.zeros(self.num_nodes + 1, dtype=np.int64)
-        change[tin + 1] = self.tokens
-        np.subtract.at(change, tout + 1, self.tokens)
-        return np.cumsum(change)[tin]
+        """Tokens on the strict ancestors of each node, a parent's before its children's in
+        preorder (one compiled pass: the numpy difference array took 7-16 µs a step). [nodes]"""
+        return ancestor_token_sums(self.preorder, self.parent, self.tokens)
 
     @cached_property
     def path_tokens(self) -> np.ndarray:
@@ -355,8 +349,9 @@ class Tree:
 
     @cached_property
     def visible_token_sum(self) -> int:
-        """``visible_tokens.sum()``, from node sums."""
-        return int(self.node_visible_sum.sum())
+        """``visible_tokens.sum()``, from node sums (`node_visible_sum`'s closed form, summed
+        in one compiled pass: the tuned lookup reads it every step)."""
+        return int(visible_pair_sum(self.ancestor_tokens, self.tokens, self.queries))
 
     @cached_property
     def visible_token_max(self) -> int:
@@ -416,3 +411,25 @@ def _check_int(value, where: str, field: str) -> int:
     if isinstance(value, bool) or not isinstance(value, (int, np.integer)):
         raise TreeError(f"{where}: field '{field}' must be an integer, got {value!r}")
     return int(value)
+
+
+@compiled
+def ancestor_token_sums(preorder, parent, tokens):
+    """Tokens on the strict ancestors of each node. preorder, parent (-1 for a root),
+    tokens : int64 [nodes]; returns int64 [nodes]"""
+    above = np.zeros(len(parent), np.int64)
+    for v in preorder:
+        if parent[v] >= 0:
+            above[v] = above[parent[v]] + tokens[parent[v]]
+    return above
+
+
+@compiled
+def visible_pair_sum(ancestor_tokens, tokens, queries):
+    """Sum over nodes of ``q * ancestor_tokens + q * (2t - q + 1) // 2`` (the visible
+    (query, token) pairs of its queries). int64 [nodes] each; returns an int."""
+    total = 0
+    for v in range(len(tokens)):
+        q = queries[v]
+        total += q * ancestor_tokens[v] + q * (2 * tokens[v] - q + 1) // 2
+    return total
