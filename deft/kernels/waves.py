@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import numpy as np
 
+from deft.compiled_plan import compiled
 from deft.tree import Tree
 
 WAVE_CHUNKS = (64, 128, 256, 384, 512, 768, 1024, 1536, 2048, 3072, 4096)
@@ -75,34 +76,45 @@ def work_items(tree: Tree, chunks, group_size: int | None) -> tuple:
         Every chunk's work items, and the last chunk's (the tree's last tokens).
     """
     order = tree.preorder
-    tokens = tree.tokens[order]
-    queries = tree.queries[order]
-    token_end = np.cumsum(tokens)  # flattened end of each node's tokens, in preorder
-    total, nodes = int(token_end[-1]), len(tokens)
-    subtree_last = np.append(tree.tout[order], nodes)  # preorder position of its last node
-    queries_before = np.cumsum(queries)  # queries at flattened positions below token_end
     sizes = np.asarray(chunks, dtype=np.int64)
-    counts = -(-total // sizes)
-    ends = np.cumsum(counts)  # past the last chunk of each size
-    size_of = np.repeat(np.arange(len(sizes)), counts)
-    start = (np.arange(ends[-1]) - (ends - counts)[size_of]) * sizes[size_of]
-    first_node = np.searchsorted(token_end, start, side="right")
-    # a chunk's last node: the next chunk's first, one before where that chunk starts a node
-    next_first = first_node[1:]
-    last_node = np.append(next_first - (start[1:] == (token_end - tokens)[next_first]), 0)
-    last_node[ends - 1] = nodes - 1
-    # the farthest subtree end over first_node..last_node: one reduceat over every size's
-    # chunks, each size's run closed by a stop at the padding past the last node
-    slot = np.arange(ends[-1]) + size_of
-    index = np.full(ends[-1] + len(sizes), nodes)
-    index[slot] = first_node
-    reach = np.maximum(np.maximum.reduceat(subtree_last, index)[slot], subtree_last[last_node])
-    # a node's queries sit on its last tokens: those at or past the chunk's start see it
-    on_first = np.minimum(queries[first_node], token_end[first_node] - start)
-    seen = queries_before[reach] - queries_before[first_node] + on_first
-    parts = ((seen > 0) if group_size is None else -(-seen // group_size)).astype(np.int64)
-    heads = tree.attention.kv_heads
-    return np.add.reduceat(parts, ends - counts) * heads, parts[ends - 1] * heads
+    return chunk_items(tree.tokens[order], tree.queries[order], tree.tout[order], sizes,
+                       group_size or 0, tree.attention.kv_heads)
+
+
+@compiled
+def chunk_items(tokens, queries, subtree_last, sizes, group_size, kv_heads):
+    """`work_items` over the nodes in preorder: their tokens and queries, and the preorder
+    position of each one's last descendant (int64 [nodes] each); ``group_size`` 0 for no cap.
+    One pass over the chunks of each size, a node pointer moving along (no per-size arrays)."""
+    nodes = len(tokens)
+    token_end = np.cumsum(tokens)  # flattened end of each node's tokens
+    queries_before = np.cumsum(queries)  # queries on the nodes up to each, inclusive
+    total = token_end[-1]
+    items = np.zeros(len(sizes), np.int64)
+    last = np.zeros(len(sizes), np.int64)
+    for k in range(len(sizes)):
+        size = sizes[k]
+        first = 0
+        for start in range(0, total, size):
+            while token_end[first] <= start:  # the node holding the chunk's first token
+                first += 1
+            end = min(start + size, total)
+            reach = subtree_last[first]
+            node = first
+            while token_end[node] < end:  # through the node holding its last token
+                node += 1
+                reach = max(reach, subtree_last[node])
+            # a node's queries sit on its last tokens: those at or past the chunk's start
+            # see it, and every query of the nodes past it up to the farthest subtree end
+            seen = queries_before[reach] - queries_before[first] \
+                + min(queries[first], token_end[first] - start)
+            if group_size:
+                parts = (seen + group_size - 1) // group_size
+            else:
+                parts = 1 if seen > 0 else 0
+            items[k] += parts * kv_heads
+            last[k] = parts * kv_heads
+    return items, last
 
 
 def wave_chunk(tree: Tree, group_size: int | None, programs: int,
@@ -134,8 +146,23 @@ def wave_chunk(tree: Tree, group_size: int | None, programs: int,
         return int(chunks[0])  # at most that many items: one wave at the least chunk, unbeaten
     sizes = np.asarray(chunks, dtype=np.int64)
     items, last = work_items(tree, sizes, group_size)
-    rest = tree.num_tokens - (-(-tree.num_tokens // sizes) - 1) * sizes  # the last chunk's
-    load = (-(-items // programs) * (rest + overhead)
-            + -(-(items - last) // programs) * (sizes - rest))
-    cost = load * np.where(items <= small_grid_sms, small_grid_cost, 1.0)
-    return int(chunks[int(np.argmin(cost))])
+    return int(chunks[least_load(items, last, sizes, tree.num_tokens, programs, overhead,
+                                 small_grid_sms, float(small_grid_cost))])
+
+
+@compiled
+def least_load(items, last, sizes, tokens, programs, overhead, small_grid_sms,
+               small_grid_cost):
+    """Index of the chunk size whose program 0 carries the least load (`wave_chunk`): every
+    item of it ``rest + overhead`` tokens (``rest`` the last chunk's), those past the last
+    chunk's ``size - rest`` more; times ``small_grid_cost`` where the items fit
+    ``small_grid_sms``. The first on a tie. items, last, sizes : int64 [sizes]"""
+    best, best_cost = 0, np.inf
+    for k in range(len(sizes)):
+        rest = tokens - ((tokens + sizes[k] - 1) // sizes[k] - 1) * sizes[k]
+        load = (items[k] + programs - 1) // programs * (rest + overhead) \
+            + (items[k] - last[k] + programs - 1) // programs * (sizes[k] - rest)
+        cost = load * (small_grid_cost if items[k] <= small_grid_sms else 1.0)
+        if cost < best_cost:
+            best, best_cost = k, cost
+    return best
