@@ -6,8 +6,8 @@ directly (numpy took some sixty calls of 0.5-2 us each). This module holds `comp
 they are compiled, and the functions that read the tree: `tree_shape` (what its parents and
 query counts fix, kept per shape), `flat_layout` (flattened ends and query positions, a step's
 first), `flat_chunks` (deft_flatten's chunks), `node_chunks` (deft_node's and
-deft_node_chunk's), `same_runs` and `write_subtree_end`. The entries are `deft.plan_entries`',
-the slots `deft.plan_slots`'.
+deft_node_chunk's), `same_runs` and `write_subtree_end` (a subtree end as the buffers hold it:
+`encoded_end`). The entries are `deft.plan_entries`', the slots `deft.plan_slots`'.
 
 Every function is compiled on first call and cached on disk (numba's ``cache=True``: in
 ``__pycache__`` beside this file, or numba's fallback directories where that is not writable; in
@@ -220,6 +220,13 @@ def node_chunks(order, ordered, through, end, chunk):
 
 
 @compiled
+def encoded_end(end, total):
+    """A subtree end as the buffers hold it: `REACHES_END` where it is the tree's end
+    (``total`` tokens)."""
+    return REACHES_END if end == total else end
+
+
+@compiled
 def same_runs(ordered, through, end, last_ordered, last_through, last_end):
     """The flattened positions whose encoded subtree ends (`write_subtree_end`) are the last
     plan's: those of the preorder nodes up to the first whose encoded subtree end differs (a
@@ -229,9 +236,7 @@ def same_runs(ordered, through, end, last_ordered, last_through, last_end):
     last_total = last_through[-1] if len(last_through) else 0
     same = 0
     for k in range(min(len(ordered), len(last_ordered))):
-        now = REACHES_END if end[k] == total else end[k]
-        before = REACHES_END if last_end[k] == last_total else last_end[k]
-        if now != before:
+        if encoded_end(end[k], total) != encoded_end(last_end[k], last_total):
             break
         if ordered[k] != last_ordered[k]:
             return same + min(ordered[k], last_ordered[k])
@@ -245,6 +250,5 @@ def write_subtree_end(ordered, through, end, first, out):
     end, for every flattened position f >= ``first`` (``out``: int32 or int64 [tokens])."""
     total = through[-1] if len(through) else 0
     for i in range(len(ordered)):
-        if through[i] > first:  # (a slice assignment: numba's loop of indexed stores is
-            value = REACHES_END if end[i] == total else end[i]  # 10x slower)
-            out[max(through[i] - ordered[i], first):through[i]] = value
+        if through[i] > first:  # a slice assignment: numba's loop of indexed stores is 10x
+            out[max(through[i] - ordered[i], first):through[i]] = encoded_end(end[i], total)
