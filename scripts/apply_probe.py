@@ -14,7 +14,6 @@ import json
 import os
 import statistics
 import sys
-import time
 from pathlib import Path
 
 import torch
@@ -24,18 +23,18 @@ sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "scripts"))
 import deft.cache as cache_module  # noqa: E402
 from deft.cache import PagedKVCache, TreeCache, pages_for  # noqa: E402
-from plan_overhead import runs  # noqa: E402
+from plan_overhead import runs, timed  # noqa: E402
 
 RUNS = ("fewshot_b20", "keywordToT", "spec_t64", "spec_t256", "spec_t256_P63000",
         "fewshot_b256_P55296")
 parts = {}
 
 
-def timed(name, fn):
+def timed_part(name, fn):
+    """``fn``, its calls' host microseconds kept in ``parts[name]``."""
     def wrapper(*args, **kwargs):
-        start = time.perf_counter_ns()
-        out = fn(*args, **kwargs)
-        parts.setdefault(name, []).append((time.perf_counter_ns() - start) / 1e3)
+        out, us = timed(lambda: fn(*args, **kwargs))
+        parts.setdefault(name, []).append(us)
         return out
     return wrapper
 
@@ -46,8 +45,8 @@ def median(values) -> float:
 
 def main() -> None:
     device = sys.argv[1] if len(sys.argv) > 1 else "cuda"
-    cache_module.grow_step = timed("grow_step", cache_module.grow_step)
-    cache_module.replace_step = timed("replace_step", cache_module.replace_step)
+    cache_module.grow_step = timed_part("grow_step", cache_module.grow_step)
+    cache_module.replace_step = timed_part("replace_step", cache_module.replace_step)
     result = {"device": torch.cuda.get_device_name() if device == "cuda" else "cpu"}
     for name, run in runs(None).items():
         if name not in RUNS:
@@ -55,13 +54,11 @@ def main() -> None:
         trees = [run.tree(i) for i in range(min(len(run), 400))]
         big = max(trees, key=lambda t: t.num_tokens)
         cache = TreeCache(PagedKVCache(4 * pages_for(big, 16) + 64, 16, 1, 16, device=device))
-        cache._slots_to_device = timed("upload", cache._slots_to_device)
+        cache._slots_to_device = timed_part("upload", cache._slots_to_device)
         parts.clear()
         total = []
         for tree in trees:
-            start = time.perf_counter_ns()
-            cache.apply(tree)
-            total.append((time.perf_counter_ns() - start) / 1e3)
+            total.append(timed(lambda: cache.apply(tree))[1])
         if device == "cuda":
             torch.cuda.synchronize()
         row = {"steps": len(trees), "apply": median(total)}
