@@ -104,19 +104,8 @@ VARIANTS = {
     # the producer loads each item's plan data after the item count (the default before
     # session 10's PREFETCH_ITEM)
     "no_prefetch_item": dict(PREFETCH_ITEM=False),
-    # two consumer warpgroups, each on its own query tile of a work item, both reading every
-    # K/V stage (deft_flatten_sm90_split's paired kernel, one CTA per SM): at the tuned plan,
-    # whose items mostly hold one query tile, and at twice its group size (items of two).
-    # Measured 2026-12-02, H200, 24 cells: 1.04-1.37x the default at the tuned plan; at 2x
-    # the group 0.62-0.97x the default kernel on that plan (19 cells), slower than the tuned
-    # default but on 3 cells within noise (docs/performance.md, session 12)
-    "paired": dict(PAIRED_QUERY_TILES=True),
-    "paired_g2x": dict(PAIRED_QUERY_TILES=True, group_times=2),
-    # the default kernel at twice the tuned group size (the plan "paired_g2x" runs)
+    # the default kernel at twice the tuned group size
     "g2x": dict(group_times=2),
-    # the serial consumer releases a stage's K half once S is computed (V's after P V).
-    # Measured 2026-12-02, H200: 0.98-1.04x the default at 32/8, nothing at the shard shapes
-    "early_k": dict(EARLY_K_RELEASE=True),
 }
 PLAN_KEYS = ("group_times",)
 """Variant keys that change the timed plan, not a module: ``group_times`` multiplies the tuned

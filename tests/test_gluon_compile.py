@@ -55,8 +55,6 @@ MODULE_VARIANTS = {
     "pipe_n32s4": (dict(PIPELINE=True, BLOCK_N=32, NUM_STAGES=4, SMALL_GRID_PIPELINE=False), 2),
     "no_pdl_partials": (dict(PDL_PARTIALS=False), 2),
     "no_prefetch_item": (dict(PREFETCH_ITEM=False), 2),
-    "paired": (dict(PAIRED_QUERY_TILES=True), 1),
-    "early_k": (dict(EARLY_K_RELEASE=True), 2),
 }
 
 
@@ -146,16 +144,14 @@ else:
             compiled = compile_for_sm90(dtype, kv_heads, group, head_dim)
             ptx = compiled.asm["ptx"]
             assert "wgmma.mma_async" in ptx and "setmaxnreg" in ptx
-            if not (sm90.TWO_CONSUMERS or sm90.PAIRED_QUERY_TILES):  # (those are launched
-                _assert_waits_before_loading(ptx)                      # plainly: no wait)
+            if not sm90.TWO_CONSUMERS:  # (launched plainly: no wait)
+                _assert_waits_before_loading(ptx)
             _ptxas_ok(compiled)
             assert ctas * (compiled.metadata.shared + 1024) <= 233472, compiled.metadata.shared
         kernel, consts, _, ctas_per_sm = sm90.launch_spec(8, 4, 128)
         assert ctas_per_sm == ctas
         assert consts["SLOT_AHEAD"] == sm90.SLOT_AHEAD and consts["MASK_FREE"] == sm90.MASK_FREE
         assert (kernel is not sm90._partials_sm90_kernel) == sm90.TWO_CONSUMERS
-        if not sm90.TWO_CONSUMERS:
-            assert consts["PAIRED"] == sm90.PAIRED_QUERY_TILES
 
 
 def test_backend_resolution_without_a_gpu():

@@ -52,10 +52,10 @@ equal within 1% on fewshot_b20 and reason_10x500. Off: ``TWO_CONSUMERS``
 (`deft.kernels.deft_flatten_sm90_split`: two consumer warpgroups per CTA split the KV tiles, one
 CTA per SM, 4 stages), 1.03-1.16x slower on all six anchors at 32/8, with or without
 ``SLOT_AHEAD`` = 2 (cache slots read two tiles ahead); not yet timed at the shard shapes.
-Off too (session 12, all four shapes): ``PAIRED_QUERY_TILES`` (two consumers on two query tiles
-sharing every K/V stage) and ``EARLY_K_RELEASE`` (a stage's K half freed once S is computed):
-neither fewer gathers per query row nor an earlier K refill moves the two-CTA kernel, which is
-bound by its consumers' serial chain per tile (docs/performance.md, session 12).
+Measured and removed (session 12, all four shapes; docs/performance.md): two consumers on two
+query tiles sharing every K/V stage, and a stage's K half freed once S is computed: neither
+fewer gathers per query row nor an earlier K refill moves the two-CTA kernel, which is bound by
+its consumers' serial chain per tile.
 
 Gathers, not TMA boxes: a deft_flatten partition is a run of the flattened tree cut at
 multiples of the chunk size, so its tokens start anywhere inside a page and cross node ends,
@@ -149,19 +149,6 @@ PIPELINE = False
 (`deft.kernels.deft_flatten_sm90_pipelined`): tile j's Q K^T is issued before tile j-1's P V,
 so the softmax of one tile overlaps the other's wgmma; K and V stages are released apart
 (``v_empty``), so 2 stages still keep a tile of slack."""
-EARLY_K_RELEASE = False
-"""True: the serial consumer releases a stage's K half (and its subtree_end values) once S is
-computed and its V half after P V (``v_empty``, as the pipelined consumer does), so the
-producer may gather the K rows of the tile after next during this tile's softmax; False: the
-whole stage after P V. The pipelined consumer always releases them apart. Measured on an H200
-(session 12): 0.98-1.04x the default's time at 32/8, no better at the shard shapes: off."""
-PAIRED_KERNEL = dict(PAIRED=True, NUM_STAGES=4, Q_STAGES=4, PRODUCER_REGS=120,
-                    CONSUMER_REGS=192, WAIT_FOR_PRIOR_GRID=False, PREFETCH_ITEM=False,
-                    PIPELINE=False, EARLY_K=False)
-"""The paired kernel's parameters (``PAIRED_QUERY_TILES``): the producer 120 registers, the second
-consumer 192 and the first what remains of PAIRED_MAX_REGS x 12 warps (192); launched plainly;
-serial consumers releasing whole stages (a stage is free once both have: ``empty`` counts 2)."""
-PAIRED_MAX_REGS = 168
 SMALL_GRID_PIPELINE = True
 """True: a plan whose work items fit one CTA per SM (`deft.tree_plan.TreePlan.small_grid`) runs
 the kernel with SMALL_GRID's parameters, one CTA per SM with SMALL_GRID_MAX_REGS registers a
@@ -174,19 +161,6 @@ SMALL_GRID_MAX_REGS = 168
 TWO_CONSUMERS = False
 """True: run `deft.kernels.deft_flatten_sm90_split` instead (two consumer warpgroups per CTA
 splitting each work item's KV tiles, one CTA per SM, a 4-stage ring)."""
-PAIRED_QUERY_TILES = False
-"""True: run the paired kernel instead, for every plan: PAIRED_KERNEL's parameters, one CTA of
-12 warps per SM, two consumer warpgroups each on its own query tile of a work item (the serial
-consumer with PAIR = 2), both reading each K/V stage, so the producer gathers an item's KV
-tiles once per two query tiles (its Q_PER_PASS = 2): FlashAttention-3's split of M. It pays
-only where work items hold more than one query tile (more than 64 / GROUP_PAD queries: a
-plan's group above 16 at 4 query heads per KV head); elsewhere consumer 1 only waits for and
-releases each stage. 4 K/V + 4 Q stages: 195 KB of shared memory at head_dim 128. Measured on
-an H200 (scripts/gluon_check.py --variants, session 12, 24 cells): 1.04-1.37x the default's
-time at the tuned plans, and at twice their group (items of two query tiles) 0.62-0.97x the
-default kernel on that plan on 19 cells, but that plan is slower than the tuned one; no better
-than the default anywhere beyond a single run's noise (0.978-0.997x on three cells)."""
-
 
 def takes(dtype: torch.dtype, head_dim: int, group: int) -> bool:
     """Whether the Gluon kernel takes attention of this dtype, head dim and query heads per KV
@@ -213,11 +187,10 @@ if HAS_GLUON:
                   HEAD_DIM: gl.constexpr,
                   BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr, NUM_STAGES: gl.constexpr,
                   Q_STAGES: gl.constexpr, THRESHOLD: gl.constexpr, LAZY: gl.constexpr,
-                  MASK_FREE: gl.constexpr, PIPELINE: gl.constexpr, EARLY_K: gl.constexpr,
-                  DTYPE: gl.constexpr, WARPS: gl.constexpr, PAIR: gl.constexpr,
-                  CONSUMER: gl.constexpr):
-        """A consumer partition: `deft.kernels.deft_flatten_sm90_pipelined` (PIPELINE) or
-        `deft.kernels.deft_flatten_sm90_serial` (consumer CONSUMER of PAIR)."""
+                  MASK_FREE: gl.constexpr, PIPELINE: gl.constexpr,
+                  DTYPE: gl.constexpr, WARPS: gl.constexpr):
+        """The consumer partition: `deft.kernels.deft_flatten_sm90_pipelined` (PIPELINE) or
+        `deft.kernels.deft_flatten_sm90_serial`."""
         if PIPELINE:
             consumer_pipelined(o_part_ptr, lse_part_ptr, counts_ptr, part_start_ptr,
                                 part_tokens_ptr, part_entry_ptr, qk_scale,
@@ -229,10 +202,9 @@ if HAS_GLUON:
             consumer_serial(o_part_ptr, lse_part_ptr, counts_ptr, part_start_ptr,
                             part_tokens_ptr, part_entry_ptr, qk_scale,
                             q_smem, qf_smem, row_smem, k_smem, v_smem, end_smem,
-                            q_ready, q_empty, k_ready, v_ready, empty, v_empty,
+                            q_ready, q_empty, k_ready, v_ready, empty,
                             KV_HEADS, GROUP, GROUP_PAD, HEAD_DIM, BLOCK_M, BLOCK_N, NUM_STAGES,
-                            Q_STAGES, THRESHOLD, LAZY, MASK_FREE, EARLY_K, DTYPE, WARPS, PAIR,
-                            CONSUMER)
+                            Q_STAGES, THRESHOLD, LAZY, MASK_FREE, DTYPE, WARPS)
 
     @gluon.jit
     def _partials_sm90_kernel(
@@ -246,8 +218,7 @@ if HAS_GLUON:
         BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr, NUM_STAGES: gl.constexpr,
         Q_STAGES: gl.constexpr, THRESHOLD: gl.constexpr, LAZY: gl.constexpr,
         SLOT_AHEAD: gl.constexpr, MASK_FREE: gl.constexpr, PIPELINE: gl.constexpr,
-        EARLY_K: gl.constexpr, PAIRED: gl.constexpr,
-        PRODUCER_WARPS: gl.constexpr, PRODUCER_REGS: gl.constexpr, CONSUMER_REGS: gl.constexpr,
+        PRODUCER_WARPS: gl.constexpr, PRODUCER_REGS: gl.constexpr,
         EARLY_DEPENDENTS: gl.constexpr, WAIT_FOR_PRIOR_GRID: gl.constexpr,
         PREFETCH_ITEM: gl.constexpr, num_warps: gl.constexpr,
     ):
@@ -270,7 +241,7 @@ if HAS_GLUON:
         k_ready = gl.allocate_shared_memory(gl.int64, [NUM_STAGES, 1], bar_layout)
         v_ready = gl.allocate_shared_memory(gl.int64, [NUM_STAGES, 1], bar_layout)
         empty = gl.allocate_shared_memory(gl.int64, [NUM_STAGES, 1], bar_layout)
-        if PIPELINE or EARLY_K:  # V stages released apart from K stages
+        if PIPELINE:  # V stages released apart from K stages
             v_empty = gl.allocate_shared_memory(gl.int64, [NUM_STAGES, 1], bar_layout)
         else:
             v_empty = empty
@@ -280,54 +251,26 @@ if HAS_GLUON:
         for i in gl.static_range(NUM_STAGES):
             mbarrier.init(k_ready.index(i), count=PRODUCER_WARPS * 32)
             mbarrier.init(v_ready.index(i), count=PRODUCER_WARPS * 32)
-            mbarrier.init(empty.index(i), count=2 if PAIRED else 1)  # (PAIRED) both read it
-            if PIPELINE or EARLY_K:
+            mbarrier.init(empty.index(i), count=1)
+            if PIPELINE:
                 mbarrier.init(v_empty.index(i), count=1)
-        if PAIRED:  # two consumers, each on its own query tile of a pair
-            gl.warp_specialize([
-                (_consumer, (o_part_ptr, lse_part_ptr, counts_ptr, part_start_ptr,
-                             part_tokens_ptr, part_entry_ptr, qk_scale,
-                             q_smem, qf_smem, row_smem, k_smem, v_smem, end_smem,
-                             q_ready, q_empty, k_ready, v_ready, empty, v_empty,
-                             KV_HEADS, GROUP, GROUP_PAD, HEAD_DIM, BLOCK_M, BLOCK_N, NUM_STAGES,
-                             Q_STAGES, THRESHOLD, LAZY, MASK_FREE, PIPELINE, EARLY_K, dtype,
-                             num_warps, 2, 0)),
-                (_consumer, (o_part_ptr, lse_part_ptr, counts_ptr, part_start_ptr,
-                             part_tokens_ptr, part_entry_ptr, qk_scale,
-                             q_smem, qf_smem, row_smem, k_smem, v_smem, end_smem,
-                             q_ready, q_empty, k_ready, v_ready, empty, v_empty,
-                             KV_HEADS, GROUP, GROUP_PAD, HEAD_DIM, BLOCK_M, BLOCK_N, NUM_STAGES,
-                             Q_STAGES, THRESHOLD, LAZY, MASK_FREE, PIPELINE, EARLY_K, dtype,
-                             num_warps, 2, 1)),
-                (producer, (q_ptr, k_ptr, v_ptr, counts_ptr, part_start_ptr, part_tokens_ptr,
-                            part_entry_ptr, entry_query_ptr, entry_row_ptr, query_flat_ptr,
-                            token_slot_ptr, subtree_end_ptr,
-                            stride_qn, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh,
-                            q_smem, qf_smem, row_smem, k_smem, v_smem, end_smem,
-                            q_ready, q_empty, k_ready, v_ready, empty, v_empty,
-                            KV_HEADS, GROUP, GROUP_PAD, HEAD_DIM, BLOCK_M, BLOCK_N, NUM_STAGES,
-                            Q_STAGES, SLOT_AHEAD, PIPELINE, WAIT_FOR_PRIOR_GRID,
-                            PREFETCH_ITEM, PRODUCER_WARPS, 2, EARLY_K)),
-            ], [num_warps, PRODUCER_WARPS], [CONSUMER_REGS, PRODUCER_REGS])
-        else:
-            gl.warp_specialize([
-                (_consumer, (o_part_ptr, lse_part_ptr, counts_ptr, part_start_ptr,
-                             part_tokens_ptr, part_entry_ptr, qk_scale,
-                             q_smem, qf_smem, row_smem, k_smem, v_smem, end_smem,
-                             q_ready, q_empty, k_ready, v_ready, empty, v_empty,
-                             KV_HEADS, GROUP, GROUP_PAD, HEAD_DIM, BLOCK_M, BLOCK_N, NUM_STAGES,
-                             Q_STAGES, THRESHOLD, LAZY, MASK_FREE, PIPELINE, EARLY_K, dtype,
-                             num_warps, 1, 0)),
-                (producer, (q_ptr, k_ptr, v_ptr, counts_ptr, part_start_ptr, part_tokens_ptr,
-                            part_entry_ptr, entry_query_ptr, entry_row_ptr, query_flat_ptr,
-                            token_slot_ptr, subtree_end_ptr,
-                            stride_qn, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh,
-                            q_smem, qf_smem, row_smem, k_smem, v_smem, end_smem,
-                            q_ready, q_empty, k_ready, v_ready, empty, v_empty,
-                            KV_HEADS, GROUP, GROUP_PAD, HEAD_DIM, BLOCK_M, BLOCK_N, NUM_STAGES,
-                            Q_STAGES, SLOT_AHEAD, PIPELINE, WAIT_FOR_PRIOR_GRID,
-                            PREFETCH_ITEM, PRODUCER_WARPS, 1, EARLY_K)),
-            ], [PRODUCER_WARPS], [PRODUCER_REGS])
+        gl.warp_specialize([
+            (_consumer, (o_part_ptr, lse_part_ptr, counts_ptr, part_start_ptr,
+                         part_tokens_ptr, part_entry_ptr, qk_scale,
+                         q_smem, qf_smem, row_smem, k_smem, v_smem, end_smem,
+                         q_ready, q_empty, k_ready, v_ready, empty, v_empty,
+                         KV_HEADS, GROUP, GROUP_PAD, HEAD_DIM, BLOCK_M, BLOCK_N, NUM_STAGES,
+                         Q_STAGES, THRESHOLD, LAZY, MASK_FREE, PIPELINE, dtype, num_warps)),
+            (producer, (q_ptr, k_ptr, v_ptr, counts_ptr, part_start_ptr, part_tokens_ptr,
+                        part_entry_ptr, entry_query_ptr, entry_row_ptr, query_flat_ptr,
+                        token_slot_ptr, subtree_end_ptr,
+                        stride_qn, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh,
+                        q_smem, qf_smem, row_smem, k_smem, v_smem, end_smem,
+                        q_ready, q_empty, k_ready, v_ready, empty, v_empty,
+                        KV_HEADS, GROUP, GROUP_PAD, HEAD_DIM, BLOCK_M, BLOCK_N, NUM_STAGES,
+                        Q_STAGES, SLOT_AHEAD, PIPELINE, WAIT_FOR_PRIOR_GRID,
+                        PREFETCH_ITEM, PRODUCER_WARPS)),
+        ], [PRODUCER_WARPS], [PRODUCER_REGS])
 else:  # pragma: no cover - no Gluon in this triton
     _partials_sm90_kernel = None
 
@@ -338,12 +281,11 @@ def constexprs(kv_heads: int, group: int, head_dim: int, **overrides) -> dict:
                   HEAD_DIM=head_dim, BLOCK_M=BLOCK_M,
                   BLOCK_N=BLOCK_N, NUM_STAGES=NUM_STAGES, Q_STAGES=Q_STAGES,
                   THRESHOLD=RESCALE_THRESHOLD, LAZY=LAZY_RESCALE, SLOT_AHEAD=SLOT_AHEAD,
-                  MASK_FREE=MASK_FREE, PIPELINE=PIPELINE, EARLY_K=EARLY_K_RELEASE,
+                  MASK_FREE=MASK_FREE, PIPELINE=PIPELINE,
                   PRODUCER_WARPS=PRODUCER_WARPS,
                   PRODUCER_REGS=PRODUCER_REGS, EARLY_DEPENDENTS=EARLY_DEPENDENTS,
                   WAIT_FOR_PRIOR_GRID=PDL_PARTIALS,
-                  PREFETCH_ITEM=PREFETCH_ITEM and group <= BLOCK_M // 2, PAIRED=False,
-                  CONSUMER_REGS=0)
+                  PREFETCH_ITEM=PREFETCH_ITEM and group <= BLOCK_M // 2)
     values.update(overrides)
     return values
 
@@ -354,18 +296,13 @@ def launch_spec(kv_heads: int, group: int, head_dim: int, small_grid: bool = Fal
 
     `_partials_sm90_kernel`; with ``small_grid`` (the plan's work items fit one CTA per SM) and
     ``SMALL_GRID_PIPELINE``, with SMALL_GRID's parameters at one CTA per SM; with
-    ``TWO_CONSUMERS`` the two-consumer kernel of `deft.kernels.deft_flatten_sm90_split`; with
-    ``PAIRED_QUERY_TILES`` the paired form, one CTA per SM. All take the same run-time
-    arguments.
+    ``TWO_CONSUMERS`` the two-consumer kernel of `deft.kernels.deft_flatten_sm90_split`. Both
+    take the same run-time arguments.
     """
     if TWO_CONSUMERS:
         from deft.kernels import deft_flatten_sm90_split as split
 
         return split.launch_spec(kv_heads, group, head_dim, **overrides)
-    if PAIRED_QUERY_TILES:
-        return (_partials_sm90_kernel,
-                constexprs(kv_heads, group, head_dim, **{**PAIRED_KERNEL, **overrides}),
-                PAIRED_MAX_REGS, 1)
     if small_grid and SMALL_GRID_PIPELINE:
         return (_partials_sm90_kernel,
                 constexprs(kv_heads, group, head_dim, **{**SMALL_GRID, **overrides}),

@@ -8,13 +8,11 @@ of Q_STAGES shared buffers; per KV tile of BLOCK_N tokens it reads the tokens' c
 SLOT_AHEAD tiles ahead and gathers the K rows, then the V rows, with cp.async (16-byte copies)
 into a ring of NUM_STAGES stages, plus the tile's ``subtree_end`` values. Every producer thread
 arrives on a stage's ready mbarrier when its copies land; it waits on the stage's empty
-mbarrier (V's own, ``v_empty``, with PIPELINE or SPLIT_RELEASE) before refilling it. With
+mbarrier (V's own, ``v_empty``, with PIPELINE) before refilling it. With
 WAIT_FOR_PRIOR_GRID (the kernel launched as a programmatic dependent) it executes
 ``griddepcontrol.wait`` before a query tile's first copy; with PREFETCH_ITEM its first work
-item's plan data are loaded beside the item count. With Q_PER_PASS = 2 (the paired kernel,
-`deft.kernels.deft_flatten_sm90.PAIRED_QUERY_TILES`) it gathers two query tiles of a work item,
-one per consumer, before each pass over its KV tiles. Read the kernel module's docstring
-for the shared memory and the barriers.
+item's plan data are loaded beside the item count. Read the kernel module's docstring for the
+shared memory and the barriers.
 """
 
 from __future__ import annotations
@@ -73,7 +71,7 @@ if HAS_GLUON:
                   BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr, NUM_STAGES: gl.constexpr,
                   Q_STAGES: gl.constexpr, SLOT_AHEAD: gl.constexpr, PIPELINE: gl.constexpr,
                   WAIT_FOR_PRIOR_GRID: gl.constexpr, PREFETCH_ITEM: gl.constexpr,
-                  WARPS: gl.constexpr, Q_PER_PASS: gl.constexpr, SPLIT_RELEASE: gl.constexpr):
+                  WARPS: gl.constexpr):
         QUERIES_PER_TILE: gl.constexpr = BLOCK_M // GROUP_PAD
         VEC: gl.constexpr = 8  # 16-byte copies of 16-bit elements
         TPR: gl.constexpr = HEAD_DIM // VEC  # threads along a row
@@ -99,7 +97,7 @@ if HAS_GLUON:
             v_head = v_ptr + kv_head.to(gl.int64) * stride_vh
             slot_base = token_slot_ptr + token_start
             end_base = subtree_end_ptr + token_start
-            for entry0 in range(entry_lo, entry_hi, QUERIES_PER_TILE * Q_PER_PASS):
+            for entry0 in range(entry_lo, entry_hi, QUERIES_PER_TILE):
                 # the query tile (rows = query slot x GROUP_PAD + head) and its rows' plan data
                 q_ok, q_off, m_entry, m_ok, m_query = query_rows(
                     entry0, entry_hi, kv_head, q_rows, m_rows, entry_query_ptr, stride_qn,
@@ -118,17 +116,6 @@ if HAS_GLUON:
                                 entry_row_ptr, dims, q_smem, qf_smem, row_smem, q_ready, q_empty,
                                 Q_STAGES)
                 qt += 1
-                # (Q_PER_PASS > 1) the pass's other query tiles, all masked past the item's
-                # entries: one consumer each, every KV tile below read by all of them
-                for t in gl.static_range(1, Q_PER_PASS):
-                    q_ok, q_off, m_entry, m_ok, m_query = query_rows(
-                        entry0 + t * QUERIES_PER_TILE, entry_hi, kv_head, q_rows, m_rows,
-                        entry_query_ptr, stride_qn, stride_qh, QUERIES_PER_TILE, GROUP,
-                        GROUP_PAD)
-                    load_query_tile(qt, q_off, q_ok, m_entry, m_ok, m_query, q_ptr,
-                                    query_flat_ptr, entry_row_ptr, dims, q_smem, qf_smem,
-                                    row_smem, q_ready, q_empty, Q_STAGES)
-                    qt += 1
                 for n0 in range(0, span, BLOCK_N):
                     ok = row < num_tokens
                     k_ptrs = k_head + (slot.to(gl.int64)[:, None] * stride_kt + dims[None, :])
@@ -148,7 +135,7 @@ if HAS_GLUON:
                     async_load(end_smem.index(stage), end_base + col, mask=col < num_tokens)
                     async_load(k_smem.index(stage), k_ptrs, mask=ok[:, None])
                     async_copy.mbarrier_arrive(k_ready.index(stage), increment_count=False)
-                    if PIPELINE or SPLIT_RELEASE:  # V stages are released apart from K stages
+                    if PIPELINE:  # V stages are released apart from K stages
                         mbarrier.wait(v_empty.index(stage), ((it // NUM_STAGES) & 1) ^ 1)
                     async_load(v_smem.index(stage), v_ptrs, mask=ok[:, None])
                     async_copy.mbarrier_arrive(v_ready.index(stage), increment_count=False)

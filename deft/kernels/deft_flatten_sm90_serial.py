@@ -4,11 +4,8 @@
 `deft.kernels.deft_flatten_sm90_pipelined`): per KV tile it waits for the K stage, computes
 S = Q K^T with wgmma, masks it (`deft.kernels.deft_flatten_sm90_tiles`), runs the online
 softmax, waits for the V stage and adds P V, then releases the stage (``empty``); per query tile
-it stores the partial rows. With PAIR = 2 (the paired kernel,
-`deft.kernels.deft_flatten_sm90.PAIRED_QUERY_TILES`) two consumers share every KV tile: a work
-item's query tiles go in pairs, consumer 0 taking the first of each pair and consumer 1 the
-second (where an item has none, consumer 1 waits for and releases each stage all the same).
-Read the kernel module's docstring for the shared memory, barriers and the work items.
+it stores the partial rows. Read the kernel module's docstring for the shared memory, barriers
+and the work items.
 """
 
 from __future__ import annotations
@@ -28,16 +25,15 @@ if HAS_GLUON:
     def attend_query_tile(o_part_ptr, lse_part_ptr, qk_scale, kv_head, token_start, num_tokens,
                           entry0, entry_hi, qt, it, s_rows, s_cols, o_rows, o_dims,
                           q_smem, qf_smem, row_smem, k_smem, v_smem, end_smem,
-                          q_ready, q_empty, k_ready, v_ready, empty, v_empty,
+                          q_ready, q_empty, k_ready, v_ready, empty,
                           KV_HEADS: gl.constexpr, GROUP: gl.constexpr, GROUP_PAD: gl.constexpr,
                           HEAD_DIM: gl.constexpr, BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr,
                           NUM_STAGES: gl.constexpr, Q_STAGES: gl.constexpr,
                           THRESHOLD: gl.constexpr, LAZY: gl.constexpr, MASK_FREE: gl.constexpr,
-                          EARLY_K: gl.constexpr, DTYPE: gl.constexpr, WARPS: gl.constexpr):
+                          DTYPE: gl.constexpr, WARPS: gl.constexpr):
         """One query tile (its first entry ``entry0``, the ``qt``-th Q stage use) over its work
-        item's KV tiles (ring uses from ``it``): wait, compute, release each stage (with EARLY_K
-        its K half, ``empty``, once S is computed, its V half, ``v_empty``, after P V), store
-        the partial rows; returns the ring index past its tiles."""
+        item's KV tiles (ring uses from ``it``): wait, compute, release each stage once its
+        P V is done, store the partial rows; returns the ring index past its tiles."""
         QUERIES_PER_TILE: gl.constexpr = BLOCK_M // GROUP_PAD
         Q_HEADS: gl.constexpr = KV_HEADS * GROUP
         s_layout: gl.constexpr = gl.NVMMADistributedLayout(
@@ -82,8 +78,6 @@ if HAS_GLUON:
                     query_flat[:, None] < end[None, :])
                 s = warpgroup_mma_wait(0, deps=[s])
                 s = gl.where(visible, s, float("-inf"))
-            if EARLY_K:  # K and subtree_end read: the producer may refill them
-                mbarrier.arrive(empty.index(stage), count=1)
             m_tile = gl.max(s, 1)
             # exact lazy rescale: keep the stale max unless it is passed by more than
             # THRESHOLD (then p <= 2**THRESHOLD); a -inf max is always replaced
@@ -113,10 +107,7 @@ if HAS_GLUON:
             fence_async_shared()
             acc = warpgroup_mma(p16, v_smem.index(stage), acc, is_async=True)
             acc = warpgroup_mma_wait(0, deps=[acc])
-            if EARLY_K:
-                mbarrier.arrive(v_empty.index(stage), count=1)
-            else:
-                mbarrier.arrive(empty.index(stage), count=1)
+            mbarrier.arrive(empty.index(stage), count=1)
             it += 1
         l_safe, lse = row_results(m_i, l_i, qk_scale)
         row = row_smem.index(qs).load(s_rows_layout)
@@ -128,34 +119,15 @@ if HAS_GLUON:
         return it
 
     @gluon.jit
-    def pass_over(qt, it, num_tokens, q_ready, q_empty, k_ready, v_ready, empty,
-                  BLOCK_N: gl.constexpr, NUM_STAGES: gl.constexpr, Q_STAGES: gl.constexpr):
-        """(PAIR) A query tile past the work item's entries: its (masked) Q stage use and each
-        KV stage waited for and released as a computing consumer would; returns the ring index
-        past the item's tiles."""
-        qs = qt % Q_STAGES
-        mbarrier.wait(q_ready.index(qs), (qt // Q_STAGES) & 1)
-        mbarrier.arrive(q_empty.index(qs), count=1)
-        for n0 in range(0, num_tokens, BLOCK_N):
-            stage = it % NUM_STAGES
-            phase = (it // NUM_STAGES) & 1
-            mbarrier.wait(k_ready.index(stage), phase)
-            mbarrier.wait(v_ready.index(stage), phase)
-            mbarrier.arrive(empty.index(stage), count=1)
-            it += 1
-        return it
-
-    @gluon.jit
     def consumer_serial(o_part_ptr, lse_part_ptr, counts_ptr, part_start_ptr, part_tokens_ptr,
                         part_entry_ptr, qk_scale,
                         q_smem, qf_smem, row_smem, k_smem, v_smem, end_smem,
-                        q_ready, q_empty, k_ready, v_ready, empty, v_empty,
+                        q_ready, q_empty, k_ready, v_ready, empty,
                         KV_HEADS: gl.constexpr, GROUP: gl.constexpr, GROUP_PAD: gl.constexpr,
                         HEAD_DIM: gl.constexpr,
                         BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr, NUM_STAGES: gl.constexpr,
                         Q_STAGES: gl.constexpr, THRESHOLD: gl.constexpr, LAZY: gl.constexpr,
-                        MASK_FREE: gl.constexpr, EARLY_K: gl.constexpr, DTYPE: gl.constexpr,
-                        WARPS: gl.constexpr, PAIR: gl.constexpr, CONSUMER: gl.constexpr):
+                        MASK_FREE: gl.constexpr, DTYPE: gl.constexpr, WARPS: gl.constexpr):
         QUERIES_PER_TILE: gl.constexpr = BLOCK_M // GROUP_PAD
         s_layout: gl.constexpr = gl.NVMMADistributedLayout(
             version=[3, 0], warps_per_cta=[WARPS, 1], instr_shape=[16, BLOCK_N, 16])
@@ -175,29 +147,14 @@ if HAS_GLUON:
         for item in range(gl.program_id(0), num_items, gl.num_programs(0)):
             kv_head, token_start, num_tokens, entry_lo, entry_hi = work_item(
                 item, part_start_ptr, part_tokens_ptr, part_entry_ptr, KV_HEADS)
-            for entry0 in range(entry_lo, entry_hi, QUERIES_PER_TILE * PAIR):
-                if PAIR == 1:
-                    it = attend_query_tile(
-                        o_part_ptr, lse_part_ptr, qk_scale, kv_head, token_start, num_tokens,
-                        entry0, entry_hi, qt, it, s_rows, s_cols, o_rows, o_dims, q_smem,
-                        qf_smem, row_smem, k_smem, v_smem, end_smem, q_ready, q_empty, k_ready,
-                        v_ready, empty, v_empty, KV_HEADS, GROUP, GROUP_PAD, HEAD_DIM, BLOCK_M,
-                        BLOCK_N, NUM_STAGES, Q_STAGES, THRESHOLD, LAZY, MASK_FREE, EARLY_K, DTYPE,
-                        WARPS)
-                else:  # this consumer's tile of the pair, or a pass over the KV tiles
-                    tile0 = entry0 + CONSUMER * QUERIES_PER_TILE
-                    if tile0 < entry_hi:
-                        it = attend_query_tile(
-                            o_part_ptr, lse_part_ptr, qk_scale, kv_head, token_start,
-                            num_tokens, tile0, entry_hi, qt + CONSUMER, it, s_rows, s_cols,
-                            o_rows, o_dims, q_smem, qf_smem, row_smem, k_smem, v_smem, end_smem,
-                            q_ready, q_empty, k_ready, v_ready, empty, v_empty, KV_HEADS,
-                            GROUP, GROUP_PAD, HEAD_DIM, BLOCK_M, BLOCK_N, NUM_STAGES, Q_STAGES,
-                            THRESHOLD, LAZY, MASK_FREE, EARLY_K, DTYPE, WARPS)
-                    else:
-                        it = pass_over(qt + CONSUMER, it, num_tokens, q_ready, q_empty, k_ready,
-                                       v_ready, empty, BLOCK_N, NUM_STAGES, Q_STAGES)
-                qt += PAIR
+            for entry0 in range(entry_lo, entry_hi, QUERIES_PER_TILE):
+                it = attend_query_tile(
+                    o_part_ptr, lse_part_ptr, qk_scale, kv_head, token_start, num_tokens,
+                    entry0, entry_hi, qt, it, s_rows, s_cols, o_rows, o_dims, q_smem, qf_smem,
+                    row_smem, k_smem, v_smem, end_smem, q_ready, q_empty, k_ready, v_ready,
+                    empty, KV_HEADS, GROUP, GROUP_PAD, HEAD_DIM, BLOCK_M, BLOCK_N, NUM_STAGES,
+                    Q_STAGES, THRESHOLD, LAZY, MASK_FREE, DTYPE, WARPS)
+                qt += 1
 
 else:  # pragma: no cover - no Gluon in this triton
-    consumer_serial = attend_query_tile = pass_over = None
+    consumer_serial = attend_query_tile = None

@@ -232,7 +232,7 @@ if gc.HAS_GLUON:
                         q_ready, q_empty, k_ready, v_ready, empty, empty,
                         KV_HEADS, GROUP, GROUP_PAD, HEAD_DIM, BLOCK_M, BLOCK_N,
                         NUM_STAGES, Q_STAGES, SLOT_AHEAD, False, False, False,
-                        PRODUCER_WARPS, 1, False)),
+                        PRODUCER_WARPS)),
         ], [num_warps, PRODUCER_WARPS], [CONSUMER_REGS, PRODUCER_REGS])
 else:  # pragma: no cover - no Gluon in this triton
     _partials_split_kernel = None
