@@ -335,6 +335,26 @@ def test_lookup_uses_the_nearest_bucket_and_the_env_directory(tmp_path, monkeypa
     assert found.table == str(store.table_path(H100.name, extra))
 
 
+def test_an_uncapped_group_stored_for_fewer_queries_takes_one_query_tile(isolated_tables):
+    """A deft_flatten entry without a group cap, tuned on a bucket of at most 32 queries, keeps
+    no cap for trees of that many queries and caps a tree of more at the fill rung's group (one
+    query tile of rows); a stored cap and the other strategies are left as stored."""
+    write_configs(table(H200, chunk=512, group=None), store.table_path(H200.name))
+    assert tuned_config("deft_flatten", TREE, H200.name, (9, 0)).group_size is None
+    more = star(40, 4000, 100)  # 40 queries: bucket q64-n8192-s32, two steps from KEY
+    found = tuned_config("deft_flatten", more, H200.name, (9, 0))
+    assert (found.rung, found.matched, found.chunk_size) == ("exact", KEY, 512)
+    assert found.group_size == 16  # 64 rows / 4 query heads per KV head
+    assert tuned_config("deft_flatten", more, H200.name, (9, 0), programs=264).group_size == 16
+    write_configs(table(H200, chunk=512, group=8), store.table_path(H200.name))
+    forget_tables()
+    assert tuned_config("deft_flatten", more, H200.name, (9, 0)).group_size == 8
+    write_configs(table(H200, chunk=512, group=None, strategy=CHUNKED),
+                  store.table_path(H200.name))
+    forget_tables()
+    assert tuned_config(CHUNKED, more, H200.name, (9, 0)).group_size is None
+
+
 def test_corrupted_exact_table_falls_back_with_a_warning(isolated_tables):
     store.table_path(H100.name).write_text("{broken")
     with pytest.warns(TunedConfigWarning, match="ignored"):

@@ -20,7 +20,11 @@ head shape (`deft.kernels.buckets`; keys without KV heads read as tuned at 32 qu
 Lookup (`tuned_config`): the first rung with a config for the tree's bucket, or for the
 nearest stored bucket within `deft.kernels.buckets.MAX_DISTANCE`, answers (for deft_flatten,
 where the card's programs are known, its chunk is then moved to the tree at hand,
-`flatten_chunk`; the group size and tile stay the rung's):
+`flatten_chunk`; the group size and tile stay the rung's, except that a deft_flatten entry
+stored without a group cap, looked up for a tree of more queries than its bucket holds, takes
+the fill rung's group, one query tile of rows: "no cap" was only ever measured on work items
+of that many queries, and on a random forest of 87 queries it ran 1.67-1.87x the best size,
+docs/autotune.md, session 14):
 
 1. ``exact``: a table of this card (same device name), measured before predicted;
 2. ``dtype``: the same, for the other 16-bit dtype (a bf16 tree on the fp16 buckets, and back:
@@ -260,6 +264,10 @@ def tuned_config(strategy: str, tree: Tree, device_name: str, capability,
         Without them ``fill`` is skipped and a table's chunk is used as stored.
     """
     found = _lookup(strategy, bucket_of(tree), device_name, tuple(capability), config_dirs())
+    if strategy == WAVE_STRATEGY and found.group_size is None and found.matched and (
+            tree.num_queries > Bucket.parse(found.matched).queries):
+        # no cap was measured on at most the stored bucket's queries: on more, one query tile
+        found = dataclasses.replace(found, group_size=fill_group(tree))
     if programs is None or strategy not in USES_CHUNK_SIZE:
         return found
     programs = programs() if callable(programs) else programs
