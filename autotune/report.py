@@ -72,11 +72,11 @@ def autotune_table(table) -> Table:
 def model_caption(model: dict) -> str:
     """One line on the refit a predicted table ranked with: its card and its error there on
     held-out trees (`autotune.tune.model_note`)."""
-    def share(x):
-        return "-" if x is None else f"{x:+.0%}" if x < 0 else f"{x:.0%}"
+    def share(x, sign=""):  # the worst error keeps its sign: + over-predicts
+        return "-" if x is None else f"{x:{sign}.0%}"
 
     rho = model.get("held_out_min_spearman")
     return (f"latency model fitted on {model['fitted_on']}: on its held-out trees there median "
             f"|err| {share(model.get('held_out_median_abs_err'))}, worst "
-            f"{share(model.get('held_out_worst_err'))}, Spearman min "
+            f"{share(model.get('held_out_worst_err'), '+')}, Spearman min "
             f"{'-' if rho is None else f'{rho:.2f}'} (not measured on this card)")
