@@ -53,6 +53,15 @@ class Constants:
         other: its time is ``(chain^k + bytes_time^k)^(1/k)`` with ``k = 1 /
         overlap_softness``; 0: the larger of the two (full overlap), 1: their sum
         (`iomodel.kernel_model.overlapped`).
+    kv_overlap_softness : float
+        The same softness for the KV stream's share of those bytes: the kernel's softness is
+        the byte-weighted mean of the two, ``(1 - f) overlap_softness + f kv_overlap_softness``
+        with f the KV share of its HBM bytes (KV streamed through the producer's ring hides
+        behind the tile chain better than the query tiles' Q loads and partial-row stores).
+        Negative: the same as ``overlap_softness``.
+    merge_query_step_us : float
+        One loop step of the per-query merge (one partial row of every head), µs; negative: the
+        same as ``merge_step_us`` (a per-head merge step, a block of rows).
     merge_block_rows : float
         Not fitted: the per-head merge's row block the times are modelled for. 0: the plan's
         own (`deft.kernels.reduction.merge_block`, the merge since session 10); else that
@@ -73,4 +82,6 @@ class Constants:
     pair_speedup: float = 1.5
     merge_step_us: float = 2.0
     overlap_softness: float = 0.0
+    kv_overlap_softness: float = -1.0
+    merge_query_step_us: float = -1.0
     merge_block_rows: float = 0.0

@@ -33,12 +33,13 @@ stream once per query tile. So, with the constants of `iomodel.constants.Constan
    and its HBM bytes at ``memory_efficiency`` x bandwidth (every KV token some query sees read
    once: query groups of one chunk run side by side and share it through L2; plus Q, mask,
    page indices and the partial rows written) by `overlapped`: ``(chain^k + bytes^k)^(1/k)``,
-   ``k = 1 / overlap_softness`` (0: the larger of the two).
+   ``k = 1 / s`` (0: the larger of the two), s the byte-weighted mean of
+   ``kv_overlap_softness`` over the KV bytes and ``overlap_softness`` over the rest.
 3. The merge reads every partial row and writes the output: its bytes at ``memory_efficiency`` x
    bandwidth and a merge program's serial chain over one query's partial rows, `overlapped`,
    ``merge_step_us`` per loop step (`merge_block` rows a step for the per-head merge, 16 to 64
    as the most rows of a query need, or the fixed block ``merge_block_rows`` a sweep was
-   timed with; one for the per-query merge, chosen as
+   timed with), or ``merge_query_step_us`` per row for the per-query merge (chosen as
    `deft.kernels.reduction.per_query_merge` does), the mean partial rows per query standing in
    for the most.
 
@@ -62,7 +63,8 @@ TILED_STRATEGIES = ("deft_flatten",)
 
 KERNEL_CONSTANTS = ("launch_us", "memory_efficiency", "query_tile_us", "tile_us",
                     "small_grid_tile_us", "masked_tile_us", "contention", "pair_speedup",
-                    "merge_step_us", "overlap_softness")
+                    "merge_step_us", "overlap_softness", "kv_overlap_softness",
+                    "merge_query_step_us")
 """The constants this model reads (`iomodel.constants.Constants`)."""
 
 QUERY_TILE_ROWS = 64
@@ -212,29 +214,42 @@ def _dealt_in_turn(runs: np.ndarray, values: np.ndarray, programs: int) -> np.nd
     return base + beyond
 
 
-def overlapped(chain: float, memory: float, c: Constants) -> float:
+def overlapped(chain: float, memory: float, softness: float) -> float:
     """A kernel's seconds from its chain of steps and its bytes' time: their p-norm with p =
-    1 / ``overlap_softness`` (0: the larger, the two hidden behind each other; 1: the sum).
-    Each step of the chain waits for loads that share the bandwidth with every other SM's,
-    so near the crossover neither hides the other whole."""
+    1 / `softness` (0: the larger, the two hidden behind each other; 1: the sum). Each step of
+    the chain waits for loads that share the bandwidth with every other SM's, so near the
+    crossover neither hides the other whole."""
     larger = max(chain, memory)
-    if c.overlap_softness <= 0.0 or larger <= 0.0:
+    if softness <= 0.0 or larger <= 0.0:
         return larger
-    p = 1.0 / c.overlap_softness
-    return larger * ((chain / larger) ** p + (memory / larger) ** p) ** c.overlap_softness
+    p = 1.0 / softness
+    return larger * ((chain / larger) ** p + (memory / larger) ** p) ** softness
 
 
-def partials_seconds(plan, gpu: GpuSpec, c: Constants, hbm_bytes: float) -> tuple:
+def partials_seconds(plan, gpu: GpuSpec, c: Constants, hbm_bytes: float,
+                     kv_bytes: float = 0.0) -> tuple:
     """Seconds of the partials kernel (`overlapped`) and its bound: ``"compute"`` (the busiest
     SM's chain of tile steps is the longer) or ``"memory"`` (`hbm_bytes` at the kernel's share
-    of the bandwidth)."""
+    of the bandwidth); `kv_bytes` of them are the KV stream (the softness's weights)."""
     loads = program_loads(plan, gpu, c)
     if len(loads) > gpu.sm_count:  # two programs per SM
         first, second = loads[:gpu.sm_count], loads[gpu.sm_count:]
         loads = np.maximum(np.maximum(first, second), (first + second) / c.pair_speedup)
     chain = float(loads.max())
     memory = hbm_bytes / (gpu.bandwidth * c.memory_efficiency)
-    return overlapped(chain, memory, c), "compute" if chain >= memory else "memory"
+    softness = c.overlap_softness
+    if c.kv_overlap_softness >= 0.0 and hbm_bytes > 0.0:
+        share = min(kv_bytes / hbm_bytes, 1.0)
+        softness = (1.0 - share) * c.overlap_softness + share * c.kv_overlap_softness
+    return overlapped(chain, memory, softness), "compute" if chain >= memory else "memory"
+
+
+def per_query(plan: Plan | PlanAggregates, gpu: GpuSpec) -> bool:
+    """Whether the plan's merge runs one program per query
+    (`deft.kernels.reduction.per_query_merge`)."""
+    queries = plan.tree.num_queries
+    return queries >= gpu.sm_count and int(plan.queries @ plan.count) <= (
+        PER_QUERY_MAX_ROWS * queries)
 
 
 def merge_steps(plan: Plan | PlanAggregates, gpu: GpuSpec, block: int = 0) -> int:
@@ -242,15 +257,16 @@ def merge_steps(plan: Plan | PlanAggregates, gpu: GpuSpec, block: int = 0) -> in
     rounded up standing in for the most (aggregates do not say which query has which rows);
     the per-head merge takes `block` rows a step, or with 0 the plan's own `merge_block`."""
     queries = plan.tree.num_queries
-    rows = int(plan.queries @ plan.count)
-    most = -(-rows // max(queries, 1))
-    per_query = queries >= gpu.sm_count and rows <= PER_QUERY_MAX_ROWS * queries
-    return most if per_query else -(-most // (block or merge_block(most)))
+    most = -(-int(plan.queries @ plan.count) // max(queries, 1))
+    return most if per_query(plan, gpu) else -(-most // (block or merge_block(most)))
 
 
 def merge_seconds(plan, gpu: GpuSpec, c: Constants, moved_bytes: float) -> float:
     """Seconds of the merge: its bytes at the kernel share of the bandwidth and its longest
     chain of loop steps, `overlapped`."""
     steps = merge_steps(plan, gpu, int(c.merge_block_rows))
-    return overlapped(steps * c.merge_step_us * 1e-6,
-                      moved_bytes / (gpu.bandwidth * c.memory_efficiency), c)
+    step_us = c.merge_step_us  # a per-query step reads one row, a per-head one a block
+    if c.merge_query_step_us >= 0.0 and per_query(plan, gpu):
+        step_us = c.merge_query_step_us
+    return overlapped(steps * step_us * 1e-6,
+                      moved_bytes / (gpu.bandwidth * c.memory_efficiency), c.overlap_softness)

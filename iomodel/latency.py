@@ -118,9 +118,9 @@ def predict_latency(plan: Plan | PlanAggregates, gpu: GpuSpec, traffic: dict | N
     moved = traffic["partial_bytes"] / 2 + traffic["output_bytes"]
     if plan.strategy in TILED_STRATEGIES:
         # KV from HBM once per seen token (query groups of a chunk share it through L2)
-        hbm_bytes = float(part_bytes @ plan.count) - traffic["kv_bytes"] + (
-            floor_traffic(plan.tree)["kv_bytes"])
-        attention_s, bound = partials_seconds(plan, gpu, constants, hbm_bytes)
+        kv_bytes = floor_traffic(plan.tree)["kv_bytes"]
+        hbm_bytes = float(part_bytes @ plan.count) - traffic["kv_bytes"] + kv_bytes
+        attention_s, bound = partials_seconds(plan, gpu, constants, hbm_bytes, kv_bytes)
         reduction_s = merge_seconds(plan, gpu, constants, moved)
     else:
         attention_s, bound = _kernel_time(

@@ -272,7 +272,8 @@ def test_refit_recovers_model_generated_times_and_judges_on_held_out_trees():
 
 def test_refit_tells_the_small_grid_kernel_from_the_two_cta_one():
     # the sweep's chunks give plans of at most one item per SM (small grid) and more
-    truth = {**TRUE, "tile_us": 1.2, "small_grid_tile_us": 0.6}
+    # a softness inside the fit's bounds (from 0.05), shared by the KV bytes and the rest
+    truth = {**TRUE, "tile_us": 1.2, "small_grid_tile_us": 0.6, "overlap_softness": 0.3}
     sweep = synthetic_sweep(constants=truth)
     small = {kernel_model.small_grid(build_plan(
         "deft_flatten", tree_from_dict(sweep["trees"][row["workload"]]), size["chunk_size"],
@@ -281,6 +282,7 @@ def test_refit_tells_the_small_grid_kernel_from_the_two_cta_one():
     fit = calibrate_sweep([sweep], max_evaluations=60)
     assert fit["constants"]["tile_us"] == pytest.approx(1.2, rel=0.02)
     assert fit["constants"]["small_grid_tile_us"] == pytest.approx(0.6, rel=0.02)
+    assert fit["constants"]["kv_overlap_softness"] == pytest.approx(0.3, abs=0.03)
     assert fit["held_out"]["median_abs_err"] < 0.02
 
 

@@ -232,13 +232,10 @@ def test_refit_predicts_the_merge_block_its_sweeps_timed():
 
 
 def test_chain_and_bytes_overlap_as_the_softness_says():
-    c = constants_for(kernel_gpu())
-    assert kernel_model.overlapped(3.0, 4.0, c) == 4.0  # softness 0: the larger
-    half = constants_for(kernel_gpu(overlap_softness=0.5))
-    assert kernel_model.overlapped(3.0, 4.0, half) == pytest.approx(5.0)  # the 2-norm
-    assert kernel_model.overlapped(0.0, 4.0, half) == pytest.approx(4.0)
-    whole = constants_for(kernel_gpu(overlap_softness=1.0))
-    assert kernel_model.overlapped(3.0, 4.0, whole) == pytest.approx(7.0)  # the sum
+    assert kernel_model.overlapped(3.0, 4.0, 0.0) == 4.0  # softness 0: the larger
+    assert kernel_model.overlapped(3.0, 4.0, 0.5) == pytest.approx(5.0)  # the 2-norm
+    assert kernel_model.overlapped(0.0, 4.0, 0.5) == pytest.approx(4.0)
+    assert kernel_model.overlapped(3.0, 4.0, 1.0) == pytest.approx(7.0)  # the sum
     # both kernels: the partials' chain and bytes, the merge's chain and bytes
     chain = Tree([0, 1], [None, 0], [3200, 64], [0, 1])
     plan = build_plan("deft_flatten", chain, 32, None, 16)
@@ -249,6 +246,44 @@ def test_chain_and_bytes_overlap_as_the_softness_says():
     assert soft["reduction_us"] == pytest.approx(
         hard["reduction_us"] + moved / kernel_gpu().bandwidth * 1e6)
     assert soft["attention_us"] > hard["attention_us"] and soft["bound"] == hard["bound"]
+
+
+def test_the_kv_bytes_take_their_own_softness():
+    """The partials' softness is the byte-weighted mean of ``kv_overlap_softness`` over the KV
+    bytes and ``overlap_softness`` over the rest; a negative KV softness is the plain one."""
+    plan = build_plan("deft_flatten", Tree([0, 1], [None, 0], [3200, 64], [0, 1]), 32, None, 16)
+    hbm = 4e6
+
+    def seconds(kv_bytes, **constants):
+        gpu = kernel_gpu(**constants)
+        return kernel_model.partials_seconds(plan, gpu, constants_for(gpu), hbm, kv_bytes)[0]
+
+    assert seconds(hbm, overlap_softness=0.2, kv_overlap_softness=0.8) == pytest.approx(
+        seconds(0.0, overlap_softness=0.8))
+    assert seconds(hbm / 2, overlap_softness=0.2, kv_overlap_softness=0.8) == pytest.approx(
+        seconds(0.0, overlap_softness=0.5))
+    assert seconds(hbm, overlap_softness=0.5) == seconds(0.0, overlap_softness=0.5)
+    assert seconds(hbm, overlap_softness=0.5, kv_overlap_softness=0.0) < seconds(
+        hbm, overlap_softness=0.5)
+
+
+def test_a_per_query_merge_step_has_its_own_cost():
+    """``merge_query_step_us`` prices the per-query merge's steps (one row each) and leaves the
+    per-head merge's (a block of rows) to ``merge_step_us``."""
+    many = star(200, 1000, 16)  # 200 queries >= the SMs, few rows each: the per-query merge
+    few = star(20, 4000, 200)
+    gpu = BUILTIN["h200"]
+    for tree, per_query in ((many, True), (few, False)):
+        plan = build_plan("deft_flatten", tree, 512, None, 16)
+        assert kernel_model.per_query(plan, gpu) == per_query
+        base = predict_latency(plan, kernel_gpu(merge_step_us=3.0))["reduction_us"]
+        own = predict_latency(plan, kernel_gpu(merge_step_us=3.0, merge_query_step_us=0.5))
+        if per_query:
+            assert own["reduction_us"] == pytest.approx(predict_latency(
+                plan, kernel_gpu(merge_step_us=0.5))["reduction_us"])
+            assert own["reduction_us"] < base
+        else:
+            assert own["reduction_us"] == base
 
 
 def test_flatten_reads_each_seen_token_from_hbm_once():

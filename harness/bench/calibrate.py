@@ -53,6 +53,8 @@ BOUNDS = {
     "pair_speedup": (1.0, 2.0),
     "merge_step_us": (1e-3, 100.0),
     "overlap_softness": (0.05, 1.0),
+    "kv_overlap_softness": (0.0, 1.0),
+    "merge_query_step_us": (1e-3, 100.0),
 }
 """Search range of each constant; a constant not listed here is fitted in (1e-3, 1e3)."""
 
