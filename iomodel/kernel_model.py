@@ -227,7 +227,7 @@ def overlapped(chain: float, memory: float, softness: float) -> float:
 
 
 def partials_seconds(plan, gpu: GpuSpec, c: Constants, hbm_bytes: float,
-                     kv_bytes: float = 0.0) -> tuple:
+                     kv_bytes: float) -> tuple:
     """Seconds of the partials kernel (`overlapped`) and its bound: ``"compute"`` (the busiest
     SM's chain of tile steps is the longer) or ``"memory"`` (`hbm_bytes` at the kernel's share
     of the bandwidth); `kv_bytes` of them are the KV stream (the softness's weights)."""

@@ -13,8 +13,10 @@ trees), and the measured time of that pick over the sweep's best. The sweep time
 group size whose plan differs, at the tuned tile, so a pick is read off the swept size with
 the same plan. Rules:
 
-- ``table``: the lookup as it shipped before session 7: the nearest bucket's chunk and group as
-  stored, the fill rung where none applies. Where its pick is the size the row records as
+- ``table``: the lookup as it shipped before session 7: the nearest bucket's chunk as stored
+  and its group as the lookup gives it (since session 14 a stored "no cap" taken to a tree of
+  more queries than its bucket is one query tile: every rule here shares that group), the
+  fill rung where none applies. Where its pick is the size the row records as
   tuned, it reproduces the recorded ``tuned_over_best``; the script counts those rows.
 - ``tokens``: the stored group; the stored chunk scaled by the tree's unique tokens over the
   tuning tree's (the nearest chunk from 64; the fill rung as in ``table``).
@@ -89,7 +91,9 @@ class Context:
         self._trees = {}
 
     def stored(self, tree):
-        """(chunk, group, rung, matched bucket key or None) of the table as stored."""
+        """(chunk, group, rung, matched bucket key or None) of the table: the chunk as stored,
+        the group as `tuned_config` gives it (the stored one, or one query tile for a stored
+        "no cap" on a tree of more queries than its bucket)."""
         found = tuned_config(STRATEGY, tree, self.device["name"], self.device["capability"])
         if found.rung == "default":
             return fill_chunk(STRATEGY, tree, self.programs), fill_group(tree), "fill", None

@@ -638,6 +638,16 @@ def test_cli_predict_writes_a_labelled_predicted_table(monkeypatch, tmp_path):
     assert f"worst {model['held_out_worst_err']:+.0%}" in flat
 
 
+def test_model_caption_signs_the_worst_error_only():
+    from autotune.report import model_caption
+
+    for worst, shown in ((0.22, "worst +22%"), (-0.25, "worst -25%")):
+        caption = model_caption({"fitted_on": "NVIDIA H200", "held_out_median_abs_err": 0.04,
+                                 "held_out_worst_err": worst, "held_out_min_spearman": 0.96})
+        assert shown in caption and "median |err| 4%," in caption and "min 0.96" in caption
+    assert "worst -," in model_caption({"fitted_on": "NVIDIA H200"})
+
+
 def test_cli_predict_never_replaces_a_measured_table(monkeypatch, isolated_tables):
     fake_gpu(monkeypatch, None)
     measured = write_configs(table(H100), store.table_path(H100.name))

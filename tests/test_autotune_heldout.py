@@ -283,6 +283,7 @@ def test_refit_tells_the_small_grid_kernel_from_the_two_cta_one():
     assert fit["constants"]["tile_us"] == pytest.approx(1.2, rel=0.02)
     assert fit["constants"]["small_grid_tile_us"] == pytest.approx(0.6, rel=0.02)
     assert fit["constants"]["kv_overlap_softness"] == pytest.approx(0.3, abs=0.03)
+    assert "merge_query_step_us" not in fit["constants"]  # no tree runs the per-query merge
     assert fit["held_out"]["median_abs_err"] < 0.02
 
 

@@ -103,7 +103,7 @@ def test_each_query_tile_of_an_item_pays_the_fixed_cost():
         plan = build_plan("deft_flatten", tree, 1024, None, 16)  # one partition, 8 items
         assert list(kernel_model.query_tiles(plan, gpu)) == [tiles]
         steps = tiles * -(-(640 + queries) // 64)
-        chain, _ = kernel_model.partials_seconds(plan, gpu, c, 0.0)
+        chain, _ = kernel_model.partials_seconds(plan, gpu, c, 0.0, 0.0)
         assert chain * 1e6 == pytest.approx(tiles * c.query_tile_us + steps * c.tile_us)
 
 
@@ -132,7 +132,7 @@ def test_two_programs_share_an_sm_and_busy_sms_slow_each_step():
     gpu = kernel_gpu(pair_speedup=1.5)
     c = constants_for(gpu)
     one = build_plan("deft_flatten", star(1, 6400, 64), 8192, None, 16)  # one item
-    alone, bound = kernel_model.partials_seconds(one, gpu, c, 0.0)
+    alone, bound = kernel_model.partials_seconds(one, gpu, c, 0.0, 0.0)
     assert bound == "compute" and alone * 1e6 == pytest.approx(2.0 + 101 * 1.0)
     # items = 2 x SMs equal ones (roots of one KV tile and one query each): SM s runs programs
     # s and s + SMs together, 1.5x one's rate
@@ -141,12 +141,12 @@ def test_two_programs_share_an_sm_and_busy_sms_slow_each_step():
                   AttentionShape(4, 1, 128, "float16"))
     many = build_plan("deft_flatten", forest, 64, None, 16)
     assert list(kernel_model.item_steps(many, gpu)) == [1] * roots
-    pair, _ = kernel_model.partials_seconds(many, gpu, c, 0.0)
+    pair, _ = kernel_model.partials_seconds(many, gpu, c, 0.0, 0.0)
     assert pair * 1e6 == pytest.approx(2 * 3.0 / 1.5)
     loaded = kernel_model.partials_seconds(many, gpu, dataclasses.replace(c, contention=0.5),
-                                           0.0)[0]
+                                           0.0, 0.0)[0]
     assert loaded * 1e6 == pytest.approx(2 * (2.0 + 1.5) / 1.5)  # every SM busy: 1.5x steps
-    assert kernel_model.partials_seconds(many, gpu, c, 1e9)[1] == "memory"
+    assert kernel_model.partials_seconds(many, gpu, c, 1e9, 0.0)[1] == "memory"
 
 
 def test_a_plan_of_at_most_one_item_per_sm_runs_the_small_grid_kernel_on_hopper():
@@ -165,11 +165,11 @@ def test_a_plan_of_at_most_one_item_per_sm_runs_the_small_grid_kernel_on_hopper(
     # one program per SM, one item each, at the small-grid step
     loads = kernel_model.program_loads(fits, gpu, c)
     assert len(loads) == gpu.sm_count and np.allclose(loads * 1e6, c.query_tile_us + 0.5)
-    small, _ = kernel_model.partials_seconds(fits, gpu, c, 0.0)
+    small, _ = kernel_model.partials_seconds(fits, gpu, c, 0.0, 0.0)
     assert small * 1e6 == pytest.approx(c.query_tile_us + c.small_grid_tile_us)
     # one item more: two programs per SM at tile_us, SM 0 hosting two items
     assert len(kernel_model.program_loads(over, gpu, c)) == 2 * gpu.sm_count
-    shared, _ = kernel_model.partials_seconds(over, gpu, c, 0.0)
+    shared, _ = kernel_model.partials_seconds(over, gpu, c, 0.0, 0.0)
     assert shared * 1e6 == pytest.approx(2 * (c.query_tile_us + c.tile_us) / c.pair_speedup)
     assert small < shared
     # the aggregates agree, and a card without the Gluon kernel never takes the small grid
@@ -252,11 +252,16 @@ def test_the_kv_bytes_take_their_own_softness():
     """The partials' softness is the byte-weighted mean of ``kv_overlap_softness`` over the KV
     bytes and ``overlap_softness`` over the rest; a negative KV softness is the plain one."""
     plan = build_plan("deft_flatten", Tree([0, 1], [None, 0], [3200, 64], [0, 1]), 32, None, 16)
-    hbm = 4e6
+    gpu = kernel_gpu()
+    c = constants_for(gpu)
+    chain = kernel_model.partials_seconds(plan, gpu, c, 0.0, 0.0)[0]  # no bytes: the chain
+    hbm = chain * gpu.bandwidth * c.memory_efficiency  # bytes as long as the chain: the balance
 
     def seconds(kv_bytes, **constants):
         gpu = kernel_gpu(**constants)
         return kernel_model.partials_seconds(plan, gpu, constants_for(gpu), hbm, kv_bytes)[0]
+
+    assert seconds(0.0, overlap_softness=0.5) == pytest.approx(2 ** 0.5 * chain)  # the 2-norm
 
     assert seconds(hbm, overlap_softness=0.2, kv_overlap_softness=0.8) == pytest.approx(
         seconds(0.0, overlap_softness=0.8))
@@ -265,6 +270,22 @@ def test_the_kv_bytes_take_their_own_softness():
     assert seconds(hbm, overlap_softness=0.5) == seconds(0.0, overlap_softness=0.5)
     assert seconds(hbm, overlap_softness=0.5, kv_overlap_softness=0.0) < seconds(
         hbm, overlap_softness=0.5)
+
+
+def test_predict_latency_weights_the_softness_by_the_trees_kv_bytes():
+    """On a tree whose bytes are mostly KV the prediction follows ``kv_overlap_softness``, not
+    ``overlap_softness`` (the KV bytes reach `partials_seconds`)."""
+    plan = build_plan("deft_flatten", star(20, 4000, 200), 512, 16, 16)
+    gpu = kernel_gpu(tile_us=0.05, small_grid_tile_us=0.05, query_tile_us=0.5)
+
+    def attention(**constants):
+        return predict_latency(plan, dataclasses.replace(
+            gpu, calibration={**gpu.calibration, **constants}))["attention_us"]
+
+    low, high = attention(overlap_softness=0.2), attention(overlap_softness=0.8)
+    mixed = attention(overlap_softness=0.2, kv_overlap_softness=0.8)
+    assert low < mixed < high and high - mixed < mixed - low
+    assert attention(overlap_softness=0.2, kv_overlap_softness=-1.0) == low
 
 
 def test_a_per_query_merge_step_has_its_own_cost():
@@ -320,7 +341,7 @@ def test_portable_kernel_steps_cost_the_same_per_token():
     times = {}
     for base in ("h200", "a100"):
         gpu = dataclasses.replace(kernel_gpu(base), sm_count=132)
-        times[base] = kernel_model.partials_seconds(plan, gpu, constants_for(gpu), 0.0)[0]
+        times[base] = kernel_model.partials_seconds(plan, gpu, constants_for(gpu), 0.0, 0.0)[0]
     assert kernel_model.item_steps(plan, BUILTIN["a100"])[0] == 200  # 32-token tiles
     assert times["a100"] == pytest.approx(times["h200"])  # 200 half steps = 100 whole ones
 
@@ -357,6 +378,6 @@ def test_a_masked_step_costs_masked_tile_us_more_on_both_kernels():
         predict_latency(whole, kernel_gpu())["predicted_us"])
     a100 = dataclasses.replace(kernel_gpu("a100", masked_tile_us=0.25), sm_count=132)
     assert list(kernel_model.masked_item_steps(whole, a100)) == [200]  # every portable step
-    extra = (kernel_model.partials_seconds(whole, a100, constants_for(a100), 0.0)[0]
-             - kernel_model.partials_seconds(whole, free, constants_for(free), 0.0)[0])
+    extra = (kernel_model.partials_seconds(whole, a100, constants_for(a100), 0.0, 0.0)[0]
+             - kernel_model.partials_seconds(whole, free, constants_for(free), 0.0, 0.0)[0])
     assert extra * 1e6 == pytest.approx(200 * 0.25 / 2)  # half a Gluon step's extra each

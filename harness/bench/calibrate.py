@@ -33,6 +33,7 @@ import numpy as np
 
 from deft.tree_format import tree_from_dict
 from iomodel.gpus import GpuSpec, builtin_gpu
+from iomodel.kernel_model import TILED_STRATEGIES, per_query
 from iomodel.latency import Constants, constants_for, constants_used, predict_latency
 from iomodel.traffic import traffic_of_plan
 from deft.plan import build_plan
@@ -53,10 +54,14 @@ BOUNDS = {
     "pair_speedup": (1.0, 2.0),
     "merge_step_us": (1e-3, 100.0),
     "overlap_softness": (0.05, 1.0),
-    "kv_overlap_softness": (0.0, 1.0),
+    "kv_overlap_softness": (0.05, 1.0),
     "merge_query_step_us": (1e-3, 100.0),
 }
 """Search range of each constant; a constant not listed here is fitted in (1e-3, 1e3)."""
+
+STANDS_FOR = {"kv_overlap_softness": "overlap_softness", "merge_query_step_us": "merge_step_us"}
+"""Constants whose negative value means another's (`iomodel.constants.Constants`): a fit starts
+them at that one's value."""
 
 
 def calibrate(bench: dict, gpu: GpuSpec | None = None, max_evaluations: int = 200) -> dict:
@@ -132,12 +137,15 @@ def fit_constants(points: list[dict], gpu: GpuSpec, max_evaluations: int = 200) 
     from scipy.optimize import least_squares
 
     used = {name for p in points for name in constants_used(p["strategy"])}
+    if not any(p["strategy"] in TILED_STRATEGIES and per_query(p["plan"], gpu) for p in points):
+        used.discard("merge_query_step_us")  # no point runs the per-query merge: nothing to fit
     names = [f.name for f in dataclasses.fields(Constants) if f.name in used]
     low = np.array([BOUNDS.get(name, (1e-3, 1e3))[0] for name in names])
     high = np.array([BOUNDS.get(name, (1e-3, 1e3))[1] for name in names])
     every = dataclasses.asdict(constants_for(gpu))
     before = {name: every[name] for name in names}
-    start = np.clip([before[name] for name in names], low, high)
+    start = np.clip([every[STANDS_FOR[name]] if name in STANDS_FOR and before[name] < 0
+                     else before[name] for name in names], low, high)
     measured = np.array([p["measured_us"] for p in points])
 
     def predict(values) -> np.ndarray:
