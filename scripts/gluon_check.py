@@ -106,6 +106,9 @@ VARIANTS = {
     "no_prefetch_item": dict(PREFETCH_ITEM=False),
     # the default kernel at twice the tuned group size
     "g2x": dict(group_times=2),
+    # K/V tiles that lie whole on runs of consecutive cache slots copied by TMA boxes of one
+    # page (page sizes that are multiples of 8), the rest gathered by cp.async (TMA_KV)
+    "tma": dict(TMA_KV=True),
 }
 PLAN_KEYS = ("group_times",)
 """Variant keys that change the timed plan, not a module: ``group_times`` multiplies the tuned
@@ -465,9 +468,9 @@ def main():
         fewshot = wl.anchor("fewshot_b20_P4000_L200", attention=llama)
         trees = {name: (tree, chunk) for name, tree, _, _, chunk in cases}
         variant_cases = [  # (case, page sizes, dtypes)
-            ("random40_q2", (1, 3, 16), (f16, b16)), ("forest3_odd", (3,), (f16,)),
-            ("random_g1_d64", (16,), (b16,)), ("random_4_1", (1, 16), (f16,)),
-            ("random_group16", (16,), (f16,))]
+            ("random40_q2", (1, 3, 8, 16, 64), (f16, b16)), ("forest3_odd", (3,), (f16,)),
+            ("random_g1_d64", (8, 16, 64), (b16,)), ("random_4_1", (1, 16), (f16,)),
+            ("random_group16", (16,), (f16,)), ("star_1024", (16, 64), (f16, b16))]
         checked = set()  # kernels: a variant of the plan alone runs one checked already
         for v in variants:
             kernel = tuple(sorted(variant(v).overrides.items(), key=str))

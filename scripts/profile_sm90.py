@@ -6,7 +6,8 @@ for Nsight Compute (GPU machine).
 
 Per (anchor, shape): the tuned plan over a page-size-16 cache of random fp16 K/V, two runs
 (``--runs``); every launch of the partials and merge kernels is one ncu record, in the order the
-script prints the cases. No timing and no check here (`scripts/gluon_check.py` does those).
+script prints the cases, each case's runs inside an NVTX range named "ANCHOR SHAPE" (``ncu
+--nvtx`` shows it on every record). No timing and no check here (`scripts/gluon_check.py` does those).
 """
 
 from __future__ import annotations
@@ -44,9 +45,11 @@ def main() -> None:
                                  max_tokens=tree.num_tokens, device="cuda")
             plan = attn.plan(tree, table)
             out = torch.empty_like(q)
+            torch.cuda.nvtx.range_push(f"{name} {shape}")
             for _ in range(args.runs):
                 attn.run(q, k_cache, v_cache, plan, out=out)
             torch.cuda.synchronize()
+            torch.cuda.nvtx.range_pop()
             print(f"{name} {shape}/{args.head_dim}: chunk {plan.reference.chunk_size} group "
                   f"{plan.reference.group_size} partitions {plan.num_partitions} small_grid "
                   f"{plan.small_grid}", flush=True)

@@ -69,7 +69,7 @@ if os.environ.get("TRITON_INTERPRET") == "1":
         env[FRESH_PROCESS] = "1"
         result = subprocess.run(
             [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-o", "addopts=",
-             "-k", "without_spills", __file__],
+             "-k", "without_spills or tma_boxes", __file__],
             env=env, cwd=ROOT, capture_output=True, text=True, timeout=600)
         assert result.returncode == 0, result.stdout[-4000:] + result.stderr[-2000:]
         assert " passed" in result.stdout and " failed" not in result.stdout
@@ -152,6 +152,38 @@ else:
         assert ctas_per_sm == ctas
         assert consts["SLOT_AHEAD"] == sm90.SLOT_AHEAD and consts["MASK_FREE"] == sm90.MASK_FREE
         assert (kernel is not sm90._partials_sm90_kernel) == sm90.TWO_CONSUMERS
+
+
+    @pytest.mark.parametrize("page_size,small_grid,kv_heads,group,head_dim", [
+        (16, False, 8, 4, 128), (64, False, 2, 8, 128), (8, True, 1, 8, 128), (16, False, 8, 1, 64),
+        (3, False, 8, 4, 128)])
+    def test_gluon_tma_variant_compiles_tma_boxes(page_size, small_grid, kv_heads, group,
+                                                  head_dim, monkeypatch):
+        """TMA_KV (an off variant, measured no faster: docs/performance.md, session 15): a KV
+        tile is BLOCK_N / tma_rows boxes for K and as many for V, and each ready barrier
+        counts the producer's threads plus the expect's arrival; a page size that is not a
+        multiple of 8 compiles the gather-only kernel. Not checked for spills: triton 3.6's
+        ptxas spills 8-20 bytes in the producer at 96 registers with both paths in it."""
+        monkeypatch.setattr(sm90, "TMA_KV", True)
+        rows = sm90.tma_rows(page_size)
+        compiled = compile_for_sm90("fp16", kv_heads, group, head_dim, small_grid,
+                                    page_size=page_size)
+        ptx = compiled.asm["ptx"]
+        assert ptx.count("cp.async.bulk.tensor.2d") == (2 * sm90.BLOCK_N // rows if rows else 0)
+        ready = sm90.PRODUCER_WARPS * 32 + (1 if rows else 0)
+        assert re.search(rf"mbarrier\.init\.shared(::cta)?\.b64 \[%r\d+\], {ready};", ptx)
+        _assert_waits_before_loading(ptx)
+        report = ptxas_report(compiled)
+        assert "error" not in report.lower() and "C7515" not in report, report
+
+
+def test_tma_rows_per_page_size(monkeypatch):
+    """A TMA box is the largest power of two dividing the page size, up to a KV tile, and at
+    least 8 rows; none with TMA_KV off."""
+    monkeypatch.setattr(sm90, "TMA_KV", True)
+    assert [sm90.tma_rows(p) for p in (1, 3, 4, 8, 16, 24, 64, 128)] == [0, 0, 0, 8, 16, 8, 64, 64]
+    monkeypatch.setattr(sm90, "TMA_KV", False)
+    assert sm90.tma_rows(16) == 0
 
 
 def test_backend_resolution_without_a_gpu():

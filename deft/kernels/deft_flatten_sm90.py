@@ -57,10 +57,17 @@ query tiles sharing every K/V stage, and a stage's K half freed once S is comput
 fewer gathers per query row nor an earlier K refill moves the two-CTA kernel, which is bound by
 its consumers' serial chain per tile.
 
-Gathers, not TMA boxes: a deft_flatten partition is a run of the flattened tree cut at
-multiples of the chunk size, so its tokens start anywhere inside a page and cross node ends,
-whose pages are padded; a box of page rows would need per-row fix-ups there. The cp.async
-gather reads exactly the tokens the Triton kernel reads, for every page size.
+Gathers by default, TMA boxes as a variant (``TMA_KV``): a deft_flatten partition is a run of
+the flattened tree cut at multiples of the chunk size, so its tokens start anywhere inside a page
+and cross node ends, whose pages are padded; the cp.async gather reads exactly the tokens the
+Triton kernel reads, for every page size. With TMA_KV the producer checks each KV tile
+(`deft.kernels.deft_flatten_sm90_producer.whole_runs`): one that lies whole in its partition on
+runs of `tma_rows` consecutive cache slots (a node's pages, away from its ends) is copied by TMA
+boxes of one page, the rest gathered. Measured on an H200 (session 15, scripts/gluon_check.py
+--variants tma, the 24 anchor cells at page size 16): correct on every check, but no faster,
+0.95-1.08x the gather's time, 1.02x by geomean (more than 1% faster on 4 cells, slower on 15):
+the kernel is bound by its consumers' chain per tile, and triton inserts a barrier of the
+producer's warps after each box (8 a tile at page size 16). So it stays off.
 
 Constraints (else `partials` falls back to the Triton kernel): fp16 or bf16, head_dim 64 or
 128, GROUP (query heads per KV head) <= BLOCK_M, FLAT addressing, a CUDA device of compute
@@ -158,6 +165,13 @@ the two-CTA kernel on the six cells of the anchors with at most 132 work items, 
 the eighteen with more (two CTAs per SM then hide each other's latency)."""
 SMALL_GRID = dict(PIPELINE=True, NUM_STAGES=4)
 SMALL_GRID_MAX_REGS = 168
+TMA_KV = False
+"""True: the producer copies a KV tile with TMA boxes of `tma_rows` (page size) cache rows
+where the tile lies whole in its partition on runs of consecutive slots (`deft.kernels.
+deft_flatten_sm90_producer.whole_runs`, checked per tile: a node's pages, away from its ends),
+and gathers it with cp.async elsewhere (node ends, partition tails, page sizes that are not a
+multiple of 8). Needs contiguous caches (a 2-D descriptor over ``[pages x page_size, kv_heads x
+head_dim]``)."""
 TWO_CONSUMERS = False
 """True: run `deft.kernels.deft_flatten_sm90_split` instead (two consumer warpgroups per CTA
 splitting each work item's KV tiles, one CTA per SM, a 4-stage ring)."""
@@ -208,7 +222,7 @@ if HAS_GLUON:
 
     @gluon.jit
     def _partials_sm90_kernel(
-        q_ptr, k_ptr, v_ptr, o_part_ptr, lse_part_ptr,
+        q_ptr, k_ptr, v_ptr, k_desc, v_desc, o_part_ptr, lse_part_ptr,
         counts_ptr, part_start_ptr, part_tokens_ptr, part_entry_ptr, entry_query_ptr,
         entry_row_ptr, query_flat_ptr, token_slot_ptr, subtree_end_ptr,
         stride_qn, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh,
@@ -220,7 +234,7 @@ if HAS_GLUON:
         SLOT_AHEAD: gl.constexpr, MASK_FREE: gl.constexpr, PIPELINE: gl.constexpr,
         PRODUCER_WARPS: gl.constexpr, PRODUCER_REGS: gl.constexpr,
         EARLY_DEPENDENTS: gl.constexpr, WAIT_FOR_PRIOR_GRID: gl.constexpr,
-        PREFETCH_ITEM: gl.constexpr, num_warps: gl.constexpr,
+        PREFETCH_ITEM: gl.constexpr, TMA_ROWS: gl.constexpr, num_warps: gl.constexpr,
     ):
         if EARLY_DEPENDENTS:  # the merge may launch now; griddepcontrol.wait holds it back
             gl.inline_asm_elementwise("griddepcontrol.launch_dependents; // $0", "=r", [],
@@ -248,9 +262,12 @@ if HAS_GLUON:
         for i in gl.static_range(Q_STAGES):
             mbarrier.init(q_ready.index(i), count=PRODUCER_WARPS * 32)
             mbarrier.init(q_empty.index(i), count=1)
+        # every producer thread arrives on a ready barrier, plus one arrival (with TMA_ROWS):
+        # a TMA tile's expected bytes, or a gathered tile's plain arrive
+        READY: gl.constexpr = PRODUCER_WARPS * 32 + (1 if TMA_ROWS > 0 else 0)
         for i in gl.static_range(NUM_STAGES):
-            mbarrier.init(k_ready.index(i), count=PRODUCER_WARPS * 32)
-            mbarrier.init(v_ready.index(i), count=PRODUCER_WARPS * 32)
+            mbarrier.init(k_ready.index(i), count=READY)
+            mbarrier.init(v_ready.index(i), count=READY)
             mbarrier.init(empty.index(i), count=1)
             if PIPELINE:
                 mbarrier.init(v_empty.index(i), count=1)
@@ -261,18 +278,41 @@ if HAS_GLUON:
                          q_ready, q_empty, k_ready, v_ready, empty, v_empty,
                          KV_HEADS, GROUP, GROUP_PAD, HEAD_DIM, BLOCK_M, BLOCK_N, NUM_STAGES,
                          Q_STAGES, THRESHOLD, LAZY, MASK_FREE, PIPELINE, dtype, num_warps)),
-            (producer, (q_ptr, k_ptr, v_ptr, counts_ptr, part_start_ptr, part_tokens_ptr,
-                        part_entry_ptr, entry_query_ptr, entry_row_ptr, query_flat_ptr,
-                        token_slot_ptr, subtree_end_ptr,
+            (producer, (q_ptr, k_ptr, v_ptr, k_desc, v_desc, counts_ptr, part_start_ptr,
+                        part_tokens_ptr, part_entry_ptr, entry_query_ptr, entry_row_ptr,
+                        query_flat_ptr, token_slot_ptr, subtree_end_ptr,
                         stride_qn, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh,
                         q_smem, qf_smem, row_smem, k_smem, v_smem, end_smem,
                         q_ready, q_empty, k_ready, v_ready, empty, v_empty,
                         KV_HEADS, GROUP, GROUP_PAD, HEAD_DIM, BLOCK_M, BLOCK_N, NUM_STAGES,
                         Q_STAGES, SLOT_AHEAD, PIPELINE, WAIT_FOR_PRIOR_GRID,
-                        PREFETCH_ITEM, PRODUCER_WARPS)),
+                        PREFETCH_ITEM, TMA_ROWS, PRODUCER_WARPS)),
         ], [PRODUCER_WARPS], [PRODUCER_REGS])
 else:  # pragma: no cover - no Gluon in this triton
     _partials_sm90_kernel = None
+
+
+def tma_rows(page_size: int) -> int:
+    """Cache rows of one TMA box for a page size: the largest power of two that divides it, up
+    to BLOCK_N, or 0 (no TMA) where that is below 8 (a box must be 16-byte aligned per row
+    group) or `TMA_KV` is off."""
+    rows = page_size & -page_size
+    return min(rows, BLOCK_N) if TMA_KV and rows >= 8 else 0
+
+
+def kv_descriptors(k_cache, v_cache, rows: int):
+    """TMA descriptors of the caches as ``[pages x page_size, kv_heads x head_dim]`` with boxes
+    of ``rows`` x head_dim in the KV stages' shared layout; the caches themselves where
+    ``rows`` is 0 (the kernel does not read the argument then)."""
+    if not rows:
+        return k_cache, v_cache
+    from triton.experimental.gluon.nvidia.hopper import TensorDescriptor
+
+    head_dim = k_cache.shape[3]
+    element = gl.float16 if k_cache.dtype == torch.float16 else gl.bfloat16
+    layout = gl.NVMMASharedLayout.get_default_for([BLOCK_N, head_dim], element)
+    return tuple(TensorDescriptor.from_tensor(c.view(-1, c.shape[2] * head_dim), [rows, head_dim],
+                                              layout) for c in (k_cache, v_cache))
 
 
 def constexprs(kv_heads: int, group: int, head_dim: int, **overrides) -> dict:
@@ -285,7 +325,7 @@ def constexprs(kv_heads: int, group: int, head_dim: int, **overrides) -> dict:
                   PRODUCER_WARPS=PRODUCER_WARPS,
                   PRODUCER_REGS=PRODUCER_REGS, EARLY_DEPENDENTS=EARLY_DEPENDENTS,
                   WAIT_FOR_PRIOR_GRID=PDL_PARTIALS,
-                  PREFETCH_ITEM=PREFETCH_ITEM and group <= BLOCK_M // 2)
+                  PREFETCH_ITEM=PREFETCH_ITEM and group <= BLOCK_M // 2, TMA_ROWS=0)
     values.update(overrides)
     return values
 
@@ -299,9 +339,10 @@ def launch_spec(kv_heads: int, group: int, head_dim: int, small_grid: bool = Fal
     ``TWO_CONSUMERS`` the two-consumer kernel of `deft.kernels.deft_flatten_sm90_split`. Both
     take the same run-time arguments.
     """
-    if TWO_CONSUMERS:
+    if TWO_CONSUMERS:  # (no TMA there)
         from deft.kernels import deft_flatten_sm90_split as split
 
+        overrides.pop("TMA_ROWS", None)
         return split.launch_spec(kv_heads, group, head_dim, **overrides)
     if small_grid and SMALL_GRID_PIPELINE:
         return (_partials_sm90_kernel,
@@ -326,12 +367,15 @@ def partials(q, k_cache, v_cache, o_part, lse_part, buffers, *, flat: bool, sm_s
         return
     kv_heads, head_dim = k_cache.shape[2], k_cache.shape[3]
     group = q.shape[1] // kv_heads
-    kernel, consts, max_regs, ctas_per_sm = launch_spec(kv_heads, group, head_dim, small_grid)
+    rows = tma_rows(k_cache.shape[1]) if k_cache.is_contiguous() and v_cache.is_contiguous() else 0
+    kernel, consts, max_regs, ctas_per_sm = launch_spec(kv_heads, group, head_dim, small_grid,
+                                                        TMA_ROWS=rows)
+    k_desc, v_desc = kv_descriptors(k_cache, v_cache, consts.get("TMA_ROWS", 0))
     num_programs = min(num_programs, ctas_per_sm * multiprocessors(q.device))
     # a compile option of the CUDA backend, for a kernel that waits (WAIT_FOR_PRIOR_GRID)
     launch = dict(launch_pdl=True) if consts.get("WAIT_FOR_PRIOR_GRID") else {}
     kernel[(num_programs,)](
-        q, k_cache, v_cache, o_part, lse_part,
+        q, k_cache, v_cache, k_desc, v_desc, o_part, lse_part,
         buffers["counts"], buffers["part_start"], buffers["part_tokens"], buffers["part_entry"],
         buffers["entry_query"], buffers["entry_row"], buffers["query_flat"], buffers["token_slot"],
         buffers["subtree_end"],

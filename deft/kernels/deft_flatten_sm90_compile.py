@@ -21,12 +21,14 @@ _ARG_TYPES = dict(
 
 
 def compile_for_sm90(dtype: str = "fp16", kv_heads: int = 8, group: int = 4,
-                     head_dim: int = 128, small_grid: bool = False, **overrides):
+                     head_dim: int = 128, small_grid: bool = False, page_size: int = 16,
+                     **overrides):
     """Compile the Gluon partials kernel for sm_90a without a GPU (triton's own ptxas).
 
     The kernel and its parameters are those `deft_flatten_sm90.launch_spec` picks from the
     module parameters (``TWO_CONSUMERS``: the two-consumer kernel) for a plan with a small grid
-    or not; ``overrides`` replace constexprs.
+    or not, and caches of ``page_size`` (with ``TMA_KV``, its TMA boxes); ``overrides`` replace
+    constexprs.
 
     Returns the `CompiledKernel` (``asm["ptx"]``, ``asm["cubin"]``); `ptxas_report` reads its
     register and spill counts.
@@ -35,9 +37,12 @@ def compile_for_sm90(dtype: str = "fp16", kv_heads: int = 8, group: int = 4,
     from triton.backends.compiler import GPUTarget
     from triton.experimental.gluon._runtime import GluonASTSource
 
-    signature = dict(q_ptr=f"*{dtype}", k_ptr=f"*{dtype}", v_ptr=f"*{dtype}", **_ARG_TYPES)
+    overrides.setdefault("TMA_ROWS", sm90.tma_rows(page_size))
     kernel, consts, max_regs, _ = sm90.launch_spec(kv_heads, group, head_dim, small_grid,
                                                    **overrides)
+    desc = _descriptor_type(dtype, consts.get("TMA_ROWS", 0), head_dim)
+    signature = dict(q_ptr=f"*{dtype}", k_ptr=f"*{dtype}", v_ptr=f"*{dtype}", k_desc=desc,
+                     v_desc=desc, **_ARG_TYPES)
     consts["num_warps"] = sm90.CONSUMER_WARPS
     names = kernel.arg_names
     signature = {n: signature.get(n, "constexpr") for n in names}
@@ -49,6 +54,19 @@ def compile_for_sm90(dtype: str = "fp16", kv_heads: int = 8, group: int = 4,
                             attrs=attrs)
     return triton.compile(source, target=GPUTarget("cuda", 90, 32),
                           options=dict(num_warps=sm90.CONSUMER_WARPS, maxnreg=max_regs))
+
+
+def _descriptor_type(dtype: str, rows: int, head_dim: int) -> str:
+    """The signature type of the kernel's K/V descriptor arguments: a TMA descriptor of boxes
+    of ``rows`` x head_dim (`deft_flatten_sm90.kv_descriptors`), or a pointer where ``rows`` is
+    0 (the kernel is handed the caches and does not read them)."""
+    if not rows:
+        return f"*{dtype}"
+    from triton.experimental.gluon import language as gl
+
+    element = dict(fp16=gl.float16, bf16=gl.bfloat16)[dtype]
+    layout = gl.NVMMASharedLayout.get_default_for([sm90.BLOCK_N, head_dim], element)
+    return f"tensordesc<{dtype}[{rows}, {head_dim}],{layout!r}>"
 
 
 def ptxas_report(compiled) -> str:

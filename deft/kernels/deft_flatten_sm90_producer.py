@@ -6,9 +6,12 @@ It walks the same item / query-tile / KV-tile loops as the consumers. Per query 
 the Q rows (query slot x GROUP + head) and the rows' ``query_flat`` and ``entry_row`` into one
 of Q_STAGES shared buffers; per KV tile of BLOCK_N tokens it reads the tokens' cache slots
 SLOT_AHEAD tiles ahead and gathers the K rows, then the V rows, with cp.async (16-byte copies)
-into a ring of NUM_STAGES stages, plus the tile's ``subtree_end`` values. Every producer thread
-arrives on a stage's ready mbarrier when its copies land; it waits on the stage's empty
-mbarrier (V's own, ``v_empty``, with PIPELINE) before refilling it. With
+into a ring of NUM_STAGES stages, plus the tile's ``subtree_end`` values; with TMA_ROWS (the
+``TMA_KV`` variant) a tile that `whole_runs` finds on runs of consecutive slots is copied as
+`tma_tile`'s boxes instead. Every producer thread arrives on a stage's ready mbarrier when its
+copies land (with TMA_ROWS one arrival more: the boxes' expected bytes, or a plain arrive);
+it waits on the stage's empty mbarrier (V's own, ``v_empty``, with PIPELINE) before refilling
+it. With
 WAIT_FOR_PRIOR_GRID (the kernel launched as a programmatic dependent) it executes
 ``griddepcontrol.wait`` before a query tile's first copy; with PREFETCH_ITEM its first work
 item's plan data are loaded beside the item count. Read the kernel module's docstring for the
@@ -28,7 +31,7 @@ from deft.kernels.gluon_compat import HAS_GLUON
 if HAS_GLUON:
     gluon, gl = gc.gluon, gc.gl
     mbarrier, async_copy = gc.mbarrier, gc.async_copy
-    async_load = gc.async_load
+    async_load, tma_load = gc.async_load, gc.tma_load
 
     @gluon.jit
     def query_rows(entry0, entry_hi, kv_head, q_rows, m_rows, entry_query_ptr, stride_qn,
@@ -60,7 +63,33 @@ if HAS_GLUON:
         async_copy.mbarrier_arrive(q_ready.index(qs), increment_count=False)
 
     @gluon.jit
-    def producer(q_ptr, k_ptr, v_ptr, counts_ptr, part_start_ptr, part_tokens_ptr,
+    def whole_runs(slot_base, n0, num_tokens, cols, ROWS: gl.constexpr, BLOCK_N: gl.constexpr):
+        """Whether KV tile ``n0`` (BLOCK_N tokens from ``slot_base``) lies whole inside its
+        partition in runs of ROWS tokens on consecutive cache slots (so ROWS-row TMA boxes
+        copy it): every token's slot is its run's first slot + its place in the run. One
+        scalar, the same in every producer thread."""
+        t = n0 + cols
+        inside = t < num_tokens
+        slot = gl.load(slot_base + t, mask=inside, other=0)
+        run_first = gl.load(slot_base + (t - t % ROWS), mask=inside, other=0)
+        in_run = inside & (slot - run_first == t % ROWS)
+        return gl.min(in_run.to(gl.int32), 0) == 1
+
+    @gluon.jit
+    def tma_tile(desc, slot_base, n0, col, bar, dst, ROWS: gl.constexpr,
+                 BLOCK_N: gl.constexpr, HEAD_DIM: gl.constexpr):
+        """Copy KV tile ``n0`` (`whole_runs`) into stage ``dst`` [BLOCK_N, HEAD_DIM] as
+        BLOCK_N / ROWS TMA boxes of ROWS cache rows x HEAD_DIM columns from column ``col``;
+        ``bar`` completes when their bytes have landed and every producer thread has arrived
+        (its own cp.async copies, the tile's subtree_end, landed)."""
+        mbarrier.expect(bar, BLOCK_N * HEAD_DIM * 2)  # 16-bit elements (`takes`)
+        for r in gl.static_range(BLOCK_N // ROWS):
+            first = gl.load(slot_base + n0 + r * ROWS)
+            tma_load(desc, [first, col], bar, dst.slice(r * ROWS, ROWS))
+        async_copy.mbarrier_arrive(bar, increment_count=False)
+
+    @gluon.jit
+    def producer(q_ptr, k_ptr, v_ptr, k_desc, v_desc, counts_ptr, part_start_ptr, part_tokens_ptr,
                   part_entry_ptr, entry_query_ptr, entry_row_ptr, query_flat_ptr,
                   token_slot_ptr, subtree_end_ptr,
                   stride_qn, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh,
@@ -71,7 +100,7 @@ if HAS_GLUON:
                   BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr, NUM_STAGES: gl.constexpr,
                   Q_STAGES: gl.constexpr, SLOT_AHEAD: gl.constexpr, PIPELINE: gl.constexpr,
                   WAIT_FOR_PRIOR_GRID: gl.constexpr, PREFETCH_ITEM: gl.constexpr,
-                  WARPS: gl.constexpr):
+                  TMA_ROWS: gl.constexpr, WARPS: gl.constexpr):
         QUERIES_PER_TILE: gl.constexpr = BLOCK_M // GROUP_PAD
         VEC: gl.constexpr = 8  # 16-byte copies of 16-bit elements
         TPR: gl.constexpr = HEAD_DIM // VEC  # threads along a row
@@ -130,15 +159,33 @@ if HAS_GLUON:
                     else:
                         slot = gl.load(slot_base + row, mask=row < num_tokens, other=0)
                     stage = it % NUM_STAGES
+                    if TMA_ROWS > 0:
+                        boxes = whole_runs(slot_base, n0, num_tokens, cols, TMA_ROWS, BLOCK_N)
+                    else:
+                        boxes: gl.constexpr = False
                     mbarrier.wait(empty.index(stage), ((it // NUM_STAGES) & 1) ^ 1)
                     col = n0 + cols
                     async_load(end_smem.index(stage), end_base + col, mask=col < num_tokens)
-                    async_load(k_smem.index(stage), k_ptrs, mask=ok[:, None])
-                    async_copy.mbarrier_arrive(k_ready.index(stage), increment_count=False)
+                    if boxes:
+                        tma_tile(k_desc, slot_base, n0, kv_head * HEAD_DIM,
+                                 k_ready.index(stage), k_smem.index(stage), TMA_ROWS, BLOCK_N,
+                                 HEAD_DIM)
+                    else:
+                        async_load(k_smem.index(stage), k_ptrs, mask=ok[:, None])
+                        async_copy.mbarrier_arrive(k_ready.index(stage), increment_count=False)
+                        if TMA_ROWS > 0:  # the arrival tma_tile's expect makes
+                            mbarrier.arrive(k_ready.index(stage), count=1)
                     if PIPELINE:  # V stages are released apart from K stages
                         mbarrier.wait(v_empty.index(stage), ((it // NUM_STAGES) & 1) ^ 1)
-                    async_load(v_smem.index(stage), v_ptrs, mask=ok[:, None])
-                    async_copy.mbarrier_arrive(v_ready.index(stage), increment_count=False)
+                    if boxes:
+                        tma_tile(v_desc, slot_base, n0, kv_head * HEAD_DIM,
+                                 v_ready.index(stage), v_smem.index(stage), TMA_ROWS, BLOCK_N,
+                                 HEAD_DIM)
+                    else:
+                        async_load(v_smem.index(stage), v_ptrs, mask=ok[:, None])
+                        async_copy.mbarrier_arrive(v_ready.index(stage), increment_count=False)
+                        if TMA_ROWS > 0:
+                            mbarrier.arrive(v_ready.index(stage), count=1)
                     it += 1
 else:  # pragma: no cover - no Gluon in this triton
-    producer = query_rows = load_query_tile = None
+    producer = query_rows = load_query_tile = whole_runs = tma_tile = None

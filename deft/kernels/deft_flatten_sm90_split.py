@@ -22,7 +22,8 @@ PRODUCER_REGS (120), the second consumer CONSUMER_REGS (192) and the first the r
 Shared memory: 2 Q tiles (32 KB), 4 K/V stages (128 KB), the merge buffer (32 KB): 195 KB of
 the SM's 227 KB (101 KB at head_dim 64). ``LAZY_RESCALE`` is not implemented here. Selected by
 ``deft_flatten_sm90.TWO_CONSUMERS``; measured on an H200 (2026-12-01, `scripts/gluon_check.py
---variants split2`) 1.03-1.16x slower than the default at 32/8.
+--variants split2`) 1.03-1.16x slower than the default at 32/8. It gathers every KV tile (no
+TMA boxes: ``k_desc``/``v_desc`` are the caches, unread).
 """
 
 from __future__ import annotations
@@ -169,7 +170,7 @@ if gc.HAS_GLUON:
 
     @gluon.jit
     def _partials_split_kernel(
-        q_ptr, k_ptr, v_ptr, o_part_ptr, lse_part_ptr,
+        q_ptr, k_ptr, v_ptr, k_desc, v_desc, o_part_ptr, lse_part_ptr,
         counts_ptr, part_start_ptr, part_tokens_ptr, part_entry_ptr, entry_query_ptr,
         entry_row_ptr, query_flat_ptr, token_slot_ptr, subtree_end_ptr,
         stride_qn, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh,
@@ -224,14 +225,14 @@ if gc.HAS_GLUON:
                                ml_smem, q_ready, q_empty, k_ready, v_ready, empty, merge_full,
                                merge_empty, KV_HEADS, GROUP, GROUP_PAD, HEAD_DIM, BLOCK_M,
                                BLOCK_N, NUM_STAGES, Q_STAGES, THRESHOLD, MASK_FREE, dtype, 1)),
-            (producer, (q_ptr, k_ptr, v_ptr, counts_ptr, part_start_ptr, part_tokens_ptr,
-                        part_entry_ptr, entry_query_ptr, entry_row_ptr, query_flat_ptr,
-                        token_slot_ptr, subtree_end_ptr,
+            (producer, (q_ptr, k_ptr, v_ptr, k_desc, v_desc, counts_ptr, part_start_ptr,
+                        part_tokens_ptr, part_entry_ptr, entry_query_ptr, entry_row_ptr,
+                        query_flat_ptr, token_slot_ptr, subtree_end_ptr,
                         stride_qn, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh,
                         q_smem, qf_smem, row_smem, k_smem, v_smem, end_smem,
                         q_ready, q_empty, k_ready, v_ready, empty, empty,
                         KV_HEADS, GROUP, GROUP_PAD, HEAD_DIM, BLOCK_M, BLOCK_N,
-                        NUM_STAGES, Q_STAGES, SLOT_AHEAD, False, False, False,
+                        NUM_STAGES, Q_STAGES, SLOT_AHEAD, False, False, False, 0,
                         PRODUCER_WARPS)),
         ], [num_warps, PRODUCER_WARPS], [CONSUMER_REGS, PRODUCER_REGS])
 else:  # pragma: no cover - no Gluon in this triton
