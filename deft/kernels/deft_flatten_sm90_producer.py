@@ -11,8 +11,7 @@ into a ring of NUM_STAGES stages, plus the tile's ``subtree_end`` values; with T
 `tma_tile`'s boxes instead. Every producer thread arrives on a stage's ready mbarrier when its
 copies land (with TMA_ROWS one arrival more: the boxes' expected bytes, or a plain arrive);
 it waits on the stage's empty mbarrier (V's own, ``v_empty``, with PIPELINE) before refilling
-it. With
-WAIT_FOR_PRIOR_GRID (the kernel launched as a programmatic dependent) it executes
+it. With WAIT_FOR_PRIOR_GRID (the kernel launched as a programmatic dependent) it executes
 ``griddepcontrol.wait`` before a query tile's first copy; with PREFETCH_ITEM its first work
 item's plan data are loaded beside the item count. Read the kernel module's docstring for the
 shared memory and the barriers.
