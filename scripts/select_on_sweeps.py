@@ -4,6 +4,7 @@
     python3 scripts/select_on_sweeps.py [docs/autotune-h200-session8/heldout.json]
         [--configs deft/kernels/configs] [--log autotune/logs/nvidia-h200.json]
         [--json OUT.json] [--time]
+    python3 scripts/select_on_sweeps.py --one-tile SWEEP.json [SWEEP.json ...] [--json OUT.json]
 
 For every row of a ``deft-sweep/1`` file (`autotune.heldout`): what each rule picks for the
 row's tree from what a plan knows (the tree and its heads, the card's programs: SMs from the
@@ -40,6 +41,11 @@ some held-out tree kinds, judged on the others). ``--time`` times the lookup per
 stored and with the waves rule (host time, this machine); ``--check`` exits 1 where the waves
 rule holds fewer rows within 5% than the table rule (held out or tuning): the verdict on a new
 GPU sweep (docs/autotune.md, "Session 7").
+
+``--one-tile`` instead compares, on every row of one or more sweeps, the lookup without
+`deft.kernels.tuned.ONE_TILE_AT_ONE_KV_HEAD` (the waves rule as it shipped until session 16)
+with the lookup as it ships, the rule on (docs/autotune.md, sessions 14 and 16): each one's
+pick and its time over the best per row, and the rows within 5% of each per dtype and role.
 """
 
 from __future__ import annotations
@@ -224,6 +230,47 @@ def tuning_log_scan(ctx, overhead: int, least: int) -> dict:
             "worst": max(ratios)}
 
 
+def compare_one_tile(sweeps, log) -> dict:
+    """The lookup with `tuned.ONE_TILE_AT_ONE_KV_HEAD` off and on (as it ships), on every row
+    of the ``deft-sweep/1`` dicts `sweeps`: per row its tree, heads, role, dtype and each one's
+    (chunk, group, time over the best); per dtype and role the rows within 5% of each."""
+    rows, counts = [], {}
+    for sweep in sweeps:
+        ctx = Context(sweep, log)
+        for r in sweep["rows"]:
+            row = Row(r, tree_from_dict(sweep["trees"][r["workload"]]), sweep["page_size"])
+            picks, before = {}, tuned.ONE_TILE_AT_ONE_KV_HEAD
+            for name, on in (("half_tile", False), ("one_tile", True)):
+                tuned.ONE_TILE_AT_ONE_KV_HEAD = on
+                try:
+                    chunk, group = waves_rule(row.tree, ctx)
+                finally:
+                    tuned.ONE_TILE_AT_ONE_KV_HEAD = before
+                picks[name] = (chunk, group, row.ratio(chunk, group))
+            rows.append({"tree": r["workload"].split("@")[0], "heads": row.heads,
+                         "role": r["role"], "dtype": sweep["dtype"], **picks})
+            count = counts.setdefault(f"{sweep['dtype']} {r['role']}",
+                                      {"rows": 0, "half_tile": 0, "one_tile": 0})
+            count["rows"] += 1
+            for name in ("half_tile", "one_tile"):
+                count[name] += picks[name][2] <= WITHIN
+    return {"rows": rows, "counts": counts}
+
+
+def print_one_tile(report: dict) -> None:
+    print(f"{'tree':<66} {'heads':<5} {'role':<8} {'rule off':>9} {'/best':>6} "
+          f"{'one tile':>9} {'/best':>6}")
+    for r in report["rows"]:
+        (c0, g0, x0), (c1, g1, x1) = r["half_tile"], r["one_tile"]
+        print(f"{r['tree'][:66]:<66} {r['heads']:<5} {r['role']:<8} {sizes(c0, g0):>9} "
+              f"{x0:>6.3f} {sizes(c1, g1):>9} {x1:>6.3f}"
+              + ("  changed" if (c0, g0) != (c1, g1) else ""))
+    print()
+    for key, count in report["counts"].items():
+        print(f"{key:<18} within 5%: rule off {count['half_tile']} of {count['rows']}, "
+              f"one tile {count['one_tile']} of {count['rows']}")
+
+
 def lookup_us(rows, ctx, programs, repeats: int = 5, calls: int = 100) -> float:
     """Median over the rows of `tuned_config`'s host time per call on fresh trees (the best of
     `repeats` runs of `calls`), microseconds; `programs` None: the table as stored."""
@@ -244,8 +291,9 @@ def lookup_us(rows, ctx, programs, repeats: int = 5, calls: int = 100) -> float:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("sweep", nargs="?",
-                        default=str(ROOT / "docs/autotune-h200-session8/heldout.json"))
+    parser.add_argument("sweeps", nargs="*",
+                        default=[str(ROOT / "docs/autotune-h200-session8/heldout.json")],
+                        help="one sweep (several with --one-tile)")
     parser.add_argument("--configs", default=str(tuned.CONFIG_DIR),
                         help="the tuned tables the sweep was measured with (a directory)")
     parser.add_argument("--log", default=str(ROOT / "autotune/logs/nvidia-h200.json"))
@@ -255,14 +303,27 @@ def main() -> None:
                              "as the table rule, held out and tuning")
     parser.add_argument("--time", action="store_true",
                         help="also time the lookup per plan, as stored and with the waves rule")
+    parser.add_argument("--one-tile", action="store_true",
+                        help="only compare the lookup with ONE_TILE_AT_ONE_KV_HEAD off and on")
     args = parser.parse_args()
+    if len(args.sweeps) > 1 and not args.one_tile:
+        parser.error("several sweeps only with --one-tile")
     tuned.CONFIG_DIR = Path(args.configs)
     warnings.simplefilter("ignore", TunedConfigWarning)  # tiles of other versions: sizes stay
-    sweep, log = (json.loads(Path(p).read_text()) for p in (args.sweep, args.log))
+    sweeps = [json.loads(Path(p).read_text()) for p in args.sweeps]
+    log = json.loads(Path(args.log).read_text())
     assert WAVE_CHUNKS == tuple(c for c in CHUNK_SIZES if c >= WAVE_CHUNKS[0])
     tuned_on = {w.split("@")[0] for w in log["settings"]["workloads"]}
-    held = {r["workload"].split("@")[0] for r in sweep["rows"] if r["role"] == "held_out"}
-    assert not tuned_on & held, "a held-out tree is in the tuning set"
+    for sweep in sweeps:
+        held = {r["workload"].split("@")[0] for r in sweep["rows"] if r["role"] == "held_out"}
+        assert not tuned_on & held, "a held-out tree is in the tuning set"
+    if args.one_tile:
+        report = compare_one_tile(sweeps, log)
+        print_one_tile(report)
+        if args.json:
+            Path(args.json).write_text(json.dumps(report, indent=1))
+        return
+    sweep = sweeps[0]
     ctx = Context(sweep, log)
     rows = [Row(r, tree_from_dict(sweep["trees"][r["workload"]]), sweep["page_size"])
             for r in sweep["rows"]]

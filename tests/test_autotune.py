@@ -355,6 +355,46 @@ def test_an_uncapped_group_stored_for_fewer_queries_takes_one_query_tile(isolate
     assert tuned_config(CHUNKED, more, H200.name, (9, 0)).group_size is None
 
 
+def test_one_tile_at_one_kv_head(isolated_tables, monkeypatch):
+    """`tuned.ONE_TILE_AT_ONE_KV_HEAD` (on as it ships): a deft_flatten entry of a
+    neighbouring bucket stored with half a query tile's group (8 at 4/1, 4 at 8/1) takes one
+    tile's (16, 8) at one KV head, its chunk then moved at that group; the tree's own bucket (in
+    either dtype), a full tile, more KV heads and the other strategies stay as stored."""
+    own = with_heads(TREE, 4, 1)  # q32-n8192-s16
+    near = with_heads(star(40, 4000, 100), 4, 1)  # q64-n8192-s32: two steps away
+    path = store.table_path(H200.name)
+    for key, group in (("q32-n8192-s16-h1-g4-d128-float16", 8), (KEY, 8),
+                       ("q32-n8192-s16-h1-g8-d128-float16", 4)):
+        write_configs(table(H200, chunk=128, group=group, key=key), path)
+    write_configs(table(H200, chunk=128, group=8, key=KEY.replace("h8", "h1"),
+                        strategy=CHUNKED), path)
+
+    def group(tree, strategy="deft_flatten", **kwargs):
+        return tuned_config(strategy, tree, H200.name, (9, 0), **kwargs).group_size
+
+    assert tuned_module.ONE_TILE_AT_ONE_KV_HEAD is True
+    found = tuned_config("deft_flatten", near, H200.name, (9, 0), programs=264)
+    assert (found.matched, found.group_size) == ("q32-n8192-s16-h1-g4-d128-float16", 16)
+    assert found.chunk_size == flatten_chunk(near, 16, 264, (9, 0))
+    assert group(with_heads(near, 8, 1)) == 8  # 4 queries of 8 heads: half a tile, to one
+    assert group(own) == 8  # the tree's own bucket
+    bf16 = Tree(own.node_ids.tolist(), [None if p < 0 else int(own.node_ids[p])
+                                        for p in own.parent], own.tokens.tolist(),
+                own.queries.tolist(), AttentionShape(4, 1, 128, "bfloat16"))
+    assert group(bf16) == 8  # the dtype rung's entry of its own sizes
+    assert group(with_heads(star(40, 4000, 100), 32, 8)) == 8  # 8 KV heads
+    assert group(near, CHUNKED) == 8
+    write_configs(table(H200, chunk=128, group=16, key="q32-n8192-s16-h1-g4-d128-float16"),
+                  path)
+    forget_tables()
+    assert group(near) == 16  # a full tile stored: as it is
+    monkeypatch.setattr(tuned_module, "ONE_TILE_AT_ONE_KV_HEAD", False)
+    write_configs(table(H200, chunk=128, group=8, key="q32-n8192-s16-h1-g4-d128-float16"),
+                  path)
+    forget_tables()
+    assert group(near) == 8 and group(with_heads(near, 8, 1)) == 4  # off: as stored
+
+
 def test_corrupted_exact_table_falls_back_with_a_warning(isolated_tables):
     store.table_path(H100.name).write_text("{broken")
     with pytest.warns(TunedConfigWarning, match="ignored"):

@@ -4,7 +4,10 @@ measurement) and the latency model's refit to size sweeps (synthetic records), o
 import dataclasses
 import importlib
 import json
+import subprocess
+import sys
 import warnings
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -367,3 +370,47 @@ def test_cli_held_out_trees_replace_the_built_in_list(monkeypatch, tmp_path):
         "star:leaves=12:root_tokens=600:leaf_tokens=20@4/1", "fewshot_b20_P4000_L200@4/1"]
     alone = CliRunner().invoke(main, ["autotune", "--gpu", "auto", "--held-out-trees", trees])
     assert alone.exit_code != 0 and "--held-out-trees goes with --held-out" in alone.output
+
+
+def one_tile_replay(tmp_path, *sweeps) -> dict:
+    """scripts/select_on_sweeps.py --one-tile's report on these sweeps (paths under docs/)."""
+    root = Path(__file__).resolve().parents[1]
+    report = tmp_path / "one-tile.json"
+    done = subprocess.run([sys.executable, "scripts/select_on_sweeps.py", "--one-tile",
+                           *(f"docs/{s}" for s in sweeps), "--json", str(report)],
+                          cwd=root, capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr
+    return json.loads(report.read_text())
+
+
+def changed_rows(report) -> set:
+    """(tree, heads) of the rows whose pick the rule changes, each from group 8 to 16."""
+    changed = {(r["tree"], r["heads"]) for r in report["rows"]
+               if r["half_tile"] != r["one_tile"]}
+    assert all(r["half_tile"][1] == 8 and r["one_tile"][1] == 16 for r in report["rows"]
+               if (r["tree"], r["heads"]) in changed)
+    return changed
+
+
+def test_one_tile_replay_on_session_14s_sweeps_gives_the_documented_rows(tmp_path):
+    """--one-tile on session 14's fp16 sweeps (fresh trees and forests), the rows
+    docs/autotune.md (session 14) names; only 4/1 rows of another bucket's group 8 change."""
+    data = one_tile_replay(tmp_path, "autotune-h200-session14/heldout-fresh-32-8-4-1.json",
+                           "autotune-h200-session14/heldout-forests-32-8-4-1.json")
+    assert data["counts"] == {
+        "float16 held_out": {"rows": 20, "half_tile": 17, "one_tile": 19},
+        "float16 tuning": {"rows": 8, "half_tile": 7, "one_tile": 8}}
+    assert changed_rows(data) == {
+        ("star:leaves=40:root_tokens=3000:leaf_tokens=80", "4/1"),
+        ("speculative:path=64:step=250", "4/1"),
+        ("random:seed=23:nodes=60:max_tokens=512:roots=2:max_queries=3", "4/1")}
+
+
+def test_one_tile_replay_on_session_16s_fresh_trees_gives_the_documented_rows(tmp_path):
+    """--one-tile on the sweep that decided the rule (session 16: eight fresh trees at 4/1 and
+    8/1, measured with the rule off): 14 -> 16 of 16 within 5%, six 4/1 rows changed."""
+    data = one_tile_replay(tmp_path, "autotune-h200-session16/heldout-rule-4-1-8-1.json")
+    assert data["counts"] == {
+        "float16 held_out": {"rows": 16, "half_tile": 14, "one_tile": 16}}
+    changed = changed_rows(data)
+    assert len(changed) == 6 and {heads for _, heads in changed} == {"4/1"}

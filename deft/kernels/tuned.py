@@ -81,6 +81,13 @@ WAVE_STRATEGY = "deft_flatten"
 """The strategy whose chunk `tuned_config` moves to the tree at hand (`flatten_chunk`)
 wherever the card's programs are known."""
 
+ONE_TILE_AT_ONE_KV_HEAD = True
+"""A deft_flatten entry of a neighbouring bucket (other queries, tokens or sharing than the
+tree's own), at one KV head, stored with a group of half a query tile of rows (8 at 4 query
+heads per KV head), takes one query tile's (`deft.kernels.fill.fill_group`). Decided on eight
+fresh trees at 4/1 and 8/1 on an H200 (docs/autotune.md, session 16: 14 -> 16 of 16 within 5%
+of the best); off, the lookup as it was (`scripts/select_on_sweeps.py --one-tile`)."""
+
 
 CONFIG_DIR = Path(__file__).resolve().parent / "configs"
 """The shipped tables."""
@@ -268,6 +275,12 @@ def tuned_config(strategy: str, tree: Tree, device_name: str, capability,
             tree.num_queries > Bucket.parse(found.matched).queries):
         # no cap was measured on at most the stored bucket's queries: on more, one query tile
         found = dataclasses.replace(found, group_size=fill_group(tree))
+    if (ONE_TILE_AT_ONE_KV_HEAD and strategy == WAVE_STRATEGY and found.matched
+            and tree.attention.kv_heads == 1 and found.group_size is not None
+            and 2 * found.group_size == fill_group(tree)
+            and not _same_sizes(Bucket.parse(found.matched), Bucket.parse(found.bucket))):
+        # half a tile carried from another tree's bucket: one tile
+        found = dataclasses.replace(found, group_size=fill_group(tree))
     if programs is None or strategy not in USES_CHUNK_SIZE:
         return found
     programs = programs() if callable(programs) else programs
@@ -279,6 +292,13 @@ def tuned_config(strategy: str, tree: Tree, device_name: str, capability,
         found = dataclasses.replace(
             found, chunk_size=flatten_chunk(tree, found.group_size, programs, capability))
     return found
+
+
+def _same_sizes(stored: Bucket, own: Bucket) -> bool:
+    """Whether a stored bucket has the tree's own queries, tokens and sharing (the ``dtype``
+    rung's entry of the other dtype counts as its own)."""
+    return (stored.queries, stored.tokens, stored.sharing) == (
+        own.queries, own.tokens, own.sharing)
 
 
 def flatten_chunk(tree: Tree, group_size: int | None, programs: int, capability) -> int:
