@@ -88,6 +88,21 @@ if HAS_GLUON:
         async_copy.mbarrier_arrive(bar, increment_count=False)
 
     @gluon.jit
+    def load_kv_tile(boxes, desc, ptrs, ok, slot_base, n0, col, ready, dst,
+                     TMA_ROWS: gl.constexpr, BLOCK_N: gl.constexpr, HEAD_DIM: gl.constexpr):
+        """Copy a K or V tile into its stage ``dst`` and arrive on its ready barrier: as
+        `tma_tile`'s boxes where ``boxes`` (`whole_runs`; a constexpr False without TMA_ROWS),
+        else gathered row by row from ``ptrs`` (its real rows ``ok``) with cp.async, arriving
+        once more with TMA_ROWS (the arrival `tma_tile`'s expect makes)."""
+        if boxes:
+            tma_tile(desc, slot_base, n0, col, ready, dst, TMA_ROWS, BLOCK_N, HEAD_DIM)
+        else:
+            async_load(dst, ptrs, mask=ok[:, None])
+            async_copy.mbarrier_arrive(ready, increment_count=False)
+            if TMA_ROWS > 0:
+                mbarrier.arrive(ready, count=1)
+
+    @gluon.jit
     def producer(q_ptr, k_ptr, v_ptr, k_desc, v_desc, counts_ptr, part_start_ptr, part_tokens_ptr,
                   part_entry_ptr, entry_query_ptr, entry_row_ptr, query_flat_ptr,
                   token_slot_ptr, subtree_end_ptr,
@@ -165,26 +180,14 @@ if HAS_GLUON:
                     mbarrier.wait(empty.index(stage), ((it // NUM_STAGES) & 1) ^ 1)
                     col = n0 + cols
                     async_load(end_smem.index(stage), end_base + col, mask=col < num_tokens)
-                    if boxes:
-                        tma_tile(k_desc, slot_base, n0, kv_head * HEAD_DIM,
+                    load_kv_tile(boxes, k_desc, k_ptrs, ok, slot_base, n0, kv_head * HEAD_DIM,
                                  k_ready.index(stage), k_smem.index(stage), TMA_ROWS, BLOCK_N,
                                  HEAD_DIM)
-                    else:
-                        async_load(k_smem.index(stage), k_ptrs, mask=ok[:, None])
-                        async_copy.mbarrier_arrive(k_ready.index(stage), increment_count=False)
-                        if TMA_ROWS > 0:  # the arrival tma_tile's expect makes
-                            mbarrier.arrive(k_ready.index(stage), count=1)
                     if PIPELINE:  # V stages are released apart from K stages
                         mbarrier.wait(v_empty.index(stage), ((it // NUM_STAGES) & 1) ^ 1)
-                    if boxes:
-                        tma_tile(v_desc, slot_base, n0, kv_head * HEAD_DIM,
+                    load_kv_tile(boxes, v_desc, v_ptrs, ok, slot_base, n0, kv_head * HEAD_DIM,
                                  v_ready.index(stage), v_smem.index(stage), TMA_ROWS, BLOCK_N,
                                  HEAD_DIM)
-                    else:
-                        async_load(v_smem.index(stage), v_ptrs, mask=ok[:, None])
-                        async_copy.mbarrier_arrive(v_ready.index(stage), increment_count=False)
-                        if TMA_ROWS > 0:
-                            mbarrier.arrive(v_ready.index(stage), count=1)
                     it += 1
 else:  # pragma: no cover - no Gluon in this triton
-    producer = query_rows = load_query_tile = whole_runs = tma_tile = None
+    producer = query_rows = load_query_tile = whole_runs = tma_tile = load_kv_tile = None
