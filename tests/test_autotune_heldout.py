@@ -414,3 +414,17 @@ def test_one_tile_replay_on_session_16s_fresh_trees_gives_the_documented_rows(tm
         "float16 held_out": {"rows": 16, "half_tile": 14, "one_tile": 16}}
     changed = changed_rows(data)
     assert len(changed) == 6 and {heads for _, heads in changed} == {"4/1"}
+
+
+def test_one_tile_replay_on_session_16s_fresh_bf16_trees_gives_the_documented_rows(tmp_path):
+    """--one-tile on nine fresh bf16 trees at 32/8 and 4/1 swept with the rule on (session 16,
+    call 3): 12 -> 13 of 18 within 5%, five 4/1 rows changed, among them the 36-leaf star's
+    1.000 -> 1.279 (the waves rule's chunk 64 at group 16)."""
+    data = one_tile_replay(tmp_path, "autotune-h200-session16/heldout-bf16-fresh-32-8-4-1.json")
+    assert data["counts"] == {
+        "bfloat16 held_out": {"rows": 18, "half_tile": 12, "one_tile": 13}}
+    changed = changed_rows(data)
+    assert len(changed) == 5 and {heads for _, heads in changed} == {"4/1"}
+    star = next(r for r in data["rows"] if r["tree"].startswith("star:leaves=36")
+                and r["heads"] == "4/1")
+    assert star["one_tile"][:2] == [64, 16] and star["one_tile"][2] > 1.25
