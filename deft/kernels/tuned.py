@@ -270,7 +270,8 @@ def tuned_config(strategy: str, tree: Tree, device_name: str, capability,
         items run in the fewest, shortest waves (`flatten_chunk`), at the rung's group size.
         Without them ``fill`` is skipped and a table's chunk is used as stored.
     """
-    found = _lookup(strategy, bucket_of(tree), device_name, tuple(capability), config_dirs())
+    bucket = bucket_of(tree)
+    found = _lookup(strategy, bucket, device_name, tuple(capability), config_dirs())
     if strategy == WAVE_STRATEGY and found.group_size is None and found.matched and (
             tree.num_queries > Bucket.parse(found.matched).queries):
         # no cap was measured on at most the stored bucket's queries: on more, one query tile
@@ -278,7 +279,7 @@ def tuned_config(strategy: str, tree: Tree, device_name: str, capability,
     if (ONE_TILE_AT_ONE_KV_HEAD and strategy == WAVE_STRATEGY and found.matched
             and tree.attention.kv_heads == 1 and found.group_size is not None
             and 2 * found.group_size == fill_group(tree)
-            and not _same_sizes(Bucket.parse(found.matched), Bucket.parse(found.bucket))):
+            and not _same_sizes(Bucket.parse(found.matched), bucket)):
         # half a tile carried from another tree's bucket: one tile
         found = dataclasses.replace(found, group_size=fill_group(tree))
     if programs is None or strategy not in USES_CHUNK_SIZE:
