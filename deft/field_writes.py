@@ -4,7 +4,7 @@
 to be written (its kept prefix skipped; a field the buffers already hold not at all), then
 `write_fields` checks every field against its capacity, writes them all into the host array
 (the pinned staging mirror of `deft.staged_upload` on a CUDA device, the buffers themselves on
-the CPU) and returns the spans written, merged across small gaps, for the upload. numpy took a
+the CPU) and returns the copies that upload what it wrote (`upload_copies`). numpy took a
 slice assignment (0.4-1 us) per field and Python the spans' bookkeeping. `most_rows` reads
 one field of a plan's arrays for `deft.TreeAttention.plan` (its merge's row block), where
 numpy took three calls.
@@ -39,8 +39,8 @@ def write_fields(host, offsets, capacity, starts, coalesce, f0, f1, f2, f3, f4, 
 
     Returns
     -------
-    spans : int64 [spans, 2]
-        The ``[lo, hi)`` spans of ``host`` written, ascending (none where nothing was).
+    copies : int64 [copies, 4]
+        What was written, as `upload_copies` gives it (none where nothing was).
     too_long : int
         The first field holding more values than its capacity, else -1; then nothing is
         written.
@@ -49,7 +49,7 @@ def write_fields(host, offsets, capacity, starts, coalesce, f0, f1, f2, f3, f4, 
              len(f9))
     for i in range(10):
         if sizes[i] > capacity[i]:
-            return np.empty((0, 2), np.int64), i
+            return np.empty((0, 4), np.int64), i
     _write(host, offsets[0], starts[0], f0)
     _write(host, offsets[1], starts[1], f1)
     _write(host, offsets[2], starts[2], f2)
@@ -60,18 +60,63 @@ def write_fields(host, offsets, capacity, starts, coalesce, f0, f1, f2, f3, f4, 
     _write(host, offsets[7], starts[7], f7)
     _write(host, offsets[8], starts[8], f8)
     _write(host, offsets[9], starts[9], f9)
-    spans = np.empty((10, 2), np.int64)
+    return upload_copies(offsets, starts, sizes, coalesce, len(host)), -1
+
+
+@compiled
+def upload_copies(offsets, starts, sizes, coalesce, n):
+    """The copies that upload fields' written parts ``[offsets[i] + starts[i], offsets[i] +
+    sizes[i])`` (none where ``starts[i] < 0`` or the part is empty), in field order, inside
+    an array of ``n`` elements.
+
+    A copy is a rectangle ``(lo, width, height, pitch)``: elements ``lo + r * pitch + j`` for
+    ``r < height``, ``j < width``; a span where the height is 1 (then pitch = width). A written
+    part joins the last copy where that takes along at most ``coalesce`` elements not written:
+    a span across the gap before it, else, where the fields from the last copy's first to
+    this one lie one pitch apart, a rectangle with a row per field and the columns of all
+    their parts.
+
+    Returns
+    -------
+    int64 [copies, 4]
+    """
+    copies = np.empty((10, 4), np.int64)
     k = 0
+    first, last, col_lo, col_hi, cells = -1, -1, 0, 0, 0  # the last copy as rows of fields
+    span_lo, span_hi = 0, 0  # (with its written cells), or as a span where first < 0
     for i in range(10):
-        lo, hi = offsets[i] + starts[i], offsets[i] + sizes[i]
-        if starts[i] < 0 or hi <= lo:
+        lo, hi = starts[i], sizes[i]
+        if lo < 0 or hi <= lo:
             continue
-        if k and lo - spans[k - 1, 1] <= coalesce:
-            spans[k - 1, 1] = hi
-        else:
-            spans[k, 0], spans[k, 1] = lo, hi
-            k += 1
-    return spans[:k], -1
+        a, b = offsets[i] + lo, offsets[i] + hi
+        if k and (first < 0 or first == last) and a - span_hi <= coalesce:  # the gap along
+            span_hi, first, cells = b, -1, 0
+            copies[k - 1, 1] = copies[k - 1, 3] = span_hi - span_lo
+            continue
+        if k and first >= 0 and _one_pitch(offsets, first, i):
+            new_lo, new_hi = min(col_lo, lo), max(col_hi, hi)
+            if (i - first + 1) * (new_hi - new_lo) - (cells + hi - lo) <= coalesce \
+                    and offsets[i] + new_hi <= n:
+                last, col_lo, col_hi, cells = i, new_lo, new_hi, cells + hi - lo
+                copies[k - 1, 0] = offsets[first] + col_lo
+                copies[k - 1, 1], copies[k - 1, 2] = col_hi - col_lo, i - first + 1
+                copies[k - 1, 3] = offsets[first + 1] - offsets[first]
+                continue
+        copies[k, 0], copies[k, 1], copies[k, 2], copies[k, 3] = a, b - a, 1, b - a
+        k += 1
+        first, last, col_lo, col_hi, cells = i, i, lo, hi, hi - lo
+        span_lo, span_hi = a, b
+    return copies[:k]
+
+
+@compiled
+def _one_pitch(offsets, first, i):
+    """Whether fields ``first`` to ``i`` (> first) start one pitch apart."""
+    pitch = offsets[first + 1] - offsets[first]
+    for j in range(first + 1, i + 1):
+        if offsets[j] - offsets[j - 1] != pitch:
+            return False
+    return True
 
 
 @compiled

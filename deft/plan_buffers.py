@@ -5,19 +5,22 @@ vectorised numpy) and a page table into flat int32 arrays, with no Python loop o
 partitions. `PlanBuffers` owns fixed-capacity device tensors that `fill` refills in place (pinned
 staging, non-blocking copies; what the buffers already hold from the last plan is neither
 written nor copied again), so kernels captured in a CUDA graph keep reading the right
-addresses after every re-plan. The fields (one int32 tensor each, views of one allocation):
+addresses after every re-plan. The fields (one int32 tensor each, views of one allocation, in
+this order; every field starts on 16 bytes, and the fields before the slots' lie one pitch
+apart, as do the two slot fields, so that a fill uploads the changes of each group as one
+strided copy where few unchanged values come along):
 
 ====================  ==================  ====================================================
 field                 size (capacity)     meaning
 ====================  ==================  ====================================================
 counts                2                   partitions P, queries Q (read by the kernels)
+query_row_ptr         queries + 1         query n's partial rows are query_row_ptr[n]:[n+1]
+query_flat            queries             flattened position of each query's token
 part_start            entries             first token of partition p in `token_slot`
 part_tokens           entries             tokens of partition p
 part_entry            entries + 1         entries of p are part_entry[p]:part_entry[p+1]
 entry_query           entries             query (test layout) of each entry
 entry_row             entries             partial-result row of each entry (see below)
-query_row_ptr         queries + 1         query n's partial rows are query_row_ptr[n]:[n+1]
-query_flat            queries             flattened position of each query's token
 token_slot            slots               cache slot (page * page_size + offset) of a token
 subtree_end           slots (flat only)   flattened end of the subtree of a token's node, or
                                           REACHES_END where that is the tree's end
@@ -54,17 +57,18 @@ from deft.strategies import DEFAULT_CHUNK_SIZE
 
 FIELDS = (
     "counts",
+    "query_row_ptr",
+    "query_flat",
     "part_start",
     "part_tokens",
     "part_entry",
     "entry_query",
     "entry_row",
-    "query_row_ptr",
-    "query_flat",
     "token_slot",
     "subtree_end",
 )
-"""The plan buffers, in their order inside the one allocation."""
+"""The plan buffers, in their order inside the one allocation: the slot fields (the largest
+where a tree has many tokens) last."""
 
 QUERY_FIELDS = {"query_row_ptr", "query_flat"}
 ENTRY_FIELDS = {"part_start", "part_tokens", "part_entry", "entry_query", "entry_row"}
@@ -75,10 +79,15 @@ _QUERY_FLAT, _ENTRY_QUERY, _TOKEN_SLOT = (FIELD_INDEX[n] for n in ("query_flat",
 
 
 COALESCE = 65536
-"""Unused int32 elements between two fields' used parts that `PlanBuffers.fill` copies along
-rather than issuing one more copy: 256 KiB, about what the copy engine moves in the 7 us of
-host time a copy costs on an H200 host (`scripts/fill_probe.py`: at 16384, 2.2x the fill time
-on fewshot_b20, 1.5x on spec_t256)."""
+"""Unwritten int32 elements that one of `PlanBuffers.fill`'s copies may take along rather than
+the fill issuing one more copy (a gap between two fields' written parts, or a rectangle's
+cells outside them): 256 KiB, about what the copy engine moves in the 7 us of host time a
+torch copy cost on an H200 host (`scripts/fill_probe.py`: at 16384, 2.2x the fill time on
+fewshot_b20, 1.5x on spec_t256)."""
+
+ALIGN = 4
+"""Every field starts on a multiple of this many int32 elements (16 bytes), whatever the
+capacities: the kernels' specialisation on their pointers' alignment does not depend on them."""
 
 
 PATH_STRATEGIES = ("deft_node", "deft_node_chunk")
@@ -308,17 +317,21 @@ class PlanBuffers:
             else:
                 size = max_slots if (flat or name == "token_slot") else 1
             self.capacity[name] = size
+        rows = [self.capacity[n] for n in FIELDS if n not in SLOT_FIELDS]
+        pitch = {n: _aligned(max(rows) if n not in SLOT_FIELDS else self.capacity[n])
+                 for n in FIELDS}  # what the fields lie apart: the slots' own size, the
+        # others' largest size (their changes then one strided copy, `write_fields`)
         self._limits = dict(max_queries=max_queries, max_entries=max_entries)
         self._limits[slot_name] = max_slots
         self._sizes = (max_queries, max_entries, max_slots)  # the limits, in that order
         self.device = torch.device(device)
         if self.device.type not in ("cpu", "cuda"):
             raise ValueError(f"plan buffers live on a CPU or CUDA device, not {self.device}")
-        offsets = np.concatenate([[0], np.cumsum([self.capacity[n] for n in FIELDS])])
+        offsets = np.concatenate([[0], np.cumsum([pitch[n] for n in FIELDS])])
         self.offsets = [int(o) for o in offsets[:-1]]
         self.data = torch.zeros(int(offsets[-1]), dtype=torch.int32, device=self.device)
         self.views = {n: self.data[o: o + self.capacity[n]] for n, o in zip(FIELDS, self.offsets)}
-        if self.device.type == "cuda":  # pinned staging, uploaded span by span
+        if self.device.type == "cuda":  # pinned staging, uploaded in a few copies
             self.stage_through(StagedUpload(self.data))
         else:  # the CPU: the buffers are host memory, filled directly
             self._upload = None
@@ -330,7 +343,7 @@ class PlanBuffers:
     def stage_through(self, upload) -> None:
         """Fill through ``upload``: a `deft.staged_upload.StagedUpload` of ``data`` (what a
         CUDA device's buffers use), or anything with its ``host`` mirror (numpy int32, as long
-        as ``data``), ``wait()`` and ``upload(spans)``: probes of the upload, and the staged
+        as ``data``), ``wait()`` and ``upload(copies)``: probes of the upload, and the staged
         path tested on the CPU. The next fill writes every field."""
         self._upload, self._staging_host = upload, upload.host
         self._written = [None] * len(FIELDS)
@@ -340,8 +353,9 @@ class PlanBuffers:
 
         The fields are written into the pinned staging area in one compiled call
         (`deft.field_writes.write_fields`), then copied to the device in as few non-blocking
-        copies as the gaps between their used parts allow (`COALESCE`, `deft.staged_upload`);
-        on the CPU straight into the buffers. A read-only field the buffers already hold (the
+        copies as the unwritten elements between their written parts allow (`COALESCE`: spans,
+        and rectangles over fields one pitch apart; `deft.staged_upload`); on the CPU straight
+        into the buffers. A read-only field the buffers already hold (the
         very array of the last fill: `deft.fast_plan` keeps arrays between steps) is not
         written again, and ``arrays["kept"]``, ``{field: (array, n)}``, says that a field's
         first n values are those of a read-only array of an earlier fill: where the buffers
@@ -361,16 +375,17 @@ class PlanBuffers:
         if self._upload is not None:
             self._upload.wait()  # the previous plan's copies have left the staging area
         try:
-            spans = self._write(fields, arrays.get("kept"))
+            copies = self._write(fields, arrays.get("kept"))
         except BaseException:
             self._written = [None] * len(FIELDS)  # a field may be half written: all next time
             raise
         if self._upload is not None:
-            self._upload.upload(spans)
+            self._upload.upload(copies)
 
     def _write(self, fields: list, kept_prefix) -> list:
         """Write the fields that changed into the staging area (or the CPU buffers); return
-        the ``[lo, hi)`` spans of the allocation to upload, merged across gaps <= COALESCE."""
+        the copies that upload them, ``[lo, width, height, pitch]`` in elements of the
+        allocation (`deft.field_writes.write_fields`)."""
         written = self._written
         starts = [-1 if values is last else 0 for values, last in zip(fields, written)]
         if kept_prefix:  # a prefix is kept where the buffers hold the array it is of
@@ -379,18 +394,23 @@ class PlanBuffers:
                 if not starts[i] and written[i] is array:
                     starts[i] = n
         self._written = [None if values.flags.writeable else values for values in fields]
-        spans, too_long = write_fields(self._staging_host, self._offsets, self._capacities,
-                                       tuple(starts), COALESCE, *fields)  # (a tuple: numba
+        copies, too_long = write_fields(self._staging_host, self._offsets, self._capacities,
+                                        tuple(starts), COALESCE, *fields)  # (a tuple: numba
         # takes one at 0.3 us, where making an array of the list took 0.9)
         if too_long >= 0:
             name = FIELDS[too_long]
             raise ValueError(f"the plan's {name} holds {len(fields[too_long])} values, more "
                              f"than its buffer's {self.capacity[name]}")
-        return spans.tolist()
+        return copies.tolist()
 
     def read(self, name: str) -> np.ndarray:
         """A field's contents on the host (a synchronising copy; for tests and debugging)."""
         return self.views[name].cpu().numpy().astype(np.int64)
+
+
+def _aligned(n: int) -> int:
+    """``n`` rounded up to a multiple of `ALIGN`."""
+    return -(-n // ALIGN) * ALIGN
 
 
 def _host(x) -> np.ndarray:

@@ -1,12 +1,13 @@
-"""A pinned host mirror of one int32 device tensor, uploaded to it span by span.
+"""A pinned host mirror of one int32 device tensor, uploaded to it in rectangles.
 
-`deft.plan_buffers.PlanBuffers.fill` writes a plan into the mirror, then uploads the spans it
-wrote with non-blocking copies. On an H200 host a copy costs about 7 us of host time whatever its
-size up to 256 KiB, slicing the two tensors for it another 6, and recording a fresh event on
-the current stream 13 (`scripts/fill_probe.py`), so that the copies, not the values, were most
-of ``fill``: the spans' views are kept (bounds rounded out to `GRANULE` elements, so a decode
-step's spans, which move by a few tokens, find the views of the last step's), and one event is
-recorded again and again on the current stream, looked up by its id.
+`deft.plan_buffers.PlanBuffers.fill` writes a plan into the mirror, then uploads what it wrote
+as a few non-blocking copies, each a rectangle ``(lo, width, height, pitch)`` of the buffers'
+elements (a span where the height is one; fields of one pitch, the plan's entry fields, as one
+strided copy), through the CUDA driver (`deft.driver_copies`): on an H200 host a copy through
+``Tensor.copy_`` cost about 7 us of host time whatever its size up to 256 KiB (with slicing the
+two tensors for it), a driver copy 2.3 (session 11's copy probe), and torch has no strided copy
+from host memory. One event is recorded again and again on the current stream, looked up by its
+id (``torch.cuda.current_stream`` costs 4-8 us).
 
 `FreshUpload` does the same for `deft.cache.TreeCache.apply`'s new slots, which leave as fresh
 tensors: ``torch.from_numpy(a).pin_memory().to(device, non_blocking=True)`` cost 30-65 us of
@@ -17,17 +18,7 @@ from __future__ import annotations
 
 import torch
 
-GRANULE = 1024
-"""Span bounds are rounded out to multiples of this many elements (4 KiB), so that spans that
-move by a few elements share their views (the extra elements hold what the device holds)."""
-
-MAX_VIEWS = 256
-"""Span views kept (all dropped when full: a new plan size settles again in a step or two)."""
-
-
-def rounded_span(lo: int, hi: int, n: int) -> tuple:
-    """``[lo, hi)`` rounded out to multiples of `GRANULE`, within ``[0, n)``."""
-    return lo - lo % GRANULE, min(-(-hi // GRANULE) * GRANULE, n)
+from deft.driver_copies import HostToDevice
 
 
 class StagedUpload:
@@ -40,15 +31,16 @@ class StagedUpload:
     Attributes
     ----------
     host : numpy int32 [n]
-        The mirror, written by the caller between `wait` and `upload`. Wherever it was
-        uploaded, it holds what ``data`` holds; elsewhere the caller must not rely on it.
+        The mirror, written by the caller between `wait` and `upload`. It holds what ``data``
+        holds wherever either was ever written, so that a copy may take along elements it
+        did not write.
     """
 
     def __init__(self, data: torch.Tensor):
         self.data = data
         self._staging = torch.zeros(len(data), dtype=data.dtype, pin_memory=True)
         self.host = self._staging.numpy()
-        self._views = {}
+        self._copies = HostToDevice(data.device.index)
         self._event = torch.cuda.Event()
         self._recorded = False
         self._stream = CurrentStream(data.device.index)
@@ -58,20 +50,16 @@ class StagedUpload:
         if self._recorded:
             self._event.synchronize()
 
-    def upload(self, spans) -> None:
-        """Copy ``host[lo:hi]`` to ``data[lo:hi]`` for each ``(lo, hi)`` of ``spans``
-        (non-blocking, on the current stream of ``data``'s device)."""
-        if not spans:
+    def upload(self, rects) -> None:
+        """Copy each ``(lo, width, height, pitch)`` of ``rects`` (elements ``lo + r * pitch +
+        j`` for ``r < height``, ``j < width``) from ``host`` to ``data`` (non-blocking, on the
+        current stream of ``data``'s device)."""
+        if not len(rects):
             return
-        for lo, hi in spans:
-            lo, hi = rounded_span(lo, hi, len(self.host))
-            views = self._views.get((lo, hi))
-            if views is None:
-                if len(self._views) >= MAX_VIEWS:
-                    self._views.clear()
-                views = self._views[(lo, hi)] = (self.data[lo:hi], self._staging[lo:hi])
-            views[0].copy_(views[1], non_blocking=True)
-        self._event.record(self._stream())
+        stream = self._stream()
+        self._copies.copies(self.data.data_ptr(), self._staging.data_ptr(), rects,
+                            stream.cuda_stream)
+        self._event.record(stream)
         self._recorded = True
 
 

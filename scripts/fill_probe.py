@@ -1,14 +1,16 @@
 #!/usr/bin/env python3
 """Host cost of the pieces of PlanBuffers.fill on a GPU (issue #16), and of fill itself with
-the upload of `deft.staged_upload` against the one before it, interleaved in one process.
+the upload of `deft.staged_upload` against torch's copies, interleaved in one process.
 
     python scripts/fill_probe.py      # CUDA only; about 40 s; prints microseconds (medians),
                                       # and writes them to $OUT/fill_probe.json where $OUT is set
 
 Each mode refills fresh buffers from the same 40 steps' plan arrays of four runs, six times
-round robin; every mode but the writes-only ones must leave the device buffers equal to the
-last plan. The ``numpy`` modes write the staging area field by field with numpy (the fill
-before `deft.field_writes`), the others in one compiled call.
+round robin; every mode but the writes-only one must leave the device buffers equal to the
+last plan. Modes: ``driver`` (the upload as shipped: the driver's copies, rectangles over the
+fields one pitch apart), ``torch_rows`` (the same copies, each row through ``Tensor.copy_``,
+the copy before `deft.driver_copies`), ``spans`` (no rectangles: the upload before them, still
+through the driver), ``one_copy`` (every change in one span) and ``writes_only`` (no upload).
 """
 import json
 import os
@@ -25,6 +27,7 @@ from deft import plan_buffers, workloads as wl  # noqa: E402
 from deft.cache import PagedKVCache, TreeCache, pages_for  # noqa: E402
 from deft.tree_attention import TreeAttention  # noqa: E402
 from deft.plan import check_parameters  # noqa: E402
+from deft.driver_copies import HostToDevice  # noqa: E402
 from deft.staged_upload import StagedUpload  # noqa: E402
 
 
@@ -74,56 +77,65 @@ r["numpy_write_registered_5000"] = med(lambda: reg.__setitem__(slice(0, 5000), v
 r["numpy_write_plain_5000"] = med(lambda: plain.numpy().__setitem__(slice(0, 5000), vals))
 
 
-class LegacyUpload(StagedUpload):
-    """The upload before deft.staged_upload: two fresh slices per span, a fresh event."""
+driver = HostToDevice(0)
+for rows in (1, 5):
+    rect = [[0, 4096, rows, 65536]]
+    r[f"driver_copy_4096x{rows}"] = med(lambda: driver.copies(data.data_ptr(), pinned.data_ptr(),
+                                                              rect, STREAM.cuda_stream))
+    torch.cuda.synchronize()
 
-    def upload(self, spans):
-        for lo, hi in spans:
-            self.data[lo:hi].copy_(self._staging[lo:hi], non_blocking=True)
-        if spans:
-            self._event = torch.cuda.Event()
-            self._event.record()
+
+class TorchRows(StagedUpload):
+    """The same copies, each row a slice's ``Tensor.copy_`` (non-blocking)."""
+
+    def upload(self, copies):
+        for lo, width, height, pitch in copies:
+            for row in range(lo, lo + height * pitch, pitch):
+                self.data[row:row + width].copy_(self._staging[row:row + width],
+                                                 non_blocking=True)
+        if copies:
+            self._event.record(self._stream())
             self._recorded = True
 
 
 class NoUpload(StagedUpload):
     """Staging writes only (what fill costs without its copies)."""
 
-    def upload(self, spans):
+    def upload(self, copies):
         pass
 
 
-class NumpyWrites(plan_buffers.PlanBuffers):
-    """The staging writes before deft.field_writes: a numpy slice assignment per field."""
+class Spans(plan_buffers.PlanBuffers):
+    """The fill without rectangles: each field kind's fields laid out apart (a pitch no two
+    share), so that only spans form."""
 
-    def _write(self, fields, kept_prefix):
-        kept_prefix, spans = kept_prefix or {}, []
-        for i, (name, offset) in enumerate(zip(plan_buffers.FIELDS, self.offsets)):
-            values, last = fields[i], self._written[i]
-            if values is last:
-                continue
-            kept = 0
-            if last is not None and name in kept_prefix and kept_prefix[name][0] is last:
-                kept = kept_prefix[name][1]
-            hi = offset + len(values)
-            if hi > offset + kept:
-                lo = offset + kept
-                self._staging_host[lo:hi] = values[kept:] if kept else values
-                if spans and lo - spans[-1][1] <= plan_buffers.COALESCE:
-                    spans[-1][1] = hi
-                else:
-                    spans.append([lo, hi])
-            self._written[i] = None if values.flags.writeable else values
-        return spans
+    def __init__(self, *args):
+        super().__init__(*args)
+        shift = 4 * np.arange(len(self._offsets)) ** 2  # no two fields one pitch apart
+        self._offsets = self._offsets + shift
+        self.data = torch.zeros(int(self._offsets[-1] + self._capacities[-1]),
+                                dtype=torch.int32, device=self.device)
+        self.offsets = [int(o) for o in self._offsets]
+        self.views = {n: self.data[o: o + self.capacity[n]]
+                      for n, o in zip(plan_buffers.FIELDS, self.offsets)}
+
+
+def counted(upload, seen):
+    """``upload`` with the copies of each of its uploads counted into ``seen``."""
+    plain = upload.upload
+
+    def upload_counted(copies):
+        seen.append(len(copies))
+        plain(copies)
+
+    upload.upload = upload_counted
+    return upload
 
 
 BUFFERS = plan_buffers.PlanBuffers
-MODES = {"legacy": (BUFFERS, LegacyUpload, 16384), "cached": (BUFFERS, StagedUpload, 16384),
-         "cached_c64k": (BUFFERS, StagedUpload, 65536),
-         "numpy_c64k": (NumpyWrites, StagedUpload, 65536),
-         "one_copy": (BUFFERS, StagedUpload, 10**9),
-         "writes_only": (BUFFERS, NoUpload, 16384),
-         "numpy_writes_only": (NumpyWrites, NoUpload, 16384)}
+MODES = {"driver": (BUFFERS, StagedUpload, 65536), "torch_rows": (BUFFERS, TorchRows, 65536),
+         "spans": (Spans, StagedUpload, 65536), "one_copy": (BUFFERS, StagedUpload, 10**9),
+         "writes_only": (BUFFERS, NoUpload, 65536)}
 runs = {"fewshot_b20": wl.fewshot(4000, 20, 400), "fewshot_b256_P55296": wl.fewshot(55296, 256, 40)}
 for name in ("keywordToT", "spec_t256"):
     try:
@@ -149,12 +161,12 @@ for run_name, run in runs.items():
         cache.apply(t)
         arrays.append(ta._node_planner.arrays(t, *plan_buffers.host_node_pages(cache, t), 16,
                                               chunk, group))
-    fills = {m: [] for m in MODES}
+    fills, copies = {m: [] for m in MODES}, {m: [] for m in MODES}
     for rep in range(6):
         for mode, (buffers, kind, coalesce) in MODES.items():
             plan_buffers.COALESCE = coalesce
             buf = buffers(queries, ta.max_entries, 2 * big.num_tokens, True, dev)
-            buf.stage_through(kind(buf.data))
+            buf.stage_through(counted(kind(buf.data), copies[mode]))
             for a in arrays:
                 torch.cuda.synchronize()
                 t = time.perf_counter_ns()
@@ -168,6 +180,7 @@ for run_name, run in runs.items():
                     raise SystemExit(f"{run_name} {mode}: field {field} differs after the fills")
     for mode, v in fills.items():
         r[f"fill_{mode}_{run_name}"] = round(statistics.median(v), 2)
+        r[f"copies_{mode}_{run_name}"] = statistics.median(copies[mode])
 r["stream_lookup"] = med(lambda: torch._C._cuda_getCurrentStream(0))
 r["current_stream"] = med(lambda: torch.cuda.current_stream())
 for k, v in r.items():

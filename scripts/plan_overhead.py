@@ -123,11 +123,11 @@ def measure(run, strategy: str, device: str, steps=None, check=False) -> dict:
     upload = fast.buffers._upload  # None on the CPU: the buffers are written directly
     if upload is not None:
         upload.wait = timed_part("fill_wait", upload.wait)
-        upload_spans = timed_part("fill_upload", upload.upload)
+        upload_copies = timed_part("fill_upload", upload.upload)
 
-        def counted_upload(spans):
-            parts["fill_copies"].append(len(spans))
-            upload_spans(spans)
+        def counted_upload(copies):
+            parts["fill_copies"].append(len(copies))
+            upload_copies(copies)
 
         upload.upload = counted_upload
     device = torch.device(device)

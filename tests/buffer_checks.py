@@ -5,7 +5,6 @@ import numpy as np
 import torch
 
 from deft.plan_buffers import FIELDS
-from deft.staged_upload import rounded_span
 
 
 def assert_buffers_hold(buffers, arrays: dict, context: str = "") -> None:
@@ -18,8 +17,8 @@ def assert_buffers_hold(buffers, arrays: dict, context: str = "") -> None:
 
 class MirrorUpload:
     """The staged path of a CUDA device on the CPU: a host mirror that `PlanBuffers.fill`
-    writes, and an upload that copies the mirror's spans (rounded out as
-    `deft.staged_upload.StagedUpload.upload` rounds them) into the buffers, and nothing else."""
+    writes, and an upload that copies the mirror's rectangles into the buffers
+    (`deft.staged_upload.StagedUpload.upload`), and nothing else."""
 
     def __init__(self, data: torch.Tensor):
         self.data, self.host = data, np.zeros(len(data), dtype=np.int32)
@@ -28,8 +27,8 @@ class MirrorUpload:
     def wait(self) -> None:
         pass
 
-    def upload(self, spans) -> None:
-        for lo, hi in spans:
-            lo, hi = rounded_span(lo, hi, len(self.host))
-            self.data[lo:hi] = torch.from_numpy(self.host[lo:hi])
+    def upload(self, copies) -> None:
+        for lo, width, height, pitch in copies:
+            for row in range(lo, lo + height * pitch, pitch):
+                self.data[row:row + width] = torch.from_numpy(self.host[row:row + width])
             self.uploads += 1

@@ -483,3 +483,38 @@ def test_device_buffers_followed_over_a_run_hold_every_step(kind):
                                *cache.host_node_pages(tree), flat=True)
         attn.plan(tree, cache)
         assert_buffers_hold(attn.buffers, expected, f"step {step}: ")
+
+
+@pytest.mark.gpu  # the driver's copies (deft.driver_copies)
+def test_device_buffers_planned_on_a_fresh_thread_take_strided_copies():
+    """Planned from a thread that has no CUDA context current (an overlap scheduler's), with
+    capacities far above the run's (the entry fields' changes one strided copy), the device
+    buffers read back each step's from-scratch encoding."""
+    import threading
+
+    from deft.cache import PagedKVCache, TreeCache
+
+    run = run_of("fewshot", 3)
+    attn = TreeAttention("deft_flatten", 4, 2, max_queries=256, max_tokens=8192, device="cuda")
+    upload, heights = attn.buffers._upload, []
+    plain = upload.upload
+    upload.upload = lambda copies: (heights.extend(c[2] for c in copies), plain(copies))
+    cache = TreeCache(PagedKVCache(4096, 4, 1, 4))
+    for step, tree in enumerate(run):
+        cache.apply(tree)
+        expected = plan_arrays(build_plan("deft_flatten", tree, 4, 2, 4),
+                               *cache.host_node_pages(tree), flat=True)
+        failed = []
+        thread = threading.Thread(target=lambda: _plan_or_keep(attn, tree, cache, failed))
+        thread.start()
+        thread.join()
+        assert not failed, failed
+        assert_buffers_hold(attn.buffers, expected, f"step {step}: ")
+    assert max(heights) > 1
+
+
+def _plan_or_keep(attn, tree, cache, failed):
+    try:
+        attn.plan(tree, cache)
+    except Exception as error:  # raised on the thread: the test reads it back
+        failed.append(error)

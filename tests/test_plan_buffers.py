@@ -1,5 +1,5 @@
-"""PlanBuffers.fill's bookkeeping, the span rounding of its uploads, and the planner's arrays
-written in turns (CPU)."""
+"""PlanBuffers.fill's bookkeeping, the copies of its uploads, and the planner's arrays written
+in turns (CPU)."""
 
 import numpy as np
 import pytest
@@ -9,27 +9,13 @@ from hypothesis import strategies as st
 from deft import workloads as wl
 from deft.cache import PagedKVCache, TreeCache
 from deft.fast_plan import FAST_STRATEGIES, NodePlanner
-from deft.field_writes import most_rows, write_fields
+from deft.field_writes import most_rows, upload_copies, write_fields
 from deft.plan import build_plan
 from deft.plan_buffers import FIELDS, PageTable, PlanBuffers, plan_arrays
-from deft.staged_upload import GRANULE, rounded_span
 from deft.tree_attention import TreeAttention
 from deft.turn_buffers import TurnBuffers
 from tests.buffer_checks import MirrorUpload, assert_buffers_hold
 from tests.test_compiled_plan import decode_runs, shuffled_table
-
-
-@pytest.mark.parametrize("lo,hi,n", [(0, 1, 10**6), (5, 5000, 10**6), (GRANULE, 2 * GRANULE, 10**6),
-                                     (3000, 10**6 - 7, 10**6), (999_999, 10**6, 10**6)])
-def test_a_rounded_span_covers_the_span_inside_the_allocation(lo, hi, n):
-    a, b = rounded_span(lo, hi, n)
-    assert 0 <= a <= lo < hi <= b <= n
-    assert a % GRANULE == 0 and (b % GRANULE == 0 or b == n)
-    assert b - a < hi - lo + 2 * GRANULE
-
-
-def test_spans_that_move_by_a_few_elements_share_their_rounding():
-    assert rounded_span(4100, 9000, 10**6) == rounded_span(4097, 9003, 10**6)
 
 
 def test_a_fill_that_fails_half_way_leaves_no_field_taken_for_written():
@@ -78,30 +64,41 @@ FIELD_TYPES = {"int64 everywhere": [np.int64] * len(FIELDS),  # plan_arrays' fie
                                       for name in FIELDS]}
 
 
-def spans_written(offsets, sizes, starts, coalesce):
-    """The oracle of the spans: each written part ``[offset + start, offset + size)``, field
-    by field, merged into the last span where the gap before it is at most ``coalesce``."""
-    spans = []
-    for offset, size, start in zip(offsets, sizes, starts):
-        lo, hi = offset + start, offset + size
-        if start < 0 or hi <= lo:
-            continue
-        if spans and lo - spans[-1][1] <= coalesce:
-            spans[-1][1] = hi
+def written_cells(offsets, sizes, starts) -> set:
+    """The elements each field's written part ``[offset + start, offset + size)`` covers."""
+    return {j for offset, size, start in zip(offsets, sizes, starts) if start >= 0
+            for j in range(offset + start, offset + size)}
+
+
+def assert_copies_upload(copies, offsets, sizes, starts, coalesce, n):
+    """The copies cover every written element, lie inside the array, and take along at most
+    ``coalesce`` elements not written: a span in each gap between written parts, a rectangle
+    in all."""
+    written, copied = written_cells(offsets, sizes, starts), set()
+    for lo, width, height, pitch in copies:
+        assert width > 0 and height > 0 and (height == 1 or pitch >= width)
+        cells = [row + j for row in range(lo, lo + height * pitch, pitch) for j in range(width)]
+        assert 0 <= min(cells) and max(cells) < n
+        unwritten = sorted(set(cells) - written)
+        if height == 1:
+            gaps = np.split(unwritten, np.flatnonzero(np.diff(unwritten) != 1) + 1)
+            assert all(len(gap) <= coalesce for gap in gaps)
         else:
-            spans.append([lo, hi])
-    return spans
+            assert len(unwritten) <= coalesce
+        copied.update(cells)
+    assert written <= copied
 
 
 @settings(max_examples=200, deadline=None)
 @given(data=st.data(), types=st.sampled_from(sorted(FIELD_TYPES)),
        coalesce=st.sampled_from([0, 3, 40, 10**6]))
-def test_write_fields_writes_each_field_past_its_start_and_returns_the_merged_spans(
+def test_write_fields_writes_each_field_past_its_start_and_returns_its_copies(
         data, types, coalesce):
     """Every field with a start >= 0 lands at its offset from its start on (int32, whatever
-    its type), nothing else of the host array changes, and the spans are the written parts
-    merged across gaps of at most ``coalesce``."""
-    capacity = data.draw(st.lists(st.integers(1, 30), min_size=len(FIELDS),
+    its type), nothing else of the host array changes, and the copies upload what was
+    written (fields of one capacity side by side, as the plan buffers lay out theirs, so
+    that rectangles are tried)."""
+    capacity = data.draw(st.lists(st.sampled_from([1, 4, 9, 30]), min_size=len(FIELDS),
                                   max_size=len(FIELDS)))
     offsets = np.concatenate([[0], np.cumsum(capacity)[:-1]]).astype(np.int64)
     fields, starts = [], []
@@ -115,11 +112,28 @@ def test_write_fields_writes_each_field_past_its_start_and_returns_the_merged_sp
     for values, offset, start in zip(fields, offsets, starts):
         if start >= 0:
             expected[offset + start:offset + len(values)] = values[start:]
-    spans, too_long = write_fields(host, offsets, np.array(capacity, dtype=np.int64),
-                                   tuple(starts), coalesce, *fields)
+    copies, too_long = write_fields(host, offsets, np.array(capacity, dtype=np.int64),
+                                    tuple(starts), coalesce, *fields)
     assert too_long == -1
     np.testing.assert_array_equal(host, expected)
-    assert spans.tolist() == spans_written(offsets, [len(f) for f in fields], starts, coalesce)
+    assert_copies_upload(copies.tolist(), offsets, [len(f) for f in fields], starts, coalesce,
+                         len(host))
+
+
+def test_the_entry_fields_changes_leave_as_one_strided_copy():
+    """Five fields one pitch apart, each written past a kept prefix far from the next's
+    start, make one rectangle where its unwritten cells are few enough (else one for the
+    three partition fields and one for the two entry fields); a field of another pitch after
+    them (not one pitch on) a copy of its own."""
+    offsets = np.array([0, 4, 8] + [3012 + 3000 * r for r in range(5)] + [18512, 21512])
+    starts = (0, 0, 0, 10, 10, 12, 300, 305, 50, -1)
+    sizes = (2, 3, 2, 20, 20, 21, 320, 320, 60, 0)
+    for coalesce, expected in [(2000, [[0, 10, 1, 10], [3022, 310, 5, 3000], [18562, 10, 1, 10]]),
+                               (600, [[0, 10, 1, 10], [3022, 11, 3, 3000], [12312, 20, 2, 3000],
+                                      [18562, 10, 1, 10]])]:
+        copies = upload_copies(offsets, starts, sizes, coalesce, 22000).tolist()
+        assert copies == expected
+        assert_copies_upload(copies, offsets, sizes, starts, coalesce, 22000)
 
 
 def test_write_fields_refuses_a_field_past_its_capacity_before_writing_any():
@@ -128,8 +142,8 @@ def test_write_fields_refuses_a_field_past_its_capacity_before_writing_any():
     fields = [np.arange(4, dtype=np.int64) for _ in FIELDS]
     fields[6] = np.arange(5, dtype=np.int64)
     host = np.full(4 * len(FIELDS), -7, dtype=np.int32)
-    spans, too_long = write_fields(host, offsets, capacity, (0,) * len(FIELDS), 0, *fields)
-    assert too_long == 6 and len(spans) == 0
+    copies, too_long = write_fields(host, offsets, capacity, (0,) * len(FIELDS), 0, *fields)
+    assert too_long == 6 and len(copies) == 0
     assert (host == -7).all()
 
 
@@ -164,9 +178,9 @@ def test_most_rows_is_the_largest_step_of_the_row_pointer(row_ptr, spare):
 def test_the_staged_path_uploads_every_change_of_every_step(run, strategy, page_size, chunk,
                                                             group, followed, given_reference,
                                                             seed):
-    """`TreeAttention.plan` filling through a host mirror whose spans alone reach the
+    """`TreeAttention.plan` filling through a host mirror whose copies alone reach the
     buffers (poisoned beforehand): after every step of a random decode run the buffers hold
-    the step's from-scratch encoding, so the spans a fill returns cover every value it wrote
+    the step's from-scratch encoding, so the copies a fill returns cover every value it wrote
     (kept prefixes skipped, the node planner's arrays and a reference plan's in turn)."""
     chunk = None if strategy == "deft_node" else chunk
     attn = TreeAttention.for_trees(strategy, run, chunk, group, device="cpu")
