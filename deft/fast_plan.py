@@ -19,7 +19,8 @@ nodes) is kept per shape, and a decode step changes little of the rest, so the l
 are written only past what they share with the last plan: the slots from the first page run
 that differs, ``subtree_end`` from the first preorder node whose tokens or subtree end differ,
 ``entry_query`` from the first chunk whose queries differ (all the entries where every
-chunk's queries are the last plan's). They are written in turns into two kept arrays
+chunk's queries are the last plan's), and ``entry_row`` from there too where the queries' rows
+start at fixed places (`deft.plan_entries.row_starts`). They are written in turns into two kept arrays
 (`deft.turn_buffers`): the one a step writes already holds the step before the last's, so the
 unchanged prefix (most of a 64k-token tree) is neither copied nor rewritten, and the plan
 buffers skip it (`deft.plan_buffers.PlanBuffers.fill`, ``kept``); an array `arrays` returns
@@ -141,7 +142,7 @@ def measure_step(order, last, query_order, query_shift, flat_query, in_order, to
 @compiled
 def write_step(step, nodes, chunks, runs, same_ends, subtree_end, same_pages, same_slots, slots,
                rewrite, flat_query, queries_in_order, group, partitions, same_entries,
-               entry_query, entry_row, last_parts, last_partitions):
+               entry_query, entry_row, rows_per_query, kept_rows, last_parts, last_partitions):
     """Write a step's ``subtree_end`` and slots past what they share with the last plan's and,
     where ``rewrite``, its entries (`deft.plan_entries.write_entries`; else the last plan's
     partitions are this one's: ``last_parts``, of ``last_partitions``).
@@ -149,28 +150,32 @@ def write_step(step, nodes, chunks, runs, same_ends, subtree_end, same_pages, sa
     Returns
     -------
     parts : int64
-        One array: ``part_chunk, part_entry [partitions + 1], query_row_ptr [queries + 1],
+        One array: ``part_chunk, part_entry [partitions + 1], query_rows [2 * queries],
         part_start, part_tokens`` (the last two gathered from the chunks).
+    spaced : bool
+        Where ``rewrite``, whether the rows start at ``n * rows_per_query`` (`write_entries`);
+        else False (the last plan's rows stand).
     """
     (query_flat, ordered, through, end, chunk_start, chunk_tokens, lo, hi, run_page,
      run_length) = _unpack(step, nodes, chunks, runs)
     write_subtree_end(ordered, through, end, same_ends, subtree_end)
     write_slots(run_page, run_length, same_pages, same_slots, slots)
     if rewrite:
-        part_chunk, part_entry, query_row_ptr = write_entries(
+        part_chunk, part_entry, query_rows, spaced = write_entries(
             lo, hi, flat_query, queries_in_order, group, partitions, same_entries, entry_query,
-            entry_row)
+            entry_row, rows_per_query, kept_rows)
     else:
-        rows_end = 2 * last_partitions + len(query_flat) + 2
+        rows_end = 2 * last_partitions + 1 + 2 * len(query_flat)
         part_chunk = last_parts[:last_partitions]
         part_entry = last_parts[last_partitions:2 * last_partitions + 1]
-        query_row_ptr = last_parts[2 * last_partitions + 1:rows_end]
+        query_rows = last_parts[2 * last_partitions + 1:rows_end]
+        spaced = False
     part_start, part_tokens = gather_parts(part_chunk, chunk_start, chunk_tokens)
-    parts = np.empty(4 * len(part_chunk) + len(query_flat) + 2, np.int64)
+    parts = np.empty(4 * len(part_chunk) + 1 + 2 * len(query_flat), np.int64)
     at = _put(parts, 0, part_chunk)
-    for values in (part_entry, query_row_ptr, part_start, part_tokens):
+    for values in (part_entry, query_rows, part_start, part_tokens):
         at = _put(parts, at, values)
-    return parts
+    return parts, spaced
 
 
 class _Shape:
@@ -211,6 +216,8 @@ class NodePlanner:
         self._slot_turns = TurnBuffers(np.int64)  # token_slot
         self._query_turns = TurnBuffers(np.int32)  # entry_query
         self._row_turns = TurnBuffers(np.int32)  # entry_row
+        self._rows_per_query = 0  # the last plan's rows_per_query
+        self._spaced_by = 0  # the same where its rows were spaced by it, else 0
         self._last_counts = (None, None)  # ((partitions, queries), the counts field)
 
     def shape(self, parent: np.ndarray, queries: np.ndarray) -> _Shape:
@@ -232,9 +239,10 @@ class NodePlanner:
         return found
 
     def arrays(self, tree, page_ptr: np.ndarray, pages: np.ndarray, page_size: int,
-               chunk_size=None, group_size=None) -> dict:
+               chunk_size=None, group_size=None, rows_per_query: int = 0) -> dict:
         """The plan buffers' contents, as `deft.plan_buffers.plan_arrays` returns them for
-        ``build_plan(strategy, tree, chunk_size, group_size, page_size)``.
+        ``build_plan(strategy, tree, chunk_size, group_size, page_size)`` and
+        ``rows_per_query``.
 
         Parameters
         ----------
@@ -246,6 +254,8 @@ class NodePlanner:
         page_size : int
         chunk_size, group_size : int or None
             As resolved by `deft.plan.check_parameters` (deft_node takes no chunk).
+        rows_per_query : int
+            Where the queries' partial rows start (`deft.plan_entries.row_starts`).
 
         Returns
         -------
@@ -288,34 +298,41 @@ class NodePlanner:
         slots = self._slot_turns.latest
         slots_out = self._turn(self._slot_turns, "token_slot", total, same_slots, kept)
         rewrite = not (comparable and group == last_group and same_chunks == chunks
-                       == last_chunks)  # else every chunk is seen by the last plan's queries
+                       == last_chunks and rows_per_query == self._rows_per_query)  # else every
+        # chunk is seen by the last plan's queries, and their rows are where they were
         if rewrite:
-            entry_query = self._query_turns.latest
+            entry_query, entry_row = self._query_turns.latest, self._row_turns.latest
             queries_out = self._turn(self._query_turns, "entry_query", count, same_entries, kept)
-            rows_out = self._row_turns.begin(count, 0)
+            kept_rows = same_entries if rows_per_query == self._spaced_by > 0 else 0
+            rows_out = self._row_turns.begin(count, kept_rows)
         else:
-            queries_out, rows_out = _UNWRITTEN[0], _UNWRITTEN[0]
-        parts = write_step(step, len(shape.order), chunks, runs, same_ends, ends_out,
-                           same_pages, same_slots, slots_out, rewrite, shape.flat_query,
-                           shape.queries_in_order, group, partitions, same_entries, queries_out,
-                           rows_out, last_parts, last_partitions)
+            queries_out, rows_out, kept_rows = _UNWRITTEN[0], _UNWRITTEN[0], 0
+        parts, spaced = write_step(
+            step, len(shape.order), chunks, runs, same_ends, ends_out, same_pages, same_slots,
+            slots_out, rewrite, shape.flat_query, shape.queries_in_order, group, partitions,
+            same_entries, queries_out, rows_out, rows_per_query, kept_rows, last_parts,
+            last_partitions)
         if ends_out is not _UNWRITTEN[0]:
             subtree_end = self._end_turns.finish(total, same_ends)
         if slots_out is not _UNWRITTEN[1]:
             slots = self._slot_turns.finish(total, same_slots)
-        rows = 2 * partitions + num_queries + 2  # parts: where the partitions' starts begin
+        rows = 2 * partitions + 1 + 2 * num_queries  # parts: where the partitions' starts begin
         if rewrite:
             if queries_out is not _UNWRITTEN[0]:
                 entry_query = self._query_turns.finish(count, same_entries)
-            part_entry, query_row_ptr = parts[partitions:2 * partitions + 1], \
+            kept_rows = kept_rows if spaced else 0
+            if kept_rows:
+                kept["entry_row"] = (entry_row, kept_rows)
+            self._rows_per_query, self._spaced_by = rows_per_query, rows_per_query * spaced
+            part_entry, query_rows = parts[partitions:2 * partitions + 1], \
                 parts[2 * partitions + 1:rows]
             part_entry.setflags(write=False)
-            query_row_ptr.setflags(write=False)
-            last_entries = (part_entry, entry_query, self._row_turns.finish(count, 0),
-                            query_row_ptr)
+            query_rows.setflags(write=False)
+            last_entries = (part_entry, entry_query, self._row_turns.finish(count, kept_rows),
+                            query_rows)
         self._last = (shape, group, page_size, step, len(shape.order), chunks, runs, parts,
                       partitions, last_entries)
-        part_entry, entry_query, entry_row, query_row_ptr = last_entries
+        part_entry, entry_query, entry_row, query_rows = last_entries
         return dict(
             counts=self._counts(partitions, num_queries),
             part_start=parts[rows:rows + partitions],
@@ -323,7 +340,7 @@ class NodePlanner:
             part_entry=part_entry,
             entry_query=entry_query,
             entry_row=entry_row,
-            query_row_ptr=query_row_ptr,
+            query_rows=query_rows,
             query_flat=step[:num_queries],
             token_slot=slots,
             subtree_end=subtree_end,

@@ -131,10 +131,10 @@ def _write(host, offset, start, values):
 
 
 @compiled
-def most_rows(query_row_ptr, queries):
-    """The most partial-result rows of one query: ``max(query_row_ptr[n + 1] -
-    query_row_ptr[n])`` over the first ``queries`` (0 for none)."""
+def most_rows(query_rows, queries):
+    """The most partial-result rows of one query: ``max(query_rows[2n + 1] - query_rows[2n])``
+    over the first ``queries`` (0 for none)."""
     most = 0
     for n in range(queries):
-        most = max(most, query_row_ptr[n + 1] - query_row_ptr[n])
+        most = max(most, query_rows[2 * n + 1] - query_rows[2 * n])
     return most

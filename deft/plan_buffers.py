@@ -14,7 +14,7 @@ strided copy where few unchanged values come along):
 field                 size (capacity)     meaning
 ====================  ==================  ====================================================
 counts                2                   partitions P, queries Q (read by the kernels)
-query_row_ptr         queries + 1         query n's partial rows are query_row_ptr[n]:[n+1]
+query_rows            2 x queries         query n's partial rows are query_rows[2n]:[2n+1]
 query_flat            queries             flattened position of each query's token
 part_start            entries             first token of partition p in `token_slot`
 part_tokens           entries             tokens of partition p
@@ -27,9 +27,13 @@ subtree_end           slots (flat only)   flattened end of the subtree of a toke
 ====================  ==================  ====================================================
 
 An *entry* is one (partition, query) pair: one row of partial results per query head. Every
-partition holds at least one query, so partitions never outnumber entries. Partial rows are
-numbered query by query (a query's entries in partition order), so the reduction reads each
-query's rows as one contiguous run, always in the same order.
+partition holds at least one query, so partitions never outnumber entries. A query's partial
+rows are one contiguous run (its entries in partition order), so the reduction reads them in
+the same order every time; query n's run starts at ``n * rows_per_query`` where every query's
+rows fit in that many (`deft.plan_entries.row_starts`; a `deft.TreeAttention` passes its
+``max_entries // max_queries``), else right after query n - 1's. Spaced so, a decode step's
+rows are the last step's wherever its entries are (a long prompt's), and the planner rewrites
+and uploads only the rest.
 
 Token addressing (see `deft.kernels.partials`): KV-guided strategies and tree_attention_s index
 `token_slot` and `subtree_end` by flattened position (``part_start`` = the partition's first
@@ -50,6 +54,7 @@ import torch
 
 from deft.compiled_plan import REACHES_END
 from deft.field_writes import write_fields
+from deft.plan_entries import row_starts
 from deft.tree import INDEX_LIMIT, Tree
 from deft.plan import Plan
 from deft.staged_upload import StagedUpload
@@ -57,7 +62,7 @@ from deft.strategies import DEFAULT_CHUNK_SIZE
 
 FIELDS = (
     "counts",
-    "query_row_ptr",
+    "query_rows",
     "query_flat",
     "part_start",
     "part_tokens",
@@ -70,7 +75,7 @@ FIELDS = (
 """The plan buffers, in their order inside the one allocation: the slot fields (the largest
 where a tree has many tokens) last."""
 
-QUERY_FIELDS = {"query_row_ptr", "query_flat"}
+QUERY_FIELDS = {"query_rows", "query_flat"}
 ENTRY_FIELDS = {"part_start", "part_tokens", "part_entry", "entry_query", "entry_row"}
 SLOT_FIELDS = {"token_slot", "subtree_end"}
 FIELD_INDEX = {name: i for i, name in enumerate(FIELDS)}
@@ -233,7 +238,7 @@ def token_slots(tree: Tree, page_ptr, pages, page_size: int) -> np.ndarray:
     return page * page_size + position % page_size
 
 
-def plan_arrays(plan: Plan, page_ptr, pages, flat: bool) -> dict:
+def plan_arrays(plan: Plan, page_ptr, pages, flat: bool, rows_per_query: int = 0) -> dict:
     """The plan buffers' contents (see the module docstring), as int64 numpy arrays.
 
     Parameters
@@ -242,6 +247,9 @@ def plan_arrays(plan: Plan, page_ptr, pages, flat: bool) -> dict:
     page_ptr, pages : int, the page table (`PageTable`), in the tree's node-index order
     flat : bool
         Flattened-tree addressing (KV-guided kernels) or listed slots (query-guided).
+    rows_per_query : int
+        Where the queries' partial rows start (`deft.plan_entries.row_starts`; 0: one query's
+        after another's).
 
     Returns
     -------
@@ -269,9 +277,13 @@ def plan_arrays(plan: Plan, page_ptr, pages, flat: bool) -> dict:
         token_slot = slots[plan.segment_tokens()]
         part_start = np.cumsum(plan.tokens) - plan.tokens
         subtree_end = np.zeros(0, dtype=np.int64)
-    entry_row = np.empty(len(plan.query_index), dtype=np.int64)
-    entry_row[np.argsort(plan.query_index, kind="stable")] = np.arange(len(plan.query_index))
     per_query = np.bincount(plan.query_index, minlength=tree.num_queries)
+    starts, _ = row_starts(per_query, rows_per_query)
+    by_query = np.argsort(plan.query_index, kind="stable")  # rows, query by query
+    entry_row = np.empty(len(plan.query_index), dtype=np.int64)
+    entry_row[by_query] = np.arange(len(by_query)) - np.repeat(np.cumsum(per_query) - per_query,
+                                                               per_query)
+    entry_row += starts[plan.query_index]
     arrays = dict(
         counts=np.array([plan.num_partitions, tree.num_queries]),
         part_start=part_start,
@@ -279,7 +291,7 @@ def plan_arrays(plan: Plan, page_ptr, pages, flat: bool) -> dict:
         part_entry=plan.query_ptr,
         entry_query=plan.query_index,
         entry_row=entry_row,
-        query_row_ptr=np.concatenate([[0], np.cumsum(per_query)]),
+        query_rows=np.stack([starts, starts + per_query], axis=1).ravel(),
         query_flat=query_flat,
         token_slot=token_slot,
         subtree_end=subtree_end,
@@ -311,7 +323,7 @@ class PlanBuffers:
             if name == "counts":
                 size = 2
             elif name in QUERY_FIELDS:
-                size = max_queries + (name == "query_row_ptr")
+                size = max_queries * (1 + (name == "query_rows"))
             elif name in ENTRY_FIELDS:
                 size = max_entries + (name == "part_entry")
             else:

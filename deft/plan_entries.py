@@ -9,10 +9,11 @@ the queries in flattened order: ranks ``lo[c] <= r < hi[c]`` (`chunk_ranks`).
 
 From those runs a plan needs its partitions (a chunk's queries, in groups) and its entries (one
 per (partition, query) pair, chunk-major, a chunk's queries ascending) with their
-partial-result rows (numbered query by query, a query's entries in chunk order: the plan
-buffers' layout, `deft.plan_buffers`), which `write_entries` writes in one pass over the
-chunks. The entries of the first chunks whose runs are the last plan's are not written again
-(`deft.fast_plan` keeps ``entry_query`` in turns, `deft.turn_buffers`).
+partial-result rows (a query's entries in chunk order, from the query's first row,
+`row_starts`: the plan buffers' layout, `deft.plan_buffers`), which `write_entries` writes in
+one pass over the chunks. The entries of the first chunks whose runs are the last plan's are
+not written again, nor their rows where the queries' first rows are the last plan's
+(`deft.fast_plan` keeps ``entry_query`` and ``entry_row`` in turns, `deft.turn_buffers`).
 """
 
 from __future__ import annotations
@@ -88,8 +89,38 @@ def rank_of(ascending, value):
 
 
 @compiled
+def row_starts(per_query, rows_per_query):
+    """Each query's first partial-result row: ``n * rows_per_query`` for query n where every
+    query has at most ``rows_per_query`` rows (> 0), so that a query's rows stay where they
+    were while other queries gain or lose some, else one query's after another's.
+
+    Parameters
+    ----------
+    per_query : int64 [queries]
+        The rows of each query.
+    rows_per_query : int
+        0: always one after another.
+
+    Returns
+    -------
+    starts : int64 [queries]
+    spaced : bool
+        Whether they are ``n * rows_per_query``.
+    """
+    starts = np.empty(len(per_query), np.int64)
+    spaced = rows_per_query > 0
+    for q in range(len(per_query)):
+        spaced = spaced and per_query[q] <= rows_per_query
+    total = 0
+    for q in range(len(per_query)):
+        starts[q] = q * rows_per_query if spaced else total
+        total += per_query[q]
+    return starts, spaced
+
+
+@compiled
 def write_entries(lo, hi, flat_query, queries_in_order, group, partitions, kept, entry_query,
-                  entry_row):
+                  entry_row, rows_per_query, kept_rows):
     """Write a plan's entries; return its partitions.
 
     Parameters
@@ -105,6 +136,11 @@ def write_entries(lo, hi, flat_query, queries_in_order, group, partitions, kept,
         The first entries' queries are in ``entry_query`` already (not written).
     entry_query, entry_row : int32 [entries]
         Written: each entry's query, and its partial-result row.
+    rows_per_query : int
+        `row_starts`.
+    kept_rows : int
+        The first entries' rows are in ``entry_row`` already where the queries' rows start
+        at ``n * rows_per_query`` (the last plan's, spaced so too): not written then.
 
     Returns
     -------
@@ -112,8 +148,11 @@ def write_entries(lo, hi, flat_query, queries_in_order, group, partitions, kept,
         The chunk of each partition.
     part_entry : int64 [partitions + 1]
         Partition p's entries are ``part_entry[p]:part_entry[p + 1]``.
-    query_row_ptr : int64 [queries + 1]
-        Query n's rows are ``query_row_ptr[n]:query_row_ptr[n + 1]``.
+    query_rows : int64 [2 * queries]
+        Query n's rows are ``query_rows[2n]:query_rows[2n + 1]``.
+    spaced : bool
+        Whether the rows start at ``n * rows_per_query`` (`row_starts`; else ``kept_rows``
+        was ignored and every row written).
     """
     num_queries = len(flat_query)
     per_rank = np.zeros(num_queries + 1, np.int64)  # a difference array over the ranks
@@ -121,16 +160,18 @@ def write_entries(lo, hi, flat_query, queries_in_order, group, partitions, kept,
         if hi[c] > lo[c]:
             per_rank[lo[c]] += 1
             per_rank[hi[c]] -= 1
-    query_row_ptr = np.empty(num_queries + 1, np.int64)
+    per_query = np.empty(num_queries, np.int64)
     seen = 0
     for r in range(num_queries):
         seen += per_rank[r]
-        query_row_ptr[flat_query[r] + 1] = seen  # the entries of each query, for now
-    query_row_ptr[0] = 0
+        per_query[flat_query[r]] = seen
+    starts, spaced = row_starts(per_query, rows_per_query)
+    query_rows = np.empty(2 * num_queries, np.int64)
     for q in range(num_queries):
-        query_row_ptr[q + 1] += query_row_ptr[q]
-    next_row = query_row_ptr[:num_queries].astype(np.int32)  # (int32: the rows' type, which
-    # lets the copy loops below vectorise)
+        query_rows[2 * q], query_rows[2 * q + 1] = starts[q], starts[q] + per_query[q]
+    kept_rows = kept_rows if spaced else 0
+    next_row = starts.astype(np.int32)  # (int32: the rows' type, which lets the copy loops
+    # below vectorise)
     part_chunk = np.empty(partitions, np.int64)
     part_entry = np.empty(partitions + 1, np.int64)
     part_entry[0] = 0
@@ -154,9 +195,11 @@ def write_entries(lo, hi, flat_query, queries_in_order, group, partitions, kept,
             for j in range(width):
                 if j >= skip:
                     queries[j] = chunk_queries[j]
+        skip_rows = min(max(kept_rows - e, 0), width)
         if width == num_queries:  # one read and one write an entry (a shared prompt's)
-            for j in range(width):
-                rows[j] = next_row[j] + pending
+            written_rows, chunk_rows = rows[skip_rows:], next_row[skip_rows:]
+            for j in range(width - skip_rows):
+                written_rows[j] = chunk_rows[j] + pending
             pending += 1
         else:
             if pending:
@@ -166,12 +209,14 @@ def write_entries(lo, hi, flat_query, queries_in_order, group, partitions, kept,
             if queries_in_order:
                 chunk_rows = next_row[lo[c]:lo[c] + width]
                 for j in range(width):
-                    rows[j] = chunk_rows[j]
+                    if j >= skip_rows:
+                        rows[j] = chunk_rows[j]
                     chunk_rows[j] += 1
             else:
                 for j in range(width):
                     q = chunk_queries[j]
-                    rows[j] = next_row[q]
+                    if j >= skip_rows:
+                        rows[j] = next_row[q]
                     next_row[q] += 1
         size = width if group == 0 else group
         for first in range(0, width, size):
@@ -179,7 +224,7 @@ def write_entries(lo, hi, flat_query, queries_in_order, group, partitions, kept,
             part_entry[p + 1] = e + min(first + size, width)
             p += 1
         e += width
-    return part_chunk, part_entry, query_row_ptr
+    return part_chunk, part_entry, query_rows, spaced
 
 
 @compiled

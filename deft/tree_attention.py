@@ -135,6 +135,8 @@ class TreeAttention:
                                               self.max_path_nodes)
         self.max_queries, self.max_tokens = int(max_queries), int(max_tokens)
         self.max_entries = int(max_entries)
+        self.rows_per_query = self.max_entries // self.max_queries  # where queries' partial
+        # rows start (`deft.plan_entries.row_starts`)
         self.config = config
         self.tuned_from, self._tuned_config = None, None
         self._last_tuned = None  # (reuse_key, Tuned) of the last tuned plan
@@ -253,20 +255,20 @@ class TreeAttention:
                   or reference.group_size != self.group_size)):
             raise ValueError("reference is not this TreeAttention's plan of this tree and cache")
         if arrays is None:
-            arrays = plan_arrays(reference, page_ptr, pages, self.flat)
+            arrays = plan_arrays(reference, page_ptr, pages, self.flat, self.rows_per_query)
             chunk, group = reference.chunk_size, reference.group_size
         self.buffers.fill(arrays)
         self._generation += 1
         entries = len(arrays["entry_query"])
         num_partitions, num_queries = arrays["counts"].tolist()  # the tree's queries
         sm_count = self._sm_count()
-        row_ptr = arrays["query_row_ptr"]
+        query_rows = arrays["query_rows"]
         self.latest_plan = TreePlan(
             strategy=self.strategy, tree=tree, chunk_size=chunk, group_size=group,
             page_size=page_size, num_queries=num_queries, num_partitions=num_partitions,
             num_entries=entries,
             per_query_merge=per_query_merge(num_queries, entries, sm_count),
-            merge_block=merge_block(most_rows(row_ptr, num_queries)),
+            merge_block=merge_block(most_rows(query_rows, num_queries)),
             small_grid=self.backend == "gluon"
             and num_partitions * tree.attention.kv_heads <= sm_count,
             max_slot=arrays["max_slot"], generation=self._generation, owner=self,
@@ -276,7 +278,8 @@ class TreeAttention:
 
     def _node_arrays(self, tree, page_ptr, pages, page_size, chunk, group):
         """(the node planner's plan arrays, their entries) for one chunk and group size."""
-        arrays = self._node_planner.arrays(tree, page_ptr, pages, page_size, chunk, group)
+        arrays = self._node_planner.arrays(tree, page_ptr, pages, page_size, chunk, group,
+                                           self.rows_per_query)
         return arrays, len(arrays["entry_query"])
 
     def _check_current(self, plan: TreePlan) -> None:

@@ -157,7 +157,7 @@ def held_as_planned(attn, tree, cache, strategy, chunk, group, step) -> None:
     page_size = plan_buffers.cache_page_size(cache)
     page_ptr, pages = plan_buffers.host_node_pages(cache, tree)
     expected = plan_buffers.plan_arrays(build_plan(strategy, tree, chunk, group, page_size),
-                                        page_ptr, pages, attn.flat)
+                                        page_ptr, pages, attn.flat, attn.rows_per_query)
     for name in plan_buffers.FIELDS:
         held = attn.buffers.read(name)[:len(expected[name])]
         if not np.array_equal(held, expected[name]):

@@ -308,8 +308,10 @@ RUN_STEPS = dict(
     page_size=st.sampled_from([1, 4]),
     sizes_by_step=st.lists(st.tuples(st.sampled_from([2, 3, 16]),
                                      st.sampled_from([None, 1, 2])), min_size=1, max_size=4),
+    rows_per_query=st.sampled_from([0, 2, 6, 64]),
 )
-"""A run of decode steps whose chunk and group sizes change from step to step (`planned_steps`)."""
+"""A run of decode steps whose chunk and group sizes change from step to step (`planned_steps`),
+its partial rows spaced by a number of rows a query that fits every query, some, or none."""
 
 
 def planned_steps(kind, seed, strategy, page_size, sizes_by_step):
@@ -327,7 +329,7 @@ def planned_steps(kind, seed, strategy, page_size, sizes_by_step):
 @settings(max_examples=40, deadline=None)
 @given(**RUN_STEPS, twice=st.lists(st.booleans(), min_size=16, max_size=16))
 def test_kept_arrays_hold_what_they_claim_step_after_step(
-        seed, kind, strategy, page_size, sizes_by_step, twice):
+        seed, kind, strategy, page_size, sizes_by_step, rows_per_query, twice):
     """One planner over a run whose chunk and group sizes change from step to step, some trees
     planned twice: every step equals the reference, and what it says it keeps from the last
     step's arrays (the very same read-only array, or ``kept``'s shared prefix of one) holds."""
@@ -336,9 +338,10 @@ def test_kept_arrays_hold_what_they_claim_step_after_step(
     for step, tree, page_ptr, pages, chunk, group in planned_steps(
             kind, seed, strategy, page_size, sizes_by_step):
         reference = plan_arrays(build_plan(strategy, tree, chunk, group, page_size),
-                                page_ptr, pages, flat=True)
+                                page_ptr, pages, flat=True, rows_per_query=rows_per_query)
         for _ in range(2 if twice[step % 16] else 1):
-            fast = planner.arrays(tree, page_ptr, pages, page_size, chunk, group)
+            fast = planner.arrays(tree, page_ptr, pages, page_size, chunk, group,
+                                  rows_per_query)
             for name in FIELDS:
                 np.testing.assert_array_equal(fast[name], reference[name],
                                               err_msg=f"step {step}: {name}")
@@ -353,7 +356,7 @@ def test_kept_arrays_hold_what_they_claim_step_after_step(
 @settings(max_examples=40, deadline=None)
 @given(**RUN_STEPS)
 def test_a_call_s_arrays_hold_their_values_through_the_next_call(
-        seed, kind, strategy, page_size, sizes_by_step):
+        seed, kind, strategy, page_size, sizes_by_step, rows_per_query):
     """The planner writes its slots and entry queries in turns (`deft.turn_buffers`): the
     arrays one call returns keep their values through the next call (a plan is read while the
     next one is built), over runs whose branches die and whose sizes change."""
@@ -361,7 +364,7 @@ def test_a_call_s_arrays_hold_their_values_through_the_next_call(
     previous = None
     for step, tree, page_ptr, pages, chunk, group in planned_steps(
             kind, seed, strategy, page_size, sizes_by_step):
-        fast = planner.arrays(tree, page_ptr, pages, page_size, chunk, group)
+        fast = planner.arrays(tree, page_ptr, pages, page_size, chunk, group, rows_per_query)
         if previous is not None:
             for name in (*FIELDS, "slots"):
                 np.testing.assert_array_equal(previous[0][name], previous[1][name],
@@ -415,7 +418,7 @@ def test_buffers_followed_over_a_whole_run_hold_every_step_from_scratch(
         cache.apply(tree)
         page_ptr, pages = cache.host_node_pages(tree)
         reference = build_plan(strategy, tree, chunk, group, page_size)
-        expected = plan_arrays(reference, page_ptr, pages, flat=True)
+        expected = plan_arrays(reference, page_ptr, pages, True, attn.rows_per_query)
         attn.plan(tree, cache, reference if given_reference[step % 16] else None)
         assert_buffers_hold(attn.buffers, expected, f"step {step}: ")
 
@@ -427,24 +430,31 @@ CHUNKS = st.lists(st.one_of(st.just((0, 61)), st.tuples(st.integers(0, 60), st.i
 """Chunks as (start, reach), some seen by every query."""
 
 
-def dense_entries(seen):
+def dense_entries(seen, rows_per_query):
     """The oracle of the entry arrays of a [chunks, queries] visibility: (entry queries,
-    chunk-major; each entry's row, query-major; the rows' pointer per query)."""
+    chunk-major; each entry's row, a query's in chunk order from query n's first row, n x
+    ``rows_per_query`` where every query's rows fit, else right after query n - 1's; each
+    query's first and end row, interleaved)."""
     chunk_of, query_of = seen.nonzero()  # chunk-major, a chunk's queries ascending
-    by_query = np.lexsort((chunk_of, query_of))  # query-major, a query's chunks ascending
-    row = np.empty(len(by_query), dtype=np.int64)
-    row[by_query] = np.arange(len(by_query))
-    return query_of, row, np.concatenate([[0], np.cumsum(seen.sum(axis=0))])
+    per_query = seen.sum(axis=0)
+    spaced = rows_per_query > 0 and (per_query <= rows_per_query).all()
+    first = np.arange(len(per_query)) * rows_per_query if spaced else \
+        np.cumsum(per_query) - per_query
+    rank = np.array([seen[:c, q].sum() for c, q in zip(chunk_of, query_of)], dtype=np.int64)
+    row = first[query_of] + rank
+    return query_of, row, np.stack([first, first + per_query], axis=1).ravel()
 
 
 @settings(max_examples=300, deadline=None)
 @given(positions=POSITIONS, chunks=CHUNKS, shuffled=st.booleans(),
-       group=st.sampled_from([0, 1, 3]))
-def test_compiled_entries_equal_the_dense_comparison(positions, chunks, shuffled, group):
+       group=st.sampled_from([0, 1, 3]), rows_per_query=st.sampled_from([0, 1, 5, 40]))
+def test_compiled_entries_equal_the_dense_comparison(positions, chunks, shuffled, group,
+                                                     rows_per_query):
     """The chunks' runs of queries in flattened order (`deft.plan_entries.chunk_ranks`) and the
     entries written from them (`write_entries`) give the dense comparison's entries and rows
-    (chunk-major entries, rows numbered query by query), whether or not the queries' ids
-    follow their flattened positions, and partitions of at most ``group`` queries."""
+    (chunk-major entries, a query's rows in chunk order from its first row), whether or not
+    the queries' ids follow their flattened positions, and partitions of at most ``group``
+    queries."""
     from deft.plan_entries import chunk_ranks, write_entries
 
     query_flat = np.array(positions if shuffled else sorted(positions), dtype=np.int64)
@@ -455,11 +465,13 @@ def test_compiled_entries_equal_the_dense_comparison(positions, chunks, shuffled
     lo, hi, count, partitions, _, _ = chunk_ranks(start, reach, query_flat, flat_query, group,
                                                   none, none)
     entry_query, entry_row = (np.full(count, -1, dtype=np.int32) for _ in range(2))
-    part_chunk, part_entry, query_row_ptr = write_entries(
+    part_chunk, part_entry, query_rows, spaced = write_entries(
         lo, hi, flat_query, bool((flat_query == np.arange(len(flat_query))).all()), group,
-        partitions, 0, entry_query, entry_row)
-    for values, want in zip((entry_query, entry_row, query_row_ptr), dense_entries(seen)):
+        partitions, 0, entry_query, entry_row, rows_per_query, 0)
+    for values, want in zip((entry_query, entry_row, query_rows),
+                            dense_entries(seen, rows_per_query)):
         np.testing.assert_array_equal(values, want)
+    assert spaced == (rows_per_query > 0 and (seen.sum(axis=0) <= rows_per_query).all())
     per_chunk = seen.sum(axis=1)
     sizes_ = np.diff(part_entry)
     assert (sizes_ > 0).all() and (group == 0 or (sizes_ <= group).all())
@@ -480,7 +492,7 @@ def test_device_buffers_followed_over_a_run_hold_every_step(kind):
     for step, tree in enumerate(run):
         cache.apply(tree)
         expected = plan_arrays(build_plan("deft_flatten", tree, 4, 2, 4),
-                               *cache.host_node_pages(tree), flat=True)
+                               *cache.host_node_pages(tree), True, attn.rows_per_query)
         attn.plan(tree, cache)
         assert_buffers_hold(attn.buffers, expected, f"step {step}: ")
 
@@ -503,7 +515,7 @@ def test_device_buffers_planned_on_a_fresh_thread_take_strided_copies():
     for step, tree in enumerate(run):
         cache.apply(tree)
         expected = plan_arrays(build_plan("deft_flatten", tree, 4, 2, 4),
-                               *cache.host_node_pages(tree), flat=True)
+                               *cache.host_node_pages(tree), True, attn.rows_per_query)
         failed = []
         thread = threading.Thread(target=lambda: _plan_or_keep(attn, tree, cache, failed))
         thread.start()

@@ -210,7 +210,7 @@ def test_merge_per_query_and_per_head_agree(block):
     assert not per_query_merge(63, 126, 132)  # too few programs to fill the SMs
     assert [merge_block(r) for r in (0, 1, 16, 17, 32, 33, 64, 65, 5000)] == [
         16, 16, 16, 32, 32, 64, 64, 64, 64]
-    rows = np.diff(attn.buffers.read("query_row_ptr")[: tree.num_queries + 1])
+    rows = np.diff(attn.buffers.read("query_rows")[: 2 * tree.num_queries].reshape(-1, 2))
     assert plan.merge_block == merge_block(rows.max())
 
 
@@ -385,7 +385,7 @@ for dependent in (True, False):
     check_grid_wait(compile_for_sm90(
         _merge_kernel,
         {"o_part_ptr": "*fp32", "lse_part_ptr": "*fp32", "out_ptr": "*bf16", "lse_ptr": "*fp32",
-         "counts_ptr": "*i32", "query_row_ptr": "*i32"},
+         "counts_ptr": "*i32", "query_rows_ptr": "*i32"},
         ["stride_on", "stride_oh", "stride_ln", "stride_lh"], [],
         dict(Q_HEADS=32, HEAD_DIM=128, BLOCK_E=16, STORE_LSE=True, WAIT_FOR_PRIOR_GRID=dependent),
         num_warps=2, launch_pdl=dependent,
@@ -393,7 +393,7 @@ for dependent in (True, False):
     check_grid_wait(compile_for_sm90(
         _merge_query_kernel,
         {"o_part_ptr": "*fp32", "lse_part_ptr": "*fp32", "out_ptr": "*fp16", "lse_ptr": "*fp32",
-         "counts_ptr": "*i32", "query_row_ptr": "*i32"},
+         "counts_ptr": "*i32", "query_rows_ptr": "*i32"},
         ["stride_on", "stride_oh", "stride_ln", "stride_lh"], [],
         dict(Q_HEADS=12, HEADS=16, HEAD_DIM=128, STORE_LSE=True, WAIT_FOR_PRIOR_GRID=dependent),
         num_warps=4, launch_pdl=dependent,

@@ -162,12 +162,13 @@ def test_fill_names_a_field_longer_than_its_buffer_and_writes_it_whole_next_time
     assert_buffers_hold(buffers, arrays)
 
 
-@given(row_ptr=st.lists(st.integers(0, 50), min_size=1, max_size=20).map(np.cumsum),
-       spare=st.integers(0, 3))
-def test_most_rows_is_the_largest_step_of_the_row_pointer(row_ptr, spare):
-    row_ptr = np.concatenate([[0], row_ptr, row_ptr[-1] + np.arange(spare)])
-    queries = len(row_ptr) - 1 - spare
-    assert most_rows(row_ptr, queries) == np.diff(row_ptr[:queries + 1]).max(initial=0)
+@given(rows=st.lists(st.tuples(st.integers(0, 1000), st.integers(0, 50)), min_size=1,
+                    max_size=20), spare=st.integers(0, 3))
+def test_most_rows_is_the_largest_run_of_one_query(rows, spare):
+    first, count = (np.array(x, dtype=np.int64) for x in zip(*rows))
+    query_rows = np.stack([first, first + count], axis=1).ravel()
+    queries = max(len(rows) - spare, 0)
+    assert most_rows(query_rows, queries) == count[:queries].max(initial=0)
 
 
 @settings(max_examples=60, deadline=None)
@@ -196,7 +197,7 @@ def test_the_staged_path_uploads_every_change_of_every_step(run, strategy, page_
             table = PageTable(*shuffled_table(tree, page_size, seed + step), page_size)
         page_ptr, pages = table.host_node_pages(tree)
         reference = build_plan(strategy, tree, chunk, group, page_size)
-        expected = plan_arrays(reference, page_ptr, pages, flat=True)
+        expected = plan_arrays(reference, page_ptr, pages, True, attn.rows_per_query)
         attn.plan(tree, table, reference if given_reference[step % 8] else None)
         assert_buffers_hold(attn.buffers, expected, f"step {step}: ")
     assert mirror.uploads >= 1

@@ -51,24 +51,24 @@ kernel before it (read once from ``DEFT_PDL_MERGE``, "0" for off; default on). A
 
 
 @triton.jit
-def _row_range(counts_ptr, query_row_ptr, query):
+def _row_range(counts_ptr, query_rows_ptr, query):
     """``[lo, hi)``, the partial rows of output row ``query`` (empty past the plan's queries).
 
-    The three loads are independent, so they are in flight together (``query + 1 <= rows <=
+    The three loads are independent, so they are in flight together (``query < rows <=
     max_queries``: within the buffer, whatever the plan), and they read the plan buffers, which
     were uploaded before the partials kernel ran: a merge launched as its programmatic
     dependent issues them before ``griddepcontrol.wait``, so only the partial rows' loads wait
     for the partials kernel to end."""
     real = query < tl.load(counts_ptr + 1)
-    lo = tl.load(query_row_ptr + query)
-    hi = tl.load(query_row_ptr + query + 1)
+    lo = tl.load(query_rows_ptr + 2 * query)
+    hi = tl.load(query_rows_ptr + 2 * query + 1)
     return tl.where(real, lo, 0), tl.where(real, hi, 0)
 
 
 @triton.jit
 def _merge_kernel(
     o_part_ptr, lse_part_ptr, out_ptr, lse_ptr,
-    counts_ptr, query_row_ptr,
+    counts_ptr, query_rows_ptr,
     stride_on, stride_oh, stride_ln, stride_lh,
     Q_HEADS: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_E: tl.constexpr,
     STORE_LSE: tl.constexpr, WAIT_FOR_PRIOR_GRID: tl.constexpr,
@@ -76,7 +76,7 @@ def _merge_kernel(
     query = tl.program_id(0)
     head = tl.program_id(1)
     dims = tl.arange(0, HEAD_DIM)
-    lo, hi = _row_range(counts_ptr, query_row_ptr, query)
+    lo, hi = _row_range(counts_ptr, query_rows_ptr, query)
     if WAIT_FOR_PRIOR_GRID:  # launched as a programmatic dependent: the partials are not done
         gdc_wait()
     m = tl.full([], float("-inf"), tl.float32)
@@ -108,7 +108,7 @@ def _merge_kernel(
 @triton.jit
 def _merge_query_kernel(
     o_part_ptr, lse_part_ptr, out_ptr, lse_ptr,
-    counts_ptr, query_row_ptr,
+    counts_ptr, query_rows_ptr,
     stride_on, stride_oh, stride_ln, stride_lh,
     Q_HEADS: tl.constexpr, HEADS: tl.constexpr, HEAD_DIM: tl.constexpr,
     STORE_LSE: tl.constexpr, WAIT_FOR_PRIOR_GRID: tl.constexpr,
@@ -119,7 +119,7 @@ def _merge_query_kernel(
     heads = tl.arange(0, HEADS)
     head_ok = heads < Q_HEADS
     dims = tl.arange(0, HEAD_DIM)
-    lo, hi = _row_range(counts_ptr, query_row_ptr, query)
+    lo, hi = _row_range(counts_ptr, query_rows_ptr, query)
     if WAIT_FOR_PRIOR_GRID:
         gdc_wait()
     m = tl.full([HEADS], float("-inf"), tl.float32)
@@ -215,7 +215,7 @@ def merge(o_part, lse_part, buffers, out, lse=None, per_query=False,
     if pdl:  # a compile option of the CUDA backend: the compiled kernel launches with it
         launch["launch_pdl"] = True
     args = (o_part, lse_part, out, out if lse is None else lse,
-            buffers["counts"], buffers["query_row_ptr"],
+            buffers["counts"], buffers["query_rows"],
             out.stride(0), out.stride(1),
             0 if lse is None else lse.stride(0), 0 if lse is None else lse.stride(1))
     if per_query:
