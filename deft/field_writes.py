@@ -74,7 +74,7 @@ def upload_copies(offsets, starts, sizes, coalesce, n):
     part joins the last copy where that takes along at most ``coalesce`` elements not written:
     a span across the gap before it, else, where the fields from the last copy's first to
     this one lie one pitch apart, a rectangle with a row per field and the columns of all
-    their parts.
+    their parts (no wider than the pitch).
 
     Returns
     -------
@@ -95,12 +95,13 @@ def upload_copies(offsets, starts, sizes, coalesce, n):
             continue
         if k and first >= 0 and _one_pitch(offsets, first, i):
             new_lo, new_hi = min(col_lo, lo), max(col_hi, hi)
+            pitch = offsets[first + 1] - offsets[first]
             if (i - first + 1) * (new_hi - new_lo) - (cells + hi - lo) <= coalesce \
-                    and offsets[i] + new_hi <= n:
+                    and new_hi - new_lo <= pitch and offsets[i] + new_hi <= n:
                 last, col_lo, col_hi, cells = i, new_lo, new_hi, cells + hi - lo
                 copies[k - 1, 0] = offsets[first] + col_lo
                 copies[k - 1, 1], copies[k - 1, 2] = col_hi - col_lo, i - first + 1
-                copies[k - 1, 3] = offsets[first + 1] - offsets[first]
+                copies[k - 1, 3] = pitch
                 continue
         copies[k, 0], copies[k, 1], copies[k, 2], copies[k, 3] = a, b - a, 1, b - a
         k += 1

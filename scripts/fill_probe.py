@@ -9,8 +9,8 @@ Each mode refills fresh buffers from the same 40 steps' plan arrays of four runs
 round robin; every mode but the writes-only one must leave the device buffers equal to the
 last plan. Modes: ``driver`` (the upload as shipped: the driver's copies, rectangles over the
 fields one pitch apart), ``torch_rows`` (the same copies, each row through ``Tensor.copy_``,
-the copy before `deft.driver_copies`), ``spans`` (no rectangles: the upload before them, still
-through the driver), ``one_copy`` (every change in one span) and ``writes_only`` (no upload).
+the copy before `deft.driver_copies`; it slices two tensors a row, which the upload before it
+did once per span), ``one_copy`` (every change in one span) and ``writes_only`` (no upload).
 """
 import json
 import os
@@ -105,21 +105,6 @@ class NoUpload(StagedUpload):
         pass
 
 
-class Spans(plan_buffers.PlanBuffers):
-    """The fill without rectangles: each field kind's fields laid out apart (a pitch no two
-    share), so that only spans form."""
-
-    def __init__(self, *args):
-        super().__init__(*args)
-        shift = 4 * np.arange(len(self._offsets)) ** 2  # no two fields one pitch apart
-        self._offsets = self._offsets + shift
-        self.data = torch.zeros(int(self._offsets[-1] + self._capacities[-1]),
-                                dtype=torch.int32, device=self.device)
-        self.offsets = [int(o) for o in self._offsets]
-        self.views = {n: self.data[o: o + self.capacity[n]]
-                      for n, o in zip(plan_buffers.FIELDS, self.offsets)}
-
-
 def counted(upload, seen):
     """``upload`` with the copies of each of its uploads counted into ``seen``."""
     plain = upload.upload
@@ -134,7 +119,7 @@ def counted(upload, seen):
 
 BUFFERS = plan_buffers.PlanBuffers
 MODES = {"driver": (BUFFERS, StagedUpload, 65536), "torch_rows": (BUFFERS, TorchRows, 65536),
-         "spans": (Spans, StagedUpload, 65536), "one_copy": (BUFFERS, StagedUpload, 10**9),
+         "one_copy": (BUFFERS, StagedUpload, 10**9),
          "writes_only": (BUFFERS, NoUpload, 65536)}
 runs = {"fewshot_b20": wl.fewshot(4000, 20, 400), "fewshot_b256_P55296": wl.fewshot(55296, 256, 40)}
 for name in ("keywordToT", "spec_t256"):

@@ -186,8 +186,9 @@ def run_poisoned(attn, handle, q, k_cache, v_cache):
     (out, partials all written, identical, captured, padded call right: its real rows equal
     out and have a finite lse, its padding rows out = 0 and lse = -inf)."""
     outs, written = [], True
-    entries = handle.num_entries
-    out = torch.empty_like(q)
+    rows_written = torch.as_tensor(attn.buffers.read("entry_row")[:handle.num_entries],
+                                   device=q.device)  # the plan's partial rows (spaced per
+    out = torch.empty_like(q)  # query or not, `deft.plan_entries.row_starts`)
     for _ in range(2):
         o_part, lse_part = attn._partials_workspace(q.shape[1], q.shape[2])
         o_part.fill_(float("nan"))
@@ -195,8 +196,8 @@ def run_poisoned(attn, handle, q, k_cache, v_cache):
         out.fill_(float("nan"))
         attn.run(q, k_cache, v_cache, handle, out=out)
         torch.cuda.synchronize()
-        written &= bool(torch.isfinite(o_part[:entries]).all()
-                        and torch.isfinite(lse_part[:entries]).all())
+        written &= bool(torch.isfinite(o_part[rows_written]).all()
+                        and torch.isfinite(lse_part[rows_written]).all())
         outs.append(out.clone())
     rows = q.shape[0]
     q_pad = torch.cat([q, torch.randn(PAD_ROWS, *q.shape[1:], device=q.device).to(q.dtype)])

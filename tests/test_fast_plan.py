@@ -308,10 +308,11 @@ RUN_STEPS = dict(
     page_size=st.sampled_from([1, 4]),
     sizes_by_step=st.lists(st.tuples(st.sampled_from([2, 3, 16]),
                                      st.sampled_from([None, 1, 2])), min_size=1, max_size=4),
-    rows_per_query=st.sampled_from([0, 2, 6, 64]),
+    rows_per_query=st.lists(st.sampled_from([0, 2, 6, 64]), min_size=1, max_size=3),
 )
 """A run of decode steps whose chunk and group sizes change from step to step (`planned_steps`),
-its partial rows spaced by a number of rows a query that fits every query, some, or none."""
+its partial rows spaced by a number of rows a query (changing from step to step where several
+are drawn) that fits every query, some, or none."""
 
 
 def planned_steps(kind, seed, strategy, page_size, sizes_by_step):
@@ -337,11 +338,11 @@ def test_kept_arrays_hold_what_they_claim_step_after_step(
     last = {}
     for step, tree, page_ptr, pages, chunk, group in planned_steps(
             kind, seed, strategy, page_size, sizes_by_step):
+        spacing = rows_per_query[step % len(rows_per_query)]
         reference = plan_arrays(build_plan(strategy, tree, chunk, group, page_size),
-                                page_ptr, pages, flat=True, rows_per_query=rows_per_query)
+                                page_ptr, pages, flat=True, rows_per_query=spacing)
         for _ in range(2 if twice[step % 16] else 1):
-            fast = planner.arrays(tree, page_ptr, pages, page_size, chunk, group,
-                                  rows_per_query)
+            fast = planner.arrays(tree, page_ptr, pages, page_size, chunk, group, spacing)
             for name in FIELDS:
                 np.testing.assert_array_equal(fast[name], reference[name],
                                               err_msg=f"step {step}: {name}")
@@ -364,7 +365,8 @@ def test_a_call_s_arrays_hold_their_values_through_the_next_call(
     previous = None
     for step, tree, page_ptr, pages, chunk, group in planned_steps(
             kind, seed, strategy, page_size, sizes_by_step):
-        fast = planner.arrays(tree, page_ptr, pages, page_size, chunk, group, rows_per_query)
+        fast = planner.arrays(tree, page_ptr, pages, page_size, chunk, group,
+                              rows_per_query[step % len(rows_per_query)])
         if previous is not None:
             for name in (*FIELDS, "slots"):
                 np.testing.assert_array_equal(previous[0][name], previous[1][name],
