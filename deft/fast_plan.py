@@ -20,11 +20,11 @@ are written only past what they share with the last plan: the slots from the fir
 that differs, ``subtree_end`` from the first preorder node whose tokens or subtree end differ,
 ``entry_query`` from the first chunk whose queries differ (all the entries where every
 chunk's queries are the last plan's), and ``entry_row`` from there too where the queries' rows
-start at fixed places (`deft.plan_entries.row_starts`). They are written in turns into two kept arrays
-(`deft.turn_buffers`): the one a step writes already holds the step before the last's, so the
-unchanged prefix (most of a 64k-token tree) is neither copied nor rewritten, and the plan
-buffers skip it (`deft.plan_buffers.PlanBuffers.fill`, ``kept``); an array `arrays` returns
-keeps its values through the next call, not the one after.
+start at fixed places (`deft.plan_entries.row_starts`). They are written in turns into two
+kept arrays (`deft.turn_buffers`): the one a step writes already holds the step before the
+last's, so the unchanged prefix (most of a 64k-token tree) is neither copied nor rewritten, and
+the plan buffers skip it (`deft.plan_buffers.PlanBuffers.fill`, ``kept``); an array `arrays`
+returns keeps its values through the next call, not the one after.
 """
 
 from __future__ import annotations
